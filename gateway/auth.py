@@ -1,0 +1,37 @@
+"""Gateway key → user and team: SHA-256 lookup, constant-time comparison."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from .config import Settings, Team, User
+from .errors import AuthError
+
+KEY_PREFIX = "tgw-"
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def key_sha256(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Authenticator:
+    def __init__(self, settings: Settings) -> None:
+        self._by_hash = {u.key_sha256: u for u in settings.users.values()}
+        self._teams = settings.teams
+
+    def authenticate(self, authorization: str | None) -> tuple[User, Team]:
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise AuthError("Missing gateway key: send 'Authorization: Bearer tgw-…'.")
+        digest = key_sha256(key.strip())
+        user = self._by_hash.get(digest)
+        # The dict lookup finds the candidate; the constant-time compare is what admits it.
+        if user is None or not hmac.compare_digest(user.key_sha256, digest):
+            raise AuthError("Incorrect gateway key provided.")
+        return user, self._teams[user.team]

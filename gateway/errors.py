@@ -1,0 +1,101 @@
+"""The gateway's error tree and its OpenAI-shaped JSON rendering.
+
+    GatewayError
+    ├── AuthError                 401 authentication_error / invalid_api_key
+    ├── ValidationError           400 invalid_request_error / invalid_parameter (param)
+    │   ├── InvalidJSON           400 invalid_json
+    │   └── BodyTooLarge          413 body_too_large
+    ├── PermissionDenied          403 permission_error / model_not_allowed
+    ├── NotFound                  404 invalid_request_error / task_not_found (or route_not_found)
+    ├── IdempotencyConflict       409 idempotency_key_reused / idempotency_key_in_progress
+    ├── QuotaError                429 insufficient_quota / budget_exceeded
+    ├── RateLimited               429 rate_limit_exceeded (+ Retry-After)
+    ├── StoreUnavailable          503 service_unavailable / store_unavailable (+ Retry-After)
+    ├── NoUpstreamKey             503 upstream_unavailable / no_upstream_key (+ Retry-After)
+    └── UpstreamError             502/504 upstream_error / upstream_* codes
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type,
+                          "code": self.code, "param": self.param}}
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, int(self.retry_after)))}
+
+
+class AuthError(GatewayError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class ValidationError(GatewayError):
+    status, type, code = 400, "invalid_request_error", "invalid_parameter"
+
+
+class InvalidJSON(ValidationError):
+    code = "invalid_json"
+
+
+class BodyTooLarge(ValidationError):
+    status, code = 413, "body_too_large"
+
+
+class PermissionDenied(GatewayError):
+    status, type, code = 403, "permission_error", "model_not_allowed"
+
+
+class NotFound(GatewayError):
+    status, type, code = 404, "invalid_request_error", "task_not_found"
+
+
+class IdempotencyConflict(GatewayError):
+    status, type, code = 409, "invalid_request_error", "idempotency_key_reused"
+
+
+class QuotaError(GatewayError):
+    status, type, code = 429, "insufficient_quota", "budget_exceeded"
+
+
+class RateLimited(GatewayError):
+    status, type, code = 429, "rate_limit_exceeded", "rate_limit_exceeded"
+
+
+class StoreUnavailable(GatewayError):
+    status, type, code = 503, "service_unavailable", "store_unavailable"
+
+    def __init__(self, message: str = "The gateway's store cannot be reached; retry shortly.",
+                 **kw: Any) -> None:
+        kw.setdefault("retry_after", 1)
+        super().__init__(message, **kw)
+
+
+class NoUpstreamKey(GatewayError):
+    status, type, code = 503, "upstream_unavailable", "no_upstream_key"
+
+
+class UpstreamError(GatewayError):
+    status, type, code = 502, "upstream_error", "upstream_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status, code = 504, "upstream_timeout"

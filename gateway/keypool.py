@@ -1,0 +1,207 @@
+"""Upstream key choice and health: a pure, clock-injected state machine (SPEC §5).
+
+    ok ──429──▶ cooldown ──time──▶ ok
+    ok ──401/403──▶ disabled (until a reload)
+    ok ──N consecutive 5xx/connect errors/timeouts──▶ open ──time──▶ probe ──404──▶ ok
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from .config import UpstreamKey, UpstreamSettings
+from .errors import GatewayError, NoUpstreamKey
+
+OK, COOLDOWN, DISABLED, OPEN = "ok", "cooldown", "disabled", "open"
+PROBE_PATH = "/videos/generations/cgt-gateway-health-probe"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyHealth:
+    state: str = OK
+    until: float = 0.0          # end of a cooldown or of an open circuit
+    failures: int = 0           # consecutive 5xx / connect errors / timeouts
+    throttles: int = 0          # consecutive 429s, for the back-off
+    last_error: str | None = None
+    last_error_at: float | None = None
+    successes: int = 0
+    errors: int = 0
+
+    def current(self, now: float) -> str:
+        """The state clients see: a cooldown ends by itself; an open circuit waits for its probe."""
+        return OK if self.state == COOLDOWN and now >= self.until else self.state
+
+    def usable(self, now: float) -> bool:
+        return self.current(now) == OK
+
+    def needs_probe(self, now: float) -> bool:
+        return self.state == OPEN and now >= self.until
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def on_success(h: KeyHealth, now: float) -> KeyHealth:
+    if h.current(now) == OK:
+        return replace(h, state=OK, failures=0, throttles=0, successes=h.successes + 1)
+    return replace(h, successes=h.successes + 1)  # disabled or open stays so until reload or probe
+
+
+def on_throttled(h: KeyHealth, now: float, retry_after: float | None, cfg: UpstreamSettings,
+                 rng: random.Random) -> KeyHealth:
+    if retry_after is None:
+        base = cfg.cooldown_s * (2 ** min(h.throttles, 10))
+        retry_after = min(base, cfg.cooldown_s * 10) * rng.uniform(0.8, 1.2)
+    state = h.state if h.state in (DISABLED, OPEN) else COOLDOWN
+    return replace(h, state=state, until=max(h.until, now + retry_after) if state == COOLDOWN else h.until,
+                   throttles=h.throttles + 1, last_error="429", last_error_at=now, errors=h.errors + 1)
+
+
+def on_rejected(h: KeyHealth, now: float, code: int) -> KeyHealth:
+    return replace(h, state=DISABLED, last_error=str(code), last_error_at=now, errors=h.errors + 1)
+
+
+def on_failure(h: KeyHealth, now: float, error: str, cfg: UpstreamSettings) -> KeyHealth:
+    failures = h.failures + 1
+    h = replace(h, failures=failures, last_error=error, last_error_at=now, errors=h.errors + 1)
+    if h.state == OPEN or (failures >= cfg.breaker_failures and h.state != DISABLED):
+        return replace(h, state=OPEN, until=now + cfg.breaker_open_s)
+    return h
+
+
+def on_reply(h: KeyHealth, now: float, status: int | None, error: str | None,
+             retry_after_s: float | None, cfg: UpstreamSettings, rng: random.Random) -> KeyHealth:
+    """One upstream outcome: a status (4xx other than 401/403/429 means the key is fine) or an error."""
+    if status in (401, 403):
+        return on_rejected(h, now, status)
+    if status == 429:
+        return on_throttled(h, now, retry_after_s, cfg, rng)
+    if status is not None and status < 500:
+        return on_success(h, now)
+    return on_failure(h, now, error or str(status), cfg)
+
+
+def on_probe(h: KeyHealth, now: float, healthy: bool, error: str, cfg: UpstreamSettings) -> KeyHealth:
+    if healthy:
+        return replace(h, state=OK, failures=0, until=0.0)
+    return replace(h, until=now + cfg.breaker_open_s, last_error=error, last_error_at=now)
+
+
+def choose(keys: tuple[UpstreamKey, ...], health: dict[str, KeyHealth], in_flight: dict[str, int],
+           model: str, now: float, rng: random.Random) -> list[UpstreamKey]:
+    """Usable keys that allow the model and have a free slot, in the order to try them.
+
+    Drawn at random with odds ∝ weight × free share of the key's slots, so idle keys share creates
+    by weight and a loaded key is chosen less; every later key is the fallback of the ones before."""
+    pool = [k for k in keys if k.allows(model)
+            and health.get(k.name, KeyHealth()).usable(now)
+            and in_flight.get(k.name, 0) < k.max_concurrent_tasks]
+    order = []
+    while pool:
+        odds = [k.weight * (1 - in_flight.get(k.name, 0) / k.max_concurrent_tasks) for k in pool]
+        pick = rng.choices(range(len(pool)), weights=odds)[0] if sum(odds) > 0 else 0
+        order.append(pool.pop(pick))
+    return order
+
+
+def earliest_retry(keys: tuple[UpstreamKey, ...], health: dict[str, KeyHealth], now: float) -> int:
+    """Seconds until some key may be usable again (for Retry-After on 503 no_upstream_key)."""
+    ends = [h.until - now for k in keys if (h := health.get(k.name)) and h.state in (COOLDOWN, OPEN)]
+    return max(1, min(int(e + 0.999) for e in ends)) if ends else 1
+
+
+class KeyPool:
+    """The configured keys, their shared health (kept in the store) and the choice per create."""
+
+    def __init__(self, settings: UpstreamSettings, store: Any, metrics: Any,
+                 clock: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
+        self._store, self._metrics, self._clock = store, metrics, clock
+        self._rng = rng or random.Random()
+        self._retired: dict[str, UpstreamKey] = {}
+        self.apply(settings)
+
+    def apply(self, settings: UpstreamSettings) -> None:
+        """Take a (re)loaded key list; removed keys stay known so their tasks can still be polled."""
+        old = getattr(self, "by_name", {})
+        self.settings = settings
+        self.keys = settings.keys
+        self.by_name = {k.name: k for k in settings.keys}
+        for name, key in old.items():
+            if name not in self.by_name:
+                self._retired[name] = key
+        for name in self.by_name:
+            self._retired.pop(name, None)
+
+    def key_for(self, name: str | None) -> UpstreamKey | None:
+        return self.by_name.get(name) or self._retired.get(name) if name else None
+
+    async def health(self) -> dict[str, KeyHealth]:
+        return await self._store.key_health()
+
+    async def candidates(self, model: str) -> list[UpstreamKey]:
+        health, in_flight = await self.health(), await self._store.key_in_flight()
+        return choose(self.keys, health, in_flight, model, self._clock(), self._rng)
+
+    async def no_key_error(self, model: str) -> NoUpstreamKey:
+        health, now = await self.health(), self._clock()
+        wait = earliest_retry(tuple(k for k in self.keys if k.allows(model)), health, now)
+        return NoUpstreamKey("No upstream TokenHub key can take this request now; retry later.",
+                             retry_after=wait)
+
+    async def _update(self, name: str, change: Callable[[KeyHealth], KeyHealth]) -> None:
+        health = (await self.health()).get(name, KeyHealth())
+        new = change(health)
+        await self._store.save_key_health(name, new)
+        self._metrics.set_key_state(name, new.current(self._clock()))
+
+    async def report(self, name: str, status: int | None, error: str | None = None,
+                     retry_after: str | None = None) -> None:
+        """Feed one upstream outcome (an HTTP status, or an error with no status) to the key's health."""
+        now = self._clock()
+        wait = parse_retry_after(retry_after, now) if status == 429 else None
+        await self._update(name, lambda h: on_reply(h, now, status, error, wait, self.settings, self._rng))
+
+    async def probe(self, upstream: Any) -> None:
+        """Probe keys whose circuit has been open long enough: a poll of an unknown task, 404 = healthy."""
+        now = self._clock()
+        for name, h in (await self.health()).items():
+            key = self.by_name.get(name)
+            if key is None or not h.needs_probe(now):
+                continue
+            try:
+                reply = await upstream.call("GET", PROBE_PATH, key.value.reveal())
+                healthy, error = reply.status == 404, str(reply.status)
+            except GatewayError as exc:
+                healthy, error = False, exc.code
+            await self._update(name, lambda h, ok=healthy, e=error: on_probe(h, self._clock(), ok, e,
+                                                                             self.settings))
+
+    async def reenable(self) -> None:
+        """A reload re-enables keys a 401/403 disabled: the operator may have fixed them."""
+        for name, h in (await self.health()).items():
+            if h.state == DISABLED:
+                await self._update(name, lambda h: replace(h, state=OK, failures=0, throttles=0))
+
+    async def refresh_gauges(self) -> None:
+        health, now = await self.health(), self._clock()
+        for key in self.keys:
+            self._metrics.set_key_state(key.name, health.get(key.name, KeyHealth()).current(now))
+
+    async def all_disabled(self) -> bool:
+        health = await self.health()
+        return all(health.get(k.name, KeyHealth()).state == DISABLED for k in self.keys)

@@ -1,0 +1,56 @@
+"""Every metric of the gateway, defined against a registry the app owns (SPEC §8)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+KEY_STATES = ("ok", "cooldown", "disabled", "open")
+# Gateway overhead is sub-millisecond when healthy; upstream calls go up to the timeout (60 s);
+# tasks take seconds to tens of minutes.
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TASK_BUCKETS = (5, 10, 20, 30, 60, 120, 180, 300, 600, 900, 1200, 1800, 3600, 7200)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        p = "tokenhub_gateway_"
+        self.requests = Counter(p + "requests", "Requests answered by the gateway",
+                                ["route", "method", "code", "team"], registry=r)
+        self.request_duration = Histogram(p + "request_duration_seconds", "Whole request time",
+                                          ["route", "method"], buckets=REQUEST_BUCKETS, registry=r)
+        self.upstream_requests = Counter(p + "upstream_requests", "Calls to TokenHub",
+                                         ["key", "route", "code"], registry=r)
+        self.upstream_duration = Histogram(p + "upstream_duration_seconds", "TokenHub call time",
+                                           ["route"], buckets=REQUEST_BUCKETS, registry=r)
+        self.tasks_created = Counter(p + "tasks_created", "Tasks created upstream",
+                                     ["team", "model", "resolution"], registry=r)
+        self.tasks_finished = Counter(p + "tasks_finished", "Tasks settled, by terminal status",
+                                      ["team", "model", "resolution", "status"], registry=r)
+        self.task_duration = Histogram(p + "task_duration_seconds", "Create → terminal status",
+                                       ["model", "resolution"], buckets=TASK_BUCKETS, registry=r)
+        self.tasks_in_flight = Gauge(p + "tasks_in_flight", "Tasks not yet terminal",
+                                     ["team"], registry=r)
+        self.video_seconds = Counter(p + "video_seconds", "Billed video seconds",
+                                     ["team", "model", "resolution"], registry=r)
+        self.spend_usd = Counter(p + "spend_usd", "Settled spend in US dollars",
+                                 ["team", "model", "resolution"], registry=r)
+        self.budget_usd = Gauge(p + "budget_usd", "Team budget for the current period",
+                                ["team"], registry=r)
+        self.budget_remaining_usd = Gauge(p + "budget_remaining_usd",
+                                          "Team budget left (spent and reserved deducted)",
+                                          ["team"], registry=r)
+        self.quota_rejections = Counter(p + "quota_rejections", "Creates refused by a limit",
+                                        ["team", "reason"], registry=r)
+        self.validation_errors = Counter(p + "validation_errors", "Creates refused by validation",
+                                         ["param"], registry=r)
+        self.key_state = Gauge(p + "upstream_key_state", "1 for the key's current state",
+                               ["key", "state"], registry=r)
+        self.overhead = Histogram(p + "overhead_seconds", "Time in the gateway, upstream excluded",
+                                  ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
+        self.poller_backlog = Gauge(p + "poller_backlog", "Tasks awaiting settlement", registry=r)
+
+    def set_key_state(self, key: str, state: str) -> None:
+        for s in KEY_STATES:
+            self.key_state.labels(key, s).set(1 if s == state else 0)

@@ -1,0 +1,95 @@
+"""Plain ASGI middleware: request id, timing, the canonical log line and request metrics."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .metrics import Metrics
+
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+PREFIXES = ("/api/v1", "/v1")
+
+
+class RequestContext:
+    """What a handler learns about a request, for the one log line written when it ends."""
+
+    __slots__ = ("request_id", "team", "user", "model", "resolution", "duration_s", "task_id",
+                 "upstream_key", "upstream_status", "upstream_s", "cost_usd", "error_code")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.team = self.user = self.model = self.resolution = self.task_id = None
+        self.upstream_key = self.error_code = None
+        self.duration_s = self.upstream_status = self.cost_usd = None
+        self.upstream_s = 0.0
+
+
+def request_id_from(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            rid = value.decode("latin-1")
+            if 0 < len(rid) <= 128 and all(c in _SAFE for c in rid):
+                return rid
+            break
+    return uuid.uuid4().hex
+
+
+def route_label(scope: Scope) -> str:
+    """The route template without its /api/v1 or /v1 prefix; never a raw path."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if path is None:
+        return "unmatched"
+    for prefix in PREFIXES:
+        if path.startswith(prefix + "/"):
+            return path[len(prefix):]
+    return path
+
+
+class RequestMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.log = structlog.get_logger("gateway.request")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        ctx = RequestContext(request_id_from(scope))
+        scope.setdefault("state", {})["ctx"] = ctx
+        status = 500
+        rid_header = (b"x-request-id", ctx.request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self._finish(scope, ctx, status, time.perf_counter() - started)
+
+    def _finish(self, scope: Scope, ctx: RequestContext, status: int, elapsed: float) -> None:
+        route, method = route_label(scope), scope["method"]
+        m = self.metrics
+        m.requests.labels(route, method, str(status), ctx.team or "").inc()
+        m.request_duration.labels(route, method).observe(elapsed)
+        m.overhead.labels(route).observe(max(0.0, elapsed - ctx.upstream_s))
+        if route in ("/healthz", "/metrics", "/readyz") and status < 400:
+            return
+        self.log.info(
+            "request", request_id=ctx.request_id, method=method, route=route, status=status,
+            duration_ms=round(elapsed * 1000, 3), team=ctx.team, user=ctx.user, model=ctx.model,
+            resolution=ctx.resolution, duration_s=ctx.duration_s, task_id=ctx.task_id,
+            upstream_key=ctx.upstream_key, upstream_status=ctx.upstream_status,
+            upstream_ms=round(ctx.upstream_s * 1000, 3) if ctx.upstream_key else None,
+            cost_usd=ctx.cost_usd, error_code=ctx.error_code)

@@ -1,0 +1,109 @@
+"""Limits policy: periods, the check behind check-and-reserve, and the figures of /usage. No I/O."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from .config import Limits
+from .errors import GatewayError, QuotaError, RateLimited
+
+WINDOW_S = 60
+
+
+def period_key(period: str, now: float) -> str:
+    """The UTC calendar period a moment falls in: '2026-11-26', '2026-W48', '2026-11' or 'total'."""
+    if period == "total":
+        return "total"
+    d = datetime.fromtimestamp(now, timezone.utc)
+    if period == "day":
+        return d.strftime("%Y-%m-%d")
+    if period == "week":
+        year, week, _ = d.isocalendar()
+        return f"{year}-W{week:02d}"
+    return d.strftime("%Y-%m")
+
+
+def period_bounds(period: str, now: float) -> tuple[datetime | None, datetime | None]:
+    if period == "total":
+        return None, None
+    d = datetime.fromtimestamp(now, timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return d, d + timedelta(days=1)
+    if period == "week":
+        start = d - timedelta(days=d.weekday())
+        return start, start + timedelta(days=7)
+    start = d.replace(day=1)
+    end = (start + timedelta(days=32)).replace(day=1)
+    return start, end
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """A team or user whose limits a create must pass, with the period it is counted in."""
+
+    scope: str  # "team" | "user"
+    name: str
+    period: str
+    limits: Limits
+
+
+@dataclass(slots=True)
+class Counters:
+    spent_micros: int = 0
+    reserved_micros: int = 0
+    spent_ms: int = 0
+    reserved_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: str  # the bounded `reason` label of tokenhub_gateway_quota_rejections_total
+    error: GatewayError
+
+
+@dataclass(frozen=True, slots=True)
+class RateState:
+    limit: int
+    remaining: int
+    reset_s: float
+
+
+def rate_state(limit: int, window: list[float], now: float) -> RateState:
+    """Sliding 60 s window over the admission times (oldest first) of one subject."""
+    live = [t for t in window if t > now - WINDOW_S]
+    reset = live[0] + WINDOW_S - now if len(live) >= limit and live else 0.0
+    return RateState(limit, max(0, limit - len(live)), max(0.0, reset))
+
+
+def retry_after(reset_s: float) -> int:
+    return min(WINDOW_S, max(1, math.ceil(reset_s)))
+
+
+def check(subject: Subject, counters: Counters, in_flight: int, window: list[float] | None,
+          now: float, estimate_micros: int, estimate_ms: int) -> Rejection | None:
+    """The first limit this create would break for this subject, or None."""
+    lim, who = subject.limits, f"{subject.scope} {subject.name!r}"
+    if lim.requests_per_minute is not None:
+        rs = rate_state(lim.requests_per_minute, window or [], now)
+        if rs.remaining <= 0:
+            msg = f"Rate limit of {lim.requests_per_minute} creates per minute reached for {who}."
+            return Rejection("rate_limit", RateLimited(msg, retry_after=retry_after(rs.reset_s)))
+    if lim.max_concurrent_tasks is not None and in_flight >= lim.max_concurrent_tasks:
+        return Rejection("concurrency", RateLimited(f"{who} already has {in_flight} tasks in flight "
+                           f"(limit {lim.max_concurrent_tasks}).", code="concurrency_limit_exceeded"))
+    if lim.budget_micros is not None:
+        used = counters.spent_micros + counters.reserved_micros
+        if used + estimate_micros > lim.budget_micros:
+            left = max(0, lim.budget_micros - used) / 1e6
+            msg = (f"Budget of ${lim.budget_micros / 1e6:.2f} for {who} would be exceeded: this task "
+                   f"is estimated at ${estimate_micros / 1e6:.2f}, ${left:.2f} remains this period.")
+            return Rejection("budget_usd", QuotaError(msg))
+    if lim.video_seconds is not None:
+        used_ms = counters.spent_ms + counters.reserved_ms
+        if used_ms + estimate_ms > lim.video_seconds * 1000:
+            msg = (f"Video-seconds budget of {lim.video_seconds} s for {who} would be exceeded "
+                   f"({used_ms / 1000:g} s used, this task needs {estimate_ms / 1000:g} s).")
+            return Rejection("video_seconds", QuotaError(msg))
+    return None

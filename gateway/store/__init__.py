@@ -1,0 +1,20 @@
+"""The store: one protocol (base.py), an embedded SQLite and a shared Redis implementation."""
+
+from __future__ import annotations
+
+from ..config import StoreSettings
+from .base import Admission, IdemRecord, Store, Task
+
+
+def open_store(settings: StoreSettings) -> Store:
+    url = settings.url.reveal()
+    if url.startswith(("redis://", "rediss://")):
+        from .redis import RedisStore
+
+        return RedisStore(url)
+    from .sqlite import SQLiteStore
+
+    return SQLiteStore(url.removeprefix("sqlite:///") or "gateway.db", settings.synchronous)
+
+
+__all__ = ["Admission", "IdemRecord", "Store", "Task", "open_store"]

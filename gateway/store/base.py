@@ -1,0 +1,128 @@
+"""What the gateway keeps, and the operations every store implements atomically."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Protocol
+
+from ..keypool import KeyHealth
+from ..quota import Counters, Rejection, Subject
+
+PENDING = "pending"
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired", "unresolved"})
+LIVE = frozenset({PENDING, "queued", "running"})
+IDEM_TTL_S = 24 * 3600
+
+
+@dataclass(slots=True)
+class Task:
+    """One create: a durable pending record before forwarding, the upstream task after."""
+
+    rid: str
+    team: str
+    user: str
+    model: str
+    resolution: str
+    duration_s: int
+    input_ms: int
+    input_estimated: bool
+    estimate_ms: int
+    estimate_micros: int
+    team_period: str
+    user_period: str
+    created_at: float
+    status: str = PENDING
+    task_id: str | None = None
+    key_name: str | None = None
+    idem_key: str | None = None
+    billed_ms: int | None = None
+    cost_micros: int | None = None
+    cost_estimated: bool = False
+    updated_at: float = 0.0
+    settled_at: float | None = None
+    next_poll_at: float = 0.0
+    final_body: bytes | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self.settled_at is not None
+
+
+TASK_FIELDS = tuple(f.name for f in fields(Task))
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    task: Task
+    subjects: tuple[Subject, ...]
+    body_hash: str | None = None  # with task.idem_key: the canonical body's SHA-256
+
+
+@dataclass(frozen=True, slots=True)
+class IdemRecord:
+    body_hash: str
+    done: bool
+    status: int = 0
+    body: bytes = b""
+    created_at: float = 0.0
+
+
+@dataclass(slots=True)
+class Usage:
+    counters: Counters = field(default_factory=Counters)
+    in_flight: int = 0
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> None:
+        """Raise StoreUnavailable when the store cannot be reached or written."""
+
+    async def now(self) -> float:
+        """The clock shared decisions use (the store server's, when there is one)."""
+
+    # creates
+    async def idem_get(self, team: str, key: str) -> IdemRecord | None: ...
+    async def admit(self, adm: Admission, now: float) -> Rejection | None:
+        """Check every subject's limits and, when all pass, atomically: write the pending task,
+        reserve its estimate, count it in flight, note the rate event, claim the idempotency key
+        (raising IdempotencyConflict when the key is already claimed)."""
+
+    async def cancel_admission(self, rid: str) -> None:
+        """Nothing was created upstream: undo all of admit, rate event and idempotency claim included."""
+
+    async def acquire_key(self, rid: str, key_name: str, limit: int) -> bool: ...
+    async def release_key(self, rid: str) -> None: ...
+    async def record_created(self, rid: str, task_id: str, status: str, now: float,
+                             reply: tuple[int, bytes]) -> None: ...
+    async def fail_create(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> None:
+        """Forwarded, but no task to track: release the reservation and slots; keep the outcome for replay."""
+
+    # tasks
+    async def get_task(self, task_id: str) -> Task | None: ...
+    async def set_status(self, task_id: str, status: str, now: float) -> None: ...
+    async def settle(self, task_id: str, status: str, billed_ms: int, cost_micros: int,
+                     estimated: bool, final_body: bytes | None, now: float) -> Task | None:
+        """Replace the reservation by the actual cost exactly once; None when already settled."""
+
+    async def list_tasks(self, team: str, limit: int, after: str | None,
+                         status: str | None) -> tuple[list[Task], bool]: ...
+    async def due_tasks(self, now: float, limit: int, lease_s: float) -> list[Task]:
+        """Unsettled tasks whose next poll is due, leased to this process for lease_s."""
+
+    async def defer_poll(self, rid: str, next_at: float) -> None: ...
+    async def backlog(self) -> int: ...
+
+    # figures
+    async def usage(self, subjects: tuple[Subject, ...]) -> list[Usage]: ...
+    async def rate_window(self, scope: str, name: str, now: float) -> list[float]: ...
+    async def ledger(self, since: float | None, until: float | None, team: str | None,
+                     user: str | None, model: str | None) -> list[Task]: ...
+    async def prune(self, before: float) -> int: ...
+    async def purge_idempotency(self, now: float) -> int: ...
+
+    # key pool
+    async def key_health(self) -> dict[str, KeyHealth]: ...
+    async def save_key_health(self, name: str, health: KeyHealth) -> None: ...
+    async def key_in_flight(self) -> dict[str, int]: ...

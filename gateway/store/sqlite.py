@@ -1,0 +1,445 @@
+"""The embedded store: one SQLite file (WAL), written by one thread with group commit.
+
+Every operation runs on the writer thread inside a savepoint of the current batch's transaction;
+the batch commits before any of its callers is answered, so an acknowledged task survives kill -9.
+Serialising all operations on one thread is also what makes check-and-reserve atomic."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..errors import IdempotencyConflict, StoreUnavailable
+from ..keypool import KeyHealth
+from ..quota import Counters, Rejection, Subject, check
+from .base import IDEM_TTL_S, LIVE, TASK_FIELDS, Admission, IdemRecord, Task, Usage
+
+SCHEMA_VERSION = 1
+MIGRATIONS = {
+    1: """
+    CREATE TABLE tasks (
+        rid TEXT PRIMARY KEY, task_id TEXT UNIQUE, team TEXT NOT NULL, user TEXT NOT NULL,
+        model TEXT NOT NULL, resolution TEXT NOT NULL, duration_s INTEGER NOT NULL,
+        input_ms INTEGER NOT NULL, input_estimated INTEGER NOT NULL, estimate_ms INTEGER NOT NULL,
+        estimate_micros INTEGER NOT NULL, team_period TEXT NOT NULL, user_period TEXT NOT NULL,
+        created_at REAL NOT NULL, status TEXT NOT NULL, key_name TEXT, idem_key TEXT,
+        billed_ms INTEGER, cost_micros INTEGER, cost_estimated INTEGER NOT NULL DEFAULT 0,
+        updated_at REAL NOT NULL, settled_at REAL, next_poll_at REAL NOT NULL DEFAULT 0,
+        final_body BLOB);
+    CREATE INDEX tasks_team_created ON tasks (team, created_at);
+    CREATE INDEX tasks_created ON tasks (created_at);
+    CREATE INDEX tasks_due ON tasks (next_poll_at) WHERE settled_at IS NULL;
+    CREATE TABLE counters (
+        scope TEXT NOT NULL, name TEXT NOT NULL, period TEXT NOT NULL,
+        spent_micros INTEGER NOT NULL DEFAULT 0, reserved_micros INTEGER NOT NULL DEFAULT 0,
+        spent_ms INTEGER NOT NULL DEFAULT 0, reserved_ms INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, name, period));
+    CREATE TABLE in_flight (
+        scope TEXT NOT NULL, name TEXT NOT NULL, n INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, name));
+    CREATE TABLE idempotency (
+        team TEXT NOT NULL, key TEXT NOT NULL, body_hash TEXT NOT NULL, done INTEGER NOT NULL,
+        status INTEGER NOT NULL DEFAULT 0, body BLOB, created_at REAL NOT NULL,
+        PRIMARY KEY (team, key));
+    """,
+}
+BATCH_MAX = 256
+_COLS = ", ".join(TASK_FIELDS)
+_BOOLS = ("input_estimated", "cost_estimated")
+
+
+def _row_to_task(row: sqlite3.Row | tuple) -> Task:
+    t = Task(*row)
+    t.input_estimated, t.cost_estimated = bool(t.input_estimated), bool(t.cost_estimated)
+    return t
+
+
+class _Writer:
+    """One thread, one connection; callers await futures answered after their batch commits."""
+
+    def __init__(self, path: str, synchronous: str) -> None:
+        self._path, self._sync = path, synchronous
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.conn: sqlite3.Connection | None = None
+
+    def start(self) -> None:
+        Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={self._sync}")
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread:
+            self._queue.put(None)
+            self._thread.join(timeout=10)
+        if self.conn:
+            self.conn.close()
+
+    def submit(self, fn: Callable[[sqlite3.Connection], Any]) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.put((fn, fut, loop))
+        return fut
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            batch = [item]
+            while len(batch) < BATCH_MAX:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list) -> None:
+        conn, results = self.conn, []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, fut, loop in batch:
+                results.append((fut, loop, *self._one(conn, fn)))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            results = [(fut, loop, None, exc) for fut, loop, *_ in batch]
+        by_loop: dict[Any, list] = {}
+        for fut, loop, value, exc in results:
+            by_loop.setdefault(loop, []).append((fut, value, exc))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_all, items)
+            except RuntimeError:  # the loop closed while we worked
+                pass
+
+    @staticmethod
+    def _one(conn: sqlite3.Connection, fn: Callable) -> tuple[Any, BaseException | None]:
+        conn.execute("SAVEPOINT op")
+        try:
+            value = fn(conn)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            return None, exc
+        conn.execute("RELEASE op")
+        return value, None
+
+
+def _resolve_all(items: list) -> None:
+    for fut, value, exc in items:
+        if fut.done():
+            continue
+        if isinstance(exc, sqlite3.Error):
+            fut.set_exception(StoreUnavailable(f"The gateway's store failed: {exc.__class__.__name__}."))
+        elif exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+
+
+class SQLiteStore:
+    def __init__(self, path: str, synchronous: str = "NORMAL") -> None:
+        self.path = path
+        self._writer = _Writer(path, synchronous)
+        # Rate windows and key health live in this process: SQLite serves one gateway process.
+        self._windows: dict[tuple[str, str], deque[tuple[float, str]]] = {}
+        self._health: dict[str, KeyHealth] = {}
+
+    async def _do(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        return await self._writer.submit(fn)
+
+    async def open(self) -> None:
+        try:
+            await asyncio.to_thread(self._writer.start)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"Cannot open the SQLite store at {self.path}: {exc}") from None
+        await self._do(_migrate)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._writer.stop)
+
+    async def ping(self) -> None:
+        await self._do(lambda c: c.execute("INSERT OR REPLACE INTO in_flight VALUES ('_', 'ping', 0)"))
+
+    async def now(self) -> float:
+        return time.time()
+
+    # creates
+
+    async def idem_get(self, team: str, key: str) -> IdemRecord | None:
+        def op(c: sqlite3.Connection) -> IdemRecord | None:
+            row = c.execute("SELECT body_hash, done, status, body, created_at FROM idempotency "
+                            "WHERE team=? AND key=?", (team, key)).fetchone()
+            if row is None or row[4] < time.time() - IDEM_TTL_S:
+                return None
+            return IdemRecord(row[0], bool(row[1]), row[2], row[3] or b"", row[4])
+        return await self._do(op)
+
+    async def admit(self, adm: Admission, now: float) -> Rejection | None:
+        return await self._do(lambda c: self._admit(c, adm, now))
+
+    def _admit(self, c: sqlite3.Connection, adm: Admission, now: float) -> Rejection | None:
+        t = adm.task
+        for s in adm.subjects:
+            window = self._window(s.scope, s.name, now) if s.limits.requests_per_minute else None
+            rejection = check(s, _counters(c, s.scope, s.name, s.period), _in_flight(c, s.scope, s.name),
+                              [ts for ts, _ in window] if window is not None else None, now,
+                              t.estimate_micros, t.estimate_ms)
+            if rejection:
+                return rejection
+        if t.idem_key:
+            claimed = c.execute("INSERT OR IGNORE INTO idempotency (team, key, body_hash, done, created_at) "
+                                "VALUES (?, ?, ?, 0, ?)", (t.team, t.idem_key, adm.body_hash, now))
+            if claimed.rowcount == 0:
+                raise IdempotencyConflict("A request with this Idempotency-Key is still in flight.",
+                                          code="idempotency_key_in_progress")
+        c.execute(f"INSERT INTO tasks ({_COLS}) VALUES ({', '.join('?' * len(TASK_FIELDS))})",
+                  tuple(asdict(t).values()))
+        for s in adm.subjects:
+            _add(c, s.scope, s.name, s.period, reserved_micros=t.estimate_micros, reserved_ms=t.estimate_ms)
+            _bump(c, s.scope, s.name, 1)
+            if s.limits.requests_per_minute:
+                self._windows.setdefault((s.scope, s.name), deque(maxlen=s.limits.requests_per_minute)) \
+                    .append((now, t.rid))
+        return None
+
+    def _window(self, scope: str, name: str, now: float) -> list[tuple[float, str]]:
+        window = self._windows.get((scope, name))
+        if window is None:
+            return []
+        while window and window[0][0] <= now - 60:
+            window.popleft()
+        return list(window)
+
+    async def cancel_admission(self, rid: str) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            t = _task_by_rid(c, rid)
+            if t is None:
+                return
+            _release(c, t)
+            c.execute("DELETE FROM tasks WHERE rid=?", (rid,))
+            if t.idem_key:
+                c.execute("DELETE FROM idempotency WHERE team=? AND key=?", (t.team, t.idem_key))
+            for window in self._windows.values():
+                for item in [i for i in window if i[1] == rid]:
+                    window.remove(item)
+        await self._do(op)
+
+    async def acquire_key(self, rid: str, key_name: str, limit: int) -> bool:
+        def op(c: sqlite3.Connection) -> bool:
+            if _in_flight(c, "key", key_name) >= limit:
+                return False
+            _bump(c, "key", key_name, 1)
+            c.execute("UPDATE tasks SET key_name=? WHERE rid=?", (key_name, rid))
+            return True
+        return await self._do(op)
+
+    async def release_key(self, rid: str) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            row = c.execute("SELECT key_name FROM tasks WHERE rid=?", (rid,)).fetchone()
+            if row and row[0]:
+                _bump(c, "key", row[0], -1)
+                c.execute("UPDATE tasks SET key_name=NULL WHERE rid=?", (rid,))
+        await self._do(op)
+
+    async def record_created(self, rid: str, task_id: str, status: str, now: float,
+                             reply: tuple[int, bytes]) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.execute("UPDATE tasks SET task_id=?, status=?, updated_at=? WHERE rid=?",
+                      (task_id, status, now, rid))
+            _finish_idem(c, rid, reply)
+        await self._do(op)
+
+    async def fail_create(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            t = _task_by_rid(c, rid)
+            if t is None or t.settled:
+                return
+            _release(c, t)
+            c.execute("UPDATE tasks SET status='create_failed', billed_ms=0, cost_micros=0, "
+                      "settled_at=?, updated_at=? WHERE rid=?", (now, now, rid))
+            if reply is not None:
+                _finish_idem(c, rid, reply)
+            elif t.idem_key:
+                c.execute("DELETE FROM idempotency WHERE team=? AND key=?", (t.team, t.idem_key))
+        await self._do(op)
+
+    # tasks
+
+    async def get_task(self, task_id: str) -> Task | None:
+        def op(c: sqlite3.Connection) -> Task | None:
+            row = c.execute(f"SELECT {_COLS} FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+            return _row_to_task(row) if row else None
+        return await self._do(op)
+
+    async def set_status(self, task_id: str, status: str, now: float) -> None:
+        await self._do(lambda c: c.execute(
+            "UPDATE tasks SET status=?, updated_at=? WHERE task_id=? AND settled_at IS NULL",
+            (status, now, task_id)))
+
+    async def settle(self, task_id: str, status: str, billed_ms: int, cost_micros: int,
+                     estimated: bool, final_body: bytes | None, now: float) -> Task | None:
+        def op(c: sqlite3.Connection) -> Task | None:
+            row = c.execute(f"SELECT {_COLS} FROM tasks WHERE task_id=? OR rid=?",
+                            (task_id, task_id)).fetchone()
+            if row is None:
+                return None
+            t = _row_to_task(row)
+            if t.settled:
+                return None
+            _release(c, t)
+            for scope, name, period in (("team", t.team, t.team_period), ("user", t.user, t.user_period)):
+                _add(c, scope, name, period, spent_micros=cost_micros, spent_ms=billed_ms)
+            c.execute("UPDATE tasks SET status=?, billed_ms=?, cost_micros=?, cost_estimated=?, "
+                      "settled_at=?, updated_at=?, final_body=? WHERE rid=?",
+                      (status, billed_ms, cost_micros, int(estimated), now, now, final_body, t.rid))
+            t.status, t.billed_ms, t.cost_micros, t.cost_estimated = status, billed_ms, cost_micros, estimated
+            t.settled_at = t.updated_at = now
+            return t
+        return await self._do(op)
+
+    async def list_tasks(self, team: str, limit: int, after: str | None,
+                         status: str | None) -> tuple[list[Task], bool]:
+        def op(c: sqlite3.Connection) -> tuple[list[Task], bool]:
+            sql, args = f"SELECT {_COLS} FROM tasks WHERE team=? AND task_id IS NOT NULL", [team]
+            if after:
+                anchor = c.execute("SELECT created_at, rid FROM tasks WHERE task_id=? AND team=?",
+                                   (after, team)).fetchone()
+                if anchor is None:
+                    return [], False
+                sql += " AND (created_at < ? OR (created_at = ? AND rid < ?))"
+                args += [anchor[0], anchor[0], anchor[1]]
+            if status:
+                sql += " AND status=?"
+                args.append(status)
+            rows = c.execute(sql + " ORDER BY created_at DESC, rid DESC LIMIT ?", (*args, limit + 1))
+            tasks = [_row_to_task(r) for r in rows]
+            return tasks[:limit], len(tasks) > limit
+        return await self._do(op)
+
+    async def due_tasks(self, now: float, limit: int, lease_s: float) -> list[Task]:
+        def op(c: sqlite3.Connection) -> list[Task]:
+            rows = c.execute(f"SELECT {_COLS} FROM tasks WHERE settled_at IS NULL AND next_poll_at <= ? "
+                             "ORDER BY next_poll_at LIMIT ?", (now, limit)).fetchall()
+            leased = [(now + lease_s, r[0]) for r in rows]
+            c.executemany("UPDATE tasks SET next_poll_at=? WHERE rid=?", leased)
+            return [_row_to_task(r) for r in rows]
+        return await self._do(op)
+
+    async def defer_poll(self, rid: str, next_at: float) -> None:
+        await self._do(lambda c: c.execute("UPDATE tasks SET next_poll_at=? WHERE rid=?", (next_at, rid)))
+
+    async def backlog(self) -> int:
+        return await self._do(lambda c: c.execute(
+            "SELECT COALESCE(SUM(n), 0) FROM in_flight WHERE scope='team'").fetchone()[0])
+
+    # figures
+
+    async def usage(self, subjects: tuple[Subject, ...]) -> list[Usage]:
+        return await self._do(lambda c: [
+            Usage(_counters(c, s.scope, s.name, s.period), _in_flight(c, s.scope, s.name)) for s in subjects])
+
+    async def rate_window(self, scope: str, name: str, now: float) -> list[float]:
+        return await self._do(lambda c: [ts for ts, _ in self._window(scope, name, now)])
+
+    async def ledger(self, since: float | None, until: float | None, team: str | None,
+                     user: str | None, model: str | None) -> list[Task]:
+        where, args = ["status != 'create_failed'"], []
+        for clause, value in (("created_at >= ?", since), ("created_at < ?", until), ("team = ?", team),
+                              ("user = ?", user), ("model = ?", model)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        sql = f"SELECT {_COLS} FROM tasks WHERE {' AND '.join(where)} ORDER BY created_at"
+        return await self._do(lambda c: [_row_to_task(r) for r in c.execute(sql, args)])
+
+    async def prune(self, before: float) -> int:
+        return await self._do(lambda c: c.execute(
+            "DELETE FROM tasks WHERE created_at < ? AND settled_at IS NOT NULL", (before,)).rowcount)
+
+    async def purge_idempotency(self, now: float) -> int:
+        return await self._do(lambda c: c.execute(
+            "DELETE FROM idempotency WHERE created_at < ?", (now - IDEM_TTL_S,)).rowcount)
+
+    # key pool
+
+    async def key_health(self) -> dict[str, KeyHealth]:
+        return self._health
+
+    async def save_key_health(self, name: str, health: KeyHealth) -> None:
+        self._health[name] = health
+
+    async def key_in_flight(self) -> dict[str, int]:
+        return await self._do(lambda c: dict(c.execute("SELECT name, n FROM in_flight WHERE scope='key'")))
+
+
+def _migrate(c: sqlite3.Connection) -> None:
+    version = c.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreUnavailable(f"The store's schema version {version} is newer than this gateway's.")
+    for v in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[v].split(";"):
+            if statement.strip():
+                c.execute(statement)
+        c.execute(f"PRAGMA user_version={v}")
+
+
+def _task_by_rid(c: sqlite3.Connection, rid: str) -> Task | None:
+    row = c.execute(f"SELECT {_COLS} FROM tasks WHERE rid=?", (rid,)).fetchone()
+    return _row_to_task(row) if row else None
+
+
+def _counters(c: sqlite3.Connection, scope: str, name: str, period: str) -> Counters:
+    row = c.execute("SELECT spent_micros, reserved_micros, spent_ms, reserved_ms FROM counters "
+                    "WHERE scope=? AND name=? AND period=?", (scope, name, period)).fetchone()
+    return Counters(*row) if row else Counters()
+
+
+def _in_flight(c: sqlite3.Connection, scope: str, name: str) -> int:
+    row = c.execute("SELECT n FROM in_flight WHERE scope=? AND name=?", (scope, name)).fetchone()
+    return row[0] if row else 0
+
+
+def _add(c: sqlite3.Connection, scope: str, name: str, period: str, spent_micros: int = 0,
+         reserved_micros: int = 0, spent_ms: int = 0, reserved_ms: int = 0) -> None:
+    c.execute("INSERT INTO counters VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, name, period) DO UPDATE "
+              "SET spent_micros=spent_micros+excluded.spent_micros, "
+              "reserved_micros=reserved_micros+excluded.reserved_micros, "
+              "spent_ms=spent_ms+excluded.spent_ms, reserved_ms=reserved_ms+excluded.reserved_ms",
+              (scope, name, period, spent_micros, reserved_micros, spent_ms, reserved_ms))
+
+
+def _bump(c: sqlite3.Connection, scope: str, name: str, delta: int) -> None:
+    c.execute("INSERT INTO in_flight VALUES (?, ?, ?) ON CONFLICT (scope, name) DO UPDATE SET n=MAX(0, n+?)",
+              (scope, name, max(0, delta), delta))
+
+
+def _release(c: sqlite3.Connection, t: Task) -> None:
+    """Give back what a live task holds: its reservation and its in-flight slots."""
+    if t.status not in LIVE:
+        return
+    for scope, name, period in (("team", t.team, t.team_period), ("user", t.user, t.user_period)):
+        _add(c, scope, name, period, reserved_micros=-t.estimate_micros, reserved_ms=-t.estimate_ms)
+        _bump(c, scope, name, -1)
+    if t.key_name:
+        _bump(c, "key", t.key_name, -1)
+
+
+def _finish_idem(c: sqlite3.Connection, rid: str, reply: tuple[int, bytes]) -> None:
+    c.execute("UPDATE idempotency SET done=1, status=?, body=? WHERE (team, key) IN "
+              "(SELECT team, idem_key FROM tasks WHERE rid=? AND idem_key IS NOT NULL)", (*reply, rid))

@@ -1,0 +1,355 @@
+"""The TokenHub simulator: API shapes, task lifecycle, key scoping, fault injection, request log."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from gateway.simulator import create_simulator, parse_fault, uvicorn_config
+
+KEY, OTHER = "th-alice-0001", "th-bob-0002"
+BODY = {"model": "doubao-seedance-2.0", "prompt": "A cat on a beach", "duration": 8, "resolution": "480p"}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_750_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def client(app, key: str | None = KEY) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim",
+                             headers=headers)
+
+
+def sim(**kwargs):
+    kwargs.setdefault("keys", {KEY, OTHER})
+    return create_simulator(**kwargs)
+
+
+async def create(c: httpx.AsyncClient, prefix: str = "/api/v1", **fields) -> httpx.Response:
+    return await c.post(f"{prefix}/videos/generations", json={**BODY, **fields})
+
+
+async def fault(app, **spec) -> None:
+    async with client(app, None) as c:
+        r = await c.post("/_sim/faults", json={"key": KEY, **spec})
+        assert r.status_code == 200, r.text
+
+
+async def api_log(app) -> list[dict]:
+    async with client(app, None) as c:
+        return (await c.get("/_sim/requests")).json()["data"]
+
+
+# --- auth, routes, scoping ---------------------------------------------------------------
+
+@pytest.mark.parametrize("key", [None, "th-unknown", "sk-alice"])
+async def test_unknown_or_missing_key_is_401(key):
+    async with client(sim(), key) as c:
+        r = await create(c)
+    assert r.status_code == 401
+    assert r.json()["error"] == {"code": "invalid_api_key", "message": "Missing or invalid API key.",
+                                 "type": "authentication_error"}
+
+
+async def test_keys_none_accepts_any_th_key_only():
+    app = create_simulator()
+    async with client(app, "th-whatever") as c:
+        assert (await create(c)).status_code == 200
+    async with client(app, "sk-whatever") as c:
+        assert (await create(c)).status_code == 401
+
+
+@pytest.mark.parametrize("prefix", ["/api/v1", "/v1"])
+async def test_both_prefixes_serve_the_api(prefix):
+    async with client(sim()) as c:
+        created = (await create(c, prefix)).json()
+        polled = await c.get(f"{prefix}/videos/generations/{created['id']}")
+    assert created["id"].startswith("cgt-")
+    assert created["object"] == "video.generation.task" and created["status"] == "queued"
+    assert created["model"] == "doubao-seedance-2.0" and isinstance(created["created"], int)
+    assert polled.status_code == 200 and polled.json()["id"] == created["id"]
+
+
+async def test_a_task_is_visible_only_to_its_key():
+    app = sim()
+    async with client(app) as c:
+        task_id = (await create(c)).json()["id"]
+    async with client(app, OTHER) as c:
+        poll = await c.get(f"/v1/videos/generations/{task_id}")
+        cancel = await c.delete(f"/v1/videos/generations/{task_id}")
+        unknown = await c.get("/v1/videos/generations/cgt-nope")
+    for r in (poll, cancel, unknown):
+        assert r.status_code == 404 and r.json()["error"]["code"] == "task_not_found"
+
+
+async def test_unknown_route_answers_json_404():
+    async with client(sim()) as c:
+        r = await c.get("/api/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+# --- lifecycle -----------------------------------------------------------------------------
+
+async def test_status_moves_queued_running_succeeded_with_usage():
+    clock = FakeClock()
+    app = sim(clock=clock, task_seconds=10)
+    async with client(app) as c:
+        task_id = (await create(c)).json()["id"]
+        url = f"/api/v1/videos/generations/{task_id}"
+        seen = []
+        for at in (1, 3, 9.9, 10):
+            clock.now = 1_750_000_000.0 + at
+            seen.append((await c.get(url)).json())
+    assert [t["status"] for t in seen] == ["queued", "running", "running", "succeeded"]
+    done = seen[-1]
+    assert done["usage"] == {"video_duration": 8}
+    assert done["data"][0]["video_url"].endswith(f"/{task_id}.mp4")
+    assert done["data"][0]["cover_image_url"].endswith(f"/{task_id}.jpg")
+    assert done["resolution"] == "480p" and done["duration"] == 8
+    assert done["updated"] == 1_750_000_010 and seen[1]["updated"] == 1_750_000_002
+    assert "data" not in seen[1] and "usage" not in seen[1]
+
+
+async def test_duration_defaults_to_5():
+    app = sim(task_seconds=0)
+    async with client(app) as c:
+        task_id = (await c.post("/v1/videos/generations",
+                                json={"model": "doubao-seedance-2.0-fast", "prompt": "x"})).json()["id"]
+        done = (await c.get(f"/v1/videos/generations/{task_id}")).json()
+    assert done["status"] == "succeeded" and done["usage"] == {"video_duration": 5}
+    assert done["resolution"] == "720p"
+
+
+async def test_prompt_markers_fail_never_and_seconds():
+    clock = FakeClock()
+    app = sim(clock=clock, task_seconds=100)
+    async with client(app) as c:
+        ids = [(await create(c, prompt=p)).json()["id"]
+               for p in ("x sim:fail", "x sim:never", "x sim:seconds=0.5")]
+        clock.now += 1_000
+        failed, never, quick = [(await c.get(f"/v1/videos/generations/{i}")).json() for i in ids]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "generation_failed"
+    assert "usage" not in failed and "data" not in failed
+    assert never["status"] == "running"
+    assert quick["status"] == "succeeded"
+
+
+async def test_moderation_marker_is_refused_at_create():
+    app = sim()
+    async with client(app) as c:
+        r = await create(c, prompt="sim:moderation please")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "content_moderation"
+    assert KEY not in r.text
+    assert (await api_log(app))[0]["task_id"] is None
+
+
+async def test_validation_errors_are_400_with_param():
+    async with client(sim()) as c:
+        bad_duration = await create(c, duration=99)
+        bad_json = await c.post("/v1/videos/generations", content=b"{nope",
+                                headers={"Content-Type": "application/json"})
+        not_object = await c.post("/v1/videos/generations", json=[1, 2])
+    error = bad_duration.json()["error"]
+    assert bad_duration.status_code == 400
+    assert (error["code"], error["type"], error["param"]) == (
+        "InvalidParameter", "invalid_request_error", "duration")
+    assert bad_json.status_code == 400 and not_object.status_code == 400
+
+
+async def test_cancel_a_queued_task_but_not_a_running_one():
+    clock = FakeClock()
+    app = sim(clock=clock, task_seconds=10)
+    async with client(app) as c:
+        queued, running = [(await create(c)).json()["id"] for _ in range(2)]
+        cancelled = await c.delete(f"/v1/videos/generations/{queued}")
+        clock.now += 5
+        refused = await c.delete(f"/v1/videos/generations/{running}")
+        again = await c.delete(f"/v1/videos/generations/{queued}")
+        later = (await c.get(f"/v1/videos/generations/{queued}")).json()
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "task_not_cancellable"
+    assert again.status_code == 409
+    assert later["status"] == "cancelled"
+
+
+async def test_task_record_shows_the_creating_key_and_request():
+    app = sim()
+    async with client(app) as c:
+        task_id = (await create(c)).json()["id"]
+        record = (await c.get(f"/_sim/tasks/{task_id}")).json()
+        missing = await c.get("/_sim/tasks/cgt-nope")
+    assert record["key"] == KEY and record["request"] == BODY and record["status"] == "queued"
+    assert missing.status_code == 404
+
+
+async def test_the_task_store_is_bounded():
+    app = sim(max_tasks=2)
+    async with client(app) as c:
+        ids = [(await create(c)).json()["id"] for _ in range(3)]
+        codes = [(await c.get(f"/v1/videos/generations/{i}")).status_code for i in ids]
+    assert codes == [404, 200, 200]
+
+
+# --- faults ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("retry_after", [7, None])
+async def test_fault_429_with_and_without_retry_after(retry_after):
+    app = sim()
+    await fault(app, mode="429", **({"retry_after": retry_after} if retry_after else {}))
+    async with client(app) as c:
+        r = await create(c)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert r.headers.get("Retry-After") == (str(retry_after) if retry_after else None)
+    assert [e["task_id"] for e in await api_log(app)] == [None]
+
+
+@pytest.mark.parametrize(("mode", "status", "code"), [
+    ("401", 401, "invalid_api_key"), ("403", 403, "permission_denied"), ("500", 500, "internal_error")])
+async def test_fault_error_statuses(mode, status, code):
+    app = sim()
+    await fault(app, mode=mode)
+    async with client(app) as c:
+        r = await create(c)
+    assert r.status_code == status and r.json()["error"]["code"] == code
+    assert len(app.state.simulator.tasks) == 0
+
+
+async def test_fault_garbage_is_200_without_json():
+    app = sim()
+    await fault(app, mode="garbage")
+    async with client(app) as c:
+        r = await create(c)
+    assert r.status_code == 200
+    with pytest.raises(ValueError):
+        r.json()
+    assert len(app.state.simulator.tasks) == 0
+
+
+async def test_fault_slow_answers_after_the_delay_and_creates():
+    app = sim()
+    await fault(app, mode="slow", delay_s=0.1)
+    async with client(app) as c:
+        start = time.perf_counter()
+        r = await create(c)
+    assert time.perf_counter() - start >= 0.1
+    assert r.status_code == 200 and r.json()["id"] in app.state.simulator.tasks
+
+
+async def test_fault_hang_never_answers_and_creates_nothing():
+    app = sim()
+    await fault(app, mode="hang")
+    async with client(app) as c:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(create(c), 0.3)
+    assert len(app.state.simulator.tasks) == 0
+    [entry] = await api_log(app)
+    assert entry["fault"] == "hang" and entry["status"] is None
+
+
+async def test_fault_reset_in_process_raises():
+    app = sim()
+    await fault(app, mode="reset")
+    async with client(app) as c:
+        with pytest.raises(ConnectionResetError):
+            await create(c)
+    assert len(app.state.simulator.tasks) == 0
+
+
+async def test_fault_reset_drops_the_connection_under_uvicorn():
+    app = sim()
+    await fault(app, mode="reset", routes=["create"])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", sock.getsockname()[1]))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {KEY}"}) as c:
+            with pytest.raises(httpx.TransportError):
+                await create(c)
+            assert (await c.get("/v1/videos/generations/cgt-nope")).status_code == 404
+    finally:
+        server.should_exit = True
+        thread.join(5)
+    assert len(app.state.simulator.tasks) == 0
+
+
+async def test_count_limited_fault_clears_itself():
+    app = sim()
+    await fault(app, mode="500", count=2)
+    async with client(app) as c:
+        codes = [(await create(c)).status_code for _ in range(3)]
+    assert codes == [500, 500, 200]
+    assert [e["fault"] for e in await api_log(app)] == ["500", "500", None]
+
+
+async def test_fault_limited_to_routes_and_keys():
+    app = sim()
+    await fault(app, mode="500", routes=["poll"])
+    async with client(app) as c:
+        task_id = (await create(c)).json()["id"]
+        poll = await c.get(f"/v1/videos/generations/{task_id}")
+    async with client(app, OTHER) as c:
+        other = await create(c)
+    assert poll.status_code == 500 and other.status_code == 200
+
+
+async def test_faults_clear_per_key_and_all():
+    app = sim()
+    await fault(app, mode="500")
+    async with client(app, None) as c:
+        await c.post("/_sim/faults", json={"key": OTHER, "mode": "429"})
+        assert len((await c.get("/_sim/faults")).json()["data"]) == 2
+        await c.delete(f"/_sim/faults/{KEY}")
+        assert [f["key"] for f in (await c.get("/_sim/faults")).json()["data"]] == [OTHER]
+        await c.delete("/_sim/faults")
+        assert (await c.get("/_sim/faults")).json()["data"] == []
+
+
+@pytest.mark.parametrize("spec", [
+    {"mode": "500"}, {"key": KEY, "mode": "teapot"}, {"key": KEY, "mode": "429", "count": 0},
+    {"key": KEY, "mode": "500", "routes": ["list"]}, {"key": KEY, "mode": "slow", "delay_s": -1}])
+def test_bad_fault_specs_are_refused(spec):
+    with pytest.raises(ValueError):
+        parse_fault(spec)
+
+
+async def test_bad_fault_spec_is_400():
+    async with client(sim(), None) as c:
+        r = await c.post("/_sim/faults", json={"key": KEY, "mode": "teapot"})
+    assert r.status_code == 400
+
+
+# --- request log -----------------------------------------------------------------------------
+
+async def test_request_log_records_api_calls_and_clears():
+    clock = FakeClock()
+    app = sim(clock=clock)
+    async with client(app) as c:
+        task_id = (await create(c, "/v1")).json()["id"]
+        await c.get(f"/api/v1/videos/generations/{task_id}")
+        await c.delete(f"/api/v1/videos/generations/{task_id}")
+    async with client(app, "th-stranger") as c:
+        await create(c)
+    log = await api_log(app)
+    assert [(e["method"], e["route"], e["key"], e["task_id"], e["status"]) for e in log] == [
+        ("POST", "create", KEY, task_id, 200), ("GET", "poll", KEY, task_id, 200),
+        ("DELETE", "delete", KEY, task_id, 200), ("POST", "create", "th-stranger", None, 401)]
+    assert log[0]["path"] == "/v1/videos/generations" and log[0]["time"] == clock.now
+    async with client(app, None) as c:
+        await c.delete("/_sim/requests")
+    assert await api_log(app) == []
