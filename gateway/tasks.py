@@ -159,7 +159,9 @@ class Tasks:
             if reply.status in (401, 403, 429):
                 await self.store.release_key(task.rid)
                 continue
-            return await self._created(task, key.name, reply)
+            outcome = await self._created(task, key.name, reply)
+            ctx.task_id = task.task_id
+            return outcome
         await self.store.cancel_admission(task.rid)
         raise await self.pool.no_key_error(task.model)
 
@@ -185,7 +187,6 @@ class Tasks:
         task.task_id, task.key_name, task.status = task_id, key_name, status
         self._records[task_id] = task
         self.metrics.tasks_created.labels(task.team, task.model, task.resolution).inc()
-        self.metrics.tasks_in_flight.labels(task.team).inc()
         return Outcome(reply.status, reply.body)
 
     async def _call(self, key_name: str, route: str, method: str, path: str, key: str,
@@ -193,7 +194,7 @@ class Tasks:
         try:
             reply = await self.upstream.call(method, path, key, body)
         except GatewayError as exc:
-            self.metrics.upstream_requests.labels(key_name, route, exc.code).inc()
+            self.metrics.upstream_requests.labels(key_name, route, str(exc.status)).inc()
             await self.pool.report(key_name, None, exc.code)
             raise
         self.metrics.upstream_requests.labels(key_name, route, str(reply.status)).inc()
@@ -317,7 +318,6 @@ class Tasks:
         m = self.metrics
         m.tasks_finished.labels(t.team, t.model, t.resolution, t.status).inc()
         m.task_duration.labels(t.model, t.resolution).observe(max(0.0, t.settled_at - t.created_at))
-        m.tasks_in_flight.labels(t.team).dec()
         if t.billed_ms:
             m.video_seconds.labels(t.team, t.model, t.resolution).inc(t.billed_ms / 1000)
         if t.cost_micros:

@@ -176,6 +176,9 @@ def overview() -> dict:
         timeseries("Poller backlog over time", targets((f"max({M}poller_backlog)", "backlog")), w=8),
         timeseries("Tasks in flight by team", targets(
             (f"max by (team) ({M}tasks_in_flight{{{TEAM}}})", "{{team}}")), w=8, stack=True),
+        timeseries("Quota rejections by reason", targets(
+            (f"sum by (reason) (rate({M}quota_rejections_total{{{TEAM}}}{RATE}))", "{{reason}}")),
+            "ops", w=8, stack=True),
     ]
     return dashboard("tokenhub-gateway-overview", "TokenHub Gateway / Overview",
                      "Traffic, errors, latency, upstream keys and task flow.", panels)

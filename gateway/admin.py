@@ -1,0 +1,87 @@
+"""Admin handlers under /admin: off (404) unless an admin token is configured."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from . import ledger
+from .config import Secret
+from .errors import AuthError, NotFound, ValidationError
+from .keypool import KeyHealth
+from .quota import Subject, period_key
+from .routes import gw, json_response, usage_figures
+
+
+def check_token(request: Request, token: Secret | None) -> None:
+    if token is None:
+        raise NotFound("Not found.", code="not_found")
+    scheme, _, given = (request.headers.get("authorization") or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.reveal().encode()):
+        raise AuthError("Missing or wrong admin token.")
+
+
+def admin(request: Request) -> Any:
+    g = gw(request)
+    check_token(request, g.settings.server.admin_token)
+    return g
+
+
+async def admin_usage(request: Request) -> Response:
+    g = admin(request)
+    q = request.query_params
+    by = q.get("group_by")
+    if by is not None and by not in ledger.GROUPS:
+        raise ValidationError(f"group_by must be one of {', '.join(ledger.GROUPS)}.", param="group_by")
+    try:
+        since = ledger.parse_time(q["since"]) if q.get("since") else None
+        until = ledger.parse_time(q["until"]) if q.get("until") else None
+    except ValueError:
+        raise ValidationError("since/until must be ISO dates or date-times.", param="since") from None
+    tasks = await g.store.ledger(since, until, q.get("team"), q.get("user"), q.get("model"))
+    rows = ledger.group(tasks, by) if by else [ledger.row(t) for t in tasks]
+    wants_csv = q.get("format") == "csv" or "text/csv" in request.headers.get("accept", "")
+    if wants_csv:
+        return Response(ledger.to_csv(rows), media_type="text/csv")
+    return json_response({"object": "list", "group_by": by, "data": rows})
+
+
+async def admin_keys(request: Request) -> Response:
+    g = admin(request)
+    health, in_flight, now = await g.pool.health(), await g.store.key_in_flight(), g.clock()
+    data = []
+    for key in g.pool.keys:
+        h = health.get(key.name, KeyHealth())
+        data.append({"name": key.name, "key": key.value.masked(), "state": h.current(now),
+                     "weight": key.weight, "max_concurrent_tasks": key.max_concurrent_tasks,
+                     "models": sorted(key.models) if key.models else None,
+                     "tasks_in_flight": in_flight.get(key.name, 0),
+                     "cooldown_until": h.until if h.current(now) in ("cooldown", "open") else None,
+                     "last_error": h.last_error, "last_error_at": h.last_error_at,
+                     "successes": h.successes, "failures": h.errors})
+    return json_response({"object": "list", "data": data})
+
+
+async def admin_teams(request: Request) -> Response:
+    g = admin(request)
+    now = g.clock()
+    teams = list(g.settings.teams.values())
+    subjects = tuple(Subject("team", t.name, period_key(t.limits.period, now), t.limits) for t in teams)
+    figures = await g.store.usage(subjects)
+    data = [{**usage_figures(s, u), "period_kind": s.limits.period,
+             "models": sorted(s.limits.models) if s.limits.models else None}
+            for s, u in zip(subjects, figures, strict=True)]
+    return json_response({"object": "list", "data": data})
+
+
+async def admin_reload(request: Request) -> Response:
+    g = admin(request)
+    problems = await g.reload()
+    if problems:
+        raise ValidationError("The new config was refused; the old one stays: " + "; ".join(problems),
+                              param="config", code="invalid_config")
+    return json_response({"status": "reloaded", "users": len(g.settings.users),
+                          "teams": len(g.settings.teams), "keys": len(g.settings.upstream.keys)})

@@ -1,0 +1,208 @@
+"""create_app(): the gateway's long-lived parts, its routes and its middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import prometheus_client
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from . import admin, routes
+from .auth import Authenticator
+from .config import ConfigError, Secret, Settings, load_settings, micros_to_usd
+from .errors import GatewayError, NotFound
+from .keypool import KeyPool
+from .metrics import Metrics
+from .middleware import PREFIXES, RequestMiddleware
+from .poller import Poller
+from .quota import Subject, period_key
+from .store import open_store
+from .tasks import Tasks
+from .upstream import HttpUpstream, Upstream
+
+MAX_LARGE_BODIES = 4
+
+
+class Gateway:
+    """Everything a handler needs, made once per app."""
+
+    def __init__(self, settings: Settings, store: Any, upstream: Upstream, metrics: Metrics,
+                 clock: Callable[[], float]) -> None:
+        self.settings, self.store, self.upstream, self.metrics, self.clock = (
+            settings, store, upstream, metrics, clock)
+        self.auth = Authenticator(settings)
+        self.pool = KeyPool(settings.upstream, store, metrics, clock)
+        self.tasks = Tasks(settings, store, upstream, self.pool, metrics, clock)
+        self.poller = Poller(self)
+        self.large_bodies = asyncio.Semaphore(MAX_LARGE_BODIES)
+        self.draining = False
+        self.log = structlog.get_logger("gateway")
+
+    def admin_guard(self, request: Request, token: Secret) -> None:
+        admin.check_token(request, token)
+
+    async def reload(self) -> list[str]:
+        """Re-read the config file; a bad one is refused and the old one stays."""
+        if not self.settings.source:
+            return ["this gateway was not started from a config file"]
+        try:
+            new = await asyncio.to_thread(load_settings, self.settings.source)
+        except ConfigError as exc:
+            self.log.warning("config.reload_refused", problems=exc.problems)
+            return exc.problems
+        if new.store.url != self.settings.store.url:
+            self.log.warning("config.store_change_ignored", reason="a store change needs a restart")
+        self.settings = new
+        self.auth = Authenticator(new)
+        self.pool.apply(new.upstream)
+        await self.pool.reenable()
+        self.tasks.settings = new
+        self.log.info("config.reloaded", users=len(new.users), teams=len(new.teams),
+                      keys=len(new.upstream.keys))
+        return []
+
+    async def refresh_gauges(self) -> None:
+        """Gauges that read shared state, refreshed per scrape: O(teams + keys), never O(ledger)."""
+        now = self.clock()
+        teams = list(self.settings.teams.values())
+        subjects = tuple(Subject("team", t.name, period_key(t.limits.period, now), t.limits) for t in teams)
+        for s, u in zip(subjects, await self.store.usage(subjects), strict=True):
+            self.metrics.tasks_in_flight.labels(s.name).set(u.in_flight)
+            if s.limits.budget_micros is not None:
+                c = u.counters
+                self.metrics.budget_usd.labels(s.name).set(micros_to_usd(s.limits.budget_micros))
+                self.metrics.budget_remaining_usd.labels(s.name).set(
+                    micros_to_usd(s.limits.budget_micros - c.spent_micros - c.reserved_micros))
+        await self.pool.refresh_gauges()
+        self.metrics.poller_backlog.set(await self.store.backlog())
+
+
+def error_response(exc: GatewayError) -> Response:
+    return Response(orjson.dumps(exc.body()), exc.status, exc.headers(), media_type="application/json")
+
+
+async def on_gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    ctx = request.scope.get("state", {}).get("ctx")
+    if ctx is not None:
+        ctx.error_code = exc.code
+    return error_response(exc)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        err = GatewayError("Method not allowed on this route.", code="method_not_allowed")
+        err.status, err.type = 405, "invalid_request_error"
+    else:
+        err = NotFound(f"No route {request.url.path}.", code="route_not_found")
+    return await on_gateway_error(request, err)
+
+
+class CatchAll:
+    """Unexpected exceptions become an OpenAI-shaped 500 inside the request middleware."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.log = structlog.get_logger("gateway")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            self.log.exception("request.crashed")
+            if started or scope["type"] != "http":
+                raise
+            err = GatewayError("The gateway failed unexpectedly; nothing was charged.")
+            await error_response(err)(scope, receive, send)
+
+
+def route_table() -> list[Route]:
+    client = [
+        ("/videos/generations", routes.create_task, ["POST"]),
+        ("/videos/generations", routes.list_tasks, ["GET"]),
+        ("/videos/generations/{task_id}", routes.get_task, ["GET"]),
+        ("/videos/generations/{task_id}", routes.cancel_task, ["DELETE"]),
+        ("/models", routes.list_models, ["GET"]),
+        ("/usage", routes.usage, ["GET"]),
+    ]
+    table = [Route(prefix + path, fn, methods=methods) for prefix in PREFIXES for path, fn, methods in client]
+    return table + [
+        Route("/healthz", routes.healthz, methods=["GET"]),
+        Route("/readyz", routes.readyz, methods=["GET"]),
+        Route("/metrics", routes.metrics, methods=["GET"]),
+        Route("/admin/usage", admin.admin_usage, methods=["GET"]),
+        Route("/admin/keys", admin.admin_keys, methods=["GET"]),
+        Route("/admin/teams", admin.admin_teams, methods=["GET"]),
+        Route("/admin/reload", admin.admin_reload, methods=["POST"]),
+    ]
+
+
+def create_app(settings: Settings, *, upstream: Upstream | None = None, store: Any = None,
+               metrics: Metrics | None = None, clock: Callable[[], float] = time.time,
+               run_poller: bool = True) -> Starlette:
+    prometheus_client.disable_created_metrics()
+    metrics = metrics or Metrics()
+    store = store if store is not None else open_store(settings.store)
+    upstream = upstream or HttpUpstream(settings.upstream)
+    gateway = Gateway(settings, store, upstream, metrics, clock)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await store.open()
+        await gateway.pool.refresh_gauges()
+        poller = asyncio.create_task(gateway.poller.run()) if run_poller else None
+        _on_sighup(gateway)
+        gateway.log.info("gateway.started", store=settings.store.url.reveal().split("://")[0],
+                         keys=len(settings.upstream.keys), users=len(settings.users))
+        try:
+            yield
+        finally:
+            gateway.draining = True
+            gateway.poller.stop()
+            if poller is not None:
+                await poller
+            await gateway.tasks.drain(settings.server.shutdown_grace_s)
+            await upstream.close()
+            await store.close()
+            gateway.log.info("gateway.stopped")
+
+    app = Starlette(routes=route_table(), lifespan=lifespan,
+                    exception_handlers={GatewayError: on_gateway_error, HTTPException: on_http_error})
+    app.router.redirect_slashes = False
+    app.state.gateway = gateway
+    app.add_middleware(CatchAll)
+    app.add_middleware(RequestMiddleware, metrics=metrics)
+    return app
+
+
+def _on_sighup(gateway: Gateway) -> None:
+    loop = asyncio.get_running_loop()
+    background: set[asyncio.Task] = set()
+
+    def reload() -> None:
+        job = loop.create_task(gateway.reload())
+        background.add(job)
+        job.add_done_callback(background.discard)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, reload)

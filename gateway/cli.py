@@ -1,0 +1,211 @@
+"""tokenhub-gateway serve / demo / simulator / keys new / check-config / usage."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import uvicorn
+
+from . import ledger, logs
+from .auth import key_sha256, new_key
+from .config import ConfigError, Settings, load_settings, parse_settings
+
+DEMO_TEAM, DEMO_USER = "demo", "demo-user"
+
+
+def uvicorn_config(app: object, host: str, port: int, grace: float) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, loop="auto", http="auto", lifespan="on",
+                          access_log=False, server_header=False, log_config=logs.uvicorn_log_config(),
+                          timeout_graceful_shutdown=grace, timeout_keep_alive=30)
+
+
+def serve_settings(settings: Settings, host: str | None = None, port: int | None = None) -> None:
+    from .app import create_app
+
+    logs.configure()
+    app = create_app(settings)
+    cfg = uvicorn_config(app, host or settings.server.host, port or settings.server.port,
+                         settings.server.shutdown_grace_s)
+    uvicorn.Server(cfg).run()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return 2
+    serve_settings(settings, args.host, args.port)
+    return 0
+
+
+def demo_settings(sim_port: int, db: Path, user_key: str) -> Settings:
+    data = {
+        "server": {"admin_token_env": "GATEWAY_ADMIN_TOKEN"},
+        "upstream": {"base_url": f"http://127.0.0.1:{sim_port}/api/v1", "timeout_s": 30,
+                     "keys": [{"name": "sim-a", "value_env": "DEMO_KEY_A", "weight": 2},
+                              {"name": "sim-b", "value_env": "DEMO_KEY_B"}]},
+        "store": {"url": f"sqlite:///{db}"},
+        "poller": {"interval_s": 5},
+        "teams": {DEMO_TEAM: {"budget_usd": 20.0, "requests_per_minute": 30, "max_concurrent_tasks": 5}},
+        "users": {DEMO_USER: {"team": DEMO_TEAM, "key_sha256": key_sha256(user_key)}},
+    }
+    env = {"DEMO_KEY_A": "th-demo-simulated-key-a", "DEMO_KEY_B": "th-demo-simulated-key-b",
+           "GATEWAY_ADMIN_TOKEN": os.environ.get("GATEWAY_ADMIN_TOKEN", "")}
+    return parse_settings(data, env)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .simulator import create_simulator
+    from .simulator import uvicorn_config as sim_config
+
+    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="tokenhub-gateway-demo-"))
+    user_key = new_key()
+    settings = demo_settings(args.sim_port, data_dir / "gateway.db", user_key)
+    sim = uvicorn.Server(sim_config(create_simulator(task_seconds=args.task_seconds), "127.0.0.1",
+                                    args.sim_port))
+    thread = threading.Thread(target=sim.run, name="simulator", daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{args.port}/api/v1"
+    print(json.dumps({"event": "demo.ready", "gateway": base, "simulator": f"http://127.0.0.1:{args.sim_port}",
+                      "store": str(data_dir / "gateway.db"), "team": DEMO_TEAM, "user": DEMO_USER,
+                      "api_key": user_key, "try": _demo_curl(base, user_key)}, separators=(",", ":")), flush=True)
+    try:
+        serve_settings(settings, "127.0.0.1", args.port)
+    finally:
+        sim.should_exit = True
+        thread.join(timeout=5)
+    return 0
+
+
+def _demo_curl(base: str, key: str) -> str:
+    body = '{"model": "doubao-seedance-2.0-fast", "prompt": "A red fox running through snow", "duration": 5}'
+    return (f"curl -s {base}/videos/generations -H 'Authorization: Bearer {key}' "
+            f"-H 'Content-Type: application/json' -d '{body}'")
+
+
+def cmd_simulator(args: argparse.Namespace) -> int:
+    from .simulator import run_simulator
+
+    run_simulator(args.host, args.port, task_seconds=args.task_seconds, keys=args.key)
+    return 0
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    key = new_key()
+    print(f"# The key for {args.user}; it is shown once and stored nowhere: give it to the user.")
+    print(key)
+    print()
+    print("# Paste into gateway.toml:")
+    print(f"[users.{args.user}]")
+    print(f'team = "{args.team}"')
+    print(f'key_sha256 = "{key_sha256(key)}"')
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return 1
+    print(f"{args.config}: OK ({len(settings.upstream.keys)} upstream keys, {len(settings.teams)} teams, "
+          f"{len(settings.users)} users, store {settings.store.url.reveal().split('://')[0]})")
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from .store import open_store
+
+    settings = _load(args.config)
+    if settings is None:
+        return 2
+
+    async def run() -> str:
+        store = open_store(settings.store)
+        await store.open()
+        try:
+            if args.prune_before:
+                n = await store.prune(ledger.parse_time(args.prune_before))
+                return f"pruned {n} settled tasks created before {args.prune_before}\n"
+            since = ledger.parse_time(args.since) if args.since else None
+            until = ledger.parse_time(args.until) if args.until else None
+            tasks = await store.ledger(since, until, args.team, args.user, args.model)
+        finally:
+            await store.close()
+        rows = ledger.group(tasks, args.group_by) if args.group_by else [ledger.row(t) for t in tasks]
+        if args.format == "json":
+            return json.dumps(rows, indent=2) + "\n"
+        return ledger.to_csv(rows) if args.format == "csv" else ledger.to_table(rows)
+
+    try:
+        sys.stdout.write(asyncio.run(run()))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _load(path: str) -> Settings | None:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(f"{path}: {len(exc.problems)} problem(s):", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  {p}", file=sys.stderr)
+        return None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenhub-gateway", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the gateway")
+    s.add_argument("--config", required=True)
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(func=cmd_serve)
+    d = sub.add_parser("demo", help="run the gateway with the built-in TokenHub simulator")
+    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--sim-port", type=int, default=8090)
+    d.add_argument("--task-seconds", type=float, default=8.0)
+    d.add_argument("--data-dir")
+    d.set_defaults(func=cmd_demo)
+    m = sub.add_parser("simulator", help="run only the TokenHub simulator")
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--port", type=int, required=True)
+    m.add_argument("--task-seconds", type=float, default=3.0)
+    m.add_argument("--key", action="append", help="an accepted th- key (default: any)")
+    m.set_defaults(func=cmd_simulator)
+    k = sub.add_parser("keys", help="gateway keys")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kn = ksub.add_parser("new", help="issue a new gateway key")
+    kn.add_argument("--user", required=True)
+    kn.add_argument("--team", required=True)
+    kn.set_defaults(func=cmd_keys_new)
+    c = sub.add_parser("check-config", help="validate a config")
+    c.add_argument("--config", required=True)
+    c.set_defaults(func=cmd_check_config)
+    u = sub.add_parser("usage", help="the usage ledger, read from the store")
+    u.add_argument("--config", required=True)
+    u.add_argument("--team")
+    u.add_argument("--user")
+    u.add_argument("--model")
+    u.add_argument("--since")
+    u.add_argument("--until")
+    u.add_argument("--group-by", choices=ledger.GROUPS)
+    u.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    u.add_argument("--prune-before", help="delete settled tasks created before this date")
+    u.set_defaults(func=cmd_usage)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Client-facing and operational handlers: plain `async def f(request) -> Response`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .config import micros_to_usd
+from .errors import BodyTooLarge, GatewayError, InvalidJSON, StoreUnavailable, ValidationError
+from .middleware import RequestContext
+from .quota import period_bounds
+from .store.base import Task
+from .tasks import Outcome, allowed_models, subjects_for
+from .validation import validate
+
+LARGE_BODY = 1 << 20  # parsed off the event loop above this size
+JSON = "application/json"
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status, headers, media_type=JSON)
+
+
+def outcome_response(o: Outcome) -> Response:
+    return Response(o.body, o.status, o.headers, media_type=JSON)
+
+
+def ctx_of(request: Request) -> RequestContext:
+    return request.scope["state"]["ctx"]
+
+
+def gw(request: Request) -> Any:
+    return request.app.state.gateway
+
+
+def authenticate(request: Request) -> tuple[Any, Any]:
+    user, team = gw(request).auth.authenticate(request.headers.get("authorization"))
+    ctx = ctx_of(request)
+    ctx.user, ctx.team = user.name, team.name
+    return user, team
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"The body is larger than {limit} bytes.")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"The body is larger than {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_json(raw: bytes, gate: asyncio.Semaphore) -> Any:
+    try:
+        if len(raw) < LARGE_BODY:
+            return orjson.loads(raw)
+        async with gate:  # bounded: a few large bodies at once, each off the event loop
+            return await asyncio.to_thread(orjson.loads, raw)
+    except orjson.JSONDecodeError:
+        raise InvalidJSON("The body is not valid JSON.") from None
+
+
+async def create_task(request: Request) -> Response:
+    g = gw(request)
+    user, team = authenticate(request)
+    ctx = ctx_of(request)
+    idem_key = request.headers.get("idempotency-key")
+    if idem_key is not None and not 0 < len(idem_key) <= 255:
+        raise ValidationError("Idempotency-Key must be 1 to 255 characters.", param="Idempotency-Key")
+    raw = await read_body(request, g.settings.server.max_body_bytes)
+    body = await parse_json(raw, g.large_bodies)
+    try:
+        req = validate(body, g.settings.pricing)
+    except ValidationError as exc:
+        g.metrics.validation_errors.labels(_bounded_param(exc.param)).inc()
+        raise
+    ctx.model, ctx.resolution, ctx.duration_s = req.model, req.resolution, req.duration_s
+    return outcome_response(await g.tasks.create(user, team, body, raw, req, idem_key, ctx))
+
+
+async def get_task(request: Request) -> Response:
+    g = gw(request)
+    user, team = authenticate(request)
+    ctx = ctx_of(request)
+    task = await g.tasks.owned(request.path_params["task_id"], team.name)
+    ctx.task_id, ctx.model, ctx.resolution, ctx.duration_s = (task.task_id, task.model,
+                                                             task.resolution, task.duration_s)
+    outcome = await g.tasks.poll(task, ctx)
+    headers = await g.tasks.rate_headers(subjects_for(user, team, g.clock()))
+    return Response(outcome.body, outcome.status, {**outcome.headers, **headers}, media_type=JSON)
+
+
+async def cancel_task(request: Request) -> Response:
+    g = gw(request)
+    _, team = authenticate(request)
+    ctx = ctx_of(request)
+    task = await g.tasks.owned(request.path_params["task_id"], team.name)
+    ctx.task_id, ctx.model = task.task_id, task.model
+    return outcome_response(await g.tasks.cancel(task, ctx))
+
+
+async def list_tasks(request: Request) -> Response:
+    g = gw(request)
+    _, team = authenticate(request)
+    q = request.query_params
+    limit = _int_param(q.get("limit"), "limit", 20, 1, 100)
+    tasks, more = await g.store.list_tasks(team.name, limit, q.get("after") or None, q.get("status") or None)
+    data = [task_item(t) for t in tasks]
+    return json_response({"object": "list", "data": data, "has_more": more,
+                          "first_id": data[0]["id"] if data else None,
+                          "last_id": data[-1]["id"] if data else None})
+
+
+def task_item(t: Task) -> dict[str, Any]:
+    return {"id": t.task_id, "object": "video.generation.task", "model": t.model, "status": t.status,
+            "created": int(t.created_at), "user": t.user, "resolution": t.resolution,
+            "duration": t.duration_s, "estimated_cost_usd": micros_to_usd(t.estimate_micros),
+            "cost_usd": None if t.cost_micros is None else micros_to_usd(t.cost_micros),
+            "billed_seconds": None if t.billed_ms is None else t.billed_ms / 1000,
+            "settled_at": None if t.settled_at is None else int(t.settled_at)}
+
+
+async def list_models(request: Request) -> Response:
+    g = gw(request)
+    user, team = authenticate(request)
+    data = [{"id": m, "object": "model", "owned_by": "bytedance",
+             "pricing": {res: micros_to_usd(p) for res, p in g.settings.pricing[m].items()}}
+            for m in allowed_models(g.settings, user, team)]
+    return json_response({"object": "list", "data": data})
+
+
+async def usage(request: Request) -> Response:
+    g = gw(request)
+    user, team = authenticate(request)
+    now = g.clock()
+    subjects = subjects_for(user, team, now)
+    figures = await g.store.usage(subjects)
+    start, end = period_bounds(team.limits.period, now)
+    return json_response({
+        "period": {"kind": team.limits.period, "start": start and start.isoformat(),
+                   "end": end and end.isoformat()},
+        "user": usage_figures(subjects[0], figures[0]),
+        "team": usage_figures(subjects[1], figures[1]),
+    })
+
+
+def usage_figures(subject: Any, u: Any) -> dict[str, Any]:
+    lim, c = subject.limits, u.counters
+    remaining = None
+    if lim.budget_micros is not None:
+        remaining = micros_to_usd(lim.budget_micros - c.spent_micros - c.reserved_micros)
+    return {"name": subject.name, "period": subject.period,
+            "spent_usd": micros_to_usd(c.spent_micros), "reserved_usd": micros_to_usd(c.reserved_micros),
+            "budget_usd": None if lim.budget_micros is None else micros_to_usd(lim.budget_micros),
+            "remaining_usd": remaining,
+            "video_seconds_spent": c.spent_ms / 1000, "video_seconds_reserved": c.reserved_ms / 1000,
+            "video_seconds_budget": lim.video_seconds, "tasks_in_flight": u.in_flight,
+            "max_concurrent_tasks": lim.max_concurrent_tasks,
+            "requests_per_minute": lim.requests_per_minute}
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    g = gw(request)
+    problems = []
+    try:
+        await asyncio.wait_for(g.store.ping(), timeout=2)
+    except (GatewayError, TimeoutError):
+        problems.append("store_unavailable")
+    else:
+        if await g.pool.all_disabled():
+            problems.append("all_upstream_keys_disabled")
+    if g.draining:
+        problems.append("shutting_down")
+    return json_response({"status": "not_ready" if problems else "ready", "problems": problems},
+                         503 if problems else 200)
+
+
+async def metrics(request: Request) -> Response:
+    g = gw(request)
+    token = g.settings.server.metrics_token
+    if token is not None:
+        g.admin_guard(request, token)
+    try:
+        await g.refresh_gauges()
+    except StoreUnavailable:
+        pass  # serve what we have: a scrape must not fail because the store blinked
+    return Response(generate_latest(g.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _int_param(value: str | None, name: str, default: int, low: int, high: int) -> int:
+    if value is None or value == "":
+        return default
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise ValidationError(f"{name} must be an integer from {low} to {high}.", param=name)
+    return int(value)
+
+
+def _bounded_param(param: str | None) -> str:
+    """`content[2].role` → `content[].role`, so the metric label stays bounded."""
+    if not param:
+        return "body"
+    out, skip = [], False
+    for ch in param:
+        if ch == "[":
+            skip = True
+            out.append("[]")
+        elif ch == "]":
+            skip = False
+        elif not skip:
+            out.append(ch)
+    return "".join(out)[:64]
