@@ -72,9 +72,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     thread = threading.Thread(target=sim.run, name="simulator", daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{args.port}/api/v1"
-    print(json.dumps({"event": "demo.ready", "gateway": base, "simulator": f"http://127.0.0.1:{args.sim_port}",
-                      "store": str(data_dir / "gateway.db"), "team": DEMO_TEAM, "user": DEMO_USER,
-                      "api_key": user_key, "try": _demo_curl(base, user_key)}, separators=(",", ":")), flush=True)
+    ready = {"event": "demo.ready", "gateway": base, "simulator": f"http://127.0.0.1:{args.sim_port}",
+             "store": str(data_dir / "gateway.db"), "team": DEMO_TEAM, "user": DEMO_USER,
+             "api_key": user_key, "try": _demo_curl(base, user_key)}
+    print(json.dumps(ready, separators=(",", ":")), flush=True)
     try:
         serve_settings(settings, "127.0.0.1", args.port)
     finally:

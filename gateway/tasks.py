@@ -143,6 +143,7 @@ class Tasks:
             raise
 
     async def _try_keys(self, task: Task, raw: bytes, ctx: RequestContext) -> Outcome:
+        unreachable: ConnectFailed | None = None
         for key in await self.pool.candidates(task.model):
             if not await self.store.acquire_key(task.rid, key.name, key.max_concurrent_tasks):
                 continue
@@ -150,8 +151,9 @@ class Tasks:
             try:
                 reply = await self._call(key.name, "create", "POST", CREATE_PATH, key.value.reveal(),
                                          raw, ctx)
-            except ConnectFailed:
+            except ConnectFailed as exc:
                 await self.store.release_key(task.rid)
+                unreachable = exc
                 continue  # nothing reached TokenHub: the next key may
             except UpstreamError as exc:
                 await self.store.fail_create(task.rid, self.clock(), (exc.status, orjson.dumps(exc.body())))
@@ -162,8 +164,8 @@ class Tasks:
             outcome = await self._created(task, key.name, reply)
             ctx.task_id = task.task_id
             return outcome
-        await self.store.cancel_admission(task.rid)
-        raise await self.pool.no_key_error(task.model)
+        await self.store.cancel_admission(task.rid)  # certainly nothing was created upstream
+        raise unreachable or await self.pool.no_key_error(task.model)
 
     async def _created(self, task: Task, key_name: str, reply: Reply) -> Outcome:
         now = self.clock()

@@ -1,7 +1,7 @@
 import random
 from dataclasses import replace
-from email.utils import format_datetime
 from datetime import datetime, timezone
+from email.utils import format_datetime
 
 import pytest
 from prometheus_client import CollectorRegistry

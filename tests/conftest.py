@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.harness import Gateway, Simulator
+
+
+def require_binary(name: str) -> str:
+    """A test that needs a missing program fails in CI and is skipped elsewhere."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is required in CI but is not installed")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
+    sim = Simulator(tmp_path_factory.mktemp("sim"), task_seconds=2.0)
+    sim.start()
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture
+def sim(simulator: Simulator) -> Simulator:
+    """The shared simulator, with faults and its request log cleared for this test."""
+    simulator.clear_faults()
+    simulator.clear_requests()
+    return simulator
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path, sim: Simulator) -> Iterator[Callable[..., Gateway]]:
+    started: list[Gateway] = []
+
+    def make(teams: dict[str, Any] | None = None, users: dict[str, Any] | None = None,
+             start: bool = True, **kw: Any) -> Gateway:
+        kw.setdefault("upstream_url", sim.url)
+        kw.setdefault("name", f"gw{len(started)}")
+        gw = Gateway(tmp=tmp_path, teams=teams or {"red": {}, "blue": {}},
+                     users=users or {"alice": {"team": "red"}, "bob": {"team": "blue"}}, **kw)
+        if start:
+            gw.start()
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        gw.stop()

@@ -1,0 +1,378 @@
+import copy
+import hashlib
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from gateway.config import (
+    ConfigError,
+    Limits,
+    PollerSettings,
+    Secret,
+    ServerSettings,
+    StoreSettings,
+    Team,
+    UpstreamKey,
+    UpstreamSettings,
+    User,
+    load_settings,
+    micros_to_usd,
+    parse_settings,
+    usd_to_micros,
+)
+
+M = "doubao-seedance-2.0"
+FAST = "doubao-seedance-2.0-fast"
+ALICE_KEY = "tgw-alice-test-key"
+ALICE_SHA = hashlib.sha256(ALICE_KEY.encode()).hexdigest()
+PRIMARY = "th-primary-0123456789abcd"
+BACKUP = "th-backup-9876543210wxyz"
+ENV = {"TOKENHUB_KEY_PRIMARY": PRIMARY, "GATEWAY_ADMIN_TOKEN": "admin-secret",
+       "GATEWAY_METRICS_TOKEN": "metrics-secret"}
+
+# SPEC §6, verbatim but for the hash, plus a second key read from a file next to the config.
+SPEC_TOML = f"""
+[server]
+host = "0.0.0.0"
+port = 8080
+admin_token_env = "GATEWAY_ADMIN_TOKEN"   # admin routes off when unset
+metrics_token_env = "GATEWAY_METRICS_TOKEN" # optional: /metrics then needs this bearer token
+shutdown_grace_s = 10
+max_body_bytes = 67108864
+log_prompts = false
+
+[upstream]
+base_url = "https://tokenhub.store/api/v1"
+connect_timeout_s = 5
+timeout_s = 60
+cooldown_s = 30
+breaker_failures = 5
+breaker_open_s = 30
+
+[[upstream.keys]]
+name = "primary"
+value_env = "TOKENHUB_KEY_PRIMARY"       # or value_file = "/run/secrets/primary"
+weight = 1
+max_concurrent_tasks = 10
+models = ["doubao-seedance-2.0", "doubao-seedance-2.0-fast"]   # optional; default all
+
+[[upstream.keys]]
+name = "backup"
+value_file = "secrets/backup"
+weight = 3
+max_concurrent_tasks = 4
+
+[store]
+url = "sqlite:////var/lib/tokenhub-gateway/gateway.db"
+
+[poller]
+interval_s = 15
+expire_after_s = 172800
+
+[pricing."doubao-seedance-2.0"]
+"720p" = 0.20
+"480p" = 0.12
+
+[teams.marketing]
+budget_usd = 500.0
+video_seconds = 3000
+period = "month"
+requests_per_minute = 120
+max_concurrent_tasks = 20
+models = ["doubao-seedance-2.0-fast"]
+
+[users.alice]
+team = "marketing"
+key_sha256 = "{ALICE_SHA}"
+budget_usd = 50.0
+requests_per_minute = 20
+"""
+
+
+@pytest.fixture
+def spec_config(tmp_path):
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "backup").write_text(BACKUP + "\n")
+    path = tmp_path / "gateway.toml"
+    path.write_text(SPEC_TOML)
+    return path
+
+
+def test_spec_example_parses_into_settings(spec_config):
+    s = load_settings(spec_config, env=ENV)
+    assert s.server == ServerSettings(host="0.0.0.0", port=8080, admin_token=Secret("admin-secret"),
+                                      metrics_token=Secret("metrics-secret"), shutdown_grace_s=10,
+                                      max_body_bytes=67108864, log_prompts=False)
+    assert s.upstream == UpstreamSettings(
+        base_url="https://tokenhub.store/api/v1",
+        keys=(UpstreamKey("primary", Secret(PRIMARY), 1, 10, frozenset({M, FAST})),
+              UpstreamKey("backup", Secret(BACKUP), 3, 4, None)),
+        connect_timeout_s=5, timeout_s=60, cooldown_s=30, breaker_failures=5, breaker_open_s=30)
+    assert s.store == StoreSettings(url=Secret("sqlite:////var/lib/tokenhub-gateway/gateway.db"),
+                                    synchronous="NORMAL")
+    assert s.poller == PollerSettings(interval_s=15, expire_after_s=172800, concurrency=8)
+    assert s.pricing == {M: {"720p": 200_000, "480p": 120_000}, FAST: {"720p": 160_000, "480p": 100_000}}
+    assert s.teams == {"marketing": Team("marketing", Limits(
+        budget_micros=500_000_000, video_seconds=3000, period="month", requests_per_minute=120,
+        max_concurrent_tasks=20, models=frozenset({FAST})))}
+    assert s.users == {"alice": User("alice", "marketing", ALICE_SHA, Limits(
+        budget_micros=50_000_000, period="month", requests_per_minute=20))}
+    assert s.source == str(spec_config)
+
+
+def test_value_file_is_read_relative_to_the_config_not_the_cwd(spec_config, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path("/"))
+    s = load_settings(spec_config, env=ENV)
+    assert s.upstream.keys[1].value.reveal() == BACKUP
+
+
+MINIMAL = {"upstream": {"base_url": "https://tokenhub.store/api/v1/",
+                        "keys": [{"name": "k", "value_env": "K"}]}}
+
+
+def minimal(**sections):
+    data = copy.deepcopy(MINIMAL)
+    data.update(sections)
+    return data
+
+
+def test_minimal_config_takes_the_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = parse_settings(minimal(), env={"K": PRIMARY})
+    assert s.server == ServerSettings()
+    assert s.server.admin_token is None and s.server.metrics_token is None
+    assert s.upstream.base_url == "https://tokenhub.store/api/v1"  # trailing slash dropped
+    assert s.upstream.keys == (UpstreamKey("k", Secret(PRIMARY)),)
+    assert s.upstream.keys[0].allows(M) and s.upstream.keys[0].allows("anything")
+    assert (s.upstream.cooldown_s, s.upstream.breaker_failures, s.upstream.breaker_open_s) == (30, 5, 30)
+    assert s.store.url.reveal() == "sqlite:///" + str(tmp_path / "gateway.db")
+    assert s.poller == PollerSettings()
+    assert s.teams == {} and s.users == {}
+
+
+def test_user_period_defaults_to_its_team_period():
+    data = minimal(teams={"ops": {"period": "week"}, "eng": {}},
+                   users={"bob": {"team": "ops", "key_sha256": "a" * 64},
+                          "carol": {"team": "ops", "key_sha256": "b" * 64, "period": "day"},
+                          "dan": {"team": "eng", "key_sha256": "c" * 64}})
+    s = parse_settings(data, env={"K": PRIMARY})
+    assert s.teams["ops"].limits.period == "week" and s.teams["eng"].limits.period == "month"
+    assert {n: u.limits.period for n, u in s.users.items()} == {"bob": "week", "carol": "day", "dan": "month"}
+
+
+def test_store_url_from_env():
+    data = minimal(store={"url_env": "STORE_URL"})
+    s = parse_settings(data, env={"K": PRIMARY, "STORE_URL": "redis://:pw@redis:6379/0"})
+    assert s.store.url.reveal() == "redis://:pw@redis:6379/0" and "pw" not in repr(s.store)
+
+
+def test_pricing_override_adds_a_model_and_keeps_the_defaults():
+    s = parse_settings(minimal(pricing={"seedance-lite": {"1080p": 0.3}, FAST: {"720p": 0.15}}),
+                       env={"K": PRIMARY})
+    assert s.pricing["seedance-lite"] == {"1080p": 300_000}
+    assert s.pricing[FAST] == {"720p": 150_000}
+    assert s.pricing[M] == {"720p": 200_000, "480p": 120_000}
+
+
+# --- every problem, with its location ---------------------------------------------------------
+
+INLINE = "th-inline-SHOULD-NEVER-BE-SHOWN"
+MANY_MISTAKES = {
+    "servre": {},                                                  # typo of a section
+    "server": {"port": "8080", "log_prompts": "yes"},
+    "upstream": {"base_url": "ftp://tokenhub.store", "cooldown_s": -1, "keys": [
+        {"name": "a", "value_env": "NOT_SET"},
+        {"name": "b", "value": INLINE},
+        {"name": "c", "value_env": "K", "models": ["sora-2"]},
+    ]},
+    "store": {"url": "postgres://db/gateway"},
+    "poller": {"interval_s": 0},
+    "pricing": {M: {"720p": "cheap"}},
+    "teams": {"marketing": {"period": "year", "budget_usd": -5}},
+    "users": {"alice": {"team": "sales", "key_sha256": ALICE_SHA},
+              "bob": {"team": "marketing", "key_sha256": "ABC"},
+              "carol": {"key_sha256": "d" * 64}},
+}
+LOCATIONS = [
+    "servre", "server.port", "server.log_prompts", "upstream.base_url", "upstream.cooldown_s",
+    "upstream.keys[0].value_env", "upstream.keys[1].value", "upstream.keys[2].models", "store.url",
+    "poller.interval_s", 'pricing."doubao-seedance-2.0"."720p"', "teams.marketing.period",
+    "teams.marketing.budget_usd", "users.alice.team", "users.bob.key_sha256", "users.carol.team",
+]
+
+
+def problems_of(data, env=None, base_dir=None):
+    with pytest.raises(ConfigError) as info:
+        parse_settings(data, env={"K": PRIMARY} if env is None else env, base_dir=base_dir)
+    return info.value.problems
+
+
+@pytest.mark.parametrize("location", LOCATIONS)
+def test_every_problem_is_reported_at_once_with_its_location(location):
+    problems = problems_of(MANY_MISTAKES)
+    assert any(p.startswith(location + ": ") for p in problems), problems
+
+
+def test_problems_are_all_in_the_error_message():
+    with pytest.raises(ConfigError) as info:
+        parse_settings(MANY_MISTAKES, env={"K": PRIMARY})
+    assert len(info.value.problems) >= len(LOCATIONS)
+    assert str(info.value) == "\n".join(info.value.problems)
+
+
+@pytest.mark.parametrize("data, location", [
+    ({**MINIMAL, "extra": 1}, "extra"),
+    (minimal(server={"hots": "x"}), "server.hots"),
+    (minimal(upstream={**MINIMAL["upstream"], "retries": 3}), "upstream.retries"),
+    (minimal(upstream={**MINIMAL["upstream"], "keys": [{"name": "k", "value_env": "K", "wieght": 2}]}),
+     "upstream.keys[0].wieght"),
+    (minimal(store={"path": "/tmp/x.db"}), "store.path"),
+    (minimal(poller={"every_s": 3}), "poller.every_s"),
+    (minimal(teams={"ops": {"budget": 3}}), "teams.ops.budget"),
+    (minimal(teams={"ops": {}}, users={"al": {"team": "ops", "key_sha256": "a" * 64, "key": "x"}}),
+     "users.al.key"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_unknown_keys_are_errors(data, location):
+    assert f"{location}: unknown setting" in problems_of(data)
+
+
+def test_key_value_inline_in_toml_is_refused_and_never_echoed():
+    data = minimal(upstream={**MINIMAL["upstream"], "keys": [{"name": "k", "value": INLINE}]})
+    with pytest.raises(ConfigError) as info:
+        parse_settings(data, env={})
+    assert any(p.startswith("upstream.keys[0].value: ") and "value_env or value_file" in p
+               for p in info.value.problems)
+    assert INLINE not in str(info.value) and INLINE not in repr(info.value)
+
+
+@pytest.mark.parametrize("data, location", [
+    ({"upstream": {"keys": [{"name": "k", "value_env": "K"}]}}, "upstream.base_url"),
+    ({"upstream": {"base_url": "https://x"}}, "upstream.keys"),
+    ({"upstream": {"base_url": "https://x", "keys": []}}, "upstream.keys"),
+    (minimal(upstream={"base_url": "https://x", "keys": [{"value_env": "K"}]}), "upstream.keys[0].name"),
+    (minimal(upstream={"base_url": "https://x", "keys": [{"name": "k"}]}), "upstream.keys[0]"),
+    (minimal(upstream={"base_url": "https://x", "keys": [{"name": "k", "value_env": "K",
+                                                           "value_file": "f"}]}), "upstream.keys[0]"),
+    (minimal(upstream={"base_url": "https://x", "keys": [{"name": "k", "value_file": "no/such"}]}),
+     "upstream.keys[0].value_file"),
+    (minimal(upstream={"base_url": "https://x", "keys": [{"name": "k", "value_env": "K"},
+                                                          {"name": "k", "value_env": "K"}]}), "upstream.keys"),
+    (minimal(upstream={"base_url": "https://x", "keys": [{"name": "k", "value_env": "K", "weight": 0}]}),
+     "upstream.keys[0].weight"),
+    (minimal(store={"url_env": "NOPE"}), "store.url_env"),
+    (minimal(store={"synchronous": "OFF"}), "store.synchronous"),
+    (minimal(teams={"t": {"models": ["sora-2"]}}), "teams.t.models"),
+    (minimal(teams={"t": {"requests_per_minute": 0}}), "teams.t.requests_per_minute"),
+    (minimal(teams={"t": {"video_seconds": 1.5}}), "teams.t.video_seconds"),
+    (minimal(teams={"t": 5}), "teams.t"),
+    (minimal(teams={"t": {}}, users={"u": {"team": "t"}}), "users.u.key_sha256"),
+    (minimal(teams={"t": {}}, users={"u": {"team": "t", "key_sha256": "a" * 64},
+                                     "v": {"team": "t", "key_sha256": "a" * 64}}), "users.v.key_sha256"),
+    (minimal(server=5), "server"),
+])
+def test_single_problems(data, location, tmp_path):
+    problems = problems_of(data, base_dir=tmp_path)
+    assert any(p.startswith(location + ": ") for p in problems), problems
+
+
+@pytest.mark.xfail(reason="bug: a non-table `pricing`, `teams` or `users` crashes parse_settings with "
+                          "TypeError instead of a located ConfigError", strict=True)
+@pytest.mark.parametrize("section", ["pricing", "teams", "users"])
+def test_non_table_section_is_a_problem_not_a_crash(section):
+    assert any(p.startswith(section + ": ") for p in problems_of(minimal(**{section: 5})))
+
+
+@pytest.mark.xfail(reason="bug: an empty value_file drops the key silently (no problem, zero keys)",
+                   strict=True)
+def test_empty_value_file_is_a_problem(tmp_path):
+    (tmp_path / "empty").write_text("\n")
+    data = minimal(upstream={"base_url": "https://x", "keys": [{"name": "k", "value_file": "empty"}]})
+    assert any(p.startswith("upstream.keys[0].value_file: ") for p in problems_of(data, base_dir=tmp_path))
+
+
+@pytest.mark.xfail(reason="bug: a key's weight/max_concurrent_tasks are only checked when its value "
+                          "resolved, so their problems are hidden behind the value problem", strict=True)
+def test_key_field_problems_are_reported_even_when_its_value_is_missing():
+    data = minimal(upstream={"base_url": "https://x", "keys": [
+        {"name": "k", "value_env": "NOT_SET", "weight": 0, "max_concurrent_tasks": -1}]})
+    problems = problems_of(data)
+    for location in ("upstream.keys[0].value_env", "upstream.keys[0].weight",
+                     "upstream.keys[0].max_concurrent_tasks"):
+        assert any(p.startswith(location + ": ") for p in problems), problems
+
+
+def test_load_settings_reports_unreadable_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "missing.toml", env={})
+    assert "missing.toml: cannot read" in info.value.problems[0]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\nport = 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(bad, env={})
+    assert "bad.toml: not valid TOML" in info.value.problems[0]
+
+
+# --- Secret and money -------------------------------------------------------------------------
+
+def test_secret_never_shows_its_value():
+    s = Secret(PRIMARY)
+    key = UpstreamKey("primary", s)
+    shown = [repr(s), str(s), f"{s}", f"{s!r}", "%s" % s, repr(key), str(key), repr([s]), repr({"k": s})]
+    assert all(PRIMARY not in text and "0123456789abcd" not in text for text in shown)
+    assert s.reveal() == PRIMARY
+
+
+def test_settings_repr_hides_every_secret(spec_config):
+    text = repr(load_settings(spec_config, env=ENV))
+    for secret in (PRIMARY, BACKUP, "admin-secret", "metrics-secret"):
+        assert secret not in text
+
+
+@pytest.mark.parametrize("value, masked", [
+    ("th-abcdefgh12345678abcd", "th-…abcd"),
+    (PRIMARY, "th-…abcd"),
+    ("tgw-0123456789wxyz", "tgw-…wxyz"),
+    ("sk0123456789abcd", "…abcd"),
+    ("th-short", "…"),
+    ("", "…"),
+])
+def test_secret_masked(value, masked):
+    assert Secret(value).masked() == masked
+
+
+def test_secret_equality_and_hash():
+    assert Secret("x") == Secret("x") and Secret("x") != Secret("y") and Secret("x") != "x"
+    assert len({Secret("x"), Secret("x")}) == 1
+
+
+@pytest.mark.parametrize("usd, micros", [
+    (0.1 + 0.2, 300_000),
+    (1.1 * 3, 3_300_000),
+    (0.07, 70_000),
+    (0.2, 200_000),
+    (0.12, 120_000),
+    (0.16, 160_000),
+    (500, 500_000_000),
+    (500.0, 500_000_000),
+    (Decimal("0.1"), 100_000),
+    (0.000001, 1),
+    (0.0000005, 1),      # half up
+    (0.0000004, 0),
+    (1e-7, 0),
+    (0, 0),
+    (123456.789012, 123_456_789_012),
+])
+def test_usd_to_micros_is_exact(usd, micros):
+    assert usd_to_micros(usd) == micros
+    assert isinstance(usd_to_micros(usd), int)
+
+
+def test_micros_add_up_where_floats_drift():
+    assert sum(usd_to_micros(0.1) for _ in range(10)) == usd_to_micros(1.0) == 1_000_000
+
+
+@pytest.mark.parametrize("micros, usd", [(1_000_000, 1.0), (200_000, 0.2), (3_000_000, 3.0), (1, 0.000001),
+                                         (123_456_789, 123.456789)])
+def test_micros_to_usd(micros, usd):
+    assert micros_to_usd(micros) == usd
