@@ -160,6 +160,7 @@ class Tasks:
                 raise
             if reply.status in (401, 403, 429):
                 await self.store.release_key(task.rid)
+                unreachable = None  # TokenHub is up; it is the keys that cannot take this create
                 continue
             outcome = await self._created(task, key.name, reply)
             ctx.task_id = task.task_id
