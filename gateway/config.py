@@ -154,11 +154,12 @@ class _Reader:
     def problem(self, where: str, message: str) -> None:
         self.problems.append(f"{where}: {message}")
 
-    def table(self, data: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    def table(self, data: Any, where: str, allowed: set[str] | None) -> dict[str, Any]:
+        """A TOML table; `allowed` None takes any key (teams, users, pricing)."""
         if not isinstance(data, dict):
             self.problem(where, "expected a table")
             return {}
-        for key in sorted(set(data) - allowed):
+        for key in sorted(set(data) - allowed) if allowed is not None else ():
             self.problem(f"{where}.{key}" if where else key, "unknown setting")
         return data
 
@@ -196,6 +197,12 @@ _LIMIT_KEYS = {"budget_usd", "video_seconds", "period", "requests_per_minute",
                "max_concurrent_tasks", "models"}
 
 
+def _port(r: _Reader, port: int) -> int:
+    if port > 65535:
+        r.problem("server.port", f"expected a port from 1 to 65535, got {port}")
+    return port
+
+
 def _secret_from_env(r: _Reader, env: Mapping[str, str], data: dict, key: str,
                      where: str) -> Secret | None:
     name = r.get(data, key, where, "str")
@@ -226,7 +233,7 @@ def _limits(r: _Reader, data: dict, where: str, models: set[str],
 
 def _pricing(r: _Reader, data: Any) -> dict[str, dict[str, int]]:
     prices = {m: {res: usd_to_micros(p) for res, p in t.items()} for m, t in DEFAULT_PRICING.items()}
-    for model, table in r.table(data or {}, "pricing", set(data or {})).items():
+    for model, table in r.table(data or {}, "pricing", None).items():
         where = f'pricing."{model}"'
         if not isinstance(table, dict) or not table:
             r.problem(where, "expected a table of resolution = dollars per second")
@@ -244,7 +251,7 @@ def _pricing(r: _Reader, data: Any) -> dict[str, dict[str, int]]:
 def _key(r: _Reader, data: Any, i: int, env: Mapping[str, str], base: Path,
          models: set[str]) -> UpstreamKey | None:
     where = f"upstream.keys[{i}]"
-    data = r.table(data, where, {"name", "value_env", "value_file", "weight",
+    data = r.table(data, where, {"name", "value", "value_env", "value_file", "weight",
                                  "max_concurrent_tasks", "models"})
     name = r.get(data, "name", where, "str", required=True)
     value = None
@@ -264,17 +271,20 @@ def _key(r: _Reader, data: Any, i: int, env: Mapping[str, str], base: Path,
                 value = (base / path).read_text().strip()
             except OSError as exc:
                 r.problem(f"{where}.value_file", f"cannot read {path}: {exc.strerror}")
+            else:
+                if not value:
+                    r.problem(f"{where}.value_file", f"{path} is empty")
     else:
         r.problem(where, "needs value_env or value_file")
     allow = r.get(data, "models", where, "strlist")
     for m in allow or ():
         if m not in models:
             r.problem(f"{where}.models", f"unknown model {m!r}")
+    weight = r.get(data, "weight", where, "int+", 1)
+    slots = r.get(data, "max_concurrent_tasks", where, "int+", 10)
     if not (name and value):
         return None
-    return UpstreamKey(name=name, value=Secret(value),
-                       weight=r.get(data, "weight", where, "int+", 1),
-                       max_concurrent_tasks=r.get(data, "max_concurrent_tasks", where, "int+", 10),
+    return UpstreamKey(name=name, value=Secret(value), weight=weight, max_concurrent_tasks=slots,
                        models=None if allow is None else frozenset(allow))
 
 
@@ -292,7 +302,7 @@ def parse_settings(data: dict, env: Mapping[str, str] | None = None,
         "max_body_bytes", "log_prompts"})
     server = ServerSettings(
         host=r.get(s, "host", "server", "str", "0.0.0.0"),
-        port=r.get(s, "port", "server", "int+", 8080),
+        port=_port(r, r.get(s, "port", "server", "int+", 8080)),
         admin_token=_secret_from_env(r, env, s, "admin_token_env", "server"),
         metrics_token=_secret_from_env(r, env, s, "metrics_token_env", "server"),
         shutdown_grace_s=r.get(s, "shutdown_grace_s", "server", "num0", 10),
@@ -325,6 +335,8 @@ def parse_settings(data: dict, env: Mapping[str, str] | None = None,
 
     st = r.table(data.get("store", {}), "store", {"url", "url_env", "synchronous"})
     url = r.get(st, "url", "store", "str")
+    if "url" in st and "url_env" in st:
+        r.problem("store", "set url or url_env, not both")
     if "url_env" in st:
         var = r.get(st, "url_env", "store", "str")
         url = env.get(var) if var else None
@@ -346,14 +358,14 @@ def parse_settings(data: dict, env: Mapping[str, str] | None = None,
     )
 
     teams: dict[str, Team] = {}
-    for name, t in r.table(data.get("teams", {}), "teams", set(data.get("teams", {}))).items():
+    for name, t in r.table(data.get("teams", {}), "teams", None).items():
         where = f"teams.{name}"
         t = r.table(t, where, _LIMIT_KEYS)
         teams[name] = Team(name, _limits(r, t, where, models, "month"))
 
     users: dict[str, User] = {}
     hashes: dict[str, str] = {}
-    for name, ud in r.table(data.get("users", {}), "users", set(data.get("users", {}))).items():
+    for name, ud in r.table(data.get("users", {}), "users", None).items():
         where = f"users.{name}"
         ud = r.table(ud, where, _LIMIT_KEYS | {"team", "key_sha256"})
         team = r.get(ud, "team", where, "str", required=True)

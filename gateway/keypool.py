@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -65,8 +66,8 @@ def on_success(h: KeyHealth, now: float) -> KeyHealth:
 def on_throttled(h: KeyHealth, now: float, retry_after: float | None, cfg: UpstreamSettings,
                  rng: random.Random) -> KeyHealth:
     if retry_after is None:
-        base = cfg.cooldown_s * (2 ** min(h.throttles, 10))
-        retry_after = min(base, cfg.cooldown_s * 10) * rng.uniform(0.8, 1.2)
+        base = cfg.cooldown_s * (2 ** min(h.throttles, 10)) * rng.uniform(0.8, 1.2)
+        retry_after = min(base, cfg.cooldown_s * 10)
     state = h.state if h.state in (DISABLED, OPEN) else COOLDOWN
     return replace(h, state=state, until=max(h.until, now + retry_after) if state == COOLDOWN else h.until,
                    throttles=h.throttles + 1, last_error="429", last_error_at=now, errors=h.errors + 1)
@@ -122,7 +123,7 @@ def choose(keys: tuple[UpstreamKey, ...], health: dict[str, KeyHealth], in_fligh
 def earliest_retry(keys: tuple[UpstreamKey, ...], health: dict[str, KeyHealth], now: float) -> int:
     """Seconds until some key may be usable again (for Retry-After on 503 no_upstream_key)."""
     ends = [h.until - now for k in keys if (h := health.get(k.name)) and h.state in (COOLDOWN, OPEN)]
-    return max(1, min(int(e + 0.999) for e in ends)) if ends else 1
+    return max(1, math.ceil(min(ends))) if ends else 1
 
 
 class KeyPool:
@@ -185,11 +186,14 @@ class KeyPool:
                 continue
             try:
                 reply = await upstream.call("GET", PROBE_PATH, key.value.reveal())
-                healthy, error = reply.status == 404, str(reply.status)
+                status, healthy, error = reply.status, reply.status == 404, str(reply.status)
             except GatewayError as exc:
-                healthy, error = False, exc.code
-            await self._update(name, lambda h, ok=healthy, e=error: on_probe(h, self._clock(), ok, e,
-                                                                             self.settings))
+                status, healthy, error = None, False, exc.code
+            if status in (401, 403):
+                await self._update(name, lambda h, s=status: on_rejected(h, self._clock(), s))
+            else:
+                await self._update(name, lambda h, ok=healthy, e=error: on_probe(h, self._clock(), ok, e,
+                                                                                 self.settings))
 
     async def reenable(self) -> None:
         """A reload re-enables keys a 401/403 disabled: the operator may have fixed them."""

@@ -73,7 +73,8 @@ class RateState:
 def rate_state(limit: int, window: list[float], now: float) -> RateState:
     """Sliding 60 s window over the admission times (oldest first) of one subject."""
     live = [t for t in window if t > now - WINDOW_S]
-    reset = live[0] + WINDOW_S - now if len(live) >= limit and live else 0.0
+    over = len(live) - limit  # more than the limit after a reload lowered it
+    reset = live[over] + WINDOW_S - now if over >= 0 and live else 0.0
     return RateState(limit, max(0, limit - len(live)), max(0.0, reset))
 
 

@@ -375,8 +375,6 @@ async def test_pool_failed_probe_keeps_the_circuit_open(upstream):
     assert [k.name for k in await pool.candidates(M)] == ["b"]
 
 
-@pytest.mark.xfail(reason="bug: a probe answered 401/403 leaves the key open (re-probed forever) "
-                          "instead of disabling it as SPEC §5 says for any upstream 401/403", strict=True)
 @pytest.mark.parametrize("status", [401, 403])
 async def test_pool_probe_rejected_disables_the_key(status):
     pool, store, _, clock = make_pool()

@@ -96,8 +96,6 @@ def test_rate_state_sliding_window(limit, window, now, expected):
     assert rate_state(limit, window, now) == expected
 
 
-@pytest.mark.xfail(reason="bug: with more live admissions than the limit (a reload lowered it) the reset is "
-                          "when the oldest leaves, not when the count drops below the limit", strict=True)
 def test_rate_state_reset_when_window_holds_more_than_the_limit():
     # 5 admissions, limit now 2: one is admitted again only once 4 have left, i.e. when 30.0 expires at 90.
     assert rate_state(2, [0.0, 10.0, 20.0, 30.0, 40.0], 50.0) == RateState(2, 0, 40.0)
