@@ -222,8 +222,11 @@ class Tasks:
 
     async def poll(self, task: Task, ctx: RequestContext) -> Outcome:
         final = self._final.get(task.task_id)
-        if final is None and task.settled and task.final_body:
-            final = task.final_body
+        if final is None and task.status in UPSTREAM_TERMINAL:
+            stored = task if task.settled else await self.store.get_task(task.task_id)
+            final = stored.final_body if stored is not None else None
+            if final is not None:
+                self._final[task.task_id] = final
         if final is not None:
             return Outcome(200, final)
         recent = self._recent.get(task.task_id)
