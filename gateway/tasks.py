@@ -24,6 +24,7 @@ from .errors import (
     NotFound,
     PermissionDenied,
     RateLimited,
+    StoreUnavailable,
     UpstreamError,
 )
 from .keypool import KeyPool
@@ -198,15 +199,22 @@ class Tasks:
             reply = await self.upstream.call(method, path, key, body)
         except GatewayError as exc:
             self.metrics.upstream_requests.labels(key_name, route, str(exc.status)).inc()
-            await self.pool.report(key_name, None, exc.code)
+            await self._report(key_name, None, exc.code)
             raise
         self.metrics.upstream_requests.labels(key_name, route, str(reply.status)).inc()
         self.metrics.upstream_duration.labels(route).observe(reply.elapsed)
         if ctx is not None:
             ctx.upstream_s += reply.elapsed
             ctx.upstream_status = reply.status
-        await self.pool.report(key_name, reply.status, retry_after=reply.retry_after)
+        await self._report(key_name, reply.status, None, reply.retry_after)
         return reply
+
+    async def _report(self, key_name: str, status: int | None, error: str | None,
+                      retry_after: str | None = None) -> None:
+        try:
+            await self.pool.report(key_name, status, error, retry_after)
+        except StoreUnavailable:
+            pass  # key health is advisory; the request itself must not fail for it
 
     # polls and cancels
 
@@ -278,7 +286,11 @@ class Tasks:
         data = _json(reply.body)
         if not isinstance(data, dict) or not isinstance(data.get("status"), str):
             raise UpstreamError("TokenHub's answer had no task status.", code="upstream_bad_response")
-        await self.observe(task, data, reply.body)
+        try:
+            await self.observe(task, data, reply.body)
+        except StoreUnavailable:
+            self._final.pop(task.task_id, None)  # not settled yet: the poller settles it once the store is back
+            self.log.warning("task.observe_deferred", task_id=task.task_id, reason="store_unavailable")
         return Outcome(200, reply.body)
 
     async def observe(self, task: Task, data: dict, raw: bytes) -> None:
@@ -340,8 +352,11 @@ class Tasks:
         if not limited:
             return {}
         now = self.clock()
-        states = [rate_state(s.limits.requests_per_minute, await self.store.rate_window(s.scope, s.name, now),
-                             now) for s in limited]
+        try:
+            windows = [await self.store.rate_window(s.scope, s.name, now) for s in limited]
+        except StoreUnavailable:
+            return {}
+        states = [rate_state(s.limits.requests_per_minute, w, now) for s, w in zip(limited, windows, strict=True)]
         tight = min(states, key=lambda r: (r.remaining, r.limit))
         return {"x-ratelimit-limit-requests": str(tight.limit),
                 "x-ratelimit-remaining-requests": str(tight.remaining),
