@@ -12,6 +12,7 @@ from .errors import GatewayError
 from .store.base import PENDING, Task
 
 TICK_S = 1.0
+PURGE_EVERY_S = 600
 
 
 class Poller:
@@ -20,6 +21,7 @@ class Poller:
         self.log = structlog.get_logger("gateway.poller")
         self._stop = asyncio.Event()
         self._rng = random.Random()
+        self._next_purge = 0.0
 
     def stop(self) -> None:
         self._stop.set()
@@ -51,6 +53,9 @@ class Poller:
         await asyncio.gather(*(one(t) for t in due))
         await g.pool.probe(g.upstream)
         g.metrics.poller_backlog.set(await g.store.backlog())
+        if g.clock() >= self._next_purge:
+            self._next_purge = g.clock() + PURGE_EVERY_S
+            await g.store.purge_idempotency(await g.store.now())
         return len(due)
 
     async def check(self, task: Task) -> None:

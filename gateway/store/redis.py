@@ -377,6 +377,10 @@ class RedisStore:
             retry=Retry(EqualJitterBackoff(cap=0.5, base=0.05), 1))
         self._r = aioredis.Redis.from_pool(pool)
         self._scripts = {name: self._r.register_script(PRELUDE + body) for name, body in SCRIPTS.items()}
+        async with self._r.pipeline(transaction=False) as pipe:
+            for script in self._scripts.values():  # a restarted Redis gets them again on first use
+                pipe.script_load(script.script)
+            await self._do(pipe.execute())
         await self._sync_clock()
 
     async def close(self) -> None:

@@ -203,8 +203,11 @@ class SQLiteStore:
             if rejection:
                 return rejection
         if t.idem_key:
-            claimed = c.execute("INSERT OR IGNORE INTO idempotency (team, key, body_hash, done, created_at) "
-                                "VALUES (?, ?, ?, 0, ?)", (t.team, t.idem_key, adm.body_hash, now))
+            claimed = c.execute(
+                "INSERT INTO idempotency (team, key, body_hash, done, created_at) VALUES (?, ?, ?, 0, ?) "
+                "ON CONFLICT (team, key) DO UPDATE SET body_hash=excluded.body_hash, done=0, status=0, "
+                "body=NULL, created_at=excluded.created_at WHERE idempotency.created_at < ?",
+                (t.team, t.idem_key, adm.body_hash, now, now - IDEM_TTL_S))
             if claimed.rowcount == 0:
                 raise IdempotencyConflict("A request with this Idempotency-Key is still in flight.",
                                           code="idempotency_key_in_progress")
@@ -214,8 +217,8 @@ class SQLiteStore:
             _add(c, s.scope, s.name, s.period, reserved_micros=t.estimate_micros, reserved_ms=t.estimate_ms)
             _bump(c, s.scope, s.name, 1)
             if s.limits.requests_per_minute:
-                self._windows.setdefault((s.scope, s.name), deque(maxlen=s.limits.requests_per_minute)) \
-                    .append((now, t.rid))
+                # Bounded by time (pruned past 60 s) and by admission stopping at the limit.
+                self._windows.setdefault((s.scope, s.name), deque()).append((now, t.rid))
         return None
 
     def _window(self, scope: str, name: str, now: float) -> list[tuple[float, str]]:
@@ -244,8 +247,10 @@ class SQLiteStore:
         def op(c: sqlite3.Connection) -> bool:
             if _in_flight(c, "key", key_name) >= limit:
                 return False
+            if c.execute("UPDATE tasks SET key_name=? WHERE rid=? AND key_name IS NULL",
+                         (key_name, rid)).rowcount == 0:
+                return False
             _bump(c, "key", key_name, 1)
-            c.execute("UPDATE tasks SET key_name=? WHERE rid=?", (key_name, rid))
             return True
         return await self._do(op)
 
@@ -310,6 +315,7 @@ class SQLiteStore:
                       (status, billed_ms, cost_micros, int(estimated), now, now, final_body, t.rid))
             t.status, t.billed_ms, t.cost_micros, t.cost_estimated = status, billed_ms, cost_micros, estimated
             t.settled_at = t.updated_at = now
+            t.final_body = final_body
             return t
         return await self._do(op)
 
