@@ -162,7 +162,7 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: A
                run_poller: bool = True) -> Starlette:
     prometheus_client.disable_created_metrics()
     metrics = metrics or Metrics()
-    store = store if store is not None else open_store(settings.store)
+    store = store if store is not None else open_store(settings.store, clock)
     upstream = upstream or HttpUpstream(settings.upstream)
     gateway = Gateway(settings, store, upstream, metrics, clock)
 

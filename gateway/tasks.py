@@ -95,7 +95,7 @@ class Tasks:
             replay = await self._replay(team.name, idem_key, body_hash)
             if replay:
                 return replay
-        now = self.clock()
+        now = await self.store.now()  # the store's clock: replicas agree on periods and windows
         task = self._new_task(user, team, req, idem_key, now)
         ctx.cost_usd = micros_to_usd(task.estimate_micros)
         subjects = subjects_for(user, team, now)
@@ -351,8 +351,8 @@ class Tasks:
         limited = [s for s in subjects if s.limits.requests_per_minute]
         if not limited:
             return {}
-        now = self.clock()
         try:
+            now = await self.store.now()
             windows = [await self.store.rate_window(s.scope, s.name, now) for s in limited]
         except StoreUnavailable:
             return {}

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from ..config import StoreSettings
 from .base import Admission, IdemRecord, Store, Task
 
 
-def open_store(settings: StoreSettings) -> Store:
+def open_store(settings: StoreSettings, clock: Callable[[], float] = time.time) -> Store:
+    """The store a URL names; SQLite serves one process and takes that process's clock."""
     url = settings.url.reveal()
     if url.startswith(("redis://", "rediss://")):
         from .redis import RedisStore
@@ -14,7 +18,7 @@ def open_store(settings: StoreSettings) -> Store:
         return RedisStore(url)
     from .sqlite import SQLiteStore
 
-    return SQLiteStore(url.removeprefix("sqlite:///") or "gateway.db", settings.synchronous)
+    return SQLiteStore(url.removeprefix("sqlite:///") or "gateway.db", settings.synchronous, clock)
 
 
 __all__ = ["Admission", "IdemRecord", "Store", "Task", "open_store"]

@@ -153,8 +153,10 @@ def _resolve_all(items: list) -> None:
 
 
 class SQLiteStore:
-    def __init__(self, path: str, synchronous: str = "NORMAL") -> None:
+    def __init__(self, path: str, synchronous: str = "NORMAL",
+                 clock: Callable[[], float] = time.time) -> None:
         self.path = path
+        self._clock = clock
         self._writer = _Writer(path, synchronous)
         # Rate windows and key health live in this process: SQLite serves one gateway process.
         self._windows: dict[tuple[str, str], deque[tuple[float, str]]] = {}
@@ -177,7 +179,7 @@ class SQLiteStore:
         await self._do(lambda c: c.execute("INSERT OR REPLACE INTO in_flight VALUES ('_', 'ping', 0)"))
 
     async def now(self) -> float:
-        return time.time()
+        return self._clock()
 
     # creates
 
@@ -185,7 +187,7 @@ class SQLiteStore:
         def op(c: sqlite3.Connection) -> IdemRecord | None:
             row = c.execute("SELECT body_hash, done, status, body, created_at FROM idempotency "
                             "WHERE team=? AND key=?", (team, key)).fetchone()
-            if row is None or row[4] < time.time() - IDEM_TTL_S:
+            if row is None or row[4] < self._clock() - IDEM_TTL_S:
                 return None
             return IdemRecord(row[0], bool(row[1]), row[2], row[3] or b"", row[4])
         return await self._do(op)
