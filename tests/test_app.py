@@ -1,0 +1,140 @@
+"""The app in-process with a fake upstream and an injected clock: settlement, periods, coalescing."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from starlette.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.config import parse_settings
+from gateway.metrics import Metrics
+from gateway.upstream import Reply
+
+USER_KEY = "tgw-unit-test-key"
+NOV_30_23H = 1796079600.0  # 2026-11-30T23:00:00Z
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeUpstream:
+    """TokenHub in a dict: tasks move to a status the test sets; every call is recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+        self.tasks: dict[str, dict[str, Any]] = {}
+        self._ids = itertools.count(1)
+
+    def finish(self, task_id: str, status: str = "succeeded", seconds: float | None = None) -> None:
+        t = self.tasks[task_id]
+        t["status"] = status
+        if status == "succeeded":
+            t["usage"] = {"video_duration": seconds if seconds is not None else t.pop("_duration")}
+
+    async def call(self, method: str, path: str, key: str, body: bytes | None = None) -> Reply:
+        self.calls.append((method, path, key))
+        if method == "POST":
+            req = orjson.loads(body)
+            tid = f"cgt-{next(self._ids)}"
+            self.tasks[tid] = {"id": tid, "object": "video.generation.task", "model": req["model"],
+                               "status": "queued", "created": 0, "_duration": req.get("duration", 5)}
+            return Reply(200, orjson.dumps({k: v for k, v in self.tasks[tid].items() if k[0] != "_"}), None, 0.001)
+        tid = path.rsplit("/", 1)[1]
+        if tid not in self.tasks:
+            return Reply(404, b'{"error": {"code": "task_not_found"}}', None, 0.001)
+        return Reply(200, orjson.dumps({k: v for k, v in self.tasks[tid].items() if k[0] != "_"}), None, 0.001)
+
+    async def close(self) -> None:
+        pass
+
+
+def settings(tmp_path, team: dict[str, Any] | None = None) -> Any:
+    return parse_settings({
+        "upstream": {"base_url": "http://upstream.invalid/api/v1", "keys": [{"name": "k", "value_env": "K"}]},
+        "store": {"url": f"sqlite:///{tmp_path / 'unit.db'}"},
+        "teams": {"red": team or {}},
+        "users": {"alice": {"team": "red", "key_sha256": hashlib.sha256(USER_KEY.encode()).hexdigest()}},
+    }, env={"K": "th-unit-upstream-key-0001"})
+
+
+@pytest.fixture
+def app_parts(tmp_path) -> Iterator[tuple[TestClient, FakeUpstream, Clock, Metrics]]:
+    clock, upstream, metrics = Clock(NOV_30_23H), FakeUpstream(), Metrics()
+    app = create_app(settings(tmp_path, {"budget_usd": 2.0}), upstream=upstream, clock=clock,
+                     metrics=metrics, run_poller=False)
+    with TestClient(app, base_url="http://gw", headers={"Authorization": f"Bearer {USER_KEY}"}) as client:
+        yield client, upstream, clock, metrics
+
+
+def create(client: TestClient, **kw: Any) -> Any:
+    return client.post("/v1/videos/generations", json={"model": "doubao-seedance-2.0", "prompt": "a fox", **kw})
+
+
+def test_exact_costs_and_settlement_once(app_parts):
+    client, upstream, clock, metrics = app_parts
+    tid = create(client).json()["id"]
+    assert client.get("/v1/usage").json()["team"]["reserved_usd"] == 1.0
+    upstream.finish(tid)
+    for _ in range(5):
+        clock.now += 1.5  # past the 1 s coalescing window each time
+        assert client.get(f"/v1/videos/generations/{tid}").json()["status"] == "succeeded"
+    team = client.get("/v1/usage").json()["team"]
+    assert (team["spent_usd"], team["reserved_usd"], team["remaining_usd"]) == (1.0, 0.0, 1.0)
+    assert metrics.registry.get_sample_value(
+        "tokenhub_gateway_spend_usd_total",
+        {"team": "red", "model": "doubao-seedance-2.0", "resolution": "720p"}) == 1.0
+    polls = [c for c in upstream.calls if c[0] == "GET"]
+    assert len(polls) == 1  # terminal answers come from the gateway's cache
+
+
+def test_failed_task_costs_nothing(app_parts):
+    client, upstream, clock, _ = app_parts
+    tid = create(client, duration=10).json()["id"]
+    upstream.finish(tid, "failed")
+    client.get(f"/v1/videos/generations/{tid}")
+    team = client.get("/v1/usage").json()["team"]
+    assert (team["spent_usd"], team["reserved_usd"]) == (0.0, 0.0)
+
+
+def test_polls_of_a_running_task_reach_upstream_once_per_second(app_parts):
+    client, upstream, clock, _ = app_parts
+    tid = create(client).json()["id"]
+    for _ in range(10):
+        client.get(f"/v1/videos/generations/{tid}")
+    assert sum(1 for c in upstream.calls if c[0] == "GET") == 1
+
+
+def test_a_task_counts_in_the_period_it_was_created_in(app_parts):
+    client, upstream, clock, _ = app_parts
+    first = create(client).json()["id"]
+    assert create(client).status_code == 200
+    assert create(client).json()["error"]["code"] == "budget_exceeded"  # $2 of $2 reserved in November
+    clock.now += 2 * 3600  # 2026-12-01T01:00Z: a new month
+    upstream.finish(first)
+    client.get(f"/v1/videos/generations/{first}")
+    usage = client.get("/v1/usage").json()
+    assert usage["period"]["start"].startswith("2026-12-01")
+    assert (usage["team"]["spent_usd"], usage["team"]["reserved_usd"]) == (0.0, 0.0)
+    assert create(client).status_code == 200  # December's budget is untouched by November's tasks
+
+
+def test_money_is_exact_in_json(app_parts):
+    client, upstream, clock, _ = app_parts
+    ids = [create(client, model="doubao-seedance-2.0-fast", resolution="480p", duration=4).json()["id"]
+           for _ in range(3)]
+    for tid in ids:
+        upstream.finish(tid)
+        clock.now += 1.5
+        client.get(f"/v1/videos/generations/{tid}")
+    assert client.get("/v1/usage").json()["team"]["spent_usd"] == 1.2  # 3 × 4 s × $0.10, not 1.2000000000000002
