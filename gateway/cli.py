@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -33,7 +34,17 @@ def serve_settings(settings: Settings, host: str | None = None, port: int | None
     app = create_app(settings)
     cfg = uvicorn_config(app, host or settings.server.host, port or settings.server.port,
                          settings.server.shutdown_grace_s)
-    uvicorn.Server(cfg).run()
+    run_until_signalled(uvicorn.Server(cfg))
+
+
+def run_until_signalled(server: uvicorn.Server) -> None:
+    """Serve; a SIGTERM or SIGINT that drained cleanly ends the process with exit code 0.
+
+    uvicorn drains, then re-raises the signal it caught under the handler it found installed;
+    this handler makes that re-raise a normal exit instead of a death by signal."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    server.run()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -26,8 +26,9 @@ class GatewayError(Exception):
     code = "internal_error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after: int | None = None) -> None:
+                 retry_after: int | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
+        self.extra_headers = dict(headers or {})
         self.message = message
         self.param = param
         if code is not None:
@@ -40,8 +41,8 @@ class GatewayError(Exception):
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, int(self.retry_after)))}
+            return dict(self.extra_headers)
+        return {**self.extra_headers, "Retry-After": str(max(1, int(self.retry_after)))}
 
 
 class AuthError(GatewayError):

@@ -102,6 +102,7 @@ class Tasks:
         rejection = await self.store.admit(Admission(task, subjects, body_hash), now)
         if rejection:
             self.metrics.quota_rejections.labels(team.name, rejection.reason).inc()
+            rejection.error.extra_headers.update(await self.rate_headers(subjects))
             raise rejection.error
         # Shielded: a client that disconnects must not cancel a create already sent upstream.
         job = asyncio.ensure_future(self._forward_create(task, raw, ctx))

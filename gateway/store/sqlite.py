@@ -171,6 +171,15 @@ class SQLiteStore:
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"Cannot open the SQLite store at {self.path}: {exc}") from None
         await self._do(_migrate)
+        await self._do(self._load_windows)
+
+    def _load_windows(self, c: sqlite3.Connection) -> None:
+        """Rebuild the last minute's rate windows from the ledger: a restart must not reopen them."""
+        rows = c.execute("SELECT rid, team, user, created_at FROM tasks WHERE created_at > ? "
+                         "ORDER BY created_at", (self._clock() - 60,))
+        for rid, team, user, created in rows:
+            for key in (("team", team), ("user", user)):
+                self._windows.setdefault(key, deque()).append((created, rid))
 
     async def close(self) -> None:
         await asyncio.to_thread(self._writer.stop)
