@@ -43,6 +43,7 @@ class Poller:
         g = self.g
         cfg = g.settings.poller
         lease = max(30.0, g.settings.upstream.timeout_s + 5)
+        await g.tasks.catch_up()
         due = await g.store.due_tasks(await g.store.now(), cfg.concurrency * 8, lease)
         gate = asyncio.Semaphore(cfg.concurrency)
 

@@ -8,9 +8,9 @@ import hashlib
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -38,6 +38,7 @@ from .validation import VideoRequest
 CREATE_PATH = "/videos/generations"
 POLL_COALESCE_S = 1.0
 UPSTREAM_TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
+T = TypeVar("T")
 _KEYISH = re.compile(rb"th-[A-Za-z0-9_\-]{6,}")
 
 
@@ -80,6 +81,9 @@ class Tasks:
         self._final: LRUCache[str, bytes] = LRUCache(maxsize=20_000)
         self._recent: TTLCache[str, Outcome] = TTLCache(maxsize=50_000, ttl=POLL_COALESCE_S)
         self._polling: dict[str, asyncio.Future] = {}
+        # Admissions refused with 503 before anything reached TokenHub, to undo once the store answers.
+        self._abandoned: LRUCache[str, None] = LRUCache(maxsize=100_000)
+        self._unrecorded: LRUCache[str, tuple] = LRUCache(maxsize=100_000)
         self._background: set[asyncio.Task] = set()
 
     # creates
@@ -99,7 +103,7 @@ class Tasks:
         task = self._new_task(user, team, req, idem_key, now)
         ctx.cost_usd = micros_to_usd(task.estimate_micros)
         subjects = subjects_for(user, team, now)
-        rejection = await self.store.admit(Admission(task, subjects, body_hash), now)
+        rejection = await self._unsent(task, self.store.admit(Admission(task, subjects, body_hash), now))
         if rejection:
             self.metrics.quota_rejections.labels(team.name, rejection.reason).inc()
             rejection.error.extra_headers.update(await self.rate_headers(subjects))
@@ -146,29 +150,49 @@ class Tasks:
 
     async def _try_keys(self, task: Task, raw: bytes, ctx: RequestContext) -> Outcome:
         unreachable: ConnectFailed | None = None
-        for key in await self.pool.candidates(task.model):
-            if not await self.store.acquire_key(task.rid, key.name, key.max_concurrent_tasks):
+        for key in await self._unsent(task, self.pool.candidates(task.model)):
+            if not await self._unsent(task, self.store.acquire_key(task.rid, key.name, key.max_concurrent_tasks)):
                 continue
             ctx.upstream_key = key.name
             try:
                 reply = await self._call(key.name, "create", "POST", CREATE_PATH, key.value.reveal(),
                                          raw, ctx)
             except ConnectFailed as exc:
-                await self.store.release_key(task.rid)
+                await self._unsent(task, self.store.release_key(task.rid))
                 unreachable = exc
                 continue  # nothing reached TokenHub: the next key may
             except UpstreamError as exc:
                 await self.store.fail_create(task.rid, self.clock(), (exc.status, orjson.dumps(exc.body())))
                 raise
             if reply.status in (401, 403, 429):
-                await self.store.release_key(task.rid)
+                await self._unsent(task, self.store.release_key(task.rid))
                 unreachable = None  # TokenHub is up; it is the keys that cannot take this create
                 continue
             outcome = await self._created(task, key.name, reply)
             ctx.task_id = task.task_id
             return outcome
-        await self.store.cancel_admission(task.rid)  # certainly nothing was created upstream
+        await self._unsent(task, self.store.cancel_admission(task.rid))  # certainly nothing was created upstream
         raise unreachable or await self.pool.no_key_error(task.model)
+
+    async def _unsent(self, task: Task, step: Awaitable[T]) -> T:
+        """A store step taken while nothing of this create has reached TokenHub. When it fails, the
+        admission may still be written (a slow Redis runs the admit after the gateway gave up, or its
+        reply was lost): it is undone later, so a refused create never holds a reservation or gets charged."""
+        try:
+            return await step
+        except StoreUnavailable:
+            self._abandoned[task.rid] = None
+            raise
+
+    async def catch_up(self) -> None:
+        """Once the store answers again: undo the admissions of creates refused for a store failure,
+        and record the tasks TokenHub created while the store was away (raises while it still is)."""
+        for rid in list(self._abandoned):
+            await self.store.cancel_admission(rid)
+            self._abandoned.pop(rid, None)
+        for rid, created in list(self._unrecorded.items()):
+            await self.store.record_created(rid, *created)
+            self._unrecorded.pop(rid, None)
 
     async def _created(self, task: Task, key_name: str, reply: Reply) -> Outcome:
         now = self.clock()
@@ -188,7 +212,12 @@ class Tasks:
             await self.store.fail_create(task.rid, now, (err.status, orjson.dumps(err.body())))
             raise err
         status = data.get("status") if data.get("status") in ("queued", "running") else "queued"
-        await self.store.record_created(task.rid, task_id, status, now, (reply.status, reply.body))
+        try:
+            await self.store.record_created(task.rid, task_id, status, now, (reply.status, reply.body))
+        except StoreUnavailable:
+            # TokenHub made the task: the client must get its id, not a 503 that invites a paid retry.
+            self._unrecorded[task.rid] = (task_id, status, now, (reply.status, reply.body))
+            self.log.warning("task.record_deferred", task_id=task_id, reason="store_unavailable")
         task.task_id, task.key_name, task.status = task_id, key_name, status
         self._records[task_id] = task
         self.metrics.tasks_created.labels(task.team, task.model, task.resolution).inc()
@@ -342,7 +371,7 @@ class Tasks:
         if t.cost_micros:
             m.spend_usd.labels(t.team, t.model, t.resolution).inc(t.cost_micros / 1_000_000)
         log = self.log.warning if t.status in ("unresolved", "expired") else self.log.info
-        log("task.settled", task_id=t.task_id, team=t.team, user=t.user, model=t.model,
+        log("task.settled", task_id=t.task_id or t.rid, team=t.team, user=t.user, model=t.model,
             resolution=t.resolution, status=t.status, billed_seconds=t.billed_ms / 1000,
             cost_usd=micros_to_usd(t.cost_micros or 0), estimated=t.cost_estimated)
 

@@ -17,6 +17,7 @@ Keys, under the prefix (default "thg:"):
     w:{scope}:{name}               zset  rate window: rid by admission time (expires when idle)
     i:{len(team)}:{team}:{key}     hash  idempotency record, expires after 24 h
     kh                             hash  upstream key name → KeyHealth as JSON
+    x:{rid}                        str   an abandoned admission's tombstone (1 h)
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ end
 #   reserved_micros, spent_ms, reserved_ms, in_flight, rate-window times...}
 ADMIT = """
 local rid, team, idem, n = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[11])
+if redis.call('EXISTS', P .. 'x:' .. rid) == 1 then return {'gone'} end  -- abandoned: a late copy
 if redis.call('EXISTS', tkey(rid)) == 1 then return {'ok'} end
 local now = clock()
 for i = 0, n - 1 do
@@ -140,9 +142,10 @@ end
 return {'ok'}
 """
 
-# ARGV: rid. Undo all of admit.
+# ARGV: rid. Undo all of admit; the tombstone refuses a copy of the admit that a slow Redis runs later.
 CANCEL = """
 local rid = ARGV[2]
+redis.call('SET', P .. 'x:' .. rid, 1, 'EX', 3600)
 local t = core(rid)
 if not t then return 0 end
 release(t)
@@ -434,6 +437,8 @@ class RedisStore:
         reply = await self._eval("admit", *args, *_encode(t))
         if reply[0] == b"ok":
             return None
+        if reply[0] == b"gone":
+            raise StoreUnavailable("This create was abandoned after a store failure; retry it.")
         if reply[0] == b"busy":
             raise IdempotencyConflict("A request with this Idempotency-Key is still in flight.",
                                       code="idempotency_key_in_progress")
