@@ -138,3 +138,15 @@ def test_money_is_exact_in_json(app_parts):
         clock.now += 1.5
         client.get(f"/v1/videos/generations/{tid}")
     assert client.get("/v1/usage").json()["team"]["spent_usd"] == 1.2  # 3 × 4 s × $0.10, not 1.2000000000000002
+
+
+def test_a_broken_store_answers_503_and_charges_nothing(app_parts):
+    client, upstream, clock, _ = app_parts
+    store = client.app.state.gateway.store
+    store._writer.conn.close()  # what a vanished disk looks like from here: every statement fails
+    r = create(client)
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "store_unavailable" and r.headers["Retry-After"]
+    assert upstream.calls == []  # no spend without accounting
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/healthz").status_code == 200

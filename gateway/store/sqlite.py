@@ -115,9 +115,12 @@ class _Writer:
                 results.append((fut, loop, *self._one(conn, fn)))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            results = [(fut, loop, None, exc) for fut, loop, *_ in batch]
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # a broken connection: every caller gets the original error
+            results = [(fut, loop, None, exc) for _fn, fut, loop in batch]
         by_loop: dict[Any, list] = {}
         for fut, loop, value, exc in results:
             by_loop.setdefault(loop, []).append((fut, value, exc))
