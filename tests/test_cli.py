@@ -1,0 +1,77 @@
+"""The command line as a user runs it: real subprocesses."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+
+import httpx
+
+from tests.e2e.harness import free_port, wait_http
+
+CLI = [sys.executable, "-m", "gateway.cli"]
+
+
+def run(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=30, **kw)
+
+
+def test_keys_new_prints_a_key_once_and_the_toml_to_paste():
+    out = run("keys", "new", "--user", "alice", "--team", "marketing")
+    assert out.returncode == 0
+    key = next(line for line in out.stdout.splitlines() if line.startswith("tgw-"))
+    toml = out.stdout[out.stdout.index("[users.alice]"):]
+    user = tomllib.loads(toml)["users"]["alice"]
+    assert user == {"team": "marketing", "key_sha256": hashlib.sha256(key.encode()).hexdigest()}
+    assert run("keys", "new", "--user", "alice", "--team", "marketing").stdout != out.stdout
+
+
+def test_check_config_reports_every_problem_with_its_location(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nport = "x"\nflavour = 1\n[upstream]\n[teams.red]\nperiod = "year"\n'
+                   '[users.bob]\nteam = "blue"\nkey_sha256 = "nothex"\n')
+    out = run("check-config", "--config", str(bad))
+    assert out.returncode == 1
+    for where in ("server.port", "server.flavour", "upstream.base_url", "upstream.keys", "teams.red.period",
+                  "users.bob.team", "users.bob.key_sha256"):
+        assert where in out.stderr, where
+    good = tmp_path / "good.toml"
+    good.write_text('[upstream]\nbase_url = "https://tokenhub.store/api/v1"\n'
+                    '[[upstream.keys]]\nname = "primary"\nvalue_env = "TOKENHUB_KEY_PRIMARY"\n')
+    out = run("check-config", "--config", str(good), env={"TOKENHUB_KEY_PRIMARY": "th-x", "PATH": ""})
+    assert out.returncode == 0 and "OK" in out.stdout
+
+
+def test_demo_serves_a_task_end_to_end_and_stops_both_on_ctrl_c(tmp_path):
+    port, sim_port = free_port(), free_port()
+    proc = subprocess.Popen([*CLI, "demo", "--port", str(port), "--sim-port", str(sim_port),
+                             "--task-seconds", "0.5", "--data-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline())
+        assert ready["event"] == "demo.ready" and ready["api_key"].startswith("tgw-")
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        api = httpx.Client(base_url=ready["gateway"], headers={"Authorization": f"Bearer {ready['api_key']}"})
+        created = api.post("/videos/generations", json={"model": "doubao-seedance-2.0-fast", "prompt": "a fox"})
+        tid = created.json()["id"]
+        deadline = time.monotonic() + 10
+        while api.get(f"/videos/generations/{tid}").json()["status"] != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert api.get("/usage").json()["team"]["spent_usd"] == 0.8  # 5 s × $0.16
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+    for p in (port, sim_port):
+        try:
+            httpx.get(f"http://127.0.0.1:{p}/healthz", timeout=1)
+            raise AssertionError(f"port {p} still answers after Ctrl-C")
+        except httpx.ConnectError:
+            pass
+    for line in proc.stdout.read().splitlines():
+        json.loads(line)  # every line the demo printed is JSON
