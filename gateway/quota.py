@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -70,24 +72,30 @@ class RateState:
     reset_s: float
 
 
-def rate_state(limit: int, window: list[float], now: float) -> RateState:
-    """Sliding 60 s window over the admission times (oldest first) of one subject."""
-    live = [t for t in window if t > now - WINDOW_S]
-    over = len(live) - limit  # more than the limit after a reload lowered it
-    reset = live[over] + WINDOW_S - now if over >= 0 and live else 0.0
-    return RateState(limit, max(0, limit - len(live)), max(0.0, reset))
+def rate_state(limit: int, window: Sequence[float], now: float) -> RateState:
+    """The sliding 60 s window of one subject; `window` holds admission times, oldest first."""
+    start = bisect.bisect_right(window, now - WINDOW_S)  # older ones have left the window
+    live = len(window) - start
+    return state_of(limit, live, window[len(window) - limit] if live >= limit else None, now)
+
+
+def state_of(limit: int, live: int, boundary: float | None, now: float) -> RateState:
+    """From a count: `boundary` is the admission `limit` places from the newest (None below the limit);
+    one is admitted again once it leaves the window."""
+    reset = boundary + WINDOW_S - now if boundary is not None and live >= limit else 0.0
+    return RateState(limit, max(0, limit - live), max(0.0, reset))
 
 
 def retry_after(reset_s: float) -> int:
     return min(WINDOW_S, max(1, math.ceil(reset_s)))
 
 
-def check(subject: Subject, counters: Counters, in_flight: int, window: list[float] | None,
+def check(subject: Subject, counters: Counters, in_flight: int, window: Sequence[float] | None,
           now: float, estimate_micros: int, estimate_ms: int) -> Rejection | None:
     """The first limit this create would break for this subject, or None."""
     lim, who = subject.limits, f"{subject.scope} {subject.name!r}"
     if lim.requests_per_minute is not None:
-        rs = rate_state(lim.requests_per_minute, window or [], now)
+        rs = rate_state(lim.requests_per_minute, window or (), now)
         if rs.remaining <= 0:
             msg = f"Rate limit of {lim.requests_per_minute} creates per minute reached for {who}."
             return Rejection("rate_limit", RateLimited(msg, retry_after=retry_after(rs.reset_s)))

@@ -30,7 +30,7 @@ from .errors import (
 from .keypool import KeyPool
 from .metrics import Metrics
 from .middleware import RequestContext
-from .quota import Subject, period_key, rate_state
+from .quota import Subject, period_key
 from .store.base import PENDING, TERMINAL, Admission, Task
 from .upstream import ConnectFailed, Reply, Upstream
 from .validation import VideoRequest
@@ -383,10 +383,10 @@ class Tasks:
             return {}
         try:
             now = await self.store.now()
-            windows = [await self.store.rate_window(s.scope, s.name, now) for s in limited]
+            states = [await self.store.rate_state(s.scope, s.name, s.limits.requests_per_minute, now)
+                      for s in limited]
         except StoreUnavailable:
             return {}
-        states = [rate_state(s.limits.requests_per_minute, w, now) for s, w in zip(limited, windows, strict=True)]
         tight = min(states, key=lambda r: (r.remaining, r.limit))
         return {"x-ratelimit-limit-requests": str(tight.limit),
                 "x-ratelimit-remaining-requests": str(tight.remaining),

@@ -132,7 +132,8 @@ async def test_each_limit_rejects_the_second_create(store, scope, limits, reason
     assert await figures(store, now, **kw) == before  # a rejected create holds nothing
     if reason == "rate_limit":
         assert 1 <= rejection.error.retry_after <= 60
-        assert len(await store.rate_window("team", "marketing", await store.now())) == 1
+        state = await store.rate_state("team", "marketing", 1, await store.now())
+        assert (state.remaining, 0 < state.reset_s <= 60) == (0, True)
 
 
 async def test_error_codes_of_rejections(store):
@@ -184,7 +185,7 @@ async def test_cancel_admission_gives_everything_back(store):
     await store.cancel_admission(task.rid)
     for u in await figures(store, now, team=limits, user=limits):
         assert (u.counters.reserved_micros, u.counters.reserved_ms, u.in_flight) == (0, 0, 0)
-    assert await store.rate_window("team", "marketing", await store.now()) == []
+    assert (await store.rate_state("team", "marketing", 1, await store.now())).remaining == 1
     assert await store.idem_get("marketing", "k1") is None
     assert (await store.key_in_flight()).get("primary", 0) == 0
     assert await store.ledger(None, None, None, None, None) == []

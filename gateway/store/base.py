@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 from ..keypool import KeyHealth
-from ..quota import Counters, Rejection, Subject
+from ..quota import Counters, RateState, Rejection, Subject
 
 PENDING = "pending"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired", "unresolved"})
@@ -116,7 +116,8 @@ class Store(Protocol):
 
     # figures
     async def usage(self, subjects: tuple[Subject, ...]) -> list[Usage]: ...
-    async def rate_window(self, scope: str, name: str, now: float) -> list[float]: ...
+    async def rate_state(self, scope: str, name: str, limit: int, now: float) -> RateState:
+        """The subject's creates-per-minute window now (for the x-ratelimit-* headers)."""
     async def ledger(self, since: float | None, until: float | None, team: str | None,
                      user: str | None, model: str | None) -> list[Task]: ...
     async def prune(self, before: float) -> int: ...

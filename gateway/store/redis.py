@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 
 from ..errors import IdempotencyConflict, StoreUnavailable
 from ..keypool import KeyHealth
-from ..quota import WINDOW_S, Counters, Rejection, Subject, check
+from ..quota import WINDOW_S, Counters, RateState, Rejection, Subject, check, state_of
 from .base import IDEM_TTL_S, TASK_FIELDS, Admission, IdemRecord, Task, Usage
 
 T = TypeVar("T")
@@ -106,16 +106,20 @@ for i = 0, n - 1 do
                        'spent_ms', 'reserved_ms')
   for j = 1, 4 do c[j] = tonumber(c[j]) or 0 end
   local in_flight = tonumber(redis.call('HGET', P .. 'f:' .. scope, name)) or 0
-  local window = {}
+  local live = 0
   if rpm then
     redis.call('ZREMRANGEBYSCORE', wkey(scope, name), '-inf', fmt(now - 60))
-    local w = redis.call('ZRANGE', wkey(scope, name), 0, -1, 'WITHSCORES')
-    for k = 2, #w, 2 do window[#window + 1] = w[k] end
+    live = redis.call('ZCARD', wkey(scope, name))
   end
   local max_in, budget, budget_ms = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
-  if (rpm and #window >= rpm) or (max_in and in_flight >= max_in)
+  if (rpm and live >= rpm) or (max_in and in_flight >= max_in)
       or (budget and c[1] + c[2] + tonumber(ARGV[7]) > budget)
       or (budget_ms and c[3] + c[4] + tonumber(ARGV[8]) > budget_ms) then
+    local window = {}  -- only a refusal carries the newest `rpm` times, for its Retry-After
+    if rpm and rpm > 0 then
+      local w = redis.call('ZRANGE', wkey(scope, name), -rpm, -1, 'WITHSCORES')
+      for k = 2, #w, 2 do window[#window + 1] = w[k] end
+    end
     return {'no', fmt(now), i, c[1], c[2], c[3], c[4], in_flight, unpack(window)}
   end
 end
@@ -506,10 +510,15 @@ class RedisStore:
         return [Usage(Counters(*(int(v or 0) for v in counters)), int(n or 0))
                 for counters, n in zip(replies[::2], replies[1::2], strict=True)]
 
-    async def rate_window(self, scope: str, name: str, now: float) -> list[float]:
-        scores = await self._do(self._r.zrangebyscore(self._k("w", scope, name), f"({now - WINDOW_S!r}",
-                                                      "+inf", withscores=True))
-        return [score for _, score in scores]
+    async def rate_state(self, scope: str, name: str, limit: int, now: float) -> RateState:
+        """One round trip: the live count, and the admission `limit` places from the newest."""
+        now = await self.now()
+        key = self._k("w", scope, name)
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.zcount(key, f"({now - WINDOW_S!r}", "+inf")
+            pipe.zrange(key, -limit, -limit, withscores=True)
+            live, boundary = await self._do(pipe.execute())
+        return state_of(limit, int(live), boundary[0][1] if boundary else None, now)
 
     async def ledger(self, since: float | None, until: float | None, team: str | None,
                      user: str | None, model: str | None) -> list[Task]:

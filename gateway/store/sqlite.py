@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import IdempotencyConflict, StoreUnavailable
 from ..keypool import KeyHealth
-from ..quota import Counters, Rejection, Subject, check
+from ..quota import Counters, RateState, Rejection, Subject, check, rate_state
 from .base import IDEM_TTL_S, LIVE, TASK_FIELDS, Admission, IdemRecord, Task, Usage
 
 SCHEMA_VERSION = 1
@@ -162,7 +162,8 @@ class SQLiteStore:
         self._clock = clock
         self._writer = _Writer(path, synchronous)
         # Rate windows and key health live in this process: SQLite serves one gateway process.
-        self._windows: dict[tuple[str, str], deque[tuple[float, str]]] = {}
+        self._windows: dict[tuple[str, str], deque[float]] = {}  # admission times, oldest first
+        self._windows_lock = threading.Lock()  # read by rate_state on the event loop's thread
         self._health: dict[str, KeyHealth] = {}
 
     async def _do(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -178,11 +179,12 @@ class SQLiteStore:
 
     def _load_windows(self, c: sqlite3.Connection) -> None:
         """Rebuild the last minute's rate windows from the ledger: a restart must not reopen them."""
-        rows = c.execute("SELECT rid, team, user, created_at FROM tasks WHERE created_at > ? "
+        rows = c.execute("SELECT team, user, created_at FROM tasks WHERE created_at > ? "
                          "ORDER BY created_at", (self._clock() - 60,))
-        for rid, team, user, created in rows:
-            for key in (("team", team), ("user", user)):
-                self._windows.setdefault(key, deque()).append((created, rid))
+        with self._windows_lock:
+            for team, user, created in rows:
+                for key in (("team", team), ("user", user)):
+                    self._windows.setdefault(key, deque()).append(created)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._writer.stop)
@@ -205,15 +207,17 @@ class SQLiteStore:
         return await self._do(op)
 
     async def admit(self, adm: Admission, now: float) -> Rejection | None:
-        return await self._do(lambda c: self._admit(c, adm, now))
+        def op(c: sqlite3.Connection) -> Rejection | None:
+            with self._windows_lock:
+                return self._admit(c, adm, now)
+        return await self._do(op)
 
     def _admit(self, c: sqlite3.Connection, adm: Admission, now: float) -> Rejection | None:
         t = adm.task
         for s in adm.subjects:
             window = self._window(s.scope, s.name, now) if s.limits.requests_per_minute else None
             rejection = check(s, _counters(c, s.scope, s.name, s.period), _in_flight(c, s.scope, s.name),
-                              [ts for ts, _ in window] if window is not None else None, now,
-                              t.estimate_micros, t.estimate_ms)
+                              window, now, t.estimate_micros, t.estimate_ms)
             if rejection:
                 return rejection
         if t.idem_key:
@@ -232,16 +236,15 @@ class SQLiteStore:
             _bump(c, s.scope, s.name, 1)
             if s.limits.requests_per_minute:
                 # Bounded by time (pruned past 60 s) and by admission stopping at the limit.
-                self._windows.setdefault((s.scope, s.name), deque()).append((now, t.rid))
+                self._windows.setdefault((s.scope, s.name), deque()).append(now)
         return None
 
-    def _window(self, scope: str, name: str, now: float) -> list[tuple[float, str]]:
-        window = self._windows.get((scope, name))
-        if window is None:
-            return []
-        while window and window[0][0] <= now - 60:
+    def _window(self, scope: str, name: str, now: float) -> deque[float]:
+        """The subject's admission times inside the window (caller holds the lock)."""
+        window = self._windows.setdefault((scope, name), deque())
+        while window and window[0] <= now - 60:
             window.popleft()
-        return list(window)
+        return window
 
     async def cancel_admission(self, rid: str) -> None:
         def op(c: sqlite3.Connection) -> None:
@@ -252,9 +255,10 @@ class SQLiteStore:
             c.execute("DELETE FROM tasks WHERE rid=?", (rid,))
             if t.idem_key:
                 c.execute("DELETE FROM idempotency WHERE team=? AND key=?", (t.team, t.idem_key))
-            for window in self._windows.values():
-                for item in [i for i in window if i[1] == rid]:
-                    window.remove(item)
+            with self._windows_lock:
+                for key in (("team", t.team), ("user", t.user)):
+                    if t.created_at in self._windows.get(key, ()):
+                        self._windows[key].remove(t.created_at)
         await self._do(op)
 
     async def acquire_key(self, rid: str, key_name: str, limit: int) -> bool:
@@ -374,8 +378,9 @@ class SQLiteStore:
         return await self._do(lambda c: [
             Usage(_counters(c, s.scope, s.name, s.period), _in_flight(c, s.scope, s.name)) for s in subjects])
 
-    async def rate_window(self, scope: str, name: str, now: float) -> list[float]:
-        return await self._do(lambda c: [ts for ts, _ in self._window(scope, name, now)])
+    async def rate_state(self, scope: str, name: str, limit: int, now: float) -> RateState:
+        with self._windows_lock:  # in memory: no trip to the writer thread
+            return rate_state(limit, self._window(scope, name, now), now)
 
     async def ledger(self, since: float | None, until: float | None, team: str | None,
                      user: str | None, model: str | None) -> list[Task]:
