@@ -168,7 +168,9 @@ class KeyPool:
         health = (await self.health()).get(name, KeyHealth())
         new = change(health)
         await self._store.save_key_health(name, new)
-        self._metrics.set_key_state(name, new.current(self._clock()))
+        now = self._clock()
+        if new.current(now) != health.current(now):
+            self._metrics.set_key_state(name, new.current(now))
 
     async def report(self, name: str, status: int | None, error: str | None = None,
                      retry_after: str | None = None) -> None:

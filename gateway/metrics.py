@@ -50,6 +50,19 @@ class Metrics:
         self.overhead = Histogram(p + "overhead_seconds", "Time in the gateway, upstream excluded",
                                   ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
         self.poller_backlog = Gauge(p + "poller_backlog", "Tasks awaiting settlement", registry=r)
+        self._children: dict[tuple[str, str, str, str], tuple] = {}
+
+    def observe_request(self, route: str, method: str, code: str, team: str, elapsed: float,
+                        overhead: float) -> None:
+        """The per-request metrics, through children cached by their (bounded) label values."""
+        children = self._children.get((route, method, code, team))
+        if children is None:
+            children = (self.requests.labels(route, method, code, team),
+                        self.request_duration.labels(route, method), self.overhead.labels(route))
+            self._children[(route, method, code, team)] = children
+        children[0].inc()
+        children[1].observe(elapsed)
+        children[2].observe(overhead)
 
     def set_key_state(self, key: str, state: str) -> None:
         for s in KEY_STATES:

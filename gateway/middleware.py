@@ -80,10 +80,8 @@ class RequestMiddleware:
 
     def _finish(self, scope: Scope, ctx: RequestContext, status: int, elapsed: float) -> None:
         route, method = route_label(scope), scope["method"]
-        m = self.metrics
-        m.requests.labels(route, method, str(status), ctx.team or "").inc()
-        m.request_duration.labels(route, method).observe(elapsed)
-        m.overhead.labels(route).observe(max(0.0, elapsed - ctx.upstream_s))
+        self.metrics.observe_request(route, method, str(status), ctx.team or "", elapsed,
+                                     max(0.0, elapsed - ctx.upstream_s))
         if route in ("/healthz", "/metrics", "/readyz") and status < 400:
             return
         self.log.info(

@@ -77,7 +77,7 @@ class Tasks:
         self.settings, self.store, self.upstream, self.pool = settings, store, upstream, pool
         self.metrics, self.clock = metrics, clock
         self.log = structlog.get_logger("gateway.tasks")
-        self._records: LRUCache[str, Task] = LRUCache(maxsize=100_000)  # owner and key never change
+        self._records: LRUCache[str, Task] = LRUCache(maxsize=10_000)  # owner and key never change
         self._final: LRUCache[str, bytes] = LRUCache(maxsize=20_000)
         self._recent: TTLCache[str, Outcome] = TTLCache(maxsize=50_000, ttl=POLL_COALESCE_S)
         self._polling: dict[str, asyncio.Future] = {}

@@ -165,6 +165,8 @@ class SQLiteStore:
         self._windows: dict[tuple[str, str], deque[float]] = {}  # admission times, oldest first
         self._windows_lock = threading.Lock()  # read by rate_state on the event loop's thread
         self._health: dict[str, KeyHealth] = {}
+        self._key_slots: dict[str, int] = {}  # key name → tasks in flight on it
+        self._slot_of: dict[str, str] = {}  # rid → key name, for live tasks only
 
     async def _do(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         return await self._writer.submit(fn)
@@ -176,6 +178,7 @@ class SQLiteStore:
             raise StoreUnavailable(f"Cannot open the SQLite store at {self.path}: {exc}") from None
         await self._do(_migrate)
         await self._do(self._load_windows)
+        await self._do(self._load_key_slots)
 
     def _load_windows(self, c: sqlite3.Connection) -> None:
         """Rebuild the last minute's rate windows from the ledger: a restart must not reopen them."""
@@ -260,31 +263,40 @@ class SQLiteStore:
                     if t.created_at in self._windows.get(key, ()):
                         self._windows[key].remove(t.created_at)
         await self._do(op)
+        await self.release_key(rid)
+
+    # Key slots live in this process's memory, touched only on the event loop's thread: a create
+    # takes and gives back slots without a trip to the writer. The key is written with the task id
+    # (a pending create never needs it), and open() counts the slots back from the unsettled tasks.
 
     async def acquire_key(self, rid: str, key_name: str, limit: int) -> bool:
-        def op(c: sqlite3.Connection) -> bool:
-            if _in_flight(c, "key", key_name) >= limit:
-                return False
-            if c.execute("UPDATE tasks SET key_name=? WHERE rid=? AND key_name IS NULL",
-                         (key_name, rid)).rowcount == 0:
-                return False
-            _bump(c, "key", key_name, 1)
-            return True
-        return await self._do(op)
+        if rid in self._slot_of or self._key_slots.get(key_name, 0) >= limit:
+            return False
+        self._key_slots[key_name] = self._key_slots.get(key_name, 0) + 1
+        self._slot_of[rid] = key_name
+        return True
 
     async def release_key(self, rid: str) -> None:
-        def op(c: sqlite3.Connection) -> None:
-            row = c.execute("SELECT key_name FROM tasks WHERE rid=?", (rid,)).fetchone()
-            if row and row[0]:
-                _bump(c, "key", row[0], -1)
-                c.execute("UPDATE tasks SET key_name=NULL WHERE rid=?", (rid,))
-        await self._do(op)
+        key_name = self._slot_of.pop(rid, None)
+        if key_name is not None:
+            self._key_slots[key_name] -= 1
+
+    async def key_in_flight(self) -> dict[str, int]:
+        return self._key_slots
+
+    def _load_key_slots(self, c: sqlite3.Connection) -> None:
+        for rid, key_name in c.execute("SELECT rid, key_name FROM tasks WHERE settled_at IS NULL "
+                                       "AND key_name IS NOT NULL"):
+            self._slot_of[rid] = key_name
+            self._key_slots[key_name] = self._key_slots.get(key_name, 0) + 1
 
     async def record_created(self, rid: str, task_id: str, status: str, now: float,
                              reply: tuple[int, bytes]) -> None:
+        key_name = self._slot_of.get(rid)
+
         def op(c: sqlite3.Connection) -> None:
-            c.execute("UPDATE tasks SET task_id=?, status=?, updated_at=? WHERE rid=?",
-                      (task_id, status, now, rid))
+            c.execute("UPDATE tasks SET task_id=?, key_name=?, status=?, updated_at=? WHERE rid=?",
+                      (task_id, key_name, status, now, rid))
             _finish_idem(c, rid, reply)
         await self._do(op)
 
@@ -301,6 +313,7 @@ class SQLiteStore:
             elif t.idem_key:
                 c.execute("DELETE FROM idempotency WHERE team=? AND key=?", (t.team, t.idem_key))
         await self._do(op)
+        await self.release_key(rid)
 
     # tasks
 
@@ -335,7 +348,10 @@ class SQLiteStore:
             t.settled_at = t.updated_at = now
             t.final_body = final_body
             return t
-        return await self._do(op)
+        done = await self._do(op)
+        if done is not None:
+            await self.release_key(done.rid)
+        return done
 
     async def list_tasks(self, team: str, limit: int, after: str | None,
                          status: str | None) -> tuple[list[Task], bool]:
@@ -409,8 +425,6 @@ class SQLiteStore:
     async def save_key_health(self, name: str, health: KeyHealth) -> None:
         self._health[name] = health
 
-    async def key_in_flight(self) -> dict[str, int]:
-        return await self._do(lambda c: dict(c.execute("SELECT name, n FROM in_flight WHERE scope='key'")))
 
 
 def _migrate(c: sqlite3.Connection) -> None:
@@ -455,14 +469,13 @@ def _bump(c: sqlite3.Connection, scope: str, name: str, delta: int) -> None:
 
 
 def _release(c: sqlite3.Connection, t: Task) -> None:
-    """Give back what a live task holds: its reservation and its in-flight slots."""
+    """Give back what a live task holds: its reservation and its in-flight counts (key slots are
+    given back in memory by the caller)."""
     if t.status not in LIVE:
         return
     for scope, name, period in (("team", t.team, t.team_period), ("user", t.user, t.user_period)):
         _add(c, scope, name, period, reserved_micros=-t.estimate_micros, reserved_ms=-t.estimate_ms)
         _bump(c, scope, name, -1)
-    if t.key_name:
-        _bump(c, "key", t.key_name, -1)
 
 
 def _finish_idem(c: sqlite3.Connection, rid: str, reply: tuple[int, bytes]) -> None:
