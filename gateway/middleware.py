@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .ids import new_id
 from .metrics import Metrics
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
@@ -35,7 +35,7 @@ def request_id_from(scope: Scope) -> str:
             if 0 < len(rid) <= 128 and all(c in _SAFE for c in rid):
                 return rid
             break
-    return uuid.uuid4().hex
+    return new_id()
 
 
 def route_label(scope: Scope) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,9 +17,12 @@ WINDOW_S = 60
 
 def period_key(period: str, now: float) -> str:
     """The UTC calendar period a moment falls in: '2026-11-26', '2026-W48', '2026-11' or 'total'."""
-    if period == "total":
-        return "total"
-    d = datetime.fromtimestamp(now, timezone.utc)
+    return "total" if period == "total" else _period_of_day(period, int(now // 86400))
+
+
+@functools.lru_cache(maxsize=64)
+def _period_of_day(period: str, day: int) -> str:
+    d = datetime.fromtimestamp(day * 86400, timezone.utc)
     if period == "day":
         return d.strftime("%Y-%m-%d")
     if period == "week":

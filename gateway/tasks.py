@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -27,6 +26,7 @@ from .errors import (
     StoreUnavailable,
     UpstreamError,
 )
+from .ids import new_id
 from .keypool import KeyPool
 from .metrics import Metrics
 from .middleware import RequestContext
@@ -120,7 +120,7 @@ class Tasks:
                   now: float) -> Task:
         est_ms, est_micros = pricing.estimate(self.settings.pricing, req.model, req.resolution,
                                               req.input_s, req.duration_s)
-        return Task(rid=uuid.uuid4().hex, team=team.name, user=user.name, model=req.model,
+        return Task(rid=new_id(), team=team.name, user=user.name, model=req.model,
                     resolution=req.resolution, duration_s=req.duration_s,
                     input_ms=pricing.seconds_to_ms(req.input_s), input_estimated=req.input_estimated,
                     estimate_ms=est_ms, estimate_micros=est_micros,

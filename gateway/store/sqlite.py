@@ -13,7 +13,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +232,7 @@ class SQLiteStore:
                 raise IdempotencyConflict("A request with this Idempotency-Key is still in flight.",
                                           code="idempotency_key_in_progress")
         c.execute(f"INSERT INTO tasks ({_COLS}) VALUES ({', '.join('?' * len(TASK_FIELDS))})",
-                  tuple(asdict(t).values()))
+                  tuple(getattr(t, f) for f in TASK_FIELDS))
         for s in adm.subjects:
             _add(c, s.scope, s.name, s.period, reserved_micros=t.estimate_micros, reserved_ms=t.estimate_ms)
             _bump(c, s.scope, s.name, 1)
