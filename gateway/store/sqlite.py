@@ -13,6 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ MIGRATIONS = {
     """,
 }
 BATCH_MAX = 256
+BOOKS_MAX = 100_000  # cached figures; past this the cache starts again from the tables
 _COLS = ", ".join(TASK_FIELDS)
 _BOOLS = ("input_estimated", "cost_estimated")
 
@@ -64,8 +66,8 @@ def _row_to_task(row: sqlite3.Row | tuple) -> Task:
 class _Writer:
     """One thread, one connection; callers await futures answered after their batch commits."""
 
-    def __init__(self, path: str, synchronous: str) -> None:
-        self._path, self._sync = path, synchronous
+    def __init__(self, path: str, synchronous: str, on_rollback: Callable[[], None]) -> None:
+        self._path, self._sync, self._on_rollback = path, synchronous, on_rollback
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.conn: sqlite3.Connection | None = None
@@ -111,9 +113,10 @@ class _Writer:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn, fut, loop in batch:
-                results.append((fut, loop, *self._one(conn, fn)))
+                results.append((fut, loop, *self._one(conn, fn, alone=len(batch) == 1)))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            self._on_rollback()
             try:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -129,16 +132,22 @@ class _Writer:
             except RuntimeError:  # the loop closed while we worked
                 pass
 
-    @staticmethod
-    def _one(conn: sqlite3.Connection, fn: Callable) -> tuple[Any, BaseException | None]:
-        conn.execute("SAVEPOINT op")
+    def _one(self, conn: sqlite3.Connection, fn: Callable, alone: bool) -> tuple[Any, BaseException | None]:
+        """One operation; a savepoint keeps its failure from undoing the others in its batch."""
+        if not alone:
+            conn.execute("SAVEPOINT op")
         try:
             value = fn(conn)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
-            conn.execute("ROLLBACK TO op")
-            conn.execute("RELEASE op")
+            self._on_rollback()
+            conn.execute("ROLLBACK TO op" if not alone else "ROLLBACK")
+            if not alone:
+                conn.execute("RELEASE op")
+            else:
+                conn.execute("BEGIN IMMEDIATE")  # the batch's COMMIT then ends an empty transaction
             return None, exc
-        conn.execute("RELEASE op")
+        if not alone:
+            conn.execute("RELEASE op")
         return value, None
 
 
@@ -159,7 +168,8 @@ class SQLiteStore:
                  clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._clock = clock
-        self._writer = _Writer(path, synchronous)
+        self._books = _Books()
+        self._writer = _Writer(path, synchronous, on_rollback=self._books.clear)
         # Rate windows and key health live in this process: SQLite serves one gateway process.
         self._windows: dict[tuple[str, str], deque[float]] = {}  # admission times, oldest first
         self._windows_lock = threading.Lock()  # read by rate_state on the event loop's thread
@@ -218,7 +228,8 @@ class SQLiteStore:
         t = adm.task
         for s in adm.subjects:
             window = self._window(s.scope, s.name, now) if s.limits.requests_per_minute else None
-            rejection = check(s, _counters(c, s.scope, s.name, s.period), _in_flight(c, s.scope, s.name),
+            b = self._books
+            rejection = check(s, b.counters(c, s.scope, s.name, s.period), b.in_flight(c, s.scope, s.name),
                               window, now, t.estimate_micros, t.estimate_ms)
             if rejection:
                 return rejection
@@ -234,8 +245,9 @@ class SQLiteStore:
         c.execute(f"INSERT INTO tasks ({_COLS}) VALUES ({', '.join('?' * len(TASK_FIELDS))})",
                   tuple(getattr(t, f) for f in TASK_FIELDS))
         for s in adm.subjects:
-            _add(c, s.scope, s.name, s.period, reserved_micros=t.estimate_micros, reserved_ms=t.estimate_ms)
-            _bump(c, s.scope, s.name, 1)
+            self._books.add(c, s.scope, s.name, s.period, reserved_micros=t.estimate_micros,
+                            reserved_ms=t.estimate_ms)
+            self._books.bump(c, s.scope, s.name, 1)
             if s.limits.requests_per_minute:
                 # Bounded by time (pruned past 60 s) and by admission stopping at the limit.
                 self._windows.setdefault((s.scope, s.name), deque()).append(now)
@@ -253,7 +265,7 @@ class SQLiteStore:
             t = _task_by_rid(c, rid)
             if t is None:
                 return
-            _release(c, t)
+            self._books.release(c, t)
             c.execute("DELETE FROM tasks WHERE rid=?", (rid,))
             if t.idem_key:
                 c.execute("DELETE FROM idempotency WHERE team=? AND key=?", (t.team, t.idem_key))
@@ -294,9 +306,10 @@ class SQLiteStore:
         key_name = self._slot_of.get(rid)
 
         def op(c: sqlite3.Connection) -> None:
-            c.execute("UPDATE tasks SET task_id=?, key_name=?, status=?, updated_at=? WHERE rid=?",
-                      (task_id, key_name, status, now, rid))
-            _finish_idem(c, rid, reply)
+            row = c.execute("UPDATE tasks SET task_id=?, key_name=?, status=?, updated_at=? WHERE rid=? "
+                            "RETURNING idem_key", (task_id, key_name, status, now, rid)).fetchone()
+            if row and row[0]:
+                _finish_idem(c, rid, reply)
         await self._do(op)
 
     async def fail_create(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> None:
@@ -304,7 +317,7 @@ class SQLiteStore:
             t = _task_by_rid(c, rid)
             if t is None or t.settled:
                 return
-            _release(c, t)
+            self._books.release(c, t)
             c.execute("UPDATE tasks SET status='create_failed', billed_ms=0, cost_micros=0, "
                       "settled_at=?, updated_at=? WHERE rid=?", (now, now, rid))
             if reply is not None:
@@ -337,9 +350,9 @@ class SQLiteStore:
             t = _row_to_task(row)
             if t.settled:
                 return None
-            _release(c, t)
+            self._books.release(c, t)
             for scope, name, period in (("team", t.team, t.team_period), ("user", t.user, t.user_period)):
-                _add(c, scope, name, period, spent_micros=cost_micros, spent_ms=billed_ms)
+                self._books.add(c, scope, name, period, spent_micros=cost_micros, spent_ms=billed_ms)
             c.execute("UPDATE tasks SET status=?, billed_ms=?, cost_micros=?, cost_estimated=?, "
                       "settled_at=?, updated_at=?, final_body=? WHERE rid=?",
                       (status, billed_ms, cost_micros, int(estimated), now, now, final_body, t.rid))
@@ -391,7 +404,8 @@ class SQLiteStore:
 
     async def usage(self, subjects: tuple[Subject, ...]) -> list[Usage]:
         return await self._do(lambda c: [
-            Usage(_counters(c, s.scope, s.name, s.period), _in_flight(c, s.scope, s.name)) for s in subjects])
+            Usage(replace(self._books.counters(c, s.scope, s.name, s.period)),
+                  self._books.in_flight(c, s.scope, s.name)) for s in subjects])
 
     async def rate_state(self, scope: str, name: str, limit: int, now: float) -> RateState:
         with self._windows_lock:  # in memory: no trip to the writer thread
@@ -442,39 +456,66 @@ def _task_by_rid(c: sqlite3.Connection, rid: str) -> Task | None:
     return _row_to_task(row) if row else None
 
 
-def _counters(c: sqlite3.Connection, scope: str, name: str, period: str) -> Counters:
-    row = c.execute("SELECT spent_micros, reserved_micros, spent_ms, reserved_ms FROM counters "
-                    "WHERE scope=? AND name=? AND period=?", (scope, name, period)).fetchone()
-    return Counters(*row) if row else Counters()
+class _Books:
+    """The counters and in-flight counts, written through to their tables and kept in memory so
+    that checks read no rows. Touched only on the writer thread; cleared whenever a transaction
+    rolls back, after which each figure is read again from its table."""
 
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, str, str], Counters] = {}
+        self._in_flight: dict[tuple[str, str], int] = {}
 
-def _in_flight(c: sqlite3.Connection, scope: str, name: str) -> int:
-    row = c.execute("SELECT n FROM in_flight WHERE scope=? AND name=?", (scope, name)).fetchone()
-    return row[0] if row else 0
+    def clear(self) -> None:
+        self._counters.clear()
+        self._in_flight.clear()
 
+    def counters(self, c: sqlite3.Connection, scope: str, name: str, period: str) -> Counters:
+        key = (scope, name, period)
+        got = self._counters.get(key)
+        if got is None:
+            row = c.execute("SELECT spent_micros, reserved_micros, spent_ms, reserved_ms FROM counters "
+                            "WHERE scope=? AND name=? AND period=?", key).fetchone()
+            if len(self._counters) >= BOOKS_MAX:
+                self._counters.clear()
+            got = self._counters[key] = Counters(*row) if row else Counters()
+        return got
 
-def _add(c: sqlite3.Connection, scope: str, name: str, period: str, spent_micros: int = 0,
-         reserved_micros: int = 0, spent_ms: int = 0, reserved_ms: int = 0) -> None:
-    c.execute("INSERT INTO counters VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, name, period) DO UPDATE "
-              "SET spent_micros=spent_micros+excluded.spent_micros, "
-              "reserved_micros=reserved_micros+excluded.reserved_micros, "
-              "spent_ms=spent_ms+excluded.spent_ms, reserved_ms=reserved_ms+excluded.reserved_ms",
-              (scope, name, period, spent_micros, reserved_micros, spent_ms, reserved_ms))
+    def in_flight(self, c: sqlite3.Connection, scope: str, name: str) -> int:
+        got = self._in_flight.get((scope, name))
+        if got is None:
+            row = c.execute("SELECT n FROM in_flight WHERE scope=? AND name=?", (scope, name)).fetchone()
+            if len(self._in_flight) >= BOOKS_MAX:
+                self._in_flight.clear()
+            got = self._in_flight[(scope, name)] = row[0] if row else 0
+        return got
 
+    def add(self, c: sqlite3.Connection, scope: str, name: str, period: str, spent_micros: int = 0,
+            reserved_micros: int = 0, spent_ms: int = 0, reserved_ms: int = 0) -> None:
+        n = self.counters(c, scope, name, period)
+        c.execute("INSERT INTO counters VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, name, period) DO UPDATE "
+                  "SET spent_micros=spent_micros+excluded.spent_micros, "
+                  "reserved_micros=reserved_micros+excluded.reserved_micros, "
+                  "spent_ms=spent_ms+excluded.spent_ms, reserved_ms=reserved_ms+excluded.reserved_ms",
+                  (scope, name, period, spent_micros, reserved_micros, spent_ms, reserved_ms))
+        n.spent_micros += spent_micros
+        n.reserved_micros += reserved_micros
+        n.spent_ms += spent_ms
+        n.reserved_ms += reserved_ms
 
-def _bump(c: sqlite3.Connection, scope: str, name: str, delta: int) -> None:
-    c.execute("INSERT INTO in_flight VALUES (?, ?, ?) ON CONFLICT (scope, name) DO UPDATE SET n=MAX(0, n+?)",
-              (scope, name, max(0, delta), delta))
+    def bump(self, c: sqlite3.Connection, scope: str, name: str, delta: int) -> None:
+        n = max(0, self.in_flight(c, scope, name) + delta)
+        c.execute("INSERT INTO in_flight VALUES (?, ?, ?) ON CONFLICT (scope, name) DO UPDATE SET n=excluded.n",
+                  (scope, name, n))
+        self._in_flight[(scope, name)] = n
 
-
-def _release(c: sqlite3.Connection, t: Task) -> None:
-    """Give back what a live task holds: its reservation and its in-flight counts (key slots are
-    given back in memory by the caller)."""
-    if t.status not in LIVE:
-        return
-    for scope, name, period in (("team", t.team, t.team_period), ("user", t.user, t.user_period)):
-        _add(c, scope, name, period, reserved_micros=-t.estimate_micros, reserved_ms=-t.estimate_ms)
-        _bump(c, scope, name, -1)
+    def release(self, c: sqlite3.Connection, t: Task) -> None:
+        """Give back what a live task holds: its reservation and its in-flight counts (key slots are
+        given back in memory by the caller)."""
+        if t.status not in LIVE:
+            return
+        for scope, name, period in (("team", t.team, t.team_period), ("user", t.user, t.user_period)):
+            self.add(c, scope, name, period, reserved_micros=-t.estimate_micros, reserved_ms=-t.estimate_ms)
+            self.bump(c, scope, name, -1)
 
 
 def _finish_idem(c: sqlite3.Connection, rid: str, reply: tuple[int, bytes]) -> None:
