@@ -78,7 +78,8 @@ class RateState:
 
 def rate_state(limit: int, window: Sequence[float], now: float) -> RateState:
     """The sliding 60 s window of one subject; `window` holds admission times, oldest first."""
-    start = bisect.bisect_right(window, now - WINDOW_S)  # older ones have left the window
+    cutoff = now - WINDOW_S  # older ones have left the window
+    start = 0 if not window or window[0] > cutoff else bisect.bisect_right(window, cutoff)
     live = len(window) - start
     return state_of(limit, live, window[len(window) - limit] if live >= limit else None, now)
 
