@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,12 +18,14 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import require_binary
 from tests.e2e.harness import KEYS, Gateway, Simulator, body, free_port, key_name_of, wait_until
 
 CREATE = "/videos/generations"
 MODELS = {"doubao-seedance-2.0", "doubao-seedance-2.0-fast"}
 CLIENTS = Path(__file__).parent / "clients"
 TEST_BUDGET_S = 30
+pytestmark = pytest.mark.timeout(TEST_BUDGET_S)  # no test may hang the suite
 LOG_FIELDS = ("timestamp", "level", "event", "request_id", "method", "route", "status", "duration_ms", "team",
               "user", "model", "resolution", "duration_s", "task_id", "upstream_key", "upstream_status",
               "upstream_ms", "cost_usd", "error_code")
@@ -33,17 +34,6 @@ QUIET_POLLER = {"poller": {"interval_s": 30}}  # only client polls reach upstrea
 TWO_KEYS = [{"name": "key-a"}, {"name": "key-b"}]
 
 
-@pytest.fixture(autouse=True)
-def _bounded() -> Iterator[None]:
-    """No test may hang the suite: SIGALRM fails it after TEST_BUDGET_S."""
-    def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"test ran longer than {TEST_BUDGET_S} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, TEST_BUDGET_S)
-    yield
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")
@@ -467,17 +457,10 @@ def _refused(url: str) -> bool:
 
 # --- the seed guide's clients -----------------------------------------------------------------
 
-def _binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is required in CI but is not installed")
-        pytest.skip(f"{name} is not installed")
-    return path
 
 
 def test_guide_clients_work_with_only_base_url_and_key_changed(make_gateway, sim):
-    node = _binary("node")
+    node = require_binary("node")
     gw = make_gateway()
     env = {**os.environ, "API_BASE": gw.api, "API_KEY": gw.user_keys["alice"]}
     runs = {name: subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

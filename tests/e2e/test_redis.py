@@ -7,7 +7,6 @@ Without redis-server these tests fail on CI (CI=true) and are skipped elsewhere.
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 import threading
 import time
@@ -29,6 +28,7 @@ PRICE = 1.0
 NEVER = "sim:never a fox that runs forever"
 SHORT = "sim:seconds=0.3 a short fox"
 TEST_BUDGET_S = 45
+pytestmark = pytest.mark.timeout(TEST_BUDGET_S)  # no test may hang the suite
 TERMINAL = ("succeeded", "failed", "cancelled", "expired", "unresolved")
 
 
@@ -61,17 +61,6 @@ class DurableRedisServer(RedisServer):
 # fixtures
 
 
-@pytest.fixture(autouse=True)
-def _bounded() -> Iterator[None]:
-    """No test may hang the suite: SIGALRM fails it after TEST_BUDGET_S."""
-    def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"test ran longer than {TEST_BUDGET_S} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, TEST_BUDGET_S)
-    yield
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture
