@@ -61,7 +61,7 @@ async def admin_keys(request: Request) -> Response:
                      "tasks_in_flight": in_flight.get(key.name, 0),
                      "cooldown_until": h.until if h.current(now) in ("cooldown", "open") else None,
                      "last_error": h.last_error, "last_error_at": h.last_error_at,
-                     "successes": h.successes, "failures": h.errors})
+                     "successes": h.successes + g.pool.successes.get(key.name, 0), "failures": h.errors})
     return json_response({"object": "list", "data": data})
 
 

@@ -58,9 +58,11 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 
 def on_success(h: KeyHealth, now: float) -> KeyHealth:
-    if h.current(now) == OK:
-        return replace(h, state=OK, failures=0, throttles=0, successes=h.successes + 1)
-    return replace(h, successes=h.successes + 1)  # disabled or open stays so until reload or probe
+    """Unchanged (the same object) when there is nothing to reset; disabled or open stays so until a
+    reload or a probe. Successes are counted by the pool, not here, so a healthy key costs no write."""
+    if h.current(now) == OK and (h.state, h.failures, h.throttles) != (OK, 0, 0):
+        return replace(h, state=OK, failures=0, throttles=0)
+    return h
 
 
 def on_throttled(h: KeyHealth, now: float, retry_after: float | None, cfg: UpstreamSettings,
@@ -134,6 +136,7 @@ class KeyPool:
         self._store, self._metrics, self._clock = store, metrics, clock
         self._rng = rng or random.Random()
         self._retired: dict[str, UpstreamKey] = {}
+        self.successes: dict[str, int] = {}  # bounded by the configured key names
         self.apply(settings)
 
     def apply(self, settings: UpstreamSettings) -> None:
@@ -167,6 +170,8 @@ class KeyPool:
     async def _update(self, name: str, change: Callable[[KeyHealth], KeyHealth]) -> None:
         health = (await self.health()).get(name, KeyHealth())
         new = change(health)
+        if new is health:
+            return
         await self._store.save_key_health(name, new)
         now = self._clock()
         if new.current(now) != health.current(now):
@@ -176,6 +181,8 @@ class KeyPool:
                      retry_after: str | None = None) -> None:
         """Feed one upstream outcome (an HTTP status, or an error with no status) to the key's health."""
         now = self._clock()
+        if status is not None and status < 500 and status not in (401, 403, 429):
+            self.successes[name] = self.successes.get(name, 0) + 1  # this process's answers
         wait = parse_retry_after(retry_after, now) if status == 429 else None
         await self._update(name, lambda h: on_reply(h, now, status, error, wait, self.settings, self._rng))
 
