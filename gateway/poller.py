@@ -9,7 +9,7 @@ from typing import Any
 import structlog
 
 from .errors import GatewayError
-from .store.base import PENDING, Task
+from .store.base import PENDING, TERMINAL, Task
 
 TICK_S = 1.0
 PURGE_EVERY_S = 600
@@ -76,7 +76,7 @@ class Poller:
             self.log.info("poller.poll_failed", task_id=task.task_id, error_code=exc.code)
             await g.store.defer_poll(task.rid, now + backoff)
             return
-        if task.status not in ("succeeded", "failed", "cancelled", "expired", "unresolved"):
+        if task.status not in TERMINAL:
             await g.store.defer_poll(task.rid, now + cfg.interval_s)
 
     async def expire(self, task: Task) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -27,11 +28,11 @@ from .errors import (
     UpstreamError,
 )
 from .ids import new_id
-from .keypool import KeyPool
+from .keypool import KeyPool, parse_retry_after
 from .metrics import Metrics
 from .middleware import RequestContext
 from .quota import Subject, period_key
-from .store.base import PENDING, TERMINAL, Admission, Task
+from .store.base import PENDING, Admission, Task
 from .upstream import ConnectFailed, Reply, Upstream
 from .validation import VideoRequest
 
@@ -409,10 +410,5 @@ def _is_num(value: Any) -> bool:
 
 
 def _retry_after_s(value: str | None) -> int:
-    from .keypool import parse_retry_after
-
     seconds = parse_retry_after(value, time.time())
-    return max(1, int(seconds + 0.999)) if seconds is not None else 1
-
-
-__all__ = ["TERMINAL", "Outcome", "Tasks", "allowed_models", "subjects_for"]
+    return max(1, math.ceil(seconds)) if seconds is not None else 1
