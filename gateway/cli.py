@@ -24,7 +24,8 @@ DEMO_TEAM, DEMO_USER = "demo", "demo-user"
 
 def uvicorn_config(app: object, host: str, port: int, grace: float) -> uvicorn.Config:
     return uvicorn.Config(app, host=host, port=port, loop="auto", http="auto", lifespan="on",
-                          access_log=False, server_header=False, log_config=logs.uvicorn_log_config(),
+                          access_log=False, server_header=False, proxy_headers=False,
+                          log_config=logs.uvicorn_log_config(),
                           timeout_graceful_shutdown=grace, timeout_keep_alive=30)
 
 
