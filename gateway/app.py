@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import orjson
 import prometheus_client
 import structlog
 from starlette.applications import Starlette
@@ -17,7 +16,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from . import admin, routes
 from .auth import Authenticator
@@ -90,7 +88,7 @@ class Gateway:
 
 
 def error_response(exc: GatewayError) -> Response:
-    return Response(orjson.dumps(exc.body()), exc.status, exc.headers(), media_type="application/json")
+    return Response(exc.json(), exc.status, exc.headers(), media_type="application/json")
 
 
 async def on_gateway_error(request: Request, exc: Exception) -> Response:
@@ -109,31 +107,6 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     else:
         err = NotFound(f"No route {request.url.path}.", code="route_not_found")
     return await on_gateway_error(request, err)
-
-
-class CatchAll:
-    """Unexpected exceptions become an OpenAI-shaped 500 inside the request middleware."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.log = structlog.get_logger("gateway")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def tracking_send(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except Exception:
-            self.log.exception("request.crashed")
-            if started or scope["type"] != "http":
-                raise
-            err = GatewayError("The gateway failed unexpectedly; nothing was charged.")
-            await error_response(err)(scope, receive, send)
 
 
 def route_table() -> list[Route]:
@@ -190,7 +163,6 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: A
                     exception_handlers={GatewayError: on_gateway_error, HTTPException: on_http_error})
     app.router.redirect_slashes = False
     app.state.gateway = gateway
-    app.add_middleware(CatchAll)
     app.add_middleware(RequestMiddleware, metrics=metrics)
     return app
 

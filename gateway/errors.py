@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 
 class GatewayError(Exception):
     status = 500
@@ -38,6 +40,9 @@ class GatewayError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type,
                           "code": self.code, "param": self.param}}
+
+    def json(self) -> bytes:
+        return orjson.dumps(self.body())
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:

@@ -7,6 +7,7 @@ import time
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .errors import GatewayError
 from .ids import new_id
 from .metrics import Metrics
 
@@ -63,20 +64,34 @@ class RequestMiddleware:
         started = time.perf_counter()
         ctx = RequestContext(request_id_from(scope))
         scope.setdefault("state", {})["ctx"] = ctx
-        status = 500
+        status, started_response = 500, False
         rid_header = (b"x-request-id", ctx.request_id.encode())
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 message["headers"] = [*message.get("headers", ()), rid_header]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            self.log.exception("request.crashed", request_id=ctx.request_id)
+            if started_response:
+                raise
+            await self._crashed(send_with_id)
         finally:
             self._finish(scope, ctx, status, time.perf_counter() - started)
+
+    @staticmethod
+    async def _crashed(send: Send) -> None:
+        """An unexpected exception becomes an OpenAI-shaped 500 that still carries the request id."""
+        body = GatewayError("The gateway failed unexpectedly; nothing was charged.").json()
+        await send({"type": "http.response.start", "status": 500,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     def _finish(self, scope: Scope, ctx: RequestContext, status: int, elapsed: float) -> None:
         route, method = route_label(scope), scope["method"]

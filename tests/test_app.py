@@ -77,8 +77,9 @@ def app_parts(tmp_path) -> Iterator[tuple[TestClient, FakeUpstream, Clock, Metri
         yield client, upstream, clock, metrics
 
 
-def create(client: TestClient, **kw: Any) -> Any:
-    return client.post("/v1/videos/generations", json={"model": "doubao-seedance-2.0", "prompt": "a fox", **kw})
+def create(client: TestClient, headers: dict[str, str] | None = None, **kw: Any) -> Any:
+    return client.post("/v1/videos/generations", json={"model": "doubao-seedance-2.0", "prompt": "a fox", **kw},
+                       headers=headers)
 
 
 def test_exact_costs_and_settlement_once(app_parts):
@@ -150,3 +151,18 @@ def test_a_broken_store_answers_503_and_charges_nothing(app_parts):
     assert upstream.calls == []  # no spend without accounting
     assert client.get("/readyz").status_code == 503
     assert client.get("/healthz").status_code == 200
+
+
+def test_an_unexpected_failure_is_an_openai_shaped_500_with_the_request_id(app_parts):
+    client, upstream, clock, _ = app_parts
+
+    async def broken(*_args: Any, **_kw: Any) -> Reply:
+        raise RuntimeError("a bug in a transport")
+
+    upstream.call = broken
+    r = create(client, headers={"X-Request-Id": "trace-me-1"})
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error"
+    assert r.headers["x-request-id"] == "trace-me-1"
+    usage = client.get("/v1/usage").json()["team"]
+    assert (usage["reserved_usd"], usage["spent_usd"], usage["tasks_in_flight"]) == (0.0, 0.0, 0)
