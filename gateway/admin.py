@@ -12,8 +12,8 @@ from . import ledger
 from .config import Secret
 from .errors import AuthError, NotFound, ValidationError
 from .keypool import KeyHealth
-from .quota import Subject, period_key
 from .routes import gw, json_response, usage_figures
+from .tasks import team_subjects
 
 
 def check_token(request: Request, token: Secret | None) -> None:
@@ -61,15 +61,14 @@ async def admin_keys(request: Request) -> Response:
                      "tasks_in_flight": in_flight.get(key.name, 0),
                      "cooldown_until": h.until if h.current(now) in ("cooldown", "open") else None,
                      "last_error": h.last_error, "last_error_at": h.last_error_at,
-                     "successes": h.successes + g.pool.successes.get(key.name, 0), "failures": h.errors})
+                     "successes": g.pool.successes.get(key.name, 0), "failures": h.errors})
     return json_response({"object": "list", "data": data})
 
 
 async def admin_teams(request: Request) -> Response:
     g = admin(request)
     now = g.clock()
-    teams = list(g.settings.teams.values())
-    subjects = tuple(Subject("team", t.name, period_key(t.limits.period, now), t.limits) for t in teams)
+    subjects = team_subjects(g.settings, now)
     figures = await g.store.usage(subjects)
     data = [{**usage_figures(s, u), "period_kind": s.limits.period,
              "models": sorted(s.limits.models) if s.limits.models else None}

@@ -25,9 +25,8 @@ from .keypool import KeyPool
 from .metrics import Metrics
 from .middleware import PREFIXES, RequestMiddleware
 from .poller import Poller
-from .quota import Subject, period_key
 from .store import open_store
-from .tasks import Tasks
+from .tasks import Tasks, team_subjects
 from .upstream import HttpUpstream, Upstream
 
 MAX_LARGE_BODIES = 4
@@ -74,8 +73,7 @@ class Gateway:
     async def refresh_gauges(self) -> None:
         """Gauges that read shared state, refreshed per scrape: O(teams + keys), never O(ledger)."""
         now = self.clock()
-        teams = list(self.settings.teams.values())
-        subjects = tuple(Subject("team", t.name, period_key(t.limits.period, now), t.limits) for t in teams)
+        subjects = team_subjects(self.settings, now)
         for s, u in zip(subjects, await self.store.usage(subjects), strict=True):
             self.metrics.tasks_in_flight.labels(s.name).set(u.in_flight)
             if s.limits.budget_micros is not None:

@@ -30,7 +30,6 @@ class KeyHealth:
     throttles: int = 0          # consecutive 429s, for the back-off
     last_error: str | None = None
     last_error_at: float | None = None
-    successes: int = 0
     errors: int = 0
 
     def current(self, now: float) -> str:

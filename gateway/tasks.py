@@ -66,6 +66,12 @@ def subjects_for(user: User, team: Team, now: float) -> tuple[Subject, Subject]:
             Subject("team", team.name, period_key(team.limits.period, now), team.limits))
 
 
+def team_subjects(settings: Settings, now: float) -> tuple[Subject, ...]:
+    """Every configured team in its current period (for gauges and /admin/teams)."""
+    return tuple(Subject("team", t.name, period_key(t.limits.period, now), t.limits)
+                 for t in settings.teams.values())
+
+
 def allowed_models(settings: Settings, user: User, team: Team) -> list[str]:
     return [m for m in settings.pricing
             if (team.limits.models is None or m in team.limits.models)
@@ -348,20 +354,19 @@ class Tasks:
         return done
 
     def _actual(self, task: Task, status: str, data: dict) -> tuple[int, int, bool]:
+        """(billed ms, micro-dollars, estimated) from TokenHub's usage; a figure it did not give is
+        taken from the request, and the cost is then flagged as an estimate."""
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        seconds, estimated = usage.get("video_duration"), False
+        input_s, estimated = Decimal(task.input_ms) / 1000, task.input_estimated and status == "succeeded"
+        if task.input_estimated and _is_num(usage.get("input_video_duration")):
+            input_s, estimated = Decimal(str(usage["input_video_duration"])), False
+        seconds = usage.get("video_duration")
         if status == "succeeded" and not _is_num(seconds):
             seconds, estimated = task.duration_s, True
-        input_s = Decimal(task.input_ms) / 1000
-        if task.input_estimated and _is_num(usage.get("input_video_duration")):
-            input_s = Decimal(str(usage["input_video_duration"]))
-        prices = self.settings.pricing.get(task.model, {})
-        if task.resolution not in prices:
-            return task.estimate_ms, task.estimate_micros, True
-        ms, cost = pricing.actual(self.settings.pricing, task.model, task.resolution, input_s,
-                                  status, seconds)
-        return ms, cost, estimated or (task.input_estimated and status == "succeeded"
-                                       and not _is_num(usage.get("input_video_duration")))
+        if task.resolution not in self.settings.pricing.get(task.model, {}):
+            return task.estimate_ms, task.estimate_micros, True  # a reload removed its price
+        ms, cost = pricing.actual(self.settings.pricing, task.model, task.resolution, input_s, status, seconds)
+        return ms, cost, estimated
 
     def _settled(self, t: Task) -> None:
         m = self.metrics
