@@ -793,6 +793,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="also run py-spy on gateway-sqlite (PROFILE.md)")
     p.add_argument("--no-gateway-clients", action="store_true",
                    help="skip the gateway with httpx / httpx-aiohttp injected")
+    p.add_argument("--only", default="",
+                   help="comma-separated rows to run (e.g. bare-aiohttp,gateway-sqlite; 'memory' for the memory "
+                        "run); default: all. direct always runs: it is what added p50 is measured against")
     p.add_argument("--src", default=str(ROOT),
                    help="the checkout whose gateway/ is benchmarked (default: this one), e.g. a `git archive` "
                         "snapshot, so edits made meanwhile in the work tree cannot leak into the run")
@@ -800,11 +803,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.duration = args.duration or (3.0 if args.quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     args.tasks = args.tasks or (20_000 if args.quick else 100_000)
+    args.only = {name.strip() for name in args.only.split(",") if name.strip()}
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+
+    def wanted(name: str) -> bool:
+        return not args.only or name in args.only
+
     if shutil.which("wrk") is None:
         print("wrk is not installed; install it with: apt-get install -y wrk", file=sys.stderr)
         return 2
@@ -826,15 +834,21 @@ def main(argv: list[str] | None = None) -> int:
         b.start_fake()
         b.run_direct()
         for client in CLIENTS:
-            b.run_bare(client)
-        b.run_gateway("gateway-sqlite", f"sqlite:///{work / 'gateway.db'}")
-        b.run_gateway("gateway-sqlite-norpm", f"sqlite:///{work / 'gateway-norpm.db'}", rpm=False)
+            if wanted(f"bare-{client}"):
+                b.run_bare(client)
+        if wanted("gateway-sqlite"):
+            b.run_gateway("gateway-sqlite", f"sqlite:///{work / 'gateway.db'}")
+        if wanted("gateway-sqlite-norpm"):
+            b.run_gateway("gateway-sqlite-norpm", f"sqlite:///{work / 'gateway-norpm.db'}", rpm=False)
         if not args.no_gateway_clients:
             for client in CLIENTS[1:]:
-                b.run_gateway(f"gateway-sqlite-{client}", f"sqlite:///{work / ('gateway-' + client + '.db')}",
-                              client)
-        b.run_redis()
-        b.run_memory()
+                if wanted(f"gateway-sqlite-{client}"):
+                    b.run_gateway(f"gateway-sqlite-{client}",
+                                  f"sqlite:///{work / ('gateway-' + client + '.db')}", client)
+        if wanted("gateway-redis"):
+            b.run_redis()
+        if wanted("memory"):
+            b.run_memory()
     except KeyboardInterrupt:
         b.say("interrupted: writing what was measured")
     finally:

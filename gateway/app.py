@@ -13,9 +13,11 @@ import prometheus_client
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import admin, routes
 from .auth import Authenticator
@@ -128,9 +130,61 @@ def route_table() -> list[Route]:
     ]
 
 
+class HotRoutes:
+    """Creates and polls, the two routes every app calls most, dispatched straight to their handlers;
+    every other request (and any other method on these paths) goes on to starlette's router."""
+
+    def __init__(self, app: ASGIApp, table: list[Any]) -> None:
+        self.app = app
+        self.creates = {r.path: r for r in table if getattr(r, "endpoint", None) is routes.create_task}
+        self.polls = [(r.path.removesuffix("{task_id}"), r) for r in table
+                      if getattr(r, "endpoint", None) is routes.get_task]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope.get("root_path"):
+            method, path = scope["method"], scope["path"]
+            if method == "POST":
+                route = self.creates.get(path)
+                if route is not None:
+                    await self._handle(route, scope, receive, send)
+                    return
+            elif method == "GET":
+                for prefix, route in self.polls:
+                    if path.startswith(prefix):
+                        task_id = path[len(prefix):]
+                        if task_id and "/" not in task_id:
+                            scope["path_params"] = {"task_id": task_id}
+                            await self._handle(route, scope, receive, send)
+                            return
+                        break
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _handle(route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = route
+        request = Request(scope, receive)
+        try:
+            response = await route.endpoint(request)
+        except GatewayError as exc:
+            response = await on_gateway_error(request, exc)
+        await response(scope, receive, send)
+
+
+class GatewayApp(Starlette):
+    """Starlette with the gateway's own outer layers: the request middleware (ids, log line, metrics,
+    an OpenAI-shaped 500), then the hot routes, then starlette's exception handling and router."""
+
+    metrics: Metrics
+
+    def build_middleware_stack(self) -> ASGIApp:
+        handlers = dict(self.exception_handlers)
+        inner = ExceptionMiddleware(self.router, handlers=handlers, debug=self.debug)
+        return RequestMiddleware(HotRoutes(inner, self.routes), metrics=self.metrics)
+
+
 def create_app(settings: Settings, *, upstream: Upstream | None = None, store: Any = None,
                metrics: Metrics | None = None, clock: Callable[[], float] = time.time,
-               run_poller: bool = True) -> Starlette:
+               run_poller: bool = True) -> GatewayApp:
     prometheus_client.disable_created_metrics()
     metrics = metrics or Metrics()
     store = store if store is not None else open_store(settings.store, clock)
@@ -157,11 +211,11 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: A
             await store.close()
             gateway.log.info("gateway.stopped")
 
-    app = Starlette(routes=route_table(), lifespan=lifespan,
-                    exception_handlers={GatewayError: on_gateway_error, HTTPException: on_http_error})
+    app = GatewayApp(routes=route_table(), lifespan=lifespan,
+                     exception_handlers={GatewayError: on_gateway_error, HTTPException: on_http_error})
+    app.metrics = metrics
     app.router.redirect_slashes = False
     app.state.gateway = gateway
-    app.add_middleware(RequestMiddleware, metrics=metrics)
     return app
 
 

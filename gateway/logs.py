@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+from typing import TextIO
 
 import orjson
 import structlog
@@ -21,6 +23,31 @@ def _dumps(obj: object, default: object = None) -> str:
     return orjson.dumps(obj, default=str).decode()
 
 
+class TurnFlushed:
+    """A stream whose flush, on the event loop, waits for the end of the loop's turn: the lines of
+    every request finished in one turn leave in one write, not one write each. Elsewhere (start-up,
+    other threads, shutdown) a flush is immediate."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.write = stream.write
+        self._pending = False
+
+    def flush(self) -> None:
+        if self._pending:
+            return
+        loop = asyncio._get_running_loop()
+        if loop is None:
+            self._stream.flush()
+            return
+        self._pending = True
+        loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._pending = False
+        self._stream.flush()
+
+
 def configure(level: str = "INFO") -> None:
     """Configure once at start-up; every other module calls structlog.get_logger()."""
     shared = [
@@ -33,7 +60,7 @@ def configure(level: str = "INFO") -> None:
         processors=[*shared, structlog.processors.format_exc_info,
                     structlog.processors.JSONRenderer(serializer=_dumps)],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
+        logger_factory=structlog.WriteLoggerFactory(TurnFlushed(sys.stdout)),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
