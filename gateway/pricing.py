@@ -17,6 +17,10 @@ def cost_micros(seconds: Decimal | int, price_micros: int) -> int:
 
 def seconds_to_ms(seconds: Decimal | int | float) -> int:
     """Billed seconds are kept as integer milliseconds."""
+    if not seconds:
+        return 0
+    if isinstance(seconds, int):
+        return seconds * 1000
     exact = Decimal(str(seconds)) * 1000
     return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
@@ -24,6 +28,8 @@ def seconds_to_ms(seconds: Decimal | int | float) -> int:
 def estimate(pricing: Pricing, model: str, resolution: str, input_s: Decimal,
              duration_s: int) -> tuple[int, int]:
     """(billed milliseconds, micro-dollars) reserved at create."""
+    if not input_s:  # the common case, no input videos: whole seconds, exact in integers
+        return duration_s * 1000, duration_s * pricing[model][resolution]
     seconds = Decimal(input_s) + duration_s
     return seconds_to_ms(seconds), cost_micros(seconds, pricing[model][resolution])
 

@@ -113,14 +113,14 @@ class Tasks:
         rejection = await self._unsent(task, self.store.admit(Admission(task, subjects, body_hash), now))
         if rejection:
             self.metrics.quota_rejections.labels(team.name, rejection.reason).inc()
-            rejection.error.extra_headers.update(await self.rate_headers(subjects))
+            rejection.error.extra_headers.update(await self.rate_headers(subjects, now))
             raise rejection.error
         # Shielded: a client that disconnects must not cancel a create already sent upstream.
         job = asyncio.ensure_future(self._forward_create(task, raw, ctx))
         self._background.add(job)
         job.add_done_callback(self._background.discard)
         outcome = await asyncio.shield(job)
-        outcome.headers.update(await self.rate_headers(subjects))
+        outcome.headers.update(await self.rate_headers(subjects, now))
         return outcome
 
     def _new_task(self, user: User, team: Team, req: VideoRequest, idem_key: str | None,
@@ -383,12 +383,15 @@ class Tasks:
 
     # figures
 
-    async def rate_headers(self, subjects: tuple[Subject, ...]) -> dict[str, str]:
+    async def rate_headers(self, subjects: tuple[Subject, ...], now: float | None = None) -> dict[str, str]:
+        """The tightest requests-per-minute window among the subjects, as OpenAI's rate-limit headers
+        (`now`: the store's time, when the caller already has it)."""
         limited = [s for s in subjects if s.limits.requests_per_minute]
         if not limited:
             return {}
         try:
-            now = await self.store.now()
+            if now is None:
+                now = await self.store.now()
             states = [await self.store.rate_state(s.scope, s.name, s.limits.requests_per_minute, now)
                       for s in limited]
         except StoreUnavailable:

@@ -166,3 +166,33 @@ def test_an_unexpected_failure_is_an_openai_shaped_500_with_the_request_id(app_p
     assert r.headers["x-request-id"] == "trace-me-1"
     usage = client.get("/v1/usage").json()["team"]
     assert (usage["reserved_usd"], usage["spent_usd"], usage["tasks_in_flight"]) == (0.0, 0.0, 0)
+
+
+def test_hot_routes_and_the_router_answer_alike(app_parts):
+    """Creates and polls skip starlette's router; every neighbouring path and method still gets its answer."""
+    client, upstream, clock, metrics = app_parts
+    tid = create(client).json()["id"]
+    for prefix in ("/v1", "/api/v1"):
+        assert client.get(f"{prefix}/videos/generations/{tid}").json()["id"] == tid
+        assert client.head(f"{prefix}/videos/generations/{tid}").status_code == 200
+        assert client.get(f"{prefix}/videos/generations").json()["data"][0]["id"] == tid
+        for method, path, status, code in [
+                ("POST", "/videos/generations/", 404, "route_not_found"),
+                ("PUT", "/videos/generations", 405, "method_not_allowed"),
+                ("POST", f"/videos/generations/{tid}", 405, "method_not_allowed"),
+                ("GET", f"/videos/generations/{tid}/more", 404, "route_not_found"),
+                ("GET", "/videos/generations/", 404, "route_not_found")]:
+            r = client.request(method, prefix + path, json={})
+            assert (r.status_code, r.json()["error"]["code"]) == (status, code), (method, path)
+            assert r.headers["x-request-id"]
+    assert client.get("/v1/videos/generations/cgt-nobody").json()["error"]["code"] == "task_not_found"
+    r = client.post("/api/v1/videos/generations", json={"model": "doubao-seedance-2.0"},
+                    headers={"X-Request-Id": "hot-1"})
+    assert (r.status_code, r.json()["error"]["param"], r.headers["x-request-id"]) == (400, "prompt", "hot-1")
+
+    def served(route: str, status: str) -> float:
+        return metrics.registry.get_sample_value(
+            "tokenhub_gateway_requests_total",
+            {"route": route, "method": "GET" if "{" in route else "POST", "code": status, "team": "red"}) or 0
+    assert served("/videos/generations/{task_id}", "200") == 2
+    assert served("/videos/generations", "200") == 1 and served("/videos/generations", "400") == 1

@@ -1,7 +1,7 @@
 """The embedded store: one SQLite file (WAL), written by one thread with group commit.
 
-Every operation runs on the writer thread inside a savepoint of the current batch's transaction;
-the batch commits before any of its callers is answered, so an acknowledged task survives kill -9.
+Every operation runs on the writer thread inside the current batch's transaction; the batch commits
+before any of its callers is answered, so an acknowledged task survives kill -9.
 Serialising all operations on one thread is also what makes check-and-reserve atomic."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import IdempotencyConflict, StoreUnavailable
+from ..errors import GatewayError, IdempotencyConflict, StoreUnavailable
 from ..keypool import KeyHealth
 from ..quota import Counters, RateState, Rejection, Subject, check, rate_state
 from .base import IDEM_TTL_S, LIVE, TASK_FIELDS, Admission, IdemRecord, Task, Usage
@@ -109,13 +109,19 @@ class _Writer:
             self._run_batch(batch)
 
     def _run_batch(self, batch: list) -> None:
+        """One transaction for the whole batch. An operation refuses (a GatewayError) before it writes
+        anything, so a refusal leaves the others' work standing; any other failure rolls the batch back
+        and every caller in it gets the error."""
         conn, results = self.conn, []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn, fut, loop in batch:
-                results.append((fut, loop, *self._one(conn, fn, alone=len(batch) == 1)))
+                try:
+                    results.append((fut, loop, fn(conn), None))
+                except GatewayError as exc:
+                    results.append((fut, loop, None, exc))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to every awaiting caller
             self._on_rollback()
             try:
                 if conn.in_transaction:
@@ -131,24 +137,6 @@ class _Writer:
                 loop.call_soon_threadsafe(_resolve_all, items)
             except RuntimeError:  # the loop closed while we worked
                 pass
-
-    def _one(self, conn: sqlite3.Connection, fn: Callable, alone: bool) -> tuple[Any, BaseException | None]:
-        """One operation; a savepoint keeps its failure from undoing the others in its batch."""
-        if not alone:
-            conn.execute("SAVEPOINT op")
-        try:
-            value = fn(conn)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
-            self._on_rollback()
-            conn.execute("ROLLBACK TO op" if not alone else "ROLLBACK")
-            if not alone:
-                conn.execute("RELEASE op")
-            else:
-                conn.execute("BEGIN IMMEDIATE")  # the batch's COMMIT then ends an empty transaction
-            return None, exc
-        if not alone:
-            conn.execute("RELEASE op")
-        return value, None
 
 
 def _resolve_all(items: list) -> None:
