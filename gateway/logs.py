@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import sys
+import threading
 from typing import TextIO
 
 import orjson
@@ -24,30 +26,42 @@ def _dumps(obj: object, default: object = None) -> str:
 
 
 class Batched:
-    """A stream whose flush, on the event loop, is put off for up to FLUSH_EVERY_S: under load many
-    lines leave in one write instead of one write each. Elsewhere (start-up, other threads, the
-    interpreter's exit) a flush is immediate; a kill -9 can lose the last FLUSH_EVERY_S of lines."""
+    """Where structlog writes: lines are gathered in memory and leave in one write at most every
+    FLUSH_EVERY_S (or once MAX_PENDING characters wait), not in one write each. Off the event loop
+    (start-up, other threads) a line leaves at once; what waits is written at exit. A kill -9 can
+    lose the last FLUSH_EVERY_S of lines; the ledger, not the log, is the durable record."""
 
     FLUSH_EVERY_S = 0.05
+    MAX_PENDING = 256 * 1024
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
-        self.write = stream.write
-        self._pending = False
+        self._lines: list[str] = []
+        self._size = 0
+        self._timer = False
+        self._lock = threading.Lock()
+        atexit.register(self.flush_now)
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            self._lines.append(text)
+            self._size += len(text)
 
     def flush(self) -> None:
-        if self._pending:
-            return
         loop = asyncio._get_running_loop()
-        if loop is None:
-            self._stream.flush()
-            return
-        self._pending = True
-        loop.call_later(self.FLUSH_EVERY_S, self._flush_now)
+        if loop is None or self._size >= self.MAX_PENDING:
+            self.flush_now()
+        elif not self._timer:
+            self._timer = True
+            loop.call_later(self.FLUSH_EVERY_S, self.flush_now)
 
-    def _flush_now(self) -> None:
-        self._pending = False
-        self._stream.flush()
+    def flush_now(self) -> None:
+        with self._lock:
+            self._timer = False
+            lines, self._lines, self._size = self._lines, [], 0
+            if lines:
+                self._stream.write("".join(lines))
+            self._stream.flush()
 
 
 def configure(level: str = "INFO") -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 KEY_STATES = ("ok", "cooldown", "disabled", "open")
@@ -51,6 +53,7 @@ class Metrics:
                                   ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
         self.poller_backlog = Gauge(p + "poller_backlog", "Tasks awaiting settlement", registry=r)
         self._children: dict[tuple[str, str, str, str], tuple] = {}
+        self._labelled: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def observe_request(self, route: str, method: str, code: str, team: str, elapsed: float,
                         overhead: float) -> None:
@@ -63,6 +66,14 @@ class Metrics:
         children[0].inc()
         children[1].observe(elapsed)
         children[2].observe(overhead)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached: label values here come from the config and fixed sets."""
+        key = (id(metric), labels)
+        got = self._labelled.get(key)
+        if got is None:
+            got = self._labelled[key] = metric.labels(*labels)
+        return got
 
     def set_key_state(self, key: str, state: str) -> None:
         for s in KEY_STATES:

@@ -73,9 +73,12 @@ def team_subjects(settings: Settings, now: float) -> tuple[Subject, ...]:
 
 
 def allowed_models(settings: Settings, user: User, team: Team) -> list[str]:
-    return [m for m in settings.pricing
-            if (team.limits.models is None or m in team.limits.models)
-            and (user.limits.models is None or m in user.limits.models)]
+    return [m for m in settings.pricing if model_allowed(m, user, team)]
+
+
+def model_allowed(model: str, user: User, team: Team) -> bool:
+    return ((team.limits.models is None or model in team.limits.models)
+            and (user.limits.models is None or model in user.limits.models))
 
 
 class Tasks:
@@ -97,7 +100,7 @@ class Tasks:
 
     async def create(self, user: User, team: Team, body: dict, raw: bytes, req: VideoRequest,
                      idem_key: str | None, ctx: RequestContext) -> Outcome:
-        if req.model not in allowed_models(self.settings, user, team):
+        if not model_allowed(req.model, user, team):  # validate() already checked it is priced
             self.metrics.quota_rejections.labels(team.name, "model_not_allowed").inc()
             raise PermissionDenied(f"Model {req.model!r} is not allowed for this team or user.",
                                    param="model")
@@ -227,7 +230,7 @@ class Tasks:
             self.log.warning("task.record_deferred", task_id=task_id, reason="store_unavailable")
         task.task_id, task.key_name, task.status = task_id, key_name, status
         self._records[task_id] = task
-        self.metrics.tasks_created.labels(task.team, task.model, task.resolution).inc()
+        self.metrics.child(self.metrics.tasks_created, task.team, task.model, task.resolution).inc()
         return Outcome(reply.status, reply.body)
 
     async def _call(self, key_name: str, route: str, method: str, path: str, key: str,
@@ -238,8 +241,9 @@ class Tasks:
             self.metrics.upstream_requests.labels(key_name, route, str(exc.status)).inc()
             await self._report(key_name, None, exc.code)
             raise
-        self.metrics.upstream_requests.labels(key_name, route, str(reply.status)).inc()
-        self.metrics.upstream_duration.labels(route).observe(reply.elapsed)
+        m = self.metrics
+        m.child(m.upstream_requests, key_name, route, str(reply.status)).inc()
+        m.child(m.upstream_duration, route).observe(reply.elapsed)
         if ctx is not None:
             ctx.upstream_s += reply.elapsed
             ctx.upstream_status = reply.status

@@ -7,6 +7,7 @@ Serialising all operations on one thread is also what makes check-and-reserve at
 from __future__ import annotations
 
 import asyncio
+import operator
 import queue
 import sqlite3
 import threading
@@ -54,6 +55,8 @@ MIGRATIONS = {
 BATCH_MAX = 256
 BOOKS_MAX = 100_000  # cached figures; past this the cache starts again from the tables
 _COLS = ", ".join(TASK_FIELDS)
+_INSERT_TASK = f"INSERT INTO tasks ({_COLS}) VALUES ({', '.join('?' * len(TASK_FIELDS))})"
+_task_values = operator.attrgetter(*TASK_FIELDS)
 _BOOLS = ("input_estimated", "cost_estimated")
 
 
@@ -230,8 +233,7 @@ class SQLiteStore:
             if claimed.rowcount == 0:
                 raise IdempotencyConflict("A request with this Idempotency-Key is still in flight.",
                                           code="idempotency_key_in_progress")
-        c.execute(f"INSERT INTO tasks ({_COLS}) VALUES ({', '.join('?' * len(TASK_FIELDS))})",
-                  tuple(getattr(t, f) for f in TASK_FIELDS))
+        c.execute(_INSERT_TASK, _task_values(t))
         for s in adm.subjects:
             self._books.add(c, s.scope, s.name, s.period, reserved_micros=t.estimate_micros,
                             reserved_ms=t.estimate_ms)

@@ -70,7 +70,9 @@ class Process:
         self.stop(signal.SIGKILL)
 
     def lines(self) -> list[dict[str, Any]]:
-        """Every stdout line, parsed; a line that is not JSON fails the test that reads it."""
+        """Every stdout line, parsed; a line that is not JSON fails the test that reads it.
+        The gateway writes its lines in batches at most 50 ms apart: what happened before this call is in."""
+        time.sleep(LOG_BATCH_S)
         out = []
         for raw in self.log_path.read_text().splitlines():
             if raw.strip():
@@ -193,6 +195,9 @@ class Gateway(Process):
 
 def body(**kw: Any) -> dict[str, Any]:
     return {"model": "doubao-seedance-2.0", "prompt": "A red fox running through snow", **kw}
+
+
+LOG_BATCH_S = 0.2  # gateway.logs.Batched.FLUSH_EVERY_S, and a margin for a busy machine
 
 
 def wait_until(check: Any, timeout: float = 15.0, interval: float = 0.1) -> Any:
