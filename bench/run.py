@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import hashlib
 import http.client
@@ -28,6 +29,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -251,6 +253,8 @@ class Row:
     switches_per_req: float | None = None
     ratio: float | None = None
     added_p50_ms: float | None = None
+    round: int = 0
+    rps_per_round: tuple[float, ...] = ()
 
 
 @dataclass
@@ -287,7 +291,7 @@ class Bench:
 
     # one measured wrk run
 
-    def measure(self, t: Target, route: str, conns: int) -> Row:
+    def measure(self, t: Target, route: str, conns: int, round_no: int = 0) -> Row:
         script, sargs = wrk_args(route, t.ids_file)
         if self.args.warmup > 0:
             wrk(script, t.port, sargs, conns, self.args.warmup, self.load_core)
@@ -307,19 +311,23 @@ class Bench:
                   proxy_core_pct=busy_pct(cores0, cores1, self.proxy_core),
                   load_core_pct=busy_pct(cores0, cores1, self.load_core),
                   loop_cpu_us=per_req[0] and per_req[0] / CLK_TCK * 1e6,
-                  other_cpu_us=per_req[1] and per_req[1] / CLK_TCK * 1e6, switches_per_req=per_req[2])
+                  other_cpu_us=per_req[1] and per_req[1] / CLK_TCK * 1e6, switches_per_req=per_req[2],
+                  round=round_no)
         self.say(f"{t.name:26} {route:6} c={conns:<3} {row.rps:9.0f} req/s  p50 {row.p50_ms:7.3f} ms  "
                  f"p99 {row.p99_ms:7.3f} ms  cpu {row.cpu_us or 0:7.1f} us/req  errors {row.errors}")
         self.rows.append(row)
         return row
 
-    def measure_target(self, t: Target, make_ids: Any) -> None:
-        # Polls first: a gateway's rate-limit window then holds only the poll ids' creates,
-        # not the tens of thousands of creates of the create runs (see README, "Order").
-        t.ids_file = make_ids(t)
-        for route in ("poll", "create"):
-            for conns in (1, 32):
-                self.measure(t, route, conns)
+    def measure_all(self, targets: list[Target]) -> None:
+        """Every target, route and connection count, round after round: in each round the targets are
+        measured one after the other, so a ratio compares runs minutes apart at most, and a machine
+        that slows down for a while slows a whole round, not one target."""
+        for round_no in range(1, self.args.rounds + 1):
+            for route in ("poll", "create"):
+                for conns in (1, 32):
+                    for t in targets:
+                        self.measure(t, route, conns, round_no)
+            self.say(f"round {round_no} of {self.args.rounds} done")
 
     def synthetic_ids(self, t: Target) -> Path:
         path = self.work / f"ids-{t.name}.txt"
@@ -346,26 +354,26 @@ class Bench:
 
     # targets
 
-    def run_direct(self) -> None:
+    def direct_target(self) -> Target:
         assert self.fake is not None
         t = Target("direct", self.fake_port, self.fake.pid, "direct",
                    note="the fake upstream itself, sharing the load core with wrk")
-        self.measure_target(t, self.synthetic_ids)
+        t.ids_file = self.synthetic_ids(t)
+        return t
 
-    def run_bare(self, client: str) -> None:
+    def start_bare(self, client: str) -> Target | None:
         name = f"bare-{client}"
         if client == "httpx-aiohttp" and importlib.util.find_spec("httpx_aiohttp") is None:
             self.unavailable[name] = "httpx-aiohttp is not installed (pip install httpx-aiohttp)"
-            return
+            return None
         port = free_port()
         p = self.procs.start(name, [sys.executable, str(BENCH / "passthrough.py"), "--client", client,
                                     "--port", str(port), "--upstream", f"http://127.0.0.1:{self.fake_port}"],
                              self.work / f"{name}.log", self.proxy_core)
-        try:
-            wait_ready(p, port, "/healthz")
-            self.measure_target(Target(name, port, p.pid, "bare", client), self.synthetic_ids)
-        finally:
-            self.procs.stop(p)
+        wait_ready(p, port, "/healthz")
+        t = Target(name, port, p.pid, "bare", client)
+        t.ids_file = self.synthetic_ids(t)
+        return t
 
     def start_gateway(self, name: str, store_url: str, client: str = "aiohttp",
                       rpm: bool = True) -> tuple[Proc, int]:
@@ -382,42 +390,36 @@ class Bench:
         wait_ready(p, port, "/healthz")
         return p, port
 
-    def run_gateway(self, name: str, store_url: str, client: str = "aiohttp", rpm: bool = True) -> None:
+    def gateway_target(self, name: str, store_url: str, client: str = "aiohttp",
+                       rpm: bool = True) -> Target | None:
         if client == "httpx-aiohttp" and importlib.util.find_spec("httpx_aiohttp") is None:
             self.unavailable[name] = "httpx-aiohttp is not installed (pip install httpx-aiohttp)"
-            return
+            return None
         p, port = self.start_gateway(name, store_url, client, rpm)
-        try:
-            t = Target(name, port, p.pid, "gateway", client)
-            self.measure_target(t, self.gateway_ids)
-            if self.args.profile and name in PROFILED:
-                self.profile(t)
-        finally:
-            self.procs.stop(p)
+        t = Target(name, port, p.pid, "gateway", client)
+        t.ids_file = self.gateway_ids(t)
+        return t
 
-    def run_redis(self) -> None:
+    def redis_target(self) -> Target | None:
         name = "gateway-redis"
         if not (self.src / "gateway" / "store" / "redis.py").exists():
             self.unavailable[name] = "the gateway has no Redis store yet (gateway/store/redis.py)"
-            return
+            return None
         if shutil.which("redis-server") is None or importlib.util.find_spec("redis") is None:
             self.unavailable[name] = "needs redis-server (apt-get install -y redis-server) and redis-py"
-            return
+            return None
         port = free_port()
         redis = self.procs.start("redis-server", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
                                                   "--save", "", "--appendonly", "no",
                                                   "--dir", str(self.work)],
                                  self.work / "redis.log", self.load_core)
-        try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", port)) == 0:
-                        break
-                time.sleep(0.05)
-            self.run_gateway(name, f"redis://127.0.0.1:{port}/0")
-        finally:
-            self.procs.stop(redis)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and redis.alive():
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        return self.gateway_target(name, f"redis://127.0.0.1:{port}/0")
 
     # memory: RSS after N tasks through a fresh gateway
 
@@ -558,14 +560,31 @@ def fmt(v: float | None, spec: str = ".2f", none: str = "–") -> str:
     return none if v is None else format(v, spec)
 
 
-def annotate(rows: list[Row]) -> None:
-    by = {(r.target, r.route, r.conns): r for r in rows}
-    for r in rows:
-        base = by.get((BASELINE, r.route, r.conns))
-        r.ratio = r.rps / base.rps if base and base.rps else None
-        direct = by.get(("direct", r.route, 1))
-        if r.conns == 1 and direct and r.target != "direct":
-            r.added_p50_ms = r.p50_ms - direct.p50_ms
+def summarize(raw: list[Row]) -> list[Row]:
+    """One row per target, route and connection count: the round with the median req/s. Its ratio to
+    the baseline (and its added p50 over direct) is the median of the per-round figures, each taken
+    against the baseline's run of the same round."""
+    groups: dict[tuple[str, str, int], list[Row]] = collections.defaultdict(list)
+    for r in raw:
+        groups[(r.target, r.route, r.conns)].append(r)
+    by_round = {(r.target, r.route, r.conns, r.round): r for r in raw}
+    out = []
+    for (target, route, conns), runs in groups.items():
+        runs = sorted(runs, key=lambda r: r.rps)
+        row = dataclasses.replace(runs[(len(runs) - 1) // 2], rps_per_round=tuple(r.rps for r in
+                                                                                   sorted(runs, key=lambda r: r.round)))
+        ratios, added = [], []
+        for r in runs:
+            base = by_round.get((BASELINE, route, conns, r.round))
+            if base and base.rps:
+                ratios.append(r.rps / base.rps)
+            direct = by_round.get(("direct", route, 1, r.round))
+            if conns == 1 and direct and target != "direct":
+                added.append(r.p50_ms - direct.p50_ms)
+        row.ratio = statistics.median(ratios) if ratios else None
+        row.added_p50_ms = statistics.median(added) if added else None
+        out.append(row)
+    return out
 
 
 def verdict(ok: bool | None) -> str:
@@ -581,13 +600,13 @@ def targets_section(rows: list[Row], memory: dict[str, Any], gw: str, title: str
         for conns in (1, 32):
             r, b = by.get((gw, route, conns)), by.get((BASELINE, route, conns))
             if r and b:
-                lines.append(f"| {route}s ≥ {need}× {BASELINE} req/s, {conns} conn | {r.rps:.0f} / {b.rps:.0f} "
-                             f"= **{r.ratio:.2f}×** | {verdict(r.ratio >= need)} |")
+                lines.append(f"| {route}s ≥ {need}× {BASELINE} req/s, {conns} conn | {r.rps:.0f} vs {b.rps:.0f} "
+                             f"req/s: **{r.ratio:.2f}×** | {verdict(r.ratio >= need)} |")
     for route in ("create", "poll"):
         r, d = by.get((gw, route, 1)), by.get(("direct", route, 1))
         if r and d:
-            lines.append(f"| {route}s, 1 conn: added p50 over direct ≤ 0.5 ms | {r.p50_ms:.3f} − {d.p50_ms:.3f} "
-                         f"= **{r.added_p50_ms:.3f} ms** | {verdict(r.added_p50_ms <= 0.5)} |")
+            lines.append(f"| {route}s, 1 conn: added p50 over direct ≤ 0.5 ms | {r.p50_ms:.3f} vs {d.p50_ms:.3f} ms: "
+                         f"**{r.added_p50_ms:.3f} ms** | {verdict(r.added_p50_ms <= 0.5)} |")
     for route in ("create", "poll"):
         r, b = by.get((gw, route, 32)), by.get((BASELINE, route, 32))
         if r:
@@ -671,13 +690,14 @@ def machine_lines(args: argparse.Namespace, b: Bench) -> list[str]:
             f"- python {platform.python_version()}; {'; '.join(versions)}",
             f"- load: {wrk_v[0] if wrk_v else 'wrk'}; {args.duration:g} s per run after a {args.warmup:g} s "
             f"warm-up; 1 connection = wrk -t1 -c1, 32 connections = wrk -t2 -c32",
+            f"- rounds: {args.rounds}; every target stays up and is measured once per round, in turn; a row is the "
+            f"round with the median req/s, its ratio the median of the per-round ratios to {BASELINE}",
             f"- pinning: proxy under test on core {b.proxy_core}; wrk, the fake upstream (and Redis) on core "
             f"{b.load_core}"]
 
 
 def report(args: argparse.Namespace, b: Bench) -> str:
-    rows = b.rows
-    annotate(rows)
+    rows = summarize(b.rows)
     order = {name: i for i, name in enumerate(dict.fromkeys(r.target for r in rows))}
     rows = sorted(rows, key=lambda r: (r.route, r.conns, order[r.target]))
     lines = ["# tokenhub-gateway benchmark", "", "Written by `python bench/run.py"
@@ -704,11 +724,13 @@ def report(args: argparse.Namespace, b: Bench) -> str:
               "the gateway are coalesced to one upstream call per task per second). Core busy % is from "
               "/proc/stat over the measured window: if the load core is not saturated, neither wrk nor the fake "
               "upstream limited the proxy.", "",
-              "| target | route | conns | requests | uncorrected p50 ms | uncorrected p99 ms | upstream calls/req "
+              "| target | route | conns | req/s per round | requests | uncorrected p50 ms | uncorrected p99 ms "
+              "| upstream calls/req "
               "| CPU µs/req: loop thread | CPU µs/req: other threads | context switches/req "
-              "| proxy core busy % | load core busy % |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| proxy core busy % | load core busy % |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.target} | {r.route} | {r.conns} | {r.requests} | {r.raw_p50_ms:.3f} | "
+        per_round = ", ".join(f"{x:.0f}" for x in r.rps_per_round)
+        lines.append(f"| {r.target} | {r.route} | {r.conns} | {per_round} | {r.requests} | {r.raw_p50_ms:.3f} | "
                      f"{r.raw_p99_ms:.3f} | {fmt(r.upstream_per_req, '.3f')} | {fmt(r.loop_cpu_us, '.0f')} | "
                      f"{fmt(r.other_cpu_us, '.0f')} | {fmt(r.switches_per_req, '.1f')} | "
                      f"{fmt(r.proxy_core_pct, '.0f')} | {fmt(r.load_core_pct, '.0f')} |")
@@ -793,6 +815,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="also run py-spy on gateway-sqlite (PROFILE.md)")
     p.add_argument("--no-gateway-clients", action="store_true",
                    help="skip the gateway with httpx / httpx-aiohttp injected")
+    p.add_argument("--rounds", type=int, help="measure every target this many times, interleaved; the report "
+                                               "gives medians (default 3; --quick 1)")
     p.add_argument("--only", default="",
                    help="comma-separated rows to run (e.g. bare-aiohttp,gateway-sqlite; 'memory' for the memory "
                         "run); default: all. direct always runs: it is what added p50 is measured against")
@@ -804,6 +828,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     args.tasks = args.tasks or (20_000 if args.quick else 100_000)
     args.only = {name.strip() for name in args.only.split(",") if name.strip()}
+    args.rounds = args.rounds or (1 if args.quick else 3)
     return args
 
 
@@ -832,21 +857,32 @@ def main(argv: list[str] | None = None) -> int:
     b.say(f"work dir {work}; proxy on core {proxy_core}, load on core {load_core}; gateway {b.source_at_start}")
     try:
         b.start_fake()
-        b.run_direct()
+        # Every target is started first and stays up (idle ones cost nothing), then measured round by round.
+        targets = [b.direct_target()]
         for client in CLIENTS:
             if wanted(f"bare-{client}"):
-                b.run_bare(client)
+                targets.append(b.start_bare(client))
         if wanted("gateway-sqlite"):
-            b.run_gateway("gateway-sqlite", f"sqlite:///{work / 'gateway.db'}")
+            targets.append(b.gateway_target("gateway-sqlite", f"sqlite:///{work / 'gateway.db'}"))
         if wanted("gateway-sqlite-norpm"):
-            b.run_gateway("gateway-sqlite-norpm", f"sqlite:///{work / 'gateway-norpm.db'}", rpm=False)
+            targets.append(b.gateway_target("gateway-sqlite-norpm", f"sqlite:///{work / 'gateway-norpm.db'}",
+                                            rpm=False))
         if not args.no_gateway_clients:
             for client in CLIENTS[1:]:
                 if wanted(f"gateway-sqlite-{client}"):
-                    b.run_gateway(f"gateway-sqlite-{client}",
-                                  f"sqlite:///{work / ('gateway-' + client + '.db')}", client)
+                    targets.append(b.gateway_target(f"gateway-sqlite-{client}",
+                                                    f"sqlite:///{work / ('gateway-' + client + '.db')}", client))
         if wanted("gateway-redis"):
-            b.run_redis()
+            targets.append(b.redis_target())
+        live = [t for t in targets if t is not None]
+        b.say(f"targets up: {', '.join(t.name for t in live)}; {args.rounds} round(s)")
+        b.measure_all(live)
+        if args.profile:
+            for t in live:
+                if t.name in PROFILED:
+                    b.profile(t)
+        b.procs.stop_all()
+        b.start_fake()
         if wanted("memory"):
             b.run_memory()
     except KeyboardInterrupt:
