@@ -46,7 +46,9 @@ class HttpUpstream:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+            # No cookie jar: a cookie one key's answer sets must never ride along with another key's call.
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
+                                                  cookie_jar=aiohttp.DummyCookieJar(),
                                                   auto_decompress=True, skip_auto_headers=("User-Agent",))
         return self._session
 

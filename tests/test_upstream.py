@@ -1,0 +1,70 @@
+"""The upstream client against a real HTTP server on loopback: what it sends, and what it keeps."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.config import UpstreamSettings
+from gateway.errors import UpstreamTimeout
+from gateway.upstream import ConnectFailed, HttpUpstream
+
+
+async def serve(handler):
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)  # loopback only
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://localhost:{port}/api/v1"  # a host name: a cookie jar ignores IP addresses
+
+
+async def test_a_cookie_set_for_one_key_never_rides_along_with_the_next_call():
+    seen = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append((request.headers.get("Authorization"), request.headers.get("Cookie")))
+        return web.json_response({"id": "cgt-1"}, headers={"Set-Cookie": "session=of-the-first-key; Path=/"})
+
+    runner, base = await serve(handler)
+    upstream = HttpUpstream(UpstreamSettings(base_url=base, keys=()))
+    try:
+        first = await upstream.call("POST", "/videos/generations", "th-first", b"{}")
+        second = await upstream.call("GET", "/videos/generations/cgt-1", "th-second")
+    finally:
+        await upstream.close()
+        await runner.cleanup()
+    assert (first.status, second.status) == (200, 200)
+    assert seen == [("Bearer th-first", None), ("Bearer th-second", None)]
+
+
+async def test_connect_failure_and_timeout_are_told_apart():
+    async def slow(request: web.Request) -> web.Response:
+        import asyncio
+
+        await asyncio.sleep(1.5)
+        return web.json_response({})
+
+    runner, base = await serve(slow)
+    upstream = HttpUpstream(UpstreamSettings(base_url=base, keys=(), timeout_s=0.3, connect_timeout_s=0.3))
+    try:
+        try:
+            await upstream.call("GET", "/videos/generations/x", "th-k")
+        except UpstreamTimeout:
+            pass
+        else:
+            raise AssertionError("a hung upstream must time out")
+    finally:
+        await upstream.close()
+        await runner.cleanup()
+    closed = HttpUpstream(UpstreamSettings(base_url=base, keys=(), connect_timeout_s=0.3))  # nothing listens now
+    try:
+        try:
+            await closed.call("POST", "/videos/generations", "th-k", b"{}")
+        except ConnectFailed:
+            pass
+        else:
+            raise AssertionError("a refused connection must be ConnectFailed")
+    finally:
+        await closed.close()
