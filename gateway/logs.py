@@ -66,6 +66,7 @@ class Batched:
 
 def configure(level: str = "INFO") -> None:
     """Configure once at start-up; every other module calls structlog.get_logger()."""
+    out = Batched(sys.stdout)  # structlog's lines and the standard library's, in the order they were logged
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -76,7 +77,7 @@ def configure(level: str = "INFO") -> None:
         processors=[*shared, structlog.processors.format_exc_info,
                     structlog.processors.JSONRenderer(serializer=_dumps)],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.WriteLoggerFactory(Batched(sys.stdout)),  # type: ignore[arg-type]
+        logger_factory=structlog.WriteLoggerFactory(out),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
@@ -85,7 +86,7 @@ def configure(level: str = "INFO") -> None:
                     structlog.processors.format_exc_info,
                     structlog.processors.JSONRenderer(serializer=_dumps)],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(out)  # type: ignore[arg-type]
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
