@@ -174,7 +174,9 @@ class GatewayApp(Starlette):
     """Starlette with the gateway's own outer layers: the request middleware (ids, log line, metrics,
     an OpenAI-shaped 500), then the hot routes, then starlette's exception handling and router."""
 
-    metrics: Metrics
+    def __init__(self, *, metrics: Metrics, **kw: Any) -> None:
+        self.metrics = metrics
+        super().__init__(**kw)
 
     def build_middleware_stack(self) -> ASGIApp:
         handlers = dict(self.exception_handlers)
@@ -211,9 +213,8 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: A
             await store.close()
             gateway.log.info("gateway.stopped")
 
-    app = GatewayApp(routes=route_table(), lifespan=lifespan,
+    app = GatewayApp(routes=route_table(), lifespan=lifespan, metrics=metrics,
                      exception_handlers={GatewayError: on_gateway_error, HTTPException: on_http_error})
-    app.metrics = metrics
     app.router.redirect_slashes = False
     app.state.gateway = gateway
     return app
