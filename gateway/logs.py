@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import datetime
 import logging
 import sys
 import threading
-from typing import TextIO
+from typing import Any, TextIO
 
 import orjson
 import structlog
 
 _SECRET_HEADERS = ("authorization",)
+_UTC = datetime.timezone.utc
 
 
 def _drop_secrets(_: object, __: str, event: dict) -> dict:
@@ -64,9 +66,28 @@ class Batched:
             self._stream.flush()
 
 
+_info_out: Batched | None = None  # where info_line writes; None until configure() turns INFO lines on
+
+
+def info_line(event: str, fields: dict[str, Any]) -> bool:
+    """Write one INFO line exactly as the structlog chain below renders it (the fields, then event, level
+    and timestamp), without running the chain: for the line written on every request. False when logging
+    is not configured for INFO lines; the caller then logs through structlog."""
+    out = _info_out
+    if out is None:
+        return False
+    fields["event"], fields["level"] = event, "info"
+    fields["timestamp"] = datetime.datetime.now(tz=_UTC).isoformat().replace("+00:00", "Z")
+    out.write(_dumps(fields) + "\n")
+    out.flush()
+    return True
+
+
 def configure(level: str = "INFO") -> None:
     """Configure once at start-up; every other module calls structlog.get_logger()."""
+    global _info_out
     out = Batched(sys.stdout)  # structlog's lines and the standard library's, in the order they were logged
+    _info_out = out if logging.getLevelName(level) <= logging.INFO else None
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

@@ -7,6 +7,7 @@ import time
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import logs
 from .errors import GatewayError
 from .ids import new_id
 from .metrics import Metrics
@@ -99,10 +100,12 @@ class RequestMiddleware:
                                      max(0.0, elapsed - ctx.upstream_s))
         if route in ("/healthz", "/metrics", "/readyz") and status < 400:
             return
-        self.log.info(
-            "request", request_id=ctx.request_id, method=method, route=route, status=status,
-            duration_ms=round(elapsed * 1000, 3), team=ctx.team, user=ctx.user, model=ctx.model,
-            resolution=ctx.resolution, duration_s=ctx.duration_s, task_id=ctx.task_id,
-            upstream_key=ctx.upstream_key, upstream_status=ctx.upstream_status,
-            upstream_ms=round(ctx.upstream_s * 1000, 3) if ctx.upstream_key else None,
-            cost_usd=ctx.cost_usd, error_code=ctx.error_code)
+        fields = {
+            "request_id": ctx.request_id, "method": method, "route": route, "status": status,
+            "duration_ms": round(elapsed * 1000, 3), "team": ctx.team, "user": ctx.user, "model": ctx.model,
+            "resolution": ctx.resolution, "duration_s": ctx.duration_s, "task_id": ctx.task_id,
+            "upstream_key": ctx.upstream_key, "upstream_status": ctx.upstream_status,
+            "upstream_ms": round(ctx.upstream_s * 1000, 3) if ctx.upstream_key else None,
+            "cost_usd": ctx.cost_usd, "error_code": ctx.error_code}
+        if not logs.info_line("request", fields):
+            self.log.info("request", **fields)

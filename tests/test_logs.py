@@ -1,0 +1,68 @@
+"""The log stream: the request line's fast path renders what structlog renders, and batching keeps order."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import sys
+
+import pytest
+import structlog
+
+from gateway import logs
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """These tests configure logging for the whole process: put back what was there."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logs._info_out = None
+
+
+def configured(monkeypatch) -> io.StringIO:
+    buf = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", buf)
+    logs.configure("INFO")
+    return buf
+
+
+def test_the_request_line_is_the_line_structlog_writes(monkeypatch):
+    buf = configured(monkeypatch)
+    fields = {"request_id": "r1", "method": "POST", "route": "/videos/generations", "status": 200,
+              "duration_ms": 1.25, "team": "red", "user": None, "cost_usd": 0.8, "error_code": None}
+    assert logs.info_line("request", dict(fields))
+    structlog.get_logger("gateway.request").info("request", **fields)
+    fast, chain = (json.loads(line) for line in buf.getvalue().splitlines())
+    assert list(fast) == list(chain)  # same keys, same order
+    assert fast.pop("timestamp").endswith("Z") and chain.pop("timestamp").endswith("Z")
+    assert fast == chain
+
+
+def test_without_info_lines_the_fast_path_steps_aside(monkeypatch):
+    configured(monkeypatch)
+    logs.configure("WARNING")
+    assert not logs.info_line("request", {"request_id": "r1"})
+
+
+def test_lines_wait_for_the_batch_and_keep_their_order(monkeypatch):
+    buf = configured(monkeypatch)
+
+    async def burst() -> str:
+        log = structlog.get_logger("gateway")
+        log.info("first")
+        logging.getLogger("uvicorn.error").info("second")
+        logs.info_line("third", {})
+        held = buf.getvalue()  # nothing written yet: one write per batch
+        await asyncio.sleep(logs.Batched.FLUSH_EVERY_S * 3)
+        return held
+
+    assert asyncio.run(burst()) == ""
+    events = [json.loads(line)["event"] for line in buf.getvalue().splitlines()]
+    assert events == ["first", "second", "third"]
