@@ -508,9 +508,28 @@ def describe_source(src: Path) -> str:
     dirty = subprocess.run(["git", "--no-optional-locks", "-C", str(src), "status", "--porcelain", "--", "gateway"],
                            capture_output=True,
                            text=True).stdout.strip()
-    commit = (f"commit {git.stdout.strip()}" + (" with uncommitted changes in gateway/" if dirty else "")
-              if git.returncode == 0 else "not a git checkout")
-    return f"{src} ({commit}); gateway/ sources sha256 {code_fingerprint(src)}"
+    fingerprint = code_fingerprint(src)
+    if git.returncode == 0:
+        commit = f"commit {git.stdout.strip()}" + (" with uncommitted changes in gateway/" if dirty else "")
+    elif (same := snapshot_of(fingerprint)) is not None:
+        commit = f"a snapshot of commit {same}: the same gateway/ sources"
+    else:
+        commit = "not a git checkout"
+    return f"{src} ({commit}); gateway/ sources sha256 {fingerprint}"
+
+
+def snapshot_of(fingerprint: str) -> str | None:
+    """The HEAD commit of this checkout when its gateway/ sources are exactly the ones measured
+    (a `git archive` of it, say)."""
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return None
+    listed = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD", "gateway"], capture_output=True)
+    if listed.returncode != 0:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["tar", "-x", "-C", tmp], input=listed.stdout, check=True)
+        return head.stdout.strip() if code_fingerprint(Path(tmp)) == fingerprint else None
 
 
 def gateway_toml(port: int, fake_port: int, store_url: str, rpm: bool = True) -> str:
