@@ -900,8 +900,9 @@ def main(argv: list[str] | None = None) -> int:
             for t in live:
                 if t.name in PROFILED:
                     b.profile(t)
-        b.procs.stop_all()
-        b.start_fake()
+        for p in list(b.procs.running):  # the targets stop; the fake upstream serves the memory run
+            if p is not b.fake:
+                b.procs.stop(p)
         if wanted("memory"):
             b.run_memory()
     except KeyboardInterrupt:
