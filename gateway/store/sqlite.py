@@ -1,4 +1,4 @@
-"""The embedded store: one SQLite file (WAL), written by one thread with group commit.
+"""The embedded store: one SQLite file (WAL), written by one thread with group commit (writer.py).
 
 Every operation runs on the writer thread inside the current batch's transaction; the batch commits
 before any of its callers is answered, so an acknowledged task survives kill -9.
@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import operator
-import queue
 import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from ..errors import GatewayError, IdempotencyConflict, StoreUnavailable
+from ..errors import IdempotencyConflict, StoreUnavailable
 from ..keypool import KeyHealth
-from ..quota import Counters, RateState, Rejection, Subject, check, rate_state
+from ..quota import WINDOW_S, Counters, RateState, Rejection, Subject, check, rate_state
 from .base import IDEM_TTL_S, LIVE, TASK_FIELDS, Admission, IdemRecord, Task, Usage
+from .writer import Writer
 
 SCHEMA_VERSION = 1
 MIGRATIONS = {
@@ -52,12 +51,10 @@ MIGRATIONS = {
         PRIMARY KEY (team, key));
     """,
 }
-BATCH_MAX = 256
 BOOKS_MAX = 100_000  # cached figures; past this the cache starts again from the tables
 _COLS = ", ".join(TASK_FIELDS)
 _INSERT_TASK = f"INSERT INTO tasks ({_COLS}) VALUES ({', '.join('?' * len(TASK_FIELDS))})"
 _task_values = operator.attrgetter(*TASK_FIELDS)
-_BOOLS = ("input_estimated", "cost_estimated")
 
 
 def _row_to_task(row: sqlite3.Row | tuple) -> Task:
@@ -66,101 +63,13 @@ def _row_to_task(row: sqlite3.Row | tuple) -> Task:
     return t
 
 
-class _Writer:
-    """One thread, one connection; callers await futures answered after their batch commits."""
-
-    def __init__(self, path: str, synchronous: str, on_rollback: Callable[[], None]) -> None:
-        self._path, self._sync, self._on_rollback = path, synchronous, on_rollback
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self.conn: sqlite3.Connection | None = None
-
-    def start(self) -> None:
-        Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute(f"PRAGMA synchronous={self._sync}")
-        self.conn.execute("PRAGMA busy_timeout=5000")
-        self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread:
-            self._queue.put(None)
-            self._thread.join(timeout=10)
-        if self.conn:
-            self.conn.close()
-
-    def submit(self, fn: Callable[[sqlite3.Connection], Any]) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._queue.put((fn, fut, loop))
-        return fut
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            batch = [item]
-            while len(batch) < BATCH_MAX:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
-            self._run_batch(batch)
-
-    def _run_batch(self, batch: list) -> None:
-        """One transaction for the whole batch. An operation refuses (a GatewayError) before it writes
-        anything, so a refusal leaves the others' work standing; any other failure rolls the batch back
-        and every caller in it gets the error."""
-        conn, results = self.conn, []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for fn, fut, loop in batch:
-                try:
-                    results.append((fut, loop, fn(conn), None))
-                except GatewayError as exc:
-                    results.append((fut, loop, None, exc))
-            conn.execute("COMMIT")
-        except BaseException as exc:  # noqa: BLE001 - handed to every awaiting caller
-            self._on_rollback()
-            try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # a broken connection: every caller gets the original error
-            results = [(fut, loop, None, exc) for _fn, fut, loop in batch]
-        by_loop: dict[Any, list] = {}
-        for fut, loop, value, exc in results:
-            by_loop.setdefault(loop, []).append((fut, value, exc))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_resolve_all, items)
-            except RuntimeError:  # the loop closed while we worked
-                pass
-
-
-def _resolve_all(items: list) -> None:
-    for fut, value, exc in items:
-        if fut.done():
-            continue
-        if isinstance(exc, sqlite3.Error):
-            fut.set_exception(StoreUnavailable(f"The gateway's store failed: {exc.__class__.__name__}."))
-        elif exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(value)
-
-
 class SQLiteStore:
     def __init__(self, path: str, synchronous: str = "NORMAL",
                  clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._clock = clock
         self._books = _Books()
-        self._writer = _Writer(path, synchronous, on_rollback=self._books.clear)
+        self._writer = Writer(path, synchronous, on_rollback=self._books.clear)
         # Rate windows and key health live in this process: SQLite serves one gateway process.
         self._windows: dict[tuple[str, str], deque[float]] = {}  # admission times, oldest first
         self._windows_lock = threading.Lock()  # read by rate_state on the event loop's thread
@@ -183,7 +92,7 @@ class SQLiteStore:
     def _load_windows(self, c: sqlite3.Connection) -> None:
         """Rebuild the last minute's rate windows from the ledger: a restart must not reopen them."""
         rows = c.execute("SELECT team, user, created_at FROM tasks WHERE created_at > ? "
-                         "ORDER BY created_at", (self._clock() - 60,))
+                         "ORDER BY created_at", (self._clock() - WINDOW_S,))
         with self._windows_lock:
             for team, user, created in rows:
                 for key in (("team", team), ("user", user)):
@@ -239,14 +148,14 @@ class SQLiteStore:
                             reserved_ms=t.estimate_ms)
             self._books.bump(c, s.scope, s.name, 1)
             if s.limits.requests_per_minute:
-                # Bounded by time (pruned past 60 s) and by admission stopping at the limit.
+                # Bounded by time (pruned past WINDOW_S) and by admission stopping at the limit.
                 self._windows.setdefault((s.scope, s.name), deque()).append(now)
         return None
 
     def _window(self, scope: str, name: str, now: float) -> deque[float]:
         """The subject's admission times inside the window (caller holds the lock)."""
         window = self._windows.setdefault((scope, name), deque())
-        while window and window[0] <= now - 60:
+        while window and window[0] <= now - WINDOW_S:
             window.popleft()
         return window
 
@@ -427,7 +336,6 @@ class SQLiteStore:
 
     async def save_key_health(self, name: str, health: KeyHealth) -> None:
         self._health[name] = health
-
 
 
 def _migrate(c: sqlite3.Connection) -> None:

@@ -1,0 +1,286 @@
+"""The Redis store's Lua scripts: each operation that decides something is one script, so it is atomic
+across replicas. Every script is given the key prefix as ARGV[1], its own arguments after it, and
+runs after PRELUDE (shared helpers). Key layout: see redis.py."""
+
+from __future__ import annotations
+
+from ..quota import WINDOW_S
+
+# Shared by every script. ARGV[1] is the key prefix; the scripts' own arguments follow it.
+PRELUDE = f"local WINDOW_S = {WINDOW_S}\n" + """
+local P = ARGV[1]
+local LIVE = {pending = true, queued = true, running = true}
+local CORE = {'team', 'user', 'team_period', 'user_period', 'estimate_micros', 'estimate_ms',
+              'status', 'key_name', 'idem_key', 'task_id', 'settled_at', 'created_at'}
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function fmt(x) return string.format('%.17g', x) end
+local function tkey(rid) return P .. 't:' .. rid end
+local function ckey(scope, name, period) return P .. 'c:' .. scope .. ':' .. name .. ':' .. period end
+local function wkey(scope, name) return P .. 'w:' .. scope .. ':' .. name end
+local function ikey(team, key) return P .. 'i:' .. #team .. ':' .. team .. ':' .. key end
+local function core(rid)  -- the fields the scripts need, or nil when there is no such task
+  local v = redis.call('HMGET', tkey(rid), unpack(CORE))
+  if not v[1] then return nil end
+  local t = {}
+  for i, f in ipairs(CORE) do if v[i] and v[i] ~= '' then t[f] = v[i] end end
+  return t
+end
+local function bump(scope, name, delta)  -- an in-flight count, never below zero
+  if redis.call('HINCRBY', P .. 'f:' .. scope, name, delta) < 0 then
+    redis.call('HSET', P .. 'f:' .. scope, name, 0)
+  end
+end
+local function owners(t) return {{'team', t.team, t.team_period}, {'user', t.user, t.user_period}} end
+local function release(t)  -- give back what a live task holds: its reservation and its slots
+  if not LIVE[t.status] then return end
+  for _, s in ipairs(owners(t)) do
+    local c = ckey(s[1], s[2], s[3])
+    redis.call('HINCRBY', c, 'reserved_micros', -tonumber(t.estimate_micros))
+    redis.call('HINCRBY', c, 'reserved_ms', -tonumber(t.estimate_ms))
+    bump(s[1], s[2], -1)
+  end
+  if t.key_name then bump('key', t.key_name, -1) end
+end
+local function finish_idem(t, status, body)
+  if not t.idem_key then return end
+  local k = ikey(t.team, t.idem_key)
+  if redis.call('EXISTS', k) == 1 then redis.call('HSET', k, 'done', 1, 'status', status, 'body', body) end
+end
+"""
+
+# ARGV: rid, team, idem key or '', body hash, idem TTL s, estimate micros, estimate ms, created_at,
+#   next_poll_at, n, then n × (scope, name, period, rpm, max in flight, budget micros, budget ms;
+#   '' = unlimited), then the task's field/value pairs.
+# → {'ok'} | {'busy'} (idempotency key taken) | {'no', now, subject index, spent_micros,
+#   reserved_micros, spent_ms, reserved_ms, in_flight, rate-window times...}
+ADMIT = """
+local rid, team, idem, n = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[11])
+if redis.call('EXISTS', P .. 'x:' .. rid) == 1 then return {'gone'} end  -- abandoned: a late copy
+if redis.call('EXISTS', tkey(rid)) == 1 then return {'ok'} end
+local now = clock()
+for i = 0, n - 1 do  -- the Lua twin of quota.check, rate window included: change the two together
+  local a = 12 + 7 * i
+  local scope, name, period, rpm = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  local c = redis.call('HMGET', ckey(scope, name, period), 'spent_micros', 'reserved_micros',
+                       'spent_ms', 'reserved_ms')
+  for j = 1, 4 do c[j] = tonumber(c[j]) or 0 end
+  local in_flight = tonumber(redis.call('HGET', P .. 'f:' .. scope, name)) or 0
+  local live = 0
+  if rpm then
+    redis.call('ZREMRANGEBYSCORE', wkey(scope, name), '-inf', fmt(now - WINDOW_S))
+    live = redis.call('ZCARD', wkey(scope, name))
+  end
+  local max_in, budget, budget_ms = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  if (rpm and live >= rpm) or (max_in and in_flight >= max_in)
+      or (budget and c[1] + c[2] + tonumber(ARGV[7]) > budget)
+      or (budget_ms and c[3] + c[4] + tonumber(ARGV[8]) > budget_ms) then
+    local window = {}  -- only a refusal carries the newest `rpm` times, for its Retry-After
+    if rpm and rpm > 0 then
+      local w = redis.call('ZRANGE', wkey(scope, name), -rpm, -1, 'WITHSCORES')
+      for k = 2, #w, 2 do window[#window + 1] = w[k] end
+    end
+    return {'no', fmt(now), i, c[1], c[2], c[3], c[4], in_flight, unpack(window)}
+  end
+end
+if idem ~= '' then
+  local k = ikey(team, idem)
+  if redis.call('EXISTS', k) == 1 then return {'busy'} end
+  redis.call('HSET', k, 'body_hash', ARGV[5], 'done', 0, 'status', 0, 'created_at', fmt(now))
+  redis.call('EXPIRE', k, ARGV[6])
+end
+redis.call('HSET', tkey(rid), unpack(ARGV, 12 + 7 * n))
+redis.call('ZADD', P .. 'all', ARGV[9], rid)
+redis.call('ZADD', P .. 'due', ARGV[10], rid)
+for i = 0, n - 1 do
+  local a = 12 + 7 * i
+  local c = ckey(ARGV[a], ARGV[a + 1], ARGV[a + 2])
+  redis.call('HINCRBY', c, 'reserved_micros', ARGV[7])
+  redis.call('HINCRBY', c, 'reserved_ms', ARGV[8])
+  bump(ARGV[a], ARGV[a + 1], 1)
+  if ARGV[a + 3] ~= '' then
+    redis.call('ZADD', wkey(ARGV[a], ARGV[a + 1]), fmt(now), rid)
+    redis.call('PEXPIRE', wkey(ARGV[a], ARGV[a + 1]), (WINDOW_S + 1) * 1000)
+  end
+end
+return {'ok'}
+"""
+
+# ARGV: rid. Undo all of admit; the tombstone refuses a copy of the admit that a slow Redis runs later.
+CANCEL = """
+local rid = ARGV[2]
+redis.call('SET', P .. 'x:' .. rid, 1, 'EX', 3600)
+local t = core(rid)
+if not t then return 0 end
+release(t)
+redis.call('DEL', tkey(rid))
+redis.call('ZREM', P .. 'all', rid)
+redis.call('ZREM', P .. 'due', rid)
+if t.task_id then
+  redis.call('HDEL', P .. 'tid', t.task_id)
+  redis.call('ZREM', P .. 'team:' .. t.team, rid)
+end
+if t.idem_key then redis.call('DEL', ikey(t.team, t.idem_key)) end
+redis.call('ZREM', wkey('team', t.team), rid)
+redis.call('ZREM', wkey('user', t.user), rid)
+return 1
+"""
+
+# ARGV: rid, key name, limit → 1 when the key's slot is taken for the task.
+ACQUIRE_KEY = """
+local k = tkey(ARGV[2])
+local held = redis.call('HGET', k, 'key_name')
+if held == ARGV[3] then return 1 end
+if redis.call('EXISTS', k) == 0 then return 0 end
+if (tonumber(redis.call('HGET', P .. 'f:key', ARGV[3])) or 0) >= tonumber(ARGV[4]) then return 0 end
+bump('key', ARGV[3], 1)
+redis.call('HSET', k, 'key_name', ARGV[3])
+return 1
+"""
+
+# ARGV: rid
+RELEASE_KEY = """
+local held = redis.call('HGET', tkey(ARGV[2]), 'key_name')
+if held and held ~= '' then
+  bump('key', held, -1)
+  redis.call('HDEL', tkey(ARGV[2]), 'key_name')
+end
+"""
+
+# ARGV: rid, task_id, status, now, reply status, reply body
+RECORD_CREATED = """
+local rid = ARGV[2]
+local t = core(rid)
+if not t then return 0 end
+redis.call('HSET', tkey(rid), 'task_id', ARGV[3], 'status', ARGV[4], 'updated_at', ARGV[5])
+redis.call('HSET', P .. 'tid', ARGV[3], rid)
+redis.call('ZADD', P .. 'team:' .. t.team, t.created_at, rid)
+finish_idem(t, ARGV[6], ARGV[7])
+return 1
+"""
+
+# ARGV: rid, now, '1' when a reply follows, reply status, reply body
+FAIL_CREATE = """
+local rid = ARGV[2]
+local t = core(rid)
+if not t or t.settled_at then return 0 end
+release(t)
+redis.call('HSET', tkey(rid), 'status', 'create_failed', 'billed_ms', 0, 'cost_micros', 0,
+           'settled_at', ARGV[3], 'updated_at', ARGV[3])
+redis.call('ZREM', P .. 'due', rid)
+if ARGV[4] == '1' then finish_idem(t, ARGV[5], ARGV[6])
+elseif t.idem_key then redis.call('DEL', ikey(t.team, t.idem_key)) end
+return 1
+"""
+
+# ARGV: task_id → the task's field/value pairs, or nil
+GET = """
+local rid = redis.call('HGET', P .. 'tid', ARGV[2])
+if not rid then return false end
+return redis.call('HGETALL', tkey(rid))
+"""
+
+# ARGV: task_id, status, now
+SET_STATUS = """
+local rid = redis.call('HGET', P .. 'tid', ARGV[2])
+if rid and redis.call('HEXISTS', tkey(rid), 'settled_at') == 0 then
+  redis.call('HSET', tkey(rid), 'status', ARGV[3], 'updated_at', ARGV[4])
+end
+"""
+
+# ARGV: task_id or rid, status, billed ms, cost micros, estimated 0|1, now, '1' when a body follows,
+#   final body → the settled task's field/value pairs, or nil when it was settled already
+SETTLE = """
+local rid = redis.call('HGET', P .. 'tid', ARGV[2]) or ARGV[2]
+local t = core(rid)
+if not t or t.settled_at then return false end
+release(t)
+for _, s in ipairs(owners(t)) do
+  local c = ckey(s[1], s[2], s[3])
+  redis.call('HINCRBY', c, 'spent_micros', ARGV[5])
+  redis.call('HINCRBY', c, 'spent_ms', ARGV[4])
+end
+local k = tkey(rid)
+redis.call('HSET', k, 'status', ARGV[3], 'billed_ms', ARGV[4], 'cost_micros', ARGV[5],
+           'cost_estimated', ARGV[6], 'settled_at', ARGV[7], 'updated_at', ARGV[7])
+if ARGV[8] == '1' then redis.call('HSET', k, 'final_body', ARGV[9]) else redis.call('HDEL', k, 'final_body') end
+redis.call('ZREM', P .. 'due', rid)
+return redis.call('HGETALL', k)
+"""
+
+# ARGV: team, after task_id or '', status or '', limit, scan cap → up to limit + 1 tasks, newest first
+LIST = """
+local z, status, want = P .. 'team:' .. ARGV[2], ARGV[4], tonumber(ARGV[5]) + 1
+local start = 0
+if ARGV[3] ~= '' then
+  local anchor = redis.call('HGET', P .. 'tid', ARGV[3])
+  local rank = anchor and redis.call('ZREVRANK', z, anchor)
+  if not rank then return {} end
+  start = rank + 1
+end
+local out, stop = {}, start + tonumber(ARGV[6])
+while #out < want and start < stop do
+  local rids = redis.call('ZREVRANGE', z, start, math.min(start + 99, stop - 1))
+  if #rids == 0 then break end
+  for _, rid in ipairs(rids) do
+    if status == '' or redis.call('HGET', tkey(rid), 'status') == status then
+      out[#out + 1] = redis.call('HGETALL', tkey(rid))
+      if #out >= want then break end
+    end
+  end
+  start = start + #rids
+end
+return out
+"""
+
+# ARGV: limit, lease s → the due tasks (as they were before the lease), leased until now + lease
+DUE = """
+local now = clock()
+local lease_end = fmt(now + tonumber(ARGV[3]))
+local out = {}
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'due', '-inf', fmt(now), 'LIMIT', 0, ARGV[2])) do
+  local fields = redis.call('HGETALL', tkey(rid))
+  if #fields == 0 then
+    redis.call('ZREM', P .. 'due', rid)
+  else
+    out[#out + 1] = fields
+    redis.call('ZADD', P .. 'due', lease_end, rid)
+    redis.call('HSET', tkey(rid), 'next_poll_at', lease_end)
+  end
+end
+return out
+"""
+
+# ARGV: rid, next poll time
+DEFER = """
+if redis.call('EXISTS', tkey(ARGV[2])) == 1 then
+  redis.call('HSET', tkey(ARGV[2]), 'next_poll_at', ARGV[3])
+  redis.call('ZADD', P .. 'due', 'XX', ARGV[3], ARGV[2])
+end
+"""
+
+# ARGV: '(' .. before, offset, count → {deleted, scanned}: the settled tasks among `count` rids
+#   created before `before`, from `offset` on, are deleted
+PRUNE = """
+local deleted, rids = 0, redis.call('ZRANGEBYSCORE', P .. 'all', '-inf', ARGV[2], 'LIMIT', ARGV[3], ARGV[4])
+for _, rid in ipairs(rids) do
+  local t = core(rid)
+  if not t or t.settled_at then
+    redis.call('DEL', tkey(rid))
+    redis.call('ZREM', P .. 'all', rid)
+    if t and t.task_id then
+      redis.call('HDEL', P .. 'tid', t.task_id)
+      redis.call('ZREM', P .. 'team:' .. t.team, rid)
+    end
+    deleted = deleted + 1
+  end
+end
+return {deleted, #rids}
+"""
+
+SCRIPTS = {"admit": ADMIT, "cancel": CANCEL, "acquire_key": ACQUIRE_KEY, "release_key": RELEASE_KEY,
+           "record_created": RECORD_CREATED, "fail_create": FAIL_CREATE, "get": GET,
+           "set_status": SET_STATUS, "settle": SETTLE, "list": LIST, "due": DUE, "defer": DEFER,
+           "prune": PRUNE}
