@@ -21,12 +21,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import admin, routes
 from .auth import Authenticator
-from .config import ConfigError, Secret, Settings, load_settings, micros_to_usd
+from .config import ConfigError, Secret, Settings, load_settings
 from .errors import GatewayError, NotFound
 from .keypool import KeyPool
 from .metrics import Metrics
 from .middleware import PREFIXES, RequestMiddleware
 from .poller import Poller
+from .pricing import micros_to_usd
 from .store import open_store
 from .tasks import Tasks, team_subjects
 from .upstream import HttpUpstream, Upstream

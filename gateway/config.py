@@ -10,12 +10,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from .pricing import usd_to_micros
+
 PERIODS = ("day", "week", "month", "total")
 DEFAULT_PRICING = {
     "doubao-seedance-2.0": {"720p": Decimal("0.20"), "480p": Decimal("0.12")},
     "doubao-seedance-2.0-fast": {"720p": Decimal("0.16"), "480p": Decimal("0.10")},
 }
-MICROS = Decimal(1_000_000)
 
 
 class ConfigError(Exception):
@@ -133,16 +134,6 @@ class Settings:
     teams: Mapping[str, Team]
     users: Mapping[str, User]
     source: str = ""
-
-
-def usd_to_micros(value: Any) -> int:
-    """Exact dollars → integer micro-dollars, rounding half up (floats go through their shortest repr)."""
-    d = Decimal(str(value)) * MICROS
-    return int(d.quantize(Decimal(1), rounding="ROUND_HALF_UP"))
-
-
-def micros_to_usd(micros: int) -> float:
-    return round(micros / 1_000_000, 6)
 
 
 class _Reader:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from .config import micros_to_usd
+from .pricing import micros_to_usd
 from .store.base import Task
 
 GROUPS = ("team", "user", "model", "day")

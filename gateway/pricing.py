@@ -4,9 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
 
 MAX_INPUT_VIDEO_S = 15
 Pricing = Mapping[str, Mapping[str, int]]  # model → resolution → micro-dollars per second
+MICROS = Decimal(1_000_000)
+
+
+def usd_to_micros(value: Any) -> int:
+    """Exact dollars → integer micro-dollars, rounding half up (floats go through their shortest repr)."""
+    d = Decimal(str(value)) * MICROS
+    return int(d.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def micros_to_usd(micros: int) -> float:
+    return round(micros / 1_000_000, 6)
 
 
 def cost_micros(seconds: Decimal | int, price_micros: int) -> int:

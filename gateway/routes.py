@@ -10,9 +10,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .config import micros_to_usd
 from .errors import BodyTooLarge, GatewayError, InvalidJSON, StoreUnavailable, ValidationError
 from .middleware import RequestContext
+from .pricing import micros_to_usd
 from .quota import period_bounds
 from .store.base import Task
 from .tasks import Outcome, allowed_models, subjects_for

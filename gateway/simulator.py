@@ -35,8 +35,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.config import DEFAULT_PRICING, usd_to_micros
+from gateway.config import DEFAULT_PRICING
 from gateway.errors import ValidationError
+from gateway.pricing import usd_to_micros
 from gateway.validation import validate
 
 PREFIXES = ("/api/v1", "/v1")

@@ -17,7 +17,7 @@ import structlog
 from cachetools import LRUCache, TTLCache
 
 from . import pricing
-from .config import Settings, Team, User, micros_to_usd
+from .config import Settings, Team, User
 from .errors import (
     GatewayError,
     IdempotencyConflict,
@@ -31,6 +31,7 @@ from .ids import new_id
 from .keypool import KeyPool, parse_retry_after
 from .metrics import Metrics
 from .middleware import RequestContext
+from .pricing import micros_to_usd
 from .quota import Subject, period_key
 from .store.base import PENDING, Admission, Task
 from .upstream import ConnectFailed, Reply, Upstream

@@ -2,8 +2,8 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.config import DEFAULT_PRICING, usd_to_micros
-from gateway.pricing import actual, cost_micros, estimate, seconds_to_ms
+from gateway.config import DEFAULT_PRICING
+from gateway.pricing import actual, cost_micros, estimate, micros_to_usd, seconds_to_ms, usd_to_micros
 
 PRICING = {model: {res: usd_to_micros(p) for res, p in row.items()} for model, row in DEFAULT_PRICING.items()}
 M = "doubao-seedance-2.0"
@@ -78,3 +78,35 @@ def test_custom_pricing_table():
 def test_many_small_costs_add_up_exactly():
     one = actual(PRICING, FAST, "480p", Decimal(0), "succeeded", 0.1)[1]
     assert one == 10_000 and sum([one] * 10) == actual(PRICING, FAST, "480p", Decimal(0), "succeeded", 1)[1]
+
+
+@pytest.mark.parametrize("usd, micros", [
+    (0.1 + 0.2, 300_000),
+    (1.1 * 3, 3_300_000),
+    (0.07, 70_000),
+    (0.2, 200_000),
+    (0.12, 120_000),
+    (0.16, 160_000),
+    (500, 500_000_000),
+    (500.0, 500_000_000),
+    (Decimal("0.1"), 100_000),
+    (0.000001, 1),
+    (0.0000005, 1),      # half up
+    (0.0000004, 0),
+    (1e-7, 0),
+    (0, 0),
+    (123456.789012, 123_456_789_012),
+])
+def test_usd_to_micros_is_exact(usd, micros):
+    assert usd_to_micros(usd) == micros
+    assert isinstance(usd_to_micros(usd), int)
+
+
+def test_micros_add_up_where_floats_drift():
+    assert sum(usd_to_micros(0.1) for _ in range(10)) == usd_to_micros(1.0) == 1_000_000
+
+
+@pytest.mark.parametrize("micros, usd", [(1_000_000, 1.0), (200_000, 0.2), (3_000_000, 3.0), (1, 0.000001),
+                                         (123_456_789, 123.456789)])
+def test_micros_to_usd(micros, usd):
+    assert micros_to_usd(micros) == usd

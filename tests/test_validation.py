@@ -2,8 +2,9 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.config import DEFAULT_PRICING, usd_to_micros
+from gateway.config import DEFAULT_PRICING
 from gateway.errors import ValidationError
+from gateway.pricing import usd_to_micros
 from gateway.validation import VideoRequest, validate
 
 PRICING = {model: {res: usd_to_micros(p) for res, p in row.items()} for model, row in DEFAULT_PRICING.items()}
