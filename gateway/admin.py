@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from . import ledger
-from .config import Secret
-from .errors import AuthError, NotFound, ValidationError
+from .auth import check_token
+from .errors import ValidationError
 from .keypool import KeyHealth
+from .quota import team_subjects
 from .routes import gw, json_response, usage_figures
-from .tasks import team_subjects
-
-
-def check_token(request: Request, token: Secret | None) -> None:
-    if token is None:
-        raise NotFound("Not found.", code="not_found")
-    scheme, _, given = (request.headers.get("authorization") or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.reveal().encode()):
-        raise AuthError("Missing or wrong admin token.")
 
 
 def admin(request: Request) -> Any:
     g = gw(request)
-    check_token(request, g.settings.server.admin_token)
+    check_token(request.headers.get("authorization"), g.settings.server.admin_token)
     return g
 
 

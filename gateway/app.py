@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import prometheus_client
 import structlog
+from cachetools import LRUCache
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware.exceptions import ExceptionMiddleware
@@ -21,15 +22,20 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import admin, routes
 from .auth import Authenticator
-from .config import ConfigError, Secret, Settings, load_settings
+from .calls import UpstreamCalls
+from .config import ConfigError, Settings, load_settings
 from .errors import GatewayError, NotFound
 from .keypool import KeyPool
 from .metrics import Metrics
 from .middleware import PREFIXES, RequestMiddleware
 from .poller import Poller
+from .polls import Polls
 from .pricing import micros_to_usd
+from .quota import team_subjects
+from .settlement import Settlement
 from .store import open_store
-from .tasks import Tasks, team_subjects
+from .store.base import Store, Task
+from .tasks import Tasks
 from .upstream import HttpUpstream, Upstream
 
 MAX_LARGE_BODIES = 4
@@ -38,20 +44,22 @@ MAX_LARGE_BODIES = 4
 class Gateway:
     """Everything a handler needs, made once per app."""
 
-    def __init__(self, settings: Settings, store: Any, upstream: Upstream, metrics: Metrics,
+    def __init__(self, settings: Settings, store: Store, upstream: Upstream, metrics: Metrics,
                  clock: Callable[[], float]) -> None:
         self.settings, self.store, self.upstream, self.metrics, self.clock = (
             settings, store, upstream, metrics, clock)
         self.auth = Authenticator(settings)
         self.pool = KeyPool(settings.upstream, store, metrics, clock)
-        self.tasks = Tasks(settings, store, upstream, self.pool, metrics, clock)
-        self.poller = Poller(self)
+        calls = UpstreamCalls(upstream, self.pool, metrics)
+        records: LRUCache[str, Task] = LRUCache(maxsize=10_000)
+        self.settlement = Settlement(settings, store, metrics, clock)
+        self.tasks = Tasks(settings, store, calls, self.pool, metrics, records, clock)
+        self.polls = Polls(store, calls, self.pool, self.settlement, records, clock)
+        self.poller = Poller(settings, store, self.tasks, self.polls, self.settlement, self.pool,
+                             upstream, metrics, clock)
         self.large_bodies = asyncio.Semaphore(MAX_LARGE_BODIES)
         self.draining = False
         self.log = structlog.get_logger("gateway")
-
-    def admin_guard(self, request: Request, token: Secret) -> None:
-        admin.check_token(request, token)
 
     async def reload(self) -> list[str]:
         """Re-read the config file; a bad one is refused and the old one stays."""
@@ -64,11 +72,10 @@ class Gateway:
             return exc.problems
         if new.store.url != self.settings.store.url:
             self.log.warning("config.store_change_ignored", reason="a store change needs a restart")
-        self.settings = new
+        self.settings = self.tasks.settings = self.settlement.settings = self.poller.settings = new
         self.auth = Authenticator(new)
         self.pool.apply(new.upstream)
         await self.pool.reenable()
-        self.tasks.settings = new
         self.log.info("config.reloaded", users=len(new.users), teams=len(new.teams),
                       keys=len(new.upstream.keys))
         return []
@@ -135,8 +142,8 @@ class HotRoutes:
     """Creates and polls, the two routes every app calls most, dispatched straight to their handlers;
     every other request (and any other method on these paths) goes on to starlette's router."""
 
-    def __init__(self, app: ASGIApp, table: list[Any]) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, table: list[Any], handlers: Mapping[Any, Callable]) -> None:
+        self.app, self.handlers = app, handlers
         self.creates = {r.path: r for r in table if getattr(r, "endpoint", None) is routes.create_task}
         self.polls = [(r.path.removesuffix("{task_id}"), r) for r in table
                       if getattr(r, "endpoint", None) is routes.get_task]
@@ -160,20 +167,31 @@ class HotRoutes:
                         break
         await self.app(scope, receive, send)
 
-    @staticmethod
-    async def _handle(route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _handle(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         scope["route"] = route
         request = Request(scope, receive)
         try:
             response = await route.endpoint(request)
-        except GatewayError as exc:
-            response = await on_gateway_error(request, exc)
+        except Exception as exc:
+            handler = handler_for(self.handlers, exc)
+            if handler is None:
+                raise
+            response = await handler(request, exc)
         await response(scope, receive, send)
+
+
+def handler_for(handlers: Mapping[Any, Callable], exc: Exception) -> Callable | None:
+    """The registered handler for an exception's class or its nearest base, as starlette looks it up."""
+    for cls in type(exc).__mro__:
+        if cls in handlers:
+            return handlers[cls]
+    return None
 
 
 class GatewayApp(Starlette):
     """Starlette with the gateway's own outer layers: the request middleware (ids, log line, metrics,
-    an OpenAI-shaped 500), then the hot routes, then starlette's exception handling and router."""
+    an OpenAI-shaped 500), then any `middleware=` given, then the hot routes (errors rendered by the
+    same handler table as every route), then starlette's exception handling and router."""
 
     def __init__(self, *, metrics: Metrics, **kw: Any) -> None:
         self.metrics = metrics
@@ -182,10 +200,13 @@ class GatewayApp(Starlette):
     def build_middleware_stack(self) -> ASGIApp:
         handlers = dict(self.exception_handlers)
         inner = ExceptionMiddleware(self.router, handlers=handlers, debug=self.debug)
-        return RequestMiddleware(HotRoutes(inner, self.routes), metrics=self.metrics)
+        app: ASGIApp = HotRoutes(inner, self.routes, handlers)
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        return RequestMiddleware(app, metrics=self.metrics)
 
 
-def create_app(settings: Settings, *, upstream: Upstream | None = None, store: Any = None,
+def create_app(settings: Settings, *, upstream: Upstream | None = None, store: Store | None = None,
                metrics: Metrics | None = None, clock: Callable[[], float] = time.time,
                run_poller: bool = True) -> GatewayApp:
     prometheus_client.disable_created_metrics()

@@ -6,8 +6,8 @@ import hashlib
 import hmac
 import secrets
 
-from .config import Settings, Team, User
-from .errors import AuthError
+from .config import Secret, Settings, Team, User
+from .errors import AuthError, NotFound
 
 KEY_PREFIX = "tgw-"
 
@@ -35,3 +35,21 @@ class Authenticator:
         if user is None or not hmac.compare_digest(user.key_sha256, digest):
             raise AuthError("Incorrect gateway key provided.")
         return user, self._teams[user.team]
+
+
+def model_allowed(model: str, user: User, team: Team) -> bool:
+    return ((team.limits.models is None or model in team.limits.models)
+            and (user.limits.models is None or model in user.limits.models))
+
+
+def allowed_models(settings: Settings, user: User, team: Team) -> list[str]:
+    return [m for m in settings.pricing if model_allowed(m, user, team)]
+
+
+def check_token(authorization: str | None, token: Secret | None) -> None:
+    """An operator's bearer token (admin routes, /metrics): routes off (404) when none is configured."""
+    if token is None:
+        raise NotFound("Not found.", code="not_found")
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.reveal().encode()):
+        raise AuthError("Missing or wrong admin token.")

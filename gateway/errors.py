@@ -12,7 +12,10 @@
     ├── RateLimited               429 rate_limit_exceeded (+ Retry-After)
     ├── StoreUnavailable          503 service_unavailable / store_unavailable (+ Retry-After)
     ├── NoUpstreamKey             503 upstream_unavailable / no_upstream_key (+ Retry-After)
-    └── UpstreamError             502/504 upstream_error / upstream_* codes
+    ├── ShuttingDown              503 service_unavailable / shutting_down
+    └── UpstreamError             502 upstream_error / upstream_* codes
+        ├── ConnectFailed         502 upstream_unreachable: nothing reached TokenHub
+        └── UpstreamTimeout       504 upstream_timeout
 """
 
 from __future__ import annotations
@@ -99,8 +102,16 @@ class NoUpstreamKey(GatewayError):
     status, type, code = 503, "upstream_unavailable", "no_upstream_key"
 
 
+class ShuttingDown(GatewayError):
+    status, type, code = 503, "service_unavailable", "shutting_down"
+
+
 class UpstreamError(GatewayError):
     status, type, code = 502, "upstream_error", "upstream_unreachable"
+
+
+class ConnectFailed(UpstreamError):
+    """Nothing reached the upstream: safe to try another key."""
 
 
 class UpstreamTimeout(UpstreamError):

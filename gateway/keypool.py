@@ -12,14 +12,17 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import upstream as tokenhub
 from .config import UpstreamKey, UpstreamSettings
 from .errors import GatewayError, NoUpstreamKey
+from .upstream import Scrubber, Upstream, parse_retry_after
+
+if TYPE_CHECKING:
+    from .store.base import Store
 
 OK, COOLDOWN, DISABLED, OPEN = "ok", "cooldown", "disabled", "open"
-PROBE_PATH = "/videos/generations/cgt-gateway-health-probe"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,19 +44,6 @@ class KeyHealth:
 
     def needs_probe(self, now: float) -> bool:
         return self.state == OPEN and now >= self.until
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
-    except (TypeError, ValueError, IndexError):
-        return None
 
 
 def on_success(h: KeyHealth, now: float) -> KeyHealth:
@@ -89,11 +79,12 @@ def on_failure(h: KeyHealth, now: float, error: str, cfg: UpstreamSettings) -> K
 def on_reply(h: KeyHealth, now: float, status: int | None, error: str | None,
              retry_after_s: float | None, cfg: UpstreamSettings, rng: random.Random) -> KeyHealth:
     """One upstream outcome: a status (4xx other than 401/403/429 means the key is fine) or an error."""
-    if status in (401, 403):
+    outcome = tokenhub.outcome_of(status) if status is not None else tokenhub.FAILED
+    if outcome == tokenhub.KEY_REJECTED:
         return on_rejected(h, now, status)
-    if status == 429:
+    if outcome == tokenhub.THROTTLED:
         return on_throttled(h, now, retry_after_s, cfg, rng)
-    if status is not None and status < 500:
+    if outcome != tokenhub.FAILED:
         return on_success(h, now)
     return on_failure(h, now, error or str(status), cfg)
 
@@ -130,7 +121,7 @@ def earliest_retry(keys: tuple[UpstreamKey, ...], health: dict[str, KeyHealth], 
 class KeyPool:
     """The configured keys, their shared health (kept in the store) and the choice per create."""
 
-    def __init__(self, settings: UpstreamSettings, store: Any, metrics: Any,
+    def __init__(self, settings: UpstreamSettings, store: Store, metrics: Any,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
         self._store, self._metrics, self._clock = store, metrics, clock
         self._rng = rng or random.Random()
@@ -149,6 +140,7 @@ class KeyPool:
                 self._retired[name] = key
         for name in self.by_name:
             self._retired.pop(name, None)
+        self.scrub = Scrubber(k.value.reveal() for k in (*self.keys, *self._retired.values()))
 
     def key_for(self, name: str | None) -> UpstreamKey | None:
         return self.by_name.get(name) or self._retired.get(name) if name else None
@@ -180,12 +172,12 @@ class KeyPool:
                      retry_after: str | None = None) -> None:
         """Feed one upstream outcome (an HTTP status, or an error with no status) to the key's health."""
         now = self._clock()
-        if status is not None and status < 500 and status not in (401, 403, 429):
+        if status is not None and tokenhub.outcome_of(status) in (tokenhub.ACCEPTED, tokenhub.REFUSED):
             self.successes[name] = self.successes.get(name, 0) + 1  # this process's answers
         wait = parse_retry_after(retry_after, now) if status == 429 else None
         await self._update(name, lambda h: on_reply(h, now, status, error, wait, self.settings, self._rng))
 
-    async def probe(self, upstream: Any) -> None:
+    async def probe(self, upstream: Upstream) -> None:
         """Probe keys whose circuit has been open long enough: a poll of an unknown task, 404 = healthy."""
         now = self._clock()
         for name, h in (await self.health()).items():
@@ -193,7 +185,7 @@ class KeyPool:
             if key is None or not h.needs_probe(now):
                 continue
             try:
-                reply = await upstream.call("GET", PROBE_PATH, key.value.reveal())
+                reply = await upstream.call("GET", tokenhub.task_path(tokenhub.PROBE_TASK_ID), key.value.reveal())
                 status, healthy, error = reply.status, reply.status == 404, str(reply.status)
             except GatewayError as exc:
                 status, healthy, error = None, False, exc.code

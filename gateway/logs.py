@@ -58,6 +58,8 @@ class Batched:
             loop.call_later(self.FLUSH_EVERY_S, self.flush_now)
 
     def flush_now(self) -> None:
+        if self._stream.closed:  # at exit, after whoever owned the stream closed it
+            return
         with self._lock:
             self._timer = False
             lines, self._lines, self._size = self._lines, [], 0
@@ -83,10 +85,12 @@ def info_line(event: str, fields: dict[str, Any]) -> bool:
     return True
 
 
-def configure(level: str = "INFO") -> None:
-    """Configure once at start-up; every other module calls structlog.get_logger()."""
+def configure(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Configure once at start-up; every other module calls structlog.get_logger().
+    Lines go to `stream` (standard output by default)."""
     global _info_out
-    out = Batched(sys.stdout)  # structlog's lines and the standard library's, in the order they were logged
+    # structlog's lines and the standard library's, in the order they were logged
+    out = Batched(stream if stream is not None else sys.stdout)
     _info_out = out if logging.getLevelName(level) <= logging.INFO else None
     shared = [
         structlog.contextvars.merge_contextvars,

@@ -6,28 +6,16 @@ import time
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from structlog.contextvars import bind_contextvars
 
 from . import logs
+from .context import RequestContext
 from .errors import GatewayError
 from .ids import new_id
 from .metrics import Metrics
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 PREFIXES = ("/api/v1", "/v1")
-
-
-class RequestContext:
-    """What a handler learns about a request, for the one log line written when it ends."""
-
-    __slots__ = ("request_id", "team", "user", "model", "resolution", "duration_s", "task_id",
-                 "upstream_key", "upstream_status", "upstream_s", "cost_usd", "error_code")
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self.team = self.user = self.model = self.resolution = self.task_id = None
-        self.upstream_key = self.error_code = None
-        self.duration_s = self.upstream_status = self.cost_usd = None
-        self.upstream_s = 0.0
 
 
 def request_id_from(scope: Scope) -> str:
@@ -65,6 +53,7 @@ class RequestMiddleware:
         started = time.perf_counter()
         ctx = RequestContext(request_id_from(scope))
         scope.setdefault("state", {})["ctx"] = ctx
+        bind_contextvars(request_id=ctx.request_id)  # every line logged for this request carries it
         status, started_response = 500, False
         rid_header = (b"x-request-id", ctx.request_id.encode())
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from .config import Limits
+from .config import Limits, Settings, Team, User
 from .errors import GatewayError, QuotaError, RateLimited
 
 WINDOW_S = 60
@@ -55,6 +55,18 @@ class Subject:
     limits: Limits
 
 
+def subjects_for(user: User, team: Team, now: float) -> tuple[Subject, Subject]:
+    """The user and the team a create is counted against, each in its current period."""
+    return (Subject("user", user.name, period_key(user.limits.period, now), user.limits),
+            Subject("team", team.name, period_key(team.limits.period, now), team.limits))
+
+
+def team_subjects(settings: Settings, now: float) -> tuple[Subject, ...]:
+    """Every configured team in its current period (for gauges and /admin/teams)."""
+    return tuple(Subject("team", t.name, period_key(t.limits.period, now), t.limits)
+                 for t in settings.teams.values())
+
+
 @dataclass(slots=True)
 class Counters:
     spent_micros: int = 0
@@ -97,7 +109,8 @@ def retry_after(reset_s: float) -> int:
 
 def check(subject: Subject, counters: Counters, in_flight: int, window: Sequence[float] | None,
           now: float, estimate_micros: int, estimate_ms: int) -> Rejection | None:
-    """The first limit this create would break for this subject, or None."""
+    """The first limit this create would break for this subject, or None.
+    Its twin for Redis, which must check the same way inside one script, is ADMIT in store/redis_scripts.py."""
     lim, who = subject.limits, f"{subject.scope} {subject.name!r}"
     if lim.requests_per_minute is not None:
         rs = rate_state(lim.requests_per_minute, window or (), now)

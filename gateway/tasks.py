@@ -1,103 +1,58 @@
-"""Creates, polls, cancels and settlement: the glue between validation, quotas, the key pool,
-the store and the upstream. Routes and the background poller both come through here."""
+"""Creates: validation is done; here the admission (quotas, the durable pending record), the key
+tries, the forward and the recording of the task. Polls, cancels and settlement live in polls.py and
+settlement.py; routes and the background poller both come through these."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
-import re
-import time
 from collections.abc import Awaitable, Callable
-from decimal import Decimal
 from typing import Any, TypeVar
 
 import orjson
 import structlog
-from cachetools import LRUCache, TTLCache
+from cachetools import LRUCache
 
 from . import pricing
+from . import upstream as tokenhub
+from .auth import model_allowed
+from .calls import UpstreamCalls
 from .config import Settings, Team, User
+from .context import Outcome, RequestContext
 from .errors import (
+    ConnectFailed,
     GatewayError,
     IdempotencyConflict,
-    NotFound,
     PermissionDenied,
-    RateLimited,
     StoreUnavailable,
     UpstreamError,
 )
 from .ids import new_id
-from .keypool import KeyPool, parse_retry_after
+from .keypool import KeyPool
 from .metrics import Metrics
-from .middleware import RequestContext
 from .pricing import micros_to_usd
-from .quota import Subject, period_key
-from .store.base import PENDING, Admission, Task
-from .upstream import ConnectFailed, Reply, Upstream
+from .quota import Subject, period_key, subjects_for
+from .store.base import Admission, Store, Task
+from .upstream import Reply
 from .validation import VideoRequest
 
-CREATE_PATH = "/videos/generations"
-POLL_COALESCE_S = 1.0
-UPSTREAM_TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
 T = TypeVar("T")
-_KEYISH = re.compile(rb"th-[A-Za-z0-9_\-]{6,}")
-
-
-class Outcome:
-    """What a route answers: a status and body bytes, plus extra headers."""
-
-    __slots__ = ("status", "body", "headers")
-
-    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        self.status, self.body, self.headers = status, body, headers or {}
 
 
 def canonical_hash(body: Any) -> str:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def scrub(body: bytes) -> bytes:
-    """Nothing that looks like an upstream key leaves the gateway."""
-    return _KEYISH.sub(b"th-***", body) if b"th-" in body else body
-
-
-def subjects_for(user: User, team: Team, now: float) -> tuple[Subject, Subject]:
-    return (Subject("user", user.name, period_key(user.limits.period, now), user.limits),
-            Subject("team", team.name, period_key(team.limits.period, now), team.limits))
-
-
-def team_subjects(settings: Settings, now: float) -> tuple[Subject, ...]:
-    """Every configured team in its current period (for gauges and /admin/teams)."""
-    return tuple(Subject("team", t.name, period_key(t.limits.period, now), t.limits)
-                 for t in settings.teams.values())
-
-
-def allowed_models(settings: Settings, user: User, team: Team) -> list[str]:
-    return [m for m in settings.pricing if model_allowed(m, user, team)]
-
-
-def model_allowed(model: str, user: User, team: Team) -> bool:
-    return ((team.limits.models is None or model in team.limits.models)
-            and (user.limits.models is None or model in user.limits.models))
-
-
 class Tasks:
-    def __init__(self, settings: Settings, store: Any, upstream: Upstream, pool: KeyPool,
-                 metrics: Metrics, clock: Callable[[], float] = time.time) -> None:
-        self.settings, self.store, self.upstream, self.pool = settings, store, upstream, pool
-        self.metrics, self.clock = metrics, clock
+    def __init__(self, settings: Settings, store: Store, calls: UpstreamCalls, pool: KeyPool,
+                 metrics: Metrics, records: LRUCache[str, Task], clock: Callable[[], float]) -> None:
+        self.settings, self.store, self.calls, self.pool = settings, store, calls, pool
+        self.metrics, self.records, self.clock = metrics, records, clock
         self.log = structlog.get_logger("gateway.tasks")
-        self._records: LRUCache[str, Task] = LRUCache(maxsize=10_000)  # owner and key never change
-        self._final: LRUCache[str, bytes] = LRUCache(maxsize=20_000)
-        self._recent: TTLCache[str, Outcome] = TTLCache(maxsize=50_000, ttl=POLL_COALESCE_S)
-        self._polling: dict[str, asyncio.Future] = {}
         # Admissions refused with 503 before anything reached TokenHub, to undo once the store answers.
         self._abandoned: LRUCache[str, None] = LRUCache(maxsize=100_000)
         self._unrecorded: LRUCache[str, tuple] = LRUCache(maxsize=100_000)
         self._background: set[asyncio.Task] = set()
-
-    # creates
 
     async def create(self, user: User, team: Team, body: dict, raw: bytes, req: VideoRequest,
                      idem_key: str | None, ctx: RequestContext) -> Outcome:
@@ -154,7 +109,7 @@ class Tasks:
         try:
             return await self._try_keys(task, raw, ctx)
         except GatewayError as exc:
-            return Outcome(exc.status, orjson.dumps(exc.body()), exc.headers())
+            return Outcome(exc.status, exc.json(), exc.headers())
         except BaseException:
             await self.store.fail_create(task.rid, self.clock(), None)
             raise
@@ -166,16 +121,16 @@ class Tasks:
                 continue
             ctx.upstream_key = key.name
             try:
-                reply = await self._call(key.name, "create", "POST", CREATE_PATH, key.value.reveal(),
-                                         raw, ctx)
+                reply = await self.calls.call(key, tokenhub.CREATE_ROUTE, "POST", tokenhub.CREATE_ROUTE,
+                                              raw, ctx)
             except ConnectFailed as exc:
                 await self._unsent(task, self.store.release_key(task.rid))
                 unreachable = exc
                 continue  # nothing reached TokenHub: the next key may
             except UpstreamError as exc:
-                await self.store.fail_create(task.rid, self.clock(), (exc.status, orjson.dumps(exc.body())))
+                await self.store.fail_create(task.rid, self.clock(), (exc.status, exc.json()))
                 raise
-            if reply.status in (401, 403, 429):
+            if tokenhub.outcome_of(reply.status) in (tokenhub.KEY_REJECTED, tokenhub.THROTTLED):
                 await self._unsent(task, self.store.release_key(task.rid))
                 unreachable = None  # TokenHub is up; it is the keys that cannot take this create
                 continue
@@ -207,186 +162,33 @@ class Tasks:
 
     async def _created(self, task: Task, key_name: str, reply: Reply) -> Outcome:
         now = self.clock()
-        if reply.status >= 500:
+        outcome = tokenhub.outcome_of(reply.status)
+        if outcome == tokenhub.FAILED:
             err = UpstreamError(f"TokenHub answered {reply.status}.", code="upstream_server_error")
-            await self.store.fail_create(task.rid, now, (err.status, orjson.dumps(err.body())))
+            await self.store.fail_create(task.rid, now, (err.status, err.json()))
             raise err
-        if reply.status >= 300:
-            body = scrub(reply.body)
+        body = self.pool.scrub(reply.body)
+        if outcome == tokenhub.REFUSED:
             await self.store.fail_create(task.rid, now, (reply.status, body))
             return Outcome(reply.status, body)
-        data = _json(reply.body)
+        data = _json(body)
         task_id = data.get("id") if isinstance(data, dict) else None
         if not isinstance(task_id, str) or not task_id:
             err = UpstreamError("TokenHub's answer to the create had no task id.",
                                 code="upstream_bad_response")
-            await self.store.fail_create(task.rid, now, (err.status, orjson.dumps(err.body())))
+            await self.store.fail_create(task.rid, now, (err.status, err.json()))
             raise err
         status = data.get("status") if data.get("status") in ("queued", "running") else "queued"
         try:
-            await self.store.record_created(task.rid, task_id, status, now, (reply.status, reply.body))
+            await self.store.record_created(task.rid, task_id, status, now, (reply.status, body))
         except StoreUnavailable:
             # TokenHub made the task: the client must get its id, not a 503 that invites a paid retry.
-            self._unrecorded[task.rid] = (task_id, status, now, (reply.status, reply.body))
+            self._unrecorded[task.rid] = (task_id, status, now, (reply.status, body))
             self.log.warning("task.record_deferred", task_id=task_id, reason="store_unavailable")
         task.task_id, task.key_name, task.status = task_id, key_name, status
-        self._records[task_id] = task
+        self.records[task_id] = task
         self.metrics.child(self.metrics.tasks_created, task.team, task.model, task.resolution).inc()
-        return Outcome(reply.status, reply.body)
-
-    async def _call(self, key_name: str, route: str, method: str, path: str, key: str,
-                    body: bytes | None, ctx: RequestContext | None) -> Reply:
-        try:
-            reply = await self.upstream.call(method, path, key, body)
-        except GatewayError as exc:
-            self.metrics.upstream_requests.labels(key_name, route, str(exc.status)).inc()
-            await self._report(key_name, None, exc.code)
-            raise
-        m = self.metrics
-        m.child(m.upstream_requests, key_name, route, str(reply.status)).inc()
-        m.child(m.upstream_duration, route).observe(reply.elapsed)
-        if ctx is not None:
-            ctx.upstream_s += reply.elapsed
-            ctx.upstream_status = reply.status
-        await self._report(key_name, reply.status, None, reply.retry_after)
-        return reply
-
-    async def _report(self, key_name: str, status: int | None, error: str | None,
-                      retry_after: str | None = None) -> None:
-        try:
-            await self.pool.report(key_name, status, error, retry_after)
-        except StoreUnavailable:
-            pass  # key health is advisory; the request itself must not fail for it
-
-    # polls and cancels
-
-    async def owned(self, task_id: str, team: str) -> Task:
-        task = self._records.get(task_id)
-        if task is None:
-            task = await self.store.get_task(task_id)
-            if task is not None and task.task_id:
-                self._records[task_id] = task
-        if task is None or task.team != team or task.status == PENDING:
-            raise NotFound(f"No task {task_id!r} for this team.", param="task_id")
-        return task
-
-    async def poll(self, task: Task, ctx: RequestContext) -> Outcome:
-        final = self._final.get(task.task_id)
-        if final is None and task.status in UPSTREAM_TERMINAL:
-            stored = task if task.settled else await self.store.get_task(task.task_id)
-            final = stored.final_body if stored is not None else None
-            if final is not None:
-                self._final[task.task_id] = final
-        if final is not None:
-            return Outcome(200, final)
-        recent = self._recent.get(task.task_id)
-        if recent is not None:
-            return recent
-        running = self._polling.get(task.task_id)
-        if running is None:
-            running = asyncio.ensure_future(self._poll_upstream(task, ctx))
-            self._polling[task.task_id] = running
-            running.add_done_callback(lambda _f, tid=task.task_id: self._polling.pop(tid, None))
-        return await asyncio.shield(running)
-
-    async def _poll_upstream(self, task: Task, ctx: RequestContext | None) -> Outcome:
-        reply = await self._task_call(task, "poll", "GET", ctx)
-        outcome = await self._after_reply(task, reply)
-        if reply.status == 200:
-            self._recent[task.task_id] = outcome
-        return outcome
-
-    async def cancel(self, task: Task, ctx: RequestContext) -> Outcome:
-        reply = await self._task_call(task, "delete", "DELETE", ctx)
-        outcome = await self._after_reply(task, reply)
-        if reply.status == 200:
-            self._recent[task.task_id] = outcome
-        return outcome
-
-    async def _task_call(self, task: Task, route: str, method: str, ctx: RequestContext | None) -> Reply:
-        key = self.pool.key_for(task.key_name)
-        if ctx is not None:
-            ctx.upstream_key = task.key_name
-        if key is None:
-            raise UpstreamError(f"The upstream key {task.key_name!r} that created this task is no "
-                                "longer configured, so TokenHub cannot be asked about it.",
-                                code="upstream_key_unknown")
-        return await self._call(key.name, route, method, f"{CREATE_PATH}/{task.task_id}",
-                                key.value.reveal(), None, ctx)
-
-    async def _after_reply(self, task: Task, reply: Reply) -> Outcome:
-        if reply.status == 429:
-            raise RateLimited("TokenHub is rate-limiting polls of this task; retry later.",
-                              retry_after=_retry_after_s(reply.retry_after))
-        if reply.status in (401, 403):
-            raise UpstreamError("TokenHub rejected the gateway's key for this task; it will be retried.",
-                                code="upstream_key_rejected")
-        if reply.status >= 500:
-            raise UpstreamError(f"TokenHub answered {reply.status}.", code="upstream_server_error")
-        if reply.status != 200:
-            return Outcome(reply.status, scrub(reply.body))
-        data = _json(reply.body)
-        if not isinstance(data, dict) or not isinstance(data.get("status"), str):
-            raise UpstreamError("TokenHub's answer had no task status.", code="upstream_bad_response")
-        try:
-            await self.observe(task, data, reply.body)
-        except StoreUnavailable:
-            self._final.pop(task.task_id, None)  # not settled yet: the poller settles it once the store is back
-            self.log.warning("task.observe_deferred", task_id=task.task_id, reason="store_unavailable")
-        return Outcome(200, reply.body)
-
-    async def observe(self, task: Task, data: dict, raw: bytes) -> None:
-        """Record what TokenHub said of a task: a new status, or its settlement at the first terminal one."""
-        status = data["status"]
-        if status in UPSTREAM_TERMINAL:
-            self._final[task.task_id] = raw
-            await self.settle(task, status, data, raw)
-        elif status != task.status and status in ("queued", "running"):
-            task.status = status
-            await self.store.set_status(task.task_id, status, self.clock())
-
-    async def settle(self, task: Task, status: str, data: dict | None, raw: bytes | None,
-                     estimated: bool = False) -> Task | None:
-        if estimated:
-            billed_ms, cost = task.estimate_ms, task.estimate_micros
-        else:
-            billed_ms, cost, estimated = self._actual(task, status, data or {})
-        done = await self.store.settle(task.task_id or task.rid, status, billed_ms, cost, estimated,
-                                       raw, self.clock())
-        task.status = status
-        if done is not None:
-            self._settled(done)
-        return done
-
-    def _actual(self, task: Task, status: str, data: dict) -> tuple[int, int, bool]:
-        """(billed ms, micro-dollars, estimated) from TokenHub's usage; a figure it did not give is
-        taken from the request, and the cost is then flagged as an estimate."""
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        input_s, estimated = Decimal(task.input_ms) / 1000, task.input_estimated and status == "succeeded"
-        if task.input_estimated and _is_num(usage.get("input_video_duration")):
-            input_s, estimated = Decimal(str(usage["input_video_duration"])), False
-        seconds = usage.get("video_duration")
-        if status == "succeeded" and not _is_num(seconds):
-            seconds, estimated = task.duration_s, True
-        if task.resolution not in self.settings.pricing.get(task.model, {}):
-            return task.estimate_ms, task.estimate_micros, True  # a reload removed its price
-        ms, cost = pricing.actual(self.settings.pricing, task.model, task.resolution, input_s, status, seconds)
-        return ms, cost, estimated
-
-    def _settled(self, t: Task) -> None:
-        m = self.metrics
-        m.tasks_finished.labels(t.team, t.model, t.resolution, t.status).inc()
-        m.task_duration.labels(t.model, t.resolution).observe(max(0.0, t.settled_at - t.created_at))
-        if t.billed_ms:
-            m.video_seconds.labels(t.team, t.model, t.resolution).inc(t.billed_ms / 1000)
-        if t.cost_micros:
-            m.spend_usd.labels(t.team, t.model, t.resolution).inc(t.cost_micros / 1_000_000)
-        log = self.log.warning if t.status in ("unresolved", "expired") else self.log.info
-        log("task.settled", task_id=t.task_id or t.rid, team=t.team, user=t.user, model=t.model,
-            resolution=t.resolution, status=t.status, billed_seconds=t.billed_ms / 1000,
-            cost_usd=micros_to_usd(t.cost_micros or 0), estimated=t.cost_estimated)
-
-    # figures
+        return Outcome(reply.status, body)
 
     async def rate_headers(self, subjects: tuple[Subject, ...], now: float | None = None) -> dict[str, str]:
         """The tightest requests-per-minute window among the subjects, as OpenAI's rate-limit headers
@@ -416,12 +218,3 @@ def _json(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-
-
-def _is_num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
-
-
-def _retry_after_s(value: str | None) -> int:
-    seconds = parse_retry_after(value, time.time())
-    return max(1, math.ceil(seconds)) if seconds is not None else 1

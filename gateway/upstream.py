@@ -1,18 +1,106 @@
-"""The one upstream HTTP client: a pooled aiohttp session, timeouts, and error mapping.
+"""The one TokenHub client: its routes, a pooled aiohttp session, timeouts, and what its answers mean.
 
 Outcomes a create must tell apart (SPEC §5): a connect failure created nothing upstream and may be
 retried on another key; a read timeout or a dropped answer may have created a task and must not."""
 
 from __future__ import annotations
 
+import math
+import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Protocol
 
 import aiohttp
 
 from .config import UpstreamSettings
-from .errors import UpstreamError, UpstreamTimeout
+from .errors import ConnectFailed, UpstreamError, UpstreamTimeout
+
+# TokenHub's two routes; the path templates are also the `route` label of the upstream metrics.
+CREATE_ROUTE = "/videos/generations"
+TASK_ROUTE = "/videos/generations/{task_id}"
+PROBE_TASK_ID = "cgt-gateway-health-probe"
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
+
+# What an HTTP status from TokenHub means for the request and for the key that sent it.
+ACCEPTED = "accepted"          # 2xx
+REFUSED = "refused"            # another 3xx/4xx: TokenHub refused the request itself; the key is fine
+KEY_REJECTED = "key_rejected"  # 401/403: the key is bad, not the request
+THROTTLED = "throttled"        # 429: the key is rate-limited
+FAILED = "failed"              # 5xx: TokenHub failed; a create may or may not have happened
+
+
+def task_path(task_id: str) -> str:
+    return f"{CREATE_ROUTE}/{task_id}"
+
+
+def outcome_of(status: int) -> str:
+    if status < 300:
+        return ACCEPTED
+    if status in (401, 403):
+        return KEY_REJECTED
+    if status == 429:
+        return THROTTLED
+    return FAILED if status >= 500 else REFUSED
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def retry_after_s(value: str | None, now: float) -> int:
+    """A Retry-After header as whole seconds to pass on to a client (at least 1)."""
+    seconds = parse_retry_after(value, now)
+    return max(1, min(3600, math.ceil(seconds))) if seconds is not None else 1
+
+
+# Anything shaped like a TokenHub key, raw, JSON-escaped (`th\u002d…`, `\/`) or percent-encoded.
+_ESCAPED = rb"\\u00[0-9a-fA-F]{2}|\\/|%[0-9a-fA-F]{2}"
+_KEYISH = rb"th(?:-|\\u002[dD]|%2[dD])(?:[A-Za-z0-9._+/=\-]|" + _ESCAPED + rb"){6,}"
+
+
+def _char_forms(ch: str) -> bytes:
+    """A regex matching one key character in any form a JSON or URL encoder may give it."""
+    code = ord(ch)
+    forms = [re.escape(ch.encode())]
+    if code < 0x80:
+        forms += [rb"\\u00" + _any_case(f"{code:02x}"), b"%" + _any_case(f"{code:02x}")]
+        if ch == "/":
+            forms.append(rb"\\/")
+    return b"(?:" + b"|".join(forms) + b")"
+
+
+def _any_case(hex_pair: str) -> bytes:
+    return b"".join(f"[{c.lower()}{c.upper()}]".encode() if c.isalpha() else c.encode() for c in hex_pair)
+
+
+class Scrubber:
+    """Removes every configured key value, and anything shaped like a key, from a body before a
+    client sees it. The raw forms are found by substring search first; the regex runs only when a
+    body holds one of them or an escape sequence that could hide one."""
+
+    def __init__(self, key_values: Iterable[str]) -> None:
+        values = sorted({v for v in key_values if v}, key=len, reverse=True)
+        self._raw = tuple(v.encode() for v in values)
+        exact = [b"".join(_char_forms(c) for c in v) for v in values]
+        self._pattern = re.compile(b"|".join([*exact, _KEYISH]))
+
+    def __call__(self, body: bytes) -> bytes:
+        if (b"th-" in body or b"th\\" in body or b"th%" in body or b"\\" in body or b"%" in body
+                or any(raw in body for raw in self._raw)):
+            return self._pattern.sub(b"th-***", body)
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,12 +109,6 @@ class Reply:
     body: bytes
     retry_after: str | None
     elapsed: float
-
-
-class ConnectFailed(UpstreamError):
-    """Nothing reached the upstream: safe to try another key."""
-
-    code = "upstream_unreachable"
 
 
 class Upstream(Protocol):

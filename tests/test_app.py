@@ -196,3 +196,53 @@ def test_hot_routes_and_the_router_answer_alike(app_parts):
             {"route": route, "method": "GET" if "{" in route else "POST", "code": status, "team": "red"}) or 0
     assert served("/videos/generations/{task_id}", "200") == 2
     assert served("/videos/generations", "200") == 1 and served("/videos/generations", "400") == 1
+
+
+class Teapot(Exception):
+    """An exception some later feature might raise, with a handler registered for it."""
+
+
+def test_a_registered_handler_answers_on_hot_routes_as_on_every_route(tmp_path):
+    from starlette.responses import JSONResponse
+
+    from gateway.app import handler_for
+
+    async def on_teapot(request: Any, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": {"code": "teapot"}}, 418)
+
+    upstream = FakeUpstream()
+
+    async def raising(*_args: Any, **_kw: Any) -> Reply:
+        raise Teapot()
+
+    upstream.call = raising
+    app = create_app(settings(tmp_path), upstream=upstream, run_poller=False)
+    app.add_exception_handler(Teapot, on_teapot)
+    assert handler_for({Exception: 1}, Teapot()) == 1 and handler_for({Teapot: 2}, RuntimeError()) is None
+    with TestClient(app, base_url="http://gw", headers={"Authorization": f"Bearer {USER_KEY}"}) as client:
+        r = create(client)  # a hot route
+        assert (r.status_code, r.json()["error"]["code"]) == (418, "teapot")
+
+
+def test_middleware_given_to_the_app_wraps_hot_routes_too(tmp_path):
+    from starlette.middleware import Middleware
+
+    seen: list[str] = []
+
+    class Tap:
+        def __init__(self, app: Any, tag: str) -> None:
+            self.app, self.tag = app, tag
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                seen.append(f"{self.tag} {scope['method']} {scope['path']}")
+            await self.app(scope, receive, send)
+
+    app = create_app(settings(tmp_path), upstream=FakeUpstream(), run_poller=False)
+    app.user_middleware.insert(0, Middleware(Tap, tag="tap"))
+    with TestClient(app, base_url="http://gw", headers={"Authorization": f"Bearer {USER_KEY}"}) as client:
+        tid = create(client).json()["id"]
+        client.get(f"/v1/videos/generations/{tid}")
+        client.get("/v1/models")
+    assert seen == ["tap POST /v1/videos/generations", f"tap GET /v1/videos/generations/{tid}",
+                    "tap GET /v1/models"]

@@ -7,13 +7,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.config import Secret, UpstreamKey, UpstreamSettings
-from gateway.errors import NoUpstreamKey, UpstreamError, UpstreamTimeout
+from gateway.errors import ConnectFailed, NoUpstreamKey, UpstreamError, UpstreamTimeout
 from gateway.keypool import (
     COOLDOWN,
     DISABLED,
     OK,
     OPEN,
-    PROBE_PATH,
     KeyHealth,
     KeyPool,
     choose,
@@ -23,10 +22,9 @@ from gateway.keypool import (
     on_reply,
     on_success,
     on_throttled,
-    parse_retry_after,
 )
 from gateway.metrics import Metrics
-from gateway.upstream import ConnectFailed, Reply
+from gateway.upstream import PROBE_TASK_ID, Reply, parse_retry_after, task_path
 
 M = "doubao-seedance-2.0"
 FAST = "doubao-seedance-2.0-fast"
@@ -339,7 +337,7 @@ async def test_pool_probe_with_404_closes_a_due_circuit_and_skips_keys_not_due()
     clock.t = NOW + CFG.breaker_open_s
     await pool.probe(upstream)
 
-    assert upstream.calls == [("GET", PROBE_PATH, "th-due-0123456789abcd")]
+    assert upstream.calls == [("GET", task_path(PROBE_TASK_ID), "th-due-0123456789abcd")]
     assert store.health["due"].state == OK and store.health["due"].failures == 0
     assert gauge(metrics, "due", "ok") == 1 and gauge(metrics, "due", "open") == 0
     assert store.health["early"].state == OPEN and store.health["off"].state == DISABLED

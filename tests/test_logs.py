@@ -6,7 +6,6 @@ import asyncio
 import io
 import json
 import logging
-import sys
 
 import pytest
 import structlog
@@ -28,8 +27,7 @@ def restore_logging():
 
 def configured(monkeypatch) -> io.StringIO:
     buf = io.StringIO()
-    monkeypatch.setattr(sys, "stdout", buf)
-    logs.configure("INFO")
+    logs.configure("INFO", stream=buf)
     return buf
 
 

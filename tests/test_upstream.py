@@ -5,8 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.config import UpstreamSettings
-from gateway.errors import UpstreamTimeout
-from gateway.upstream import ConnectFailed, HttpUpstream
+from gateway.errors import ConnectFailed, UpstreamTimeout
+from gateway.upstream import HttpUpstream
 
 
 async def serve(handler):

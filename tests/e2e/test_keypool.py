@@ -92,9 +92,9 @@ def test_throttled_key_cools_down_for_retry_after_then_recovers(make_gateway, si
     for key in ("key-a", "key-b"):
         for code in (200, 429):
             seen = len(creates(sim, key, code))
-            assert gw.metric("tokenhub_gateway_upstream_requests_total", key=key, route="create",
+            assert gw.metric("tokenhub_gateway_upstream_requests_total", key=key, route="/videos/generations",
                              code=str(code)) == seen, (key, code)
-    assert gw.metric("tokenhub_gateway_upstream_requests_total", key="key-a", route="create",
+    assert gw.metric("tokenhub_gateway_upstream_requests_total", key="key-a", route="/videos/generations",
                      code="429") >= 1
 
 
@@ -247,7 +247,7 @@ def test_connect_failure_is_retried_on_every_key(make_gateway, sim):
         usage = c.get("/usage").json()
         assert usage["user"]["reserved_usd"] == 0 and usage["user"]["spent_usd"] == 0
     for key in KEYS:
-        assert gw.metric("tokenhub_gateway_upstream_requests_total", key=key, route="create") == 1, key
+        assert gw.metric("tokenhub_gateway_upstream_requests_total", key=key, route="/videos/generations") == 1, key
 
 
 # circuit breaker
