@@ -164,6 +164,40 @@ def test_store_url_from_env():
     assert s.store.url.reveal() == "redis://:pw@redis:6379/0" and "pw" not in repr(s.store)
 
 
+# Every plain field, set to something other than its default, reaches its dataclass field.
+NON_DEFAULTS = {
+    "server": {"host": "127.0.0.1", "port": 9000, "shutdown_grace_s": 0, "max_body_bytes": 1024,
+               "log_prompts": True},
+    "upstream": {"connect_timeout_s": 1.5, "timeout_s": 7, "cooldown_s": 2, "breaker_failures": 9,
+                 "breaker_open_s": 4},
+    "poller": {"interval_s": 0.5, "expire_after_s": 60, "concurrency": 3},
+}
+
+
+@pytest.mark.parametrize("section", sorted(NON_DEFAULTS))
+def test_every_plain_setting_reaches_its_field(section):
+    values = NON_DEFAULTS[section]
+    extra = MINIMAL["upstream"] if section == "upstream" else {}
+    s = parse_settings(minimal(**{section: {**extra, **values}}), env={"K": PRIMARY})
+    assert {k: getattr(getattr(s, section), k) for k in values} == values
+
+
+def test_store_and_key_fields_override_their_defaults():
+    s = parse_settings(minimal(
+        upstream={**MINIMAL["upstream"], "keys": [{"name": "k", "value_env": "K", "weight": 4,
+                                                    "max_concurrent_tasks": 2}]},
+        store={"url": "redis://redis:6379/2", "synchronous": "full"}), env={"K": PRIMARY})
+    assert s.upstream.keys == (UpstreamKey("k", Secret(PRIMARY), weight=4, max_concurrent_tasks=2),)
+    assert s.store == StoreSettings(url=Secret("redis://redis:6379/2"), synchronous="FULL")
+
+
+def test_an_unset_team_period_is_the_limits_default_and_a_user_takes_its_teams():
+    data = minimal(teams={"t": {"budget_usd": 1}}, users={"u": {"team": "t", "key_sha256": "a" * 64}})
+    s = parse_settings(data, env={"K": PRIMARY})
+    assert s.teams["t"].limits == Limits(budget_micros=1_000_000)
+    assert s.users["u"].limits == Limits(period=Limits().period)
+
+
 def test_pricing_override_adds_a_model_and_keeps_the_defaults():
     s = parse_settings(minimal(pricing={"seedance-lite": {"1080p": 0.3}, FAST: {"720p": 0.15}}),
                        env={"K": PRIMARY})
