@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .pricing import usd_to_micros
-from .readers import Reader, is_num
+from .readers import Reader, is_num, shown
 
 PERIODS = ("day", "week", "month", "total")
 DEFAULT_PRICING = {
@@ -151,16 +151,16 @@ _LIMITS = {"budget_usd": "num0", "period": "str", "models": "strlist", "video_se
 
 def _secret_from_env(r: Reader, env: Mapping[str, str], data: dict, key: str,
                      where: str) -> Secret | None:
-    name = r.get(data, key, where, "str")
-    value = env.get(name) if name else None
+    value = r.from_env(env, data, key, where)
     return Secret(value) if value else None
 
 
-def _models(r: Reader, data: dict, where: str, models: set[str], suffix: str = "") -> frozenset[str] | None:
+def _models(r: Reader, data: dict, where: str, models: set[str]) -> frozenset[str] | None:
     allow = r.get(data, "models", where, "strlist")
-    for m in allow or ():
+    for i, m in enumerate(allow or ()):
         if m not in models:
-            r.problem(f"{where}.models", f"unknown model {m!r}{suffix}")
+            r.problem(f"{where}.models", f"entry {i + 1} is not a model of the pricing table "
+                                         f"({', '.join(sorted(models))})")
     return None if allow is None else frozenset(allow)
 
 
@@ -170,10 +170,10 @@ def _limits(r: Reader, data: dict, where: str, models: set[str], period: str | N
     if "budget_usd" in v:
         v["budget_micros"] = usd_to_micros(v.pop("budget_usd"))
     if v.get("period", PERIODS[0]) not in PERIODS:
-        r.problem(f"{where}.period", f"expected one of {', '.join(PERIODS)}, got {v.pop('period')!r}")
+        r.problem(f"{where}.period", f"expected one of {', '.join(PERIODS)}, got {shown(v.pop('period'))}")
     if period and "period" not in v:
         v["period"] = period
-    return Limits(models=_models(r, data, where, models, " (not in the pricing table)"), **v)
+    return Limits(models=_models(r, data, where, models), **v)
 
 
 def _pricing(r: Reader, data: Any) -> dict[str, dict[str, int]]:
@@ -186,7 +186,7 @@ def _pricing(r: Reader, data: Any) -> dict[str, dict[str, int]]:
         row = {}
         for res, price in table.items():
             if not is_num(price) or price < 0:
-                r.problem(f'{where}."{res}"', f"expected a price ≥ 0, got {price!r}")
+                r.problem(f'{where}."{res}"', f"expected a price ≥ 0, got {shown(price)}")
             else:
                 row[res] = usd_to_micros(price)
         prices[model] = row
@@ -206,23 +206,9 @@ def _key_value(r: Reader, data: dict, where: str, env: Mapping[str, str], base: 
     if "value_env" in data and "value_file" in data:
         r.problem(where, "set value_env or value_file, not both")
     elif "value_env" in data:
-        var = r.get(data, "value_env", where, "str")
-        value = env.get(var) if var else None
-        if var and not value:
-            r.problem(f"{where}.value_env", f"environment variable {var} is not set")
-        return value
+        return r.from_env(env, data, "value_env", where, required=True)
     elif "value_file" in data:
-        path = r.get(data, "value_file", where, "str")
-        if not path:
-            return None
-        try:
-            value = (base / path).read_text().strip()
-        except OSError as exc:
-            r.problem(f"{where}.value_file", f"cannot read {path}: {exc.strerror}")
-            return None
-        if not value:
-            r.problem(f"{where}.value_file", f"{path} is empty")
-        return value
+        return r.from_file(data, "value_file", where, base)
     else:
         r.problem(where, "needs value_env or value_file")
     return None
@@ -246,16 +232,17 @@ def _upstream(r: Reader, data: Any, env: Mapping[str, str], base: Path,
     u = r.table(data, "upstream", set(_UPSTREAM) | {"base_url", "keys"})
     base_url = r.get(u, "base_url", "upstream", "str", required=True) or ""
     if base_url and not base_url.startswith(("http://", "https://")):
-        r.problem("upstream.base_url", f"expected an http:// or https:// URL, got {base_url!r}")
+        r.problem("upstream.base_url", "expected an http:// or https:// URL (what is set is not shown)")
     raw_keys = u.get("keys", [])
     if not isinstance(raw_keys, list) or not raw_keys:
         r.problem("upstream.keys", "at least one [[upstream.keys]] is required")
         raw_keys = []
-    keys = [k for i, d in enumerate(raw_keys) if (k := _key(r, d, i, env, base, models))]
-    names = [k.name for k in keys]
+    keys = {i: k for i, d in enumerate(raw_keys) if (k := _key(r, d, i, env, base, models))}
+    names = [k.name for k in keys.values()]
     for dup in sorted({n for n in names if names.count(n) > 1}):
-        r.problem("upstream.keys", f"key name {dup!r} is used twice")
-    return UpstreamSettings(base_url=base_url.rstrip("/"), keys=tuple(keys),
+        same = " and ".join(f"keys[{i}]" for i, k in keys.items() if k.name == dup)
+        r.problem("upstream.keys", f"{same} have the same name")
+    return UpstreamSettings(base_url=base_url.rstrip("/"), keys=tuple(keys.values()),
                             **r.fields(u, "upstream", _UPSTREAM))
 
 
@@ -265,10 +252,7 @@ def _store(r: Reader, data: Any, env: Mapping[str, str]) -> StoreSettings:
     if "url" in st and "url_env" in st:
         r.problem("store", "set url or url_env, not both")
     if "url_env" in st:
-        var = r.get(st, "url_env", "store", "str")
-        url = env.get(var) if var else None
-        if var and not url:
-            r.problem("store.url_env", f"environment variable {var} is not set")
+        url = r.from_env(env, st, "url_env", "store", required=True)
     given: dict[str, Any] = {}
     if url and not url.startswith(("sqlite:///", "redis://", "rediss://")):
         r.problem("store.url", "expected sqlite:////absolute/path, redis:// or rediss://")
@@ -310,7 +294,7 @@ def _users(r: Reader, data: Any, teams: Mapping[str, Team], models: set[str]) ->
         ud = r.table(ud, where, set(_LIMITS) | {"team", "key_sha256"})
         team = r.get(ud, "team", where, "str", required=True)
         if team and team not in teams:
-            r.problem(f"{where}.team", f"no [teams.{team}] is defined")
+            r.problem(f"{where}.team", f"names a team that [teams] does not define (got {shown(team)})")
         digest = _digest(r, ud, where)
         if digest in hashes:
             r.problem(f"{where}.key_sha256", f"the same key is already used by users.{hashes[digest]}")
