@@ -155,15 +155,6 @@ def _secret_from_env(r: Reader, env: Mapping[str, str], data: dict, key: str,
     return Secret(value) if value else None
 
 
-def _models(r: Reader, data: dict, where: str, models: set[str]) -> frozenset[str] | None:
-    allow = r.get(data, "models", where, "strlist")
-    for i, m in enumerate(allow or ()):
-        if m not in models:
-            r.problem(f"{where}.models", f"entry {i + 1} is not a model of the pricing table "
-                                         f"({', '.join(sorted(models))})")
-    return None if allow is None else frozenset(allow)
-
-
 def _limits(r: Reader, data: dict, where: str, models: set[str], period: str | None = None) -> Limits:
     """`period` is the default when unset (a user's is its team's); None leaves the dataclass's."""
     v = r.fields(data, where, {k: kind for k, kind in _LIMITS.items() if k != "models"})
@@ -173,7 +164,7 @@ def _limits(r: Reader, data: dict, where: str, models: set[str], period: str | N
         r.problem(f"{where}.period", f"expected one of {', '.join(PERIODS)}, got {shown(v.pop('period'))}")
     if period and "period" not in v:
         v["period"] = period
-    return Limits(models=_models(r, data, where, models), **v)
+    return Limits(models=r.members(data, "models", where, models), **v)
 
 
 def _pricing(r: Reader, data: Any) -> dict[str, dict[str, int]]:
@@ -200,27 +191,13 @@ def _server(r: Reader, data: Any, env: Mapping[str, str]) -> ServerSettings:
                           metrics_token=_secret_from_env(r, env, s, "metrics_token_env", "server"))
 
 
-def _key_value(r: Reader, data: dict, where: str, env: Mapping[str, str], base: Path) -> str | None:
-    if "value" in data:
-        r.problem(f"{where}.value", "key values never go in the TOML; use value_env or value_file")
-    if "value_env" in data and "value_file" in data:
-        r.problem(where, "set value_env or value_file, not both")
-    elif "value_env" in data:
-        return r.from_env(env, data, "value_env", where, required=True)
-    elif "value_file" in data:
-        return r.from_file(data, "value_file", where, base)
-    else:
-        r.problem(where, "needs value_env or value_file")
-    return None
-
-
 def _key(r: Reader, data: Any, i: int, env: Mapping[str, str], base: Path,
          models: set[str]) -> UpstreamKey | None:
     where = f"upstream.keys[{i}]"
     data = r.table(data, where, set(_KEY) | {"name", "value", "value_env", "value_file", "models"})
     name = r.get(data, "name", where, "str", required=True)
-    value = _key_value(r, data, where, env, base)
-    allow = _models(r, data, where, models)
+    value = r.secret_value(data, where, env, base)
+    allow = r.members(data, "models", where, models)
     plain = r.fields(data, where, _KEY)
     if not (name and value):
         return None
@@ -278,14 +255,6 @@ def _teams(r: Reader, data: Any, models: set[str]) -> dict[str, Team]:
     return teams
 
 
-def _digest(r: Reader, data: dict, where: str) -> str | None:
-    digest = r.get(data, "key_sha256", where, "str", required=True)
-    if digest and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
-        r.problem(f"{where}.key_sha256", "expected 64 lowercase hex characters")
-        return None
-    return digest
-
-
 def _users(r: Reader, data: Any, teams: Mapping[str, Team], models: set[str]) -> dict[str, User]:
     users: dict[str, User] = {}
     hashes: dict[str, str] = {}
@@ -295,7 +264,7 @@ def _users(r: Reader, data: Any, teams: Mapping[str, Team], models: set[str]) ->
         team = r.get(ud, "team", where, "str", required=True)
         if team and team not in teams:
             r.problem(f"{where}.team", f"names a team that [teams] does not define (got {shown(team)})")
-        digest = _digest(r, ud, where)
+        digest = r.get(ud, "key_sha256", where, "sha256", required=True)
         if digest in hashes:
             r.problem(f"{where}.key_sha256", f"the same key is already used by users.{hashes[digest]}")
         if digest:

@@ -14,7 +14,7 @@ from typing import Any
 
 # Settings that name, or may hold, a secret: a problem with one never shows its value, whatever its shape.
 SENSITIVE = frozenset({"value", "value_env", "value_file", "url", "url_env", "base_url",
-                       "admin_token_env", "metrics_token_env"})
+                       "admin_token_env", "metrics_token_env", "key_sha256"})  # a key pasted for its hash
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Named in a problem only in the conventional shape: an identifier-shaped token (ghp_…, AKIA…) set where a
 # variable name belongs must not be echoed either.
@@ -40,6 +40,8 @@ KINDS = {
     "port": (lambda v: _is_int(v) and 0 < v <= 65535, "a port from 1 to 65535"),
     "strlist": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
                 "a list of strings"),
+    "sha256": (lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
+               "64 lowercase hex characters"),
 }
 
 
@@ -104,6 +106,29 @@ class Reader:
         """The keys of `kinds` that are set and valid: a dataclass's own defaults fill in the rest."""
         values = {key: self.get(data, key, where, kind) for key, kind in kinds.items()}
         return {key: v for key, v in values.items() if v is not None}
+
+    def members(self, data: dict, key: str, where: str, known: set[str]) -> frozenset[str] | None:
+        """An optional allow-list of models, each of the pricing table."""
+        allow = self.get(data, key, where, "strlist")
+        for i, name in enumerate(allow or ()):
+            if name not in known:
+                self.problem(at(where, key), f"entry {i + 1} is not a model of the pricing table "
+                                             f"({', '.join(sorted(known))})")
+        return None if allow is None else frozenset(allow)
+
+    def secret_value(self, data: dict, where: str, env: Mapping[str, str], base: Path) -> str | None:
+        """A key's value, from the variable named by `value_env` or the file named by `value_file`."""
+        if "value" in data:
+            self.problem(at(where, "value"), "key values never go in the TOML; use value_env or value_file")
+        if "value_env" in data and "value_file" in data:
+            self.problem(where, "set value_env or value_file, not both")
+        elif "value_env" in data:
+            return self.from_env(env, data, "value_env", where, required=True)
+        elif "value_file" in data:
+            return self.from_file(data, "value_file", where, base)
+        else:
+            self.problem(where, "needs value_env or value_file")
+        return None
 
     def env_name(self, data: dict, key: str, where: str) -> str | None:
         """The variable name set at `key`; a key, token or URL set there instead is a problem, never shown."""

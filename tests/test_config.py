@@ -366,6 +366,8 @@ def keyed(**key):
     (minimal(teams={"t": {"models": [LEAKY]}}), "teams.t.models", LEAKY),
     (minimal(teams={"t": {"period": LEAKY}}), "teams.t.period", LEAKY),
     (minimal(teams={"t": {}}, users={"u": {"team": LEAKY, "key_sha256": "a" * 64}}), "users.u.team", LEAKY),
+    (minimal(teams={"t": {}}, users={"u": {"team": "t", "key_sha256": ALICE_KEY}}), "users.u.key_sha256",
+     ALICE_KEY),  # the key pasted where its hash belongs
     (minimal(server={"host": [LEAKY]}), "server.host", LEAKY),
     (minimal(pricing={M: {"720p": LEAKY}}), f'pricing."{M}"."720p"', LEAKY),
     (minimal(upstream={"base_url": "https://x", "keys": [{"name": LEAKY, "value_env": "K"},
