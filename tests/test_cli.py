@@ -47,6 +47,30 @@ def test_check_config_reports_every_problem_with_its_location(tmp_path):
     assert out.returncode == 0 and "OK" in out.stdout
 
 
+def test_check_config_names_the_setting_never_a_secret_and_strips_key_values(tmp_path):
+    key, password = "th-leaky-0123456789.+/=abcd", "hunter2pw"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[server]\nadmin_token_env = "adm-{password}"\n'
+                   f'[upstream]\nbase_url = "https://tokenhub.store/api/v1"\n'
+                   f'[[upstream.keys]]\nname = "primary"\nvalue_env = "{key}"\n'
+                   f'[[upstream.keys]]\nname = "bell"\nvalue_env = "BELL"\n'
+                   f'[store]\nurl_env = "redis://:{password}@redis:6379/0"\n')
+    out = run("check-config", "--config", str(bad), env={"BELL": "th-ring\x07ring-0123456789", "PATH": ""})
+    assert out.returncode == 1
+    for where in ("server.admin_token_env", "upstream.keys[0].value_env", "upstream.keys[1].value_env",
+                  "store.url_env"):
+        assert where in out.stderr, (where, out.stderr)
+    for secret in (key, key[:12], password, "ring"):
+        assert secret not in out.stdout + out.stderr
+    (tmp_path / "primary").write_text("th-primary-0123456789abcd\n")  # as a Kubernetes secret file holds it
+    good = tmp_path / "good.toml"
+    good.write_text('[upstream]\nbase_url = "https://tokenhub.store/api/v1"\n'
+                    '[[upstream.keys]]\nname = "primary"\nvalue_file = "primary"\n'
+                    '[[upstream.keys]]\nname = "backup"\nvalue_env = "BACKUP"\n')
+    out = run("check-config", "--config", str(good), env={"BACKUP": "th-backup-0123456789wxyz\n", "PATH": ""})
+    assert out.returncode == 0 and "OK" in out.stdout
+
+
 def test_demo_serves_a_task_end_to_end_and_stops_both_on_ctrl_c(tmp_path):
     port, sim_port = free_port(), free_port()
     proc = subprocess.Popen([*CLI, "demo", "--port", str(port), "--sim-port", str(sim_port),

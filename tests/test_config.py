@@ -2,6 +2,7 @@ import copy
 import hashlib
 from pathlib import Path
 
+import orjson
 import pytest
 
 from gateway.config import (
@@ -164,6 +165,40 @@ def test_store_url_from_env():
     assert s.store.url.reveal() == "redis://:pw@redis:6379/0" and "pw" not in repr(s.store)
 
 
+# Every plain field, set to something other than its default, reaches its dataclass field.
+NON_DEFAULTS = {
+    "server": {"host": "127.0.0.1", "port": 9000, "shutdown_grace_s": 0, "max_body_bytes": 1024,
+               "log_prompts": True},
+    "upstream": {"connect_timeout_s": 1.5, "timeout_s": 7, "cooldown_s": 2, "breaker_failures": 9,
+                 "breaker_open_s": 4},
+    "poller": {"interval_s": 0.5, "expire_after_s": 60, "concurrency": 3},
+}
+
+
+@pytest.mark.parametrize("section", sorted(NON_DEFAULTS))
+def test_every_plain_setting_reaches_its_field(section):
+    values = NON_DEFAULTS[section]
+    extra = MINIMAL["upstream"] if section == "upstream" else {}
+    s = parse_settings(minimal(**{section: {**extra, **values}}), env={"K": PRIMARY})
+    assert {k: getattr(getattr(s, section), k) for k in values} == values
+
+
+def test_store_and_key_fields_override_their_defaults():
+    s = parse_settings(minimal(
+        upstream={**MINIMAL["upstream"], "keys": [{"name": "k", "value_env": "K", "weight": 4,
+                                                    "max_concurrent_tasks": 2}]},
+        store={"url": "redis://redis:6379/2", "synchronous": "full"}), env={"K": PRIMARY})
+    assert s.upstream.keys == (UpstreamKey("k", Secret(PRIMARY), weight=4, max_concurrent_tasks=2),)
+    assert s.store == StoreSettings(url=Secret("redis://redis:6379/2"), synchronous="FULL")
+
+
+def test_an_unset_team_period_is_the_limits_default_and_a_user_takes_its_teams():
+    data = minimal(teams={"t": {"budget_usd": 1}}, users={"u": {"team": "t", "key_sha256": "a" * 64}})
+    s = parse_settings(data, env={"K": PRIMARY})
+    assert s.teams["t"].limits == Limits(budget_micros=1_000_000)
+    assert s.users["u"].limits == Limits(period=Limits().period)
+
+
 def test_pricing_override_adds_a_model_and_keeps_the_defaults():
     s = parse_settings(minimal(pricing={"seedance-lite": {"1080p": 0.3}, FAST: {"720p": 0.15}}),
                        env={"K": PRIMARY})
@@ -304,6 +339,123 @@ def test_load_settings_reports_unreadable_and_invalid_files(tmp_path):
     assert "bad.toml: not valid TOML" in info.value.problems[0]
 
 
+# --- secrets: never in a problem, cleaned when read ------------------------------------------
+
+LEAKY = "th-leaky-0123456789.+/=abcd"
+TOKEN_LIKE = "ghp_AbCdEf0123456789XyZ"  # a valid identifier, yet a token
+
+
+def keyed(**key):
+    return minimal(upstream={"base_url": "https://x", "keys": [{"name": "k", **key}]})
+
+
+@pytest.mark.parametrize("data, location, secret", [
+    (keyed(value_env=LEAKY), "upstream.keys[0].value_env", LEAKY),
+    (keyed(value_env=TOKEN_LIKE), "upstream.keys[0].value_env", TOKEN_LIKE),
+    (keyed(value_env=[LEAKY]), "upstream.keys[0].value_env", LEAKY),
+    (keyed(value_file=LEAKY), "upstream.keys[0].value_file", LEAKY),
+    (keyed(value_file=f"/no/such/{LEAKY}"), "upstream.keys[0].value_file", LEAKY),
+    (minimal(store={"url_env": "redis://:hunter2pw@redis:6379/0"}), "store.url_env", "hunter2pw"),
+    (minimal(store={"url": "postgres://gw:hunter2pw@db/gateway"}), "store.url", "hunter2pw"),
+    (minimal(store={"url": 12345678}), "store.url", "12345678"),
+    (minimal(server={"admin_token_env": "adm-token-hunter2pw"}), "server.admin_token_env", "hunter2pw"),
+    (minimal(server={"metrics_token_env": "metrics hunter2pw"}), "server.metrics_token_env", "hunter2pw"),
+    (minimal(server={"admin_token_env": 987654321}), "server.admin_token_env", "987654321"),
+    (minimal(upstream={**MINIMAL["upstream"], "base_url": "ftp://gw:hunter2pw@tokenhub"}),
+     "upstream.base_url", "hunter2pw"),
+    (minimal(teams={"t": {"models": [LEAKY]}}), "teams.t.models", LEAKY),
+    (minimal(teams={"t": {"period": LEAKY}}), "teams.t.period", LEAKY),
+    (minimal(teams={"t": {}}, users={"u": {"team": LEAKY, "key_sha256": "a" * 64}}), "users.u.team", LEAKY),
+    (minimal(teams={"t": {}}, users={"u": {"team": "t", "key_sha256": ALICE_KEY}}), "users.u.key_sha256",
+     ALICE_KEY),  # the key pasted where its hash belongs
+    (minimal(server={"host": [LEAKY]}), "server.host", LEAKY),
+    (minimal(pricing={M: {"720p": LEAKY}}), f'pricing."{M}"."720p"', LEAKY),
+    (minimal(upstream={"base_url": "https://x", "keys": [{"name": LEAKY, "value_env": "K"},
+                                                          {"name": LEAKY, "value_env": "K"}]}),
+     "upstream.keys", LEAKY),
+], ids=lambda v: v if isinstance(v, str) and v.startswith(("upstream", "store", "server", "teams", "users",
+                                                            "pricing")) else "")
+def test_a_problem_names_the_setting_never_a_value_that_could_be_a_secret(data, location, secret, tmp_path):
+    problems = problems_of(data, base_dir=tmp_path)
+    assert any(p.startswith(location + ": ") for p in problems), problems
+    assert not any(secret in p or secret[:12] in p for p in problems), problems
+
+
+@pytest.mark.parametrize("name, shown", [("TOKENHUB_KEY_PRIMARY", True), ("K", True), ("lower_case", False),
+                                         (TOKEN_LIKE, False), ("AKIAIOSFODNN7EXAMPLE", False)])
+def test_an_unset_variable_is_named_only_in_a_variables_usual_shape(name, shown):
+    problems = problems_of(keyed(value_env=name), env={})
+    assert problems[0].startswith("upstream.keys[0].value_env: ") and "not set" in problems[0]
+    assert (name in problems[0]) is shown
+
+
+def test_a_config_file_full_of_misplaced_secrets_loads_into_problems_without_them(tmp_path):
+    path = tmp_path / "gateway.toml"
+    path.write_text(f"""
+[server]
+admin_token_env = "adm-hunter2pw"
+[upstream]
+base_url = "gopher://gw:hunter2pw@tokenhub"
+[[upstream.keys]]
+name = "primary"
+value_env = "{LEAKY}"
+[[upstream.keys]]
+name = "backup"
+value_file = "{LEAKY}"
+[store]
+url_env = "rediss://:hunter2pw@redis:6380/0"
+""")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    text = str(info.value) + repr(info.value)
+    assert "hunter2pw" not in text and LEAKY not in text and LEAKY[:12] not in text
+    for location in ("server.admin_token_env", "upstream.base_url", "upstream.keys[0].value_env",
+                     "upstream.keys[1].value_file", "store.url_env"):
+        assert location + ": " in text, text
+
+
+@pytest.mark.parametrize("raw", [PRIMARY + "\n", PRIMARY + "\r\n", f"  {PRIMARY}\t", f"\n{PRIMARY}\n\n"])
+def test_secret_values_are_stripped_of_surrounding_white_space(raw, tmp_path):
+    (tmp_path / "key").write_text(raw, newline="")
+    data = minimal(upstream={"base_url": "https://x", "keys": [{"name": "e", "value_env": "K"},
+                                                               {"name": "f", "value_file": "key"}]},
+                   server={"admin_token_env": "ADMIN"}, store={"url_env": "STORE"})
+    s = parse_settings(data, env={"K": raw, "ADMIN": raw, "STORE": f" redis://r:6379/0{raw[-1]}"}, base_dir=tmp_path)
+    assert [k.value.reveal() for k in s.upstream.keys] == [PRIMARY, PRIMARY]
+    assert s.server.admin_token == Secret(PRIMARY) and s.store.url.reveal() == "redis://r:6379/0"
+
+
+@pytest.mark.parametrize("value", ["th-abc\x07def-0123456789", "th-abc\x00def", "th-abc\ndef",
+                                   "\ufeffth-0123456789abcd", "th-abc\u200bdef", "th-abc\x7fdef"])
+def test_a_secret_holding_a_control_character_is_a_problem_at_its_location(value, tmp_path):
+    (tmp_path / "key").write_text(value)
+    data = minimal(upstream={"base_url": "https://x", "keys": [{"name": "e", "value_env": "K"},
+                                                               {"name": "f", "value_file": "key"}]},
+                   server={"metrics_token_env": "METRICS"})
+    problems = problems_of(data, env={"K": value, "METRICS": value}, base_dir=tmp_path)
+    for location in ("upstream.keys[0].value_env", "upstream.keys[1].value_file", "server.metrics_token_env"):
+        assert any(p.startswith(location + ": ") and "control character" in p for p in problems), problems
+    assert not any("abc" in p or "0123" in p for p in problems), problems
+
+
+def test_a_variable_or_file_holding_only_white_space_is_empty(tmp_path):
+    (tmp_path / "blank").write_text(" \n\t\n")
+    data = minimal(upstream={"base_url": "https://x", "keys": [{"name": "e", "value_env": "K"},
+                                                               {"name": "f", "value_file": "blank"}]},
+                   server={"admin_token_env": "ADMIN"})
+    problems = problems_of(data, env={"K": "\n", "ADMIN": " "}, base_dir=tmp_path)
+    assert problems == ["upstream.keys[0].value_env: environment variable K is empty",
+                        "upstream.keys[1].value_file: the file it names is empty"]
+    assert parse_settings(minimal(server={"admin_token_env": "ADMIN"}),
+                          env={"K": PRIMARY, "ADMIN": " "}).server.admin_token is None  # blank = admin off
+
+
+def test_a_key_file_that_is_not_text_is_a_problem_not_a_crash(tmp_path):
+    (tmp_path / "key").write_bytes(b"th-\xff\xfe-0123456789")
+    assert any(p.startswith("upstream.keys[0].value_file: ")
+               for p in problems_of(keyed(value_file="key"), base_dir=tmp_path))
+
+
 # --- Secret --------------------------------------------------------------------------------
 
 def test_secret_never_shows_its_value():
@@ -312,6 +464,17 @@ def test_secret_never_shows_its_value():
     shown = [repr(s), str(s), f"{s}", f"{s!r}", format(s), repr(key), str(key), repr([s]), repr({"k": s})]
     assert all(PRIMARY not in text and "0123456789abcd" not in text for text in shown)
     assert s.reveal() == PRIMARY
+
+
+def test_secret_never_shows_its_value_through_any_formatting():
+    s = Secret(PRIMARY)
+    texts = [f"{s=}", str((s,)), str({"k": s}), orjson.dumps({"k": s}, default=str).decode(),
+             repr(UpstreamSettings("https://x", (UpstreamKey("k", s),))), repr(StoreSettings(url=s)),
+             repr(ServerSettings(admin_token=s, metrics_token=s))]
+    assert all(PRIMARY not in t and "0123456789abcd" not in t for t in texts), texts
+    with pytest.raises(TypeError):
+        f"{s:>40}"  # a format spec is refused rather than applied to the value
+    assert not hasattr(s, "__dict__")
 
 
 def test_settings_repr_hides_every_secret(spec_config):
