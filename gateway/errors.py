@@ -4,7 +4,8 @@
     ├── AuthError                 401 authentication_error / invalid_api_key
     ├── ValidationError           400 invalid_request_error / invalid_parameter (param)
     │   ├── InvalidJSON           400 invalid_json
-    │   └── BodyTooLarge          413 body_too_large
+    │   ├── BodyTooLarge          413 body_too_large
+    │   └── UnsupportedParameter  400 unsupported_parameter (param): no Seedance equivalent
     ├── PermissionDenied          403 permission_error / model_not_allowed
     ├── NotFound                  404 invalid_request_error / task_not_found (or route_not_found)
     ├── IdempotencyConflict       409 idempotency_key_reused / idempotency_key_in_progress
@@ -67,6 +68,10 @@ class InvalidJSON(ValidationError):
 
 class BodyTooLarge(ValidationError):
     status, code = 413, "body_too_large"
+
+
+class UnsupportedParameter(ValidationError):
+    code = "unsupported_parameter"
 
 
 class PermissionDenied(GatewayError):
