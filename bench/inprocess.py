@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import CREATE_PATH, UPSTREAM_KEYS, USER_KEY, gateway_toml  # noqa: E402
+from gateway_config import CREATE_PATH, USER_KEY, gateway_toml, upstream_key_env  # noqa: E402
 
 from gateway import logs  # noqa: E402
 from gateway.app import create_app  # noqa: E402
@@ -95,8 +95,7 @@ def main() -> None:
     p.add_argument("--creates", type=int, default=20_000)
     p.add_argument("--concurrency", type=int, default=32)
     args = p.parse_args()
-    for name, value in UPSTREAM_KEYS.items():
-        os.environ[f"BENCH_UPSTREAM_KEY_{name[-1].upper()}"] = value
+    os.environ.update(upstream_key_env())
     work = Path(tempfile.mkdtemp(prefix="tokenhub-inprocess-"))
     config = work / "gateway.toml"
     config.write_text(gateway_toml(1, 2, f"sqlite:///{work / 'gateway.db'}"))

@@ -14,10 +14,11 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.procs import free_port, spawn, stop, wait_for
 
 
 def redis_server_path() -> str | None:
@@ -35,12 +36,6 @@ def require_redis_server() -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RedisServer:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -51,17 +46,14 @@ class RedisServer:
     def start(self, timeout_s: float = 10) -> str:
         binary = require_redis_server()
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self._dir),
-             "--save", "", "--appendonly", "no", "--logfile", str(self._dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while not self._answers():
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                log = (self._dir / "redis.log").read_text(errors="replace")[-2000:]
-                self.stop()
-                raise RuntimeError(f"redis-server did not start on port {self.port}:\n{log}")
-            time.sleep(0.02)
+        self._proc = spawn([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self._dir),
+                            "--save", "", "--appendonly", "no", "--logfile", str(self._dir / "redis.log")], None)
+        try:
+            wait_for(self._answers, "answering PING", timeout_s, self._proc)
+        except (RuntimeError, TimeoutError) as exc:
+            log = (self._dir / "redis.log").read_text(errors="replace")[-2000:]
+            self.stop()
+            raise RuntimeError(f"redis-server did not start on port {self.port} ({exc}):\n{log}") from None
         return self.url
 
     def _answers(self) -> bool:
@@ -74,9 +66,8 @@ class RedisServer:
 
     def kill(self) -> None:
         """Crash the server: nothing is saved, the port is freed."""
-        if self._proc and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(timeout=10)
+        if self._proc:
+            stop(self._proc, signal.SIGKILL, 10)
 
     def pause(self) -> None:
         """Freeze the server (SIGSTOP): connections stay open but nothing answers."""
@@ -89,11 +80,7 @@ class RedisServer:
 
     def stop(self) -> None:
         if self._proc and self._proc.poll() is None:
-            self.resume()
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+            self.resume()  # a frozen server would not act on SIGTERM
+            stop(self._proc, signal.SIGTERM, 10)
         self._proc = None
         shutil.rmtree(self._dir, ignore_errors=True)

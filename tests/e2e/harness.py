@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,57 +13,16 @@ from typing import Any
 import httpx
 import tomli_w
 
+from tests import procs
+from tests.procs import free_port, wait_http  # the e2e tests import these two from here too
+
 KEYS = {"key-a": "th-sim-key-aaaaaaaa1111", "key-b": "th-sim-key-bbbbbbbb2222", "key-c": "th-sim-key-cccccccc3333"}
 ADMIN_TOKEN = "admin-token-for-tests"
 METRICS_TOKEN = "metrics-token-for-tests"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=1.0).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
-class Process:
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.args, self.log_path, self.env = args, log, env
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(self.env or {})}, start_new_session=True)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-        code, self.proc = self.proc.returncode, None
-        return code
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
+class Process(procs.Process):
+    """A test's child process, whose log is read back as JSON lines."""
 
     def lines(self) -> list[dict[str, Any]]:
         """Every stdout line, parsed; a line that is not JSON fails the test that reads it.
@@ -78,9 +33,6 @@ class Process:
             if raw.strip():
                 out.append(json.loads(raw))
         return out
-
-    def text(self) -> str:
-        return self.log_path.read_text()
 
 
 class Simulator(Process):
@@ -161,7 +113,7 @@ class Gateway(Process):
 
     def start(self) -> None:
         Process.start(self)
-        wait_http(self.url + "/healthz", proc=self.proc)
+        self.wait_http(self.url + "/healthz")
 
     def restart(self, kill: bool = False) -> None:
         self.kill() if kill else self.stop()
