@@ -9,13 +9,16 @@
     ├── PermissionDenied          403 permission_error / model_not_allowed
     ├── NotFound                  404 invalid_request_error / task_not_found (or route_not_found)
     ├── IdempotencyConflict       409 idempotency_key_reused / idempotency_key_in_progress
+    ├── TaskNotUnknown            409 invalid_request_error / task_not_unknown
     ├── QuotaError                429 insufficient_quota / budget_exceeded
     ├── RateLimited               429 rate_limit_exceeded (+ Retry-After)
     ├── StoreUnavailable          503 service_unavailable / store_unavailable (+ Retry-After)
     ├── NoUpstreamKey             503 upstream_unavailable / no_upstream_key (+ Retry-After)
+    ├── RecordRejected            500 server_error / record_rejected
     ├── ShuttingDown              503 service_unavailable / shutting_down
     └── UpstreamError             502 upstream_error / upstream_* codes
         ├── ConnectFailed         502 upstream_unreachable: nothing reached TokenHub
+        ├── DuplicateTaskId       502 upstream_bad_response: an id the gateway already holds
         └── UpstreamTimeout       504 upstream_timeout
 """
 
@@ -121,3 +124,20 @@ class ConnectFailed(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     status, code = 504, "upstream_timeout"
+
+
+class TaskNotUnknown(GatewayError):
+    status, type, code = 409, "invalid_request_error", "task_not_unknown"
+
+
+class RecordRejected(GatewayError):
+    """The store refused one record (a figure out of range, a constraint): that record's request fails,
+    nothing of it is written, and every other operation goes on."""
+
+    code = "record_rejected"
+
+
+class DuplicateTaskId(UpstreamError):
+    """TokenHub answered a create with a task id the store already holds."""
+
+    code = "upstream_bad_response"

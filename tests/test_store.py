@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from dataclasses import replace
@@ -11,10 +10,19 @@ from dataclasses import replace
 import pytest
 
 from gateway.config import Limits
-from gateway.errors import IdempotencyConflict, QuotaError, RateLimited, StoreUnavailable
+from gateway.errors import (
+    DuplicateTaskId,
+    IdempotencyConflict,
+    NotFound,
+    QuotaError,
+    RateLimited,
+    RecordRejected,
+    StoreUnavailable,
+    TaskNotUnknown,
+)
 from gateway.keypool import KeyHealth
 from gateway.quota import Subject, period_key
-from gateway.store.base import Admission, Task
+from gateway.store.base import MAX_COUNTER, MAX_FIGURE, TERMINAL, UNKNOWN, Admission, Task
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SQLiteStore
 from tests.redis_server import RedisServer, require_redis_server
@@ -392,6 +400,264 @@ async def test_now_is_close_to_this_clock(store):
     assert abs(await store.now() - time.time()) < 5
 
 
+
+# what the store does not take on trust
+
+async def books(store, now: float, rid: str | None = None) -> tuple:
+    """Everything a settlement may change: both subjects' figures, key slots, backlog and the row."""
+    row = await store.get_record(rid) if rid else None
+    return (await figures(store, now), dict(await store.key_in_flight()), await store.backlog(), row)
+
+
+@pytest.mark.parametrize(("billed", "cost"), [
+    (MAX_FIGURE + 1, 1), (1, MAX_FIGURE + 1), (-1, 0), (0, -5), (1e14, 0), (0, 2.5), (True, 0), (0, 2**63),
+    (0, "12"), (None, 0),
+])
+async def test_settle_with_a_bad_figure_changes_nothing(store, billed, cost):
+    now = await store.now()
+    task = await created(store, now)
+    before = await books(store, now, task.rid)
+    for _ in range(2):  # and a refused settlement gives nothing back, however often it is tried
+        with pytest.raises(RecordRejected) as err:
+            await store.settle(task.task_id, "succeeded", billed, cost, False, b"{}", now + 5)
+        assert (err.value.status, err.value.type, err.value.code) == (500, "server_error", "record_rejected")
+        assert await books(store, now, task.rid) == before
+    done = await store.settle(task.task_id, "succeeded", 12_000, 2_400_000, False, b"{}", now + 5)
+    assert done.status == "succeeded"
+    for u in await figures(store, now):
+        assert (u.counters.reserved_micros, u.counters.spent_micros, u.in_flight) == (0, 2_400_000, 0)
+    assert (await store.key_in_flight())["primary"] == 0
+    assert await store.settle(task.task_id, "succeeded", 12_000, 2_400_000, False, b"{}", now + 6) is None
+    assert (await figures(store, now))[1].counters.spent_micros == 2_400_000
+
+
+async def test_settle_at_the_largest_figures_applies(store):
+    now = await store.now()
+    task = await created(store, now)
+    done = await store.settle(task.task_id, "succeeded", MAX_FIGURE, MAX_FIGURE, False, None, now)
+    assert (done.billed_ms, done.cost_micros) == (MAX_FIGURE, MAX_FIGURE)
+    assert (await store.get_task(task.task_id)).cost_micros == MAX_FIGURE
+    assert (await figures(store, now))[1].counters.spent_micros == MAX_FIGURE
+
+
+async def test_settle_refuses_a_status_that_is_not_terminal(store):
+    now = await store.now()
+    task = await created(store, now)
+    before = await books(store, now, task.rid)
+    for status in ("running", "pending", "", "create_failed"):
+        with pytest.raises(RecordRejected):
+            await store.settle(task.task_id, status, 0, 0, False, None, now)
+    assert await books(store, now, task.rid) == before
+
+
+async def _preload_spent(store, scope: str, name: str, period: str, micros: int) -> None:
+    """Put a subject's spent counter where no test could settle its way to."""
+    if isinstance(store, SQLiteStore):
+        await store._do(lambda c: c.execute(
+            "INSERT INTO counters (scope, name, period, spent_micros) VALUES (?, ?, ?, ?) ON CONFLICT "
+            "(scope, name, period) DO UPDATE SET spent_micros=excluded.spent_micros", (scope, name, period, micros)))
+        store._books.clear()
+    else:
+        await store._r.hset(f"{store.prefix}c:{scope}:{name}:{period}", "spent_micros", micros)
+
+
+async def test_settle_that_would_overflow_a_counter_changes_nothing(store):
+    now = await store.now()
+    task = await created(store, now)
+    await _preload_spent(store, "team", "marketing", task.team_period, MAX_COUNTER - 10)
+    before = await books(store, now, task.rid)
+    with pytest.raises(RecordRejected):
+        await store.settle(task.task_id, "succeeded", 1000, 11, False, None, now)
+    assert await books(store, now, task.rid) == before
+    assert await store.settle(task.task_id, "succeeded", 1000, 10, False, None, now)
+    assert (await figures(store, now))[1].counters.spent_micros == MAX_COUNTER
+
+
+@pytest.mark.parametrize("field", ["estimate_micros", "estimate_ms", "input_ms"])
+async def test_admit_refuses_an_estimate_out_of_range(store, field):
+    now = await store.now()
+    adm = admission(now, idem="k1", **{field: MAX_FIGURE + 1})
+    with pytest.raises(RecordRejected):
+        await store.admit(adm, now)
+    user, team = await figures(store, now)
+    assert (team.counters.reserved_micros, team.in_flight, user.in_flight) == (0, 0, 0)
+    assert await store.ledger(None, None, None, None, None) == []
+    assert await store.idem_get("marketing", "k1") is None
+
+
+async def test_duplicate_task_id_is_refused_and_changes_nothing(store):
+    now = await store.now()
+    first = await created(store, now, task_id="cgt-twice", team_name="sales")
+    second = await admitted(store, now, idem="k2")
+    await store.acquire_key(second.rid, "primary", 100)
+    before = await books(store, now, second.rid)
+    with pytest.raises(DuplicateTaskId) as err:
+        await store.record_created(second.rid, "cgt-twice", "queued", now, (200, b'{"id": "cgt-twice"}'))
+    assert (err.value.status, err.value.code) == (502, "upstream_bad_response")
+    assert await books(store, now, second.rid) == before
+    assert (await store.get_record(second.rid)).task_id is None
+    assert (await store.get_task("cgt-twice")).rid == first.rid  # the holder keeps its task
+    assert (await store.idem_get("marketing", "k2")).done is False
+    assert await store.list_tasks("marketing", 10, None, None) == ([], False)
+    # the same record again for the task that holds the id is no duplicate
+    await store.record_created(first.rid, "cgt-twice", "queued", now, (200, b"{}"))
+
+
+async def test_record_created_never_reopens_a_settled_row(store):
+    now = await store.now()
+    task = await admitted(store, now)
+    await store.mark_unknown(task.rid, now, None)
+    await store.record_created(task.rid, "cgt-late", "queued", now, (200, b"{}"))
+    row = await store.get_record(task.rid)
+    assert (row.status, row.task_id) == (UNKNOWN, None)
+    assert await store.get_task("cgt-late") is None
+
+
+# unknown outcomes
+
+async def test_unknown_is_terminal():
+    assert UNKNOWN in TERMINAL
+
+
+async def test_mark_unknown_charges_the_estimate_and_frees_the_slots(store):
+    now = await store.now()
+    limits = Limits(max_concurrent_tasks=1, budget_micros=10 * DOLLAR)
+    task = await admitted(store, now, team=limits, idem="k1")
+    assert await store.acquire_key(task.rid, "primary", 1)
+    reply = (502, b'{"error": {"code": "upstream_timeout"}}')
+    row = await store.mark_unknown(task.rid, now + 2, reply)
+    assert (row.status, row.task_id, row.rid) == (UNKNOWN, None, task.rid)
+    assert (row.billed_ms, row.cost_micros, row.cost_estimated, row.settled_at) == (EST_MS, EST_MICROS, True, now + 2)
+    for u in await figures(store, now, team=limits):
+        c = u.counters
+        assert (c.reserved_micros, c.reserved_ms, c.spent_micros, c.spent_ms, u.in_flight) == \
+            (0, 0, EST_MICROS, EST_MS, 0)
+    assert (await store.key_in_flight())["primary"] == 0
+    assert await store.backlog() == 0
+    assert await store.due_tasks(now + 10_000, 10, 30) == []
+    record = await store.idem_get("marketing", "k1")
+    assert (record.done, record.status, record.body) == (True, *reply)
+    [ledger_row] = await store.ledger(None, None, None, None, None)
+    assert ledger_row == row == await store.get_record(task.rid)
+    assert await store.get_task(task.rid) is None  # no upstream id
+    # nothing is charged or given back twice: again, a late settlement, a late failure
+    before = await books(store, now, task.rid)
+    assert await store.mark_unknown(task.rid, now + 3, reply) == row
+    assert await store.settle(task.rid, "unresolved", EST_MS, EST_MICROS, True, None, now + 4) is None
+    await store.fail_create(task.rid, now + 5, None)
+    await store.release_key(task.rid)
+    assert await books(store, now, task.rid) == before
+    assert await store.admit(admission(now, team=limits), now) is None  # its concurrency slot is free
+
+
+async def test_mark_unknown_without_a_reply_keeps_the_claim(store):
+    now = await store.now()
+    task = await admitted(store, now, idem="k1")
+    await store.mark_unknown(task.rid, now, None)
+    assert (await store.idem_get("marketing", "k1")).done is False  # a retry is not charged again
+
+
+async def test_mark_unknown_changes_only_a_pending_create(store):
+    now = await store.now()
+    task = await created(store, now)
+    before = await books(store, now, task.rid)
+    assert await store.mark_unknown(task.rid, now, None) == task
+    assert await books(store, now, task.rid) == before
+    with pytest.raises(NotFound) as err:
+        await store.mark_unknown("no-such-rid", now, None)
+    assert err.value.code == "task_not_found"
+
+
+async def test_resolve_unknown_void_then_settle(store):
+    now = await store.now()
+    task = await admitted(store, now)
+    await store.acquire_key(task.rid, "primary", 5)
+    unknown = await store.mark_unknown(task.rid, now, None)
+    void = await store.resolve_unknown(task.rid, 0, 0, now + 10)
+    assert (void.status, void.billed_ms, void.cost_micros, void.cost_estimated) == (UNKNOWN, 0, 0, False)
+    assert (void.settled_at, void.updated_at) == (unknown.settled_at, now + 10)
+    for u in await figures(store, now):
+        assert (u.counters.spent_micros, u.counters.spent_ms, u.counters.reserved_micros, u.in_flight) == (0, 0, 0, 0)
+    assert await store.resolve_unknown(task.rid, 0, 0, now + 20) == void  # idempotent: the same row
+    assert await store.get_record(task.rid) == void
+    billed = await store.resolve_unknown(task.rid, 12_000, 2_400_000, now + 30)
+    assert (billed.status, billed.billed_ms, billed.cost_micros, billed.cost_estimated) == \
+        (UNKNOWN, 12_000, 2_400_000, False)
+    assert await store.resolve_unknown(task.rid, 12_000, 2_400_000, now + 40) == billed
+    for u in await figures(store, now):
+        assert (u.counters.spent_micros, u.counters.spent_ms, u.in_flight) == (2_400_000, 12_000, 0)
+    assert (await store.key_in_flight())["primary"] == 0
+    assert [t.cost_micros for t in await store.ledger(None, None, None, None, None)] == [2_400_000]
+
+
+async def test_resolve_unknown_by_its_figures_from_the_estimate(store):
+    now = await store.now()
+    task = await admitted(store, now)
+    await store.mark_unknown(task.rid, now, None)
+    row = await store.resolve_unknown(task.rid, EST_MS, EST_MICROS, now + 1)  # the estimate was right
+    assert (row.cost_micros, row.cost_estimated) == (EST_MICROS, False)
+    assert (await figures(store, now))[1].counters.spent_micros == EST_MICROS
+
+
+async def test_resolve_unknown_refusals(store):
+    now = await store.now()
+    done = await created(store, now)
+    await store.settle(done.task_id, "succeeded", 1000, 200_000, False, None, now)
+    with pytest.raises(TaskNotUnknown) as err:
+        await store.resolve_unknown(done.task_id, 0, 0, now)
+    assert (err.value.status, err.value.type, err.value.code) == (409, "invalid_request_error", "task_not_unknown")
+    live = await created(store, now)
+    with pytest.raises(TaskNotUnknown):
+        await store.resolve_unknown(live.rid, 0, 0, now)
+    with pytest.raises(NotFound) as err:
+        await store.resolve_unknown("cgt-nobody", 0, 0, now)
+    assert (err.value.status, err.value.code) == (404, "task_not_found")
+    task = await admitted(store, now)
+    unknown = await store.mark_unknown(task.rid, now, None)
+    before = await books(store, now, task.rid)
+    for billed, cost in ((-1, 0), (0, MAX_FIGURE + 1), (0.5, 0)):
+        with pytest.raises(RecordRejected):
+            await store.resolve_unknown(task.rid, billed, cost, now)
+    assert await books(store, now, task.rid) == before
+    assert (await store.get_record(task.rid)) == unknown
+
+
+async def test_get_record_by_task_id_or_rid(store):
+    now = await store.now()
+    task = await created(store, now)
+    assert await store.get_record(task.task_id) == task == await store.get_record(task.rid)
+    assert await store.get_record("nothing") is None
+
+
+# a Redis script checks everything before its first write
+
+@pytest.fixture
+async def redis_store(redis_url):
+    s = RedisStore(redis_url, prefix=f"test:{uuid.uuid4().hex[:8]}:")
+    await s.open()
+    yield s
+    await s.close()
+
+
+@pytest.mark.parametrize(("billed", "cost", "estimated", "now"), [
+    ("1e14", "0", "0", "1.0"), ("0", "100000000000000000000", "0", "1.0"), ("-1", "0", "0", "1.0"),
+    ("01", "0", "0", "1.0"), ("0", "", "0", "1.0"), ("0", "0", "yes", "1.0"), ("0", "0", "0", "soon"),
+])
+async def test_redis_settle_script_refuses_before_writing(redis_store, billed, cost, estimated, now):
+    store = redis_store
+    t = await store.now()
+    task = await created(store, t)
+    before = await books(store, t, task.rid)
+    with pytest.raises(RecordRejected):  # past the Python checks, straight to the script
+        await store._eval("settle", task.task_id, "succeeded", billed, cost, estimated, now, "", b"")
+    assert await books(store, t, task.rid) == before
+
+
+async def test_redis_script_errors_are_record_rejected_not_unavailable(redis_store):
+    with pytest.raises(RecordRejected):
+        await redis_store._do(redis_store._r.eval("return redis.call('HINCRBY', KEYS[1], 'x', 'y')", 1,
+                                                  redis_store.prefix + "scratch"))
+
 # Redis outages
 
 async def test_redis_down_is_store_unavailable_and_recovers():
@@ -432,60 +698,3 @@ async def test_hung_redis_fails_fast():
     finally:
         await store.close()
         server.stop()
-
-
-# the SQLite writer's batches
-
-async def _one_batch(store: SQLiteStore, *steps):
-    """Run the steps' store operations in one batch of the writer thread: it is held until all are queued."""
-    gate = threading.Event()
-    held = store._do(lambda c: gate.wait(5))
-    tasks = [asyncio.ensure_future(step) for step in steps]
-    await asyncio.sleep(0.05)  # every step has queued its operation behind the held one
-    gate.set()
-    await held
-    return await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def test_sqlite_batch_a_refusal_leaves_the_others_standing(tmp_path):
-    store = SQLiteStore(str(tmp_path / "gateway.db"))
-    await store.open()
-    try:
-        now = await store.now()
-        await admitted(store, now, idem="k1", body_hash="abc")
-        first, second = admission(now), admission(now)
-        results = await _one_batch(store, store.admit(first, now),
-                                   store.admit(admission(now, idem="k1", body_hash="abc"), now),
-                                   store.admit(second, now))
-        assert results[0] is None and results[2] is None
-        assert isinstance(results[1], IdempotencyConflict)
-        user, team = await figures(store, now)
-        assert (team.in_flight, team.counters.reserved_micros) == (3, 3 * EST_MICROS)
-    finally:
-        await store.close()
-    reopened = SQLiteStore(str(tmp_path / "gateway.db"))  # and it was all committed
-    await reopened.open()
-    try:
-        user, team = await figures(reopened, now)
-        assert (team.in_flight, team.counters.reserved_micros) == (3, 3 * EST_MICROS)
-    finally:
-        await reopened.close()
-
-
-async def test_sqlite_batch_a_failure_rolls_back_the_whole_batch(tmp_path):
-    store = SQLiteStore(str(tmp_path / "gateway.db"))
-    await store.open()
-    try:
-        now = await store.now()
-        kept = await admitted(store, now)
-        lost = admission(now)
-        results = await _one_batch(store, store.admit(lost, now),
-                                   store._do(lambda c: c.execute("INSERT INTO no_such_table VALUES (1)")))
-        assert all(isinstance(r, StoreUnavailable) for r in results)
-        user, team = await figures(store, now)  # the books are read again from the tables
-        assert (team.in_flight, team.counters.reserved_micros) == (1, EST_MICROS)
-        assert await store.get_task(kept.rid) is None  # not created upstream yet: found by rid only below
-        assert [t.rid for t in await store.ledger(None, None, None, None, None)] == [kept.rid]
-        assert await store.admit(admission(now), now) is None  # and the writer goes on
-    finally:
-        await store.close()

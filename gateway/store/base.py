@@ -5,13 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
+from ..errors import RecordRejected
 from ..keypool import KeyHealth
 from ..quota import Counters, RateState, Rejection, Subject
 
 PENDING = "pending"
-TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired", "unresolved"})
+UNKNOWN = "unknown"  # forwarded, outcome unknown: charged at its estimate until an operator resolves it
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired", "unresolved", UNKNOWN})
 LIVE = frozenset({PENDING, "queued", "running"})
 IDEM_TTL_S = 24 * 3600
+# Every figure a store is given is an int in 0..MAX_FIGURE, and no counter grows past MAX_COUNTER:
+# both stay exact in SQLite's int64 and in Lua's doubles (2^53).
+MAX_FIGURE = 10**15
+MAX_COUNTER = 2**53 - 1
 
 
 @dataclass(slots=True)
@@ -49,6 +55,18 @@ class Task:
 
 
 TASK_FIELDS = tuple(f.name for f in fields(Task))
+
+
+def check_figures(**figures: object) -> None:
+    """Raise RecordRejected unless every figure is an int in 0..MAX_FIGURE (bool is not a figure)."""
+    for name, value in figures.items():
+        if type(value) is not int or not 0 <= value <= MAX_FIGURE:
+            raise RecordRejected(f"The store refused {name}={value!r}: not a whole number in 0..{MAX_FIGURE}.")
+
+
+def check_status(status: str) -> None:
+    if status not in TERMINAL:
+        raise RecordRejected(f"The store refused the status {status!r} for a settlement.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,16 +113,34 @@ class Store(Protocol):
     async def acquire_key(self, rid: str, key_name: str, limit: int) -> bool: ...
     async def release_key(self, rid: str) -> None: ...
     async def record_created(self, rid: str, task_id: str, status: str, now: float,
-                             reply: tuple[int, bytes]) -> None: ...
+                             reply: tuple[int, bytes]) -> None:
+        """The create's upstream task id, status and reply; a settled row is never reopened.
+        DuplicateTaskId (nothing changed) when another row holds that task id."""
+
     async def fail_create(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> None:
         """Forwarded, but no task to track: release the reservation and slots; keep the outcome for replay."""
 
+    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> Task:
+        """A forwarded create whose outcome is unknown: its estimate becomes its cost (spent, flagged
+        estimated), its slots are freed, and the idempotency claim is completed with `reply` (left
+        claimed when None, so no retry pays twice). Only a pending create changes; any other row is
+        answered as it is. NotFound when there is no such rid."""
+
     # tasks
     async def get_task(self, task_id: str) -> Task | None: ...
+    async def get_record(self, ref: str) -> Task | None:
+        """A ledger row by its upstream task id, else by its rid (a create TokenHub gave no id)."""
+
     async def set_status(self, task_id: str, status: str, now: float) -> None: ...
     async def settle(self, task_id: str, status: str, billed_ms: int, cost_micros: int,
                      estimated: bool, final_body: bytes | None, now: float) -> Task | None:
-        """Replace the reservation by the actual cost exactly once; None when already settled."""
+        """Replace the reservation by the actual cost exactly once; None when already settled.
+        Applies whole or not at all: a figure out of range raises RecordRejected and changes nothing."""
+
+    async def resolve_unknown(self, ref: str, billed_ms: int, cost_micros: int, now: float) -> Task:
+        """An operator's figures for an `unknown` row (by task id or rid): the spent counters move by the
+        difference and the cost is no longer an estimate; the status stays `unknown`. Idempotent.
+        NotFound for no such row, TaskNotUnknown for a row of another status."""
 
     async def list_tasks(self, team: str, limit: int, after: str | None,
                          status: str | None) -> tuple[list[Task], bool]: ...

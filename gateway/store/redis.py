@@ -31,12 +31,20 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
-from ..errors import IdempotencyConflict, StoreUnavailable
+from ..errors import (
+    DuplicateTaskId,
+    GatewayError,
+    IdempotencyConflict,
+    NotFound,
+    RecordRejected,
+    StoreUnavailable,
+    TaskNotUnknown,
+)
 from ..keypool import KeyHealth
 from ..quota import WINDOW_S, Counters, RateState, Rejection, Subject, check, state_of
-from .base import IDEM_TTL_S, TASK_FIELDS, Admission, IdemRecord, Task, Usage
+from .base import IDEM_TTL_S, TASK_FIELDS, Admission, IdemRecord, Task, Usage, check_figures, check_status
 from .redis_scripts import PRELUDE, SCRIPTS
 
 T = TypeVar("T")
@@ -74,6 +82,26 @@ def _opt(value: int | None) -> int | str:
     return "" if value is None else value
 
 
+_BUSY_REPLIES = frozenset({"MISCONF", "BUSY", "NOREPLICAS"})  # the server cannot write now
+
+
+def _store_error(exc: Exception) -> GatewayError:
+    """A script's refusal (its error reply's first word), a record the server refused, or unavailability."""
+    if type(exc) is not ResponseError:
+        return StoreUnavailable(f"The gateway's store failed: {exc.__class__.__name__}.")
+    word, _, rest = str(exc).partition(" ")
+    if word == "DUPLICATE":
+        return DuplicateTaskId("TokenHub answered the create with a task id already in use.")
+    if word == "NOTFOUND":
+        return NotFound("No such task in the ledger.", param="task_id")
+    if word == "NOTUNKNOWN":
+        return TaskNotUnknown(f"The task is {rest}, not unknown: there is nothing to resolve.")
+    if word in _BUSY_REPLIES:
+        return StoreUnavailable(f"The gateway's store cannot write now: {word}.")
+    reason = rest if word == "REJECTED" else "a script error"
+    return RecordRejected(f"The store refused this record ({reason}).")
+
+
 class RedisStore:
     def __init__(self, url: str, prefix: str = "thg:", *, timeout_s: float = 2.0,
                  max_connections: int = 64) -> None:
@@ -92,7 +120,7 @@ class RedisStore:
         try:
             return await aw
         except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"The gateway's store failed: {exc.__class__.__name__}.") from None
+            raise _store_error(exc) from None
 
     async def _eval(self, name: str, *args: Any) -> Any:
         return await self._do(self._scripts[name](keys=[], args=[self.prefix, *args]))
@@ -151,6 +179,7 @@ class RedisStore:
     async def admit(self, adm: Admission, now: float) -> Rejection | None:
         """`now` is not used: the rate window and the idempotency record take Redis's time."""
         t = adm.task
+        check_figures(estimate_micros=t.estimate_micros, estimate_ms=t.estimate_ms, input_ms=t.input_ms)
         args: list[Any] = [t.rid, t.team, t.idem_key or "", adm.body_hash or "", IDEM_TTL_S,
                            t.estimate_micros, t.estimate_ms, repr(t.created_at), repr(t.next_poll_at),
                            len(adm.subjects)]
@@ -188,19 +217,32 @@ class RedisStore:
     async def fail_create(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> None:
         await self._eval("fail_create", rid, repr(now), *(("1", *reply) if reply is not None else ("", 0, b"")))
 
+    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> Task:
+        answer = ("1", *reply) if reply is not None else ("", 0, b"")
+        return _task(await self._eval("mark_unknown", rid, repr(float(now)), *answer))
+
     # tasks
 
     async def get_task(self, task_id: str) -> Task | None:
         return _task(await self._eval("get", task_id))
+
+    async def get_record(self, ref: str) -> Task | None:
+        return _task(await self._eval("get_record", ref))
 
     async def set_status(self, task_id: str, status: str, now: float) -> None:
         await self._eval("set_status", task_id, status, repr(now))
 
     async def settle(self, task_id: str, status: str, billed_ms: int, cost_micros: int,
                      estimated: bool, final_body: bytes | None, now: float) -> Task | None:
+        check_status(status)
+        check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
         body = ("1", final_body) if final_body is not None else ("", b"")
         return _task(await self._eval("settle", task_id, status, billed_ms, cost_micros, int(estimated),
-                                      repr(now), *body))
+                                      repr(float(now)), *body))
+
+    async def resolve_unknown(self, ref: str, billed_ms: int, cost_micros: int, now: float) -> Task:
+        check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
+        return _task(await self._eval("resolve", ref, billed_ms, cost_micros, repr(float(now))))
 
     async def list_tasks(self, team: str, limit: int, after: str | None,
                          status: str | None) -> tuple[list[Task], bool]:

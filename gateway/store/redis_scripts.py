@@ -5,9 +5,13 @@ runs after PRELUDE (shared helpers). Key layout: see redis.py."""
 from __future__ import annotations
 
 from ..quota import WINDOW_S
+from .base import MAX_COUNTER, MAX_FIGURE
 
 # Shared by every script. ARGV[1] is the key prefix; the scripts' own arguments follow it.
-PRELUDE = f"local WINDOW_S = {WINDOW_S}\n" + """
+# A script that errors is not rolled back: each checks everything it is given before its first write,
+# and refuses with an error reply whose first word redis.py maps to an error (REJECTED, DUPLICATE,
+# NOTFOUND, NOTUNKNOWN).
+PRELUDE = f"local WINDOW_S, MAX_FIGURE, MAX_COUNTER = {WINDOW_S}, {MAX_FIGURE}, {MAX_COUNTER}\n" + """
 local P = ARGV[1]
 local LIVE = {pending = true, queued = true, running = true}
 local CORE = {'team', 'user', 'team_period', 'user_period', 'estimate_micros', 'estimate_ms',
@@ -34,6 +38,28 @@ local function bump(scope, name, delta)  -- an in-flight count, never below zero
   end
 end
 local function owners(t) return {{'team', t.team, t.team_period}, {'user', t.user, t.user_period}} end
+local function figure(s)  -- a whole number in 0..MAX_FIGURE as HINCRBY reads it (no leading 0), or nil
+  if type(s) ~= 'string' or #s > 16 or not (s == '0' or string.match(s, '^[1-9]%d*$')) then return nil end
+  local x = tonumber(s)
+  if x > MAX_FIGURE then return nil end
+  return x
+end
+local function can_spend(t, micros, ms)  -- no spent counter may pass MAX_COUNTER
+  for _, s in ipairs(owners(t)) do
+    local c = redis.call('HMGET', ckey(s[1], s[2], s[3]), 'spent_micros', 'spent_ms')
+    if (tonumber(c[1]) or 0) + micros > MAX_COUNTER or (tonumber(c[2]) or 0) + ms > MAX_COUNTER then
+      return false
+    end
+  end
+  return true
+end
+local function spend(t, micros, ms)
+  for _, s in ipairs(owners(t)) do
+    local c = ckey(s[1], s[2], s[3])
+    redis.call('HINCRBY', c, 'spent_micros', micros)
+    redis.call('HINCRBY', c, 'spent_ms', ms)
+  end
+end
 local function release(t)  -- give back what a live task holds: its reservation and its slots
   if not LIVE[t.status] then return end
   for _, s in ipairs(owners(t)) do
@@ -58,6 +84,7 @@ end
 #   reserved_micros, spent_ms, reserved_ms, in_flight, rate-window times...}
 ADMIT = """
 local rid, team, idem, n = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[11])
+if not figure(ARGV[7]) or not figure(ARGV[8]) then return redis.error_reply('REJECTED estimate') end
 if redis.call('EXISTS', P .. 'x:' .. rid) == 1 then return {'gone'} end  -- abandoned: a late copy
 if redis.call('EXISTS', tkey(rid)) == 1 then return {'ok'} end
 local now = clock()
@@ -140,20 +167,23 @@ redis.call('HSET', k, 'key_name', ARGV[3])
 return 1
 """
 
-# ARGV: rid
+# ARGV: rid. A settled task's slot was given back with its settlement.
 RELEASE_KEY = """
-local held = redis.call('HGET', tkey(ARGV[2]), 'key_name')
-if held and held ~= '' then
+local v = redis.call('HMGET', tkey(ARGV[2]), 'key_name', 'settled_at')
+local held = v[1]
+if held and held ~= '' and not v[2] then
   bump('key', held, -1)
   redis.call('HDEL', tkey(ARGV[2]), 'key_name')
 end
 """
 
-# ARGV: rid, task_id, status, now, reply status, reply body
+# ARGV: rid, task_id, status, now, reply status, reply body. A settled row is never reopened.
 RECORD_CREATED = """
 local rid = ARGV[2]
 local t = core(rid)
-if not t then return 0 end
+if not t or t.settled_at then return 0 end
+local holder = redis.call('HGET', P .. 'tid', ARGV[3])
+if holder and holder ~= rid then return redis.error_reply('DUPLICATE') end
 redis.call('HSET', tkey(rid), 'task_id', ARGV[3], 'status', ARGV[4], 'updated_at', ARGV[5])
 redis.call('HSET', P .. 'tid', ARGV[3], rid)
 redis.call('ZADD', P .. 'team:' .. t.team, t.created_at, rid)
@@ -190,23 +220,69 @@ if rid and redis.call('HEXISTS', tkey(rid), 'settled_at') == 0 then
 end
 """
 
+# ARGV: task_id or rid → the row's field/value pairs (none when there is no such row)
+GET_RECORD = """
+local rid = redis.call('HGET', P .. 'tid', ARGV[2]) or ARGV[2]
+return redis.call('HGETALL', tkey(rid))
+"""
+
 # ARGV: task_id or rid, status, billed ms, cost micros, estimated 0|1, now, '1' when a body follows,
 #   final body → the settled task's field/value pairs, or nil when it was settled already
 SETTLE = """
+local billed, cost, now = figure(ARGV[4]), figure(ARGV[5]), tonumber(ARGV[7])
+if not billed or not cost or not now or ARGV[3] == '' or (ARGV[6] ~= '0' and ARGV[6] ~= '1') then
+  return redis.error_reply('REJECTED settlement')
+end
 local rid = redis.call('HGET', P .. 'tid', ARGV[2]) or ARGV[2]
 local t = core(rid)
 if not t or t.settled_at then return false end
+if not can_spend(t, cost, billed) then return redis.error_reply('REJECTED counter overflow') end
 release(t)
-for _, s in ipairs(owners(t)) do
-  local c = ckey(s[1], s[2], s[3])
-  redis.call('HINCRBY', c, 'spent_micros', ARGV[5])
-  redis.call('HINCRBY', c, 'spent_ms', ARGV[4])
-end
+spend(t, ARGV[5], ARGV[4])
 local k = tkey(rid)
 redis.call('HSET', k, 'status', ARGV[3], 'billed_ms', ARGV[4], 'cost_micros', ARGV[5],
            'cost_estimated', ARGV[6], 'settled_at', ARGV[7], 'updated_at', ARGV[7])
 if ARGV[8] == '1' then redis.call('HSET', k, 'final_body', ARGV[9]) else redis.call('HDEL', k, 'final_body') end
 redis.call('ZREM', P .. 'due', rid)
+return redis.call('HGETALL', k)
+"""
+
+# ARGV: rid, now, '1' when a reply follows, reply status, reply body → the row's field/value pairs.
+#   Only a pending create changes: its estimate becomes its cost, its slots are freed.
+MARK_UNKNOWN = """
+local rid, now = ARGV[2], tonumber(ARGV[3])
+if not now then return redis.error_reply('REJECTED time') end
+local t = core(rid)
+if not t then return redis.error_reply('NOTFOUND') end
+local k = tkey(rid)
+if t.settled_at or t.status ~= 'pending' then return redis.call('HGETALL', k) end
+local micros, ms = figure(t.estimate_micros), figure(t.estimate_ms)
+if not micros or not ms or not can_spend(t, micros, ms) then return redis.error_reply('REJECTED estimate') end
+release(t)
+spend(t, t.estimate_micros, t.estimate_ms)
+redis.call('HSET', k, 'status', 'unknown', 'billed_ms', t.estimate_ms, 'cost_micros', t.estimate_micros,
+           'cost_estimated', 1, 'settled_at', ARGV[3], 'updated_at', ARGV[3])
+redis.call('ZREM', P .. 'due', rid)
+if ARGV[4] == '1' then finish_idem(t, ARGV[5], ARGV[6]) end
+return redis.call('HGETALL', k)
+"""
+
+# ARGV: task_id or rid, billed ms, cost micros, now → the row's field/value pairs. The spent counters
+#   move by the difference from the row's figures; the same figures again change nothing.
+RESOLVE = """
+local billed, cost, now = figure(ARGV[3]), figure(ARGV[4]), tonumber(ARGV[5])
+if not billed or not cost or not now then return redis.error_reply('REJECTED resolution') end
+local rid = redis.call('HGET', P .. 'tid', ARGV[2]) or ARGV[2]
+local t = core(rid)
+if not t then return redis.error_reply('NOTFOUND') end
+if t.status ~= 'unknown' then return redis.error_reply('NOTUNKNOWN ' .. t.status) end
+local k = tkey(rid)
+local was = redis.call('HMGET', k, 'billed_ms', 'cost_micros', 'cost_estimated')
+local d_ms, d_micros = billed - (tonumber(was[1]) or 0), cost - (tonumber(was[2]) or 0)
+if d_ms == 0 and d_micros == 0 and was[3] == '0' then return redis.call('HGETALL', k) end
+if not can_spend(t, d_micros, d_ms) then return redis.error_reply('REJECTED counter overflow') end
+spend(t, d_micros, d_ms)
+redis.call('HSET', k, 'billed_ms', ARGV[3], 'cost_micros', ARGV[4], 'cost_estimated', 0, 'updated_at', ARGV[5])
 return redis.call('HGETALL', k)
 """
 
@@ -282,5 +358,6 @@ return {deleted, #rids}
 
 SCRIPTS = {"admit": ADMIT, "cancel": CANCEL, "acquire_key": ACQUIRE_KEY, "release_key": RELEASE_KEY,
            "record_created": RECORD_CREATED, "fail_create": FAIL_CREATE, "get": GET,
-           "set_status": SET_STATUS, "settle": SETTLE, "list": LIST, "due": DUE, "defer": DEFER,
+           "get_record": GET_RECORD, "set_status": SET_STATUS, "settle": SETTLE, "mark_unknown": MARK_UNKNOWN,
+           "resolve": RESOLVE, "list": LIST, "due": DUE, "defer": DEFER,
            "prune": PRUNE}

@@ -13,16 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import GatewayError, StoreUnavailable
+from ..errors import GatewayError, RecordRejected, StoreUnavailable
 
 BATCH_MAX = 256
 
 
 class Writer:
-    """Runs `fn(conn)` operations on its thread; `on_rollback` is told whenever a transaction rolls back."""
+    """Runs `fn(conn)` operations on its thread. After each transaction `on_commit` or `on_rollback` is
+    called (on this thread): what operations keep in memory must follow what the tables keep."""
 
-    def __init__(self, path: str, synchronous: str, on_rollback: Callable[[], None]) -> None:
-        self._path, self._sync, self._on_rollback = path, synchronous, on_rollback
+    def __init__(self, path: str, synchronous: str, on_commit: Callable[[], None],
+                 on_rollback: Callable[[], None]) -> None:
+        self._path, self._sync = path, synchronous
+        self._on_commit, self._on_rollback = on_commit, on_rollback
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.conn: sqlite3.Connection | None = None
@@ -65,25 +68,17 @@ class Writer:
 
     def _run_batch(self, batch: list) -> None:
         """One transaction for the whole batch. An operation refuses (a GatewayError) before it writes
-        anything, so a refusal leaves the others' work standing; any other failure rolls the batch back
-        and every caller in it gets the error."""
-        conn, results = self.conn, []
+        anything, so a refusal leaves the others' work standing. Any other failure rolls the batch back;
+        unless the store itself is unavailable, its operations then run again one per transaction, so
+        only the operation at fault fails."""
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for fn, fut, loop in batch:
-                try:
-                    results.append((fut, loop, fn(conn), None))
-                except GatewayError as exc:
-                    results.append((fut, loop, None, exc))
-            conn.execute("COMMIT")
-        except BaseException as exc:  # noqa: BLE001 - handed to every awaiting caller
-            self._on_rollback()
-            try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # a broken connection: every caller gets the original error
-            results = [(fut, loop, None, exc) for _fn, fut, loop in batch]
+            results = self._transaction(batch)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting callers
+            self._rollback()
+            if len(batch) > 1 and isinstance(exc, Exception) and not unavailable(exc):
+                results = [self._alone(item) for item in batch]
+            else:
+                results = [(fut, loop, None, exc) for _fn, fut, loop in batch]
         by_loop: dict[Any, list] = {}
         for fut, loop, value, exc in results:
             by_loop.setdefault(loop, []).append((fut, value, exc))
@@ -93,14 +88,60 @@ class Writer:
             except RuntimeError:  # the loop closed while we worked
                 pass
 
+    def _transaction(self, batch: list) -> list:
+        conn, results = self.conn, []
+        conn.execute("BEGIN IMMEDIATE")
+        for fn, fut, loop in batch:
+            try:
+                results.append((fut, loop, fn(conn), None))
+            except GatewayError as exc:
+                results.append((fut, loop, None, exc))
+        conn.execute("COMMIT")
+        self._on_commit()
+        return results
+
+    def _alone(self, item: tuple) -> tuple:
+        try:
+            return self._transaction([item])[0]
+        except BaseException as exc:  # noqa: BLE001 - handed to this operation's caller
+            self._rollback()
+            return item[1], item[2], None, exc
+
+    def _rollback(self) -> None:
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # a broken connection: the callers get the original error
+        self._on_rollback()
+
+
+_UNAVAILABLE = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY,
+                          sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_CORRUPT,
+                          sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_PERM})
+
+
+def unavailable(exc: BaseException) -> bool:
+    """The database cannot be written now (disk, lock, read-only, closed), as opposed to one record's fault."""
+    if isinstance(exc, sqlite3.ProgrammingError):
+        return "closed" in str(exc)
+    if not isinstance(exc, sqlite3.DatabaseError) or isinstance(exc, sqlite3.IntegrityError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return isinstance(exc, sqlite3.OperationalError)
+    return (code & 0xFF) in _UNAVAILABLE
+
 
 def _resolve_all(items: list) -> None:
     for fut, value, exc in items:
         if fut.done():
             continue
-        if isinstance(exc, sqlite3.Error):
-            fut.set_exception(StoreUnavailable(f"The gateway's store failed: {exc.__class__.__name__}."))
-        elif exc is not None:
-            fut.set_exception(exc)
-        else:
+        if exc is None:
             fut.set_result(value)
+        elif isinstance(exc, GatewayError) or not isinstance(exc, Exception):
+            fut.set_exception(exc)
+        elif unavailable(exc):
+            fut.set_exception(StoreUnavailable(f"The gateway's store failed: {exc.__class__.__name__}."))
+        else:
+            fut.set_exception(RecordRejected(f"The store refused this record: {exc.__class__.__name__}."))

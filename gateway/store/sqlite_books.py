@@ -1,0 +1,146 @@
+"""What the SQLite store keeps in memory: counters and in-flight counts (written through to their
+tables) and rate windows (rebuilt from the ledger at start). Both follow the writer's transactions."""
+
+from __future__ import annotations
+
+import bisect
+import sqlite3
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from ..errors import RecordRejected
+from ..quota import WINDOW_S, Counters
+from .base import LIVE, MAX_COUNTER, Task
+
+BOOKS_MAX = 100_000  # cached figures; past this the cache starts again from the tables
+
+
+class Books:
+    """The counters and in-flight counts, written through to their tables and kept in memory so
+    that checks read no rows. Touched only on the writer thread; cleared whenever a transaction
+    rolls back, after which each figure is read again from its table."""
+
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, str, str], Counters] = {}
+        self._in_flight: dict[tuple[str, str], int] = {}
+
+    def clear(self) -> None:
+        self._counters.clear()
+        self._in_flight.clear()
+
+    def counters(self, c: sqlite3.Connection, scope: str, name: str, period: str) -> Counters:
+        key = (scope, name, period)
+        got = self._counters.get(key)
+        if got is None:
+            row = c.execute("SELECT spent_micros, reserved_micros, spent_ms, reserved_ms FROM counters "
+                            "WHERE scope=? AND name=? AND period=?", key).fetchone()
+            if len(self._counters) >= BOOKS_MAX:
+                self._counters.clear()
+            got = self._counters[key] = Counters(*row) if row else Counters()
+        return got
+
+    def in_flight(self, c: sqlite3.Connection, scope: str, name: str) -> int:
+        got = self._in_flight.get((scope, name))
+        if got is None:
+            row = c.execute("SELECT n FROM in_flight WHERE scope=? AND name=?", (scope, name)).fetchone()
+            if len(self._in_flight) >= BOOKS_MAX:
+                self._in_flight.clear()
+            got = self._in_flight[(scope, name)] = row[0] if row else 0
+        return got
+
+    def add(self, c: sqlite3.Connection, scope: str, name: str, period: str, spent_micros: int = 0,
+            reserved_micros: int = 0, spent_ms: int = 0, reserved_ms: int = 0) -> None:
+        n = self.counters(c, scope, name, period)
+        c.execute("INSERT INTO counters VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, name, period) DO UPDATE "
+                  "SET spent_micros=spent_micros+excluded.spent_micros, "
+                  "reserved_micros=reserved_micros+excluded.reserved_micros, "
+                  "spent_ms=spent_ms+excluded.spent_ms, reserved_ms=reserved_ms+excluded.reserved_ms",
+                  (scope, name, period, spent_micros, reserved_micros, spent_ms, reserved_ms))
+        n.spent_micros += spent_micros
+        n.reserved_micros += reserved_micros
+        n.spent_ms += spent_ms
+        n.reserved_ms += reserved_ms
+
+    def bump(self, c: sqlite3.Connection, scope: str, name: str, delta: int) -> None:
+        n = max(0, self.in_flight(c, scope, name) + delta)
+        c.execute("INSERT INTO in_flight VALUES (?, ?, ?) ON CONFLICT (scope, name) DO UPDATE SET n=excluded.n",
+                  (scope, name, n))
+        self._in_flight[(scope, name)] = n
+
+    def release(self, c: sqlite3.Connection, t: Task) -> None:
+        """Give back what a live task holds: its reservation and its in-flight counts (key slots are
+        given back in memory by the caller)."""
+        if t.status not in LIVE:
+            return
+        for scope, name, period in owners(t):
+            self.add(c, scope, name, period, reserved_micros=-t.estimate_micros, reserved_ms=-t.estimate_ms)
+            self.bump(c, scope, name, -1)
+
+    def check_spend(self, c: sqlite3.Connection, t: Task, micros: int, ms: int) -> None:
+        """Refuse, before anything is written, a spend that would take a counter past MAX_COUNTER."""
+        for scope, name, period in owners(t):
+            n = self.counters(c, scope, name, period)
+            if n.spent_micros + micros > MAX_COUNTER or n.spent_ms + ms > MAX_COUNTER:
+                raise RecordRejected(f"The store refused a spend that would overflow the {scope}'s counters.")
+
+    def spend(self, c: sqlite3.Connection, t: Task, micros: int, ms: int) -> None:
+        for scope, name, period in owners(t):
+            self.add(c, scope, name, period, spent_micros=micros, spent_ms=ms)
+
+
+def owners(t: Task) -> tuple[tuple[str, str, str], ...]:
+    """The subjects a task is counted against, each in the period the task was created in."""
+    return ("team", t.team, t.team_period), ("user", t.user, t.user_period)
+
+
+class Windows:
+    """Each subject's admission times inside the last WINDOW_S, oldest first. Changed on the writer thread
+    inside a transaction (and undone when it rolls back); pruned and read on the event loop's thread too,
+    hence the lock."""
+
+    def __init__(self) -> None:
+        self._windows: dict[tuple[str, str], deque[float]] = {}
+        self.lock = threading.RLock()
+        self._undo: list[Callable[[], None]] = []
+
+    def live(self, scope: str, name: str, now: float) -> deque[float]:
+        """The subject's admission times inside the window (caller holds the lock)."""
+        window = self._windows.setdefault((scope, name), deque())
+        while window and window[0] <= now - WINDOW_S:
+            window.popleft()
+        return window
+
+    def load(self, admissions: Iterable[tuple[str, str, float]]) -> None:
+        with self.lock:
+            for team, user, at in admissions:
+                for key in (("team", team), ("user", user)):
+                    self._windows.setdefault(key, deque()).append(at)
+
+    def add(self, scope: str, name: str, at: float) -> None:
+        with self.lock:
+            window = self._windows.setdefault((scope, name), deque())
+            window.append(at)
+            self._undo.append(lambda: _discard(window, at))
+
+    def remove(self, scope: str, name: str, at: float) -> None:
+        with self.lock:
+            window = self._windows.get((scope, name))
+            if window is not None and at in window:
+                window.remove(at)
+                self._undo.append(lambda: bisect.insort(window, at))
+
+    def commit(self) -> None:
+        self._undo.clear()
+
+    def rollback(self) -> None:
+        with self.lock:
+            while self._undo:
+                self._undo.pop()()
+
+
+def _discard(window: deque[float], at: float) -> None:
+    try:
+        window.remove(at)
+    except ValueError:
+        pass  # already pruned out of the window

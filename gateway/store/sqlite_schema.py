@@ -1,0 +1,76 @@
+"""The SQLite store's tables: the schema and its forward migrations, and tasks as rows."""
+
+from __future__ import annotations
+
+import operator
+import sqlite3
+
+from ..errors import StoreUnavailable
+from .base import TASK_FIELDS, Task
+
+SCHEMA_VERSION = 1
+MIGRATIONS = {
+    1: """
+    CREATE TABLE tasks (
+        rid TEXT PRIMARY KEY, task_id TEXT UNIQUE, team TEXT NOT NULL, user TEXT NOT NULL,
+        model TEXT NOT NULL, resolution TEXT NOT NULL, duration_s INTEGER NOT NULL,
+        input_ms INTEGER NOT NULL, input_estimated INTEGER NOT NULL, estimate_ms INTEGER NOT NULL,
+        estimate_micros INTEGER NOT NULL, team_period TEXT NOT NULL, user_period TEXT NOT NULL,
+        created_at REAL NOT NULL, status TEXT NOT NULL, key_name TEXT, idem_key TEXT,
+        billed_ms INTEGER, cost_micros INTEGER, cost_estimated INTEGER NOT NULL DEFAULT 0,
+        updated_at REAL NOT NULL, settled_at REAL, next_poll_at REAL NOT NULL DEFAULT 0,
+        final_body BLOB);
+    CREATE INDEX tasks_team_created ON tasks (team, created_at);
+    CREATE INDEX tasks_created ON tasks (created_at);
+    CREATE INDEX tasks_due ON tasks (next_poll_at) WHERE settled_at IS NULL;
+    CREATE TABLE counters (
+        scope TEXT NOT NULL, name TEXT NOT NULL, period TEXT NOT NULL,
+        spent_micros INTEGER NOT NULL DEFAULT 0, reserved_micros INTEGER NOT NULL DEFAULT 0,
+        spent_ms INTEGER NOT NULL DEFAULT 0, reserved_ms INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, name, period));
+    CREATE TABLE in_flight (
+        scope TEXT NOT NULL, name TEXT NOT NULL, n INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, name));
+    CREATE TABLE idempotency (
+        team TEXT NOT NULL, key TEXT NOT NULL, body_hash TEXT NOT NULL, done INTEGER NOT NULL,
+        status INTEGER NOT NULL DEFAULT 0, body BLOB, created_at REAL NOT NULL,
+        PRIMARY KEY (team, key));
+    """,
+}
+COLS = ", ".join(TASK_FIELDS)
+INSERT_TASK = f"INSERT INTO tasks ({COLS}) VALUES ({', '.join('?' * len(TASK_FIELDS))})"
+task_values = operator.attrgetter(*TASK_FIELDS)
+
+
+def row_to_task(row: sqlite3.Row | tuple) -> Task:
+    t = Task(*row)
+    t.input_estimated, t.cost_estimated = bool(t.input_estimated), bool(t.cost_estimated)
+    return t
+
+
+def migrate(c: sqlite3.Connection) -> None:
+    version = c.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreUnavailable(f"The store's schema version {version} is newer than this gateway's.")
+    for v in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[v].split(";"):
+            if statement.strip():
+                c.execute(statement)
+        c.execute(f"PRAGMA user_version={v}")
+
+
+def task_by_rid(c: sqlite3.Connection, rid: str) -> Task | None:
+    row = c.execute(f"SELECT {COLS} FROM tasks WHERE rid=?", (rid,)).fetchone()
+    return row_to_task(row) if row else None
+
+
+def task_by_ref(c: sqlite3.Connection, ref: str) -> Task | None:
+    """By upstream task id, else by rid."""
+    row = c.execute(f"SELECT {COLS} FROM tasks WHERE task_id=?", (ref,)).fetchone()
+    return row_to_task(row) if row else task_by_rid(c, ref)
+
+
+def finish_idem(c: sqlite3.Connection, rid: str, reply: tuple[int, bytes]) -> None:
+    c.execute("UPDATE idempotency SET done=1, status=?, body=? WHERE (team, key) IN "
+              "(SELECT team, idem_key FROM tasks WHERE rid=? AND idem_key IS NOT NULL)", (*reply, rid))
+
