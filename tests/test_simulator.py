@@ -17,6 +17,7 @@ import pytest
 import uvicorn
 
 from gateway.simulator import create_simulator, parse_fault, uvicorn_config
+from tests.e2e.harness import Simulator
 
 KEY, OTHER = "th-alice-0001", "th-bob-0002"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -606,3 +607,46 @@ def test_task_id_defaults_to_its_polls_and_cancels():
     assert fault_.routes == ("poll", "delete") and fault_.body == '{"a":1}'
     assert parse_fault({"key": KEY, "mode": "fixed_id", "id": "cgt-x"}).routes == ("create",)
 
+
+# --- the same knobs through the e2e harness, against a real simulator process ----------------
+
+def test_harness_knobs_against_a_simulator_process(tmp_path):
+    proc = Simulator(tmp_path, task_seconds=0.0, video_size=4096)
+    proc.start()
+    try:
+        with httpx.Client(base_url=proc.url + "/api/v1", headers=AUTH, timeout=5) as c:
+            _harness_knobs(proc, c)
+    finally:
+        proc.stop()
+
+
+def _harness_knobs(proc: Simulator, c: httpx.Client) -> None:
+    url = "/videos/generations"
+    first = c.post(url, json=BODY).json()["id"]
+    proc.script_poll(first, patch={"usage": {"video_duration": 1e14}})
+    assert c.get(f"{url}/{first}").json()["usage"] == {"video_duration": 1e14}
+    done = c.get(f"{url}/{first}").json()
+    assert done["usage"] == {"video_duration": 8}
+    video = httpx.get(done["data"][0]["video_url"])
+    assert video.content == proc.expected_bytes(first) and len(video.content) == 4096
+    assert httpx.get(done["data"][0]["cover_image_url"]).content == proc.expected_bytes(first, "cover")
+    assert [(d["task_id"], d["status"]) for d in proc.downloads()] == [(first, 200), (first, 200)]
+    proc.media(ttl_s=0)
+    assert httpx.get(done["data"][0]["video_url"]).status_code == 403
+    proc.fixed_id(KEY, first)
+    assert c.post(url, json=BODY).json()["id"] == first
+    proc.create_then_fail(KEY, 503)
+    assert c.post(url, json=BODY).status_code == 503
+    proc.late_create(KEY, 5)
+    with pytest.raises(httpx.ReadTimeout):
+        c.post(url, json=BODY, timeout=0.3)
+    proc.cut(KEY)
+    with pytest.raises(httpx.RemoteProtocolError):
+        c.post(url, json=BODY)
+    listing = proc.creates()
+    assert [e["fault"] for e in listing] == [None, "fixed_id", "answer", "late", "cut"]
+    assert len(proc.created_task_ids()) == 5 and proc.created_task_ids()[1] != first
+    proc.clear_faults()
+    assert httpx.get(done["data"][0]["video_url"]).status_code == 200
+    proc.clear_requests()
+    assert proc.creates() == [] and proc.downloads() == []
