@@ -1,25 +1,29 @@
 """A faithful TokenHub stand-in (Seedance 2.0 video tasks) for the demo, tests and benchmarks.
 
 Markers in a prompt steer its task: `sim:fail` ends it failed, `sim:never` keeps it running forever,
-`sim:moderation` is refused at create, `sim:seconds=<float>` sets how long it runs.
-Tests switch faults on per upstream key through the unauthenticated control API under `/_sim`:
+`sim:moderation` is refused at create, `sim:seconds=<float>` sets how long it runs, `sim:bytes=<int>` the
+size of its video. A succeeded task's `video_url` and `cover_image_url` point at this simulator (signed,
+expiring URLs; see gateway.sim_media, whose `video_bytes` and `cover_bytes` give their exact bytes).
+Tests steer it through the unauthenticated control API under `/_sim` (fault modes: gateway.sim_faults):
 
-    POST   /_sim/faults          {"key", "mode", "retry_after"?, "delay_s"?, "count"?, "routes"?}
+    POST   /_sim/faults          {"key" ("*": every key), "mode", "routes"?, "count"?, "task_id"?,
+                                  "retry_after"?, "delay_s"?, "status"?, "body"? | "raw"? | "patch"?, "id"?}
     GET    /_sim/faults          the active faults
     DELETE /_sim/faults[/{key}]  clear all, or one key's
-    GET    /_sim/requests        the API request log ("status" null: no answer was sent); DELETE clears it
+    GET    /_sim/requests        the API request log ("status" null: no answer was sent; "answer" sent, cut
+                                 or none); DELETE clears it and the download log
+    GET    /_sim/creates         every create received: "created" the id of the task it made (null: none)
+    GET    /_sim/downloads       the result-file requests, logged like API requests, with their Range
     GET    /_sim/tasks/{id}      a task's full record, with the key that created it and its request body
+    GET | POST | DELETE /_sim/media   the result-file settings {"ttl_s", "video_size"}; DELETE restores them
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import re
 import secrets
-import socket
-import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
@@ -35,42 +39,25 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway import sim_media
 from gateway.config import DEFAULT_PRICING
-from gateway.errors import ValidationError
 from gateway.pricing import usd_to_micros
+from gateway.errors import ValidationError
+from gateway.sim_faults import BEFORE, MEDIA, CutOff, Faults, NoAnswer, after_handler, fault_response, parse_fault
+from gateway.sim_faults import error_response as _error
+from gateway.sim_faults import json_response as _json
+from gateway.sim_media import DEFAULT_TTL_S, DEFAULT_VIDEO_SIZE, MediaSettings, Signer, cover_bytes, video_bytes
 from gateway.validation import validate
 
+__all__ = ["create_simulator", "parse_fault", "video_bytes", "cover_bytes", "uvicorn_config", "run_simulator"]
+
 PREFIXES = ("/api/v1", "/v1")
-ROUTES = ("create", "poll", "delete")
-MODES = ("429", "401", "403", "500", "hang", "slow", "garbage", "reset")
-MEDIA_BASE = "https://cdn.tokenhub-sim.invalid/videos"
 QUEUED_SHARE = 0.2   # share of a task's run time spent queued
-HANG_S = 3600.0      # a hung request answers 504 after this, unless the client leaves first
 LOG_SIZE = 10_000
 _SECONDS_MARK = re.compile(r"sim:seconds=(\d+(?:\.\d*)?|\.\d+)")
+_BYTES_MARK = re.compile(r"sim:bytes=(\d+)")
 
-Handler = Callable[[Request, str, dict], Awaitable[Response]]
-
-
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(data), status, headers, media_type="application/json")
-
-
-def _error(status: int, code: str, message: str, type_: str = "invalid_request_error",
-           headers: dict[str, str] | None = None, **extra: Any) -> Response:
-    return _json({"error": {"code": code, "message": message, "type": type_, **extra}}, status, headers)
-
-
-class _NoAnswer(Response):
-    """Sends nothing: the connection was dropped on purpose, or the client has gone."""
-
-    status_code = 0
-
-    def __init__(self) -> None:
-        pass
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        return None
+Handler = Callable[[Request, str | None, dict], Awaitable[Response]]
 
 
 @dataclass
@@ -85,6 +72,7 @@ class SimTask:
     seconds: float
     outcome: str  # "succeeded", "failed" or "never"
     request: dict[str, Any]
+    video_size: int = DEFAULT_VIDEO_SIZE
     cancelled_at: float | None = None
 
     def status(self, now: float) -> str:
@@ -106,77 +94,18 @@ class SimTask:
             return self.cancelled_at or self.created
         return self.created + self.seconds
 
-    def body(self, now: float) -> dict[str, Any]:
+    def body(self, now: float, links: Callable[[], dict[str, str]]) -> dict[str, Any]:
         status = self.status(now)
         body = {"id": self.id, "object": "video.generation.task", "model": self.model,
                 "status": status, "created": int(self.created), "updated": int(self.updated(status)),
                 "resolution": self.resolution, "duration": self.duration}
         if status == "succeeded":
-            body["data"] = [{"video_url": f"{MEDIA_BASE}/{self.id}.mp4",
-                             "cover_image_url": f"{MEDIA_BASE}/{self.id}.jpg"}]
+            body["data"] = [links()]
             body["usage"] = {"video_duration": self.duration}
         elif status == "failed":
             body["error"] = {"code": "generation_failed",
                              "message": "The video could not be generated (simulated failure)."}
         return body
-
-
-@dataclass
-class Fault:
-    key: str
-    mode: str
-    routes: tuple[str, ...] = ROUTES
-    retry_after: int | None = None
-    delay_s: float = 1.0
-    count: int | None = None  # None: until cleared
-
-
-def parse_fault(data: Any) -> Fault:
-    """The JSON of POST /_sim/faults → a Fault; ValueError names what is wrong."""
-    if not isinstance(data, dict) or not isinstance(data.get("key"), str) or not data["key"]:
-        raise ValueError("key is required: the upstream key the fault applies to")
-    if data.get("mode") not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}")
-    routes = data.get("routes") or list(ROUTES)
-    if not isinstance(routes, list) or not set(routes) <= set(ROUTES):
-        raise ValueError(f"routes must be a list drawn from {', '.join(ROUTES)}")
-    retry_after, count = data.get("retry_after"), data.get("count")
-    delay_s = data.get("delay_s", 1.0)
-    if retry_after is not None and (type(retry_after) is not int or retry_after < 0):
-        raise ValueError("retry_after must be an integer ≥ 0")
-    if count is not None and (type(count) is not int or count < 1):
-        raise ValueError("count must be an integer ≥ 1")
-    if type(delay_s) not in (int, float) or delay_s < 0:
-        raise ValueError("delay_s must be a number ≥ 0")
-    return Fault(data["key"], data["mode"], tuple(routes), retry_after, float(delay_s), count)
-
-
-class Faults:
-    """The active faults by (key, route); one fault may cover several routes and share its count."""
-
-    def __init__(self) -> None:
-        self._active: dict[tuple[str, str], Fault] = {}
-
-    def set(self, fault: Fault) -> None:
-        for route in fault.routes:
-            self._active[(fault.key, route)] = fault
-
-    def take(self, key: str, route: str) -> Fault | None:
-        fault = self._active.get((key, route))
-        if fault is not None and fault.count is not None:
-            fault.count -= 1
-            if fault.count <= 0:
-                self._drop(lambda f: f is fault)
-        return fault
-
-    def clear(self, key: str | None = None) -> None:
-        self._drop(lambda f: key is None or f.key == key)
-
-    def listing(self) -> list[Fault]:
-        return list({id(f): f for f in self._active.values()}.values())
-
-    def _drop(self, match: Callable[[Fault], bool]) -> None:
-        self._active = {k: f for k, f in self._active.items() if not match(f)}
 
 
 def _bearer(request: Request) -> str | None:
@@ -197,55 +126,20 @@ def _outcome(text: str) -> str:
     return "failed" if "sim:fail" in text else "never" if "sim:never" in text else "succeeded"
 
 
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+def _video_size(text: str, default: int) -> int:
+    mark = _BYTES_MARK.search(text)
+    return min(max(int(mark[1]), sim_media.MIN_VIDEO_SIZE), sim_media.MAX_VIDEO_SIZE) if mark else default
 
 
-async def _hang(request: Request) -> Response:
-    try:
-        await asyncio.wait_for(_until_disconnect(request), HANG_S)
-    except TimeoutError:
-        return _error(504, "timeout", "The request timed out (simulated hang).", "server_error")
-    return _NoAnswer()
-
-
-async def _reset(request: Request) -> Response:
-    # uvicorn's receive is a method of its request cycle, which holds the connection's transport.
-    transport = getattr(getattr(request.receive, "__self__", None), "transport", None)
-    if transport is None:
-        raise ConnectionResetError("simulated reset: this server exposes no connection to drop")
-    with contextlib.suppress(AttributeError, OSError):  # linger 0: close with a TCP RST
-        sock = transport.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
-    await _until_disconnect(request)
-    return _NoAnswer()
-
-
-async def _fault_response(fault: Fault, request: Request) -> Response:
-    if fault.mode == "hang":
-        return await _hang(request)
-    if fault.mode == "reset":
-        return await _reset(request)
-    if fault.mode == "garbage":
-        return Response(b"<html>upstream garbage", 200, media_type="application/json")
-    if fault.mode == "429":
-        headers = None if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
-        return _error(429, "rate_limit_exceeded", "Rate limit exceeded; slow down.",
-                      "rate_limit_error", headers)
-    if fault.mode == "401":
-        return _error(401, "invalid_api_key", "Invalid API key.", "authentication_error")
-    if fault.mode == "403":
-        return _error(403, "permission_denied", "This key may not use this resource.", "permission_error")
-    return _error(500, "internal_error", "Internal server error (simulated).", "server_error")
+def _answer_kind(response: Response) -> str:
+    return "none" if isinstance(response, NoAnswer) else "cut" if isinstance(response, CutOff) else "sent"
 
 
 class Simulator:
     """The state of one simulated TokenHub, and its handlers."""
 
     def __init__(self, keys: Collection[str] | None, task_seconds: float,
-                 clock: Callable[[], float], max_tasks: int) -> None:
+                 clock: Callable[[], float], max_tasks: int, media: MediaSettings) -> None:
         self.keys = None if keys is None else frozenset(keys)
         self.task_seconds = task_seconds
         self.clock = clock
@@ -254,6 +148,9 @@ class Simulator:
         self.tasks: LRUCache[str, SimTask] = LRUCache(max_tasks)
         self.faults = Faults()
         self.log: deque[dict[str, Any]] = deque(maxlen=LOG_SIZE)
+        self.downloads: deque[dict[str, Any]] = deque(maxlen=LOG_SIZE)
+        self.media_defaults = self.media = media
+        self.signer = Signer()
 
     def accepts(self, token: str | None) -> bool:
         if token is None or not token.startswith("th-"):
@@ -261,31 +158,41 @@ class Simulator:
         return self.keys is None or token in self.keys
 
     def endpoint(self, route: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        log = self.downloads if route == MEDIA else self.log
+
         async def endpoint(request: Request) -> Response:
             token = _bearer(request)
             entry = {"method": request.method, "route": route, "path": request.url.path, "key": token,
                      "task_id": request.path_params.get("task_id"), "status": None, "fault": None,
-                     "time": self.clock()}
-            self.log.append(entry)
-            response = await self._answer(request, route, handler, token, entry)
-            entry["status"] = None if isinstance(response, _NoAnswer) else response.status_code
+                     "time": self.clock(), "created": None, "answer": None}
+            if route == MEDIA:
+                entry["range"] = request.headers.get("range")
+            log.append(entry)
+            if route != MEDIA and not self.accepts(token):  # result URLs are signed, not keyed
+                response = _error(401, "invalid_api_key", "Missing or invalid API key.", "authentication_error")
+            else:
+                response = await self._answer(request, route, handler, token, entry)
+            entry["status"] = None if isinstance(response, NoAnswer) else response.status_code
+            entry["answer"] = _answer_kind(response)
             return response
         return endpoint
 
     async def _answer(self, request: Request, route: str, handler: Handler, token: str | None,
                       entry: dict[str, Any]) -> Response:
-        if not self.accepts(token):
-            return _error(401, "invalid_api_key", "Missing or invalid API key.", "authentication_error")
-        assert token is not None
-        fault = self.faults.take(token, route)
-        if fault is not None:
-            entry["fault"] = fault.mode
-            if fault.mode != "slow":
-                return await _fault_response(fault, request)
+        fault = self.faults.take(token, route, request.path_params.get("task_id"))
+        if fault is None:
+            return await handler(request, token, entry)
+        entry["fault"] = fault.mode
+        if fault.mode in BEFORE:
+            return await fault_response(fault, request)
+        if fault.mode == "slow":
             await asyncio.sleep(fault.delay_s)
-        return await handler(request, token, entry)
+        if fault.mode == "fixed_id":
+            return await self.create(request, token, entry, answer_id=fault.id)
+        return await after_handler(fault, request, await handler(request, token, entry))
 
-    async def create(self, request: Request, key: str, entry: dict[str, Any]) -> Response:
+    async def create(self, request: Request, key: str | None, entry: dict[str, Any],
+                     answer_id: str | None = None) -> Response:
         try:
             body = orjson.loads(await request.body())
         except orjson.JSONDecodeError:
@@ -298,21 +205,23 @@ class Simulator:
         if "sim:moderation" in text:
             return _error(400, "content_moderation", "The request was rejected by content moderation: "
                           "the prompt may contain sensitive content.", param="prompt")
-        mark = _SECONDS_MARK.search(text)
-        task = SimTask(id=f"cgt-{secrets.token_hex(12)}", key=key, model=req.model,
-                       resolution=req.resolution, duration=req.duration_s, input_s=float(req.input_s),
-                       created=self.clock(), seconds=float(mark[1]) if mark else self.task_seconds,
-                       outcome=_outcome(text), request=body)
+        # A fixed id already taken is answered anyway (a duplicate), but must not replace the task holding it.
+        stored_id = answer_id if answer_id and answer_id not in self.tasks else f"cgt-{secrets.token_hex(12)}"
+        seconds = _SECONDS_MARK.search(text)
+        task = SimTask(id=stored_id, key=str(key), model=req.model, resolution=req.resolution,
+                       duration=req.duration_s, input_s=float(req.input_s), created=self.clock(),
+                       seconds=float(seconds[1]) if seconds else self.task_seconds, outcome=_outcome(text),
+                       request=body, video_size=_video_size(text, self.media.video_size))
         self.tasks[task.id] = task
-        entry["task_id"] = task.id
-        return _json({"id": task.id, "object": "video.generation.task", "model": task.model,
+        entry["task_id"], entry["created"] = answer_id or task.id, task.id
+        return _json({"id": answer_id or task.id, "object": "video.generation.task", "model": task.model,
                       "status": "queued", "created": int(task.created)})
 
-    async def poll(self, request: Request, key: str, entry: dict[str, Any]) -> Response:
+    async def poll(self, request: Request, key: str | None, entry: dict[str, Any]) -> Response:
         task = self._owned(request, key)
-        return _json(task.body(self.clock())) if task else _task_not_found(request)
+        return _json(self._task_body(request, task)) if task else _task_not_found(request)
 
-    async def cancel(self, request: Request, key: str, entry: dict[str, Any]) -> Response:
+    async def cancel(self, request: Request, key: str | None, entry: dict[str, Any]) -> Response:
         task = self._owned(request, key)
         if task is None:
             return _task_not_found(request)
@@ -322,11 +231,28 @@ class Simulator:
             return _error(409, "task_not_cancellable",
                           f"The task is {status}; only a queued task can be cancelled.")
         task.cancelled_at = now
-        return _json(task.body(now))
+        return _json(self._task_body(request, task))
 
-    def _owned(self, request: Request, key: str) -> SimTask | None:
+    def _owned(self, request: Request, key: str | None) -> SimTask | None:
         task = self.tasks.get(request.path_params["task_id"])
         return task if task is not None and task.key == key else None
+
+    def _task_body(self, request: Request, task: SimTask) -> dict[str, Any]:
+        # The links name this server as the client reached it, so any client can fetch them.
+        base = str(request.base_url).rstrip("/")
+        expires = task.updated("succeeded") + self.media.ttl_s
+        return task.body(self.clock(), lambda: self.signer.links(base, task.id, expires))
+
+    async def media_file(self, request: Request, variant: str) -> Response:
+        now, until = self.clock(), self.signer.valid_until(request)
+        if until is None:
+            return sim_media.denied("The request signature we calculated does not match the signature you provided.")
+        task = self.tasks.get(request.path_params["task_id"])
+        if task is None or task.status(now) != "succeeded":
+            return sim_media.not_found(request.url.path)
+        if now >= min(until, task.updated("succeeded") + self.media.ttl_s):
+            return sim_media.denied("Request has expired.")
+        return sim_media.serve(request, task.id, variant, task.video_size)
 
     # The control API, for tests: no auth.
 
@@ -348,7 +274,24 @@ class Simulator:
     async def requests(self, request: Request) -> Response:
         if request.method == "DELETE":
             self.log.clear()
+            self.downloads.clear()
         return _json({"data": list(self.log)})
+
+    async def creates(self, request: Request) -> Response:
+        return _json({"data": [entry for entry in self.log if entry["route"] == "create"]})
+
+    async def download_log(self, request: Request) -> Response:
+        return _json({"data": list(self.downloads)})
+
+    async def media_settings(self, request: Request) -> Response:
+        if request.method == "DELETE":
+            self.media = self.media_defaults
+        elif request.method == "POST":
+            try:
+                self.media = sim_media.parse_media_settings(orjson.loads(await request.body()), self.media)
+            except (orjson.JSONDecodeError, ValueError) as exc:
+                return _error(400, "InvalidParameter", str(exc))
+        return _json(asdict(self.media))
 
     async def task_record(self, request: Request) -> Response:
         task = self.tasks.get(request.path_params["task_id"])
@@ -367,25 +310,39 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _error(exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}")
 
 
+def _media_handler(sim: Simulator, variant: str) -> Handler:
+    async def handler(request: Request, key: str | None, entry: dict[str, Any]) -> Response:
+        return await sim.media_file(request, variant)
+    return handler
+
+
 def _routes(sim: Simulator) -> list[Route]:
     api = [("", "POST", "create", sim.create), ("/{task_id}", "GET", "poll", sim.poll),
            ("/{task_id}", "DELETE", "delete", sim.cancel)]
     routes = [Route(f"{prefix}/videos/generations{path}", sim.endpoint(name, handler), methods=[method])
               for prefix in PREFIXES for path, method, name, handler in api]
-    return routes + [
+    media = [Route(f"/media/{{task_id}}.{ext}", sim.endpoint(MEDIA, _media_handler(sim, variant)),
+                   methods=["GET", "HEAD"]) for ext, variant in (("mp4", "video"), ("png", "cover"))]
+    return routes + media + [
         Route("/_sim/faults", sim.add_fault, methods=["POST"]),
         Route("/_sim/faults", sim.list_faults, methods=["GET"]),
         Route("/_sim/faults", sim.clear_faults, methods=["DELETE"]),
         Route("/_sim/faults/{key}", sim.clear_faults, methods=["DELETE"]),
         Route("/_sim/requests", sim.requests, methods=["GET", "DELETE"]),
+        Route("/_sim/creates", sim.creates, methods=["GET"]),
+        Route("/_sim/downloads", sim.download_log, methods=["GET"]),
+        Route("/_sim/media", sim.media_settings, methods=["GET", "POST", "DELETE"]),
         Route("/_sim/tasks/{task_id}", sim.task_record, methods=["GET"]),
     ]
 
 
 def create_simulator(*, keys: Collection[str] | None = None, task_seconds: float = 3.0,
-                     clock: Callable[[], float] = time.time, max_tasks: int = 200_000) -> Starlette:
-    """A simulated TokenHub; `keys` None accepts any `th-` key. Its state is `app.state.simulator`."""
-    sim = Simulator(keys, task_seconds, clock, max_tasks)
+                     clock: Callable[[], float] = time.time, max_tasks: int = 200_000,
+                     media_ttl_s: float = DEFAULT_TTL_S, video_size: int = DEFAULT_VIDEO_SIZE) -> Starlette:
+    """A simulated TokenHub; `keys` None accepts any `th-` key. Its state is `app.state.simulator`.
+    `media_ttl_s` is how long result URLs stay valid after a task succeeds; `video_size` a video's bytes."""
+    media = sim_media.parse_media_settings({"ttl_s": media_ttl_s, "video_size": video_size}, MediaSettings())
+    sim = Simulator(keys, task_seconds, clock, max_tasks, media)
     app = Starlette(routes=_routes(sim), exception_handlers={404: _http_error, 405: _http_error})
     app.state.simulator = sim
     return app
@@ -410,8 +367,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task-seconds", type=float, default=3.0)
     parser.add_argument("--key", action="append", dest="keys",
                         help="an accepted th- key (repeatable; default: any th- key)")
+    parser.add_argument("--media-ttl-s", type=float, default=DEFAULT_TTL_S,
+                        help="how long result URLs stay valid after a task succeeds")
+    parser.add_argument("--video-size", type=int, default=DEFAULT_VIDEO_SIZE, help="the bytes of a result video")
     args = parser.parse_args(argv)
-    run_simulator(args.host, args.port, keys=args.keys, task_seconds=args.task_seconds)
+    run_simulator(args.host, args.port, keys=args.keys, task_seconds=args.task_seconds,
+                  media_ttl_s=args.media_ttl_s, video_size=args.video_size)
 
 
 if __name__ == "__main__":

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import orjson
 import pytest
 import uvicorn
 
 from gateway.simulator import create_simulator, parse_fault, uvicorn_config
+from tests.e2e.harness import Simulator
 
 KEY, OTHER = "th-alice-0001", "th-bob-0002"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 BODY = {"model": "doubao-seedance-2.0", "prompt": "A cat on a beach", "duration": 8, "resolution": "480p"}
 
 
@@ -38,6 +45,23 @@ def sim(**kwargs):
 
 async def create(c: httpx.AsyncClient, prefix: str = "/api/v1", **fields) -> httpx.Response:
     return await c.post(f"{prefix}/videos/generations", json={**BODY, **fields})
+
+
+@asynccontextmanager
+async def served(app) -> AsyncIterator[str]:
+    """The app under uvicorn on a loopback port, in a thread of its own; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", sock.getsockname()[1]))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(5)
 
 
 async def fault(app, **spec) -> None:
@@ -114,8 +138,10 @@ async def test_status_moves_queued_running_succeeded_with_usage():
     assert [t["status"] for t in seen] == ["queued", "running", "running", "succeeded"]
     done = seen[-1]
     assert done["usage"] == {"video_duration": 8}
-    assert done["data"][0]["video_url"].endswith(f"/{task_id}.mp4")
-    assert done["data"][0]["cover_image_url"].endswith(f"/{task_id}.jpg")
+    video, cover = (urlsplit(done["data"][0][name]) for name in ("video_url", "cover_image_url"))
+    assert (video.scheme, video.netloc, video.path) == ("http", "sim", f"/media/{task_id}.mp4")
+    assert (cover.netloc, cover.path) == ("sim", f"/media/{task_id}.png")
+    assert parse_qs(video.query)["expires"] == [str(1_750_000_010 + 24 * 3600)]
     assert done["resolution"] == "480p" and done["duration"] == 8
     assert done["updated"] == 1_750_000_010 and seen[1]["updated"] == 1_750_000_002
     assert "data" not in seen[1] and "usage" not in seen[1]
@@ -269,22 +295,10 @@ async def test_fault_reset_in_process_raises():
 async def test_fault_reset_drops_the_connection_under_uvicorn():
     app = sim()
     await fault(app, mode="reset", routes=["create"])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", sock.getsockname()[1]))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            await asyncio.sleep(0.01)
-        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {KEY}"}) as c:
-            with pytest.raises(httpx.TransportError):
-                await create(c)
-            assert (await c.get("/v1/videos/generations/cgt-nope")).status_code == 404
-    finally:
-        server.should_exit = True
-        thread.join(5)
+    async with served(app) as base, httpx.AsyncClient(base_url=base, headers=AUTH) as c:
+        with pytest.raises(httpx.TransportError):
+            await create(c)
+        assert (await c.get("/v1/videos/generations/cgt-nope")).status_code == 404
     assert len(app.state.simulator.tasks) == 0
 
 
@@ -353,3 +367,286 @@ async def test_request_log_records_api_calls_and_clears():
     async with client(app, None) as c:
         await c.delete("/_sim/requests")
     assert await api_log(app) == []
+
+
+# --- knobs for failure tests: scripted answers, fixed ids, late and cut answers ---------------
+
+async def control(app, method: str, path: str, **kw) -> httpx.Response:
+    async with client(app, None) as c:
+        return await c.request(method, path, **kw)
+
+
+async def creates(app) -> list[dict]:
+    return (await control(app, "GET", "/_sim/creates")).json()["data"]
+
+
+async def poll(c: httpx.AsyncClient, task_id: str) -> httpx.Response:
+    return await c.get(f"/v1/videos/generations/{task_id}")
+
+
+async def test_scripted_poll_patch_answers_n_times_then_the_real_answer_resumes():
+    app = sim(task_seconds=0)
+    async with client(app) as c:
+        task_id = (await create(c)).json()["id"]
+        await fault(app, key="*", mode="answer", task_id=task_id, count=2,
+                    patch={"usage": {"video_duration": 1e14}})
+        answers = [(await poll(c, task_id)).json() for _ in range(3)]
+    assert [a["usage"]["video_duration"] for a in answers] == [1e14, 1e14, 8]
+    assert all(a["id"] == task_id and a["status"] == "succeeded" and a["data"] for a in answers)
+    assert [e["fault"] for e in await api_log(app)][1:] == ["answer", "answer", None]
+
+
+@pytest.mark.parametrize(("spec", "status", "text"), [
+    ({"patch": {"usage": None}}, 200, None),
+    ({"patch": {"usage": {"video_duration": "8"}}}, 200, '"video_duration":"8"'),
+    ({"patch": {"usage": {"video_duration": -3}}}, 200, '"video_duration":-3'),
+    ({"raw": '{"status":"succeeded","usage":{"video_duration":NaN}}'}, 200,
+     '{"status":"succeeded","usage":{"video_duration":NaN}}'),
+    ({"body": "a string"}, 200, '"a string"'),
+    ({"body": None}, 200, "null"),
+    ({"status": 503}, 503, '"type":"server_error"'),
+    ({"status": 404, "body": {"error": {"code": "task_not_found"}}}, 404, '{"error":{"code":"task_not_found"}}'),
+])
+async def test_scripted_poll_answers(spec, status, text):
+    app = sim(task_seconds=0)
+    async with client(app) as c:
+        task_id = (await create(c)).json()["id"]
+        await fault(app, mode="answer", routes=["poll"], count=1, **spec)
+        r = await poll(c, task_id)
+    assert r.status_code == status and r.headers["content-type"] == "application/json"
+    if text is None:
+        assert "usage" not in r.json() and r.json()["status"] == "succeeded"
+    else:
+        assert text in r.text
+
+
+async def test_scripted_answer_of_one_task_wins_over_every_task_and_every_key():
+    app = sim(task_seconds=0)
+    async with client(app) as c:
+        first, second = [(await create(c)).json()["id"] for _ in range(2)]
+    await fault(app, key="*", mode="answer", routes=["poll"], body={"every": "task"})
+    await fault(app, key="*", mode="answer", task_id=first, body={"one": "task"})
+    async with client(app) as c:
+        assert (await poll(c, first)).json() == {"one": "task"}
+        assert (await poll(c, second)).json() == {"every": "task"}
+    async with client(app, OTHER) as c:
+        other = (await create(c)).json()["id"]
+        assert (await poll(c, other)).json() == {"every": "task"}
+
+
+async def test_a_create_answered_5xx_still_creates_its_task():
+    app = sim()
+    await fault(app, mode="answer", routes=["create"], status=502, count=1)
+    async with client(app) as c:
+        r = await create(c)
+        normal = await create(c)
+    assert r.status_code == 502 and r.json()["error"]["type"] == "server_error"
+    [failed, ok] = await creates(app)
+    assert failed["status"] == 502 and failed["created"] in app.state.simulator.tasks
+    assert (failed["answer"], failed["fault"]) == ("sent", "answer")
+    assert ok["created"] == normal.json()["id"] and len(app.state.simulator.tasks) == 2
+
+
+async def test_fixed_id_makes_duplicates_without_replacing_the_first_task():
+    app = sim(task_seconds=0)
+    await fault(app, key="*", mode="fixed_id", id="cgt-duplicate", count=2)
+    async with client(app) as c:
+        first = await create(c, prompt="the first")
+    async with client(app, OTHER) as c:
+        second = await create(c, prompt="the second")
+        assert (await poll(c, "cgt-duplicate")).status_code == 404  # the id stays the first key's
+        real_second = (await creates(app))[1]["created"]
+        assert (await poll(c, real_second)).json()["status"] == "succeeded"
+        third = await create(c)
+    assert first.json()["id"] == second.json()["id"] == "cgt-duplicate"
+    assert third.json()["id"] not in ("cgt-duplicate", real_second)
+    tasks = app.state.simulator.tasks
+    assert tasks["cgt-duplicate"].request["prompt"] == "the first" and tasks["cgt-duplicate"].key == KEY
+    assert tasks[real_second].request["prompt"] == "the second" and tasks[real_second].key == OTHER
+    assert [(e["task_id"], e["fault"]) for e in await creates(app)] == [
+        ("cgt-duplicate", "fixed_id"), ("cgt-duplicate", "fixed_id"), (third.json()["id"], None)]
+
+
+async def test_late_answer_creates_the_task_before_answering():
+    app = sim()
+    await fault(app, mode="late", routes=["create"], delay_s=0.3, count=1)
+    async with client(app) as c:
+        start = time.perf_counter()
+        pending = asyncio.ensure_future(create(c))
+        await asyncio.sleep(0.1)
+        assert len(app.state.simulator.tasks) == 1 and not pending.done()
+        r = await pending
+    assert time.perf_counter() - start >= 0.3
+    assert r.status_code == 200 and r.json()["id"] in app.state.simulator.tasks
+
+
+async def test_late_answer_after_the_client_gave_up_under_uvicorn():
+    app = sim()
+    await fault(app, mode="late", routes=["create"], delay_s=30, count=1)
+    async with served(app) as base, httpx.AsyncClient(base_url=base, headers=AUTH) as c:
+        with pytest.raises(httpx.ReadTimeout):
+            await c.post("/v1/videos/generations", json=BODY, timeout=0.3)
+        [entry] = await creates(app)
+        task_id = entry["created"]
+        assert (await poll(c, task_id)).json()["id"] == task_id  # whoever knows the id may poll it
+        for _ in range(100):  # the server notices the client left on its own schedule
+            if (await creates(app))[0]["answer"] is not None:
+                break
+            await asyncio.sleep(0.02)
+    [entry] = await creates(app)
+    assert (entry["status"], entry["answer"], entry["fault"]) == (None, "none", "late")
+
+
+async def test_cut_answer_creates_and_drops_the_connection_mid_body():
+    app = sim()
+    await fault(app, mode="cut", routes=["create", "poll"], count=2)
+    async with served(app) as base, httpx.AsyncClient(base_url=base, headers=AUTH) as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await create(c)
+        task_id = (await creates(app))[0]["created"]
+        with pytest.raises(httpx.RemoteProtocolError):
+            await poll(c, task_id)
+        assert (await poll(c, task_id)).status_code == 200
+    log = await api_log(app)
+    assert [(e["route"], e["status"], e["answer"]) for e in log] == [
+        ("create", 200, "cut"), ("poll", 200, "cut"), ("poll", 200, "sent")]
+    assert log[0]["task_id"] == task_id in app.state.simulator.tasks
+
+
+async def test_cut_answer_sends_half_the_body_then_drops():
+    app = sim()
+    await fault(app, mode="cut", routes=["create"])
+    async with served(app) as base:
+        host, port = urlsplit(base).hostname, urlsplit(base).port
+        reader, writer = await asyncio.open_connection(host, port)
+        payload = orjson.dumps(BODY)
+        writer.write(b"POST /v1/videos/generations HTTP/1.1\r\nHost: sim\r\nAuthorization: Bearer " + KEY.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(payload)).encode()
+                     + b"\r\n\r\n" + payload)
+        raw = await asyncio.wait_for(_read_until_closed(reader), 5)
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    headers = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    length = int(headers[b"content-length"])
+    assert head.startswith(b"HTTP/1.1 200") and len(body) == length // 2 and body.startswith(b'{"id":"cgt-')
+
+
+async def _read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := await reader.read(65536):
+            data += chunk
+    return data
+
+
+async def test_cut_in_process_raises_after_creating():
+    app = sim()
+    await fault(app, mode="cut", routes=["create"])
+    async with client(app) as c:
+        with pytest.raises(ConnectionResetError):
+            await create(c)
+    assert len(app.state.simulator.tasks) == 1
+
+
+async def test_creates_list_every_create_with_its_outcome():
+    app = sim()
+    async with client(app) as c:
+        ok = (await create(c)).json()["id"]
+        await create(c, duration=99)
+        await fault(app, mode="500", routes=["create"], count=1)
+        await create(c)
+        await fault(app, mode="answer", routes=["create"], status=504, count=1)
+        await create(c)
+        await c.get(f"/v1/videos/generations/{ok}")
+    listing = await creates(app)
+    assert [(e["status"], e["fault"], e["answer"]) for e in listing] == [
+        (200, None, "sent"), (400, None, "sent"), (500, "500", "sent"), (504, "answer", "sent")]
+    assert [e["created"] is not None for e in listing] == [True, False, False, True]
+    assert listing[0]["created"] == ok and {e["key"] for e in listing} == {KEY}
+    assert len(app.state.simulator.tasks) == 2
+
+
+async def test_a_fault_for_every_key_and_its_clearing():
+    app = sim()
+    await fault(app, key="*", mode="500", routes=["create"])
+    async with client(app) as c:
+        mine = await create(c)
+    async with client(app, OTHER) as c:
+        other = await create(c)
+        assert (await control(app, "DELETE", "/_sim/faults/*")).status_code == 200
+        after = await create(c)
+    assert (mine.status_code, other.status_code, after.status_code) == (500, 500, 200)
+
+
+async def test_a_key_fault_wins_over_an_every_key_fault():
+    app = sim()
+    await fault(app, key="*", mode="500")
+    await fault(app, mode="403")
+    async with client(app) as c:
+        assert (await create(c)).status_code == 403
+    async with client(app, OTHER) as c:
+        assert (await create(c)).status_code == 500
+
+
+@pytest.mark.parametrize("spec", [
+    {"key": KEY, "mode": "fixed_id"}, {"key": KEY, "mode": "500", "id": "cgt-x"},
+    {"key": KEY, "mode": "fixed_id", "id": "cgt-x", "routes": ["poll"]},
+    {"key": KEY, "mode": "answer", "body": 1, "patch": {}}, {"key": KEY, "mode": "answer", "status": 99},
+    {"key": KEY, "mode": "answer", "patch": [1]}, {"key": KEY, "mode": "answer", "raw": 5},
+    {"key": KEY, "mode": "500", "status": 502}, {"key": KEY, "mode": "500", "body": {}},
+    {"key": KEY, "mode": "answer", "task_id": "cgt-x", "routes": ["create"]},
+    {"key": KEY, "mode": "500", "routes": ["media"]}, {"key": "*", "mode": "answer", "routes": ["media"], "patch": {}},
+    {"key": KEY, "mode": "answer", "task_id": ""}])
+def test_bad_knob_specs_are_refused(spec):
+    with pytest.raises(ValueError):
+        parse_fault(spec)
+
+
+def test_task_id_defaults_to_its_polls_and_cancels():
+    fault_ = parse_fault({"key": "*", "mode": "answer", "task_id": "cgt-x", "body": {"a": 1}})
+    assert fault_.routes == ("poll", "delete") and fault_.body == '{"a":1}'
+    assert parse_fault({"key": KEY, "mode": "fixed_id", "id": "cgt-x"}).routes == ("create",)
+
+
+# --- the same knobs through the e2e harness, against a real simulator process ----------------
+
+def test_harness_knobs_against_a_simulator_process(tmp_path):
+    proc = Simulator(tmp_path, task_seconds=0.0, video_size=4096)
+    proc.start()
+    try:
+        with httpx.Client(base_url=proc.url + "/api/v1", headers=AUTH, timeout=5) as c:
+            _harness_knobs(proc, c)
+    finally:
+        proc.stop()
+
+
+def _harness_knobs(proc: Simulator, c: httpx.Client) -> None:
+    url = "/videos/generations"
+    first = c.post(url, json=BODY).json()["id"]
+    proc.script_poll(first, patch={"usage": {"video_duration": 1e14}})
+    assert c.get(f"{url}/{first}").json()["usage"] == {"video_duration": 1e14}
+    done = c.get(f"{url}/{first}").json()
+    assert done["usage"] == {"video_duration": 8}
+    video = httpx.get(done["data"][0]["video_url"])
+    assert video.content == proc.expected_bytes(first) and len(video.content) == 4096
+    assert httpx.get(done["data"][0]["cover_image_url"]).content == proc.expected_bytes(first, "cover")
+    assert [(d["task_id"], d["status"]) for d in proc.downloads()] == [(first, 200), (first, 200)]
+    proc.media(ttl_s=0)
+    assert httpx.get(done["data"][0]["video_url"]).status_code == 403
+    proc.fixed_id(KEY, first)
+    assert c.post(url, json=BODY).json()["id"] == first
+    proc.create_then_fail(KEY, 503)
+    assert c.post(url, json=BODY).status_code == 503
+    proc.late_create(KEY, 5)
+    with pytest.raises(httpx.ReadTimeout):
+        c.post(url, json=BODY, timeout=0.3)
+    proc.cut(KEY)
+    with pytest.raises(httpx.RemoteProtocolError):
+        c.post(url, json=BODY)
+    listing = proc.creates()
+    assert [e["fault"] for e in listing] == [None, "fixed_id", "answer", "late", "cut"]
+    assert len(proc.created_task_ids()) == 5 and proc.created_task_ids()[1] != first
+    proc.clear_faults()
+    assert httpx.get(done["data"][0]["video_url"]).status_code == 200
+    proc.clear_requests()
+    assert proc.creates() == [] and proc.downloads() == []

@@ -36,28 +36,87 @@ class Process(procs.Process):
 
 
 class Simulator(Process):
-    def __init__(self, tmp: Path, task_seconds: float = 2.0) -> None:
+    """A `python -m gateway.simulator` process, and its control API (SPEC §7; gateway/simulator.py)."""
+
+    def __init__(self, tmp: Path, task_seconds: float = 2.0, media_ttl_s: float | None = None,
+                 video_size: int | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        flags = [*(["--media-ttl-s", str(media_ttl_s)] if media_ttl_s is not None else []),
+                 *(["--video-size", str(video_size)] if video_size is not None else [])]
         super().__init__([sys.executable, "-m", "gateway.simulator", "--port", str(self.port),
-                          "--task-seconds", str(task_seconds)], tmp / f"simulator-{self.port}.log")
+                          "--task-seconds", str(task_seconds), *flags], tmp / f"simulator-{self.port}.log")
 
     def start(self) -> None:
         super().start()
         wait_http(self.url + "/_sim/requests", proc=self.proc)
 
     def fault(self, key: str, mode: str, **kw: Any) -> None:
+        """Any fault mode of gateway/sim_faults.py; key is a KEYS name, a key value or "*" (every key)."""
         httpx.post(self.url + "/_sim/faults", json={"key": KEYS.get(key, key), "mode": mode, **kw}).raise_for_status()
 
+    def script_poll(self, task_id: str | None = None, *, key: str = "*", count: int | None = 1, **answer: Any) -> None:
+        """The next `count` polls of a task (None: of every task) answer `status` and one of `body` (any JSON),
+        `raw` (text sent as is: NaN, cut JSON) or `patch` (a JSON merge patch over the real answer: null
+        removes a key); count None: until cleared."""
+        scope = {"task_id": task_id} if task_id else {}
+        self.fault(key, "answer", routes=["poll"], count=count, **scope, **answer)
+
+    def fixed_id(self, key: str, task_id: str, count: int | None = 1) -> None:
+        """Creates answer `task_id` (a duplicate when it is taken) and still create their task."""
+        self.fault(key, "fixed_id", id=task_id, count=count)
+
+    def late_create(self, key: str, delay_s: float, count: int | None = 1) -> None:
+        """Creates make their task at once and answer after `delay_s` (nothing, if the client left first)."""
+        self.fault(key, "late", routes=["create"], delay_s=delay_s, count=count)
+
+    def create_then_fail(self, key: str, status: int = 502, count: int | None = 1) -> None:
+        """Creates make their task, then answer `status` with an error body."""
+        self.fault(key, "answer", routes=["create"], status=status, count=count)
+
+    def cut(self, key: str, routes: tuple[str, ...] = ("create",), count: int | None = 1) -> None:
+        """Answers stop halfway through their body and the connection closes (a create still creates);
+        routes ("media",) with key "*" cuts downloads."""
+        self.fault(key, "cut", routes=list(routes), count=count)
+
     def clear_faults(self) -> None:
+        """Every fault off, and the result-file settings back to the start-up ones, so no test leaks into the next."""
         httpx.delete(self.url + "/_sim/faults").raise_for_status()
+        httpx.delete(self.url + "/_sim/media").raise_for_status()
 
     def requests(self, route: str | None = None) -> list[dict[str, Any]]:
         data = httpx.get(self.url + "/_sim/requests").json()["data"]
         return [r for r in data if route is None or r["route"] == route]
 
+    def creates(self) -> list[dict[str, Any]]:
+        """Every create received: "created" the id of the task it made (None: none), "task_id" the id answered,
+        "status" (None: no answer sent), "answer" sent / cut / none, "fault", "key", "time"."""
+        return httpx.get(self.url + "/_sim/creates").json()["data"]
+
+    def created_task_ids(self) -> list[str]:
+        """The tasks that exist upstream (and cost money), whatever their creates answered."""
+        return [c["created"] for c in self.creates() if c["created"]]
+
+    def downloads(self) -> list[dict[str, Any]]:
+        """Requests for result files (video and cover URLs), with their Range header and status."""
+        return httpx.get(self.url + "/_sim/downloads").json()["data"]
+
     def clear_requests(self) -> None:
+        """Both the API request log and the download log."""
         httpx.delete(self.url + "/_sim/requests").raise_for_status()
+
+    def media(self, ttl_s: float | None = None, video_size: int | None = None) -> dict[str, Any]:
+        """Result-file settings: ttl_s 0 expires every URL handed out (403); video_size is for tasks created next."""
+        settings = {k: v for k, v in (("ttl_s", ttl_s), ("video_size", video_size)) if v is not None}
+        r = httpx.post(self.url + "/_sim/media", json=settings)
+        r.raise_for_status()
+        return r.json()
+
+    def expected_bytes(self, task_id: str, variant: str = "video") -> bytes:
+        """The exact bytes of a task's video or cover (variant "cover")."""
+        from gateway.simulator import cover_bytes, video_bytes
+
+        return cover_bytes(task_id) if variant == "cover" else video_bytes(task_id, self.task(task_id)["video_size"])
 
     def task(self, task_id: str) -> dict[str, Any]:
         return httpx.get(f"{self.url}/_sim/tasks/{task_id}").json()

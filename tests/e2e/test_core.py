@@ -474,7 +474,7 @@ def test_guide_clients_work_with_only_base_url_and_key_changed(make_gateway, sim
             proc.kill()
         assert proc.returncode == 0, (name, stdout, stderr)
         out[name] = stdout
-    video = "https://cdn.tokenhub-sim.invalid/videos/cgt-"
+    video = f"{sim.url}/media/cgt-"
     assert "Video ready! Duration: 5s" in out["python"] and f"URL: {video}" in out["python"], out["python"]
     assert f"Video URL: {video}" in out["node"] and "Duration: 5 seconds" in out["node"], out["node"]
     with gw.client("alice") as c:
