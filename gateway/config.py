@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .pricing import usd_to_micros
@@ -18,6 +19,7 @@ DEFAULT_PRICING = {
     "doubao-seedance-2.0": {"720p": Decimal("0.20"), "480p": Decimal("0.12")},
     "doubao-seedance-2.0-fast": {"720p": Decimal("0.16"), "480p": Decimal("0.10")},
 }
+DEFAULT_MODEL_ALIASES = {"sora-2": "doubao-seedance-2.0-fast", "sora-2-pro": "doubao-seedance-2.0"}
 
 
 class ConfigError(Exception):
@@ -99,6 +101,8 @@ class ServerSettings:
     shutdown_grace_s: float = 10
     max_body_bytes: int = 64 * 1024 * 1024
     log_prompts: bool = False
+    header_timeout_s: float = 10  # a client that has not sent its headers by then is disconnected
+    body_timeout_s: float = 30
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,13 @@ class PollerSettings:
 
 
 @dataclass(frozen=True)
+class OpenAISettings:
+    poll_after_ms: int = 2000
+    model_aliases: Mapping[str, str] = field(  # alias → Seedance model of the pricing table
+        default_factory=lambda: MappingProxyType(dict(DEFAULT_MODEL_ALIASES)))
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings
     upstream: UpstreamSettings
@@ -134,17 +145,19 @@ class Settings:
     pricing: Mapping[str, Mapping[str, int]]  # model → resolution → micro-dollars per second
     teams: Mapping[str, Team]
     users: Mapping[str, User]
+    openai: OpenAISettings = field(default_factory=OpenAISettings)
     source: str = ""
 
 
-_SECTIONS = {"server", "upstream", "store", "poller", "pricing", "teams", "users"}
+_SECTIONS = {"server", "upstream", "store", "poller", "pricing", "teams", "users", "openai"}
 # TOML key → kind, for the plain fields of each section; absent or invalid, the dataclass default applies.
 _SERVER = {"host": "str", "port": "port", "shutdown_grace_s": "num0", "max_body_bytes": "int+",
-           "log_prompts": "bool"}
+           "log_prompts": "bool", "header_timeout_s": "num+", "body_timeout_s": "num+"}
 _UPSTREAM = {"connect_timeout_s": "num+", "timeout_s": "num+", "cooldown_s": "num+",
              "breaker_failures": "int+", "breaker_open_s": "num+"}
 _KEY = {"weight": "int+", "max_concurrent_tasks": "int+"}
 _POLLER = {"interval_s": "num+", "expire_after_s": "num+", "concurrency": "int+"}
+_OPENAI = {"poll_after_ms": "int+"}
 _LIMITS = {"budget_usd": "num0", "period": "str", "models": "strlist", "video_seconds": "int0",
            "requests_per_minute": "int+", "max_concurrent_tasks": "int+"}
 
@@ -247,6 +260,20 @@ def _poller(r: Reader, data: Any) -> PollerSettings:
     return PollerSettings(**r.fields(r.table(data, "poller", set(_POLLER)), "poller", _POLLER))
 
 
+def _openai(r: Reader, data: Any, models: set[str]) -> OpenAISettings:
+    o = r.table(data, "openai", set(_OPENAI) | {"model_aliases"})
+    aliases = dict(DEFAULT_MODEL_ALIASES)
+    for alias, model in r.table(o.get("model_aliases", {}), "openai.model_aliases", None).items():
+        where = f'openai.model_aliases."{alias}"'
+        if alias in models:
+            r.problem(where, "is a model of the pricing table, not an alias")
+        elif not isinstance(model, str) or model not in models:
+            r.problem(where, f"expected a model of the pricing table ({', '.join(sorted(models))})")
+        else:
+            aliases[alias] = model
+    return OpenAISettings(model_aliases=MappingProxyType(aliases), **r.fields(o, "openai", _OPENAI))
+
+
 def _teams(r: Reader, data: Any, models: set[str]) -> dict[str, Team]:
     teams = {}
     for name, t in r.table(data, "teams", None).items():
@@ -288,10 +315,11 @@ def parse_settings(data: dict, env: Mapping[str, str] | None = None,
     poller = _poller(r, data.get("poller", {}))
     teams = _teams(r, data.get("teams", {}), models)
     users = _users(r, data.get("users", {}), teams, models)
+    openai = _openai(r, data.get("openai", {}), models)
     if r.problems:
         raise ConfigError(r.problems)
-    return Settings(server=server, upstream=upstream, store=store, poller=poller,
-                    pricing=pricing, teams=teams, users=users, source=source)
+    return Settings(server=server, upstream=upstream, store=store, poller=poller, pricing=pricing,
+                    teams=teams, users=users, openai=openai, source=source)
 
 
 def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:

@@ -168,10 +168,11 @@ def test_store_url_from_env():
 # Every plain field, set to something other than its default, reaches its dataclass field.
 NON_DEFAULTS = {
     "server": {"host": "127.0.0.1", "port": 9000, "shutdown_grace_s": 0, "max_body_bytes": 1024,
-               "log_prompts": True},
+               "log_prompts": True, "header_timeout_s": 2.5, "body_timeout_s": 5},
     "upstream": {"connect_timeout_s": 1.5, "timeout_s": 7, "cooldown_s": 2, "breaker_failures": 9,
                  "breaker_open_s": 4},
     "poller": {"interval_s": 0.5, "expire_after_s": 60, "concurrency": 3},
+    "openai": {"poll_after_ms": 500},
 }
 
 
@@ -197,6 +198,47 @@ def test_an_unset_team_period_is_the_limits_default_and_a_user_takes_its_teams()
     s = parse_settings(data, env={"K": PRIMARY})
     assert s.teams["t"].limits == Limits(budget_micros=1_000_000)
     assert s.users["u"].limits == Limits(period=Limits().period)
+
+
+def test_slow_client_timeouts_and_the_openai_shape_have_defaults():
+    s = parse_settings(minimal(), env={"K": PRIMARY})
+    assert (s.server.header_timeout_s, s.server.body_timeout_s) == (10, 30)
+    assert s.openai.poll_after_ms == 2000
+    assert dict(s.openai.model_aliases) == {"sora-2": FAST, "sora-2-pro": M}
+
+
+def test_model_aliases_are_merged_over_the_defaults_and_read_only(tmp_path):
+    path = tmp_path / "gateway.toml"
+    path.write_text('[upstream]\nbase_url = "https://x"\n[[upstream.keys]]\nname = "k"\nvalue_env = "K"\n'
+                    '[pricing.seedance-lite]\n"480p" = 0.05\n'
+                    '[openai]\npoll_after_ms = 1000\n'
+                    '[openai.model_aliases]\n"sora-2" = "doubao-seedance-2.0"\nlite = "seedance-lite"\n')
+    s = load_settings(path, env={"K": PRIMARY})
+    assert s.openai.poll_after_ms == 1000
+    assert dict(s.openai.model_aliases) == {"sora-2": M, "sora-2-pro": M, "lite": "seedance-lite"}
+    with pytest.raises(TypeError):
+        s.openai.model_aliases["veo"] = M  # type: ignore[index]
+    assert dict(parse_settings(minimal(), env={"K": PRIMARY}).openai.model_aliases) == {"sora-2": FAST,
+                                                                                       "sora-2-pro": M}
+
+
+@pytest.mark.parametrize("data, location", [
+    (minimal(server={"header_timeout_s": 0}), "server.header_timeout_s"),
+    (minimal(server={"body_timeout_s": -1}), "server.body_timeout_s"),
+    (minimal(server={"body_timeout_s": "30"}), "server.body_timeout_s"),
+    (minimal(openai={"poll_after_ms": 0}), "openai.poll_after_ms"),
+    (minimal(openai={"poll_after_ms": 1.5}), "openai.poll_after_ms"),
+    (minimal(openai={"poll_ms": 1}), "openai.poll_ms"),
+    (minimal(openai=5), "openai"),
+    (minimal(openai={"model_aliases": ["sora-2"]}), "openai.model_aliases"),
+    (minimal(openai={"model_aliases": {"veo": "veo-3"}}), 'openai.model_aliases."veo"'),
+    (minimal(openai={"model_aliases": {"sora-2": "doubao-seedance-1.0"}}), 'openai.model_aliases."sora-2"'),
+    (minimal(openai={"model_aliases": {"veo": [M]}}), 'openai.model_aliases."veo"'),
+    (minimal(openai={"model_aliases": {FAST: M}}), f'openai.model_aliases."{FAST}"'),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_new_setting_problems(data, location):
+    problems = problems_of(data)
+    assert any(p.startswith(location + ": ") for p in problems), problems
 
 
 def test_pricing_override_adds_a_model_and_keeps_the_defaults():
