@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from . import ledger
 from .auth import check_token
-from .errors import ValidationError
+from .errors import InvalidJSON, ValidationError
 from .keypool import KeyHealth
 from .quota import team_subjects
 from .routes import gw, json_response, usage_figures
@@ -75,3 +76,23 @@ async def admin_reload(request: Request) -> Response:
                               param="config", code="invalid_config")
     return json_response({"status": "reloaded", "users": len(g.settings.users),
                           "teams": len(g.settings.teams), "keys": len(g.settings.upstream.keys)})
+
+
+async def admin_void_task(request: Request) -> Response:
+    """An `unknown` row that TokenHub's records show it never billed: its cost becomes 0."""
+    g = admin(request)
+    task = await g.settlement.resolve(request.path_params["task_id"], None)
+    return json_response(ledger.row(task))
+
+
+async def admin_settle_task(request: Request) -> Response:
+    """An `unknown` row priced from the output seconds TokenHub billed: `{"video_seconds": N}`."""
+    g = admin(request)
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise InvalidJSON("The body is not valid JSON.") from None
+    if not isinstance(body, dict) or "video_seconds" not in body:
+        raise ValidationError('The body must be {"video_seconds": N}.', param="video_seconds")
+    task = await g.settlement.resolve(request.path_params["task_id"], body["video_seconds"])
+    return json_response(ledger.row(task))

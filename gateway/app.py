@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -53,13 +54,21 @@ class Gateway:
         calls = UpstreamCalls(upstream, self.pool, metrics)
         records: LRUCache[str, Task] = LRUCache(maxsize=10_000)
         self.settlement = Settlement(settings, store, metrics, clock)
-        self.tasks = Tasks(settings, store, calls, self.pool, metrics, records, clock)
+        self.tasks = Tasks(settings, store, calls, self.pool, self.settlement, metrics, records, clock)
         self.polls = Polls(store, calls, self.pool, self.settlement, records, clock)
         self.poller = Poller(settings, store, self.tasks, self.polls, self.settlement, self.pool,
                              upstream, metrics, clock)
         self.large_bodies = asyncio.Semaphore(MAX_LARGE_BODIES)
         self.draining = False
+        self.drain_deadline = math.inf  # time.monotonic() by which a shutdown must be done
         self.log = structlog.get_logger("gateway")
+
+    def begin_drain(self) -> None:
+        """A shutdown starts (SIGTERM): new requests are refused, the grace period runs from now."""
+        if not self.draining:
+            self.draining = True
+            self.drain_deadline = time.monotonic() + self.settings.server.shutdown_grace_s
+            self.log.info("gateway.draining", grace_s=self.settings.server.shutdown_grace_s)
 
     async def reload(self) -> list[str]:
         """Re-read the config file; a bad one is refused and the old one stays."""
@@ -135,6 +144,8 @@ def route_table() -> list[Route]:
         Route("/admin/keys", admin.admin_keys, methods=["GET"]),
         Route("/admin/teams", admin.admin_teams, methods=["GET"]),
         Route("/admin/reload", admin.admin_reload, methods=["POST"]),
+        Route("/admin/tasks/{task_id}/void", admin.admin_void_task, methods=["POST"]),
+        Route("/admin/tasks/{task_id}/settle", admin.admin_settle_task, methods=["POST"]),
     ]
 
 
@@ -193,8 +204,8 @@ class GatewayApp(Starlette):
     an OpenAI-shaped 500), then any `middleware=` given, then the hot routes (errors rendered by the
     same handler table as every route), then starlette's exception handling and router."""
 
-    def __init__(self, *, metrics: Metrics, **kw: Any) -> None:
-        self.metrics = metrics
+    def __init__(self, *, metrics: Metrics, draining: Callable[[], bool] = lambda: False, **kw: Any) -> None:
+        self.metrics, self.draining = metrics, draining
         super().__init__(**kw)
 
     def build_middleware_stack(self) -> ASGIApp:
@@ -203,7 +214,7 @@ class GatewayApp(Starlette):
         app: ASGIApp = HotRoutes(inner, self.routes, handlers)
         for cls, args, kwargs in reversed(self.user_middleware):
             app = cls(app, *args, **kwargs)
-        return RequestMiddleware(app, metrics=self.metrics)
+        return RequestMiddleware(app, metrics=self.metrics, draining=self.draining)
 
 
 def create_app(settings: Settings, *, upstream: Upstream | None = None, store: Store | None = None,
@@ -226,16 +237,18 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: S
         try:
             yield
         finally:
-            gateway.draining = True
+            gateway.begin_drain()  # when the server stops for a reason other than a signal
             gateway.poller.stop()
             if poller is not None:
                 await poller
-            await gateway.tasks.drain(settings.server.shutdown_grace_s)
+            # Creates already forwarded finish, or are recorded as unknown, before the session closes.
+            await gateway.tasks.drain(gateway.drain_deadline - time.monotonic())
             await upstream.close()
             await store.close()
             gateway.log.info("gateway.stopped")
 
     app = GatewayApp(routes=route_table(), lifespan=lifespan, metrics=metrics,
+                     draining=lambda: gateway.draining,
                      exception_handlers={GatewayError: on_gateway_error, HTTPException: on_http_error})
     app.router.redirect_slashes = False
     app.state.gateway = gateway

@@ -11,7 +11,9 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -37,7 +39,21 @@ def serve_settings(settings: Settings, host: str | None = None, port: int | None
     cfg = uvicorn_config(app, host or settings.server.host, port or settings.server.port,
                          settings.server.shutdown_grace_s)
     tune_gc()
-    run_until_signalled(uvicorn.Server(cfg))
+    run_until_signalled(GatewayServer(cfg, app.state.gateway.begin_drain))
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, telling the gateway the moment a shutdown signal arrives: from then on new
+    requests are answered 503 shutting_down and the grace period runs (uvicorn waits for requests in
+    flight within it; the gateway then records what is left and exits)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
 
 
 def tune_gc() -> None:

@@ -33,6 +33,7 @@ class GatewayError(Exception):
     status = 500
     type = "server_error"
     code = "internal_error"
+    unknown_outcome = False  # set on the answer to a forwarded create whose outcome is unknown
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  retry_after: int | None = None, headers: dict[str, str] | None = None) -> None:
@@ -52,9 +53,18 @@ class GatewayError(Exception):
         return orjson.dumps(self.body())
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return dict(self.extra_headers)
-        return {**self.extra_headers, "Retry-After": str(max(1, int(self.retry_after)))}
+        headers = dict(self.extra_headers)
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, int(self.retry_after)))
+        if not self.retry_safe():
+            headers["x-should-retry"] = "false"  # the openai SDKs retry 408/409/429/5xx unless told not to
+        return headers
+
+    def retry_safe(self) -> bool:
+        """False where a blind retry could make things worse (SPEC §11): a create whose outcome is
+        unknown (it may be paid for already), an exhausted budget, a conflict, a gone video."""
+        return not (self.unknown_outcome or self.status in (409, 410)
+                    or (self.status == 429 and self.code == "budget_exceeded"))
 
 
 class AuthError(GatewayError):

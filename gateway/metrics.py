@@ -52,6 +52,10 @@ class Metrics:
         self.overhead = Histogram(p + "overhead_seconds", "Time in the gateway, upstream excluded",
                                   ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
         self.poller_backlog = Gauge(p + "poller_backlog", "Tasks awaiting settlement", registry=r)
+        self.settlement_anomalies = Counter(p + "settlement_anomalies", "TokenHub figures not believed "
+                                            "at settlement (the estimate was charged)", ["reason"], registry=r)
+        self.tasks_unknown = Counter(p + "tasks_unknown", "Forwarded creates whose outcome is unknown "
+                                     "(charged at their estimate until resolved)", ["team", "reason"], registry=r)
         self._children: dict[tuple[str, str, str, str], tuple] = {}
         self._labelled: dict[tuple[int, tuple[str, ...]], Any] = {}
 

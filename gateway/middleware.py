@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -10,12 +11,13 @@ from structlog.contextvars import bind_contextvars
 
 from . import logs
 from .context import RequestContext
-from .errors import GatewayError
+from .errors import GatewayError, ShuttingDown
 from .ids import new_id
 from .metrics import Metrics
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 PREFIXES = ("/api/v1", "/v1")
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})  # still answered while shutting down
 
 
 def request_id_from(scope: Scope) -> str:
@@ -41,9 +43,8 @@ def route_label(scope: Scope) -> str:
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
+    def __init__(self, app: ASGIApp, metrics: Metrics, draining: Callable[[], bool] = lambda: False) -> None:
+        self.app, self.metrics, self.draining = app, metrics, draining
         self.log = structlog.get_logger("gateway.request")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -65,7 +66,11 @@ class RequestMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            if self.draining() and scope["path"] not in PROBES:
+                await self._refuse(send_with_id, ShuttingDown("The gateway is shutting down; retry on "
+                                                              "another replica.", retry_after=1))
+            else:
+                await self.app(scope, receive, send_with_id)
         except Exception:
             self.log.exception("request.crashed", request_id=ctx.request_id)
             if started_response:
@@ -77,10 +82,16 @@ class RequestMiddleware:
     @staticmethod
     async def _crashed(send: Send) -> None:
         """An unexpected exception becomes an OpenAI-shaped 500 that still carries the request id."""
-        body = GatewayError("The gateway failed unexpectedly; nothing was charged.").json()
-        await send({"type": "http.response.start", "status": 500,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+        await RequestMiddleware._refuse(send, GatewayError("The gateway failed unexpectedly."), close=False)
+
+    @staticmethod
+    async def _refuse(send: Send, exc: GatewayError, close: bool = True) -> None:
+        body = exc.json()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   *((k.lower().encode(), v.encode()) for k, v in exc.headers().items())]
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     def _finish(self, scope: Scope, ctx: RequestContext, status: int, elapsed: float) -> None:

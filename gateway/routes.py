@@ -202,7 +202,7 @@ async def metrics(request: Request) -> Response:
 def _int_param(value: str | None, name: str, default: int, low: int, high: int) -> int:
     if value is None or value == "":
         return default
-    if not value.isdigit() or not low <= int(value) <= high:
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
         raise ValidationError(f"{name} must be an integer from {low} to {high}.", param=name)
     return int(value)
 

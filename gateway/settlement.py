@@ -13,6 +13,7 @@ import structlog
 
 from . import pricing
 from .config import Settings
+from .errors import NotFound, ValidationError
 from .metrics import Metrics
 from .pricing import micros_to_usd
 from .store.base import Store, Task
@@ -89,7 +90,33 @@ class Settlement:
             self.settled(done)
         return done
 
+    async def resolve(self, ref: str, video_seconds: Any) -> Task:
+        """An operator's resolution of an `unknown` row, once TokenHub's own records are checked:
+        `video_seconds` None voids it; else it is priced exactly (input seconds as at create)."""
+        task = await self.store.get_record(ref)
+        if task is None:
+            raise NotFound(f"No ledger row {ref!r}.", param="task_id")
+        if video_seconds is None:
+            billed_ms, cost = 0, 0
+        else:
+            output = checked_seconds(video_seconds, 0, MAX_OUTPUT_S, low_inclusive=False)
+            if output is None:
+                raise ValidationError(f"video_seconds must be a number above 0 and at most {MAX_OUTPUT_S}.",
+                                      param="video_seconds")
+            if task.resolution not in self.settings.pricing.get(task.model, {}):
+                raise ValidationError(f"No price is configured for {task.model} at {task.resolution}.",
+                                      param="video_seconds")
+            billed_ms, cost = pricing.actual(self.settings.pricing, task.model, task.resolution,
+                                             Decimal(task.input_ms) / 1000, "succeeded", output)
+        done = await self.store.resolve_unknown(ref, billed_ms, cost, self.clock())
+        self.log.info("task.settled", task_id=done.task_id or done.rid, team=done.team, user=done.user,
+                      model=done.model, resolution=done.resolution, status=done.status,
+                      billed_seconds=(done.billed_ms or 0) / 1000, cost_usd=micros_to_usd(done.cost_micros or 0),
+                      estimated=done.cost_estimated, resolved="void" if video_seconds is None else "settle")
+        return done
+
     def anomaly(self, reason: str, task: Task) -> None:
+        self.metrics.child(self.metrics.settlement_anomalies, reason).inc()
         self.log.warning("task.settlement_anomaly", reason=reason, task_id=task.task_id or task.rid,
                          team=task.team)
 

@@ -41,8 +41,8 @@ from starlette.routing import Route
 
 from gateway import sim_media
 from gateway.config import DEFAULT_PRICING
-from gateway.pricing import usd_to_micros
 from gateway.errors import ValidationError
+from gateway.pricing import usd_to_micros
 from gateway.sim_faults import BEFORE, MEDIA, CutOff, Faults, NoAnswer, after_handler, fault_response, parse_fault
 from gateway.sim_faults import error_response as _error
 from gateway.sim_faults import json_response as _json

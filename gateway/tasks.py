@@ -21,9 +21,11 @@ from .config import Settings, Team, User
 from .context import Outcome, RequestContext
 from .errors import (
     ConnectFailed,
+    DuplicateTaskId,
     GatewayError,
     IdempotencyConflict,
     PermissionDenied,
+    RecordRejected,
     StoreUnavailable,
     UpstreamError,
 )
@@ -32,11 +34,14 @@ from .keypool import KeyPool
 from .metrics import Metrics
 from .pricing import micros_to_usd
 from .quota import Subject, period_key, subjects_for
+from .settlement import Settlement
 from .store.base import Admission, Store, Task
 from .upstream import Reply
 from .validation import VideoRequest
 
 T = TypeVar("T")
+MAX_TASK_ID = 256
+CUT_RECORD_S = 0.5  # at shutdown, for creates cut by the deadline to be recorded as unknown
 
 
 def canonical_hash(body: Any) -> str:
@@ -45,14 +50,16 @@ def canonical_hash(body: Any) -> str:
 
 class Tasks:
     def __init__(self, settings: Settings, store: Store, calls: UpstreamCalls, pool: KeyPool,
-                 metrics: Metrics, records: LRUCache[str, Task], clock: Callable[[], float]) -> None:
+                 settlement: Settlement, metrics: Metrics, records: LRUCache[str, Task],
+                 clock: Callable[[], float]) -> None:
         self.settings, self.store, self.calls, self.pool = settings, store, calls, pool
-        self.metrics, self.records, self.clock = metrics, records, clock
+        self.settlement, self.metrics, self.records, self.clock = settlement, metrics, records, clock
         self.log = structlog.get_logger("gateway.tasks")
         # Admissions refused with 503 before anything reached TokenHub, to undo once the store answers.
         self._abandoned: LRUCache[str, None] = LRUCache(maxsize=100_000)
         self._unrecorded: LRUCache[str, tuple] = LRUCache(maxsize=100_000)
         self._background: set[asyncio.Task] = set()
+        self._sent: set[str] = set()  # admissions whose create is on its way to TokenHub
 
     async def create(self, user: User, team: Team, body: dict, raw: bytes, req: VideoRequest,
                      idem_key: str | None, ctx: RequestContext) -> Outcome:
@@ -109,10 +116,17 @@ class Tasks:
         try:
             return await self._try_keys(task, raw, ctx)
         except GatewayError as exc:
+            ctx.error_code = exc.code
             return Outcome(exc.status, exc.json(), exc.headers())
-        except BaseException:
-            await self.store.fail_create(task.rid, self.clock(), None)
+        except BaseException as exc:  # cut by the shutdown deadline, or a bug
+            if task.rid in self._sent:
+                await self._unknown(task, "shutdown" if isinstance(exc, asyncio.CancelledError)
+                                    else "internal_error", None)
+            else:
+                await self.store.cancel_admission(task.rid)
             raise
+        finally:
+            self._sent.discard(task.rid)
 
     async def _try_keys(self, task: Task, raw: bytes, ctx: RequestContext) -> Outcome:
         unreachable: ConnectFailed | None = None
@@ -120,17 +134,19 @@ class Tasks:
             if not await self._unsent(task, self.store.acquire_key(task.rid, key.name, key.max_concurrent_tasks)):
                 continue
             ctx.upstream_key = key.name
+            self._sent.add(task.rid)
             try:
                 reply = await self.calls.call(key, tokenhub.CREATE_ROUTE, "POST", tokenhub.CREATE_ROUTE,
                                               raw, ctx)
             except ConnectFailed as exc:
+                self._sent.discard(task.rid)
                 await self._unsent(task, self.store.release_key(task.rid))
                 unreachable = exc
                 continue  # nothing reached TokenHub: the next key may
-            except UpstreamError as exc:
-                await self.store.fail_create(task.rid, self.clock(), (exc.status, exc.json()))
-                raise
+            except UpstreamError as exc:  # timed out or cut off: TokenHub may have made the task
+                raise await self._unknown(task, "timeout" if exc.status == 504 else "cut_off", exc) from None
             if tokenhub.outcome_of(reply.status) in (tokenhub.KEY_REJECTED, tokenhub.THROTTLED):
+                self._sent.discard(task.rid)
                 await self._unsent(task, self.store.release_key(task.rid))
                 unreachable = None  # TokenHub is up; it is the keys that cannot take this create
                 continue
@@ -152,35 +168,60 @@ class Tasks:
 
     async def catch_up(self) -> None:
         """Once the store answers again: undo the admissions of creates refused for a store failure,
-        and record the tasks TokenHub created while the store was away (raises while it still is)."""
+        and record the tasks TokenHub created while the store was away (raises while it still is).
+        A record refused for a reason of its own is settled as unknown; it never blocks the others."""
         for rid in list(self._abandoned):
             await self.store.cancel_admission(rid)
             self._abandoned.pop(rid, None)
-        for rid, created in list(self._unrecorded.items()):
-            await self.store.record_created(rid, *created)
+        for rid, (task_id, status, now, reply) in list(self._unrecorded.items()):
+            try:
+                await self.store.record_created(rid, task_id, status, now, reply)
+            except (DuplicateTaskId, RecordRejected) as exc:
+                task = await self.store.get_record(rid)
+                if task is not None:
+                    await self._unknown(task, "duplicate_id" if isinstance(exc, DuplicateTaskId)
+                                        else "record_rejected", exc)
             self._unrecorded.pop(rid, None)
+
+    async def _unknown(self, task: Task, reason: str, err: GatewayError | None) -> GatewayError | None:
+        """A forwarded create whose outcome the gateway cannot know: charged at its estimate and kept
+        visible until an operator resolves it (SPEC §4). Its answer tells the client not to retry blindly."""
+        if err is not None:
+            err.unknown_outcome = True
+        try:
+            done = await self.store.mark_unknown(task.rid, self.clock(),
+                                                 (err.status, err.json()) if err else None)
+        except GatewayError as exc:  # the pending record stays; the poller expires it as unresolved
+            self.log.error("task.unknown_unrecorded", rid=task.rid, reason=reason, error_code=exc.code)
+            return err
+        self.metrics.child(self.metrics.tasks_unknown, task.team, reason).inc()
+        self.log.warning("task.unknown", rid=task.rid, team=task.team, user=task.user, reason=reason)
+        self.settlement.settled(done)
+        return err
 
     async def _created(self, task: Task, key_name: str, reply: Reply) -> Outcome:
         now = self.clock()
         outcome = tokenhub.outcome_of(reply.status)
         if outcome == tokenhub.FAILED:
-            err = UpstreamError(f"TokenHub answered {reply.status}.", code="upstream_server_error")
-            await self.store.fail_create(task.rid, now, (err.status, err.json()))
-            raise err
+            raise await self._unknown(task, "server_error", UpstreamError(
+                f"TokenHub answered {reply.status}.", code="upstream_server_error"))
         body = self.pool.scrub(reply.body)
         if outcome == tokenhub.REFUSED:
             await self.store.fail_create(task.rid, now, (reply.status, body))
             return Outcome(reply.status, body)
         data = _json(body)
         task_id = data.get("id") if isinstance(data, dict) else None
-        if not isinstance(task_id, str) or not task_id:
-            err = UpstreamError("TokenHub's answer to the create had no task id.",
-                                code="upstream_bad_response")
-            await self.store.fail_create(task.rid, now, (err.status, err.json()))
-            raise err
+        if not isinstance(task_id, str) or not task_id or len(task_id) > MAX_TASK_ID:
+            raise await self._unknown(task, "bad_response", UpstreamError(
+                "TokenHub's answer to the create had no usable task id.", code="upstream_bad_response"))
         status = data.get("status") if data.get("status") in ("queued", "running") else "queued"
         try:
             await self.store.record_created(task.rid, task_id, status, now, (reply.status, body))
+        except DuplicateTaskId as exc:  # never a way into another task, whoever owns it
+            exc.message = "TokenHub answered the create with the id of a task the gateway already holds."
+            raise await self._unknown(task, "duplicate_id", exc) from None
+        except RecordRejected as exc:
+            raise await self._unknown(task, "record_rejected", exc) from None
         except StoreUnavailable:
             # TokenHub made the task: the client must get its id, not a 503 that invites a paid retry.
             self._unrecorded[task.rid] = (task_id, status, now, (reply.status, body))
@@ -209,8 +250,14 @@ class Tasks:
                 "x-ratelimit-reset-requests": f"{tight.reset_s:.3f}s"}
 
     async def drain(self, timeout: float) -> None:
+        """Let forwarded creates finish for `timeout` seconds; those still waiting are cut and
+        recorded as unknown (never as failed at $0)."""
         if self._background:
-            await asyncio.wait(list(self._background), timeout=timeout)
+            await asyncio.wait(list(self._background), timeout=max(0.0, timeout))
+        for job in list(self._background):
+            job.cancel()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=CUT_RECORD_S)
 
 
 def _json(body: bytes) -> Any:

@@ -148,7 +148,8 @@ class HttpUpstream:
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamTimeout("TokenHub did not answer in time.") from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"TokenHub's answer was cut off: {type(exc).__name__}.") from None
+            raise UpstreamError(f"TokenHub's answer was cut off: {type(exc).__name__}.",
+                                code="upstream_bad_response") from None
 
     async def close(self) -> None:
         if self._session is not None:

@@ -104,15 +104,6 @@ def progress(status: str, created_at: float, now: float, expected_s: float) -> i
     return min(99, 1 + int(98 * (1 - math.exp(-2 * elapsed / max(expected_s, 1.0)))))
 
 
-def retry_headers(status: int, code: str | None, create_forwarded: bool) -> dict[str, str]:
-    """`x-should-retry: false` on an answer that a blind retry by the SDK could make worse: a create whose
-    outcome is unknown (it may be paid for already), an exhausted budget, a 409, a 410."""
-    if status in (409, 410) or (status == 429 and code == "budget_exceeded") or \
-            (create_forwarded and status >= 500):
-        return dict(NO_RETRY)
-    return {}
-
-
 def poll_after_headers(status: str, poll_after_ms: int) -> dict[str, str]:
     """For a create or retrieve answer: the SDK's `create_and_poll` waits this long before polling again."""
     if STATUS.get(status, "in_progress") in UNFINISHED:

@@ -179,6 +179,15 @@ def overview() -> dict:
         timeseries("Quota rejections by reason", targets(
             (f"sum by (reason) (rate({M}quota_rejections_total{{{TEAM}}}{RATE}))", "{{reason}}")),
             "ops", w=8, stack=True),
+        timeseries("Unknown outcomes (charged at estimate until an operator resolves them)", targets(
+            (f"sum by (team, reason) (increase({M}tasks_unknown_total{{{TEAM}}}{RATE}))",
+             "{{team}} {{reason}}")), w=12, stack=True,
+            description="Forwarded creates whose outcome the gateway cannot know: check TokenHub's "
+                        "records, then POST /admin/tasks/{id}/void or /settle."),
+        timeseries("Settlement anomalies by reason", targets(
+            (f"sum by (reason) (increase({M}settlement_anomalies_total{RATE}))", "{{reason}}")),
+            w=12, stack=True,
+            description="TokenHub figures that were not believed at settlement; the estimate was charged."),
     ]
     return dashboard("tokenhub-gateway-overview", "TokenHub Gateway / Overview",
                      "Traffic, errors, latency, upstream keys and task flow.", panels)

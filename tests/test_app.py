@@ -165,7 +165,9 @@ def test_an_unexpected_failure_is_an_openai_shaped_500_with_the_request_id(app_p
     assert r.json()["error"]["type"] == "server_error"
     assert r.headers["x-request-id"] == "trace-me-1"
     usage = client.get("/v1/usage").json()["team"]
-    assert (usage["reserved_usd"], usage["spent_usd"], usage["tasks_in_flight"]) == (0.0, 0.0, 0)
+    # The transport failed after the create was handed to it: TokenHub may have made the task, so it
+    # is charged at its estimate and kept as `unknown` for an operator to resolve.
+    assert (usage["reserved_usd"], usage["spent_usd"], usage["tasks_in_flight"]) == (0.0, 1.0, 0)
 
 
 def test_hot_routes_and_the_router_answer_alike(app_parts):
@@ -246,3 +248,14 @@ def test_middleware_given_to_the_app_wraps_hot_routes_too(tmp_path):
         client.get("/v1/models")
     assert seen == ["tap POST /v1/videos/generations", f"tap GET /v1/videos/generations/{tid}",
                     "tap GET /v1/models"]
+
+
+def test_while_draining_new_requests_are_refused_and_probes_still_answer(app_parts):
+    client, upstream, clock, _ = app_parts
+    client.app.state.gateway.begin_drain()
+    r = create(client)
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "shutting_down")
+    assert r.headers["connection"] == "close" and r.headers["retry-after"] == "1"
+    assert upstream.calls == []
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").json()["problems"] == ["shutting_down"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from aiohttp import web
 
 from gateway.config import UpstreamSettings
@@ -68,3 +69,17 @@ async def test_connect_failure_and_timeout_are_told_apart():
             raise AssertionError("a refused connection must be ConnectFailed")
     finally:
         await closed.close()
+
+
+@pytest.mark.parametrize("key", ["th-abc.DEF+/x=yz123", "th-secondkey_456789", "plain-key-without-prefix"])
+def test_a_configured_key_is_scrubbed_in_every_form(key):
+    from gateway.upstream import Scrubber
+
+    scrub = Scrubber([key, "th-other-key-000000"])
+    forms = [key, "".join(f"\\u{ord(c):04x}" for c in key), "".join(f"%{ord(c):02X}" for c in key),
+             key.replace("/", "\\/")]
+    for form in forms:
+        out = scrub(f'{{"error": {{"message": "bad key {form} here"}}}}'.encode())
+        assert out == b'{"error": {"message": "bad key th-*** here"}}', form
+    assert scrub(b'{"ok": "th\\u002dlooks-like-a-key"}') == b'{"ok": "th-***"}'
+    assert scrub(b'{"status": "succeeded", "width": 1280}') == b'{"status": "succeeded", "width": 1280}'

@@ -195,6 +195,9 @@ def run_workload(gw: Gateway, sim: Any, w: Workload) -> None:
     r = w.create("alice", expect=None)
     sim.clear_faults()
     assert r.status_code >= 500, r.text
+    # TokenHub's usage figure out of range: settled at the estimate, counted as an anomaly
+    tid = w.create("alice").json()["id"]
+    sim.script_poll(tid, count=None, patch={"status": "succeeded", "usage": {"video_duration": 1e14}})
 
 
 def keep_busy(gw: Gateway, w: Workload, seconds: float) -> None:
