@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 import uuid
 from dataclasses import replace
@@ -22,9 +23,10 @@ from gateway.errors import (
 )
 from gateway.keypool import KeyHealth
 from gateway.quota import Subject, period_key
-from gateway.store.base import MAX_COUNTER, MAX_FIGURE, TERMINAL, UNKNOWN, Admission, Task
+from gateway.store.base import MAX_COUNTER, MAX_FIGURE, TASK_FIELDS, TERMINAL, UNKNOWN, Admission, Task
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SQLiteStore
+from gateway.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from tests.redis_server import RedisServer, require_redis_server
 
 DOLLAR = 1_000_000
@@ -628,6 +630,105 @@ async def test_get_record_by_task_id_or_rid(store):
     assert await store.get_record(task.task_id) == task == await store.get_record(task.rid)
     assert await store.get_record("nothing") is None
 
+
+
+# what the OpenAI shape keeps: meta, deletion, order
+
+async def test_meta_and_deletion_round_trip(store):
+    now = await store.now()
+    meta = b'{"alias": "sora-2", "size": "720x1280", "seconds": "4", "prompt": "a cat", "remixed_from": null}'
+    task = await created(store, now, meta=meta)
+    assert (task.meta, task.deleted_at) == (meta, None)
+    assert (await store.ledger(None, None, None, None, None))[0].meta == meta
+    deleted = await store.mark_deleted(task.task_id, now + 5)
+    assert (deleted.deleted_at, deleted.meta, deleted.status) == (now + 5, meta, "queued")
+    assert (await store.mark_deleted(task.task_id, now + 9)).deleted_at == now + 5  # the first time counts
+    assert (await store.get_task(task.task_id)).deleted_at == now + 5  # the TokenHub shape keeps it
+    assert [t.rid for t in await store.ledger(None, None, None, None, None)] == [task.rid]
+    assert await store.mark_deleted("cgt-nobody", now) is None
+    pending = await admitted(store, now)
+    assert await store.mark_deleted(pending.rid, now) is None  # not recorded upstream: no such task
+    settled = await store.settle(task.task_id, "succeeded", 1000, 200_000, False, None, now + 10)
+    assert settled.deleted_at == now + 5
+
+
+async def test_list_in_either_order_with_or_without_deleted(store):
+    now = await store.now()
+    for i in range(6):
+        await created(store, now, created_at=now + i, task_id=f"cgt-{i}")
+    await store.mark_deleted("cgt-1", now)
+    await store.mark_deleted("cgt-4", now)
+
+    async def ids(limit, after=None, **kw):
+        page, more = await store.list_tasks("marketing", limit, after, None, **kw)
+        return [t.task_id for t in page], more
+
+    assert await ids(3, order="asc") == (["cgt-0", "cgt-1", "cgt-2"], True)
+    assert await ids(3, "cgt-2", order="asc") == (["cgt-3", "cgt-4", "cgt-5"], False)
+    assert await ids(2, order="asc", include_deleted=False) == (["cgt-0", "cgt-2"], True)
+    assert await ids(2, "cgt-2", order="asc", include_deleted=False) == (["cgt-3", "cgt-5"], False)
+    assert await ids(2, "cgt-4", order="asc", include_deleted=False) == (["cgt-5"], False)  # from a deleted one
+    assert await ids(3, include_deleted=False) == (["cgt-5", "cgt-3", "cgt-2"], True)
+    assert await ids(3, "cgt-2", include_deleted=False) == (["cgt-0"], False)
+    assert await ids(10) == ([f"cgt-{i}" for i in range(5, -1, -1)], False)  # the defaults: desc, all
+    await store.set_status("cgt-3", "running", now)
+    await store.set_status("cgt-4", "running", now)
+    page, more = await store.list_tasks("marketing", 10, None, "running", order="asc", include_deleted=False)
+    assert ([t.task_id for t in page], more) == (["cgt-3"], False)
+    with pytest.raises(ValueError):
+        await store.list_tasks("marketing", 10, None, None, order="sideways")
+
+
+async def test_list_ascending_orders_ties_by_rid(store):
+    now = await store.now()
+    for rid in ("c" * 32, "a" * 32, "b" * 32):
+        await created(store, now, rid=rid, task_id=f"cgt-{rid[0]}")
+    page, more = await store.list_tasks("marketing", 2, None, None, order="asc")
+    assert ([t.task_id for t in page], more) == (["cgt-a", "cgt-b"], True)
+    page, more = await store.list_tasks("marketing", 2, "cgt-b", None, order="asc")
+    assert ([t.task_id for t in page], more) == (["cgt-c"], False)
+
+
+async def test_sqlite_schema_migrates_forward(tmp_path):
+    path = tmp_path / "gateway.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    for statement in MIGRATIONS[1].split(";"):
+        if statement.strip():
+            old.execute(statement)
+    old.execute("PRAGMA user_version=1")
+    now = time.time()
+    task = admission(now).task
+    v1 = [f for f in TASK_FIELDS if f not in ("meta", "deleted_at")]
+    old.execute(f"INSERT INTO tasks ({', '.join(v1)}) VALUES ({', '.join('?' * len(v1))})",
+                [getattr(task, f) for f in v1])
+    old.close()
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        [kept] = await store.ledger(None, None, None, None, None)
+        assert kept == task and (kept.meta, kept.deleted_at) == (None, None)
+        assert await store._do(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION == 2
+        await created(store, now, meta=b"{}", task_id="cgt-new")
+        assert (await store.get_task("cgt-new")).meta == b"{}"
+    finally:
+        await store.close()
+    reopened = SQLiteStore(str(path))  # a second open finds nothing to migrate
+    await reopened.open()
+    try:
+        assert len(await reopened.ledger(None, None, None, None, None)) == 2
+    finally:
+        await reopened.close()
+
+
+async def test_sqlite_refuses_a_newer_schema(tmp_path):
+    path = tmp_path / "gateway.db"
+    newer = sqlite3.connect(path)
+    newer.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    newer.close()
+    store = SQLiteStore(str(path))
+    with pytest.raises(StoreUnavailable):
+        await store.open()
+    await store.close()
 
 # a Redis script checks everything before its first write
 

@@ -48,6 +48,8 @@ class Task:
     settled_at: float | None = None
     next_poll_at: float = 0.0
     final_body: bytes | None = None
+    meta: bytes | None = None  # opaque JSON written at admission by the shape the create came in
+    deleted_at: float | None = None  # deleted in the OpenAI shape; kept in the ledger and the TokenHub shape
 
     @property
     def settled(self) -> bool:
@@ -142,8 +144,14 @@ class Store(Protocol):
         difference and the cost is no longer an estimate; the status stays `unknown`. Idempotent.
         NotFound for no such row, TaskNotUnknown for a row of another status."""
 
-    async def list_tasks(self, team: str, limit: int, after: str | None,
-                         status: str | None) -> tuple[list[Task], bool]: ...
+    async def list_tasks(self, team: str, limit: int, after: str | None, status: str | None,
+                         order: str = "desc", include_deleted: bool = True) -> tuple[list[Task], bool]:
+        """A page of the team's recorded tasks by creation ("desc": newest first, or "asc"), after the
+        task `after` (in that order), and whether more follow."""
+
+    async def mark_deleted(self, task_id: str, now: float) -> Task | None:
+        """Mark a recorded task deleted (the first time counts); None when there is no such task."""
+
     async def due_tasks(self, now: float, limit: int, lease_s: float) -> list[Task]:
         """Unsettled tasks whose next poll is due, leased to this process for lease_s."""
 

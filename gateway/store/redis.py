@@ -50,8 +50,9 @@ from .redis_scripts import PRELUDE, SCRIPTS
 T = TypeVar("T")
 CLOCK_REFRESH_S = 5.0
 HEALTH_CACHE_S = 0.2  # key health is read on every create; replicas see a change within this
-LIST_SCAN_MAX = 10_000  # list_tasks with a status filter looks at most this many older tasks
+LIST_SCAN_MAX = 10_000  # list_tasks with a filter looks at most this many tasks for one page
 PAGE = 500
+
 
 def _decoder(hint: Any) -> Any:
     base = next((a for a in get_args(hint) if a is not type(None)), hint)
@@ -244,12 +245,19 @@ class RedisStore:
         check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
         return _task(await self._eval("resolve", ref, billed_ms, cost_micros, repr(float(now))))
 
-    async def list_tasks(self, team: str, limit: int, after: str | None,
-                         status: str | None) -> tuple[list[Task], bool]:
-        """With a status filter, at most LIST_SCAN_MAX older tasks are looked at for one page."""
-        found = await self._eval("list", team, after or "", status or "", limit, LIST_SCAN_MAX)
+    async def list_tasks(self, team: str, limit: int, after: str | None, status: str | None,
+                         order: str = "desc", include_deleted: bool = True) -> tuple[list[Task], bool]:
+        """With a status filter or deleted tasks left out, at most LIST_SCAN_MAX tasks past the cursor
+        are looked at for one page."""
+        if order not in ("asc", "desc"):
+            raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
+        found = await self._eval("list", team, after or "", status or "", limit, LIST_SCAN_MAX, order,
+                                 "" if include_deleted else "1")
         tasks = [_task(pairs) for pairs in found]
         return tasks[:limit], len(tasks) > limit
+
+    async def mark_deleted(self, task_id: str, now: float) -> Task | None:
+        return _task(await self._eval("mark_deleted", task_id, repr(float(now))))
 
     async def due_tasks(self, now: float, limit: int, lease_s: float) -> list[Task]:
         """Due and lease end are judged by Redis's clock (`now` is not used), the same for every replica."""

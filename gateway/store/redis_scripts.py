@@ -286,22 +286,29 @@ redis.call('HSET', k, 'billed_ms', ARGV[3], 'cost_micros', ARGV[4], 'cost_estima
 return redis.call('HGETALL', k)
 """
 
-# ARGV: team, after task_id or '', status or '', limit, scan cap → up to limit + 1 tasks, newest first
+# ARGV: team, after task_id or '', status or '', limit, scan cap, 'asc' or 'desc', '1' to leave out
+#   deleted tasks → up to limit + 1 tasks in that order of creation
 LIST = """
 local z, status, want = P .. 'team:' .. ARGV[2], ARGV[4], tonumber(ARGV[5]) + 1
+local asc, live_only = ARGV[7] == 'asc', ARGV[8] == '1'
 local start = 0
 if ARGV[3] ~= '' then
   local anchor = redis.call('HGET', P .. 'tid', ARGV[3])
-  local rank = anchor and redis.call('ZREVRANK', z, anchor)
+  local rank = anchor and redis.call(asc and 'ZRANK' or 'ZREVRANK', z, anchor)
   if not rank then return {} end
   start = rank + 1
 end
 local out, stop = {}, start + tonumber(ARGV[6])
 while #out < want and start < stop do
-  local rids = redis.call('ZREVRANGE', z, start, math.min(start + 99, stop - 1))
+  local rids = redis.call(asc and 'ZRANGE' or 'ZREVRANGE', z, start, math.min(start + 99, stop - 1))
   if #rids == 0 then break end
   for _, rid in ipairs(rids) do
-    if status == '' or redis.call('HGET', tkey(rid), 'status') == status then
+    local keep = true
+    if status ~= '' or live_only then
+      local f = redis.call('HMGET', tkey(rid), 'status', 'deleted_at')
+      keep = (status == '' or f[1] == status) and not (live_only and f[2])
+    end
+    if keep then
       out[#out + 1] = redis.call('HGETALL', tkey(rid))
       if #out >= want then break end
     end
@@ -309,6 +316,15 @@ while #out < want and start < stop do
   start = start + #rids
 end
 return out
+"""
+
+# ARGV: task_id, now → the row's field/value pairs (deleted_at as first set), or nil when there is none
+MARK_DELETED = """
+if not tonumber(ARGV[3]) then return redis.error_reply('REJECTED time') end
+local rid = redis.call('HGET', P .. 'tid', ARGV[2])
+if not rid or redis.call('EXISTS', tkey(rid)) == 0 then return false end
+redis.call('HSETNX', tkey(rid), 'deleted_at', ARGV[3])
+return redis.call('HGETALL', tkey(rid))
 """
 
 # ARGV: limit, lease s → the due tasks (as they were before the lease), leased until now + lease
@@ -359,5 +375,5 @@ return {deleted, #rids}
 SCRIPTS = {"admit": ADMIT, "cancel": CANCEL, "acquire_key": ACQUIRE_KEY, "release_key": RELEASE_KEY,
            "record_created": RECORD_CREATED, "fail_create": FAIL_CREATE, "get": GET,
            "get_record": GET_RECORD, "set_status": SET_STATUS, "settle": SETTLE, "mark_unknown": MARK_UNKNOWN,
-           "resolve": RESOLVE, "list": LIST, "due": DUE, "defer": DEFER,
+           "resolve": RESOLVE, "list": LIST, "mark_deleted": MARK_DELETED, "due": DUE, "defer": DEFER,
            "prune": PRUNE}

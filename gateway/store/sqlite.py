@@ -21,6 +21,8 @@ from .sqlite_books import Books, Windows
 from .sqlite_schema import COLS, INSERT_TASK, finish_idem, migrate, row_to_task, task_by_ref, task_by_rid, task_values
 from .writer import Writer
 
+_ORDERS = {"desc": ("<", "DESC"), "asc": (">", "ASC")}  # order → (after the anchor, ORDER BY direction)
+
 
 class SQLiteStore:
     def __init__(self, path: str, synchronous: str = "NORMAL",
@@ -267,8 +269,12 @@ class SQLiteStore:
             return t
         return await self._do(op)
 
-    async def list_tasks(self, team: str, limit: int, after: str | None,
-                         status: str | None) -> tuple[list[Task], bool]:
+    async def list_tasks(self, team: str, limit: int, after: str | None, status: str | None,
+                         order: str = "desc", include_deleted: bool = True) -> tuple[list[Task], bool]:
+        if order not in _ORDERS:
+            raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
+        past, direction = _ORDERS[order]
+
         def op(c: sqlite3.Connection) -> tuple[list[Task], bool]:
             sql, args = f"SELECT {COLS} FROM tasks WHERE team=? AND task_id IS NOT NULL", [team]
             if after:
@@ -276,14 +282,23 @@ class SQLiteStore:
                                    (after, team)).fetchone()
                 if anchor is None:
                     return [], False
-                sql += " AND (created_at < ? OR (created_at = ? AND rid < ?))"
+                sql += f" AND (created_at {past} ? OR (created_at = ? AND rid {past} ?))"
                 args += [anchor[0], anchor[0], anchor[1]]
             if status:
                 sql += " AND status=?"
                 args.append(status)
-            rows = c.execute(sql + " ORDER BY created_at DESC, rid DESC LIMIT ?", (*args, limit + 1))
+            if not include_deleted:
+                sql += " AND deleted_at IS NULL"
+            rows = c.execute(sql + f" ORDER BY created_at {direction}, rid {direction} LIMIT ?", (*args, limit + 1))
             tasks = [row_to_task(r) for r in rows]
             return tasks[:limit], len(tasks) > limit
+        return await self._do(op)
+
+    async def mark_deleted(self, task_id: str, now: float) -> Task | None:
+        def op(c: sqlite3.Connection) -> Task | None:
+            c.execute("UPDATE tasks SET deleted_at=? WHERE task_id=? AND deleted_at IS NULL", (now, task_id))
+            row = c.execute(f"SELECT {COLS} FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+            return row_to_task(row) if row else None
         return await self._do(op)
 
     async def due_tasks(self, now: float, limit: int, lease_s: float) -> list[Task]:

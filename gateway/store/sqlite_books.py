@@ -7,7 +7,7 @@ import bisect
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from ..errors import RecordRejected
 from ..quota import WINDOW_S, Counters
@@ -101,8 +101,8 @@ class Windows:
 
     def __init__(self) -> None:
         self._windows: dict[tuple[str, str], deque[float]] = {}
-        self.lock = threading.RLock()
-        self._undo: list[Callable[[], None]] = []
+        self.lock = threading.Lock()
+        self._undo: list[tuple[deque[float], float, bool]] = []  # (window, time, added) since the last commit
 
     def live(self, scope: str, name: str, now: float) -> deque[float]:
         """The subject's admission times inside the window (caller holds the lock)."""
@@ -118,17 +118,17 @@ class Windows:
                     self._windows.setdefault(key, deque()).append(at)
 
     def add(self, scope: str, name: str, at: float) -> None:
-        with self.lock:
-            window = self._windows.setdefault((scope, name), deque())
-            window.append(at)
-            self._undo.append(lambda: _discard(window, at))
+        """Caller holds the lock (admission checks and adds under it)."""
+        window = self._windows.setdefault((scope, name), deque())
+        window.append(at)
+        self._undo.append((window, at, True))
 
     def remove(self, scope: str, name: str, at: float) -> None:
         with self.lock:
             window = self._windows.get((scope, name))
             if window is not None and at in window:
                 window.remove(at)
-                self._undo.append(lambda: bisect.insort(window, at))
+                self._undo.append((window, at, False))
 
     def commit(self) -> None:
         self._undo.clear()
@@ -136,11 +136,8 @@ class Windows:
     def rollback(self) -> None:
         with self.lock:
             while self._undo:
-                self._undo.pop()()
-
-
-def _discard(window: deque[float], at: float) -> None:
-    try:
-        window.remove(at)
-    except ValueError:
-        pass  # already pruned out of the window
+                window, at, added = self._undo.pop()
+                if not added:
+                    bisect.insort(window, at)
+                elif at in window:  # unless pruned out of the window meanwhile
+                    window.remove(at)

@@ -8,7 +8,7 @@ import sqlite3
 from ..errors import StoreUnavailable
 from .base import TASK_FIELDS, Task
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS = {
     1: """
     CREATE TABLE tasks (
@@ -35,6 +35,10 @@ MIGRATIONS = {
         team TEXT NOT NULL, key TEXT NOT NULL, body_hash TEXT NOT NULL, done INTEGER NOT NULL,
         status INTEGER NOT NULL DEFAULT 0, body BLOB, created_at REAL NOT NULL,
         PRIMARY KEY (team, key));
+    """,
+    2: """
+    ALTER TABLE tasks ADD COLUMN meta BLOB;
+    ALTER TABLE tasks ADD COLUMN deleted_at REAL;
     """,
 }
 COLS = ", ".join(TASK_FIELDS)
