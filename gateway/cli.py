@@ -1,4 +1,4 @@
-"""tokenhub-gateway serve / demo / simulator / keys new / check-config / usage."""
+"""tokenhub-gateway serve / demo / simulator / keys new / check-config / usage / healthcheck."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import signal
 import sys
 import tempfile
 import threading
+import tomllib
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -19,7 +21,7 @@ import uvicorn
 
 from . import ledger, logs
 from .auth import key_sha256, new_key
-from .config import ConfigError, Settings, load_settings, parse_settings
+from .config import ConfigError, ServerSettings, Settings, load_settings, parse_settings
 
 DEMO_TEAM, DEMO_USER = "demo", "demo-user"
 
@@ -188,6 +190,29 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when /healthz answers on the address the config names: a container's HEALTHCHECK.
+
+    Only [server] is read, so a config file replaced but not yet reloaded cannot make a running
+    gateway look unhealthy."""
+    try:
+        server = tomllib.loads(Path(args.config).read_text()).get("server", {})
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 1
+    host = server.get("host", ServerSettings.host)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{server.get('port', ServerSettings.port)}/healthz"
+    # A proxy from the environment must not answer for this process.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=args.timeout) as response:
+            return 0 if response.status == 200 else 1
+    except OSError as exc:
+        print(f"{url}: {exc}", file=sys.stderr)
+        return 1
+
+
 def _load(path: str) -> Settings | None:
     try:
         return load_settings(path)
@@ -238,6 +263,10 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--format", choices=("table", "csv", "json"), default="table")
     u.add_argument("--prune-before", help="delete settled tasks created before this date")
     u.set_defaults(func=cmd_usage)
+    h = sub.add_parser("healthcheck", help="exit 0 when the gateway the config describes answers /healthz")
+    h.add_argument("--config", required=True)
+    h.add_argument("--timeout", type=float, default=4.0)
+    h.set_defaults(func=cmd_healthcheck)
     return p
 
 

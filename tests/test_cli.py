@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -99,3 +100,28 @@ def test_demo_serves_a_task_end_to_end_and_stops_both_on_ctrl_c(tmp_path):
             pass
     for line in proc.stdout.read().splitlines():
         json.loads(line)  # every line the demo printed is JSON
+
+
+def test_healthcheck_asks_the_address_the_config_names(tmp_path):
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
+                      '[upstream]\nbase_url = "http://127.0.0.1:9/api/v1"\n'
+                      '[[upstream.keys]]\nname = "k"\nvalue_env = "K"\n'
+                      f'[store]\nurl = "sqlite:///{tmp_path / "gateway.db"}"\n')
+    down = run("healthcheck", "--config", str(config), "--timeout", "1")
+    assert down.returncode == 1 and f"127.0.0.1:{port}/healthz" in down.stderr
+    proc = subprocess.Popen([*CLI, "serve", "--config", str(config)], env={**os.environ, "K": "th-x"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        assert run("healthcheck", "--config", str(config)).returncode == 0
+        # A replaced file not yet reloaded: a wildcard host means loopback, and only [server] is read.
+        # A proxy in the environment is not asked.
+        config.write_text(f'[server]\nhost = "0.0.0.0"\nport = {port}\n[upstream]\nbase_url = 1\n')
+        up = run("healthcheck", "--config", str(config), env={**os.environ, "http_proxy": "http://127.0.0.1:9"})
+        assert up.returncode == 0, up.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    assert run("healthcheck", "--config", str(tmp_path / "missing.toml")).returncode == 1
