@@ -237,6 +237,8 @@ def _upstream(r: Reader, data: Any, env: Mapping[str, str], base: Path,
 
 
 def _store(r: Reader, data: Any, env: Mapping[str, str]) -> StoreSettings:
+    from .store.redis_url import is_redis_url, url_problem  # here: the store package imports this module
+
     st = r.table(data, "store", {"url", "url_env", "synchronous"})
     url = r.get(st, "url", "store", "str")
     if "url" in st and "url_env" in st:
@@ -244,8 +246,11 @@ def _store(r: Reader, data: Any, env: Mapping[str, str]) -> StoreSettings:
     if "url_env" in st:
         url = r.from_env(env, st, "url_env", "store", required=True)
     given: dict[str, Any] = {}
-    if url and not url.startswith(("sqlite:///", "redis://", "rediss://")):
-        r.problem("store.url", "expected sqlite:////absolute/path, redis:// or rediss://")
+    if url and not url.startswith("sqlite:///") and not is_redis_url(url):
+        r.problem("store.url", "expected sqlite:////absolute/path, redis://, rediss://, redis+sentinel:// "
+                  "or redis+cluster://")
+    elif url and (problem := url_problem(url)):
+        r.problem("store.url", problem)
     elif url:
         given["url"] = Secret(url)
     sync = r.get(st, "synchronous", "store", "str")

@@ -148,6 +148,11 @@ class KeyPool:
     async def health(self) -> dict[str, KeyHealth]:
         return await self._store.key_health()
 
+    def offer(self, model: str) -> tuple[tuple[UpstreamKey, ...], float]:
+        """The keys that allow the model and a draw in [0, 1), for a store that chooses one with the
+        admission (as choose() does, on the health and load it reads there)."""
+        return tuple(k for k in self.keys if k.allows(model)), self._rng.random()
+
     async def candidates(self, model: str) -> list[UpstreamKey]:
         health, in_flight = await self.health(), await self._store.key_in_flight()
         return choose(self.keys, health, in_flight, model, self._clock(), self._rng)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -17,7 +17,7 @@ from . import pricing
 from . import upstream as tokenhub
 from .auth import model_allowed
 from .calls import UpstreamCalls
-from .config import Settings, Team, User
+from .config import Settings, Team, UpstreamKey, User
 from .context import Outcome, RequestContext
 from .errors import (
     ConnectFailed,
@@ -76,7 +76,8 @@ class Tasks:
         task = self._new_task(user, team, req, idem_key, now)
         ctx.cost_usd = micros_to_usd(task.estimate_micros)
         subjects = subjects_for(user, team, now)
-        rejection = await self._unsent(task, self.store.admit(Admission(task, subjects, body_hash), now))
+        keys, draw = self.pool.offer(req.model)
+        rejection = await self._unsent(task, self.store.admit(Admission(task, subjects, body_hash, keys, draw), now))
         if rejection:
             self.metrics.quota_rejections.labels(team.name, rejection.reason).inc()
             rejection.error.extra_headers.update(await self.rate_headers(subjects, now))
@@ -130,9 +131,7 @@ class Tasks:
 
     async def _try_keys(self, task: Task, raw: bytes, ctx: RequestContext) -> Outcome:
         unreachable: ConnectFailed | None = None
-        for key in await self._unsent(task, self.pool.candidates(task.model)):
-            if not await self._unsent(task, self.store.acquire_key(task.rid, key.name, key.max_concurrent_tasks)):
-                continue
+        async for key in self._keys(task):
             ctx.upstream_key = key.name
             self._sent.add(task.rid)
             try:
@@ -155,6 +154,17 @@ class Tasks:
             return outcome
         await self._unsent(task, self.store.cancel_admission(task.rid))  # certainly nothing was created upstream
         raise unreachable or await self.pool.no_key_error(task.model)
+
+    async def _keys(self, task: Task) -> AsyncIterator[UpstreamKey]:
+        """The keys to try, each with its slot taken: the one the admission took (a store that chooses
+        with the admission names it in task.key_name), then the pool's other candidates."""
+        first = self.pool.key_for(task.key_name)
+        if first is not None:
+            yield first
+        for key in await self._unsent(task, self.pool.candidates(task.model)):
+            if key is not first and await self._unsent(
+                    task, self.store.acquire_key(task.rid, key.name, key.max_concurrent_tasks)):
+                yield key
 
     async def _unsent(self, task: Task, step: Awaitable[T]) -> T:
         """A store step taken while nothing of this create has reached TokenHub. When it fails, the

@@ -12,7 +12,7 @@ from .base import Admission, IdemRecord, Store, Task
 def open_store(settings: StoreSettings, clock: Callable[[], float] = time.time) -> Store:
     """The store a URL names; SQLite serves one process and takes that process's clock."""
     url = settings.url.reveal()
-    if url.startswith(("redis://", "rediss://")):
+    if url.startswith(("redis://", "rediss://", "redis+", "rediss+")):
         from .redis import RedisStore
 
         return RedisStore(url)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
+from ..config import UpstreamKey
 from ..errors import RecordRejected
 from ..keypool import KeyHealth
 from ..quota import Counters, RateState, Rejection, Subject
@@ -76,6 +77,10 @@ class Admission:
     task: Task
     subjects: tuple[Subject, ...]
     body_hash: str | None = None  # with task.idem_key: the canonical body's SHA-256
+    # The upstream keys that may serve the task, for a store that takes a slot on one with the admission
+    # (drawn as keypool.choose draws its first, with key_draw in [0, 1)); task.key_name then names it.
+    keys: tuple[UpstreamKey, ...] = ()
+    key_draw: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,13 +1,17 @@
-"""The shared store: one Redis for every gateway replica.
+"""The shared store: one Redis (a server, a Sentinel-watched master, or a Cluster) for every gateway replica.
 
 Each operation that decides something is one Lua script, so it is atomic across replicas, and
 the scripts read the time from Redis (`TIME`): the one clock all replicas share for rate windows,
 idempotency records and poll leases. The `now` that admit and due_tasks receive is therefore not
 used; now() gives callers the same clock. The scripts derive their keys from the prefix (most depend
-on a stored task's fields), so this needs a standalone Redis (or Sentinel), not a Cluster.
-Every script is safe to run twice: redis-py retries once after a lost connection or a timeout.
+on a stored task's fields), so every key shares the prefix's hash tag: on a Cluster all of them live
+in one slot, where every script runs. Every script is safe to run twice: redis-py retries once after a
+lost connection or a timeout.
 
-Keys, under the prefix (default "thg:"):
+A create costs two round trips: the admission, which also takes an upstream key's slot and brings back
+the key health and rate windows that the create's other steps read, and the record of the task.
+
+Keys, under the prefix (default "{thg}:"):
     t:{rid}                        hash  a task's fields (an absent field is None)
     tid                            hash  task_id → rid
     all, team:{team}               zset  rids by created_at (every task; a team's recorded tasks)
@@ -22,36 +26,31 @@ Keys, under the prefix (default "thg:"):
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable
 from dataclasses import asdict
 from typing import Any, TypeVar, get_args, get_type_hints
 
 import orjson
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import EqualJitterBackoff
-from redis.exceptions import RedisError, ResponseError
+from cachetools import TTLCache
 
-from ..errors import (
-    DuplicateTaskId,
-    GatewayError,
-    IdempotencyConflict,
-    NotFound,
-    RecordRejected,
-    StoreUnavailable,
-    TaskNotUnknown,
-)
+from ..errors import IdempotencyConflict, StoreUnavailable
 from ..keypool import KeyHealth
 from ..quota import WINDOW_S, Counters, RateState, Rejection, Subject, check, state_of
 from .base import IDEM_TTL_S, TASK_FIELDS, Admission, IdemRecord, Task, Usage, check_figures, check_status
+from .redis_calls import RedisCalls, RedisLink
 from .redis_scripts import PRELUDE, SCRIPTS
+from .redis_url import CLUSTER, SENTINEL, parse_url
 
 T = TypeVar("T")
 CLOCK_REFRESH_S = 5.0
-HEALTH_CACHE_S = 0.2  # key health is read on every create; replicas see a change within this
+HEALTH_CACHE_S = 0.2  # key health is read with every admission, else at most this often
+RATE_CACHE_S = 1.0  # a rate window seen this recently answers the x-ratelimit headers of a poll
 LIST_SCAN_MAX = 10_000  # list_tasks with a filter looks at most this many tasks for one page
 PAGE = 500
+READS = frozenset({"clock", "get", "get_record", "list"})  # every other script writes
+_HASH_TAG = re.compile(r"\{[^{}]+\}")
 
 
 def _decoder(hint: Any) -> Any:
@@ -72,6 +71,19 @@ def _encode(t: Task) -> list[Any]:
     return pairs
 
 
+def _admitted_fields(t: Task) -> tuple[list[str], list[Any]]:
+    """A new task's fields as strings (for the admission's JSON) and its bytes fields as pairs (any byte)."""
+    text: list[str] = []
+    raw: list[Any] = []
+    pairs = _encode(t)
+    for name, value in zip(pairs[::2], pairs[1::2], strict=True):
+        if isinstance(value, bytes):
+            raw += [name, value]
+        else:
+            text += [name, value if isinstance(value, str) else repr(value)]
+    return text, raw
+
+
 def _task(pairs: list[bytes] | None) -> Task | None:
     if not pairs:
         return None
@@ -79,71 +91,60 @@ def _task(pairs: list[bytes] | None) -> Task | None:
     return Task(**{(name := k.decode()): _DECODE[name](v) for k, v in zip(it, it, strict=True)})
 
 
-def _opt(value: int | None) -> int | str:
-    return "" if value is None else value
-
-
-_BUSY_REPLIES = frozenset({"MISCONF", "BUSY", "NOREPLICAS"})  # the server cannot write now
-
-
-def _store_error(exc: Exception) -> GatewayError:
-    """A script's refusal (its error reply's first word), a record the server refused, or unavailability."""
-    if type(exc) is not ResponseError:
-        return StoreUnavailable(f"The gateway's store failed: {exc.__class__.__name__}.")
-    word, _, rest = str(exc).partition(" ")
-    if word == "DUPLICATE":
-        return DuplicateTaskId("TokenHub answered the create with a task id already in use.")
-    if word == "NOTFOUND":
-        return NotFound("No such task in the ledger.", param="task_id")
-    if word == "NOTUNKNOWN":
-        return TaskNotUnknown(f"The task is {rest}, not unknown: there is nothing to resolve.")
-    if word in _BUSY_REPLIES:
-        return StoreUnavailable(f"The gateway's store cannot write now: {word}.")
-    reason = rest if word == "REJECTED" else "a script error"
-    return RecordRejected(f"The store refused this record ({reason}).")
+def _limits(s: Subject) -> list[Any]:
+    lim = s.limits
+    video_ms = None if lim.video_seconds is None else lim.video_seconds * 1000
+    return [s.scope, s.name, s.period, lim.requests_per_minute, lim.max_concurrent_tasks,
+            lim.budget_micros, video_ms]
 
 
 class RedisStore:
-    def __init__(self, url: str, prefix: str = "thg:", *, timeout_s: float = 2.0,
-                 max_connections: int = 64) -> None:
+    """`wait_replica`: acknowledge writes only once a replica has them (WAIT 1); None: when the URL names a
+    Sentinel deployment, whose master has replicas to fail over to. `connection_class` (a server URL only)
+    lets a test see every round trip."""
+
+    def __init__(self, url: str, prefix: str = "{thg}:", *, timeout_s: float = 2.0,
+                 max_connections: int = 64, wait_replica: bool | None = None,
+                 rate_cache_s: float = RATE_CACHE_S, connection_class: type | None = None) -> None:
         self.url, self.prefix = url, prefix
+        self.target = parse_url(url)
+        if self.target.mode == CLUSTER and not _HASH_TAG.search(prefix):
+            raise ValueError(f"On a Redis Cluster the key prefix needs a hash tag ({{...}}), not {prefix!r}.")
+        self.wait_replica = self.target.mode == SENTINEL if wait_replica is None else wait_replica
         self._timeout, self._max_connections = timeout_s, max_connections
-        self._r: aioredis.Redis | None = None
-        self._scripts: dict[str, Any] = {}
+        self._connection_class = connection_class
+        self._link: RedisLink | None = None
+        self._r: Any = None
+        self._calls: RedisCalls | None = None
         self._offset, self._clock_due = 0.0, 0.0
         self._health: dict[str, KeyHealth] = {}
+        self._health_raw: list[bytes] = []
         self._health_due = 0.0
+        self._rates: TTLCache[tuple[str, str], tuple[int, int, float | None]] = TTLCache(10_000, rate_cache_s)
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
     async def _do(self, aw: Awaitable[T]) -> T:
-        try:
-            return await aw
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise _store_error(exc) from None
+        return await self._calls.do(aw)
 
     async def _eval(self, name: str, *args: Any) -> Any:
-        return await self._do(self._scripts[name](keys=[], args=[self.prefix, *args]))
+        return await self._calls.run(name, *args, write=name not in READS)
 
     async def open(self) -> None:
-        # One retry after a dropped connection or a timeout: a restarted Redis is reconnected to.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self.url, max_connections=self._max_connections, timeout=self._timeout,
-            socket_timeout=self._timeout, socket_connect_timeout=self._timeout,
-            retry=Retry(EqualJitterBackoff(cap=0.5, base=0.05), 1))
-        self._r = aioredis.Redis.from_pool(pool)
-        self._scripts = {name: self._r.register_script(PRELUDE + body) for name, body in SCRIPTS.items()}
-        async with self._r.pipeline(transaction=False) as pipe:
-            for script in self._scripts.values():  # a restarted Redis gets them again on first use
-                pipe.script_load(script.script)
-            await self._do(pipe.execute())
+        self._link = RedisLink(self.target, timeout_s=self._timeout, max_connections=self._max_connections,
+                               connection_class=self._connection_class)
+        self._r = self._link.client
+        self._calls = RedisCalls(self._r, self.prefix, {name: PRELUDE + body for name, body in SCRIPTS.items()},
+                                 timeout_s=self._timeout, max_connections=self._max_connections,
+                                 wait_replica=self.wait_replica)
+        await self._calls.load()
         await self._sync_clock()
 
     async def close(self) -> None:
-        if self._r is not None:
-            await self._r.aclose()
-            self._r = None
+        if self._link is not None:
+            await self._link.aclose()
+            self._link = self._r = None
 
     async def ping(self) -> None:
         await self._do(self._r.set(self._k("ping"), b"1", px=10_000))  # a write: read-only Redis fails too
@@ -160,7 +161,7 @@ class RedisStore:
 
     async def _sync_clock(self) -> None:
         before = time.time()
-        seconds, micros = await self._do(self._r.time())
+        seconds, micros = await self._eval("clock")
         after = time.time()
         self._offset = seconds + micros / 1e6 - (before + after) / 2
         self._clock_due = time.monotonic() + CLOCK_REFRESH_S
@@ -178,19 +179,20 @@ class RedisStore:
         return f"{self.prefix}i:{len(team.encode())}:{team}:{key}"
 
     async def admit(self, adm: Admission, now: float) -> Rejection | None:
-        """`now` is not used: the rate window and the idempotency record take Redis's time."""
+        """`now` is not used: the rate window and the idempotency record take Redis's time. With
+        `adm.keys`, the admission also takes a slot on one of them (task.key_name)."""
         t = adm.task
         check_figures(estimate_micros=t.estimate_micros, estimate_ms=t.estimate_ms, input_ms=t.input_ms)
-        args: list[Any] = [t.rid, t.team, t.idem_key or "", adm.body_hash or "", IDEM_TTL_S,
-                           t.estimate_micros, t.estimate_ms, repr(t.created_at), repr(t.next_poll_at),
-                           len(adm.subjects)]
-        for s in adm.subjects:
-            lim = s.limits
-            video_ms = None if lim.video_seconds is None else lim.video_seconds * 1000
-            args += [s.scope, s.name, s.period, *map(_opt, (lim.requests_per_minute,
-                     lim.max_concurrent_tasks, lim.budget_micros, video_ms))]
-        reply = await self._eval("admit", *args, *_encode(t))
+        fields, raw = _admitted_fields(t)
+        reply = await self._eval("admit", orjson.dumps({
+            "rid": t.rid, "team": t.team, "idem": t.idem_key or "", "hash": adm.body_hash or "",
+            "ttl": IDEM_TTL_S, "micros": str(t.estimate_micros), "ms": str(t.estimate_ms),
+            "created": repr(t.created_at), "next": repr(t.next_poll_at), "task": fields,
+            "subjects": [_limits(s) for s in adm.subjects], "draw": adm.key_draw,
+            "keys": [[k.name, k.weight, k.max_concurrent_tasks] for k in adm.keys]}), *raw)
         if reply[0] == b"ok":
+            self._learn(adm.subjects, *reply[2:])
+            t.key_name = reply[1].decode() or None
             return None
         if reply[0] == b"gone":
             raise StoreUnavailable("This create was abandoned after a store failure; retry it.")
@@ -202,8 +204,22 @@ class RedisStore:
         return check(adm.subjects[i], Counters(spent, reserved, spent_ms, reserved_ms), in_flight,
                      [float(w) for w in window], float(server_now), t.estimate_micros, t.estimate_ms)
 
+    def _learn(self, subjects: tuple[Subject, ...], server_now: bytes, health: list[bytes],
+               windows: list[list[Any]]) -> None:
+        """What an admission brought back: the key health and the rate windows just after it."""
+        if health != self._health_raw:
+            it = iter(health)
+            self._health = {k.decode(): KeyHealth(**orjson.loads(v)) for k, v in zip(it, it, strict=True)}
+            self._health_raw = health
+        self._health_due = time.monotonic() + HEALTH_CACHE_S
+        for s, (live, boundary) in zip(subjects, windows, strict=True):
+            if s.limits.requests_per_minute:
+                self._rates[s.scope, s.name] = (s.limits.requests_per_minute, live,
+                                                float(boundary) if boundary else None)
+
     async def cancel_admission(self, rid: str) -> None:
         await self._eval("cancel", rid)
+        self._rates.clear()  # its rate event is gone (cancels are rare: all are read again)
 
     async def acquire_key(self, rid: str, key_name: str, limit: int) -> bool:
         return bool(await self._eval("acquire_key", rid, key_name, limit))
@@ -282,14 +298,20 @@ class RedisStore:
                 for counters, n in zip(replies[::2], replies[1::2], strict=True)]
 
     async def rate_state(self, scope: str, name: str, limit: int, now: float) -> RateState:
-        """One round trip: the live count, and the admission `limit` places from the newest."""
+        """The window as this process's last admission (or read) left it, when that was under RATE_CACHE_S
+        ago: another replica's creates since then are not counted yet. Else one round trip."""
+        seen = self._rates.get((scope, name))
+        if seen is not None and seen[0] == limit:
+            return state_of(limit, seen[1], seen[2], now)
         now = await self.now()
         key = self._k("w", scope, name)
         async with self._r.pipeline(transaction=False) as pipe:
             pipe.zcount(key, f"({now - WINDOW_S!r}", "+inf")
             pipe.zrange(key, -limit, -limit, withscores=True)
             live, boundary = await self._do(pipe.execute())
-        return state_of(limit, int(live), boundary[0][1] if boundary else None, now)
+        boundary = boundary[0][1] if boundary else None
+        self._rates[scope, name] = (limit, int(live), boundary)
+        return state_of(limit, int(live), boundary, now)
 
     async def ledger(self, since: float | None, until: float | None, team: str | None,
                      user: str | None, model: str | None) -> list[Task]:
@@ -325,17 +347,20 @@ class RedisStore:
     # key pool
 
     async def key_health(self) -> dict[str, KeyHealth]:
-        """Shared by all replicas. Read at most every HEALTH_CACHE_S per process, since every create
-        asks; this process's own saves show at once, another replica's within HEALTH_CACHE_S."""
+        """Shared by all replicas. Every admission brings it back; otherwise read at most every HEALTH_CACHE_S.
+        This process's own saves show at once, another replica's with the next admission (or within
+        HEALTH_CACHE_S)."""
         if time.monotonic() >= self._health_due:
             raw = await self._do(self._r.hgetall(self._k("kh")))
             self._health = {k.decode(): KeyHealth(**orjson.loads(v)) for k, v in raw.items()}
+            self._health_raw = []
             self._health_due = time.monotonic() + HEALTH_CACHE_S
         return dict(self._health)
 
     async def save_key_health(self, name: str, health: KeyHealth) -> None:
         await self._do(self._r.hset(self._k("kh"), name, orjson.dumps(asdict(health))))
         self._health[name] = health
+        self._health_raw = []  # the next admission's copy is taken as it is
 
     async def key_in_flight(self) -> dict[str, int]:
         raw = await self._do(self._r.hgetall(self._k("f:key")))

@@ -1,6 +1,7 @@
 """The Redis store's Lua scripts: each operation that decides something is one script, so it is atomic
-across replicas. Every script is given the key prefix as ARGV[1], its own arguments after it, and
-runs after PRELUDE (shared helpers). Key layout: see redis.py."""
+across replicas. Every script is given the key prefix as KEYS[1] (which routes it to the prefix's hash
+slot on a Cluster) and as ARGV[1], its own arguments after it, and runs after PRELUDE (shared helpers).
+Key layout: see redis.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from .base import MAX_COUNTER, MAX_FIGURE
 
 # Shared by every script. ARGV[1] is the key prefix; the scripts' own arguments follow it.
 # A script that errors is not rolled back: each checks everything it is given before its first write,
-# and refuses with an error reply whose first word redis.py maps to an error (REJECTED, DUPLICATE,
+# and refuses with an error reply whose first word redis_calls.py maps to an error (REJECTED, DUPLICATE,
 # NOTFOUND, NOTUNKNOWN).
 PRELUDE = f"local WINDOW_S, MAX_FIGURE, MAX_COUNTER = {WINDOW_S}, {MAX_FIGURE}, {MAX_COUNTER}\n" + """
 local P = ARGV[1]
@@ -70,6 +71,28 @@ local function release(t)  -- give back what a live task holds: its reservation 
   end
   if t.key_name then bump('key', t.key_name, -1) end
 end
+local function usable(health, now)  -- KeyHealth.usable: a cooldown ends by itself, nothing else does
+  if not health then return true end
+  local h = cjson.decode(health)
+  return h.state == 'ok' or (h.state == 'cooldown' and now >= h['until'])
+end
+local function choose_key(keys, draw, now)  -- the Lua twin of keypool.choose's first pick
+  local names, odds, total = {}, {}, 0
+  for _, k in ipairs(keys) do  -- {name, weight, max_concurrent_tasks}
+    local n = tonumber(redis.call('HGET', P .. 'f:key', k[1])) or 0
+    if n < k[3] and usable(redis.call('HGET', P .. 'kh', k[1]), now) then
+      names[#names + 1], odds[#odds + 1] = k[1], k[2] * (1 - n / k[3])
+      total = total + odds[#odds]
+    end
+  end
+  if total <= 0 then return names[1] end
+  local x = draw * total
+  for i = 1, #names do
+    x = x - odds[i]
+    if x < 0 then return names[i] end
+  end
+  return names[#names]
+end
 local function finish_idem(t, status, body)
   if not t.idem_key then return end
   local k = ikey(t.team, t.idem_key)
@@ -77,20 +100,33 @@ local function finish_idem(t, status, body)
 end
 """
 
-# ARGV: rid, team, idem key or '', body hash, idem TTL s, estimate micros, estimate ms, created_at,
-#   next_poll_at, n, then n × (scope, name, period, rpm, max in flight, budget micros, budget ms;
-#   '' = unlimited), then the task's field/value pairs.
-# → {'ok'} | {'busy'} (idempotency key taken) | {'no', now, subject index, spent_micros,
+# ARGV: the admission as JSON (RedisStore.admit: figures and times as strings), then the task's bytes
+#   fields as name/value pairs (they may hold any byte, which JSON cannot carry).
+# → {'ok', key taken or '', now, key health (HGETALL kh), {live, boundary or ''} per subject}
+#   | {'busy'} (idempotency key taken) | {'gone'} (abandoned) | {'no', now, subject index, spent_micros,
 #   reserved_micros, spent_ms, reserved_ms, in_flight, rate-window times...}
 ADMIT = """
-local rid, team, idem, n = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[11])
-if not figure(ARGV[7]) or not figure(ARGV[8]) then return redis.error_reply('REJECTED estimate') end
+local a = cjson.decode(ARGV[2])
+local rid, micros, ms = a.rid, figure(a.micros), figure(a.ms)
+if not micros or not ms then return redis.error_reply('REJECTED estimate') end
 if redis.call('EXISTS', P .. 'x:' .. rid) == 1 then return {'gone'} end  -- abandoned: a late copy
-if redis.call('EXISTS', tkey(rid)) == 1 then return {'ok'} end
 local now = clock()
-for i = 0, n - 1 do  -- the Lua twin of quota.check, rate window included: change the two together
-  local a = 12 + 7 * i
-  local scope, name, period, rpm = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+local function admitted(key)  -- what the caller learns with its admission: no read before or after it
+  local windows = {}
+  for i, s in ipairs(a.subjects) do
+    local rpm, live, boundary = tonumber(s[4]), 0, ''
+    if rpm and rpm > 0 then
+      live = redis.call('ZCOUNT', wkey(s[1], s[2]), '(' .. fmt(now - WINDOW_S), '+inf')
+      local b = redis.call('ZRANGE', wkey(s[1], s[2]), -rpm, -rpm, 'WITHSCORES')
+      if b[2] then boundary = b[2] end
+    end
+    windows[i] = {live, boundary}
+  end
+  return {'ok', key or '', fmt(now), redis.call('HGETALL', P .. 'kh'), windows}
+end
+if redis.call('EXISTS', tkey(rid)) == 1 then return admitted(redis.call('HGET', tkey(rid), 'key_name')) end
+for i, s in ipairs(a.subjects) do  -- the Lua twin of quota.check, rate window included: change the two together
+  local scope, name, period, rpm = s[1], s[2], s[3], tonumber(s[4])
   local c = redis.call('HMGET', ckey(scope, name, period), 'spent_micros', 'reserved_micros',
                        'spent_ms', 'reserved_ms')
   for j = 1, 4 do c[j] = tonumber(c[j]) or 0 end
@@ -100,39 +136,43 @@ for i = 0, n - 1 do  -- the Lua twin of quota.check, rate window included: chang
     redis.call('ZREMRANGEBYSCORE', wkey(scope, name), '-inf', fmt(now - WINDOW_S))
     live = redis.call('ZCARD', wkey(scope, name))
   end
-  local max_in, budget, budget_ms = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  local max_in, budget, budget_ms = tonumber(s[5]), tonumber(s[6]), tonumber(s[7])
   if (rpm and live >= rpm) or (max_in and in_flight >= max_in)
-      or (budget and c[1] + c[2] + tonumber(ARGV[7]) > budget)
-      or (budget_ms and c[3] + c[4] + tonumber(ARGV[8]) > budget_ms) then
+      or (budget and c[1] + c[2] + micros > budget) or (budget_ms and c[3] + c[4] + ms > budget_ms) then
     local window = {}  -- only a refusal carries the newest `rpm` times, for its Retry-After
     if rpm and rpm > 0 then
       local w = redis.call('ZRANGE', wkey(scope, name), -rpm, -1, 'WITHSCORES')
       for k = 2, #w, 2 do window[#window + 1] = w[k] end
     end
-    return {'no', fmt(now), i, c[1], c[2], c[3], c[4], in_flight, unpack(window)}
+    return {'no', fmt(now), i - 1, c[1], c[2], c[3], c[4], in_flight, unpack(window)}
   end
 end
-if idem ~= '' then
-  local k = ikey(team, idem)
+if a.idem ~= '' then
+  local k = ikey(a.team, a.idem)
   if redis.call('EXISTS', k) == 1 then return {'busy'} end
-  redis.call('HSET', k, 'body_hash', ARGV[5], 'done', 0, 'status', 0, 'created_at', fmt(now))
-  redis.call('EXPIRE', k, ARGV[6])
+  redis.call('HSET', k, 'body_hash', a.hash, 'done', 0, 'status', 0, 'created_at', fmt(now))
+  redis.call('EXPIRE', k, a.ttl)
 end
-redis.call('HSET', tkey(rid), unpack(ARGV, 12 + 7 * n))
-redis.call('ZADD', P .. 'all', ARGV[9], rid)
-redis.call('ZADD', P .. 'due', ARGV[10], rid)
-for i = 0, n - 1 do
-  local a = 12 + 7 * i
-  local c = ckey(ARGV[a], ARGV[a + 1], ARGV[a + 2])
-  redis.call('HINCRBY', c, 'reserved_micros', ARGV[7])
-  redis.call('HINCRBY', c, 'reserved_ms', ARGV[8])
-  bump(ARGV[a], ARGV[a + 1], 1)
-  if ARGV[a + 3] ~= '' then
-    redis.call('ZADD', wkey(ARGV[a], ARGV[a + 1]), fmt(now), rid)
-    redis.call('PEXPIRE', wkey(ARGV[a], ARGV[a + 1]), (WINDOW_S + 1) * 1000)
+redis.call('HSET', tkey(rid), unpack(a.task))
+if #ARGV > 2 then redis.call('HSET', tkey(rid), unpack(ARGV, 3)) end
+redis.call('ZADD', P .. 'all', a.created, rid)
+redis.call('ZADD', P .. 'due', a.next, rid)
+for _, s in ipairs(a.subjects) do
+  local c = ckey(s[1], s[2], s[3])
+  redis.call('HINCRBY', c, 'reserved_micros', micros)
+  redis.call('HINCRBY', c, 'reserved_ms', ms)
+  bump(s[1], s[2], 1)
+  if tonumber(s[4]) then
+    redis.call('ZADD', wkey(s[1], s[2]), fmt(now), rid)
+    redis.call('PEXPIRE', wkey(s[1], s[2]), (WINDOW_S + 1) * 1000)
   end
 end
-return {'ok'}
+local key = choose_key(a.keys, a.draw, now)
+if key then
+  bump('key', key, 1)
+  redis.call('HSET', tkey(rid), 'key_name', key)
+end
+return admitted(key)
 """
 
 # ARGV: rid. Undo all of admit; the tombstone refuses a copy of the admit that a slow Redis runs later.
@@ -372,7 +412,13 @@ end
 return {deleted, #rids}
 """
 
-SCRIPTS = {"admit": ADMIT, "cancel": CANCEL, "acquire_key": ACQUIRE_KEY, "release_key": RELEASE_KEY,
+# → Redis's TIME, from the node that holds the gateway's keys (a Cluster's nodes may disagree)
+CLOCK = """
+local t = redis.call('TIME')
+return {tonumber(t[1]), tonumber(t[2])}
+"""
+
+SCRIPTS = {"clock": CLOCK, "admit": ADMIT, "cancel": CANCEL, "acquire_key": ACQUIRE_KEY, "release_key": RELEASE_KEY,
            "record_created": RECORD_CREATED, "fail_create": FAIL_CREATE, "get": GET,
            "get_record": GET_RECORD, "set_status": SET_STATUS, "settle": SETTLE, "mark_unknown": MARK_UNKNOWN,
            "resolve": RESOLVE, "list": LIST, "mark_deleted": MARK_DELETED, "due": DUE, "defer": DEFER,

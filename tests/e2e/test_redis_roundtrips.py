@@ -1,0 +1,143 @@
+"""What a create and a poll cost in round trips to Redis (SPEC §14), counted on the wire: the app in-process
+with a fake upstream, on a real redis-server, through a connection class that notes every send.
+
+A create is its admission (admission, key choice, key health and rate windows in one script) and the record
+of its task; a poll of a terminal task costs none; a process that has never seen a task reads it once."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Connection
+from starlette.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.config import parse_settings
+from gateway.store.redis import RedisStore
+from gateway.store.redis_scripts import PRELUDE, SCRIPTS
+from gateway.upstream import Reply
+from tests.redis_server import RedisServer, require_redis_server
+from tests.test_app import USER_KEY, FakeUpstream
+
+SCRIPT_OF = {hashlib.sha1((PRELUDE + body).encode()).hexdigest().encode(): name for name, body in SCRIPTS.items()}
+CREATE = "/v1/videos/generations"
+RPM = 100
+
+
+def round_trip_of(command: Any) -> str:
+    """A send's first command, by script name for EVALSHA/EVAL ("pipeline" marks several in one send)."""
+    raw = command if isinstance(command, bytes) else b"".join(bytes(c) for c in command)
+    parts = raw.split(b"\r\n")
+    name = parts[2].upper().decode()
+    if name == "EVALSHA":
+        name = SCRIPT_OF.get(parts[4], "unknown script")
+    return name + (" (pipeline)" if raw.count(b"\r\n*") else "")
+
+
+def counting(sent: list[str]) -> type[Connection]:
+    class Counting(Connection):
+        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            sent.append(round_trip_of(command))
+            await super().send_packed_command(command, check_health)
+
+    return Counting
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    require_redis_server()
+    server = RedisServer()
+    yield server.start()
+    server.stop()
+
+
+def settings(url: str) -> Any:
+    limits = {"budget_usd": 1000.0, "requests_per_minute": RPM, "max_concurrent_tasks": 100}
+    return parse_settings({
+        "upstream": {"base_url": "http://upstream.invalid/api/v1",
+                     "keys": [{"name": "a", "value_env": "KA"}, {"name": "b", "value_env": "KB"}]},
+        "store": {"url": url}, "teams": {"red": limits},
+        "users": {"alice": {"team": "red", "key_sha256": hashlib.sha256(USER_KEY.encode()).hexdigest(),
+                            **limits}},
+    }, env={"KA": "th-unit-upstream-key-000a", "KB": "th-unit-upstream-key-000b"})
+
+
+def gateway(url: str, prefix: str, upstream: FakeUpstream, sent: list[str]) -> TestClient:
+    # rate_cache_s: the test's polls must not depend on how fast a busy machine runs them
+    store = RedisStore(url, prefix, connection_class=counting(sent), rate_cache_s=60)
+    app = create_app(settings(url), upstream=upstream, store=store, run_poller=False)
+    return TestClient(app, base_url="http://gw", headers={"Authorization": f"Bearer {USER_KEY}"})
+
+
+def without_clock(sent: list[str]) -> list[str]:
+    """The store reads Redis's clock every few seconds, not per request: those are left out."""
+    return [s for s in sent if s != "clock"]
+
+
+def test_a_create_is_two_round_trips_and_a_terminal_poll_none(redis_url):
+    prefix, upstream = f"{{rt-{uuid.uuid4().hex[:8]}}}:", FakeUpstream()
+    sent: list[str] = []
+    with gateway(redis_url, prefix, upstream, sent) as c:
+        assert c.post(CREATE, json={"model": "doubao-seedance-2.0", "prompt": "a fox"}).status_code == 200
+        sent.clear()
+        replies = [c.post(CREATE, json={"model": "doubao-seedance-2.0", "prompt": "a fox"}) for _ in range(5)]
+        assert [r.status_code for r in replies] == [200] * 5
+        assert without_clock(sent) == ["admit", "record_created"] * 5, sent
+        # the rate headers come from the admission itself, exact
+        assert replies[-1].headers["x-ratelimit-remaining-requests"] == str(RPM - 6)
+
+        tid = replies[0].json()["id"]
+        upstream.finish(tid)
+        sent.clear()
+        assert c.get(f"{CREATE}/{tid}").json()["status"] == "succeeded"
+        assert without_clock(sent) == ["settle"], sent
+        sent.clear()
+        for _ in range(3):
+            r = c.get(f"{CREATE}/{tid}")
+            assert r.json()["status"] == "succeeded" and r.headers["x-ratelimit-limit-requests"] == str(RPM)
+        assert without_clock(sent) == [], sent
+
+        running = replies[1].json()["id"]
+        c.get(f"{CREATE}/{running}")
+        sent.clear()
+        for _ in range(3):  # coalesced: answered from the last upstream answer, no store read either
+            assert c.get(f"{CREATE}/{running}").json()["status"] == "queued"
+        assert without_clock(sent) == [], sent
+
+    other: list[str] = []  # another process (a second worker or replica) that never saw the task
+    with gateway(redis_url, prefix, upstream, other) as c2:
+        other.clear()
+        assert c2.get(f"{CREATE}/{tid}").json()["status"] == "succeeded"
+        assert sorted(without_clock(other)) == sorted(["get"] + ["ZCOUNT (pipeline)"] * 2), other
+        other.clear()
+        for _ in range(3):
+            assert c2.get(f"{CREATE}/{tid}").json()["status"] == "succeeded"
+        assert without_clock(other) == [], other
+
+
+def test_a_failed_first_key_costs_the_fallback_its_own_round_trips(redis_url):
+    """Only when the key the admission took fails (a 429 here) does a create read the pool and take another slot."""
+    prefix, upstream = f"{{rt-{uuid.uuid4().hex[:8]}}}:", ThrottlingUpstream()
+    sent: list[str] = []
+    with gateway(redis_url, prefix, upstream, sent) as c:
+        sent.clear()
+        r = c.post(CREATE, json={"model": "doubao-seedance-2.0", "prompt": "a fox"})
+        assert r.status_code == 200, r.text
+        # the 429 saved as the key's health, its slot given back, the pool's load read, the other key's slot
+        assert without_clock(sent) == ["admit", "HSET", "release_key", "HGETALL", "acquire_key",
+                                       "record_created"], sent
+    assert len({key for method, _, key in upstream.calls if method == "POST"}) == 2
+
+
+class ThrottlingUpstream(FakeUpstream):
+    """The first create answers 429, whatever its key: the gateway moves it to the other key."""
+
+    async def call(self, method: str, path: str, key: str, body: bytes | None = None) -> Any:
+        if method == "POST" and not any(m == "POST" for m, _, _ in self.calls):
+            self.calls.append((method, path, key))
+            return Reply(429, b'{"error": {"message": "slow down"}}', "5", 0.001)
+        return await super().call(method, path, key, body)
