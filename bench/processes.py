@@ -165,19 +165,46 @@ class Lab:
 
     def redis_target(self) -> Target | None:
         name = "gateway-redis"
+        if not self.redis_available(name):
+            return None
+        return self.gateway_target(name, f"redis://127.0.0.1:{self.redis_server()}/0")
+
+    def redis_sentinel_target(self) -> Target | None:
+        """A master, a replica of it and one sentinel (all on the load core): the gateway finds the master
+        through the sentinel and, as with every Sentinel URL, waits for the replica (WAIT 1) on its writes."""
+        name = "gateway-redis-sentinel"
+        if not self.redis_available(name):
+            return None
+        master = self.redis_server()
+        self.redis_server("--replicaof", "127.0.0.1", str(master))
+        port = free_port()
+        conf = self.work / f"sentinel-{port}.conf"
+        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.work}\n"
+                        f"sentinel monitor bench 127.0.0.1 {master} 1\n")
+        sentinel = self.procs.start("redis-sentinel", ["redis-server", str(conf), "--sentinel"],
+                                    self.work / f"sentinel-{port}.log", self.load_core)
+        wait_port(port, 10, sentinel.proc)
+        return self.gateway_target(name, f"redis+sentinel://127.0.0.1:{port}/bench/0")
+
+    def redis_available(self, name: str) -> bool:
         if not (self.src / "gateway" / "store" / "redis.py").exists():
             self.unavailable[name] = "the gateway has no Redis store yet (gateway/store/redis.py)"
-            return None
+            return False
         if shutil.which("redis-server") is None or importlib.util.find_spec("redis") is None:
             self.unavailable[name] = "needs redis-server (apt-get install -y redis-server) and redis-py"
-            return None
+            return False
+        return True
+
+    def redis_server(self, *extra: str) -> int:
+        """A redis-server on the load core; its port."""
         port = free_port()
-        redis = self.procs.start("redis-server", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                                  "--save", "", "--appendonly", "no",
-                                                  "--dir", str(self.work)],
-                                 self.work / "redis.log", self.load_core)
+        redis = self.procs.start(f"redis-server-{port}", ["redis-server", "--port", str(port), "--bind",
+                                                          "127.0.0.1", "--save", "", "--appendonly", "no",
+                                                          "--dir", str(self.work), "--dbfilename",
+                                                          f"{port}.rdb", *extra],
+                                 self.work / f"redis-{port}.log", self.load_core)
         wait_port(port, 10, redis.proc)
-        return self.gateway_target(name, f"redis://127.0.0.1:{port}/0")
+        return port
 
     # the ids polls rotate through
 

@@ -92,6 +92,26 @@ def targets_section(rows: list[Row], memory: dict[str, Any], gw: str, title: str
     return lines
 
 
+def redis_section(raw: list[Row]) -> list[str]:
+    """The Redis rows against gateway-sqlite, each the median of its per-round ratios (the targets, at 32
+    connections: creates ≥ 0.6×, polls ≥ 0.8×)."""
+    by_round = {(r.target, r.route, r.conns, r.round): r for r in raw}
+    lines = []
+    for target in ("gateway-redis", "gateway-redis-sentinel"):
+        for route, need in (("create", 0.6), ("poll", 0.8)):
+            for conns in (1, 32):
+                ratios = [r.rps / s.rps for r in raw if (r.target, r.route, r.conns) == (target, route, conns)
+                          and (s := by_round.get(("gateway-sqlite", route, conns, r.round))) and s.rps]
+                if ratios:
+                    x = statistics.median(ratios)
+                    judged = f"{verdict(x >= need)} (≥ {need}×)" if conns == 32 else "–"
+                    lines.append(f"| {target} | {route} | {conns} | **{x:.2f}×** | {judged} |")
+    if not lines:
+        return []
+    return ["## Redis against SQLite", "", "| target | route | conns | req/s vs gateway-sqlite | target |",
+            "|---|---|---|---|---|", *lines, ""]
+
+
 def client_section(rows: list[Row], unavailable: dict[str, str]) -> list[str]:
     lines = ["## Upstream client, chosen by measurement", "",
              "Each client as the bare pass-through, and inside the gateway (creates and polls, 32 connections).",
@@ -183,7 +203,7 @@ def report(args: argparse.Namespace, lab: Lab, sampler: Sampler, source_at_start
                                    "## Targets (gateway-sqlite, every feature on)"),
               "", *targets_section(rows, {}, "gateway-sqlite-norpm",
                                    "### For reference: the same without `requests_per_minute`"),
-              "", *client_section(rows, lab.unavailable), "",
+              "", *redis_section(sampler.rows), *client_section(rows, lab.unavailable), "",
               *memory_section(sampler.memory), ""]
     lines += ["## Details", "",
               "p50/p99 are wrk's, which corrects for coordinated omission (a request slower than twice the mean "

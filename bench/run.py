@@ -8,6 +8,7 @@ Targets, each measured with wrk for creates and polls at 1 and 32 connections:
   gateway-sqlite       wrk → `python -m gateway.cli serve` (every feature on, SQLite store) → fake
   gateway-sqlite-<c>   the same gateway with another upstream client injected (bench/gateway_serve.py)
   gateway-redis        the same on a Redis store, once gateway/store/redis.py exists
+  gateway-redis-sentinel  the same through a Sentinel, to a master with a replica it waits for (WAIT 1)
 The proxy under test is pinned to one core; wrk, the fake upstream (and Redis) to the other.
 Then a memory run pushes --tasks creates through a fresh gateway and samples its RSS.
 
@@ -89,6 +90,8 @@ def start_targets(lab: Lab, args: argparse.Namespace) -> list[Target]:
                     for c in CLIENTS[1:] if wanted(f"gateway-sqlite-{c}")]
     if wanted("gateway-redis"):
         targets.append(lab.redis_target())
+    if wanted("gateway-redis-sentinel"):
+        targets.append(lab.redis_sentinel_target())
     return [t for t in targets if t is not None]
 
 

@@ -66,20 +66,32 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def run_until_signalled(server: uvicorn.Server) -> None:
-    """Serve; a SIGTERM or SIGINT that drained cleanly ends the process with exit code 0.
+def run_until_signalled(server: uvicorn.Server, sockets: list | None = None) -> None:
+    """Serve (on `sockets` already bound, when given); a SIGTERM or SIGINT that drained cleanly ends the
+    process with exit code 0.
 
     uvicorn drains, then re-raises the signal it caught under the handler it found installed;
     this handler makes that re-raise a normal exit instead of a death by signal."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
-    server.run()
+    server.run(sockets=sockets)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
         return 2
+    if args.workers > 1:
+        from .store.redis_url import is_redis_url
+        from .workers import Supervisor
+
+        if not is_redis_url(settings.store.url.reveal()):
+            print(f"{args.config}: serve --workers {args.workers} needs a Redis store (store.url redis://…): "
+                  "the SQLite store serves one process; run without --workers, or share a Redis", file=sys.stderr)
+            return 2
+        logs.configure()
+        return Supervisor(settings, args.workers, args.host or settings.server.host,
+                          args.port or settings.server.port).run()
     serve_settings(settings, args.host, args.port)
     return 0
 
@@ -230,6 +242,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument("--workers", type=int, default=1, help="processes on the one port (needs a Redis store)")
     s.set_defaults(func=cmd_serve)
     d = sub.add_parser("demo", help="run the gateway with the built-in TokenHub simulator")
     d.add_argument("--port", type=int, default=8080)

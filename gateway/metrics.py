@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 KEY_STATES = ("ok", "cooldown", "disabled", "open")
 # Gateway overhead is sub-millisecond when healthy; upstream calls go up to the timeout (60 s);
@@ -17,6 +19,10 @@ TASK_BUCKETS = (5, 10, 20, 30, 60, 120, 180, 300, 600, 900, 1200, 1800, 3600, 72
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry or CollectorRegistry()
+        # Set by `serve --workers` for every worker (prometheus_client reads it at import): each worker's
+        # samples go to files there, and every /metrics sums them. Gauges of shared state take the latest.
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        shared = {"multiprocess_mode": "mostrecent"}
         p = "tokenhub_gateway_"
         self.requests = Counter(p + "requests", "Requests answered by the gateway",
                                 ["route", "method", "code", "team"], registry=r)
@@ -33,31 +39,39 @@ class Metrics:
         self.task_duration = Histogram(p + "task_duration_seconds", "Create → terminal status",
                                        ["model", "resolution"], buckets=TASK_BUCKETS, registry=r)
         self.tasks_in_flight = Gauge(p + "tasks_in_flight", "Tasks not yet terminal",
-                                     ["team"], registry=r)
+                                     ["team"], registry=r, **shared)
         self.video_seconds = Counter(p + "video_seconds", "Billed video seconds",
                                      ["team", "model", "resolution"], registry=r)
         self.spend_usd = Counter(p + "spend_usd", "Settled spend in US dollars",
                                  ["team", "model", "resolution"], registry=r)
         self.budget_usd = Gauge(p + "budget_usd", "Team budget for the current period",
-                                ["team"], registry=r)
+                                ["team"], registry=r, **shared)
         self.budget_remaining_usd = Gauge(p + "budget_remaining_usd",
                                           "Team budget left (spent and reserved deducted)",
-                                          ["team"], registry=r)
+                                          ["team"], registry=r, **shared)
         self.quota_rejections = Counter(p + "quota_rejections", "Creates refused by a limit",
                                         ["team", "reason"], registry=r)
         self.validation_errors = Counter(p + "validation_errors", "Creates refused by validation",
                                          ["param"], registry=r)
         self.key_state = Gauge(p + "upstream_key_state", "1 for the key's current state",
-                               ["key", "state"], registry=r)
+                               ["key", "state"], registry=r, **shared)
         self.overhead = Histogram(p + "overhead_seconds", "Time in the gateway, upstream excluded",
                                   ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
-        self.poller_backlog = Gauge(p + "poller_backlog", "Tasks awaiting settlement", registry=r)
+        self.poller_backlog = Gauge(p + "poller_backlog", "Tasks awaiting settlement", registry=r, **shared)
         self.settlement_anomalies = Counter(p + "settlement_anomalies", "TokenHub figures not believed "
                                             "at settlement (the estimate was charged)", ["reason"], registry=r)
         self.tasks_unknown = Counter(p + "tasks_unknown", "Forwarded creates whose outcome is unknown "
                                      "(charged at their estimate until resolved)", ["team", "reason"], registry=r)
         self._children: dict[tuple[str, str, str, str], tuple] = {}
         self._labelled: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def exposition(self) -> bytes:
+        """What /metrics serves: this registry's samples, or every worker's under `serve --workers`."""
+        if not self.multiprocess_dir:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)
+        return generate_latest(merged)
 
     def observe_request(self, route: str, method: str, code: str, team: str, elapsed: float,
                         overhead: float) -> None:

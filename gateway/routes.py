@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -196,7 +196,7 @@ async def metrics(request: Request) -> Response:
         await g.refresh_gauges()
     except StoreUnavailable:
         pass  # serve what we have: a scrape must not fail because the store blinked
-    return Response(generate_latest(g.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(g.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _int_param(value: str | None, name: str, default: int, low: int, high: int) -> int:

@@ -50,7 +50,7 @@ class DurableRedisServer(RedisServer):
              "--appendonly", "yes", "--appendfsync", "always", "--logfile", str(self._dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
-        while not self._answers():
+        while not self.answers():
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"redis-server did not start on port {self.port}")

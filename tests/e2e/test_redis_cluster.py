@@ -1,0 +1,104 @@
+"""The Redis store on a Redis Cluster (SPEC §14): three masters started here (`redis-server --cluster-enabled
+yes`, `redis-cli --cluster create`), every slot assigned. Every key of the gateway shares its prefix's hash
+tag, so every script runs on one slot: the whole store contract of tests/test_store.py runs here unchanged,
+and two gateway replicas on the cluster admit exactly a budget's worth of a burst of creates."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+import tests.test_store as contract
+from gateway.store.redis import RedisStore
+from tests.e2e import test_redis as on_redis
+from tests.e2e.harness import body
+from tests.redis_server import RedisClusterServers, command, require_redis_server
+
+# Every contract test that runs on a store (or on two replicas of one), with the fixtures below.
+CONTRACT = [name for name, fn in vars(contract).items() if name.startswith("test_") and inspect.isfunction(fn)
+            and {"store", "replicas"} & set(inspect.signature(fn).parameters)]
+globals().update({name: getattr(contract, name) for name in CONTRACT})
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServers]:
+    require_redis_server()
+    servers = RedisClusterServers()
+    servers.start()
+    yield servers
+    servers.stop()
+
+
+def _prefix() -> str:
+    return f"{{test:{uuid.uuid4().hex[:8]}}}:"
+
+
+@pytest.fixture
+async def store(cluster: RedisClusterServers) -> AsyncIterator[RedisStore]:
+    s = RedisStore(cluster.url, prefix=_prefix())
+    await s.open()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def replicas(cluster: RedisClusterServers) -> AsyncIterator[list[RedisStore]]:
+    """Two stores on one prefix: two gateway replicas, as the contract has them."""
+    prefix = _prefix()
+    pair = [RedisStore(cluster.url, prefix=prefix), RedisStore(cluster.url, prefix=prefix)]
+    for s in pair:
+        await s.open()
+    yield pair
+    for s in pair:
+        await s.close()
+
+
+async def test_every_key_is_on_one_node_in_the_slot_of_the_hash_tag(cluster):
+    s = RedisStore(cluster.url, prefix=_prefix())
+    await s.open()
+    try:
+        now = await s.now()
+        for _ in range(3):
+            await contract.created(s, now)
+    finally:
+        await s.close()
+    keys = {n.port: command(n.port, "keys", s.prefix + "*").split() for n in cluster.nodes}
+    holders = [port for port, names in keys.items() if names]
+    assert len(holders) == 1 and len(keys[holders[0]]) >= 5, keys
+    slots = {command(holders[0], "cluster", "keyslot", k).strip() for k in keys[holders[0]]}
+    assert slots == {command(holders[0], "cluster", "keyslot", s.prefix).strip()}, slots
+
+
+def test_a_prefix_without_a_hash_tag_is_refused(cluster):
+    with pytest.raises(ValueError, match="hash tag"):
+        RedisStore(cluster.url, prefix="thg:")
+
+
+def test_two_gateways_on_the_cluster_admit_exactly_the_budget(make_gateway, cluster, sim):
+    """Budget $9, 60 creates of $1 at once, 30 through each of two gateway processes on the cluster: exactly
+    9 are admitted and sent upstream, 51 are 429 budget_exceeded; both report the same reservation."""
+    for node in cluster.nodes:
+        command(node.port, "flushall")  # the gateways use the default prefix
+    gws = [make_gateway(teams={"red": {"budget_usd": 9.0}}, users={"alice": {"team": "red"}},
+                        store_url=cluster.url, keys=on_redis.roomy("key-a", "key-b"), name=f"c{i}")
+           for i in (1, 2)]
+
+    async def burst() -> list[httpx.Response]:
+        async with gws[0].aclient("alice") as c1, gws[1].aclient("alice") as c2:
+            return await asyncio.gather(*(c.post(on_redis.CREATE, json=body(prompt=on_redis.NEVER))
+                                          for _ in range(30) for c in (c1, c2)))
+
+    replies = asyncio.run(burst())
+    assert Counter(r.status_code for r in replies) == {200: 9, 429: 51}
+    for r in replies:
+        if r.status_code == 429:
+            on_redis.error_of(r, 429, "insufficient_quota", "budget_exceeded")
+    assert len(on_redis.sim_creates(sim)) == 9
+    for gw in gws:
+        on_redis.assert_settled_books(gw, spent=0.0, reserved=9.0, in_flight=9)
