@@ -110,6 +110,8 @@ class RedisStore:
         self.target = parse_url(url)
         if self.target.mode == CLUSTER and not _HASH_TAG.search(prefix):
             raise ValueError(f"On a Redis Cluster the key prefix needs a hash tag ({{...}}), not {prefix!r}.")
+        if self.target.mode == CLUSTER and wait_replica:
+            raise ValueError("Waiting for a replica is for a server or a Sentinel's master, not a Cluster.")
         self.wait_replica = self.target.mode == SENTINEL if wait_replica is None else wait_replica
         self._timeout, self._max_connections = timeout_s, max_connections
         self._connection_class = connection_class
@@ -133,11 +135,10 @@ class RedisStore:
 
     async def open(self) -> None:
         self._link = RedisLink(self.target, timeout_s=self._timeout, max_connections=self._max_connections,
-                               connection_class=self._connection_class)
+                               wait_replica=self.wait_replica, connection_class=self._connection_class)
         self._r = self._link.client
-        self._calls = RedisCalls(self._r, self.prefix, {name: PRELUDE + body for name, body in SCRIPTS.items()},
-                                 timeout_s=self._timeout, max_connections=self._max_connections,
-                                 wait_replica=self.wait_replica)
+        self._calls = RedisCalls(self._link, self.prefix, {name: PRELUDE + body for name, body in SCRIPTS.items()},
+                                 timeout_s=self._timeout, max_connections=self._max_connections)
         await self._calls.load()
         await self._sync_clock()
 

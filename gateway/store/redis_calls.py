@@ -1,23 +1,23 @@
-"""How the Redis store talks to Redis: the redis-py client for a target, every call through one gate,
-every failure mapped to the gateway's errors, scripts run by their SHA (sent whole to a server that does
-not know them yet: a restarted or promoted one), and, with a replica to wait for, writes acknowledged
-only once a replica has them."""
+"""How the Redis store talks to Redis: the clients for a target, every call through one gate, every failure
+mapped to the gateway's errors, and scripts run by their SHA (sent whole to a server that does not know
+them yet: a restarted or promoted one). Scripts to a server or a Sentinel's master go through a Pipe
+(redis_pipe.py), which also waits for a replica when told to; other commands through redis-py's client."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-import structlog
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import EqualJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import (
     DuplicateTaskId,
@@ -27,11 +27,11 @@ from ..errors import (
     StoreUnavailable,
     TaskNotUnknown,
 )
-from .redis_url import SENTINEL, STANDALONE, RedisTarget
+from .redis_pipe import Pipe
+from .redis_url import CLUSTER, STANDALONE, RedisTarget
 
 T = TypeVar("T")
-WAIT_MS = 100  # how long a write waits for a replica's acknowledgement
-LAG_PAUSE_S = 5.0  # after a replica missed WAIT_MS: writes stop waiting this long, then try again
+RETRY_PAUSE_S = 0.05  # a script whose connection was lost runs once more, after this
 _BUSY_REPLIES = frozenset({"MISCONF", "BUSY", "NOREPLICAS", "LOADING", "MASTERDOWN", "CLUSTERDOWN",
                            "TRYAGAIN"})  # the server cannot answer or write now
 
@@ -54,33 +54,39 @@ def store_error(exc: Exception) -> GatewayError:
 
 
 class RedisLink:
-    """The client for a target, and whatever else must be closed with it (a Sentinel's own clients)."""
+    """The redis-py client for a target and, but for a Cluster, the Pipe that carries its scripts."""
 
-    def __init__(self, target: RedisTarget, *, timeout_s: float, max_connections: int,
+    def __init__(self, target: RedisTarget, *, timeout_s: float, max_connections: int, wait_replica: bool,
                  connection_class: type | None = None) -> None:
         self.target = target
         # One retry after a dropped connection or a timeout: a restarted or promoted Redis is reconnected to.
         common: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
                                   "retry": Retry(EqualJitterBackoff(cap=0.5, base=0.05), 1)}
         self._sentinel: Sentinel | None = None
+        self.pipe: Pipe | None = None
+        if target.mode == CLUSTER:
+            self.client: Any = RedisCluster(
+                startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], username=target.username,
+                password=target.password, ssl=target.ssl, max_connections=max_connections, **common)
+            return
         if target.mode == STANDALONE:
             extra = {"connection_class": connection_class} if connection_class else {}
-            pool = aioredis.ConnectionPool.from_url(target.url, max_connections=max_connections, **common, **extra)
-            self.client: Any = aioredis.Redis.from_pool(pool)
-        elif target.mode == SENTINEL:
+            pool = aioredis.ConnectionPool.from_url(target.url, max_connections=max_connections + 1, **common,
+                                                    **extra)  # + the Pipe's
+            self.client = aioredis.Redis.from_pool(pool)
+        else:
             user, password = target.sentinel_auth
             self._sentinel = Sentinel(target.nodes, sentinel_kwargs={
                 "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "ssl": target.ssl,
                 "username": user, "password": password})
             self.client = self._sentinel.master_for(
                 target.master, db=target.db, username=target.username, password=target.password,
-                ssl=target.ssl, max_connections=max_connections, **common)
-        else:
-            self.client = RedisCluster(
-                startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], username=target.username,
-                password=target.password, ssl=target.ssl, max_connections=max_connections, **common)
+                ssl=target.ssl, max_connections=max_connections + 1, **common)
+        self.pipe = Pipe(self.client.connection_pool, timeout_s=timeout_s, wait_replica=wait_replica)
 
     async def aclose(self) -> None:
+        if self.pipe is not None:
+            await self.pipe.aclose()
         await self.client.aclose()
         if self._sentinel is not None:
             await self._sentinel.aclose()
@@ -93,18 +99,15 @@ class Script:
 
 
 class RedisCalls:
-    """At most `max_connections` calls at once (so the pool never runs dry); one more waits up to `timeout_s`.
-    KEYS[1] of every script is the key prefix: on a Cluster it routes the script to the slot of the prefix's
-    hash tag, which holds every key the script touches."""
+    """At most `max_connections` calls at once; one more waits up to `timeout_s`. KEYS[1] of every script
+    is the key prefix: on a Cluster it routes the script to the slot of the prefix's hash tag, which holds
+    every key the script touches."""
 
-    def __init__(self, client: Any, prefix: str, scripts: dict[str, str], *, timeout_s: float,
-                 max_connections: int, wait_replica: bool) -> None:
-        self.client, self.prefix, self._timeout = client, prefix, timeout_s
+    def __init__(self, link: RedisLink, prefix: str, scripts: dict[str, str], *, timeout_s: float,
+                 max_connections: int) -> None:
+        self.link, self.prefix, self._timeout = link, prefix, timeout_s
         self.scripts = {name: Script(body) for name, body in scripts.items()}
         self._gate = asyncio.Semaphore(max_connections)
-        self.wait_replica = wait_replica
-        self._lagging_until = 0.0
-        self.log = structlog.get_logger("gateway.store")
 
     async def do(self, aw: Awaitable[T]) -> T:
         try:
@@ -128,37 +131,28 @@ class RedisCalls:
         """Every script into the server's cache (on a Cluster, every primary's), so that a first call of
         each is not a NOSCRIPT round trip; a server restarted or promoted later gets them as they run."""
         for script in self.scripts.values():
-            await self.do(self.client.script_load(script.body))
+            await self.do(self.link.client.script_load(script.body))
 
     async def run(self, name: str, *args: Any, write: bool = False) -> Any:
-        """Run a script; a write waits for a replica (WAIT 1) when the store was told one exists."""
-        script = self.scripts[name]
-        if write and self.wait_replica and time.monotonic() >= self._lagging_until:
-            return await self.do(self._run_and_wait(script, args))
-        return await self.do(self._run(script, args))
+        """Run a script; `write`: it changes something (with a replica to wait for, it is waited for)."""
+        return await self.do(self._run(self.scripts[name], (1, self.prefix, self.prefix, *args), write))
 
-    async def _run(self, script: Script, args: tuple) -> Any:
-        keys_and_args = (1, self.prefix, self.prefix, *args)
+    async def _run(self, script: Script, keys_and_args: tuple, write: bool) -> Any:
+        pipe = self.link.pipe
+        if pipe is None:  # a Cluster: redis-py routes by the key, follows MOVED, and retries once
+            try:
+                return await self.link.client.evalsha(script.sha, *keys_and_args)
+            except NoScriptError:
+                return await self.link.client.eval(script.body, *keys_and_args)
         try:
-            return await self.client.evalsha(script.sha, *keys_and_args)
-        except NoScriptError:  # the server never saw it, or lost it: EVAL sends it whole, and caches it
-            return await self.client.eval(script.body, *keys_and_args)
+            return await _piped(pipe, script, keys_and_args, write)
+        except (RedisConnectionError, RedisTimeoutError):  # lost: once more, on a new connection
+            await asyncio.sleep(RETRY_PAUSE_S)  # every script is safe to run twice
+            return await _piped(pipe, script, keys_and_args, write)
 
-    async def _run_and_wait(self, script: Script, args: tuple) -> Any:
-        """The script and WAIT in one round trip; a replica that misses WAIT_MS pauses waiting a while."""
-        keys_and_args = (1, self.prefix, self.prefix, *args)
-        reply, acked = await self._pipeline(("EVALSHA", script.sha, *keys_and_args))
-        if isinstance(reply, NoScriptError):
-            reply, acked = await self._pipeline(("EVAL", script.body, *keys_and_args))
-        if isinstance(reply, Exception):
-            raise reply
-        if isinstance(acked, int) and acked < 1:
-            self._lagging_until = time.monotonic() + LAG_PAUSE_S
-            self.log.warning("store.replica_lagging", waited_ms=WAIT_MS, pause_s=LAG_PAUSE_S)
-        return reply
 
-    async def _pipeline(self, command: tuple) -> list[Any]:
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.execute_command(*command)
-            pipe.execute_command("WAIT", 1, WAIT_MS)
-            return await pipe.execute(raise_on_error=False)
+async def _piped(pipe: Pipe, script: Script, keys_and_args: tuple, write: bool) -> Any:
+    try:
+        return await pipe.call("EVALSHA", script.sha, *keys_and_args, write=write)
+    except NoScriptError:  # the server never saw it, or lost it: EVAL sends it whole, and caches it
+        return await pipe.call("EVAL", script.body, *keys_and_args, write=write)
