@@ -41,7 +41,7 @@ from ..quota import WINDOW_S, Counters, RateState, Rejection, Subject, check, st
 from .base import IDEM_TTL_S, TASK_FIELDS, Admission, IdemRecord, Task, Usage, check_figures, check_status
 from .redis_calls import RedisCalls, RedisLink
 from .redis_scripts import PRELUDE, SCRIPTS
-from .redis_url import CLUSTER, SENTINEL, parse_url
+from .redis_url import CLUSTER, parse_url
 
 T = TypeVar("T")
 CLOCK_REFRESH_S = 5.0
@@ -99,9 +99,9 @@ def _limits(s: Subject) -> list[Any]:
 
 
 class RedisStore:
-    """`wait_replica`: acknowledge writes only once a replica has them (WAIT 1); None: when the URL names a
-    Sentinel deployment, whose master has replicas to fail over to. `connection_class` (a server URL only)
-    lets a test see every round trip."""
+    """`wait_replica`: acknowledge writes only once a replica has them (WAIT 1); None: as the URL says
+    (`?wait_replica=`, else yes for a Sentinel deployment, whose master has replicas to fail over to).
+    `connection_class` (a server URL only) lets a test see every round trip."""
 
     def __init__(self, url: str, prefix: str = "{thg}:", *, timeout_s: float = 2.0,
                  max_connections: int = 64, wait_replica: bool | None = None,
@@ -112,7 +112,7 @@ class RedisStore:
             raise ValueError(f"On a Redis Cluster the key prefix needs a hash tag ({{...}}), not {prefix!r}.")
         if self.target.mode == CLUSTER and wait_replica:
             raise ValueError("Waiting for a replica is for a server or a Sentinel's master, not a Cluster.")
-        self.wait_replica = self.target.mode == SENTINEL if wait_replica is None else wait_replica
+        self.wait_replica = self.target.wait_replica if wait_replica is None else wait_replica
         self._timeout, self._max_connections = timeout_s, max_connections
         self._connection_class = connection_class
         self._link: RedisLink | None = None

@@ -6,7 +6,8 @@
 
 The credentials in the URL are the data servers'; a Sentinel deployment whose sentinels need a password of
 their own takes `?sentinel_password=…` (and `sentinel_username=…`). `rediss+sentinel://` and
-`rediss+cluster://` speak TLS to every node.
+`rediss+cluster://` speak TLS to every node. `?wait_replica=1` (the default with Sentinel; `0` turns it off)
+acknowledges a write only once a replica has it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class RedisTarget:
     password: str | None = field(default=None, repr=False)
     ssl: bool = False
     sentinel_auth: tuple[str | None, str | None] = field(default=(None, None), repr=False)  # username, password
+    wait_replica: bool = False  # writes acknowledged once a replica has them (WAIT 1)
 
 
 def is_redis_url(url: str) -> bool:
@@ -55,8 +57,12 @@ def parse_url(url: str) -> RedisTarget:
     if not sep or scheme not in _SCHEMES:
         raise ValueError(f"a Redis store URL starts with one of {', '.join(s + '://' for s in _SCHEMES)}")
     mode, ssl = _SCHEMES[scheme]
+    wait, url = _wait_option(url)
+    if mode == CLUSTER and wait:
+        raise ValueError("wait_replica=1 is for a server or a Sentinel's master, not a Cluster")
     if mode == STANDALONE:
-        return RedisTarget(mode, url, ssl=ssl)
+        return RedisTarget(mode, url, ssl=ssl, wait_replica=bool(wait))
+    rest = url.partition("://")[2]
     rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
     userinfo, _, hosts = netloc.rpartition("@")
@@ -68,7 +74,23 @@ def parse_url(url: str) -> RedisTarget:
     master, db = _path(mode, parts)
     options = {k: v[-1] for k, v in parse_qs(query).items()}
     return RedisTarget(mode, url, nodes, master, db, unquote(username) or None, unquote(password) or None,
-                       ssl, (options.get("sentinel_username"), options.get("sentinel_password")))
+                       ssl, (options.get("sentinel_username"), options.get("sentinel_password")),
+                       mode == SENTINEL if wait is None else wait)
+
+
+def _wait_option(url: str) -> tuple[bool | None, str]:
+    """`wait_replica=0|1` from the query (None when absent), and the URL without it (redis-py refuses it)."""
+    base, sep, query = url.partition("?")
+    kept, wait = [], None
+    for item in query.split("&") if sep else ():
+        name, _, value = item.partition("=")
+        if name != "wait_replica":
+            kept.append(item)
+        elif value in ("0", "1"):
+            wait = value == "1"
+        else:
+            raise ValueError("wait_replica is 0 or 1")
+    return wait, base + ("?" + "&".join(kept) if kept else "")
 
 
 def _node(text: str, default_port: int) -> tuple[str, int]:
