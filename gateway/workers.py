@@ -63,6 +63,9 @@ class Supervisor:
             self._supervise(wake_r)
             return self._stop_all()
         finally:
+            signal.set_wakeup_fd(-1)
+            wake_r.close()
+            wake_w.close()
             self.sock.close()
             if made_dir:
                 shutil.rmtree(os.environ.pop(MULTIPROC_ENV), ignore_errors=True)
