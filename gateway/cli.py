@@ -83,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if args.workers > 1:
         from .store.redis_url import is_redis_url
-        from .workers import Supervisor
+        from .supervisor import Supervisor
 
         if not is_redis_url(settings.store.url.reveal()):
             print(f"{args.config}: serve --workers {args.workers} needs a Redis store (store.url redis://…): "
