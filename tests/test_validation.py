@@ -5,7 +5,7 @@ import pytest
 from gateway.config import DEFAULT_PRICING
 from gateway.errors import ValidationError
 from gateway.pricing import usd_to_micros
-from gateway.validation import VideoRequest, validate
+from gateway.validation import MAX_MEDIA_ITEMS, VideoRequest, validate
 
 PRICING = {model: {res: usd_to_micros(p) for res, p in row.items()} for model, row in DEFAULT_PRICING.items()}
 CUSTOM_PRICING = {**PRICING, "seedance-lite": {"1080p": 300_000}}
@@ -89,6 +89,11 @@ GOOD = [
     ("empty video_durations without videos", body(video_durations=[]), (M, "720p", 5, Decimal(0), False, 0)),
     ("empty video_durations is absent", body(video_url=VID, video_durations=[]),
      (M, "720p", 5, Decimal(15), True, 1)),
+    ("2 s for one video", body(video_url=VID, input_video_duration=2), (M, "720p", 5, Decimal(2), False, 1)),
+    ("6 s for three videos", body(video_urls=[VID] * 3, input_video_duration=6),
+     (M, "720p", 5, Decimal(6), False, 3)),
+    ("4.5 s for two videos", body(video_urls=[VID, VID], input_video_duration=4.5),
+     (M, "720p", 5, Decimal("4.5"), False, 2)),
 ]
 
 
@@ -212,6 +217,21 @@ BAD = [
      "input_video_duration"),
     ("durations disagree", body(video_urls=[VID, VID], video_durations=[3, 5], input_video_duration=9),
      "input_video_duration"),
+    # each reference video counts at least 2 s
+    ("0.001 s for three videos", body(video_urls=[VID] * 3, input_video_duration=0.001), "input_video_duration"),
+    ("5.9 s for three videos", body(video_urls=[VID] * 3, input_video_duration=5.9), "input_video_duration"),
+    ("1.5 s for one video", body(video_url=VID, input_video_duration=1.5), "input_video_duration"),
+    ("3.9 s for a flat and a content video", body(video_url=VID, content=[item("video", VID)],
+                                                  input_video_duration=3.9), "input_video_duration"),
+    # counts come before per-item checks: the error is the count, whatever the items hold
+    ("10 bad image URLs", body(image_urls=["ftp://x/a.png"] * 10), "image_urls"),
+    ("10 image URLs that are not strings", body(image_urls=[7] * 10), "image_urls"),
+    ("4 video data: URIs", body(video_urls=["data:video/mp4;base64,AAAA"] * 4), "video_urls"),
+    ("13 content items, a bad URL first", body(content=[item("image", "ftp://x")] + [item("image", IMG)] * 12),
+     "content"),
+    ("4 audio items with image data: URIs", body(image_url=IMG, content=[item("audio", "data:image/png;base64,A")] * 4),
+     "content"),
+    ("video_durations too many, bad items", body(video_url=VID, video_durations=["x", -1]), "video_durations"),
 ]
 
 
@@ -244,3 +264,35 @@ def test_body_is_not_modified():
     snapshot = repr(payload)
     validate(payload, PRICING)
     assert repr(payload) == snapshot
+
+
+class Touched(list):
+    """A list that counts the items validation reads from it."""
+
+    read = 0
+
+    def __iter__(self):
+        for value in super().__iter__():
+            self.read += 1
+            yield value
+
+
+@pytest.mark.parametrize("field, entry, param", [
+    ("image_urls", IMG, "image_urls"),
+    ("image_urls", "ftp://not-checked", "image_urls"),
+    ("video_urls", "data:video/mp4;base64,AAAA", "video_urls"),
+    ("content", item("image", IMG), "content"),
+    ("content", item("image", "data:image/png;base64," + "A" * 100), "content"),
+], ids=["urls", "bad urls", "video data URIs", "content items", "content data URIs"])
+def test_a_million_items_are_refused_after_reading_a_few(field, entry, param):
+    items = Touched([entry] * 1_000_000)
+    with pytest.raises(ValidationError) as err:
+        validate(body(**{field: items}), PRICING)
+    assert err.value.param == param
+    assert items.read <= MAX_MEDIA_ITEMS + 1
+
+
+def test_text_items_are_walked_without_per_item_errors():
+    items = Touched([{"type": "text", "text": "slowly"}] * 10_000 + [item("image", IMG)])
+    assert validate(body(content=items), PRICING).reference_videos == 0
+    assert items.read == 10_001
