@@ -1,9 +1,12 @@
+import hashlib
 from decimal import Decimal
 
+import orjson
 import pytest
 
+from gateway.bodies import check, loads_strict
 from gateway.config import DEFAULT_PRICING
-from gateway.errors import ValidationError
+from gateway.errors import InvalidJSON, ValidationError
 from gateway.pricing import usd_to_micros
 from gateway.validation import MAX_MEDIA_ITEMS, VideoRequest, validate
 
@@ -296,3 +299,66 @@ def test_text_items_are_walked_without_per_item_errors():
     items = Touched([{"type": "text", "text": "slowly"}] * 10_000 + [item("image", IMG)])
     assert validate(body(content=items), PRICING).reference_videos == 0
     assert items.read == 10_001
+
+
+# --- strict JSON ------------------------------------------------------------------------------------
+
+REPEATED = [
+    ("top level", b'{"model": "a", "model": "b"}'),
+    ("nested object", b'{"content": [{"type": "image_url", "image_url": {"url": "x", "url": "y"}}]}'),
+    ("second object of an array", b'[{"x": 1}, {"x": 2, "x": 3}]'),
+    ("deep", b'{"a": {"b": {"c": {"d": 1, "d": 1}}}}'),
+    ("same value", b'{"a": 1, "a": 1}'),
+    ("escaped spelling", b'{"prompt": "x", "\\u0070rompt": "y"}'),
+    ("key with a colon", b'{"k:": 1, "k:": 2}'),
+    ("key with an escaped quote", b'{"a\\"": 1, "a\\"": 2}'),
+    ("dropped value with colons", b'{"a": "b:c:d", "a": "e"}'),
+    ("escaped colons make up for dropped ones", b'{"a": "b:", "a": "\\u003a\\u003a"}'),
+    ("dropped subtree", b'{"a": {"x": 1, "y": 2}, "a": 3}'),
+    ("after whitespace", b'{ "a" : 1 ,\n "a"\t: 2 }'),
+    ("non-ASCII key", '{"prompté": 1, "prompté": 2}'.encode()),
+]
+NOT_REPEATED = [
+    ("colons in values", b'{"u": "https://x.example/a.png", "r": "16:9", "t": "a: b: c"}'),
+    ("same key in sibling objects", b'[{"type": "text"}, {"type": "text"}]'),
+    ("same key nested", b'{"a": {"a": {"a": 1}}}'),
+    ("escaped colon", b'{"a": "\\u003a", "b": "x"}'),
+    ("escaped backslash before u", b'{"a": "\\\\u003a", "b": 1}'),
+    ("keys that differ by an escape", b'{"a": 1, "\\u0062": 2}'),
+    ("key that is a prefix", b'{"a": 1, "a:": 2, "aa": 3}'),
+    ("empty containers", b'{"a": {}, "b": [], "c": [{}]}'),
+    ("scalars", b'[1, "x", null, true]'),
+]
+
+
+@pytest.mark.parametrize("raw", [c[1] for c in REPEATED], ids=[c[0] for c in REPEATED])
+def test_a_repeated_key_is_invalid_json(raw):
+    with pytest.raises(InvalidJSON) as err:
+        loads_strict(raw)
+    assert (err.value.code, err.value.status) == ("invalid_json", 400)
+
+
+@pytest.mark.parametrize("raw", [c[1] for c in NOT_REPEATED], ids=[c[0] for c in NOT_REPEATED])
+def test_keys_without_repeats_parse_as_json_does(raw):
+    assert loads_strict(raw) == orjson.loads(raw)
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b'{"a": NaN}', b'{"a": 1} x', b"\xef\xbb\xbf{}", b"{'a': 1}"])
+def test_malformed_json_is_invalid_json(raw):
+    with pytest.raises(InvalidJSON):
+        loads_strict(raw)
+
+
+def test_a_create_with_a_repeated_key_is_refused_before_validation():
+    raw = orjson.dumps(body())[:-1] + b', "model": "no-such-model"}'
+    with pytest.raises(InvalidJSON):
+        check(raw, PRICING)
+
+
+def test_body_hash_is_the_canonical_sha256_whatever_the_spelling():
+    a = check(b'{"model": "doubao-seedance-2.0", "prompt": "a fox", "duration": 5}', PRICING)
+    b = check(b'{"duration":5,\n "prompt":"a \\u0066ox","model":"doubao-seedance-2.0"}', PRICING)
+    assert a == b
+    assert a.body_hash == hashlib.sha256(orjson.dumps({"duration": 5, "model": M, "prompt": "a fox"},
+                                                      option=orjson.OPT_SORT_KEYS)).hexdigest()
+    assert a.request == validate(body(prompt="a fox", duration=5), PRICING)
