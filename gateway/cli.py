@@ -18,12 +18,15 @@ import uvicorn
 from . import ledger, logs
 from .auth import key_sha256, new_key
 from .config import ConfigError, Settings, load_settings, parse_settings
+from .server import http_protocol
 
 DEMO_TEAM, DEMO_USER = "demo", "demo-user"
 
 
-def uvicorn_config(app: object, host: str, port: int, grace: float) -> uvicorn.Config:
-    return uvicorn.Config(app, host=host, port=port, loop="auto", http="auto", lifespan="on",
+def uvicorn_config(app: object, host: str, port: int, grace: float, header_timeout_s: float = 10.0,
+                   body_timeout_s: float = 30.0) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, loop="auto", lifespan="on", ws="none",
+                          http=http_protocol(header_timeout_s, body_timeout_s),
                           access_log=False, server_header=False, proxy_headers=False,
                           log_config=logs.uvicorn_log_config(),
                           timeout_graceful_shutdown=grace, timeout_keep_alive=30)
