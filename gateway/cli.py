@@ -38,7 +38,8 @@ def serve_settings(settings: Settings, host: str | None = None, port: int | None
     logs.configure()
     app = create_app(settings)
     cfg = uvicorn_config(app, host or settings.server.host, port or settings.server.port,
-                         settings.server.shutdown_grace_s)
+                         settings.server.shutdown_grace_s, settings.server.header_timeout_s,
+                         settings.server.body_timeout_s)
     tune_gc()
     run_until_signalled(uvicorn.Server(cfg))
 

@@ -99,6 +99,8 @@ class ServerSettings:
     shutdown_grace_s: float = 10
     max_body_bytes: int = 64 * 1024 * 1024
     log_prompts: bool = False
+    header_timeout_s: float = 10  # a client that has not sent its headers by then is disconnected
+    body_timeout_s: float = 30
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ class Settings:
 _SECTIONS = {"server", "upstream", "store", "poller", "pricing", "teams", "users"}
 # TOML key → kind, for the plain fields of each section; absent or invalid, the dataclass default applies.
 _SERVER = {"host": "str", "port": "port", "shutdown_grace_s": "num0", "max_body_bytes": "int+",
-           "log_prompts": "bool"}
+           "log_prompts": "bool", "header_timeout_s": "num+", "body_timeout_s": "num+"}
 _UPSTREAM = {"connect_timeout_s": "num+", "timeout_s": "num+", "cooldown_s": "num+",
              "breaker_failures": "int+", "breaker_open_s": "num+"}
 _KEY = {"weight": "int+", "max_concurrent_tasks": "int+"}
