@@ -37,6 +37,7 @@ from .store import open_store
 from .store.base import Store, Task
 from .tasks import Tasks
 from .upstream import HttpUpstream, Upstream
+from .workers import BodyWorkers
 
 MAX_LARGE_BODIES = 4
 
@@ -57,7 +58,7 @@ class Gateway:
         self.polls = Polls(store, calls, self.pool, self.settlement, records, clock)
         self.poller = Poller(settings, store, self.tasks, self.polls, self.settlement, self.pool,
                              upstream, metrics, clock)
-        self.large_bodies = asyncio.Semaphore(MAX_LARGE_BODIES)
+        self.large_bodies = BodyWorkers(MAX_LARGE_BODIES)
         self.draining = False
         self.log = structlog.get_logger("gateway")
 
@@ -233,6 +234,7 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: S
             await gateway.tasks.drain(settings.server.shutdown_grace_s)
             await upstream.close()
             await store.close()
+            gateway.large_bodies.close()
             gateway.log.info("gateway.stopped")
 
     app = GatewayApp(routes=route_table(), lifespan=lifespan, metrics=metrics,

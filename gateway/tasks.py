@@ -5,7 +5,6 @@ settlement.py; routes and the background poller both come through these."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -39,10 +38,6 @@ from .validation import VideoRequest
 T = TypeVar("T")
 
 
-def canonical_hash(body: Any) -> str:
-    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
 class Tasks:
     def __init__(self, settings: Settings, store: Store, calls: UpstreamCalls, pool: KeyPool,
                  metrics: Metrics, records: LRUCache[str, Task], clock: Callable[[], float]) -> None:
@@ -54,13 +49,13 @@ class Tasks:
         self._unrecorded: LRUCache[str, tuple] = LRUCache(maxsize=100_000)
         self._background: set[asyncio.Task] = set()
 
-    async def create(self, user: User, team: Team, body: dict, raw: bytes, req: VideoRequest,
+    async def create(self, user: User, team: Team, fingerprint: str, raw: bytes, req: VideoRequest,
                      idem_key: str | None, ctx: RequestContext) -> Outcome:
         if not model_allowed(req.model, user, team):  # validate() already checked it is priced
             self.metrics.quota_rejections.labels(team.name, "model_not_allowed").inc()
             raise PermissionDenied(f"Model {req.model!r} is not allowed for this team or user.",
                                    param="model")
-        body_hash = canonical_hash(body) if idem_key else None
+        body_hash = fingerprint if idem_key else None
         if idem_key:
             replay = await self._replay(team.name, idem_key, body_hash)
             if replay:
