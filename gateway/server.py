@@ -67,7 +67,9 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def _headers_late(self) -> None:
         self._deadline = None
-        if self._in_request:
+        # still answering the request before (pipelined): a 408 would land in the middle of that answer
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if self._in_request and not answering:
             self._send_408(f"The request headers did not arrive within {self.header_timeout_s:g} s.")
         self.transport.close()
 

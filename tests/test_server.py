@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -31,6 +32,11 @@ async def echo(request: Request) -> Response:
     return Response(str(len(await request.body())).encode())
 
 
+async def slow(request: Request) -> Response:
+    await asyncio.sleep(HEADERS_S * 2)
+    return Response(b"slow")
+
+
 async def waits_for_its_body(request: Request) -> Response:
     with contextlib.suppress(ClientDisconnect):
         await request.body()
@@ -40,7 +46,8 @@ async def waits_for_its_body(request: Request) -> Response:
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
     app = Starlette(routes=[Route("/fast", fast, methods=["GET", "POST"]), Route("/echo", echo, methods=["POST"]),
-                            Route("/waits", waits_for_its_body, methods=["POST"])])
+                            Route("/waits", waits_for_its_body, methods=["POST"]),
+                            Route("/slow", slow)])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", sock.getsockname()[1], 1,
@@ -114,6 +121,12 @@ def test_each_request_on_a_kept_alive_connection_gets_its_own_header_deadline(po
     [(status, body)] = responses(until_closed(s))
     assert_timeout_answer(status, body)
     assert HEADERS_S - 0.05 <= time.monotonic() - started <= HEADERS_S + 1
+
+
+def test_late_pipelined_headers_end_the_connection_without_a_408_inside_an_answer(port):
+    s = connect(port)
+    s.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /fast HTTP/1.1\r\n")
+    assert until_closed(s) == b""
 
 
 def test_a_body_never_sent_to_a_handler_waiting_for_it_gets_a_408(port):
