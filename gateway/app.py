@@ -38,6 +38,7 @@ from .store import open_store
 from .store.base import Store, Task
 from .tasks import Tasks
 from .upstream import HttpUpstream, Upstream
+from .workers import BodyWorkers
 
 MAX_LARGE_BODIES = 4
 
@@ -58,7 +59,7 @@ class Gateway:
         self.polls = Polls(store, calls, self.pool, self.settlement, records, clock)
         self.poller = Poller(settings, store, self.tasks, self.polls, self.settlement, self.pool,
                              upstream, metrics, clock)
-        self.large_bodies = asyncio.Semaphore(MAX_LARGE_BODIES)
+        self.large_bodies = BodyWorkers(MAX_LARGE_BODIES)
         self.draining = False
         self.drain_deadline = math.inf  # time.monotonic() by which a shutdown must be done
         self.log = structlog.get_logger("gateway")
@@ -245,6 +246,7 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: S
             await gateway.tasks.drain(gateway.drain_deadline - time.monotonic())
             await upstream.close()
             await store.close()
+            gateway.large_bodies.close()
             gateway.log.info("gateway.stopped")
 
     app = GatewayApp(routes=route_table(), lifespan=lifespan, metrics=metrics,

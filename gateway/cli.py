@@ -22,12 +22,15 @@ import uvicorn
 from . import ledger, logs
 from .auth import key_sha256, new_key
 from .config import ConfigError, ServerSettings, Settings, load_settings, parse_settings
+from .server import http_protocol
 
 DEMO_TEAM, DEMO_USER = "demo", "demo-user"
 
 
-def uvicorn_config(app: object, host: str, port: int, grace: float) -> uvicorn.Config:
-    return uvicorn.Config(app, host=host, port=port, loop="auto", http="auto", lifespan="on",
+def uvicorn_config(app: object, host: str, port: int, grace: float, header_timeout_s: float = 10.0,
+                   body_timeout_s: float = 30.0) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, loop="auto", lifespan="on", ws="none",
+                          http=http_protocol(header_timeout_s, body_timeout_s),
                           access_log=False, server_header=False, proxy_headers=False,
                           log_config=logs.uvicorn_log_config(),
                           timeout_graceful_shutdown=grace, timeout_keep_alive=30)
@@ -39,7 +42,8 @@ def serve_settings(settings: Settings, host: str | None = None, port: int | None
     logs.configure()
     app = create_app(settings)
     cfg = uvicorn_config(app, host or settings.server.host, port or settings.server.port,
-                         settings.server.shutdown_grace_s)
+                         settings.server.shutdown_grace_s, settings.server.header_timeout_s,
+                         settings.server.body_timeout_s)
     tune_gc()
     run_until_signalled(GatewayServer(cfg, app.state.gateway.begin_drain))
 

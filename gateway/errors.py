@@ -8,6 +8,7 @@
     │   └── UnsupportedParameter  400 unsupported_parameter (param): no Seedance equivalent
     ├── PermissionDenied          403 permission_error / model_not_allowed
     ├── NotFound                  404 invalid_request_error / task_not_found (or route_not_found)
+    ├── RequestTimeout            408 invalid_request_error / request_timeout (a slow client)
     ├── IdempotencyConflict       409 idempotency_key_reused / idempotency_key_in_progress
     ├── TaskNotUnknown            409 invalid_request_error / task_not_unknown
     ├── QuotaError                429 insufficient_quota / budget_exceeded
@@ -93,6 +94,10 @@ class PermissionDenied(GatewayError):
 
 class NotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "task_not_found"
+
+
+class RequestTimeout(GatewayError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
 
 
 class IdempotencyConflict(GatewayError):

@@ -5,7 +5,6 @@ settlement.py; routes and the background poller both come through these."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -44,10 +43,6 @@ MAX_TASK_ID = 256
 CUT_RECORD_S = 0.5  # at shutdown, for creates cut by the deadline to be recorded as unknown
 
 
-def canonical_hash(body: Any) -> str:
-    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
 class Tasks:
     def __init__(self, settings: Settings, store: Store, calls: UpstreamCalls, pool: KeyPool,
                  settlement: Settlement, metrics: Metrics, records: LRUCache[str, Task],
@@ -61,13 +56,13 @@ class Tasks:
         self._background: set[asyncio.Task] = set()
         self._sent: set[str] = set()  # admissions whose create is on its way to TokenHub
 
-    async def create(self, user: User, team: Team, body: dict, raw: bytes, req: VideoRequest,
+    async def create(self, user: User, team: Team, fingerprint: str, raw: bytes, req: VideoRequest,
                      idem_key: str | None, ctx: RequestContext) -> Outcome:
         if not model_allowed(req.model, user, team):  # validate() already checked it is priced
             self.metrics.quota_rejections.labels(team.name, "model_not_allowed").inc()
             raise PermissionDenied(f"Model {req.model!r} is not allowed for this team or user.",
                                    param="model")
-        body_hash = canonical_hash(body) if idem_key else None
+        body_hash = fingerprint if idem_key else None
         if idem_key:
             replay = await self._replay(team.name, idem_key, body_hash)
             if replay:
