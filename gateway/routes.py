@@ -17,6 +17,7 @@ from .pricing import micros_to_usd
 from .quota import period_bounds, subjects_for
 from .store.base import Task
 from .validation import validate
+from .videos_bridge import seedance_meta
 
 LARGE_BODY = 1 << 20  # parsed off the event loop above this size
 JSON = "application/json"
@@ -83,7 +84,8 @@ async def create_task(request: Request) -> Response:
         g.metrics.validation_errors.labels(_bounded_param(exc.param)).inc()
         raise
     ctx.model, ctx.resolution, ctx.duration_s = req.model, req.resolution, req.duration_s
-    return outcome_response(await g.tasks.create(user, team, body, raw, req, idem_key, ctx))
+    return outcome_response(await g.tasks.create(user, team, body, raw, req, idem_key, ctx,
+                                                 meta=seedance_meta(body)))
 
 
 async def get_task(request: Request) -> Response:
