@@ -22,9 +22,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import admin, routes
+from . import videos_routes as videos
 from .auth import Authenticator
 from .calls import UpstreamCalls
 from .config import ConfigError, Settings, load_settings
+from .content import MediaFetcher
 from .errors import GatewayError, NotFound
 from .keypool import KeyPool
 from .metrics import Metrics
@@ -58,6 +60,7 @@ class Gateway:
         self.polls = Polls(store, calls, self.pool, self.settlement, records, clock)
         self.poller = Poller(settings, store, self.tasks, self.polls, self.settlement, self.pool,
                              upstream, metrics, clock)
+        self.media = MediaFetcher(settings.upstream)  # result files, for the OpenAI shape's /content
         self.large_bodies = asyncio.Semaphore(MAX_LARGE_BODIES)
         self.draining = False
         self.drain_deadline = math.inf  # time.monotonic() by which a shutdown must be done
@@ -132,6 +135,14 @@ def route_table() -> list[Route]:
         ("/videos/generations", routes.list_tasks, ["GET"]),
         ("/videos/generations/{task_id}", routes.get_task, ["GET"]),
         ("/videos/generations/{task_id}", routes.cancel_task, ["DELETE"]),
+        ("/videos", videos.create_video, ["POST"]),
+        ("/videos", videos.list_videos, ["GET"]),
+        *((f"/videos/{feature}", videos.not_offered(feature), ["POST"]) for feature in videos.NOT_OFFERED),
+        ("/videos/characters/{character_id}", videos.not_offered("characters"), ["GET"]),
+        ("/videos/{video_id}", videos.get_video, ["GET"]),
+        ("/videos/{video_id}", videos.delete_video, ["DELETE"]),
+        ("/videos/{video_id}/content", videos.video_content, ["GET"]),
+        ("/videos/{video_id}/remix", videos.remix_video, ["POST"]),
         ("/models", routes.list_models, ["GET"]),
         ("/usage", routes.usage, ["GET"]),
     ]
@@ -244,6 +255,7 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: S
             # Creates already forwarded finish, or are recorded as unknown, before the session closes.
             await gateway.tasks.drain(gateway.drain_deadline - time.monotonic())
             await upstream.close()
+            await gateway.media.close()
             await store.close()
             gateway.log.info("gateway.stopped")
 
