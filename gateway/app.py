@@ -22,9 +22,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import admin, routes
+from . import videos_routes as videos
 from .auth import Authenticator
 from .calls import UpstreamCalls
 from .config import ConfigError, Settings, load_settings
+from .content import MediaFetcher
 from .errors import GatewayError, NotFound
 from .keypool import KeyPool
 from .metrics import Metrics
@@ -59,7 +61,9 @@ class Gateway:
         self.polls = Polls(store, calls, self.pool, self.settlement, records, clock)
         self.poller = Poller(settings, store, self.tasks, self.polls, self.settlement, self.pool,
                              upstream, metrics, clock)
-        self.large_bodies = BodyWorkers(MAX_LARGE_BODIES)
+        self.large_bodies = BodyWorkers(MAX_LARGE_BODIES)  # parsed and checked in worker processes
+        self.large_uploads = asyncio.Semaphore(MAX_LARGE_BODIES)  # OpenAI-shape uploads, checked in threads
+        self.media = MediaFetcher(settings.upstream)  # result files, for the OpenAI shape's /content
         self.draining = False
         self.drain_deadline = math.inf  # time.monotonic() by which a shutdown must be done
         self.log = structlog.get_logger("gateway")
@@ -133,6 +137,14 @@ def route_table() -> list[Route]:
         ("/videos/generations", routes.list_tasks, ["GET"]),
         ("/videos/generations/{task_id}", routes.get_task, ["GET"]),
         ("/videos/generations/{task_id}", routes.cancel_task, ["DELETE"]),
+        ("/videos", videos.create_video, ["POST"]),
+        ("/videos", videos.list_videos, ["GET"]),
+        *((f"/videos/{feature}", videos.not_offered(feature), ["POST"]) for feature in videos.NOT_OFFERED),
+        ("/videos/characters/{character_id}", videos.not_offered("characters"), ["GET"]),
+        ("/videos/{video_id}", videos.get_video, ["GET"]),
+        ("/videos/{video_id}", videos.delete_video, ["DELETE"]),
+        ("/videos/{video_id}/content", videos.video_content, ["GET"]),
+        ("/videos/{video_id}/remix", videos.remix_video, ["POST"]),
         ("/models", routes.list_models, ["GET"]),
         ("/usage", routes.usage, ["GET"]),
     ]
@@ -245,6 +257,7 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: S
             # Creates already forwarded finish, or are recorded as unknown, before the session closes.
             await gateway.tasks.drain(gateway.drain_deadline - time.monotonic())
             await upstream.close()
+            await gateway.media.close()
             await store.close()
             gateway.large_bodies.close()
             gateway.log.info("gateway.stopped")

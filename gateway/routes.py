@@ -18,6 +18,7 @@ from .errors import BodyTooLarge, GatewayError, InvalidJSON, RequestTimeout, Sto
 from .pricing import micros_to_usd
 from .quota import period_bounds, subjects_for
 from .store.base import Task
+from .videos_bridge import seedance_meta
 from .workers import BodyWorkers
 
 JSON = "application/json"
@@ -89,7 +90,8 @@ async def create_task(request: Request) -> Response:
         raise
     req = checked.request
     ctx.model, ctx.resolution, ctx.duration_s = req.model, req.resolution, req.duration_s
-    return outcome_response(await g.tasks.create(user, team, checked.body_hash, raw, req, idem_key, ctx))
+    return outcome_response(await g.tasks.create(user, team, checked.body_hash, raw, req, idem_key, ctx,
+                                                 meta=seedance_meta(req.aspect_ratio)))
 
 
 async def get_task(request: Request) -> Response:

@@ -57,7 +57,9 @@ class Tasks:
         self._sent: set[str] = set()  # admissions whose create is on its way to TokenHub
 
     async def create(self, user: User, team: Team, fingerprint: str, raw: bytes, req: VideoRequest,
-                     idem_key: str | None, ctx: RequestContext) -> Outcome:
+                     idem_key: str | None, ctx: RequestContext, *, meta: bytes | None = None) -> Outcome:
+        """`fingerprint`: the shape's own idempotency "same body"; `meta`: what the shape the create
+        came in keeps with the task (opaque here)."""
         if not model_allowed(req.model, user, team):  # validate() already checked it is priced
             self.metrics.quota_rejections.labels(team.name, "model_not_allowed").inc()
             raise PermissionDenied(f"Model {req.model!r} is not allowed for this team or user.",
@@ -69,6 +71,7 @@ class Tasks:
                 return replay
         now = await self.store.now()  # the store's clock: replicas agree on periods and windows
         task = self._new_task(user, team, req, idem_key, now)
+        task.meta = meta
         ctx.cost_usd = micros_to_usd(task.estimate_micros)
         subjects = subjects_for(user, team, now)
         rejection = await self._unsent(task, self.store.admit(Admission(task, subjects, body_hash), now))

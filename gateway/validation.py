@@ -64,6 +64,7 @@ class VideoRequest:
     input_s: Decimal
     input_estimated: bool
     reference_videos: int
+    aspect_ratio: str = "adaptive"
 
 
 class _Media(NamedTuple):
@@ -82,7 +83,7 @@ def validate(body: object, pricing: Mapping[str, Mapping[str, int]]) -> VideoReq
     _prompt(body.get("prompt"))
     duration = _duration(body.get("duration"))
     resolution = _choice("resolution", body.get("resolution"), pricing[model], DEFAULT_RESOLUTION)
-    _choice("aspect_ratio", body.get("aspect_ratio"), ASPECT_RATIOS, "adaptive")
+    ratio = _choice("aspect_ratio", body.get("aspect_ratio"), ASPECT_RATIOS, "adaptive")
     for name in ("generate_audio", "watermark"):
         if body.get(name) is not None and not isinstance(body[name], bool):
             raise ValidationError(f"{name} must be true or false.", param=name)
@@ -92,7 +93,7 @@ def validate(body: object, pricing: Mapping[str, Mapping[str, int]]) -> VideoReq
     _check_modes(media, counts)
     videos = counts["reference_video"]
     input_s, estimated = _input_seconds(body, videos)
-    return VideoRequest(model, resolution, duration, input_s, estimated, videos)
+    return VideoRequest(model, resolution, duration, input_s, estimated, videos, ratio)
 
 
 def _prompt(value: Any) -> None:

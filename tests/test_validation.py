@@ -102,7 +102,7 @@ GOOD = [
 
 @pytest.mark.parametrize("payload, expected", [case[1:] for case in GOOD], ids=[case[0] for case in GOOD])
 def test_good_bodies(payload, expected):
-    assert validate(payload, PRICING) == VideoRequest(*expected)
+    assert validate(payload, PRICING) == VideoRequest(*expected, payload.get("aspect_ratio") or "adaptive")
 
 
 def test_configured_model_and_resolution():
