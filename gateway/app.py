@@ -38,6 +38,7 @@ from .store import open_store
 from .store.base import Store, Task
 from .tasks import Tasks
 from .upstream import HttpUpstream, Upstream
+from .webhooks import Deliverer
 
 MAX_LARGE_BODIES = 4
 
@@ -58,6 +59,8 @@ class Gateway:
         self.polls = Polls(store, calls, self.pool, self.settlement, records, clock)
         self.poller = Poller(settings, store, self.tasks, self.polls, self.settlement, self.pool,
                              upstream, metrics, clock)
+        self.webhooks = Deliverer(store, metrics, clock, settings.webhooks)
+        self.settlement.on_outbox = self.webhooks.wake
         self.large_bodies = asyncio.Semaphore(MAX_LARGE_BODIES)
         self.draining = False
         self.drain_deadline = math.inf  # time.monotonic() by which a shutdown must be done
@@ -85,6 +88,7 @@ class Gateway:
         self.auth = Authenticator(new)
         self.pool.apply(new.upstream)
         await self.pool.reenable()
+        await self.webhooks.apply(new.webhooks)
         self.log.info("config.reloaded", users=len(new.users), teams=len(new.teams),
                       keys=len(new.upstream.keys))
         return []
@@ -102,6 +106,7 @@ class Gateway:
                     micros_to_usd(s.limits.budget_micros - c.spent_micros - c.reserved_micros))
         await self.pool.refresh_gauges()
         self.metrics.poller_backlog.set(await self.store.backlog())
+        await self.webhooks.refresh_backlog()
 
 
 def error_response(exc: GatewayError) -> Response:
@@ -144,6 +149,7 @@ def route_table() -> list[Route]:
         Route("/admin/keys", admin.admin_keys, methods=["GET"]),
         Route("/admin/teams", admin.admin_teams, methods=["GET"]),
         Route("/admin/reload", admin.admin_reload, methods=["POST"]),
+        Route("/admin/webhooks", admin.admin_webhooks, methods=["GET"]),
         Route("/admin/tasks/{task_id}/void", admin.admin_void_task, methods=["POST"]),
         Route("/admin/tasks/{task_id}/settle", admin.admin_settle_task, methods=["POST"]),
     ]
@@ -231,6 +237,7 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: S
         await store.open()
         await gateway.pool.refresh_gauges()
         poller = asyncio.create_task(gateway.poller.run()) if run_poller else None
+        webhooks = asyncio.create_task(gateway.webhooks.run()) if run_poller else None
         _on_sighup(gateway)
         gateway.log.info("gateway.started", store=settings.store.url.reveal().split("://")[0],
                          keys=len(settings.upstream.keys), users=len(settings.users))
@@ -239,8 +246,11 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: S
         finally:
             gateway.begin_drain()  # when the server stops for a reason other than a signal
             gateway.poller.stop()
+            gateway.webhooks.stop()
             if poller is not None:
                 await poller
+            if webhooks is not None:
+                await webhooks
             # Creates already forwarded finish, or are recorded as unknown, before the session closes.
             await gateway.tasks.drain(gateway.drain_deadline - time.monotonic())
             await upstream.close()

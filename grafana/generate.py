@@ -188,9 +188,24 @@ def overview() -> dict:
             (f"sum by (reason) (increase({M}settlement_anomalies_total{RATE}))", "{{reason}}")),
             w=12, stack=True,
             description="TokenHub figures that were not believed at settlement; the estimate was charged."),
+        *deliveries(),
     ]
     return dashboard("tokenhub-gateway-overview", "TokenHub Gateway / Overview",
                      "Traffic, errors, latency, upstream keys and task flow.", panels)
+
+
+def deliveries() -> list[dict]:
+    """What a terminal task leaves behind: webhook events (SPEC §13)."""
+    return [
+        timeseries("Webhook deliveries by endpoint and result", targets(
+            (f"sum by (endpoint, result) (increase({M}webhook_deliveries_total{RATE}))", "{{endpoint}} {{result}}")),
+            w=12, stack=True,
+            description="ok: a 2xx within 10 s; failed: an attempt that will be retried (back-off up to an hour); "
+                        "gave_up: still failing 24 h after the event."),
+        timeseries("Webhook backlog by endpoint", targets(
+            (f"max by (endpoint) ({M}webhook_backlog)", "{{endpoint}}")), w=12,
+            description="Events not yet delivered nor given up (shared state: max)."),
+    ]
 
 
 def key_state_history(expr: str) -> dict:
