@@ -22,6 +22,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import admin, routes
+from .archive import make_archive
 from .auth import Authenticator
 from .calls import UpstreamCalls
 from .config import ConfigError, Settings, load_settings
@@ -60,7 +61,9 @@ class Gateway:
         self.poller = Poller(settings, store, self.tasks, self.polls, self.settlement, self.pool,
                              upstream, metrics, clock)
         self.webhooks = Deliverer(store, metrics, clock, settings.webhooks)
-        self.settlement.on_outbox = self.webhooks.wake
+        self.archive = make_archive(settings.archive, store, metrics, clock)  # a change needs a restart
+        self.settlement.archiving = self.archive is not None
+        self.settlement.on_outbox = lambda: (self.webhooks.wake(), self.archive and self.archive.wake())
         self.large_bodies = asyncio.Semaphore(MAX_LARGE_BODIES)
         self.draining = False
         self.drain_deadline = math.inf  # time.monotonic() by which a shutdown must be done
@@ -238,6 +241,7 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: S
         await gateway.pool.refresh_gauges()
         poller = asyncio.create_task(gateway.poller.run()) if run_poller else None
         webhooks = asyncio.create_task(gateway.webhooks.run()) if run_poller else None
+        archive = asyncio.create_task(gateway.archive.run()) if run_poller and gateway.archive else None
         _on_sighup(gateway)
         gateway.log.info("gateway.started", store=settings.store.url.reveal().split("://")[0],
                          keys=len(settings.upstream.keys), users=len(settings.users))
@@ -247,10 +251,11 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: S
             gateway.begin_drain()  # when the server stops for a reason other than a signal
             gateway.poller.stop()
             gateway.webhooks.stop()
-            if poller is not None:
-                await poller
-            if webhooks is not None:
-                await webhooks
+            if gateway.archive:
+                gateway.archive.stop()
+            for job in (poller, webhooks, archive):
+                if job is not None:
+                    await job
             # Creates already forwarded finish, or are recorded as unknown, before the session closes.
             await gateway.tasks.drain(gateway.drain_deadline - time.monotonic())
             await upstream.close()

@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 
 from . import pricing
+from .archive import archive_item
 from .config import Settings
 from .errors import NotFound, ValidationError
 from .metrics import Metrics
@@ -75,6 +76,7 @@ class Settlement:
         self.settings, self.store, self.metrics, self.clock = settings, store, metrics, clock
         self.log = structlog.get_logger("gateway.tasks")
         self.on_outbox: Callable[[], None] = lambda: None  # told when a settlement left outbox items
+        self.archiving = False  # a succeeded task's files are to be copied into the archive
 
     async def settle(self, task: Task, status: str, data: dict | None, raw: bytes | None,
                      estimated: bool = False) -> Task | None:
@@ -87,6 +89,8 @@ class Settlement:
                 self.anomaly(f.anomaly, task)
         now = self.clock()
         items = event_items(self.settings.webhooks, task, status, f.billed_ms, f.cost_micros, now)
+        if self.archiving and status == "succeeded" and (copy := archive_item(task, data or {}, now)):
+            items.append(copy)
         done = await self.store.settle(task.task_id or task.rid, status, f.billed_ms, f.cost_micros,
                                        f.estimated, raw, now, items)
         task.status = status

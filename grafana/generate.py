@@ -195,8 +195,15 @@ def overview() -> dict:
 
 
 def deliveries() -> list[dict]:
-    """What a terminal task leaves behind: webhook events (SPEC §13)."""
+    """What a terminal task leaves behind: archived files (SPEC §12) and webhook events (SPEC §13)."""
     return [
+        timeseries("Archive: bytes copied by variant", targets(
+            (f"sum by (variant) (increase({M}archive_bytes_total{RATE}))", "{{variant}}")), "bytes", w=12,
+            stack=True, description="Videos and covers copied from TokenHub's expiring URLs into the archive."),
+        timeseries("Archive: failures by reason", targets(
+            (f"sum by (reason) (increase({M}archive_failures_total{RATE}))", "{{reason}}")), w=12, stack=True,
+            description="too_large: over max_bytes_per_video, not archived; expired: TokenHub's URL answered "
+                        "403/404/410 (or 24 h passed); download_failed and store_failed are retried."),
         timeseries("Webhook deliveries by endpoint and result", targets(
             (f"sum by (endpoint, result) (increase({M}webhook_deliveries_total{RATE}))", "{{endpoint}} {{result}}")),
             w=12, stack=True,

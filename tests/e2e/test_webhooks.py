@@ -189,3 +189,32 @@ def test_a_slow_receiver_does_not_slow_polls(make_gateway, sim, capsys):
             print(f"\npoll p50 ms, without webhooks / with a 5 s receiver: {p50['plain']} / {p50['slow']}")
         assert p50["slow"] < max(2 * p50["plain"], p50["plain"] + 2), p50
     httpx.get(slow.url + "/healthz", timeout=5).raise_for_status()
+
+
+def test_the_demo_announces_a_finished_video_to_the_url_it_is_given(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from tests.e2e.harness import free_port, wait_http
+
+    port, sim_port = free_port(), free_port()
+    with Receiver("whsec_" + "A" * 44) as rx:  # the real secret is the demo's: set below from its output
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "demo", "--port", str(port), "--sim-port",
+                                 str(sim_port), "--task-seconds", "0.3", "--data-dir", str(tmp_path),
+                                 "--webhook-url", rx.url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        try:
+            ready = json.loads(proc.stdout.readline())
+            rx.use_secret(ready["webhook_secret"])
+            wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+            with httpx.Client(base_url=ready["gateway"], headers={"Authorization": f"Bearer {ready['api_key']}"}) as c:
+                tid = c.post(CREATE, json={"model": "doubao-seedance-2.0-fast", "prompt": "a fox"}).json()["id"]
+            wait_until(lambda: len(rx.delivered()) == 1, 20)
+            [event] = rx.delivered().values()
+            assert (event["type"], event["data"]["id"], event["data"]["team"]) == ("video.completed", tid, "demo")
+            assert not rx.rejected, rx.rejected
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(15) == 0

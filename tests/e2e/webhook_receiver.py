@@ -50,6 +50,10 @@ class Receiver:
 
         return Handler
 
+    def use_secret(self, secret: str) -> None:
+        with self._lock:
+            self.secret, self._openai = secret, OpenAI(api_key="unused", webhook_secret=secret)
+
     def receive(self, headers: dict[str, str], body: bytes) -> int:
         time.sleep(self.delay_s)
         with self._lock:
