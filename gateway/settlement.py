@@ -100,6 +100,11 @@ class Settlement:
                 self.on_outbox()
         return done
 
+    def unknown_items(self, task: Task) -> list:
+        """The events of a create whose outcome is unknown: charged at its estimate (SPEC §4)."""
+        return event_items(self.settings.webhooks, task, "unknown", task.estimate_ms, task.estimate_micros,
+                           self.clock())
+
     async def resolve(self, ref: str, video_seconds: Any) -> Task:
         """An operator's resolution of an `unknown` row, once TokenHub's own records are checked:
         `video_seconds` None voids it; else it is priced exactly (input seconds as at create)."""

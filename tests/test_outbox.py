@@ -9,7 +9,7 @@ import pytest
 from gateway.errors import RecordRejected
 from gateway.store.base import MAX_COUNTER
 from gateway.store.outbox import ArchivedFile, Item, webhook_topic
-from tests.test_store import _preload_spent, created, redis_url, replicas, store  # noqa: F401 - fixtures
+from tests.test_store import _preload_spent, admitted, created, redis_url, replicas, store  # noqa: F401
 
 TOPIC = webhook_topic("render-farm")
 
@@ -34,6 +34,15 @@ async def test_items_are_written_by_the_settling_call_only(store):  # noqa: F811
     assert sorted(i.id for i in got) == ["evt_a0", "evt_a1"]
     assert {i.payload for i in got} == {b'{"n": 0}', b'{"n": 1}'} and all(i.attempts == 1 for i in got)
     assert (await store.outbox_stats([TOPIC]))[TOPIC].backlog == 2
+
+
+async def test_a_create_marked_unknown_writes_its_items_once(store):  # noqa: F811
+    now = await store.now()
+    task = await admitted(store, now)
+    done = await store.mark_unknown(task.rid, now, None, items(now, 1, tag="u"))
+    assert done.status == "unknown"
+    await store.mark_unknown(task.rid, now, None, items(now, 1, tag="again"))  # not pending any more
+    assert [i.id for i in await store.outbox_claim(TOPIC, 10, now, 60)] == ["evt_u0"]
 
 
 async def test_a_refused_settlement_writes_no_item(store):  # noqa: F811

@@ -124,11 +124,12 @@ class Store(Outbox, Protocol):
     async def fail_create(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> None:
         """Forwarded, but no task to track: release the reservation and slots; keep the outcome for replay."""
 
-    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> Task:
+    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None,
+                           items: Sequence[Item] = ()) -> Task:
         """A forwarded create whose outcome is unknown: its estimate becomes its cost (spent, flagged
         estimated), its slots are freed, and the idempotency claim is completed with `reply` (left
         claimed when None, so no retry pays twice). Only a pending create changes; any other row is
-        answered as it is. NotFound when there is no such rid."""
+        answered as it is. NotFound when there is no such rid. The outbox `items` are written with the change."""
 
     # tasks
     async def get_task(self, task_id: str) -> Task | None: ...

@@ -220,9 +220,10 @@ class RedisStore(RedisOutbox):
     async def fail_create(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> None:
         await self._eval("fail_create", rid, repr(now), *(("1", *reply) if reply is not None else ("", 0, b"")))
 
-    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> Task:
+    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None,
+                           items: Sequence[Item] = ()) -> Task:
         answer = ("1", *reply) if reply is not None else ("", 0, b"")
-        return _task(await self._eval("mark_unknown", rid, repr(float(now)), *answer))
+        return _task(await self._eval("mark_unknown", rid, repr(float(now)), *answer, *item_args(items)))
 
     # tasks
 

@@ -251,11 +251,11 @@ outbox_add(10)
 return redis.call('HGETALL', k)
 """
 
-# ARGV: rid, now, '1' when a reply follows, reply status, reply body → the row's field/value pairs.
-#   Only a pending create changes: its estimate becomes its cost, its slots are freed.
+# ARGV: rid, now, '1' when a reply follows, reply status, reply body, then the outbox items → the row's
+#   field/value pairs. Only a pending create changes: its estimate becomes its cost, its slots are freed.
 MARK_UNKNOWN = """
 local rid, now = ARGV[2], tonumber(ARGV[3])
-if not now then return redis.error_reply('REJECTED time') end
+if not now or not outbox_ok(7) then return redis.error_reply('REJECTED time') end
 local t = core(rid)
 if not t then return redis.error_reply('NOTFOUND') end
 local k = tkey(rid)
@@ -268,6 +268,7 @@ redis.call('HSET', k, 'status', 'unknown', 'billed_ms', t.estimate_ms, 'cost_mic
            'cost_estimated', 1, 'settled_at', ARGV[3], 'updated_at', ARGV[3])
 redis.call('ZREM', P .. 'due', rid)
 if ARGV[4] == '1' then finish_idem(t, ARGV[5], ARGV[6]) end
+outbox_add(7)
 return redis.call('HGETALL', k)
 """
 

@@ -185,7 +185,8 @@ class SQLiteStore(SQLiteOutbox):
         await self._do(op)
         await self.release_key(rid)
 
-    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> Task:
+    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None,
+                           items: Sequence[Item] = ()) -> Task:
         def op(c: sqlite3.Connection) -> tuple[Task, bool]:
             t = task_by_rid(c, rid)
             if t is None:
@@ -199,6 +200,7 @@ class SQLiteStore(SQLiteOutbox):
                       "updated_at=? WHERE rid=?", (UNKNOWN, t.estimate_ms, t.estimate_micros, now, now, rid))
             if reply is not None:
                 finish_idem(c, rid, reply)
+            add_items(c, items)
             t.status, t.billed_ms, t.cost_micros, t.cost_estimated = UNKNOWN, t.estimate_ms, t.estimate_micros, True
             t.settled_at = t.updated_at = now
             return t, True

@@ -88,6 +88,21 @@ def test_terminal_tasks_are_announced_signed_to_the_configured_endpoint(make_gat
         assert gw.metric("tokenhub_gateway_webhook_backlog", endpoint="render-farm") == 0
 
 
+def test_a_create_whose_outcome_is_unknown_is_announced_as_failed(make_gateway, sim):
+    secret = new_secret()
+    with Receiver(secret) as rx:
+        gw = hooked(make_gateway, secret, rx.url)
+        sim.create_then_fail("key-a", status=500)
+        with gw.client("alice") as c:
+            assert c.post(CREATE, json=body(prompt=SHORT)).status_code == 502
+        wait_until(lambda: len(rx.delivered()) == 1, 10)
+        [event] = rx.delivered().values()
+        [row] = gw.admin("GET", "/admin/usage").json()["data"]
+        assert (event["type"], event["data"]["tokenhub_status"], event["data"]["id"]) == (
+            "video.failed", "unknown", row["task_id"])
+        assert event["data"]["cost_usd"] == row["cost_usd"] == 1.0  # charged at its estimate
+
+
 def test_a_failing_receiver_gets_the_same_event_again_until_it_answers(make_gateway, sim):
     secret = new_secret()
     with Receiver(secret, fail_first=2) as rx:
