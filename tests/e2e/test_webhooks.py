@@ -233,3 +233,23 @@ def test_the_demo_announces_a_finished_video_to_the_url_it_is_given(tmp_path):
         finally:
             proc.send_signal(signal.SIGINT)
             assert proc.wait(15) == 0
+
+
+def upstream_poll_gaps(sim: Any, task_id: str) -> list[float]:
+    times = [p["time"] for p in sim.requests("poll") if p["task_id"] == task_id]
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+def test_running_tasks_are_checked_upstream_once_per_poller_interval(make_gateway, sim):
+    """Prompt events need prompt terminal states: the poller checks every in-flight task at least once per
+    `poller.interval_s`; a client polling fast adds at most one upstream call per second (coalesced)."""
+    gw = make_gateway(extra={"poller": {"interval_s": 3}})
+    quiet, busy = create(gw, "sim:seconds=60 a tide"), create(gw, "sim:seconds=60 a dune")
+    deadline = time.monotonic() + 10
+    with gw.client("alice") as c:
+        while time.monotonic() < deadline:
+            assert c.get(f"{CREATE}/{busy}").status_code == 200
+            time.sleep(0.1)
+    quiet_gaps, busy_gaps = upstream_poll_gaps(sim, quiet), upstream_poll_gaps(sim, busy)
+    assert len(quiet_gaps) >= 3 and max(quiet_gaps) <= 3.1, quiet_gaps
+    assert len(busy_gaps) >= 8 and min(busy_gaps) >= 0.95, busy_gaps
