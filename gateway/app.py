@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import admin, routes
 from . import videos_routes as videos
+from .archive import make_archive
 from .auth import Authenticator
 from .calls import UpstreamCalls
 from .config import ConfigError, Settings, load_settings
@@ -40,6 +41,7 @@ from .store import open_store
 from .store.base import Store, Task
 from .tasks import Tasks
 from .upstream import HttpUpstream, Upstream
+from .webhooks import Deliverer
 from .workers import BodyWorkers
 
 MAX_LARGE_BODIES = 4
@@ -61,6 +63,10 @@ class Gateway:
         self.polls = Polls(store, calls, self.pool, self.settlement, records, clock)
         self.poller = Poller(settings, store, self.tasks, self.polls, self.settlement, self.pool,
                              upstream, metrics, clock)
+        self.webhooks = Deliverer(store, metrics, clock, settings.webhooks)
+        self.archive = make_archive(settings.archive, store, metrics, clock)  # a change needs a restart
+        self.settlement.archiving = self.archive is not None
+        self.settlement.on_outbox = lambda: (self.webhooks.wake(), self.archive and self.archive.wake())
         self.large_bodies = BodyWorkers(MAX_LARGE_BODIES)  # parsed and checked in worker processes
         self.large_uploads = asyncio.Semaphore(MAX_LARGE_BODIES)  # OpenAI-shape uploads, checked in threads
         self.media = MediaFetcher(settings.upstream)  # result files, for the OpenAI shape's /content
@@ -90,6 +96,7 @@ class Gateway:
         self.auth = Authenticator(new)
         self.pool.apply(new.upstream)
         await self.pool.reenable()
+        await self.webhooks.apply(new.webhooks)
         self.log.info("config.reloaded", users=len(new.users), teams=len(new.teams),
                       keys=len(new.upstream.keys))
         return []
@@ -107,6 +114,7 @@ class Gateway:
                     micros_to_usd(s.limits.budget_micros - c.spent_micros - c.reserved_micros))
         await self.pool.refresh_gauges()
         self.metrics.poller_backlog.set(await self.store.backlog())
+        await self.webhooks.refresh_backlog()
 
 
 def error_response(exc: GatewayError) -> Response:
@@ -157,6 +165,7 @@ def route_table() -> list[Route]:
         Route("/admin/keys", admin.admin_keys, methods=["GET"]),
         Route("/admin/teams", admin.admin_teams, methods=["GET"]),
         Route("/admin/reload", admin.admin_reload, methods=["POST"]),
+        Route("/admin/webhooks", admin.admin_webhooks, methods=["GET"]),
         Route("/admin/tasks/{task_id}/void", admin.admin_void_task, methods=["POST"]),
         Route("/admin/tasks/{task_id}/settle", admin.admin_settle_task, methods=["POST"]),
     ]
@@ -244,6 +253,8 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: S
         await store.open()
         await gateway.pool.refresh_gauges()
         poller = asyncio.create_task(gateway.poller.run()) if run_poller else None
+        webhooks = asyncio.create_task(gateway.webhooks.run()) if run_poller else None
+        archive = asyncio.create_task(gateway.archive.run()) if run_poller and gateway.archive else None
         _on_sighup(gateway)
         gateway.log.info("gateway.started", store=settings.store.url.reveal().split("://")[0],
                          keys=len(settings.upstream.keys), users=len(settings.users))
@@ -252,8 +263,12 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: S
         finally:
             gateway.begin_drain()  # when the server stops for a reason other than a signal
             gateway.poller.stop()
-            if poller is not None:
-                await poller
+            gateway.webhooks.stop()
+            if gateway.archive:
+                gateway.archive.stop()
+            for job in (poller, webhooks, archive):
+                if job is not None:
+                    await job
             # Creates already forwarded finish, or are recorded as unknown, before the session closes.
             await gateway.tasks.drain(gateway.drain_deadline - time.monotonic())
             await upstream.close()

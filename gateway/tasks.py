@@ -187,14 +187,17 @@ class Tasks:
         if err is not None:
             err.unknown_outcome = True
         try:
+            items = self.settlement.unknown_items(task)
             done = await self.store.mark_unknown(task.rid, self.clock(),
-                                                 (err.status, err.json()) if err else None)
+                                                 (err.status, err.json()) if err else None, items)
         except GatewayError as exc:  # the pending record stays; the poller expires it as unresolved
             self.log.error("task.unknown_unrecorded", rid=task.rid, reason=reason, error_code=exc.code)
             return err
         self.metrics.child(self.metrics.tasks_unknown, task.team, reason).inc()
         self.log.warning("task.unknown", rid=task.rid, team=task.team, user=task.user, reason=reason)
         self.settlement.settled(done)
+        if items:
+            self.settlement.on_outbox()
         return err
 
     async def _created(self, task: Task, key_name: str, reply: Reply) -> Outcome:

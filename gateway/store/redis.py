@@ -23,7 +23,7 @@ Keys, under the prefix (default "thg:"):
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict
 from typing import Any, TypeVar, get_args, get_type_hints
 
@@ -45,6 +45,8 @@ from ..errors import (
 from ..keypool import KeyHealth
 from ..quota import WINDOW_S, Counters, RateState, Rejection, Subject, check, state_of
 from .base import IDEM_TTL_S, TASK_FIELDS, Admission, IdemRecord, Task, Usage, check_figures, check_status
+from .outbox import Item
+from .outbox_redis import RedisOutbox, item_args
 from .redis_scripts import PRELUDE, SCRIPTS
 
 T = TypeVar("T")
@@ -103,7 +105,7 @@ def _store_error(exc: Exception) -> GatewayError:
     return RecordRejected(f"The store refused this record ({reason}).")
 
 
-class RedisStore:
+class RedisStore(RedisOutbox):
     def __init__(self, url: str, prefix: str = "thg:", *, timeout_s: float = 2.0,
                  max_connections: int = 64) -> None:
         self.url, self.prefix = url, prefix
@@ -218,9 +220,10 @@ class RedisStore:
     async def fail_create(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> None:
         await self._eval("fail_create", rid, repr(now), *(("1", *reply) if reply is not None else ("", 0, b"")))
 
-    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> Task:
+    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None,
+                           items: Sequence[Item] = ()) -> Task:
         answer = ("1", *reply) if reply is not None else ("", 0, b"")
-        return _task(await self._eval("mark_unknown", rid, repr(float(now)), *answer))
+        return _task(await self._eval("mark_unknown", rid, repr(float(now)), *answer, *item_args(items)))
 
     # tasks
 
@@ -234,12 +237,13 @@ class RedisStore:
         await self._eval("set_status", task_id, status, repr(now))
 
     async def settle(self, task_id: str, status: str, billed_ms: int, cost_micros: int,
-                     estimated: bool, final_body: bytes | None, now: float) -> Task | None:
+                     estimated: bool, final_body: bytes | None, now: float,
+                     items: Sequence[Item] = ()) -> Task | None:
         check_status(status)
         check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
         body = ("1", final_body) if final_body is not None else ("", b"")
         return _task(await self._eval("settle", task_id, status, billed_ms, cost_micros, int(estimated),
-                                      repr(float(now)), *body))
+                                      repr(float(now)), *body, *item_args(items)))
 
     async def resolve_unknown(self, ref: str, billed_ms: int, cost_micros: int, now: float) -> Task:
         check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
