@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
+from .archive import Served
 from .content import DownloadResponse
 from .context import Outcome, RequestContext
-from .errors import NotFound, UnsupportedParameter, UpstreamError, ValidationError, VideoNotReady
+from .errors import NotFound, RangeNotSatisfiable, UnsupportedParameter, UpstreamError, ValidationError, VideoNotReady
 from .quota import subjects_for
 from .routes import authenticate, ctx_of, gw, json_response, outcome_response
 from .store.base import TERMINAL, Task
@@ -33,6 +35,7 @@ from .videos_bridge import answer_of, encode_meta, facts_of, output_seconds, res
 from .videos_input import read_fields
 from .videos_view import STATUS, content_variant, deleted_object, poll_after_headers, video_list, video_object
 
+ARCHIVE_VARIANTS = {"video": "video", "thumbnail": "cover"}  # the OpenAI variant → the archive's file
 LARGE_UPLOAD = 1 << 20  # an upload this large is translated and checked off the event loop
 
 PARAM_LABELS = frozenset({*CREATE_FIELDS, "Idempotency-Key"})  # validation_errors{param}: bounded
@@ -99,7 +102,20 @@ async def get_video(request: Request) -> Response:
         return outcome_response(latest.passed)
     headers = {**poll_after_headers(latest.task.status, g.settings.openai.poll_after_ms),
                **await g.tasks.rate_headers(subjects_for(user, team, g.clock()))}
-    return json_response(video_object(task_facts(latest.task, latest.answer), g.clock()), 200, headers)
+    facts = task_facts(latest.task, latest.answer)
+    if g.archive is not None and latest.task.status == "succeeded":
+        facts = replace(facts, archived_until=g.archive.expires_at(await g.store.archive_files(latest.task.task_id)))
+    return json_response(video_object(facts, g.clock()), 200, headers)
+
+
+def archived_response(served: Served) -> Response:
+    """An archived file (or one range of it), streamed from the archive."""
+    if served.status == 416:
+        raise RangeNotSatisfiable("The requested range is outside the video.",
+                                  headers={"Content-Range": served.headers.get("Content-Range", "")})
+    if served.body is None:
+        return Response(b"", served.status, served.headers)
+    return StreamingResponse(served.body, served.status, served.headers)
 
 
 async def list_videos(request: Request) -> Response:
@@ -132,6 +148,8 @@ async def delete_video(request: Request) -> Response:
         raise VideoNotReady("The video is in progress: it cannot be stopped and will be billed. "
                             "Delete it once it has completed or failed.")
     await g.store.mark_deleted(task.task_id, g.clock())
+    if g.archive is not None:
+        await g.archive.delete(task.task_id)
     return json_response(deleted_object(task.task_id))
 
 
@@ -140,7 +158,12 @@ async def video_content(request: Request) -> Response:
     _, team = authenticate(request)
     ctx = ctx_of(request)
     variant = content_variant(request.query_params.get("variant"))
-    latest = await _latest(g, await _owned_video(g, request.path_params["video_id"], team.name, ctx), ctx)
+    task = await _owned_video(g, request.path_params["video_id"], team.name, ctx)
+    if g.archive is not None and task.status == "succeeded":
+        served = await g.archive.open_range(task, ARCHIVE_VARIANTS[variant], request.headers.get("range"))
+        if served is not None:
+            return archived_response(served)
+    latest = await _latest(g, task, ctx)
     if latest.passed:
         return outcome_response(latest.passed)
     download = await g.media.open(_result_url(latest, variant), request.headers.get("range"), ctx)

@@ -108,3 +108,33 @@ def test_two_replicas_copy_each_video_once(make_gateway, sim, tmp_path, redis_se
         assert sorted(Path(p).name for p in fetched if f"/{tid}." in p) == [f"{tid}.mp4", f"{tid}.png"], fetched
     copies = [line for gw in gws for line in gw.lines() if line.get("event") == "archive.copied"]
     assert len(copies) == 12, copies
+
+
+def test_content_is_served_from_the_archive_after_tokenhub_url_expired(make_gateway, sim, tmp_path):
+    """/videos/{id}/content (the OpenAI shape) reads the archive first: exact bytes, a Range, the
+    thumbnail, an `expires_at` at the archive's retention; a deleted video's files are gone."""
+    root = tmp_path / "videos"
+    gw = make_gateway(extra={"archive": {"dir": str(root), "retention_days": 30}})
+    tid = create(gw)
+    succeeded_at(gw, tid)
+    wait_until(lambda: (root / "red" / tid / "video.mp4").exists() and (root / "red" / tid / "cover.png").exists(),
+               10, 0.05)
+    sim.media(ttl_s=0)  # every TokenHub result URL now answers 403
+    video, cover = sim.expected_bytes(tid), sim.expected_bytes(tid, "cover")
+    with gw.client("alice") as c:
+        sim.clear_requests()
+        whole = c.get(f"/videos/{tid}/content")
+        assert (whole.status_code, whole.content) == (200, video)
+        part = c.get(f"/videos/{tid}/content", headers={"Range": "bytes=10-19"})
+        assert (part.status_code, part.content, part.headers["content-range"]) == (
+            206, video[10:20], f"bytes 10-19/{len(video)}")
+        thumb = c.get(f"/videos/{tid}/content", params={"variant": "thumbnail"})
+        assert (thumb.status_code, thumb.content) == (200, cover)
+        bad = c.get(f"/videos/{tid}/content", headers={"Range": f"bytes={len(video) + 5}-"})
+        assert (bad.status_code, bad.json()["error"]["code"]) == (416, "range_not_satisfiable")
+        assert sim.downloads() == []  # nothing was fetched from TokenHub's URLs
+        expires = c.get(f"/videos/{tid}").json()["expires_at"]
+        archived_at = (root / "red" / tid / "video.mp4").stat().st_mtime
+        assert abs(expires - (archived_at + 30 * 86400)) < 120, expires
+        assert c.delete(f"/videos/{tid}").json()["deleted"] is True
+    assert not (root / "red" / tid / "video.mp4").exists()
