@@ -28,7 +28,7 @@ from .store.base import Store, Task
 from .store.outbox import WEBHOOK_TOPIC, Item, webhook_topic
 
 TIMEOUT_S = 10.0  # a 2xx within this is a delivery
-LEASE_S = 60.0  # an attempt's hold on its event; past it, another replica may try
+LEASE_S = 2 * TIMEOUT_S  # an attempt's hold on its event; past it, another replica may try
 WINDOW_S = 24 * 3600.0  # retried this long after the event, then given up
 MAX_BACKOFF_S = 3600.0
 TICK_S = 1.0
