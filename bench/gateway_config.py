@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 
 CREATE_PATH = "/api/v1/videos/generations"
+SDK_CREATE_PATH = "/api/v1/videos"  # the OpenAI shape's create (bench/create_sdk.lua)
 USER_KEY = "tgw-bench-" + hashlib.sha256(b"tokenhub-gateway bench user").hexdigest()[:32]
 UPSTREAM_KEYS = {"bench-a": "th-bench-upstream-key-aaaa1111", "bench-b": "th-bench-upstream-key-bbbb2222"}
 

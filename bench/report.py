@@ -112,6 +112,25 @@ def redis_section(raw: list[Row]) -> list[str]:
             "|---|---|---|---|---|", *lines, ""]
 
 
+def sdk_section(rows: list[Row], gw: str = "gateway-sqlite") -> list[str]:
+    """The openai SDK's multipart create (POST /videos) against the TokenHub-shaped JSON create, same gateway."""
+    by = {(r.target, r.route, r.conns): r for r in rows}
+    pairs = [(c, by.get((gw, "create", c)), by.get((gw, "create-sdk", c))) for c in (1, 32)]
+    if not any(sdk for _, _, sdk in pairs):
+        return []
+    lines = [f"## The openai SDK's create ({gw})", "",
+             "`client.videos.create(...)` as the SDK sends it (multipart, every field a string, mapped to the same "
+             "Seedance body) next to the TokenHub-shaped JSON create.", "",
+             "| conns | JSON create req/s | SDK create req/s | SDK / JSON | JSON p50 ms | SDK p50 ms "
+             "| JSON CPU µs/req | SDK CPU µs/req |", "|---|---|---|---|---|---|---|---|"]
+    for conns, json_row, sdk in pairs:
+        if json_row and sdk:
+            lines.append(f"| {conns} | {json_row.rps:.0f} | {sdk.rps:.0f} | **{sdk.rps / json_row.rps:.2f}×** | "
+                         f"{json_row.p50_ms:.3f} | {sdk.p50_ms:.3f} | {fmt(json_row.cpu_us, '.0f')} | "
+                         f"{fmt(sdk.cpu_us, '.0f')} |")
+    return lines
+
+
 def client_section(rows: list[Row], unavailable: dict[str, str]) -> list[str]:
     lines = ["## Upstream client, chosen by measurement", "",
              "Each client as the bare pass-through, and inside the gateway (creates and polls, 32 connections).",
@@ -203,7 +222,7 @@ def report(args: argparse.Namespace, lab: Lab, sampler: Sampler, source_at_start
                                    "## Targets (gateway-sqlite, every feature on)"),
               "", *targets_section(rows, {}, "gateway-sqlite-norpm",
                                    "### For reference: the same without `requests_per_minute`"),
-              "", *redis_section(sampler.rows), *client_section(rows, lab.unavailable), "",
+              "", *redis_section(sampler.rows), *sdk_section(rows), "", *client_section(rows, lab.unavailable), "",
               *memory_section(sampler.memory), ""]
     lines += ["## Details", "",
               "p50/p99 are wrk's, which corrects for coordinated omission (a request slower than twice the mean "

@@ -2,7 +2,8 @@
 
     python bench/run.py [--quick] [--duration S] [--out bench/RESULTS.md] [--profile]
 
-Targets, each measured with wrk for creates and polls at 1 and 32 connections:
+Targets, each measured with wrk for creates and polls at 1 and 32 connections (gateway-sqlite also for
+the openai SDK's multipart create, route create-sdk):
   direct               wrk → the fake upstream (bench/fake_upstream.py)
   bare-<client>        wrk → starlette pass-through (bench/passthrough.py) → fake, per HTTP client
   gateway-sqlite       wrk → `python -m gateway.cli serve` (every feature on, SQLite store) → fake
@@ -27,10 +28,11 @@ from pathlib import Path
 
 from processes import BENCH, CLIENTS, ROOT, Lab, Target
 from report import report, write_profile
-from sampling import Sampler, say
+from sampling import SDK_CREATE, Sampler, say
 from source import describe_source
 
 PROFILED = ("gateway-sqlite", "gateway-sqlite-norpm")
+SDK_TARGETS = ("gateway-sqlite",)  # the OpenAI shape's create, next to the TokenHub-shaped one
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -100,10 +102,11 @@ def measure_rounds(sampler: Sampler, targets: list[Target], rounds: int) -> None
     measured one after the other, so a ratio compares runs minutes apart at most, and a machine
     that slows down for a while slows a whole round, not one target."""
     for round_no in range(1, rounds + 1):
-        for route in ("poll", "create"):
+        for route in ("poll", "create", SDK_CREATE):
             for conns in (1, 32):
                 for t in targets:
-                    sampler.measure(t, route, conns, round_no)
+                    if route != SDK_CREATE or t.name in SDK_TARGETS:
+                        sampler.measure(t, route, conns, round_no)
         say(f"round {round_no} of {rounds} done")
 
 

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway_config import CREATE_PATH, USER_KEY
+from gateway_config import CREATE_PATH, SDK_CREATE_PATH, USER_KEY
 from processes import BENCH, Lab, Proc, Target, taskset
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MEMORY_RUN_MAX_S = 1800
 WRK_ERRORS = ("status", "connect", "read", "write", "timeout")
+SDK_CREATE = "create-sdk"  # the openai SDK's multipart create; only gateways speak the OpenAI shape
 
 
 def say(msg: str) -> None:
@@ -111,6 +112,8 @@ def wrk_result(stdout: str) -> dict[str, Any] | None:
 def wrk_args(route: str, ids_file: Path | None) -> tuple[str, list[str]]:
     if route == "create":
         return "create.lua", [CREATE_PATH, USER_KEY]
+    if route == SDK_CREATE:
+        return "create_sdk.lua", [SDK_CREATE_PATH, USER_KEY]
     return "poll.lua", [CREATE_PATH, USER_KEY, str(ids_file)]
 
 

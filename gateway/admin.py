@@ -14,6 +14,8 @@ from .errors import InvalidJSON, ValidationError
 from .keypool import KeyHealth
 from .quota import team_subjects
 from .routes import gw, json_response, usage_figures
+from .store.outbox import webhook_topic
+from .webhooks import redacted
 
 
 def admin(request: Request) -> Any:
@@ -96,3 +98,19 @@ async def admin_settle_task(request: Request) -> Response:
         raise ValidationError('The body must be {"video_seconds": N}.', param="video_seconds")
     task = await g.settlement.resolve(request.path_params["task_id"], body["video_seconds"])
     return json_response(ledger.row(task))
+
+
+async def admin_webhooks(request: Request) -> Response:
+    """The configured endpoints and their deliveries (shared by every replica); never a secret."""
+    g = admin(request)
+    endpoints = g.settings.webhooks
+    stats = await g.store.outbox_stats([webhook_topic(ep.name) for ep in endpoints])
+    data = []
+    for ep in endpoints:
+        s = stats[webhook_topic(ep.name)]
+        data.append({"name": ep.name, "url": redacted(ep.url.reveal()),
+                     "teams": sorted(ep.teams) if ep.teams is not None else None, "events": sorted(ep.events),
+                     "max_in_flight": ep.max_in_flight, "retry_initial_s": ep.retry_initial_s,
+                     "backlog": s.backlog, "delivered": s.delivered, "failed": s.failed, "gave_up": s.gave_up,
+                     "last_error": s.last_error, "last_attempt_at": s.last_attempt_at})
+    return json_response({"object": "list", "data": data})

@@ -22,9 +22,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import admin, routes
+from . import videos_routes as videos
+from .archive import make_archive
 from .auth import Authenticator
 from .calls import UpstreamCalls
 from .config import ConfigError, Settings, load_settings
+from .content import MediaFetcher
 from .errors import GatewayError, NotFound
 from .keypool import KeyPool
 from .metrics import Metrics
@@ -38,6 +41,8 @@ from .store import open_store
 from .store.base import Store, Task
 from .tasks import Tasks
 from .upstream import HttpUpstream, Upstream
+from .webhooks import Deliverer
+from .workers import BodyWorkers
 
 MAX_LARGE_BODIES = 4
 
@@ -58,7 +63,13 @@ class Gateway:
         self.polls = Polls(store, calls, self.pool, self.settlement, records, clock)
         self.poller = Poller(settings, store, self.tasks, self.polls, self.settlement, self.pool,
                              upstream, metrics, clock)
-        self.large_bodies = asyncio.Semaphore(MAX_LARGE_BODIES)
+        self.webhooks = Deliverer(store, metrics, clock, settings.webhooks)
+        self.archive = make_archive(settings.archive, store, metrics, clock)  # a change needs a restart
+        self.settlement.archiving = self.archive is not None
+        self.settlement.on_outbox = lambda: (self.webhooks.wake(), self.archive and self.archive.wake())
+        self.large_bodies = BodyWorkers(MAX_LARGE_BODIES)  # parsed and checked in worker processes
+        self.large_uploads = asyncio.Semaphore(MAX_LARGE_BODIES)  # OpenAI-shape uploads, checked in threads
+        self.media = MediaFetcher(settings.upstream)  # result files, for the OpenAI shape's /content
         self.draining = False
         self.drain_deadline = math.inf  # time.monotonic() by which a shutdown must be done
         self.log = structlog.get_logger("gateway")
@@ -85,6 +96,7 @@ class Gateway:
         self.auth = Authenticator(new)
         self.pool.apply(new.upstream)
         await self.pool.reenable()
+        await self.webhooks.apply(new.webhooks)
         self.log.info("config.reloaded", users=len(new.users), teams=len(new.teams),
                       keys=len(new.upstream.keys))
         return []
@@ -102,6 +114,7 @@ class Gateway:
                     micros_to_usd(s.limits.budget_micros - c.spent_micros - c.reserved_micros))
         await self.pool.refresh_gauges()
         self.metrics.poller_backlog.set(await self.store.backlog())
+        await self.webhooks.refresh_backlog()
 
 
 def error_response(exc: GatewayError) -> Response:
@@ -132,6 +145,14 @@ def route_table() -> list[Route]:
         ("/videos/generations", routes.list_tasks, ["GET"]),
         ("/videos/generations/{task_id}", routes.get_task, ["GET"]),
         ("/videos/generations/{task_id}", routes.cancel_task, ["DELETE"]),
+        ("/videos", videos.create_video, ["POST"]),
+        ("/videos", videos.list_videos, ["GET"]),
+        *((f"/videos/{feature}", videos.not_offered(feature), ["POST"]) for feature in videos.NOT_OFFERED),
+        ("/videos/characters/{character_id}", videos.not_offered("characters"), ["GET"]),
+        ("/videos/{video_id}", videos.get_video, ["GET"]),
+        ("/videos/{video_id}", videos.delete_video, ["DELETE"]),
+        ("/videos/{video_id}/content", videos.video_content, ["GET"]),
+        ("/videos/{video_id}/remix", videos.remix_video, ["POST"]),
         ("/models", routes.list_models, ["GET"]),
         ("/usage", routes.usage, ["GET"]),
     ]
@@ -144,6 +165,7 @@ def route_table() -> list[Route]:
         Route("/admin/keys", admin.admin_keys, methods=["GET"]),
         Route("/admin/teams", admin.admin_teams, methods=["GET"]),
         Route("/admin/reload", admin.admin_reload, methods=["POST"]),
+        Route("/admin/webhooks", admin.admin_webhooks, methods=["GET"]),
         Route("/admin/tasks/{task_id}/void", admin.admin_void_task, methods=["POST"]),
         Route("/admin/tasks/{task_id}/settle", admin.admin_settle_task, methods=["POST"]),
     ]
@@ -231,6 +253,8 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: S
         await store.open()
         await gateway.pool.refresh_gauges()
         poller = asyncio.create_task(gateway.poller.run()) if run_poller else None
+        webhooks = asyncio.create_task(gateway.webhooks.run()) if run_poller else None
+        archive = asyncio.create_task(gateway.archive.run()) if run_poller and gateway.archive else None
         _on_sighup(gateway)
         gateway.log.info("gateway.started", store=settings.store.url.reveal().split("://")[0],
                          keys=len(settings.upstream.keys), users=len(settings.users))
@@ -239,12 +263,18 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: S
         finally:
             gateway.begin_drain()  # when the server stops for a reason other than a signal
             gateway.poller.stop()
-            if poller is not None:
-                await poller
+            gateway.webhooks.stop()
+            if gateway.archive:
+                gateway.archive.stop()
+            for job in (poller, webhooks, archive):
+                if job is not None:
+                    await job
             # Creates already forwarded finish, or are recorded as unknown, before the session closes.
             await gateway.tasks.drain(gateway.drain_deadline - time.monotonic())
             await upstream.close()
+            await gateway.media.close()
             await store.close()
+            gateway.large_bodies.close()
             gateway.log.info("gateway.stopped")
 
     app = GatewayApp(routes=route_table(), lifespan=lifespan, metrics=metrics,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import gc
 import json
 import os
@@ -22,12 +23,15 @@ import uvicorn
 from . import ledger, logs
 from .auth import key_sha256, new_key
 from .config import ConfigError, ServerSettings, Settings, load_settings, parse_settings
+from .server import http_protocol
 
 DEMO_TEAM, DEMO_USER = "demo", "demo-user"
 
 
-def uvicorn_config(app: object, host: str, port: int, grace: float) -> uvicorn.Config:
-    return uvicorn.Config(app, host=host, port=port, loop="auto", http="auto", lifespan="on",
+def uvicorn_config(app: object, host: str, port: int, grace: float, header_timeout_s: float = 10.0,
+                   body_timeout_s: float = 30.0) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, loop="auto", lifespan="on", ws="none",
+                          http=http_protocol(header_timeout_s, body_timeout_s),
                           access_log=False, server_header=False, proxy_headers=False,
                           log_config=logs.uvicorn_log_config(),
                           timeout_graceful_shutdown=grace, timeout_keep_alive=30)
@@ -39,7 +43,8 @@ def serve_settings(settings: Settings, host: str | None = None, port: int | None
     logs.configure()
     app = create_app(settings)
     cfg = uvicorn_config(app, host or settings.server.host, port or settings.server.port,
-                         settings.server.shutdown_grace_s)
+                         settings.server.shutdown_grace_s, settings.server.header_timeout_s,
+                         settings.server.body_timeout_s)
     tune_gc()
     run_until_signalled(GatewayServer(cfg, app.state.gateway.begin_drain))
 
@@ -96,8 +101,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_settings(sim_port: int, db: Path, user_key: str) -> Settings:
-    data = {
+def demo_settings(sim_port: int, db: Path, user_key: str, webhook_url: str | None = None,
+                  webhook_secret: str = "") -> Settings:
+    data: dict = {
+        "archive": {"dir": str(db.parent / "videos")},  # the videos outlive the simulator's URLs
         "server": {"admin_token_env": "GATEWAY_ADMIN_TOKEN"},
         "upstream": {"base_url": f"http://127.0.0.1:{sim_port}/api/v1", "timeout_s": 30,
                      "keys": [{"name": "sim-a", "value_env": "DEMO_KEY_A", "weight": 2},
@@ -107,8 +114,10 @@ def demo_settings(sim_port: int, db: Path, user_key: str) -> Settings:
         "teams": {DEMO_TEAM: {"budget_usd": 20.0, "requests_per_minute": 30, "max_concurrent_tasks": 5}},
         "users": {DEMO_USER: {"team": DEMO_TEAM, "key_sha256": key_sha256(user_key)}},
     }
+    if webhook_url:
+        data["webhooks"] = [{"name": "demo", "url": webhook_url, "secret_env": "DEMO_WEBHOOK_SECRET"}]
     env = {"DEMO_KEY_A": "th-demo-simulated-key-a", "DEMO_KEY_B": "th-demo-simulated-key-b",
-           "GATEWAY_ADMIN_TOKEN": os.environ.get("GATEWAY_ADMIN_TOKEN", "")}
+           "GATEWAY_ADMIN_TOKEN": os.environ.get("GATEWAY_ADMIN_TOKEN", ""), "DEMO_WEBHOOK_SECRET": webhook_secret}
     return parse_settings(data, env)
 
 
@@ -118,14 +127,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="tokenhub-gateway-demo-"))
     user_key = new_key()
-    settings = demo_settings(args.sim_port, data_dir / "gateway.db", user_key)
+    webhook_secret = "whsec_" + base64.b64encode(os.urandom(32)).decode() if args.webhook_url else ""
+    settings = demo_settings(args.sim_port, data_dir / "gateway.db", user_key, args.webhook_url, webhook_secret)
     sim = uvicorn.Server(sim_config(create_simulator(task_seconds=args.task_seconds), "127.0.0.1",
                                     args.sim_port))
     thread = threading.Thread(target=sim.run, name="simulator", daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{args.port}/api/v1"
     ready = {"event": "demo.ready", "gateway": base, "simulator": f"http://127.0.0.1:{args.sim_port}",
-             "store": str(data_dir / "gateway.db"), "team": DEMO_TEAM, "user": DEMO_USER,
+             "store": str(data_dir / "gateway.db"), "archive": str(data_dir / "videos"),
+             **({"webhook_url": args.webhook_url, "webhook_secret": webhook_secret} if args.webhook_url else {}),
+             "team": DEMO_TEAM, "user": DEMO_USER,
              "api_key": user_key, "try": _demo_curl(base, user_key)}
     print(json.dumps(ready, separators=(",", ":")), flush=True)
     try:
@@ -249,6 +261,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--sim-port", type=int, default=8090)
     d.add_argument("--task-seconds", type=float, default=8.0)
     d.add_argument("--data-dir")
+    d.add_argument("--webhook-url", help="send signed video.completed / video.failed events here")
     d.set_defaults(func=cmd_demo)
     m = sub.add_parser("simulator", help="run only the TokenHub simulator")
     m.add_argument("--host", default="127.0.0.1")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import tomllib
 from collections.abc import Mapping
@@ -10,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 from .pricing import usd_to_micros
 from .readers import Reader, is_num, shown
@@ -136,6 +139,33 @@ class OpenAISettings:
         default_factory=lambda: MappingProxyType(dict(DEFAULT_MODEL_ALIASES)))
 
 
+WEBHOOK_EVENTS = ("video.completed", "video.failed")
+
+
+@dataclass(frozen=True)
+class WebhookEndpoint:
+    name: str
+    url: Secret  # may carry credentials: shown redacted only
+    secret: Secret  # the "whsec_…" string as configured
+    teams: frozenset[str] | None = None  # None: every team
+    events: frozenset[str] = frozenset(WEBHOOK_EVENTS)
+    retry_initial_s: float = 5
+    max_in_flight: int = 4
+
+    def wants(self, event_type: str, team: str) -> bool:
+        return event_type in self.events and (self.teams is None or team in self.teams)
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    dir: str | None = None  # a local directory, or
+    url: str | None = None  # s3://bucket/prefix
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    retention_days: float = 30
+    max_bytes_per_video: int = 512 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerSettings
@@ -146,10 +176,12 @@ class Settings:
     teams: Mapping[str, Team]
     users: Mapping[str, User]
     openai: OpenAISettings = field(default_factory=OpenAISettings)
+    webhooks: tuple[WebhookEndpoint, ...] = ()
+    archive: ArchiveSettings | None = None  # None: no archive
     source: str = ""
 
 
-_SECTIONS = {"server", "upstream", "store", "poller", "pricing", "teams", "users", "openai"}
+_SECTIONS = {"server", "upstream", "store", "poller", "pricing", "teams", "users", "openai", "webhooks", "archive"}
 # TOML key → kind, for the plain fields of each section; absent or invalid, the dataclass default applies.
 _SERVER = {"host": "str", "port": "port", "shutdown_grace_s": "num0", "max_body_bytes": "int+",
            "log_prompts": "bool", "header_timeout_s": "num+", "body_timeout_s": "num+"}
@@ -158,6 +190,8 @@ _UPSTREAM = {"connect_timeout_s": "num+", "timeout_s": "num+", "cooldown_s": "nu
 _KEY = {"weight": "int+", "max_concurrent_tasks": "int+"}
 _POLLER = {"interval_s": "num+", "expire_after_s": "num+", "concurrency": "int+"}
 _OPENAI = {"poll_after_ms": "int+"}
+_WEBHOOK = {"retry_initial_s": "num+", "max_in_flight": "int+"}
+_ARCHIVE = {"region": "str", "retention_days": "num+", "max_bytes_per_video": "int+"}
 _LIMITS = {"budget_usd": "num0", "period": "str", "models": "strlist", "video_seconds": "int0",
            "requests_per_minute": "int+", "max_concurrent_tasks": "int+"}
 
@@ -279,6 +313,76 @@ def _openai(r: Reader, data: Any, models: set[str]) -> OpenAISettings:
     return OpenAISettings(model_aliases=MappingProxyType(aliases), **r.fields(o, "openai", _OPENAI))
 
 
+def _webhook_secret(r: Reader, data: dict, where: str, env: Mapping[str, str]) -> Secret | None:
+    """The signing secret, from the variable `secret_env` names: "whsec_" + padded base64 of at least 16 bytes."""
+    value = r.from_env(env, data, "secret_env", where, required=True)
+    if value is None:
+        if "secret_env" not in data:
+            r.problem(f"{where}.secret_env", "is required")
+        return None
+    try:
+        key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if not value.startswith("whsec_") or len(key) < 16:
+        r.problem(f"{where}.secret_env", "the variable must hold \"whsec_\" + padded base64 of at least 16 "
+                                         "random bytes (the value is not shown)")
+        return None
+    return Secret(value)
+
+
+def _webhook_url(r: Reader, data: dict, where: str) -> Secret | None:
+    url = r.get(data, "url", where, "str", required=True)
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        r.problem(f"{where}.url", "expected an http:// or https:// URL (what is set is not shown)")
+        return None
+    return Secret(url)
+
+
+def _webhooks(r: Reader, data: Any, env: Mapping[str, str], teams: Mapping[str, Team]) -> tuple[WebhookEndpoint, ...]:
+    if not isinstance(data, list):
+        r.problem("webhooks", "expected [[webhooks]] tables")
+        return ()
+    endpoints: dict[str, WebhookEndpoint] = {}
+    for i, d in enumerate(data):
+        where = f"webhooks[{i}]"
+        d = r.table(d, where, set(_WEBHOOK) | {"name", "url", "secret_env", "teams", "events"})
+        name = r.get(d, "name", where, "str", required=True)
+        url, secret = _webhook_url(r, d, where), _webhook_secret(r, d, where, env)
+        chosen = r.get(d, "teams", where, "strlist")
+        for team in sorted(set(chosen or ()) - set(teams)):
+            r.problem(f"{where}.teams", f"names a team that [teams] does not define (got {shown(team)})")
+        events = r.get(d, "events", where, "strlist", default=list(WEBHOOK_EVENTS))
+        if not events or set(events) - set(WEBHOOK_EVENTS):
+            r.problem(f"{where}.events", f"expected some of {', '.join(WEBHOOK_EVENTS)}")
+        if name in endpoints:
+            r.problem(f"{where}.name", f"another [[webhooks]] is already named {shown(name)}")
+        elif name and url and secret:
+            endpoints[name] = WebhookEndpoint(name, url, secret, None if chosen is None else frozenset(chosen),
+                                              frozenset(events), **r.fields(d, where, _WEBHOOK))
+    return tuple(endpoints.values())
+
+
+def _archive(r: Reader, data: Any) -> ArchiveSettings | None:
+    a = r.table(data, "archive", set(_ARCHIVE) | {"dir", "url", "endpoint_url"})
+    if not a:
+        return None
+    where = "archive"
+    given = {k: r.get(a, k, where, "str") for k in ("dir", "url", "endpoint_url")}
+    if (given["dir"] is None) == (given["url"] is None):
+        r.problem(where, "set dir (a local directory) or url (s3://bucket/prefix), one of them")
+    if given["dir"] is not None and not Path(given["dir"]).is_absolute():
+        r.problem(f"{where}.dir", "expected an absolute path")
+    if given["url"] is not None and not (given["url"].startswith("s3://") and urlsplit(given["url"]).netloc):
+        r.problem(f"{where}.url", "expected s3://bucket or s3://bucket/prefix")
+    if given["endpoint_url"] is not None and not given["endpoint_url"].startswith(("http://", "https://")):
+        r.problem(f"{where}.endpoint_url", "expected an http:// or https:// URL")
+    return ArchiveSettings(**{k: v for k, v in given.items() if v is not None}, **r.fields(a, where, _ARCHIVE))
+
+
 def _teams(r: Reader, data: Any, models: set[str]) -> dict[str, Team]:
     teams = {}
     for name, t in r.table(data, "teams", None).items():
@@ -321,10 +425,12 @@ def parse_settings(data: dict, env: Mapping[str, str] | None = None,
     teams = _teams(r, data.get("teams", {}), models)
     users = _users(r, data.get("users", {}), teams, models)
     openai = _openai(r, data.get("openai", {}), models)
+    webhooks = _webhooks(r, data.get("webhooks", []), env, teams)
+    archive = _archive(r, data.get("archive", {}))
     if r.problems:
         raise ConfigError(r.problems)
     return Settings(server=server, upstream=upstream, store=store, poller=poller, pricing=pricing,
-                    teams=teams, users=users, openai=openai, source=source)
+                    teams=teams, users=users, openai=openai, webhooks=webhooks, archive=archive, source=source)
 
 
 def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:

@@ -8,8 +8,12 @@
     │   └── UnsupportedParameter  400 unsupported_parameter (param): no Seedance equivalent
     ├── PermissionDenied          403 permission_error / model_not_allowed
     ├── NotFound                  404 invalid_request_error / task_not_found (or route_not_found)
+    ├── RequestTimeout            408 invalid_request_error / request_timeout (a slow client)
     ├── IdempotencyConflict       409 idempotency_key_reused / idempotency_key_in_progress
     ├── TaskNotUnknown            409 invalid_request_error / task_not_unknown
+    ├── VideoNotReady             409 invalid_request_error / video_not_ready
+    ├── VideoExpired              410 invalid_request_error / video_expired
+    ├── RangeNotSatisfiable       416 invalid_request_error / range_not_satisfiable
     ├── QuotaError                429 insufficient_quota / budget_exceeded
     ├── RateLimited               429 rate_limit_exceeded (+ Retry-After)
     ├── StoreUnavailable          503 service_unavailable / store_unavailable (+ Retry-After)
@@ -95,6 +99,10 @@ class NotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "task_not_found"
 
 
+class RequestTimeout(GatewayError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
 class IdempotencyConflict(GatewayError):
     status, type, code = 409, "invalid_request_error", "idempotency_key_reused"
 
@@ -138,6 +146,22 @@ class UpstreamTimeout(UpstreamError):
 
 class TaskNotUnknown(GatewayError):
     status, type, code = 409, "invalid_request_error", "task_not_unknown"
+
+
+class VideoNotReady(GatewayError):
+    """A video's content or remix asked for before it completed, or a running video deleted."""
+
+    status, type, code = 409, "invalid_request_error", "video_not_ready"
+
+
+class VideoExpired(GatewayError):
+    """TokenHub's result URL has expired and nothing is archived."""
+
+    status, type, code = 410, "invalid_request_error", "video_expired"
+
+
+class RangeNotSatisfiable(GatewayError):
+    status, type, code = 416, "invalid_request_error", "range_not_satisfiable"
 
 
 class RecordRejected(GatewayError):

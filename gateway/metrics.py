@@ -62,6 +62,14 @@ class Metrics:
                                             "at settlement (the estimate was charged)", ["reason"], registry=r)
         self.tasks_unknown = Counter(p + "tasks_unknown", "Forwarded creates whose outcome is unknown "
                                      "(charged at their estimate until resolved)", ["team", "reason"], registry=r)
+        self.archive_bytes = Counter(p + "archive_bytes", "Bytes copied into the video archive",
+                                     ["variant"], registry=r)
+        self.archive_failures = Counter(p + "archive_failures", "Archive copies that failed, by reason",
+                                        ["reason"], registry=r)
+        self.webhook_deliveries = Counter(p + "webhook_deliveries", "Webhook delivery attempts, by result",
+                                          ["endpoint", "result"], registry=r)
+        self.webhook_backlog = Gauge(p + "webhook_backlog", "Webhook events not yet delivered nor given up",
+                                     ["endpoint"], registry=r)
         self._children: dict[tuple[str, str, str, str], tuple] = {}
         self._labelled: dict[tuple[int, tuple[str, ...]], Any] = {}
 

@@ -93,7 +93,8 @@ class Poller:
             await self._back_off(task)
             return
         if task.status not in TERMINAL:
-            await self.store.defer_poll(task.rid, now + cfg.interval_s)
+            # Due a tick early, so that the tick it waits for still checks it within interval_s.
+            await self.store.defer_poll(task.rid, now + max(TICK_S, cfg.interval_s - TICK_S))
 
     async def _back_off(self, task: Task) -> None:
         backoff = self.settings.poller.interval_s * self._rng.uniform(1.0, 3.0)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 # Settings that name, or may hold, a secret: a problem with one never shows its value, whatever its shape.
-SENSITIVE = frozenset({"value", "value_env", "value_file", "url", "url_env", "base_url",
+SENSITIVE = frozenset({"value", "value_env", "value_file", "url", "url_env", "base_url", "secret_env", "endpoint_url",
                        "admin_token_env", "metrics_token_env", "key_sha256"})  # a key pasted for its hash
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Named in a problem only in the conventional shape: an identifier-shaped token (ghp_…, AKIA…) set where a

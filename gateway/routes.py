@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import Any
 
 import orjson
@@ -11,14 +12,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .auth import allowed_models, check_token
+from .bodies import INLINE_MAX_BYTES, loads_strict, parse_and_validate
 from .context import Outcome, RequestContext
-from .errors import BodyTooLarge, GatewayError, InvalidJSON, StoreUnavailable, ValidationError
+from .errors import BodyTooLarge, GatewayError, InvalidJSON, RequestTimeout, StoreUnavailable, ValidationError
 from .pricing import micros_to_usd
 from .quota import period_bounds, subjects_for
 from .store.base import Task
-from .validation import validate
+from .videos_bridge import seedance_meta
+from .workers import BodyWorkers
 
-LARGE_BODY = 1 << 20  # parsed off the event loop above this size
 JSON = "application/json"
 
 
@@ -45,27 +47,30 @@ def authenticate(request: Request) -> tuple[Any, Any]:
     return user, team
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytes:
+    """The whole body, at most `limit` bytes, arrived within `timeout_s` (or a 408 that ends the connection)."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"The body is larger than {limit} bytes.")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"The body is larger than {limit} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def parse_json(raw: bytes, gate: asyncio.Semaphore) -> Any:
+    body = io.BytesIO()  # grown chunk by chunk and handed over without a copy: no whole-body memcpy on the loop
     try:
-        if len(raw) < LARGE_BODY:
-            return orjson.loads(raw)
-        async with gate:  # bounded: a few large bodies at once, each off the event loop
-            return await asyncio.to_thread(orjson.loads, raw)
-    except orjson.JSONDecodeError:
-        raise InvalidJSON("The body is not valid JSON.") from None
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                if body.tell() + len(chunk) > limit:
+                    raise BodyTooLarge(f"The body is larger than {limit} bytes.")
+                body.write(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"The body did not arrive within {timeout_s:g} s.",
+                             headers={"Connection": "close"}) from None
+    return body.getvalue()
+
+
+async def parse_json(raw: bytes, large: BodyWorkers) -> Any:
+    """A JSON body, with a repeated key refused; a large one parsed in a worker process (its value comes
+    back whole: for bodies whose size is in a few strings, like a create's data: URIs)."""
+    if len(raw) <= INLINE_MAX_BYTES:
+        return loads_strict(raw)
+    return await large.run(loads_strict, raw)
 
 
 async def create_task(request: Request) -> Response:
@@ -75,15 +80,18 @@ async def create_task(request: Request) -> Response:
     idem_key = request.headers.get("idempotency-key")
     if idem_key is not None and not 0 < len(idem_key) <= 255:
         raise ValidationError("Idempotency-Key must be 1 to 255 characters.", param="Idempotency-Key")
-    raw = await read_body(request, g.settings.server.max_body_bytes)
-    body = await parse_json(raw, g.large_bodies)
+    raw = await read_body(request, g.settings.server.max_body_bytes, g.settings.server.body_timeout_s)
     try:
-        req = validate(body, g.settings.pricing)
+        checked = await parse_and_validate(raw, g.settings.pricing, g.large_bodies)
+    except InvalidJSON:
+        raise
     except ValidationError as exc:
         g.metrics.validation_errors.labels(_bounded_param(exc.param)).inc()
         raise
+    req = checked.request
     ctx.model, ctx.resolution, ctx.duration_s = req.model, req.resolution, req.duration_s
-    return outcome_response(await g.tasks.create(user, team, body, raw, req, idem_key, ctx))
+    return outcome_response(await g.tasks.create(user, team, checked.body_hash, raw, req, idem_key, ctx,
+                                                 meta=seedance_meta(req.aspect_ratio)))
 
 
 async def get_task(request: Request) -> Response:

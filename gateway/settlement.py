@@ -12,11 +12,13 @@ from typing import Any
 import structlog
 
 from . import pricing
+from .archive import archive_item
 from .config import Settings
 from .errors import NotFound, ValidationError
 from .metrics import Metrics
 from .pricing import micros_to_usd
 from .store.base import Store, Task
+from .webhooks import event_items
 
 MAX_OUTPUT_S = 60  # TokenHub's figures outside these bounds are not believed (SPEC §4)
 MAX_INPUT_S = 45
@@ -73,6 +75,8 @@ class Settlement:
                  clock: Callable[[], float]) -> None:
         self.settings, self.store, self.metrics, self.clock = settings, store, metrics, clock
         self.log = structlog.get_logger("gateway.tasks")
+        self.on_outbox: Callable[[], None] = lambda: None  # told when a settlement left outbox items
+        self.archiving = False  # a succeeded task's files are to be copied into the archive
 
     async def settle(self, task: Task, status: str, data: dict | None, raw: bytes | None,
                      estimated: bool = False) -> Task | None:
@@ -83,12 +87,23 @@ class Settlement:
             f = figures(self.settings, task, status, data or {})
             if f.anomaly:
                 self.anomaly(f.anomaly, task)
+        now = self.clock()
+        items = event_items(self.settings.webhooks, task, status, f.billed_ms, f.cost_micros, now)
+        if self.archiving and status == "succeeded" and (copy := archive_item(task, data or {}, now)):
+            items.append(copy)
         done = await self.store.settle(task.task_id or task.rid, status, f.billed_ms, f.cost_micros,
-                                       f.estimated, raw, self.clock())
+                                       f.estimated, raw, now, items)
         task.status = status
         if done is not None:
             self.settled(done)
+            if items:
+                self.on_outbox()
         return done
+
+    def unknown_items(self, task: Task) -> list:
+        """The events of a create whose outcome is unknown: charged at its estimate (SPEC §4)."""
+        return event_items(self.settings.webhooks, task, "unknown", task.estimate_ms, task.estimate_micros,
+                           self.clock())
 
     async def resolve(self, ref: str, video_seconds: Any) -> Task:
         """An operator's resolution of an `unknown` row, once TokenHub's own records are checked:

@@ -5,7 +5,6 @@ settlement.py; routes and the background poller both come through these."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -44,10 +43,6 @@ MAX_TASK_ID = 256
 CUT_RECORD_S = 0.5  # at shutdown, for creates cut by the deadline to be recorded as unknown
 
 
-def canonical_hash(body: Any) -> str:
-    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
 class Tasks:
     def __init__(self, settings: Settings, store: Store, calls: UpstreamCalls, pool: KeyPool,
                  settlement: Settlement, metrics: Metrics, records: LRUCache[str, Task],
@@ -61,19 +56,22 @@ class Tasks:
         self._background: set[asyncio.Task] = set()
         self._sent: set[str] = set()  # admissions whose create is on its way to TokenHub
 
-    async def create(self, user: User, team: Team, body: dict, raw: bytes, req: VideoRequest,
-                     idem_key: str | None, ctx: RequestContext) -> Outcome:
+    async def create(self, user: User, team: Team, fingerprint: str, raw: bytes, req: VideoRequest,
+                     idem_key: str | None, ctx: RequestContext, *, meta: bytes | None = None) -> Outcome:
+        """`fingerprint`: the shape's own idempotency "same body"; `meta`: what the shape the create
+        came in keeps with the task (opaque here)."""
         if not model_allowed(req.model, user, team):  # validate() already checked it is priced
             self.metrics.quota_rejections.labels(team.name, "model_not_allowed").inc()
             raise PermissionDenied(f"Model {req.model!r} is not allowed for this team or user.",
                                    param="model")
-        body_hash = canonical_hash(body) if idem_key else None
+        body_hash = fingerprint if idem_key else None
         if idem_key:
             replay = await self._replay(team.name, idem_key, body_hash)
             if replay:
                 return replay
         now = await self.store.now()  # the store's clock: replicas agree on periods and windows
         task = self._new_task(user, team, req, idem_key, now)
+        task.meta = meta
         ctx.cost_usd = micros_to_usd(task.estimate_micros)
         subjects = subjects_for(user, team, now)
         keys, draw = self.pool.offer(req.model)
@@ -199,14 +197,17 @@ class Tasks:
         if err is not None:
             err.unknown_outcome = True
         try:
+            items = self.settlement.unknown_items(task)
             done = await self.store.mark_unknown(task.rid, self.clock(),
-                                                 (err.status, err.json()) if err else None)
+                                                 (err.status, err.json()) if err else None, items)
         except GatewayError as exc:  # the pending record stays; the poller expires it as unresolved
             self.log.error("task.unknown_unrecorded", rid=task.rid, reason=reason, error_code=exc.code)
             return err
         self.metrics.child(self.metrics.tasks_unknown, task.team, reason).inc()
         self.log.warning("task.unknown", rid=task.rid, team=task.team, user=task.user, reason=reason)
         self.settlement.settled(done)
+        if items:
+            self.settlement.on_outbox()
         return err
 
     async def _created(self, task: Task, key_name: str, reply: Reply) -> Outcome:

@@ -11,6 +11,11 @@ Decisions where SPEC §4 is silent:
 - The 2,048-character limit applies to http(s) and asset URLs; data: URIs are bounded by the body limit.
 - Role-count errors name the collection where the limit was crossed (`content`, `video_urls`, ...);
   frame errors name the frame's role (`content[2].role`).
+- Counts come before per-item checks: media items are gathered with O(1) checks each and the walk stops at
+  the first one past a limit, so URL regexes and data: URI checks run on at most 12 items, whatever the
+  body holds. `text` items have no count limit of their own: they are walked, with O(1) checks each.
+- `input_video_duration` counts each reference video at least 2 s (Seedance's minimum), as
+  `video_durations` does item by item.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from itertools import chain
 from typing import Any, NamedTuple
 
 from gateway.errors import ValidationError
@@ -58,12 +64,15 @@ class VideoRequest:
     input_s: Decimal
     input_estimated: bool
     reference_videos: int
+    aspect_ratio: str = "adaptive"
 
 
 class _Media(NamedTuple):
     role: str
     param: str        # where a role error points: "content[2].role", or the flat field's name
     collection: str   # where a count error points: "content", or the flat field's name
+    url: Any
+    url_param: str    # where a URL error points: "content[2].image_url.url", "image_urls[1]"
 
 
 def validate(body: object, pricing: Mapping[str, Mapping[str, int]]) -> VideoRequest:
@@ -74,16 +83,17 @@ def validate(body: object, pricing: Mapping[str, Mapping[str, int]]) -> VideoReq
     _prompt(body.get("prompt"))
     duration = _duration(body.get("duration"))
     resolution = _choice("resolution", body.get("resolution"), pricing[model], DEFAULT_RESOLUTION)
-    _choice("aspect_ratio", body.get("aspect_ratio"), ASPECT_RATIOS, "adaptive")
+    ratio = _choice("aspect_ratio", body.get("aspect_ratio"), ASPECT_RATIOS, "adaptive")
     for name in ("generate_audio", "watermark"):
         if body.get(name) is not None and not isinstance(body[name], bool):
             raise ValidationError(f"{name} must be true or false.", param=name)
-    media = [*_flat_media(body), *_content_media(body.get("content"))]
-    counts = _count_roles(media)
+    media, counts = _count_roles(chain(_flat_media(body), _content_media(body.get("content"))))
+    for item in media:
+        _check_url(item.url, ROLE_KIND[item.role], item.url_param)
     _check_modes(media, counts)
     videos = counts["reference_video"]
     input_s, estimated = _input_seconds(body, videos)
-    return VideoRequest(model, resolution, duration, input_s, estimated, videos)
+    return VideoRequest(model, resolution, duration, input_s, estimated, videos, ratio)
 
 
 def _prompt(value: Any) -> None:
@@ -121,21 +131,21 @@ def _flat_media(body: dict[str, Any]) -> Iterator[_Media]:
     for one, many, kind in FLAT_FIELDS:
         role = f"reference_{kind}"
         if (url := body.get(one)) is not None:
-            _check_url(url, kind, one)
-            yield _Media(role, one, one)
+            yield _Media(role, one, one, url, one)
         for i, url in enumerate(_array(body.get(many), many)):
-            _check_url(url, kind, f"{many}[{i}]")
-            yield _Media(role, many, many)
+            yield _Media(role, many, many, url, f"{many}[{i}]")
 
 
 def _content_media(content: Any) -> Iterator[_Media]:
     for i, item in enumerate(_array(content, "content")):
+        if _is_text(item):
+            continue
         where = f"content[{i}]"
         if not isinstance(item, dict):
             raise ValidationError("content items must be objects.", param=where)
         kind_name = item.get("type")
         if kind_name == "text":
-            _text_item(item, where)
+            _bad_text_item(item, where)
         elif isinstance(kind_name, str) and kind_name in MEDIA_TYPES:
             yield _media_item(item, kind_name, where)
         else:
@@ -143,11 +153,16 @@ def _content_media(content: Any) -> Iterator[_Media]:
                                   param=f"{where}.type")
 
 
-def _text_item(item: dict[str, Any], where: str) -> None:
+def _is_text(item: Any) -> bool:
+    """A well-formed text item: checked first, as text items are the ones without a count limit."""
+    return (isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str)
+            and item.get("role") is None)
+
+
+def _bad_text_item(item: dict[str, Any], where: str) -> None:
     if not isinstance(item.get("text"), str):
         raise ValidationError("a text item needs a string text.", param=f"{where}.text")
-    if item.get("role") is not None:
-        raise ValidationError("a text item carries no role.", param=f"{where}.role")
+    raise ValidationError("a text item carries no role.", param=f"{where}.role")
 
 
 def _media_item(item: dict[str, Any], kind_name: str, where: str) -> _Media:
@@ -155,16 +170,16 @@ def _media_item(item: dict[str, Any], kind_name: str, where: str) -> _Media:
     media = item.get(kind_name)
     if not isinstance(media, dict):
         raise ValidationError(f'{kind_name} must be an object {{"url": ...}}.', param=f"{where}.{kind_name}")
-    _check_url(media.get("url"), kind, f"{where}.{kind_name}.url")
+    url, url_param = media.get("url"), f"{where}.{kind_name}.url"
     role = item.get("role")
     if role is None:
-        return _Media(f"reference_{kind}", f"{where}.role", "content")
+        return _Media(f"reference_{kind}", f"{where}.role", "content", url, url_param)
     if not isinstance(role, str) or role not in ROLE_KIND:
         raise ValidationError(f"role must be one of {', '.join(ROLE_KIND)}.", param=f"{where}.role")
     if ROLE_KIND[role] != kind:
         raise ValidationError(f"role {role} goes with a {ROLE_KIND[role]}_url item, not {kind_name}.",
                               param=f"{where}.role")
-    return _Media(role, f"{where}.role", "content")
+    return _Media(role, f"{where}.role", "content", url, url_param)
 
 
 def _check_url(url: Any, kind: str, param: str) -> None:
@@ -186,9 +201,12 @@ def _check_data_uri(url: str, kind: str, param: str) -> None:
         raise ValidationError(f"expected a base64 data URI data:{kind}/<subtype>;base64,<data>.", param=param)
 
 
-def _count_roles(media: list[_Media]) -> Counter[str]:
+def _count_roles(found: Iterator[_Media]) -> tuple[list[_Media], Counter[str]]:
+    """Take media items until one crosses a limit: the walk never goes past the 13th item."""
+    media: list[_Media] = []
     counts: Counter[str] = Counter()
-    for total, item in enumerate(media, 1):
+    for total, item in enumerate(found, 1):
+        media.append(item)
         counts[item.role] += 1
         limit = ROLE_LIMITS[item.role]
         if counts[item.role] > limit:
@@ -197,7 +215,7 @@ def _count_roles(media: list[_Media]) -> Counter[str]:
                                   "and the flat *_url(s) fields together.", param=param)
         if total > MAX_MEDIA_ITEMS:
             raise ValidationError(f"at most {MAX_MEDIA_ITEMS} media items in all.", param=item.collection)
-    return counts
+    return media, counts
 
 
 def _check_modes(media: list[_Media], counts: Counter[str]) -> None:
@@ -233,14 +251,14 @@ def _video_durations(value: Any, videos: int) -> Decimal | None:
         return None
     if not videos:
         raise ValidationError("video_durations needs reference videos to describe.", param="video_durations")
-    for i, seconds in enumerate(items):
-        if not _is_number(seconds) or not MIN_VIDEO_S <= seconds <= MAX_VIDEO_S:
-            raise ValidationError(f"each video duration must be a number from {MIN_VIDEO_S} to "
-                                  f"{MAX_VIDEO_S} seconds.", param=f"video_durations[{i}]")
     if len(items) != videos:
         raise ValidationError(f"video_durations needs exactly one entry per reference video ({videos}, "
                               "counting video_url(s) and content reference_video items).",
                               param="video_durations")
+    for i, seconds in enumerate(items):
+        if not _is_number(seconds) or not MIN_VIDEO_S <= seconds <= MAX_VIDEO_S:
+            raise ValidationError(f"each video duration must be a number from {MIN_VIDEO_S} to "
+                                  f"{MAX_VIDEO_S} seconds.", param=f"video_durations[{i}]")
     listed = sum((Decimal(str(seconds)) for seconds in items), Decimal(0))
     if listed > MAX_INPUT_VIDEO_S:
         raise ValidationError(f"reference videos may last at most {MAX_INPUT_VIDEO_S} s together.",
@@ -256,6 +274,10 @@ def _input_video_duration(value: Any, videos: int) -> Decimal | None:
                               f"{MAX_INPUT_VIDEO_S}.", param="input_video_duration")
     if not videos:
         raise ValidationError("input_video_duration needs at least one reference video.",
+                              param="input_video_duration")
+    if value < MIN_VIDEO_S * videos:
+        raise ValidationError(f"input_video_duration must be at least {MIN_VIDEO_S} s per reference video "
+                              f"({videos} given: at least {MIN_VIDEO_S * videos} s).",
                               param="input_video_duration")
     return Decimal(str(value))
 

@@ -188,9 +188,31 @@ def overview() -> dict:
             (f"sum by (reason) (increase({M}settlement_anomalies_total{RATE}))", "{{reason}}")),
             w=12, stack=True,
             description="TokenHub figures that were not believed at settlement; the estimate was charged."),
+        *deliveries(),
     ]
     return dashboard("tokenhub-gateway-overview", "TokenHub Gateway / Overview",
                      "Traffic, errors, latency, upstream keys and task flow.", panels)
+
+
+def deliveries() -> list[dict]:
+    """What a terminal task leaves behind: archived files (SPEC §12) and webhook events (SPEC §13)."""
+    return [
+        timeseries("Archive: bytes copied by variant", targets(
+            (f"sum by (variant) (increase({M}archive_bytes_total{RATE}))", "{{variant}}")), "bytes", w=12,
+            stack=True, description="Videos and covers copied from TokenHub's expiring URLs into the archive."),
+        timeseries("Archive: failures by reason", targets(
+            (f"sum by (reason) (increase({M}archive_failures_total{RATE}))", "{{reason}}")), w=12, stack=True,
+            description="too_large: over max_bytes_per_video, not archived; expired: TokenHub's URL answered "
+                        "403/404/410 (or 24 h passed); download_failed and store_failed are retried."),
+        timeseries("Webhook deliveries by endpoint and result", targets(
+            (f"sum by (endpoint, result) (increase({M}webhook_deliveries_total{RATE}))", "{{endpoint}} {{result}}")),
+            w=12, stack=True,
+            description="ok: a 2xx within 10 s; failed: an attempt that will be retried (back-off up to an hour); "
+                        "gave_up: still failing 24 h after the event."),
+        timeseries("Webhook backlog by endpoint", targets(
+            (f"max by (endpoint) ({M}webhook_backlog)", "{{endpoint}}")), w=12,
+            description="Events not yet delivered nor given up (shared state: max)."),
+    ]
 
 
 def key_state_history(expr: str) -> dict:

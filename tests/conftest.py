@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.harness import Gateway, Simulator
+from tests.moto_server import MotoServer
 
 
 def require_binary(name: str) -> str:
@@ -27,6 +28,14 @@ def simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
     sim.start()
     yield sim
     sim.stop()
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoServer]:
+    """An S3-compatible server on loopback, started once per test run (tests/moto_server.py)."""
+    server = MotoServer().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -89,6 +89,11 @@ def test_demo_serves_a_task_end_to_end_and_stops_both_on_ctrl_c(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.3)
         assert api.get("/usage").json()["team"]["spent_usd"] == 0.8  # 5 s × $0.16
+        video = tmp_path / "videos" / "demo" / tid / "video.mp4"  # the archive is on, in the data directory
+        while not video.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert ready["archive"] == str(tmp_path / "videos")
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(15) == 0

@@ -707,7 +707,7 @@ async def test_sqlite_schema_migrates_forward(tmp_path):
     try:
         [kept] = await store.ledger(None, None, None, None, None)
         assert kept == task and (kept.meta, kept.deleted_at) == (None, None)
-        assert await store._do(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION == 2
+        assert await store._do(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION == 3
         await created(store, now, meta=b"{}", task_id="cgt-new")
         assert (await store.get_task("cgt-new")).meta == b"{}"
     finally:

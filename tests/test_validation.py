@@ -1,11 +1,14 @@
+import hashlib
 from decimal import Decimal
 
+import orjson
 import pytest
 
+from gateway.bodies import check, loads_strict
 from gateway.config import DEFAULT_PRICING
-from gateway.errors import ValidationError
+from gateway.errors import InvalidJSON, ValidationError
 from gateway.pricing import usd_to_micros
-from gateway.validation import VideoRequest, validate
+from gateway.validation import MAX_MEDIA_ITEMS, VideoRequest, validate
 
 PRICING = {model: {res: usd_to_micros(p) for res, p in row.items()} for model, row in DEFAULT_PRICING.items()}
 CUSTOM_PRICING = {**PRICING, "seedance-lite": {"1080p": 300_000}}
@@ -89,12 +92,17 @@ GOOD = [
     ("empty video_durations without videos", body(video_durations=[]), (M, "720p", 5, Decimal(0), False, 0)),
     ("empty video_durations is absent", body(video_url=VID, video_durations=[]),
      (M, "720p", 5, Decimal(15), True, 1)),
+    ("2 s for one video", body(video_url=VID, input_video_duration=2), (M, "720p", 5, Decimal(2), False, 1)),
+    ("6 s for three videos", body(video_urls=[VID] * 3, input_video_duration=6),
+     (M, "720p", 5, Decimal(6), False, 3)),
+    ("4.5 s for two videos", body(video_urls=[VID, VID], input_video_duration=4.5),
+     (M, "720p", 5, Decimal("4.5"), False, 2)),
 ]
 
 
 @pytest.mark.parametrize("payload, expected", [case[1:] for case in GOOD], ids=[case[0] for case in GOOD])
 def test_good_bodies(payload, expected):
-    assert validate(payload, PRICING) == VideoRequest(*expected)
+    assert validate(payload, PRICING) == VideoRequest(*expected, payload.get("aspect_ratio") or "adaptive")
 
 
 def test_configured_model_and_resolution():
@@ -212,6 +220,21 @@ BAD = [
      "input_video_duration"),
     ("durations disagree", body(video_urls=[VID, VID], video_durations=[3, 5], input_video_duration=9),
      "input_video_duration"),
+    # each reference video counts at least 2 s
+    ("0.001 s for three videos", body(video_urls=[VID] * 3, input_video_duration=0.001), "input_video_duration"),
+    ("5.9 s for three videos", body(video_urls=[VID] * 3, input_video_duration=5.9), "input_video_duration"),
+    ("1.5 s for one video", body(video_url=VID, input_video_duration=1.5), "input_video_duration"),
+    ("3.9 s for a flat and a content video", body(video_url=VID, content=[item("video", VID)],
+                                                  input_video_duration=3.9), "input_video_duration"),
+    # counts come before per-item checks: the error is the count, whatever the items hold
+    ("10 bad image URLs", body(image_urls=["ftp://x/a.png"] * 10), "image_urls"),
+    ("10 image URLs that are not strings", body(image_urls=[7] * 10), "image_urls"),
+    ("4 video data: URIs", body(video_urls=["data:video/mp4;base64,AAAA"] * 4), "video_urls"),
+    ("13 content items, a bad URL first", body(content=[item("image", "ftp://x")] + [item("image", IMG)] * 12),
+     "content"),
+    ("4 audio items with image data: URIs", body(image_url=IMG, content=[item("audio", "data:image/png;base64,A")] * 4),
+     "content"),
+    ("video_durations too many, bad items", body(video_url=VID, video_durations=["x", -1]), "video_durations"),
 ]
 
 
@@ -244,3 +267,98 @@ def test_body_is_not_modified():
     snapshot = repr(payload)
     validate(payload, PRICING)
     assert repr(payload) == snapshot
+
+
+class Touched(list):
+    """A list that counts the items validation reads from it."""
+
+    read = 0
+
+    def __iter__(self):
+        for value in super().__iter__():
+            self.read += 1
+            yield value
+
+
+@pytest.mark.parametrize("field, entry, param", [
+    ("image_urls", IMG, "image_urls"),
+    ("image_urls", "ftp://not-checked", "image_urls"),
+    ("video_urls", "data:video/mp4;base64,AAAA", "video_urls"),
+    ("content", item("image", IMG), "content"),
+    ("content", item("image", "data:image/png;base64," + "A" * 100), "content"),
+], ids=["urls", "bad urls", "video data URIs", "content items", "content data URIs"])
+def test_a_million_items_are_refused_after_reading_a_few(field, entry, param):
+    items = Touched([entry] * 1_000_000)
+    with pytest.raises(ValidationError) as err:
+        validate(body(**{field: items}), PRICING)
+    assert err.value.param == param
+    assert items.read <= MAX_MEDIA_ITEMS + 1
+
+
+def test_text_items_are_walked_without_per_item_errors():
+    items = Touched([{"type": "text", "text": "slowly"}] * 10_000 + [item("image", IMG)])
+    assert validate(body(content=items), PRICING).reference_videos == 0
+    assert items.read == 10_001
+
+
+# --- strict JSON ------------------------------------------------------------------------------------
+
+REPEATED = [
+    ("top level", b'{"model": "a", "model": "b"}'),
+    ("nested object", b'{"content": [{"type": "image_url", "image_url": {"url": "x", "url": "y"}}]}'),
+    ("second object of an array", b'[{"x": 1}, {"x": 2, "x": 3}]'),
+    ("deep", b'{"a": {"b": {"c": {"d": 1, "d": 1}}}}'),
+    ("same value", b'{"a": 1, "a": 1}'),
+    ("escaped spelling", b'{"prompt": "x", "\\u0070rompt": "y"}'),
+    ("key with a colon", b'{"k:": 1, "k:": 2}'),
+    ("key with an escaped quote", b'{"a\\"": 1, "a\\"": 2}'),
+    ("dropped value with colons", b'{"a": "b:c:d", "a": "e"}'),
+    ("escaped colons make up for dropped ones", b'{"a": "b:", "a": "\\u003a\\u003a"}'),
+    ("dropped subtree", b'{"a": {"x": 1, "y": 2}, "a": 3}'),
+    ("after whitespace", b'{ "a" : 1 ,\n "a"\t: 2 }'),
+    ("non-ASCII key", '{"prompté": 1, "prompté": 2}'.encode()),
+]
+NOT_REPEATED = [
+    ("colons in values", b'{"u": "https://x.example/a.png", "r": "16:9", "t": "a: b: c"}'),
+    ("same key in sibling objects", b'[{"type": "text"}, {"type": "text"}]'),
+    ("same key nested", b'{"a": {"a": {"a": 1}}}'),
+    ("escaped colon", b'{"a": "\\u003a", "b": "x"}'),
+    ("escaped backslash before u", b'{"a": "\\\\u003a", "b": 1}'),
+    ("keys that differ by an escape", b'{"a": 1, "\\u0062": 2}'),
+    ("key that is a prefix", b'{"a": 1, "a:": 2, "aa": 3}'),
+    ("empty containers", b'{"a": {}, "b": [], "c": [{}]}'),
+    ("scalars", b'[1, "x", null, true]'),
+]
+
+
+@pytest.mark.parametrize("raw", [c[1] for c in REPEATED], ids=[c[0] for c in REPEATED])
+def test_a_repeated_key_is_invalid_json(raw):
+    with pytest.raises(InvalidJSON) as err:
+        loads_strict(raw)
+    assert (err.value.code, err.value.status) == ("invalid_json", 400)
+
+
+@pytest.mark.parametrize("raw", [c[1] for c in NOT_REPEATED], ids=[c[0] for c in NOT_REPEATED])
+def test_keys_without_repeats_parse_as_json_does(raw):
+    assert loads_strict(raw) == orjson.loads(raw)
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b'{"a": NaN}', b'{"a": 1} x', b"\xef\xbb\xbf{}", b"{'a': 1}"])
+def test_malformed_json_is_invalid_json(raw):
+    with pytest.raises(InvalidJSON):
+        loads_strict(raw)
+
+
+def test_a_create_with_a_repeated_key_is_refused_before_validation():
+    raw = orjson.dumps(body())[:-1] + b', "model": "no-such-model"}'
+    with pytest.raises(InvalidJSON):
+        check(raw, PRICING)
+
+
+def test_body_hash_is_the_canonical_sha256_whatever_the_spelling():
+    a = check(b'{"model": "doubao-seedance-2.0", "prompt": "a fox", "duration": 5}', PRICING)
+    b = check(b'{"duration":5,\n "prompt":"a \\u0066ox","model":"doubao-seedance-2.0"}', PRICING)
+    assert a == b
+    assert a.body_hash == hashlib.sha256(orjson.dumps({"duration": 5, "model": M, "prompt": "a fox"},
+                                                      option=orjson.OPT_SORT_KEYS)).hexdigest()
+    assert a.request == validate(body(prompt="a fox", duration=5), PRICING)

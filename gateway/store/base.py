@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
@@ -9,6 +10,7 @@ from ..config import UpstreamKey
 from ..errors import RecordRejected
 from ..keypool import KeyHealth
 from ..quota import Counters, RateState, Rejection, Subject
+from .outbox import Item, Outbox
 
 PENDING = "pending"
 UNKNOWN = "unknown"  # forwarded, outcome unknown: charged at its estimate until an operator resolves it
@@ -98,7 +100,7 @@ class Usage:
     in_flight: int = 0
 
 
-class Store(Protocol):
+class Store(Outbox, Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> None:
@@ -127,11 +129,12 @@ class Store(Protocol):
     async def fail_create(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> None:
         """Forwarded, but no task to track: release the reservation and slots; keep the outcome for replay."""
 
-    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> Task:
+    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None,
+                           items: Sequence[Item] = ()) -> Task:
         """A forwarded create whose outcome is unknown: its estimate becomes its cost (spent, flagged
         estimated), its slots are freed, and the idempotency claim is completed with `reply` (left
         claimed when None, so no retry pays twice). Only a pending create changes; any other row is
-        answered as it is. NotFound when there is no such rid."""
+        answered as it is. NotFound when there is no such rid. The outbox `items` are written with the change."""
 
     # tasks
     async def get_task(self, task_id: str) -> Task | None: ...
@@ -140,9 +143,11 @@ class Store(Protocol):
 
     async def set_status(self, task_id: str, status: str, now: float) -> None: ...
     async def settle(self, task_id: str, status: str, billed_ms: int, cost_micros: int,
-                     estimated: bool, final_body: bytes | None, now: float) -> Task | None:
+                     estimated: bool, final_body: bytes | None, now: float,
+                     items: Sequence[Item] = ()) -> Task | None:
         """Replace the reservation by the actual cost exactly once; None when already settled.
-        Applies whole or not at all: a figure out of range raises RecordRejected and changes nothing."""
+        Applies whole or not at all: a figure out of range raises RecordRejected and changes nothing.
+        The outbox `items` (outbox.py) are written in the same step, only by the call that settles."""
 
     async def resolve_unknown(self, ref: str, billed_ms: int, cost_micros: int, now: float) -> Task:
         """An operator's figures for an `unknown` row (by task id or rid): the spent counters move by the

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict
 from typing import Any, TypeVar, get_args, get_type_hints
 
@@ -39,6 +39,8 @@ from ..errors import IdempotencyConflict, StoreUnavailable
 from ..keypool import KeyHealth
 from ..quota import WINDOW_S, Counters, RateState, Rejection, Subject, check, state_of
 from .base import IDEM_TTL_S, TASK_FIELDS, Admission, IdemRecord, Task, Usage, check_figures, check_status
+from .outbox import Item
+from .outbox_redis import RedisOutbox, item_args
 from .redis_calls import RedisCalls, RedisLink
 from .redis_scripts import PRELUDE, SCRIPTS
 from .redis_url import CLUSTER, parse_url
@@ -98,7 +100,7 @@ def _limits(s: Subject) -> list[Any]:
             lim.budget_micros, video_ms]
 
 
-class RedisStore:
+class RedisStore(RedisOutbox):
     """`wait_replica`: acknowledge writes only once a replica has them (WAIT 1); None: as the URL says
     (`?wait_replica=`, else yes for a Sentinel deployment, whose master has replicas to fail over to).
     `connection_class` (a server URL only) lets a test see every round trip."""
@@ -235,9 +237,10 @@ class RedisStore:
     async def fail_create(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> None:
         await self._eval("fail_create", rid, repr(now), *(("1", *reply) if reply is not None else ("", 0, b"")))
 
-    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> Task:
+    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None,
+                           items: Sequence[Item] = ()) -> Task:
         answer = ("1", *reply) if reply is not None else ("", 0, b"")
-        return _task(await self._eval("mark_unknown", rid, repr(float(now)), *answer))
+        return _task(await self._eval("mark_unknown", rid, repr(float(now)), *answer, *item_args(items)))
 
     # tasks
 
@@ -251,12 +254,13 @@ class RedisStore:
         await self._eval("set_status", task_id, status, repr(now))
 
     async def settle(self, task_id: str, status: str, billed_ms: int, cost_micros: int,
-                     estimated: bool, final_body: bytes | None, now: float) -> Task | None:
+                     estimated: bool, final_body: bytes | None, now: float,
+                     items: Sequence[Item] = ()) -> Task | None:
         check_status(status)
         check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
         body = ("1", final_body) if final_body is not None else ("", b"")
         return _task(await self._eval("settle", task_id, status, billed_ms, cost_micros, int(estimated),
-                                      repr(float(now)), *body))
+                                      repr(float(now)), *body, *item_args(items)))
 
     async def resolve_unknown(self, ref: str, billed_ms: int, cost_micros: int, now: float) -> Task:
         check_figures(billed_ms=billed_ms, cost_micros=cost_micros)

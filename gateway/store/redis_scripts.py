@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ..quota import WINDOW_S
 from .base import MAX_COUNTER, MAX_FIGURE
+from .outbox_redis import OUTBOX_LUA, OUTBOX_SCRIPTS
 
 # Shared by every script. ARGV[1] is the key prefix; the scripts' own arguments follow it.
 # A script that errors is not rolled back: each checks everything it is given before its first write,
@@ -98,7 +99,7 @@ local function finish_idem(t, status, body)
   local k = ikey(t.team, t.idem_key)
   if redis.call('EXISTS', k) == 1 then redis.call('HSET', k, 'done', 1, 'status', status, 'body', body) end
 end
-"""
+""" + OUTBOX_LUA
 
 # ARGV: the admission as JSON (RedisStore.admit: figures and times as strings), then the task's bytes
 #   fields as name/value pairs (they may hold any byte, which JSON cannot carry).
@@ -267,10 +268,12 @@ return redis.call('HGETALL', tkey(rid))
 """
 
 # ARGV: task_id or rid, status, billed ms, cost micros, estimated 0|1, now, '1' when a body follows,
-#   final body → the settled task's field/value pairs, or nil when it was settled already
+#   final body, then the outbox items (outbox_redis.py) → the settled task's field/value pairs, or nil
+#   when it was settled already
 SETTLE = """
 local billed, cost, now = figure(ARGV[4]), figure(ARGV[5]), tonumber(ARGV[7])
-if not billed or not cost or not now or ARGV[3] == '' or (ARGV[6] ~= '0' and ARGV[6] ~= '1') then
+if not billed or not cost or not now or ARGV[3] == '' or (ARGV[6] ~= '0' and ARGV[6] ~= '1')
+    or not outbox_ok(10) then
   return redis.error_reply('REJECTED settlement')
 end
 local rid = redis.call('HGET', P .. 'tid', ARGV[2]) or ARGV[2]
@@ -284,14 +287,15 @@ redis.call('HSET', k, 'status', ARGV[3], 'billed_ms', ARGV[4], 'cost_micros', AR
            'cost_estimated', ARGV[6], 'settled_at', ARGV[7], 'updated_at', ARGV[7])
 if ARGV[8] == '1' then redis.call('HSET', k, 'final_body', ARGV[9]) else redis.call('HDEL', k, 'final_body') end
 redis.call('ZREM', P .. 'due', rid)
+outbox_add(10)
 return redis.call('HGETALL', k)
 """
 
-# ARGV: rid, now, '1' when a reply follows, reply status, reply body → the row's field/value pairs.
-#   Only a pending create changes: its estimate becomes its cost, its slots are freed.
+# ARGV: rid, now, '1' when a reply follows, reply status, reply body, then the outbox items → the row's
+#   field/value pairs. Only a pending create changes: its estimate becomes its cost, its slots are freed.
 MARK_UNKNOWN = """
 local rid, now = ARGV[2], tonumber(ARGV[3])
-if not now then return redis.error_reply('REJECTED time') end
+if not now or not outbox_ok(7) then return redis.error_reply('REJECTED time') end
 local t = core(rid)
 if not t then return redis.error_reply('NOTFOUND') end
 local k = tkey(rid)
@@ -304,6 +308,7 @@ redis.call('HSET', k, 'status', 'unknown', 'billed_ms', t.estimate_ms, 'cost_mic
            'cost_estimated', 1, 'settled_at', ARGV[3], 'updated_at', ARGV[3])
 redis.call('ZREM', P .. 'due', rid)
 if ARGV[4] == '1' then finish_idem(t, ARGV[5], ARGV[6]) end
+outbox_add(7)
 return redis.call('HGETALL', k)
 """
 
@@ -422,4 +427,4 @@ SCRIPTS = {"clock": CLOCK, "admit": ADMIT, "cancel": CANCEL, "acquire_key": ACQU
            "record_created": RECORD_CREATED, "fail_create": FAIL_CREATE, "get": GET,
            "get_record": GET_RECORD, "set_status": SET_STATUS, "settle": SETTLE, "mark_unknown": MARK_UNKNOWN,
            "resolve": RESOLVE, "list": LIST, "mark_deleted": MARK_DELETED, "due": DUE, "defer": DEFER,
-           "prune": PRUNE}
+           "prune": PRUNE, **OUTBOX_SCRIPTS}

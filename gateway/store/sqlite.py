@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +17,8 @@ from ..errors import DuplicateTaskId, IdempotencyConflict, NotFound, StoreUnavai
 from ..keypool import KeyHealth
 from ..quota import WINDOW_S, RateState, Rejection, Subject, check, rate_state
 from .base import IDEM_TTL_S, PENDING, UNKNOWN, Admission, IdemRecord, Task, Usage, check_figures, check_status
+from .outbox import Item
+from .outbox_sqlite import SQLiteOutbox, add_items
 from .sqlite_books import Books, Windows
 from .sqlite_schema import COLS, INSERT_TASK, finish_idem, migrate, row_to_task, task_by_ref, task_by_rid, task_values
 from .writer import Writer
@@ -24,7 +26,7 @@ from .writer import Writer
 _ORDERS = {"desc": ("<", "DESC"), "asc": (">", "ASC")}  # order → (after the anchor, ORDER BY direction)
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteOutbox):
     def __init__(self, path: str, synchronous: str = "NORMAL",
                  clock: Callable[[], float] = time.time) -> None:
         self.path = path
@@ -183,7 +185,8 @@ class SQLiteStore:
         await self._do(op)
         await self.release_key(rid)
 
-    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> Task:
+    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None,
+                           items: Sequence[Item] = ()) -> Task:
         def op(c: sqlite3.Connection) -> tuple[Task, bool]:
             t = task_by_rid(c, rid)
             if t is None:
@@ -197,6 +200,7 @@ class SQLiteStore:
                       "updated_at=? WHERE rid=?", (UNKNOWN, t.estimate_ms, t.estimate_micros, now, now, rid))
             if reply is not None:
                 finish_idem(c, rid, reply)
+            add_items(c, items)
             t.status, t.billed_ms, t.cost_micros, t.cost_estimated = UNKNOWN, t.estimate_ms, t.estimate_micros, True
             t.settled_at = t.updated_at = now
             return t, True
@@ -222,7 +226,8 @@ class SQLiteStore:
             (status, now, task_id)))
 
     async def settle(self, task_id: str, status: str, billed_ms: int, cost_micros: int,
-                     estimated: bool, final_body: bytes | None, now: float) -> Task | None:
+                     estimated: bool, final_body: bytes | None, now: float,
+                     items: Sequence[Item] = ()) -> Task | None:
         check_status(status)
         check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
 
@@ -240,6 +245,7 @@ class SQLiteStore:
             c.execute("UPDATE tasks SET status=?, billed_ms=?, cost_micros=?, cost_estimated=?, "
                       "settled_at=?, updated_at=?, final_body=? WHERE rid=?",
                       (status, billed_ms, cost_micros, int(estimated), now, now, final_body, t.rid))
+            add_items(c, items)
             t.status, t.billed_ms, t.cost_micros, t.cost_estimated = status, billed_ms, cost_micros, estimated
             t.settled_at = t.updated_at = now
             t.final_body = final_body

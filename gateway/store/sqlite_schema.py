@@ -7,8 +7,9 @@ import sqlite3
 
 from ..errors import StoreUnavailable
 from .base import TASK_FIELDS, Task
+from .outbox_sqlite import SCHEMA as OUTBOX_SCHEMA
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS = {
     1: """
     CREATE TABLE tasks (
@@ -40,6 +41,7 @@ MIGRATIONS = {
     ALTER TABLE tasks ADD COLUMN meta BLOB;
     ALTER TABLE tasks ADD COLUMN deleted_at REAL;
     """,
+    3: OUTBOX_SCHEMA,
 }
 COLS = ", ".join(TASK_FIELDS)
 INSERT_TASK = f"INSERT INTO tasks ({COLS}) VALUES ({', '.join('?' * len(TASK_FIELDS))})"

@@ -164,7 +164,7 @@ class Gateway(Process):
                                 "upstream": upstream, "store": {"url": store},
                                 "poller": {"interval_s": 1}, "teams": self.teams, "users": users}
         for section, values in self.extra.items():
-            data[section] = {**data.get(section, {}), **values}
+            data[section] = values if isinstance(values, list) else {**data.get(section, {}), **values}
         return data
 
     def write_config(self) -> None:

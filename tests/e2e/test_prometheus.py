@@ -33,6 +33,7 @@ from tests.e2e.harness import (
     wait_http,
     wait_until,
 )
+from tests.e2e.webhook_receiver import Receiver, new_secret
 
 CREATE = "/videos/generations"
 FAST = "doubao-seedance-2.0-fast"
@@ -45,7 +46,8 @@ SAMPLES = [f"tokenhub_gateway_{n}" for n in (
     "upstream_duration_seconds_bucket", "tasks_created_total", "tasks_finished_total",
     "task_duration_seconds_bucket", "tasks_in_flight", "video_seconds_total", "spend_usd_total", "budget_usd",
     "budget_remaining_usd", "quota_rejections_total", "validation_errors_total", "upstream_key_state",
-    "overhead_seconds_bucket", "poller_backlog")]
+    "overhead_seconds_bucket", "poller_backlog", "webhook_deliveries_total", "webhook_backlog",
+    "archive_bytes_total", "archive_failures_total")]
 
 
 # ---- Prometheus -------------------------------------------------------------------------------------------
@@ -158,8 +160,9 @@ class Workload:
 
 
 def run_workload(gw: Gateway, sim: Any, w: Workload) -> None:
-    # successes on both teams, several models and resolutions
+    # successes on both teams, several models and resolutions; one video too large for the archive
     w.create("alice")
+    w.create("alice", "sim:seconds=0.5 sim:bytes=200001")
     w.create("alice", model=FAST, resolution="480p", duration=4)
     w.create("alice", resolution="480p")
     w.create("bob")  # $1.00 of blue's $1.50
@@ -231,13 +234,17 @@ def allowed_routes() -> set[str]:
 
 def test_dashboards_against_real_prometheus(make_gateway, sim, tmp_path):
     binary = require_binary("prometheus")
+    secret = new_secret()
+    receiver = Receiver(secret).__enter__()  # every terminal task is announced to it (webhook panels)
     gw = make_gateway(
         teams={"red": {"budget_usd": 100}, "blue": {"budget_usd": 1.5}},
         users={"alice": {"team": "red"}, "bob": {"team": "blue"}},
         keys=[{"name": "key-a"}, {"name": "key-b"}],
-        extra={"server": {"metrics_token_env": "GATEWAY_METRICS_TOKEN"}},
+        extra={"server": {"metrics_token_env": "GATEWAY_METRICS_TOKEN"},
+               "webhooks": [{"name": "render-farm", "url": receiver.url, "secret_env": "WEBHOOK_SECRET"}],
+               "archive": {"dir": str(tmp_path / "videos"), "max_bytes_per_video": 200_000}},
         start=False)
-    gw.env["GATEWAY_METRICS_TOKEN"] = METRICS_TOKEN
+    gw.env.update(GATEWAY_METRICS_TOKEN=METRICS_TOKEN, WEBHOOK_SECRET=secret)
     gw.start()
 
     # /metrics needs the token
@@ -256,6 +263,9 @@ def test_dashboards_against_real_prometheus(make_gateway, sim, tmp_path):
         final = w.settle_all()
         assert list(final.values()).count("succeeded") >= 5, final
         assert {"failed", "cancelled"} <= set(final.values()), final
+        wait_until(lambda: len(receiver.delivered()) >= len(final), 15)
+        wait_until(lambda: 'tokenhub_gateway_archive_failures_total{reason="too_large"} 1.0' in httpx.get(
+            gw.url + "/metrics", headers=auth, timeout=5).text, 10)
 
         # the ledger, once every task is settled
         rows = gw.admin("GET", "/admin/usage").json()["data"]
@@ -329,3 +339,4 @@ def test_dashboards_against_real_prometheus(make_gateway, sim, tmp_path):
         assert values.get("team", set()) <= {"red", "blue", ""}, values.get("team")
     finally:
         prom.stop()
+        receiver.__exit__()

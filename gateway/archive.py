@@ -1,0 +1,265 @@
+"""The video archive (SPEC §12): a succeeded task's video and cover copied from TokenHub's expiring URLs into
+the gateway's own storage, served from there, and deleted after the retention period.
+
+Settling a task as succeeded leaves one "archive" item in the outbox (store/outbox.py) in the same step; one
+replica at a time holds its lease and copies both files, streaming with bounded memory and checking the byte
+count. A failed copy is retried with back-off (5 s doubling, capped at 10 min) until TokenHub's URL answers
+403/404/410 or 24 h have passed. Failures are counted by reason and logged, never shown to API clients."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+import structlog
+
+from .archive_store import Backend, StoreFailed, open_backend
+from .config import ArchiveSettings
+from .errors import GatewayError
+from .metrics import Metrics
+from .store.base import Store, Task
+from .store.outbox import ARCHIVE_TOPIC, ArchivedFile, Item
+
+FIRST_RETRY_S, MAX_RETRY_S = 5.0, 600.0
+WINDOW_S = 24 * 3600.0
+LEASE_S = 30 * 60.0  # longer than a copy of the largest file takes; then another replica may copy it
+COPIES_AT_ONCE = 2  # per topic, across replicas
+TICK_S = 1.0
+RETENTION_EVERY_S = 600.0
+CHUNK = 256 * 1024
+GONE = frozenset({403, 404, 410})  # TokenHub's signed URL has expired
+COVER_TYPES = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
+_SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+class CopyFailed(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason  # a label of archive_failures_total
+
+
+def segment(name: str) -> str:
+    """A team name or task id as one safe path segment (an id from TokenHub is not trusted to be one)."""
+    return name if _SAFE.fullmatch(name) and ".." not in name else "x-" + hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
+def archive_item(task: Task, data: dict, now: float) -> Item | None:
+    """The outbox item for a succeeded task's files, or None when TokenHub's answer names none."""
+    results = data.get("data")
+    first = results[0] if isinstance(results, list) and results and isinstance(results[0], dict) else {}
+    urls = {v: first.get(k) for v, k in (("video", "video_url"), ("cover", "cover_image_url"))}
+    urls = {v: u for v, u in urls.items() if isinstance(u, str) and u.startswith(("http://", "https://"))}
+    if not urls or not task.task_id:
+        return None
+    payload = {"task_id": task.task_id, "team": task.team, "urls": urls}
+    return Item("arc_" + hashlib.sha256(task.task_id.encode()).hexdigest()[:24], ARCHIVE_TOPIC,
+                orjson.dumps(payload), now)
+
+
+def file_key(team: str, task_id: str, variant: str, content_type: str, url: str) -> str:
+    if variant == "video":
+        name = "video.mp4"
+    else:
+        ext = COVER_TYPES.get(content_type) or urlsplit(url).path.rpartition(".")[2].lower()
+        name = "cover." + (ext if ext.isalnum() and len(ext) <= 5 else "img")
+    return f"{segment(team)}/{segment(task_id)}/{name}"
+
+
+def retry_in_s(attempts: int) -> float:
+    return min(MAX_RETRY_S, FIRST_RETRY_S * 2 ** min(max(0, attempts - 1), 20))
+
+
+@dataclass
+class Served:
+    """What `Archive.open_range` answers: a status (200, 206, 416), headers, and the body's chunks."""
+
+    status: int
+    headers: dict[str, str]
+    body: AsyncIterator[bytes] | None = None
+    file: ArchivedFile | None = field(default=None, repr=False)
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None | str:
+    """One `bytes=` range → (start, end) exclusive; None: the whole file; "unsatisfiable": 416."""
+    m = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
+    if m is None or not (m[1] or m[2]) or (m[1] and m[2] and int(m[2]) < int(m[1])):
+        return None
+    if not m[1]:
+        return (max(0, size - int(m[2])), size) if int(m[2]) > 0 and size > 0 else "unsatisfiable"
+    start, end = int(m[1]), min(size, int(m[2]) + 1) if m[2] else size
+    return (start, end) if start < size else "unsatisfiable"
+
+
+class Archive:
+    def __init__(self, settings: ArchiveSettings, backend: Backend, store: Store, metrics: Metrics,
+                 clock: Callable[[], float], window_s: float = WINDOW_S,
+                 retention_every_s: float = RETENTION_EVERY_S) -> None:
+        self.settings, self.backend, self.store, self.metrics, self.clock = settings, backend, store, metrics, clock
+        self.window_s, self.retention_every_s = window_s, retention_every_s
+        self.log = structlog.get_logger("gateway.archive")
+        self._wake, self._stop = asyncio.Event(), asyncio.Event()
+        self._copies: set[asyncio.Task] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._next_retention = 0.0
+
+    # serving
+
+    async def open_range(self, task: Task, variant: str, range_header: str | None) -> Served | None:
+        """An archived file of the task ("video" or "cover") with one `Range` answered; None when not archived."""
+        f = next((f for f in await self.store.archive_files(task.task_id or "") if f.variant == variant), None)
+        if f is None:
+            return None
+        headers = {"Accept-Ranges": "bytes", "Content-Type": f.content_type}
+        wanted = byte_range(range_header, f.size)
+        if wanted == "unsatisfiable":
+            return Served(416, {**headers, "Content-Range": f"bytes */{f.size}"}, None, f)
+        start, end = wanted if isinstance(wanted, tuple) else (0, f.size)
+        if isinstance(wanted, tuple):
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{f.size}"
+        headers["Content-Length"] = str(end - start)
+        return Served(206 if isinstance(wanted, tuple) else 200, headers, self.backend.read(f.key, start, end), f)
+
+    def expires_at(self, files: list[ArchivedFile]) -> float | None:
+        """When retention deletes the task's files (for the Video object's `expires_at`)."""
+        return min(f.archived_at for f in files) + self.settings.retention_days * 86400 if files else None
+
+    async def delete(self, task_id: str) -> None:
+        """Remove a task's archived files (a video deleted in the OpenAI shape)."""
+        for f in await self.store.archive_files(task_id):
+            await self.backend.delete(f.key)
+            await self.store.archive_forget(f.task_id, f.variant)
+
+    # copying
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=60),
+            cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                await self._guarded(self._claim())
+                if self.clock() >= self._next_retention:
+                    self._next_retention = self.clock() + self.retention_every_s
+                    await self._guarded(self.apply_retention())
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=TICK_S)
+                except TimeoutError:
+                    pass
+        finally:
+            for job in list(self._copies):
+                job.cancel()  # its lease runs out and the copy is taken up again
+            await asyncio.gather(*self._copies, return_exceptions=True)
+            await self._session.close()
+
+    async def _guarded(self, work: object) -> None:
+        try:
+            await work  # type: ignore[misc]
+        except GatewayError as exc:
+            self.log.warning("archive.store_failed", error_code=exc.code)
+        except Exception:  # noqa: BLE001 - the loop must outlive any one bad step
+            self.log.exception("archive.step_crashed")
+
+    async def _claim(self) -> None:
+        if len(self._copies) >= COPIES_AT_ONCE:
+            return
+        for item in await self.store.outbox_claim(ARCHIVE_TOPIC, COPIES_AT_ONCE, await self.store.now(), LEASE_S):
+            job = asyncio.ensure_future(self._guarded(self.copy(item)))
+            self._copies.add(job)
+            job.add_done_callback(lambda j: (self._copies.discard(j), self._wake.set()))
+
+    async def copy(self, item: Item) -> None:
+        job = orjson.loads(item.payload)
+        done = {f.variant for f in await self.store.archive_files(job["task_id"])}
+        failure: CopyFailed | None = None
+        for variant, url in job["urls"].items():
+            if variant in done:
+                continue
+            try:
+                await self._copy_file(job, variant, url)
+            except CopyFailed as exc:
+                self.metrics.child(self.metrics.archive_failures, exc.reason).inc()
+                self.log.warning("archive.copy_failed", task_id=job["task_id"], variant=variant,
+                                 reason=exc.reason, detail=str(exc), attempt=item.attempts)
+                if exc.reason not in ("too_large", "expired"):  # those two never get better
+                    failure = exc
+        await self._settle(item, failure)
+
+    async def _settle(self, item: Item, failure: CopyFailed | None) -> None:
+        now = await self.store.now()
+        if failure is None:
+            await self.store.outbox_done(item, now)
+        elif now >= item.created_at + self.window_s:
+            self.metrics.child(self.metrics.archive_failures, "expired").inc()
+            await self.store.outbox_give_up(item, str(failure), now)
+        else:
+            await self.store.outbox_retry(item, now + retry_in_s(item.attempts), str(failure), now)
+
+    async def _copy_file(self, job: dict, variant: str, url: str) -> None:
+        limit = self.settings.max_bytes_per_video
+        try:
+            async with self._session.get(url, allow_redirects=True, max_redirects=3) as resp:
+                if resp.status in GONE:
+                    raise CopyFailed("expired", f"TokenHub's URL answered {resp.status}")
+                if resp.status != 200:
+                    raise CopyFailed("download_failed", f"TokenHub's URL answered {resp.status}")
+                size = resp.content_length
+                if size is None:
+                    raise CopyFailed("download_failed", "the answer gave no Content-Length to check against")
+                if size > limit:
+                    raise CopyFailed("too_large", f"{size} bytes is over max_bytes_per_video ({limit})")
+                content_type = resp.content_type if variant == "cover" else "video/mp4"
+                key = file_key(job["team"], job["task_id"], variant, content_type, url)
+                await self.backend.put(key, _exactly(resp.content.iter_chunked(CHUNK), size), content_type)
+        except (aiohttp.ClientError, TimeoutError, ShortRead) as exc:
+            raise CopyFailed("download_failed", f"the download failed: {exc.__class__.__name__}") from None
+        except StoreFailed as exc:
+            raise CopyFailed("store_failed", str(exc)) from None
+        await self.store.archive_record(ArchivedFile(job["task_id"], variant, key, size, content_type, self.clock()))
+        self.metrics.child(self.metrics.archive_bytes, variant).inc(size)
+        self.log.info("archive.copied", task_id=job["task_id"], variant=variant, bytes=size)
+
+    async def apply_retention(self) -> int:
+        """Delete the files archived more than `retention_days` ago (the ledger rows stay)."""
+        before, deleted = self.clock() - self.settings.retention_days * 86400, 0
+        while old := await self.store.archive_older(before, 100):
+            for f in old:
+                await self.backend.delete(f.key)
+                await self.store.archive_forget(f.task_id, f.variant)
+                deleted += 1
+        if deleted:
+            self.log.info("archive.retention", deleted=deleted)
+        return deleted
+
+
+def make_archive(settings: ArchiveSettings | None, store: Store, metrics: Metrics,
+                 clock: Callable[[], float]) -> Archive | None:
+    return Archive(settings, open_backend(settings), store, metrics, clock) if settings else None
+
+
+class ShortRead(Exception):
+    """The download ended before, or ran past, the byte count it announced."""
+
+
+async def _exactly(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
+    got = 0
+    async for chunk in chunks:
+        got += len(chunk)
+        if got > size:
+            raise ShortRead(f"more than the {size} bytes announced")
+        yield chunk
+    if got != size:
+        raise ShortRead(f"{got} of {size} bytes")

@@ -1,0 +1,96 @@
+"""uvicorn's HTTP/1.1 protocol with deadlines on a request's arrival (SPEC §4 "Slow clients").
+
+uvicorn times out an idle keep-alive connection, but not a request that arrives slowly: a client that sends
+its headers a byte at a time, or declares a body and never sends it, holds its connection for good (uvicorn
+issue #157). Here a request's headers must be complete `header_timeout_s` after its first byte (a new
+connection's clock starts when it opens), and its body `body_timeout_s` after its headers. Past either
+deadline the connection is closed, after a 408 in the gateway's error shape when no answer has started yet;
+a connection that sent nothing at all is closed without one (it may be a client's spare, opened ahead of use).
+
+The create route answers a late body itself (`routes.read_body`: a 408 in its log line); the protocol's own
+body deadline comes BODY_GRACE_S later, for handlers that never read the body they were promised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .errors import RequestTimeout
+
+BODY_GRACE_S = 1.0
+
+
+class DeadlineProtocol(HttpToolsProtocol):
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._in_request = False  # part of a request has arrived: a 408 would answer something
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._arm(self.header_timeout_s, self._headers_late)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_request = True
+        if self._deadline is None:  # on a new connection the clock has been running since it opened
+            self._arm(self.header_timeout_s, self._headers_late)
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+        self._arm(self.body_timeout_s + BODY_GRACE_S, self._body_late)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        self._in_request = False
+        super().on_message_complete()
+
+    def _arm(self, delay: float, callback: Any) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_late(self) -> None:
+        self._deadline = None
+        # still answering the request before (pipelined): a 408 would land in the middle of that answer
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if self._in_request and not answering:
+            self._send_408(f"The request headers did not arrive within {self.header_timeout_s:g} s.")
+        self.transport.close()
+
+    def _body_late(self) -> None:
+        self._deadline = None
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            self._send_408(f"The request body did not arrive within {self.body_timeout_s:g} s.")
+            cycle.disconnected = True  # whatever the handler sends later is dropped, as for a client gone
+        self.transport.close()
+
+    def _send_408(self, message: str) -> None:
+        body = RequestTimeout(message).json()
+        head = [b"HTTP/1.1 408 Request Timeout\r\n"]
+        head += [b"%s: %s\r\n" % header for header in self.server_state.default_headers]
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+                    % len(body))
+        self.transport.write(b"".join(head) + body)
+
+
+def http_protocol(header_timeout_s: float, body_timeout_s: float) -> type[asyncio.Protocol]:
+    """The protocol class for uvicorn.Config(http=...), with these deadlines."""
+    return type("DeadlineProtocol", (DeadlineProtocol,),
+                {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s})

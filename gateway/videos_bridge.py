@@ -1,0 +1,110 @@
+"""Between a stored task and OpenAI's Video object: what the OpenAI shape keeps with a task (its `meta`),
+and what it reads back from TokenHub's answers (result URLs, output seconds, ratio, error). Pure.
+
+Decisions where SPEC §11 is silent:
+
+- The meta keeps the client's model name, seconds, size, prompt and remix source; a meta that cannot be
+  read (written by a newer gateway, or damaged) shows the task as one created in the TokenHub shape.
+- A TokenHub-shape create keeps its `aspect_ratio` in the meta when it names one (TokenHub's answers do
+  not say it); without one, a ratio in TokenHub's answer (`ratio`, else `aspect_ratio`) is used, else 16:9.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .store.base import Task
+from .videos import VideoFacts
+from .videos_view import TaskFacts, facts_of_seedance
+
+META_VERSION = 1
+MAX_ERROR_CHARS = 1_000
+URL_FIELDS = {"video": "video_url", "thumbnail": "cover_image_url"}
+
+
+def encode_meta(facts: VideoFacts) -> bytes:
+    return orjson.dumps({"v": META_VERSION, "model": facts.model, "seconds": facts.seconds,
+                         "size": facts.size, "prompt": facts.prompt, "remixed_from": facts.remixed_from})
+
+
+def seedance_meta(ratio: str | None) -> bytes | None:
+    """What a TokenHub-shape create keeps for the OpenAI shape: its aspect ratio, when not the default."""
+    return orjson.dumps({"v": META_VERSION, "aspect_ratio": ratio}) if ratio not in (None, "adaptive") else None
+
+
+def decode_meta(meta: bytes | None) -> VideoFacts | None:
+    doc = _meta_doc(meta)
+    if doc is None or "model" not in doc:
+        return None
+    fields = [doc.get(name) for name in ("model", "seconds", "size", "prompt", "remixed_from")]
+    if not all(isinstance(f, str) for f in fields[:3]) or not all(f is None or isinstance(f, str) for f in fields[3:]):
+        return None
+    return VideoFacts(*fields)
+
+
+def _meta_doc(meta: bytes | None) -> dict[str, Any] | None:
+    if not meta:
+        return None
+    try:
+        doc = orjson.loads(meta)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) and doc.get("v") == META_VERSION else None
+
+
+def answer_of(body: bytes | None) -> dict[str, Any] | None:
+    """TokenHub's task answer as a dict, or None when there is none or it is not an object."""
+    if not body:
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def task_facts(task: Task, answer: dict[str, Any] | None = None) -> TaskFacts:
+    """What the Video object is built from: the stored task, and TokenHub's latest answer when known."""
+    answer = answer if answer is not None else answer_of(task.final_body) or {}
+    return TaskFacts(id=task.task_id or task.rid, status=task.status, model=task.model,
+                     resolution=task.resolution, aspect_ratio=_ratio(task, answer), duration_s=task.duration_s,
+                     created_at=task.created_at, settled_at=task.settled_at, video=decode_meta(task.meta),
+                     error_message=_error_message(answer))
+
+
+def facts_of(task: Task) -> VideoFacts:
+    """The client-facing names of a task, whichever shape created it (a remix's defaults)."""
+    return decode_meta(task.meta) or facts_of_seedance(task.model, task.duration_s, task.resolution,
+                                                       _ratio(task, answer_of(task.final_body) or {}))
+
+
+def result_url(answer: dict[str, Any] | None, variant: str) -> str | None:
+    """TokenHub's URL of a succeeded task's video ("video") or cover ("thumbnail")."""
+    items = (answer or {}).get("data")
+    item = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
+    url = item.get(URL_FIELDS[variant])
+    return url if isinstance(url, str) and url.startswith(("https://", "http://")) else None
+
+
+def output_seconds(answer: dict[str, Any] | None) -> float | None:
+    usage = (answer or {}).get("usage")
+    value = usage.get("video_duration") if isinstance(usage, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _ratio(task: Task, answer: dict[str, Any]) -> str | None:
+    kept = (_meta_doc(task.meta) or {}).get("aspect_ratio")
+    if isinstance(kept, str):
+        return kept
+    for name in ("ratio", "aspect_ratio"):
+        if isinstance(answer.get(name), str):
+            return answer[name]
+    return None
+
+
+def _error_message(answer: dict[str, Any]) -> str | None:
+    error = answer.get("error")
+    message = error.get("message") if isinstance(error, dict) else None
+    return message[:MAX_ERROR_CHARS] if isinstance(message, str) and message else None

@@ -1,0 +1,270 @@
+"""OpenAI's Videos API routes (SPEC §11): the same tasks, quotas, idempotency, ledger and polls as the
+TokenHub shape, reached through the same task flow; only the translation (videos.py) and the answers'
+shape (videos_view.py, videos_bridge.py) are this shape's own.
+
+Decisions where SPEC §11 is silent:
+
+- Retrieve, delete, content and remix read the task from the store (a deletion on another replica counts)
+  and ask TokenHub only while it is unfinished, through the same coalesced poll as the TokenHub shape.
+- A poll or cancel that TokenHub answers with a 4xx is passed through scrubbed, as in the TokenHub shape.
+- Content and remix of a failed video are 409 `video_not_ready` too: it will never have content.
+- The list is read from the gateway's records alone (no upstream call per item).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, NamedTuple
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from .archive import Served
+from .content import DownloadResponse
+from .context import Outcome, RequestContext
+from .errors import NotFound, RangeNotSatisfiable, UnsupportedParameter, UpstreamError, ValidationError, VideoNotReady
+from .quota import subjects_for
+from .routes import authenticate, ctx_of, gw, json_response, outcome_response
+from .store.base import TERMINAL, Task
+from .validation import VideoRequest, validate
+from .videos import CREATE_FIELDS, INPUT, Translation, VideoFacts, client_param, fingerprint, remix_body, to_seedance
+from .videos_bridge import answer_of, encode_meta, facts_of, output_seconds, result_url, task_facts
+from .videos_input import read_fields
+from .videos_view import STATUS, content_variant, deleted_object, poll_after_headers, video_list, video_object
+
+ARCHIVE_VARIANTS = {"video": "video", "thumbnail": "cover"}  # the OpenAI variant → the archive's file
+LARGE_UPLOAD = 1 << 20  # an upload this large is translated and checked off the event loop
+
+PARAM_LABELS = frozenset({*CREATE_FIELDS, "Idempotency-Key"})  # validation_errors{param}: bounded
+MAX_ID_ECHO = 64
+NOT_OFFERED = {"edits": "Video edits", "extensions": "Video extensions", "characters": "Characters"}
+
+
+class Prepared(NamedTuple):
+    body: dict[str, Any]
+    raw: bytes
+    req: VideoRequest
+    facts: VideoFacts
+    fingerprint: str | None
+
+
+class Latest(NamedTuple):
+    """A task as the gateway now knows it, TokenHub's latest answer, or the answer to pass through."""
+
+    task: Task
+    answer: dict[str, Any] | None
+    passed: Outcome | None = None
+
+
+async def create_video(request: Request) -> Response:
+    g = gw(request)
+    user, team = authenticate(request)
+    idem_key = _idempotency_key(request)
+    fields, upload = await read_fields(request, g.settings.server.max_body_bytes, g.settings.server.body_timeout_s,
+                                        g.large_bodies)
+    o, pricing = g.settings.openai, g.settings.pricing
+    prepared = await _prepare(g, lambda: to_seedance(fields, o.model_aliases, pricing, upload),
+                              lambda: fingerprint(fields, upload) if idem_key else None,
+                              big=upload is not None and len(upload.data) > LARGE_UPLOAD)
+    return await _admit(request, user, team, prepared, idem_key)
+
+
+async def remix_video(request: Request) -> Response:
+    g = gw(request)
+    user, team = authenticate(request)
+    ctx = ctx_of(request)
+    idem_key = _idempotency_key(request)
+    fields, upload = await read_fields(request, g.settings.server.max_body_bytes, g.settings.server.body_timeout_s,
+                                        g.large_bodies)
+    if upload is not None:
+        raise UnsupportedParameter("A remix takes no file: its reference is the original video.", param=INPUT)
+    latest = await _latest(g, await _owned_video(g, request.path_params["video_id"], team.name, ctx), ctx)
+    if latest.passed:
+        return outcome_response(latest.passed)
+    source, url = latest.task, _result_url(latest, "video")
+    await g.media.available(url)  # an expired source is 410 now, not a failed (and billed) remix later
+    o, pricing = g.settings.openai, g.settings.pricing
+    prepared = await _prepare(g, lambda: remix_body(source.task_id, facts_of(source), url, fields, o.model_aliases,
+                                                    pricing, output_seconds(latest.answer)),
+                              lambda: fingerprint(fields, remix_of=source.task_id) if idem_key else None)
+    return await _admit(request, user, team, prepared, idem_key)
+
+
+async def get_video(request: Request) -> Response:
+    g = gw(request)
+    user, team = authenticate(request)
+    ctx = ctx_of(request)
+    latest = await _latest(g, await _owned_video(g, request.path_params["video_id"], team.name, ctx), ctx)
+    if latest.passed:
+        return outcome_response(latest.passed)
+    headers = {**poll_after_headers(latest.task.status, g.settings.openai.poll_after_ms),
+               **await g.tasks.rate_headers(subjects_for(user, team, g.clock()))}
+    facts = task_facts(latest.task, latest.answer)
+    if g.archive is not None and latest.task.status == "succeeded":
+        facts = replace(facts, archived_until=g.archive.expires_at(await g.store.archive_files(latest.task.task_id)))
+    return json_response(video_object(facts, g.clock()), 200, headers)
+
+
+def archived_response(served: Served) -> Response:
+    """An archived file (or one range of it), streamed from the archive."""
+    if served.status == 416:
+        raise RangeNotSatisfiable("The requested range is outside the video.",
+                                  headers={"Content-Range": served.headers.get("Content-Range", "")})
+    if served.body is None:
+        return Response(b"", served.status, served.headers)
+    return StreamingResponse(served.body, served.status, served.headers)
+
+
+async def list_videos(request: Request) -> Response:
+    g = gw(request)
+    _, team = authenticate(request)
+    q = request.query_params
+    limit = _query_int(q.get("limit"), "limit", 20, 1, 100)
+    order = q.get("order") or "desc"
+    if order not in ("asc", "desc"):
+        raise ValidationError("order must be asc or desc.", param="order")
+    tasks, more = await g.store.list_tasks(team.name, limit, q.get("after") or None, None, order=order,
+                                           include_deleted=False)
+    now = g.clock()
+    return json_response(video_list([video_object(task_facts(t), now) for t in tasks], more))
+
+
+async def delete_video(request: Request) -> Response:
+    g = gw(request)
+    _, team = authenticate(request)
+    ctx = ctx_of(request)
+    latest = await _latest(g, await _owned_video(g, request.path_params["video_id"], team.name, ctx), ctx)
+    if latest.passed:
+        return outcome_response(latest.passed)
+    task = latest.task
+    if task.status == "queued":
+        cancelled = await g.polls.cancel(task, ctx)
+        if cancelled.status not in (200, 409):
+            return outcome_response(cancelled)
+    if task.status not in TERMINAL:  # TokenHub answers 409 to a cancel once the task has started
+        raise VideoNotReady("The video is in progress: it cannot be stopped and will be billed. "
+                            "Delete it once it has completed or failed.")
+    await g.store.mark_deleted(task.task_id, g.clock())
+    if g.archive is not None:
+        await g.archive.delete(task.task_id)
+    return json_response(deleted_object(task.task_id))
+
+
+async def video_content(request: Request) -> Response:
+    g = gw(request)
+    _, team = authenticate(request)
+    ctx = ctx_of(request)
+    variant = content_variant(request.query_params.get("variant"))
+    task = await _owned_video(g, request.path_params["video_id"], team.name, ctx)
+    if g.archive is not None and task.status == "succeeded":
+        served = await g.archive.open_range(task, ARCHIVE_VARIANTS[variant], request.headers.get("range"))
+        if served is not None:
+            return archived_response(served)
+    latest = await _latest(g, task, ctx)
+    if latest.passed:
+        return outcome_response(latest.passed)
+    download = await g.media.open(_result_url(latest, variant), request.headers.get("range"), ctx)
+    if variant == "video" and not download.headers["content-type"].startswith("video/"):
+        download.headers["content-type"] = "video/mp4"
+    return DownloadResponse(download)
+
+
+def not_offered(feature: str) -> Callable[[Request], Any]:
+    async def endpoint(request: Request) -> Response:
+        raise NotFound(f"{NOT_OFFERED[feature]} are not offered: Seedance has no equivalent through this gateway.",
+                       code="route_not_found")
+    return endpoint
+
+
+async def _admit(request: Request, user: Any, team: Any, p: Prepared, idem_key: str | None) -> Response:
+    """The task flow's create, shared with the TokenHub shape; its answer as a Video object."""
+    g, ctx = gw(request), ctx_of(request)
+    ctx.model, ctx.resolution, ctx.duration_s = p.req.model, p.req.resolution, p.req.duration_s
+    outcome = await g.tasks.create(user, team, p.fingerprint, p.raw, p.req, idem_key, ctx,
+                                   meta=encode_meta(p.facts))
+    if not 200 <= outcome.status < 300:  # refused by TokenHub, or unknown: passed through as is
+        return outcome_response(outcome)
+    task = await g.polls.owned((answer_of(outcome.body) or {}).get("id", ""), team.name)
+    headers = {**outcome.headers, **poll_after_headers(task.status, g.settings.openai.poll_after_ms)}
+    return json_response(video_object(task_facts(task), g.clock()), 200, headers)
+
+
+async def _prepare(g: Any, translate: Callable[[], Translation], fingerprint_of: Callable[[], str | None],
+                   big: bool = False) -> Prepared:
+    """Translate, validate (§4) and fingerprint; off the event loop when an upload makes it large."""
+    try:
+        if not big:
+            return _prepared(translate, fingerprint_of, g.settings.pricing)
+        async with g.large_uploads:
+            return await asyncio.to_thread(_prepared, translate, fingerprint_of, g.settings.pricing)
+    except ValidationError as exc:
+        label = "body" if exc.param is None else exc.param if exc.param in PARAM_LABELS else "other"
+        g.metrics.validation_errors.labels(label).inc()
+        raise
+
+
+def _prepared(translate: Callable[[], Translation], fingerprint_of: Callable[[], str | None],
+              pricing: Any) -> Prepared:
+    t = translate()
+    try:
+        req = validate(t.body, pricing)
+    except ValidationError as exc:
+        exc.param = client_param(exc.param)
+        raise
+    return Prepared(t.body, orjson.dumps(t.body), req, t.facts, fingerprint_of())
+
+
+async def _owned_video(g: Any, video_id: str, team: str, ctx: RequestContext) -> Task:
+    """The team's task, read from the store (so a deletion anywhere counts), else 404."""
+    stored = await g.store.get_task(video_id)
+    if stored is not None:
+        g.polls.records[video_id] = stored
+    try:
+        task = await g.polls.owned(video_id, team)
+    except NotFound:
+        task = None
+    if task is None or task.deleted_at is not None:
+        raise NotFound(f"No video {video_id[:MAX_ID_ECHO]!r} for this team.", param="video_id")
+    ctx.task_id, ctx.model, ctx.resolution, ctx.duration_s = task.task_id, task.model, task.resolution, task.duration_s
+    return task
+
+
+async def _latest(g: Any, task: Task, ctx: RequestContext) -> Latest:
+    if task.settled:
+        return Latest(task, answer_of(task.final_body))
+    outcome = await g.polls.poll(task, ctx)
+    if outcome.status != 200:
+        return Latest(task, None, outcome)
+    if task.status in TERMINAL:  # settled by this poll: the store has its settlement time
+        task = await g.store.get_task(task.task_id) or task
+    return Latest(task, answer_of(outcome.body))
+
+
+def _result_url(latest: Latest, variant: str) -> str:
+    status = latest.task.status
+    if status != "succeeded":
+        state = STATUS.get(status, "in_progress")
+        raise VideoNotReady("The video failed: it has no content." if state == "failed" else
+                            f"The video is still {state.replace('_', ' ')}: its content exists once it has completed.")
+    url = result_url(latest.answer, variant)
+    if url is None:
+        raise UpstreamError(f"TokenHub's answer for this video has no {variant} URL.", code="upstream_bad_response")
+    return url
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 0 < len(key) <= 255:
+        raise ValidationError("Idempotency-Key must be 1 to 255 characters.", param="Idempotency-Key")
+    return key
+
+
+def _query_int(value: str | None, name: str, default: int, low: int, high: int) -> int:
+    if value is None or value == "":
+        return default
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+        raise ValidationError(f"{name} must be an integer from {low} to {high}.", param=name)
+    return int(value)
