@@ -120,8 +120,10 @@ def test_master_killed_under_traffic_fails_over_and_loses_nothing_acknowledged(m
         if e["status"] == 503:
             assert e["code"] == "store_unavailable" and e["retry_after"], e
     creates = [e for e in log if e["kind"] == "create"]
-    during = [e for e in creates if e["start"] > killed + 0.05 and e["end"] < killed + 0.45]
-    assert during and {e["status"] for e in during} == {503}, during
+    during = [e for e in creates if e["start"] > killed + 0.05 and e["end"] < promoted]
+    assert {e["status"] for e in during} <= {503}, during  # refused while there is no master, never a 500
+    if promoted - killed > 1.5:  # long enough for some create to start and end inside the failover
+        assert during, (promoted - killed, creates[-5:])
     after = [e for e in creates if e["start"] > promoted + 1.0]
     assert after and {e["status"] for e in after} == {200}, after
 
