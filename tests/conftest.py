@@ -7,9 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from tests.e2e.harness import Gateway, Simulator
 from tests.moto_server import MotoServer
+
+# CI replays the same bounded, seeded examples on every run; a local run explores more and keeps what fails.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, max_examples=60, stateful_step_count=20,
+                                     deadline=10_000, suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.register_profile("dev", max_examples=200, stateful_step_count=25, deadline=None,
+                                     suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or
+                                 ("ci" if os.environ.get("CI") == "true" else "dev"))
 
 
 def require_binary(name: str) -> str:
