@@ -119,7 +119,7 @@ async def list_tasks(request: Request) -> Response:
     g = gw(request)
     _, team = authenticate(request)
     q = request.query_params
-    limit = _int_param(q.get("limit"), "limit", 20, 1, 100)
+    limit = int_param(q.get("limit"), "limit", 20, 1, 100)
     tasks, more = await g.store.list_tasks(team.name, limit, q.get("after") or None, q.get("status") or None)
     data = [task_item(t) for t in tasks]
     return json_response({"object": "list", "data": data, "has_more": more,
@@ -207,7 +207,7 @@ async def metrics(request: Request) -> Response:
     return Response(g.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _int_param(value: str | None, name: str, default: int, low: int, high: int) -> int:
+def int_param(value: str | None, name: str, default: int, low: int, high: int) -> int:
     if value is None or value == "":
         return default
     if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:

@@ -27,7 +27,7 @@ from .content import DownloadResponse
 from .context import Outcome, RequestContext
 from .errors import NotFound, RangeNotSatisfiable, UnsupportedParameter, UpstreamError, ValidationError, VideoNotReady
 from .quota import subjects_for
-from .routes import authenticate, ctx_of, gw, json_response, outcome_response
+from .routes import authenticate, ctx_of, gw, int_param, json_response, outcome_response
 from .store.base import TERMINAL, Task
 from .validation import VideoRequest, validate
 from .videos import CREATE_FIELDS, INPUT, Translation, VideoFacts, client_param, fingerprint, remix_body, to_seedance
@@ -122,7 +122,7 @@ async def list_videos(request: Request) -> Response:
     g = gw(request)
     _, team = authenticate(request)
     q = request.query_params
-    limit = _query_int(q.get("limit"), "limit", 20, 1, 100)
+    limit = int_param(q.get("limit"), "limit", 20, 1, 100)
     order = q.get("order") or "desc"
     if order not in ("asc", "desc"):
         raise ValidationError("order must be asc or desc.", param="order")
@@ -260,11 +260,3 @@ def _idempotency_key(request: Request) -> str | None:
     if key is not None and not 0 < len(key) <= 255:
         raise ValidationError("Idempotency-Key must be 1 to 255 characters.", param="Idempotency-Key")
     return key
-
-
-def _query_int(value: str | None, name: str, default: int, low: int, high: int) -> int:
-    if value is None or value == "":
-        return default
-    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
-        raise ValidationError(f"{name} must be an integer from {low} to {high}.", param=name)
-    return int(value)
