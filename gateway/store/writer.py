@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GatewayError, RecordRejected, StoreUnavailable
+from .checkpointer import Checkpointer
 
 BATCH_MAX = 256
 
@@ -29,6 +30,7 @@ class Writer:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.conn: sqlite3.Connection | None = None
+        self.checkpointer = Checkpointer(path)
 
     def start(self) -> None:
         Path(self._path).parent.mkdir(parents=True, exist_ok=True)
@@ -36,6 +38,8 @@ class Writer:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute(f"PRAGMA synchronous={self._sync}")
         self.conn.execute("PRAGMA busy_timeout=5000")
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on their own thread
+        self.checkpointer.start()
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self._thread.start()
 
@@ -43,7 +47,8 @@ class Writer:
         if self._thread:
             self._queue.put(None)
             self._thread.join(timeout=10)
-        if self.conn:
+        self.checkpointer.stop()
+        if self.conn:  # the last connection to close checkpoints what is left and removes the WAL
             self.conn.close()
 
     def submit(self, fn: Callable[[sqlite3.Connection], Any]) -> asyncio.Future:
@@ -98,6 +103,7 @@ class Writer:
                 results.append((fut, loop, None, exc))
         conn.execute("COMMIT")
         self._on_commit()
+        self.checkpointer.committed()
         return results
 
     def _alone(self, item: tuple) -> tuple:
