@@ -14,7 +14,7 @@ from gateway.store.checkpointer import RESTART_PAGES
 from gateway.store.sqlite import SQLiteStore
 from gateway.store.sqlite_schema import INSERT_TASK, task_values
 from gateway.store.writer import unavailable
-from tests.test_store import EST_MICROS, admission, admitted, created, figures
+from tests.test_store import EST_MICROS, EST_MS, admission, admitted, created, figures
 
 RPM = Limits(requests_per_minute=10)
 
@@ -191,3 +191,21 @@ async def test_closing_stops_the_checkpoint_thread_and_removes_the_wal(tmp_path)
     await s.close()
     assert not any(t.name == "sqlite-checkpoint" for t in threading.enumerate())
     assert not (tmp_path / "gateway.db-wal").exists()
+
+
+async def test_a_batch_writes_each_changed_figure_once_and_the_tables_hold_them(store, tmp_path):
+    now = await store.now()
+    statements: list[str] = []
+    store._writer.conn.set_trace_callback(statements.append)
+    results = await _one_batch(store, *(store.admit(admission(now), now) for _ in range(20)))
+    store._writer.conn.set_trace_callback(None)
+    assert results == [None] * 20
+    assert sum(s.startswith("INSERT INTO counters") for s in statements) == 2  # the team's, the user's
+    assert sum(s.startswith("INSERT INTO in_flight") for s in statements) == 2
+    await store.close()
+    reopened = SQLiteStore(str(tmp_path / "gateway.db"))  # read back from the tables, not from memory
+    await reopened.open()
+    user, team = await figures(reopened, now)
+    assert (team.in_flight, team.counters.reserved_micros) == (20, 20 * EST_MICROS)
+    assert (user.in_flight, user.counters.reserved_ms) == (20, 20 * EST_MS)
+    await reopened.close()

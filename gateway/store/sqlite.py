@@ -34,7 +34,8 @@ class SQLiteStore(SQLiteOutbox):
         self._books = Books()
         # Rate windows and key health live in this process: SQLite serves one gateway process.
         self._windows = Windows()
-        self._writer = Writer(path, synchronous, on_commit=self._windows.commit, on_rollback=self._rolled_back)
+        self._writer = Writer(path, synchronous, on_commit=self._windows.commit, on_rollback=self._rolled_back,
+                              before_commit=self._books.flush)
         self._health: dict[str, KeyHealth] = {}
         self._key_slots: dict[str, int] = {}  # key name → tasks in flight on it
         self._slot_of: dict[str, str] = {}  # rid → key name, for live tasks only
@@ -320,8 +321,10 @@ class SQLiteStore(SQLiteOutbox):
         await self._do(lambda c: c.execute("UPDATE tasks SET next_poll_at=? WHERE rid=?", (next_at, rid)))
 
     async def backlog(self) -> int:
-        return await self._do(lambda c: c.execute(
-            "SELECT COALESCE(SUM(n), 0) FROM in_flight WHERE scope='team'").fetchone()[0])
+        def op(c: sqlite3.Connection) -> int:
+            self._books.flush(c)  # this batch's changes too
+            return c.execute("SELECT COALESCE(SUM(n), 0) FROM in_flight WHERE scope='team'").fetchone()[0]
+        return await self._do(op)
 
     # figures
 

@@ -1,5 +1,5 @@
-"""What the SQLite store keeps in memory: counters and in-flight counts (written through to their
-tables) and rate windows (rebuilt from the ledger at start). Both follow the writer's transactions."""
+"""What the SQLite store keeps in memory: counters and in-flight counts (written to their tables once
+per transaction) and rate windows (rebuilt from the ledger at start). Both follow the writer's transactions."""
 
 from __future__ import annotations
 
@@ -16,18 +16,40 @@ from .base import LIVE, MAX_COUNTER, Task
 BOOKS_MAX = 100_000  # cached figures; past this the cache starts again from the tables
 
 
+_WRITE_COUNTERS = ("INSERT INTO counters VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, name, period) DO UPDATE "
+                   "SET spent_micros=excluded.spent_micros, reserved_micros=excluded.reserved_micros, "
+                   "spent_ms=excluded.spent_ms, reserved_ms=excluded.reserved_ms")
+_WRITE_IN_FLIGHT = "INSERT INTO in_flight VALUES (?, ?, ?) ON CONFLICT (scope, name) DO UPDATE SET n=excluded.n"
+
+
 class Books:
-    """The counters and in-flight counts, written through to their tables and kept in memory so
-    that checks read no rows. Touched only on the writer thread; cleared whenever a transaction
-    rolls back, after which each figure is read again from its table."""
+    """The counters and in-flight counts, kept in memory so that checks read no rows, and written to
+    their tables by flush() just before each commit: once per figure a batch changed, however many of
+    its operations changed it (under load a batch holds dozens of creates of the same team and user).
+    Touched only on the writer thread; cleared whenever a transaction rolls back, after which each
+    figure is read again from its table."""
 
     def __init__(self) -> None:
         self._counters: dict[tuple[str, str, str], Counters] = {}
         self._in_flight: dict[tuple[str, str], int] = {}
+        self._changed_counters: set[tuple[str, str, str]] = set()
+        self._changed_in_flight: set[tuple[str, str]] = set()
 
     def clear(self) -> None:
         self._counters.clear()
         self._in_flight.clear()
+        self._changed_counters.clear()
+        self._changed_in_flight.clear()
+
+    def flush(self, c: sqlite3.Connection) -> None:
+        """Write what changed since the last flush (inside the transaction, before its COMMIT)."""
+        if self._changed_counters:
+            c.executemany(_WRITE_COUNTERS, [(*key, n.spent_micros, n.reserved_micros, n.spent_ms, n.reserved_ms)
+                                            for key in self._changed_counters for n in (self._counters[key],)])
+            self._changed_counters.clear()
+        if self._changed_in_flight:
+            c.executemany(_WRITE_IN_FLIGHT, [(*key, self._in_flight[key]) for key in self._changed_in_flight])
+            self._changed_in_flight.clear()
 
     def counters(self, c: sqlite3.Connection, scope: str, name: str, period: str) -> Counters:
         key = (scope, name, period)
@@ -36,6 +58,7 @@ class Books:
             row = c.execute("SELECT spent_micros, reserved_micros, spent_ms, reserved_ms FROM counters "
                             "WHERE scope=? AND name=? AND period=?", key).fetchone()
             if len(self._counters) >= BOOKS_MAX:
+                self.flush(c)
                 self._counters.clear()
             got = self._counters[key] = Counters(*row) if row else Counters()
         return got
@@ -45,6 +68,7 @@ class Books:
         if got is None:
             row = c.execute("SELECT n FROM in_flight WHERE scope=? AND name=?", (scope, name)).fetchone()
             if len(self._in_flight) >= BOOKS_MAX:
+                self.flush(c)
                 self._in_flight.clear()
             got = self._in_flight[(scope, name)] = row[0] if row else 0
         return got
@@ -52,11 +76,7 @@ class Books:
     def add(self, c: sqlite3.Connection, scope: str, name: str, period: str, spent_micros: int = 0,
             reserved_micros: int = 0, spent_ms: int = 0, reserved_ms: int = 0) -> None:
         n = self.counters(c, scope, name, period)
-        c.execute("INSERT INTO counters VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, name, period) DO UPDATE "
-                  "SET spent_micros=spent_micros+excluded.spent_micros, "
-                  "reserved_micros=reserved_micros+excluded.reserved_micros, "
-                  "spent_ms=spent_ms+excluded.spent_ms, reserved_ms=reserved_ms+excluded.reserved_ms",
-                  (scope, name, period, spent_micros, reserved_micros, spent_ms, reserved_ms))
+        self._changed_counters.add((scope, name, period))
         n.spent_micros += spent_micros
         n.reserved_micros += reserved_micros
         n.spent_ms += spent_ms
@@ -64,9 +84,8 @@ class Books:
 
     def bump(self, c: sqlite3.Connection, scope: str, name: str, delta: int) -> None:
         n = max(0, self.in_flight(c, scope, name) + delta)
-        c.execute("INSERT INTO in_flight VALUES (?, ?, ?) ON CONFLICT (scope, name) DO UPDATE SET n=excluded.n",
-                  (scope, name, n))
         self._in_flight[(scope, name)] = n
+        self._changed_in_flight.add((scope, name))
 
     def release(self, c: sqlite3.Connection, t: Task) -> None:
         """Give back what a live task holds: its reservation and its in-flight counts (key slots are

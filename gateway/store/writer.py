@@ -20,13 +20,15 @@ BATCH_MAX = 256
 
 
 class Writer:
-    """Runs `fn(conn)` operations on its thread. After each transaction `on_commit` or `on_rollback` is
-    called (on this thread): what operations keep in memory must follow what the tables keep."""
+    """Runs `fn(conn)` operations on its thread. Before each COMMIT `before_commit(conn)` writes what the
+    operations kept in memory; after it `on_commit` or `on_rollback` is called (on this thread): what
+    operations keep in memory must follow what the tables keep."""
 
     def __init__(self, path: str, synchronous: str, on_commit: Callable[[], None],
-                 on_rollback: Callable[[], None]) -> None:
+                 on_rollback: Callable[[], None],
+                 before_commit: Callable[[sqlite3.Connection], None] = lambda c: None) -> None:
         self._path, self._sync = path, synchronous
-        self._on_commit, self._on_rollback = on_commit, on_rollback
+        self._on_commit, self._on_rollback, self._before_commit = on_commit, on_rollback, before_commit
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.conn: sqlite3.Connection | None = None
@@ -101,6 +103,7 @@ class Writer:
                 results.append((fut, loop, fn(conn), None))
             except GatewayError as exc:
                 results.append((fut, loop, None, exc))
+        self._before_commit(conn)
         conn.execute("COMMIT")
         self._on_commit()
         self.checkpointer.committed()
