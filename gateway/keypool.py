@@ -46,6 +46,9 @@ class KeyHealth:
         return self.state == OPEN and now >= self.until
 
 
+HEALTHY = KeyHealth()  # a key with no record yet (made once: a frozen dataclass's __init__ is not cheap)
+
+
 def on_success(h: KeyHealth, now: float) -> KeyHealth:
     """Unchanged (the same object) when there is nothing to reset; disabled or open stays so until a
     reload or a probe. Successes are counted by the pool, not here, so a healthy key costs no write."""
@@ -102,14 +105,14 @@ def choose(keys: tuple[UpstreamKey, ...], health: dict[str, KeyHealth], in_fligh
     Drawn at random with odds ∝ weight × free share of the key's slots, so idle keys share creates
     by weight and a loaded key is chosen less; every later key is the fallback of the ones before."""
     pool = [k for k in keys if k.allows(model)
-            and health.get(k.name, KeyHealth()).usable(now)
+            and health.get(k.name, HEALTHY).usable(now)
             and in_flight.get(k.name, 0) < k.max_concurrent_tasks]
     order = []
-    while pool:
+    while len(pool) > 1:  # the last one left needs no draw
         odds = [k.weight * (1 - in_flight.get(k.name, 0) / k.max_concurrent_tasks) for k in pool]
         pick = rng.choices(range(len(pool)), weights=odds)[0] if sum(odds) > 0 else 0
         order.append(pool.pop(pick))
-    return order
+    return order + pool
 
 
 def earliest_retry(keys: tuple[UpstreamKey, ...], health: dict[str, KeyHealth], now: float) -> int:
@@ -164,7 +167,7 @@ class KeyPool:
                              retry_after=wait)
 
     async def _update(self, name: str, change: Callable[[KeyHealth], KeyHealth]) -> None:
-        health = (await self.health()).get(name, KeyHealth())
+        health = (await self.health()).get(name, HEALTHY)
         new = change(health)
         if new is health:
             return
@@ -209,8 +212,8 @@ class KeyPool:
     async def refresh_gauges(self) -> None:
         health, now = await self.health(), self._clock()
         for key in self.keys:
-            self._metrics.set_key_state(key.name, health.get(key.name, KeyHealth()).current(now))
+            self._metrics.set_key_state(key.name, health.get(key.name, HEALTHY).current(now))
 
     async def all_disabled(self) -> bool:
         health = await self.health()
-        return all(health.get(k.name, KeyHealth()).state == DISABLED for k in self.keys)
+        return all(health.get(k.name, HEALTHY).state == DISABLED for k in self.keys)

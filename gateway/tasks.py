@@ -5,6 +5,7 @@ settlement.py; routes and the background poller both come through these."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -81,7 +82,7 @@ class Tasks:
             rejection.error.extra_headers.update(await self.rate_headers(subjects, now))
             raise rejection.error
         # Shielded: a client that disconnects must not cancel a create already sent upstream.
-        job = asyncio.ensure_future(self._forward_create(task, raw, ctx))
+        job = asyncio.create_task(self._forward_create(task, raw, ctx))
         self._background.add(job)
         job.add_done_callback(self._background.discard)
         outcome = await asyncio.shield(job)
@@ -129,27 +130,29 @@ class Tasks:
 
     async def _try_keys(self, task: Task, raw: bytes, ctx: RequestContext) -> Outcome:
         unreachable: ConnectFailed | None = None
-        async for key in self._keys(task):
-            ctx.upstream_key = key.name
-            self._sent.add(task.rid)
-            try:
-                reply = await self.calls.call(key, tokenhub.CREATE_ROUTE, "POST", tokenhub.CREATE_ROUTE,
-                                              raw, ctx)
-            except ConnectFailed as exc:
-                self._sent.discard(task.rid)
-                await self._unsent(task, self.store.release_key(task.rid))
-                unreachable = exc
-                continue  # nothing reached TokenHub: the next key may
-            except UpstreamError as exc:  # timed out or cut off: TokenHub may have made the task
-                raise await self._unknown(task, "timeout" if exc.status == 504 else "cut_off", exc) from None
-            if tokenhub.outcome_of(reply.status) in (tokenhub.KEY_REJECTED, tokenhub.THROTTLED):
-                self._sent.discard(task.rid)
-                await self._unsent(task, self.store.release_key(task.rid))
-                unreachable = None  # TokenHub is up; it is the keys that cannot take this create
-                continue
-            outcome = await self._created(task, key.name, reply)
-            ctx.task_id = task.task_id
-            return outcome
+        # Closed here, not left to the loop: an async generator dropped unfinished costs a task to close it.
+        async with contextlib.aclosing(self._keys(task)) as keys:
+            async for key in keys:
+                ctx.upstream_key = key.name
+                self._sent.add(task.rid)
+                try:
+                    reply = await self.calls.call(key, tokenhub.CREATE_ROUTE, "POST", tokenhub.CREATE_ROUTE,
+                                                  raw, ctx)
+                except ConnectFailed as exc:
+                    self._sent.discard(task.rid)
+                    await self._unsent(task, self.store.release_key(task.rid))
+                    unreachable = exc
+                    continue  # nothing reached TokenHub: the next key may
+                except UpstreamError as exc:  # timed out or cut off: TokenHub may have made the task
+                    raise await self._unknown(task, "timeout" if exc.status == 504 else "cut_off", exc) from None
+                if tokenhub.outcome_of(reply.status) in (tokenhub.KEY_REJECTED, tokenhub.THROTTLED):
+                    self._sent.discard(task.rid)
+                    await self._unsent(task, self.store.release_key(task.rid))
+                    unreachable = None  # TokenHub is up; it is the keys that cannot take this create
+                    continue
+                outcome = await self._created(task, key.name, reply)
+                ctx.task_id = task.task_id
+                return outcome
         await self._unsent(task, self.store.cancel_admission(task.rid))  # certainly nothing was created upstream
         raise unreachable or await self.pool.no_key_error(task.model)
 

@@ -87,18 +87,18 @@ def _any_case(hex_pair: str) -> bytes:
 
 class Scrubber:
     """Removes every configured key value, and anything shaped like a key, from a body before a
-    client sees it. The raw forms are found by substring search first; the regex runs only when a
+    client sees it. The raw forms are found by one cheap search first; the full regex runs only when a
     body holds one of them or an escape sequence that could hide one."""
 
     def __init__(self, key_values: Iterable[str]) -> None:
         values = sorted({v for v in key_values if v}, key=len, reverse=True)
-        self._raw = tuple(v.encode() for v in values)
         exact = [b"".join(_char_forms(c) for c in v) for v in values]
         self._pattern = re.compile(b"|".join([*exact, _KEYISH]))
+        # One scan for every trigger: a key's prefix, an escape, or a configured value as it is.
+        self._trigger = re.compile(b"|".join([rb"th-|\\|%", *(re.escape(v.encode()) for v in values)]))
 
     def __call__(self, body: bytes) -> bytes:
-        if (b"th-" in body or b"th\\" in body or b"th%" in body or b"\\" in body or b"%" in body
-                or any(raw in body for raw in self._raw)):
+        if self._trigger.search(body):
             return self._pattern.sub(b"th-***", body)
         return body
 
