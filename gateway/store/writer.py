@@ -18,6 +18,12 @@ from .checkpointer import Checkpointer
 
 BATCH_MAX = 256
 
+# sqlite3 looks for an adapter for every parameter that is not an int, float or str, and for None and
+# bytes that search fails through two attribute lookups, each raising and clearing an AttributeError:
+# ~2.4 µs per statement of a task row. Registered, the same values bind the same way (NULL, BLOB).
+sqlite3.register_adapter(type(None), lambda v: None)
+sqlite3.register_adapter(bytes, bytes)  # bytes(b) is b itself
+
 
 class Writer:
     """Runs `fn(conn)` operations on its thread. Before each COMMIT `before_commit(conn)` writes what the
