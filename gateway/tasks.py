@@ -110,7 +110,10 @@ class Tasks:
         if not record.done:
             raise IdempotencyConflict("A request with this Idempotency-Key is still in flight.",
                                       code="idempotency_key_in_progress")
-        return Outcome(record.status, record.body, {"Idempotent-Replayed": "true"})
+        headers = {"Idempotent-Replayed": "true"}
+        if record.status >= 400:  # the key answers the same every time: a blind retry only repeats this
+            headers["x-should-retry"] = "false"
+        return Outcome(record.status, record.body, headers)
 
     async def _forward_create(self, task: Task, raw: bytes, ctx: RequestContext) -> Outcome:
         try:

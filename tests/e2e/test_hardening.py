@@ -126,6 +126,7 @@ def test_a_create_with_an_unknown_outcome_is_charged_and_listed(gateway, sim: Si
         assert r.headers["x-should-retry"] == "false"
         retry = c.post(CREATE, json=body(duration=5), headers={"Idempotency-Key": f"once-{fault}"})
         assert (retry.status_code, retry.headers.get("idempotent-replayed")) == (status, "true")
+        assert retry.headers["x-should-retry"] == "false"  # the SDKs would retry a 5xx replay again
         assert len(sim.created_task_ids()) == 1  # TokenHub made one task, and only one
         rows = ledger(gw)
         assert [(x["status"], x["cost_usd"], x["cost_estimated"]) for x in rows] == [("unknown", 1.0, True)]
