@@ -51,7 +51,7 @@ def ctx_of(request: Request) -> RequestContext:
 
 
 def gw(request: Request) -> Any:
-    return request.app.state.gateway
+    return request.app.gateway
 
 
 def header(request: Request, name: bytes) -> str | None:
