@@ -22,14 +22,28 @@ from .videos_bridge import seedance_meta
 from .workers import BodyWorkers
 
 JSON = "application/json"
+_JSON_TYPE = (b"content-type", JSON.encode())
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(data), status, headers, media_type=JSON)
 
 
+class OutcomeResponse(Response):
+    """What `Response(o.body, o.status, o.headers, media_type=JSON)` sends, its header list built directly:
+    an outcome's headers are the task flow's extras, never a content-type or content-length of their own."""
+
+    def __init__(self, o: Outcome) -> None:
+        self.status_code, self.body, self.background = o.status, o.body, None
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in o.headers.items()]
+        if o.status >= 200 and o.status not in (204, 304):
+            raw.append((b"content-length", str(len(o.body)).encode()))
+        raw.append(_JSON_TYPE)
+        self.raw_headers = raw
+
+
 def outcome_response(o: Outcome) -> Response:
-    return Response(o.body, o.status, o.headers, media_type=JSON)
+    return OutcomeResponse(o)
 
 
 def ctx_of(request: Request) -> RequestContext:
@@ -37,7 +51,7 @@ def ctx_of(request: Request) -> RequestContext:
 
 
 def gw(request: Request) -> Any:
-    return request.app.state.gateway
+    return request.app.gateway
 
 
 def header(request: Request, name: bytes) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import json
 import logging
@@ -64,3 +65,22 @@ def test_lines_wait_for_the_batch_and_keep_their_order(monkeypatch):
     assert asyncio.run(burst()) == ""
     events = [json.loads(line)["event"] for line in buf.getvalue().splitlines()]
     assert events == ["first", "second", "third"]
+
+
+@pytest.mark.parametrize("ns", [0, 1_000, 999_999_999, 1_764_594_374_000_000_000, 1_764_594_374_000_000_999,
+                                1_764_594_374_123_456_789, 1_764_594_374_999_999_000])
+def test_the_stamp_is_what_the_iso_timestamper_writes(ns):
+    us = ns // 1000
+    when = datetime.datetime.fromtimestamp(us // 10**6, datetime.timezone.utc).replace(microsecond=us % 10**6)
+    stamp = logs.UtcStamp(clock=lambda: ns)
+    assert stamp() == stamp() == when.isoformat().replace("+00:00", "Z")
+
+
+def test_the_stamp_follows_the_clock_across_seconds():
+    now = [1_764_594_374_999_999_000]
+    stamp = logs.UtcStamp(clock=lambda: now[0])
+    assert stamp() == "2025-12-01T13:06:14.999999Z"
+    now[0] += 1_000
+    assert stamp() == "2025-12-01T13:06:15Z"
+    now[0] += 86_400 * 10**9 + 7_000
+    assert stamp() == "2025-12-02T13:06:15.000007Z"

@@ -1,4 +1,5 @@
-"""routes.read_body: a body whole, in one message or many, within its size and time limits."""
+"""routes.read_body: a body whole, in one message or many, within its size and time limits; the answer an
+outcome becomes."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import asyncio
 
 import pytest
 from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 
+from gateway.context import Outcome
 from gateway.errors import BodyTooLarge, RequestTimeout
-from gateway.routes import read_body
+from gateway.routes import JSON, outcome_response, read_body
 
 
 def request_of(*messages: dict, headers: list[tuple[bytes, bytes]] | None = None) -> Request:
@@ -53,3 +56,13 @@ def test_a_body_that_stops_arriving_is_a_408_that_ends_the_connection():
 def test_a_client_gone_mid_body_is_a_disconnect():
     with pytest.raises(ClientDisconnect):
         asyncio.run(read_body(request_of(chunk(b'{"a"', True), {"type": "http.disconnect"}), 100))
+
+
+@pytest.mark.parametrize("status", [200, 202, 204, 304, 101, 400, 429, 503])
+@pytest.mark.parametrize("headers", [{}, {"Idempotent-Replayed": "true"},
+                                     {"Retry-After": "3", "x-should-retry": "false", "Connection": "close"}])
+def test_an_outcome_is_sent_as_starlette_sends_the_same_json_response(status, headers):
+    outcome = Outcome(status, b'{"id": "cgt-1"}', dict(headers))
+    ours, theirs = outcome_response(outcome), Response(outcome.body, status, headers, media_type=JSON)
+    assert (ours.status_code, ours.body, ours.raw_headers, ours.background) == (
+        theirs.status_code, theirs.body, theirs.raw_headers, theirs.background)
