@@ -8,6 +8,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import NamedTuple
 
 from .config import Limits, Settings, Team, User
 from .errors import GatewayError, QuotaError, RateLimited
@@ -45,9 +46,9 @@ def period_bounds(period: str, now: float) -> tuple[datetime | None, datetime | 
     return start, end
 
 
-@dataclass(frozen=True, slots=True)
-class Subject:
-    """A team or user whose limits a create must pass, with the period it is counted in."""
+class Subject(NamedTuple):
+    """A team or user whose limits a create must pass, with the period it is counted in.
+    NamedTuples, this and RateState: made twice per create each, at a fifth of a frozen dataclass's cost."""
 
     scope: str  # "team" | "user"
     name: str
@@ -81,8 +82,7 @@ class Rejection:
     error: GatewayError
 
 
-@dataclass(frozen=True, slots=True)
-class RateState:
+class RateState(NamedTuple):
     limit: int
     remaining: int
     reset_s: float
