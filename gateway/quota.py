@@ -14,11 +14,22 @@ from .config import Limits, Settings, Team, User
 from .errors import GatewayError, QuotaError, RateLimited
 
 WINDOW_S = 60
+# period → the UTC day last asked for, [start, end), and its key: a create asks four times, nearly always that day
+_latest: dict[str, tuple[float, float, str]] = {}
+_NO_DAY = (0.0, 0.0, "")
 
 
 def period_key(period: str, now: float) -> str:
     """The UTC calendar period a moment falls in: '2026-11-26', '2026-W48', '2026-11' or 'total'."""
-    return "total" if period == "total" else _period_of_day(period, int(now // 86400))
+    start, end, key = _latest.get(period, _NO_DAY)
+    if start <= now < end:
+        return key
+    if period == "total":
+        return "total"
+    day = int(now // 86400)
+    key = _period_of_day(period, day)
+    _latest[period] = (day * 86400.0, (day + 1) * 86400.0, key)
+    return key
 
 
 @functools.lru_cache(maxsize=64)
