@@ -8,16 +8,28 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import NamedTuple
 
 from .config import Limits, Settings, Team, User
 from .errors import GatewayError, QuotaError, RateLimited
 
 WINDOW_S = 60
+# period → the UTC day last asked for, [start, end), and its key: a create asks four times, nearly always that day
+_latest: dict[str, tuple[float, float, str]] = {}
+_NO_DAY = (0.0, 0.0, "")
 
 
 def period_key(period: str, now: float) -> str:
     """The UTC calendar period a moment falls in: '2026-11-26', '2026-W48', '2026-11' or 'total'."""
-    return "total" if period == "total" else _period_of_day(period, int(now // 86400))
+    start, end, key = _latest.get(period, _NO_DAY)
+    if start <= now < end:
+        return key
+    if period == "total":
+        return "total"
+    day = int(now // 86400)
+    key = _period_of_day(period, day)
+    _latest[period] = (day * 86400.0, (day + 1) * 86400.0, key)
+    return key
 
 
 @functools.lru_cache(maxsize=64)
@@ -45,9 +57,9 @@ def period_bounds(period: str, now: float) -> tuple[datetime | None, datetime | 
     return start, end
 
 
-@dataclass(frozen=True, slots=True)
-class Subject:
-    """A team or user whose limits a create must pass, with the period it is counted in."""
+class Subject(NamedTuple):
+    """A team or user whose limits a create must pass, with the period it is counted in.
+    NamedTuples, this and RateState: made twice per create each, at a fifth of a frozen dataclass's cost."""
 
     scope: str  # "team" | "user"
     name: str
@@ -81,8 +93,7 @@ class Rejection:
     error: GatewayError
 
 
-@dataclass(frozen=True, slots=True)
-class RateState:
+class RateState(NamedTuple):
     limit: int
     remaining: int
     reset_s: float

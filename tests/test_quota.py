@@ -1,7 +1,9 @@
+import random
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from gateway import quota
 from gateway.config import Limits
 from gateway.errors import QuotaError, RateLimited
 from gateway.quota import Counters, RateState, Subject, check, period_bounds, period_key, rate_state, retry_after
@@ -78,6 +80,16 @@ def test_period_bounds_agree_with_period_key(period):
         assert period_key(period, (end - timedelta(microseconds=1)).timestamp()) == key
         assert period_key(period, end.timestamp()) != key
         moment += timedelta(hours=17)
+
+
+def test_period_key_remembering_the_latest_day_agrees_with_computing_it():
+    rng = random.Random(2026)
+    now = ts("2026-11-29T22:00:00")
+    for _ in range(5000):  # mostly moments of the same day, some near or across midnight, periods interleaved
+        now += rng.choice([0.0, 0.001, 1.0, 600.0, 7200.0, -7200.0, 86400.0 * 3])
+        period = rng.choice(["day", "week", "month", "total"])
+        expected = "total" if period == "total" else quota._period_of_day.__wrapped__(period, int(now // 86400))
+        assert period_key(period, now) == expected, (period, now)
 
 
 # --- request rate -----------------------------------------------------------------------------
