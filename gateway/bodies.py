@@ -29,7 +29,9 @@ _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 
 class Checked(NamedTuple):
     request: VideoRequest
-    body_hash: str  # SHA-256 of the canonical body (keys sorted): what an Idempotency-Key is bound to
+    # SHA-256 of the canonical body (keys sorted): what an Idempotency-Key is bound to; None when the
+    # create came without one, as nothing would read it
+    body_hash: str | None
 
 
 def loads_strict(raw: bytes) -> Any:
@@ -37,16 +39,17 @@ def loads_strict(raw: bytes) -> Any:
     return _parse(raw)[0]
 
 
-def check(raw: bytes, pricing: Pricing) -> Checked:
+def check(raw: bytes, pricing: Pricing, hashed: bool = True) -> Checked:
     value, canonical = _parse(raw)
-    return Checked(validate(value, pricing), hashlib.sha256(canonical).hexdigest())
+    return Checked(validate(value, pricing), hashlib.sha256(canonical).hexdigest() if hashed else None)
 
 
-async def parse_and_validate(raw: bytes, pricing: Pricing, large: BodyWorkers) -> Checked:
-    """A create's body → Checked, or InvalidJSON / ValidationError; a large body in a worker process."""
+async def parse_and_validate(raw: bytes, pricing: Pricing, large: BodyWorkers, hashed: bool = True) -> Checked:
+    """A create's body → Checked, or InvalidJSON / ValidationError; a large body in a worker process.
+    `hashed`: whether the body hash is wanted (only a create with an Idempotency-Key needs it)."""
     if len(raw) <= INLINE_MAX_BYTES:
-        return check(raw, pricing)
-    return await large.run(check, raw, {model: dict(row) for model, row in pricing.items()})
+        return check(raw, pricing, hashed)
+    return await large.run(check, raw, {model: dict(row) for model, row in pricing.items()}, hashed)
 
 
 def _parse(raw: bytes) -> tuple[Any, bytes]:

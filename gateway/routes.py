@@ -114,7 +114,7 @@ async def create_task(request: Request) -> Response:
         raise ValidationError("Idempotency-Key must be 1 to 255 characters.", param="Idempotency-Key")
     raw = await read_body(request, g.settings.server.max_body_bytes, g.settings.server.body_timeout_s)
     try:
-        checked = await parse_and_validate(raw, g.settings.pricing, g.large_bodies)
+        checked = await parse_and_validate(raw, g.settings.pricing, g.large_bodies, hashed=idem_key is not None)
     except InvalidJSON:
         raise
     except ValidationError as exc:

@@ -362,3 +362,11 @@ def test_body_hash_is_the_canonical_sha256_whatever_the_spelling():
     assert a.body_hash == hashlib.sha256(orjson.dumps({"duration": 5, "model": M, "prompt": "a fox"},
                                                       option=orjson.OPT_SORT_KEYS)).hexdigest()
     assert a.request == validate(body(prompt="a fox", duration=5), PRICING)
+
+
+def test_without_an_idempotency_key_no_hash_is_made_and_the_checks_are_the_same():
+    raw = b'{"model": "doubao-seedance-2.0", "prompt": "a fox", "duration": 5}'
+    unhashed = check(raw, PRICING, hashed=False)
+    assert (unhashed.request, unhashed.body_hash) == (check(raw, PRICING).request, None)
+    with pytest.raises(InvalidJSON):
+        check(b'{"model": "doubao-seedance-2.0", "prompt": "a", "prompt": "b", "duration": 5}', PRICING, hashed=False)
