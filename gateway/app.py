@@ -226,8 +226,8 @@ class GatewayApp(Starlette):
     an OpenAI-shaped 500), then any `middleware=` given, then the hot routes (errors rendered by the
     same handler table as every route), then starlette's exception handling and router."""
 
-    # The handlers' Gateway, as a plain attribute: reading app.state.gateway costs a failed attribute
-    # lookup (an AttributeError made and dropped) before State.__getattr__ finds it.
+    # The Gateway, as a plain attribute rather than in app.state: every read of app.state costs a failed
+    # attribute lookup (an AttributeError made and dropped) before State.__getattr__ finds it.
     gateway: Gateway
 
     def __init__(self, *, metrics: Metrics, draining: Callable[[], bool] = lambda: False, **kw: Any) -> None:
@@ -285,7 +285,7 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: S
                      draining=lambda: gateway.draining,
                      exception_handlers={GatewayError: on_gateway_error, HTTPException: on_http_error})
     app.router.redirect_slashes = False
-    app.state.gateway = app.gateway = gateway
+    app.gateway = gateway
     return app
 
 

@@ -46,7 +46,7 @@ def serve_settings(settings: Settings, host: str | None = None, port: int | None
                          settings.server.shutdown_grace_s, settings.server.header_timeout_s,
                          settings.server.body_timeout_s)
     tune_gc()
-    run_until_signalled(GatewayServer(cfg, app.state.gateway.begin_drain))
+    run_until_signalled(GatewayServer(cfg, app.gateway.begin_drain))
 
 
 class GatewayServer(uvicorn.Server):

@@ -230,7 +230,7 @@ def run_worker(source: str, sock: socket.socket, host: str, port: int, conn: Con
     settings = load_settings(source)
     logs.configure()
     app = create_app(settings)
-    gateway = app.state.gateway
+    gateway = app.gateway
     cfg = uvicorn_config(ReloadEverywhere(app, Peers(conn, gateway)), host, port,
                          settings.server.shutdown_grace_s)
     tune_gc()

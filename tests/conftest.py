@@ -12,6 +12,7 @@ from hypothesis import settings as hypothesis_settings
 
 from tests.e2e.harness import Gateway, Simulator
 from tests.moto_server import MotoServer
+from tests.redis_server import RedisServer, require_redis_server
 
 # CI replays the same bounded, seeded examples on every run; a local run explores more and keeps what fails.
 hypothesis_settings.register_profile("ci", derandomize=True, database=None, max_examples=60, stateful_step_count=20,
@@ -30,6 +31,15 @@ def require_binary(name: str) -> str:
             pytest.fail(f"{name} is required in CI but is not installed")
         pytest.skip(f"{name} is not installed")
     return path
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A Redis server of the module's own (a module that needs one for the whole run overrides this)."""
+    require_redis_server()
+    server = RedisServer()
+    yield server.start()
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -143,7 +143,7 @@ def test_money_is_exact_in_json(app_parts):
 
 def test_a_broken_store_answers_503_and_charges_nothing(app_parts):
     client, upstream, clock, _ = app_parts
-    store = client.app.state.gateway.store
+    store = client.app.gateway.store
     store._writer.conn.close()  # what a vanished disk looks like from here: every statement fails
     r = create(client)
     assert r.status_code == 503
@@ -252,7 +252,7 @@ def test_middleware_given_to_the_app_wraps_hot_routes_too(tmp_path):
 
 def test_while_draining_new_requests_are_refused_and_probes_still_answer(app_parts):
     client, upstream, clock, _ = app_parts
-    client.app.state.gateway.begin_drain()
+    client.app.gateway.begin_drain()
     r = create(client)
     assert (r.status_code, r.json()["error"]["code"]) == (503, "shutting_down")
     assert r.headers["connection"] == "close" and r.headers["retry-after"] == "1"

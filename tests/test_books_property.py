@@ -30,7 +30,6 @@ from hypothesis.stateful import (
 from gateway.app import create_app
 from gateway.config import parse_settings
 from gateway.store.redis import RedisStore
-from tests.redis_server import RedisServer, require_redis_server
 from tests.tokenhub_script import MAY_HAVE_CREATED, Answer, ScriptedTokenHub, expected_cost, micros
 
 T = TypeVar("T")
@@ -147,7 +146,7 @@ class Books(RuleBasedStateMachine):
         self.now = time.time() - self.lag
         app = create_app(settings(url), upstream=self.tokenhub, store=store, clock=lambda: self.now,
                          run_poller=False)
-        self.gateway = app.state.gateway
+        self.gateway = app.gateway
         self.gateway.pool._rng.seed(0)  # key choice and back-off jitter: the same on every replay
         self.gateway.poller._rng.seed(0)
         self.loop = asyncio.new_event_loop()
@@ -321,14 +320,6 @@ class Books(RuleBasedStateMachine):
                 assert micros(f["reserved_usd"]) == sum(micros(r["estimate_usd"]) for r in open_rows), (name, f)
                 assert f["tasks_in_flight"] == len(open_rows), (name, f)
         assert sum(k["tasks_in_flight"] for k in keys) == sum(r["settled_at"] is None for r in rows), keys
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    require_redis_server()
-    server = RedisServer()
-    yield server.start()
-    server.stop()
 
 
 @pytest.mark.timeout(600)  # room for shrinking a failure (at most 5 min) before the report

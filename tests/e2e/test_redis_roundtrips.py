@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from redis.asyncio import Connection
 from starlette.testclient import TestClient
 
@@ -20,7 +18,6 @@ from gateway.config import parse_settings
 from gateway.store.redis import RedisStore
 from gateway.store.redis_scripts import PRELUDE, SCRIPTS
 from gateway.upstream import Reply
-from tests.redis_server import RedisServer, require_redis_server
 from tests.test_app import USER_KEY, FakeUpstream
 
 SCRIPT_OF = {hashlib.sha1((PRELUDE + body).encode()).hexdigest().encode(): name for name, body in SCRIPTS.items()}
@@ -45,14 +42,6 @@ def counting(sent: list[str]) -> type[Connection]:
             await super().send_packed_command(command, check_health)
 
     return Counting
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    require_redis_server()
-    server = RedisServer()
-    yield server.start()
-    server.stop()
 
 
 def settings(url: str) -> Any:

@@ -20,7 +20,7 @@ import pytest
 from tests import procs
 from tests.e2e import test_keypool, test_quota
 from tests.e2e.harness import Gateway, Simulator, body, wait_until
-from tests.redis_server import RedisServer, command, require_redis_server
+from tests.redis_server import command
 
 globals().update({n: fn for n, fn in vars(test_keypool).items() if n.startswith("test_") and inspect.isfunction(fn)})
 
@@ -55,14 +55,6 @@ class Workers(Gateway):
         pid = self.proc.pid
         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         return [int(k) for k in kids if "resource_tracker" not in Path(f"/proc/{k}/cmdline").read_text()]
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    require_redis_server()
-    server = RedisServer()
-    yield server.start()
-    server.stop()
 
 
 @pytest.fixture
