@@ -14,6 +14,7 @@ body deadline comes BODY_GRACE_S later, for handlers that never read the body th
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -24,49 +25,70 @@ BODY_GRACE_S = 1.0
 
 
 class DeadlineProtocol(HttpToolsProtocol):
+    """The deadline in force is a time and what to do at it. One timer per connection watches it and is
+    left armed as requests come and go: a request moves the deadline, not the timer, and a timer that
+    finds its deadline moved on arms itself again for it (once per timeout at most, instead of three
+    timers set and cancelled per request). Only a deadline earlier than the armed timer re-arms it."""
+
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._deadline: asyncio.TimerHandle | None = None
+        self._due = 0.0  # loop time of the deadline in force
+        self._late: Callable[[], None] | None = None  # what to do at it; None: no deadline
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._in_request = False  # part of a request has arrived: a 408 would answer something
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[arg-type]
-        self._arm(self.header_timeout_s, self._headers_late)
+        self._set(self.header_timeout_s, self._headers_late)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._late = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_request = True
-        if self._deadline is None:  # on a new connection the clock has been running since it opened
-            self._arm(self.header_timeout_s, self._headers_late)
+        if self._late is None:  # on a new connection the clock has been running since it opened
+            self._set(self.header_timeout_s, self._headers_late)
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self._late = None
         super().on_headers_complete()
-        self._arm(self.body_timeout_s + BODY_GRACE_S, self._body_late)
+        self._set(self.body_timeout_s + BODY_GRACE_S, self._body_late)
 
     def on_message_complete(self) -> None:
-        self._disarm()
+        self._late = None
         self._in_request = False
         super().on_message_complete()
 
-    def _arm(self, delay: float, callback: Any) -> None:
-        self._disarm()
-        self._deadline = self.loop.call_later(delay, callback)
+    def _set(self, delay: float, late: Callable[[], None]) -> None:
+        self._due, self._late = self.loop.time() + delay, late
+        if self._timer is None or self._due < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = self._due
+            self._timer = self.loop.call_at(self._due, self._fire)
 
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+    def _fire(self) -> None:
+        self._timer = None
+        late = self._late
+        if late is None:
+            return  # no request under way: the next one sets its own deadline
+        if self.loop.time() < self._due:
+            self._timer_at = self._due
+            self._timer = self.loop.call_at(self._due, self._fire)
+            return
+        self._late = None
+        late()
 
     def _headers_late(self) -> None:
-        self._deadline = None
         # still answering the request before (pipelined): a 408 would land in the middle of that answer
         answering = self.cycle is not None and not self.cycle.response_complete
         if self._in_request and not answering:
@@ -74,7 +96,6 @@ class DeadlineProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _body_late(self) -> None:
-        self._deadline = None
         cycle = self.cycle
         if cycle is not None and not cycle.response_started:
             self._send_408(f"The request body did not arrive within {self.body_timeout_s:g} s.")

@@ -123,6 +123,37 @@ def test_each_request_on_a_kept_alive_connection_gets_its_own_header_deadline(po
     assert HEADERS_S - 0.05 <= time.monotonic() - started <= HEADERS_S + 1
 
 
+def test_a_header_deadline_earlier_than_the_last_body_deadline_still_holds(port):
+    """The connection's one timer is armed for a body deadline when the next request starts: its header
+    deadline, earlier, must still be kept, not the body's."""
+    s = connect(port)
+    s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n")
+    time.sleep(HEADERS_S + 0.1)  # the timer set at connect fires into the body's deadline and waits for it
+    s.sendall(b"12")
+    head = b""
+    while not head.endswith(b"2"):
+        head += s.recv(65536)
+    started = time.monotonic()
+    s.sendall(b"GET /fast HTTP/1.1\r\n")
+    [(status, body)] = responses(until_closed(s))
+    assert_timeout_answer(status, body)
+    # the body deadline would have come BODY_S + BODY_GRACE_S - HEADERS_S - 0.1 = 1.2 s after `started`
+    assert HEADERS_S - 0.05 <= time.monotonic() - started <= HEADERS_S + 0.45
+
+
+def test_many_requests_on_one_connection_each_keep_their_deadlines(port):
+    s = connect(port)
+    for _ in range(50):
+        s.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536).endswith(b"fast")
+    time.sleep(HEADERS_S + 0.1)  # the timer armed at connect has fired and found no request under way
+    started = time.monotonic()
+    s.sendall(b"GET /fast HTTP/1.1\r\n")
+    [(status, body)] = responses(until_closed(s))
+    assert_timeout_answer(status, body)
+    assert HEADERS_S - 0.05 <= time.monotonic() - started <= HEADERS_S + 0.45
+
+
 def test_late_pipelined_headers_end_the_connection_without_a_408_inside_an_answer(port):
     s = connect(port)
     s.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /fast HTTP/1.1\r\n")
