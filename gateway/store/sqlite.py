@@ -85,17 +85,21 @@ class SQLiteStore(SQLiteOutbox):
         t = adm.task
         check_figures(estimate_micros=t.estimate_micros, estimate_ms=t.estimate_ms, input_ms=t.input_ms)
 
-        def op(c: sqlite3.Connection) -> Rejection | None:
-            with self._windows.lock:
-                return self._admit(c, adm, now)
-        return await self._do(op)
+        return await self._do(lambda c: self._admit(c, adm, now))
 
     def _admit(self, c: sqlite3.Connection, adm: Admission, now: float) -> Rejection | None:
-        t, b = adm.task, self._books
+        # The rate windows' lock is held only while they are read or changed, never over a statement: the
+        # event loop's thread reads them for every answer's rate headers and must not wait on SQLite.
+        # Only this thread adds to them, so what the check saw still holds when the task is counted.
+        t, b, windows = adm.task, self._books, self._windows
         for s in adm.subjects:
-            window = self._windows.live(s.scope, s.name, now) if s.limits.requests_per_minute else None
-            rejection = check(s, b.counters(c, s.scope, s.name, s.period), b.in_flight(c, s.scope, s.name),
-                              window, now, t.estimate_micros, t.estimate_ms)
+            counters, in_flight = b.counters(c, s.scope, s.name, s.period), b.in_flight(c, s.scope, s.name)
+            if s.limits.requests_per_minute:
+                with windows.lock:
+                    rejection = check(s, counters, in_flight, windows.live(s.scope, s.name, now), now,
+                                      t.estimate_micros, t.estimate_ms)
+            else:
+                rejection = check(s, counters, in_flight, None, now, t.estimate_micros, t.estimate_ms)
             if rejection:
                 return rejection
         if t.idem_key:
@@ -113,7 +117,8 @@ class SQLiteStore(SQLiteOutbox):
             b.bump(c, s.scope, s.name, 1)
             if s.limits.requests_per_minute:
                 # Bounded by time (pruned past WINDOW_S) and by admission stopping at the limit.
-                self._windows.add(s.scope, s.name, now)
+                with windows.lock:
+                    windows.add(s.scope, s.name, now)
         return None
 
     async def cancel_admission(self, rid: str) -> None:
