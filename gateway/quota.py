@@ -118,30 +118,34 @@ def retry_after(reset_s: float) -> int:
     return min(WINDOW_S, max(1, math.ceil(reset_s)))
 
 
+def _who(subject: Subject) -> str:
+    return f"{subject.scope} {subject.name!r}"
+
+
 def check(subject: Subject, counters: Counters, in_flight: int, window: Sequence[float] | None,
           now: float, estimate_micros: int, estimate_ms: int) -> Rejection | None:
     """The first limit this create would break for this subject, or None.
     Its twin for Redis, which must check the same way inside one script, is ADMIT in store/redis_scripts.py."""
-    lim, who = subject.limits, f"{subject.scope} {subject.name!r}"
+    lim = subject.limits
     if lim.requests_per_minute is not None:
         rs = rate_state(lim.requests_per_minute, window or (), now)
         if rs.remaining <= 0:
-            msg = f"Rate limit of {lim.requests_per_minute} creates per minute reached for {who}."
+            msg = f"Rate limit of {lim.requests_per_minute} creates per minute reached for {_who(subject)}."
             return Rejection("rate_limit", RateLimited(msg, retry_after=retry_after(rs.reset_s)))
     if lim.max_concurrent_tasks is not None and in_flight >= lim.max_concurrent_tasks:
-        return Rejection("concurrency", RateLimited(f"{who} already has {in_flight} tasks in flight "
+        return Rejection("concurrency", RateLimited(f"{_who(subject)} already has {in_flight} tasks in flight "
                            f"(limit {lim.max_concurrent_tasks}).", code="concurrency_limit_exceeded"))
     if lim.budget_micros is not None:
         used = counters.spent_micros + counters.reserved_micros
         if used + estimate_micros > lim.budget_micros:
             left = max(0, lim.budget_micros - used) / 1e6
-            msg = (f"Budget of ${lim.budget_micros / 1e6:.2f} for {who} would be exceeded: this task "
+            msg = (f"Budget of ${lim.budget_micros / 1e6:.2f} for {_who(subject)} would be exceeded: this task "
                    f"is estimated at ${estimate_micros / 1e6:.2f}, ${left:.2f} remains this period.")
             return Rejection("budget_usd", QuotaError(msg))
     if lim.video_seconds is not None:
         used_ms = counters.spent_ms + counters.reserved_ms
         if used_ms + estimate_ms > lim.video_seconds * 1000:
-            msg = (f"Video-seconds budget of {lim.video_seconds} s for {who} would be exceeded "
+            msg = (f"Video-seconds budget of {lim.video_seconds} s for {_who(subject)} would be exceeded "
                    f"({used_ms / 1000:g} s used, this task needs {estimate_ms / 1000:g} s).")
             return Rejection("video_seconds", QuotaError(msg))
     return None
