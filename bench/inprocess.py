@@ -3,7 +3,7 @@ against a stub upstream that answers at once, with the real SQLite store and eve
 `bench/run.py`'s gateway config. Prints CPU µs per create on the event-loop thread and on the others
 (the SQLite writer), so a change to the hot path can be measured without HTTP in the way.
 
-    taskset -c 0 python bench/inprocess.py [--creates 20000] [--concurrency 32] [--store redis://…]
+    taskset -c 0 python bench/inprocess.py [--creates 20000] [--concurrency 32] [--no-rpm] [--store redis://…]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from gateway_config import CREATE_PATH, USER_KEY, gateway_toml, upstream_key_env
 
 from gateway import logs  # noqa: E402
 from gateway.app import create_app  # noqa: E402
+from gateway.cli import tune_gc  # noqa: E402
 from gateway.config import load_settings  # noqa: E402
 from gateway.upstream import Reply  # noqa: E402
 
@@ -94,15 +95,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--creates", type=int, default=20_000)
     p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--no-rpm", action="store_true", help="leave out requests_per_minute (bench/run.py's -norpm)")
     p.add_argument("--store", help="a store URL (e.g. redis://127.0.0.1:6379/0); default a fresh SQLite file")
     args = p.parse_args()
     os.environ.update(upstream_key_env())
     work = Path(tempfile.mkdtemp(prefix="tokenhub-inprocess-"))
     config = work / "gateway.toml"
-    config.write_text(gateway_toml(1, 2, args.store or f"sqlite:///{work / 'gateway.db'}"))
+    config.write_text(gateway_toml(1, 2, args.store or f"sqlite:///{work / 'gateway.db'}",
+                                   rpm=not args.no_rpm))
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the log lines, written and thrown away
     logs.configure()
     app = create_app(load_settings(str(config)), upstream=StubUpstream(), run_poller=False)
+    tune_gc()  # as `serve` does before it starts serving
     import uvloop
 
     uvloop.run(measure(app, args.creates, args.concurrency))
