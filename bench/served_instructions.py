@@ -27,12 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway_config import CREATE_PATH, USER_KEY, gateway_toml, upstream_key_env
+from processes import Lab
 from source import ROOT
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.procs import free_port, wait_port  # noqa: E402
+from tests.procs import free_port
 
 BENCH = Path(__file__).resolve().parent
 BODY = json.dumps({"model": "doubao-seedance-2.0-fast", "prompt": "A red fox running through fresh snow",
@@ -115,14 +113,12 @@ def main() -> None:
     p.add_argument("--small", type=int, default=320)
     p.add_argument("--large", type=int, default=1280)
     args = p.parse_args()
-    python = subprocess.run(["python3", "-c", "import sys; print(sys.executable)"],
-                            capture_output=True, text=True, check=True).stdout.strip()
+    python = sys.executable
     work = Path(tempfile.mkdtemp(prefix="tokenhub-served-"))
-    fake_port = free_port()
-    fake = subprocess.Popen(["taskset", "-c", "1", python, str(BENCH / "fake_upstream.py"), "--port", str(fake_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lab = Lab(work, proxy_core=0, load_core=1)
     try:
-        wait_port(fake_port, 30, fake)
+        lab.start_fake()
+        fake_port = lab.fake_port
         upstream = f"http://127.0.0.1:{fake_port}"
         bare = per_create("bare-aiohttp", lambda port: [python, str(BENCH / "passthrough.py"), "--client",
                                                          "aiohttp", "--port", str(port), "--upstream", upstream],
@@ -138,8 +134,7 @@ def main() -> None:
                                 upstream_key_env())
             print(f"{'':24s} bare-aiohttp / gateway-sqlite = {bare / figure:.3f}", flush=True)
     finally:
-        fake.terminate()
-        fake.wait(10)
+        lab.procs.stop_all()
     print(f"logs and counts: {work}")
 
 

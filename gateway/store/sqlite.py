@@ -117,8 +117,7 @@ class SQLiteStore(SQLiteOutbox):
             b.bump(c, s.scope, s.name, 1)
             if s.limits.requests_per_minute:
                 # Bounded by time (pruned past WINDOW_S) and by admission stopping at the limit.
-                with windows.lock:
-                    windows.add(s.scope, s.name, now)
+                windows.add(s.scope, s.name, now)
         return None
 
     async def cancel_admission(self, rid: str) -> None:

@@ -137,10 +137,10 @@ class Windows:
                     self._windows.setdefault(key, deque()).append(at)
 
     def add(self, scope: str, name: str, at: float) -> None:
-        """Caller holds the lock (admission checks and adds under it)."""
-        window = self._windows.setdefault((scope, name), deque())
-        window.append(at)
-        self._undo.append((window, at, True))
+        with self.lock:
+            window = self._windows.setdefault((scope, name), deque())
+            window.append(at)
+            self._undo.append((window, at, True))
 
     def remove(self, scope: str, name: str, at: float) -> None:
         with self.lock:
