@@ -23,8 +23,14 @@ class Counts:
 
 
 def response(status: bytes, body: bytes) -> bytes:
-    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nContent-Length: "
-            + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return (
+        b"HTTP/1.1 "
+        + status
+        + b"\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
 
 
 class FakeTokenHub(asyncio.Protocol):
@@ -46,11 +52,11 @@ class FakeTokenHub(asyncio.Protocol):
             at = head.find(b"\r\ncontent-length:")
             if at >= 0:
                 stop = head.find(b"\r\n", at + 2)
-                length = int(head[at + 17:stop if stop > 0 else None])
+                length = int(head[at + 17 : stop if stop > 0 else None])
             total = end + 4 + length
             if len(self.buf) < total:
                 return
-            line = bytes(self.buf[:self.buf.find(b"\r\n")])
+            line = bytes(self.buf[: self.buf.find(b"\r\n")])
             del self.buf[:total]
             method, path, _ = line.split(b" ", 2)
             self.transport.write(self.answer(method, path))
@@ -61,19 +67,38 @@ class FakeTokenHub(asyncio.Protocol):
             Counts.creates += 1
             FakeTokenHub.counter += 1
             task_id = b"cgt-" + self.run_tag + b"-" + str(FakeTokenHub.counter).encode()
-            return response(b"200 OK", b'{"id":"' + task_id + b'","object":"video.generation.task","model":"'
-                            + MODEL + b'","status":"queued","created":' + now + b"}")
+            return response(
+                b"200 OK",
+                b'{"id":"'
+                + task_id
+                + b'","object":"video.generation.task","model":"'
+                + MODEL
+                + b'","status":"queued","created":'
+                + now
+                + b"}",
+            )
         if method == b"GET" and path.startswith(PREFIX + b"/"):
             Counts.polls += 1
-            task_id = path[len(PREFIX) + 1:]
-            return response(b"200 OK", b'{"id":"' + task_id + b'","object":"video.generation.task","model":"'
-                            + MODEL + b'","status":"running","created":' + now + b"}")
+            task_id = path[len(PREFIX) + 1 :]
+            return response(
+                b"200 OK",
+                b'{"id":"'
+                + task_id
+                + b'","object":"video.generation.task","model":"'
+                + MODEL
+                + b'","status":"running","created":'
+                + now
+                + b"}",
+            )
         if method == b"GET" and path == b"/_stats":
-            return response(b"200 OK", b'{"creates":%d,"polls":%d,"other":%d}'
-                            % (Counts.creates, Counts.polls, Counts.other))
+            return response(
+                b"200 OK", b'{"creates":%d,"polls":%d,"other":%d}' % (Counts.creates, Counts.polls, Counts.other)
+            )
         Counts.other += 1
-        return response(b"404 Not Found", b'{"error":{"message":"not found","type":"invalid_request_error",'
-                        b'"code":"not_found","param":null}}')
+        return response(
+            b"404 Not Found",
+            b'{"error":{"message":"not found","type":"invalid_request_error","code":"not_found","param":null}}',
+        )
 
 
 async def serve(host: str, port: int) -> None:

@@ -24,13 +24,16 @@ def gateway_toml(port: int, fake_port: int, store_url: str, rpm: bool = True) ->
     """Every feature on, and nothing that could reject a request of the benchmark.
     rpm=False leaves out requests_per_minute only, to show what the rate-limit window costs."""
     digest = hashlib.sha256(USER_KEY.encode()).hexdigest()
-    keys = "".join(f"""
+    keys = "".join(
+        f"""
 [[upstream.keys]]
 name = "{name}"
 value_env = "{key_env_name(name)}"
 weight = 1
 max_concurrent_tasks = 1000000
-""" for name in UPSTREAM_KEYS)
+"""
+        for name in UPSTREAM_KEYS
+    )
     limits = "budget_usd = 1000000000.0\nvideo_seconds = 1000000000\nmax_concurrent_tasks = 100000000\n"
     if rpm:
         limits += "requests_per_minute = 10000000\n"

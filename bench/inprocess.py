@@ -28,10 +28,16 @@ from gateway.cli import tune_gc  # noqa: E402
 from gateway.config import load_settings  # noqa: E402
 from gateway.upstream import Reply  # noqa: E402
 
-BODY = (b'{"model": "doubao-seedance-2.0-fast", "prompt": "A red fox running through fresh snow", '
-        b'"duration": 5, "resolution": "720p"}')
-HEADERS = [(b"host", b"gateway"), (b"authorization", b"Bearer " + USER_KEY.encode()),
-           (b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
+BODY = (
+    b'{"model": "doubao-seedance-2.0-fast", "prompt": "A red fox running through fresh snow", '
+    b'"duration": 5, "resolution": "720p"}'
+)
+HEADERS = [
+    (b"host", b"gateway"),
+    (b"authorization", b"Bearer " + USER_KEY.encode()),
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(BODY)).encode()),
+]
 
 
 class StubUpstream:
@@ -49,9 +55,20 @@ class StubUpstream:
 
 
 async def create(app) -> None:
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": CREATE_PATH, "raw_path": CREATE_PATH.encode(), "query_string": b"",
-             "root_path": "", "headers": HEADERS, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": CREATE_PATH,
+        "raw_path": CREATE_PATH.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": HEADERS,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
     sent = False
     status = []
 
@@ -84,11 +101,13 @@ async def measure(app, creates: int, concurrency: int) -> None:
 
         await asyncio.gather(*(worker(creates // concurrency) for _ in range(concurrency)))
         n = creates // concurrency * concurrency
-        wall, cpu, loop_cpu = (time.perf_counter() - wall, time.process_time() - cpu,
-                               time.thread_time() - loop_cpu)
-    print(f"{n} creates, {concurrency} at a time: {n / wall:.0f}/s; CPU µs per create: "
-          f"{cpu / n * 1e6:.1f} in all, {loop_cpu / n * 1e6:.1f} on the event loop, "
-          f"{(cpu - loop_cpu) / n * 1e6:.1f} on other threads (the SQLite writer)", file=sys.stderr)
+        wall, cpu, loop_cpu = (time.perf_counter() - wall, time.process_time() - cpu, time.thread_time() - loop_cpu)
+    print(
+        f"{n} creates, {concurrency} at a time: {n / wall:.0f}/s; CPU µs per create: "
+        f"{cpu / n * 1e6:.1f} in all, {loop_cpu / n * 1e6:.1f} on the event loop, "
+        f"{(cpu - loop_cpu) / n * 1e6:.1f} on other threads (the SQLite writer)",
+        file=sys.stderr,
+    )
 
 
 def main() -> None:
@@ -101,8 +120,7 @@ def main() -> None:
     os.environ.update(upstream_key_env())
     work = Path(tempfile.mkdtemp(prefix="tokenhub-inprocess-"))
     config = work / "gateway.toml"
-    config.write_text(gateway_toml(1, 2, args.store or f"sqlite:///{work / 'gateway.db'}",
-                                   rpm=not args.no_rpm))
+    config.write_text(gateway_toml(1, 2, args.store or f"sqlite:///{work / 'gateway.db'}", rpm=not args.no_rpm))
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the log lines, written and thrown away
     logs.configure()
     app = create_app(load_settings(str(config)), upstream=StubUpstream(), run_poller=False)

@@ -28,9 +28,11 @@ def aiohttp_client(base: str) -> tuple[Forward, Callable[[], Awaitable[None]]]:
     import aiohttp
 
     # The gateway's own settings (gateway/upstream.py): one session, unlimited pool.
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-                                    timeout=aiohttp.ClientTimeout(total=60, sock_connect=5),
-                                    skip_auto_headers=("User-Agent",))
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+        timeout=aiohttp.ClientTimeout(total=60, sock_connect=5),
+        skip_auto_headers=("User-Agent",),
+    )
 
     async def forward(method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
         async with session.request(method, base + path, data=body, headers=headers(body)) as r:
@@ -92,9 +94,14 @@ def create_app(client: str, upstream: str) -> Starlette:
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
-    return Starlette(routes=[Route(CREATE_PATH, create, methods=["POST"]),
-                             Route(CREATE_PATH + "/{task_id}", poll, methods=["GET"]),
-                             Route("/healthz", healthz, methods=["GET"])], lifespan=lifespan)
+    return Starlette(
+        routes=[
+            Route(CREATE_PATH, create, methods=["POST"]),
+            Route(CREATE_PATH + "/{task_id}", poll, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
 
 
 def main() -> None:
@@ -106,9 +113,20 @@ def main() -> None:
     args = p.parse_args()
     app = create_app(args.client, args.upstream.rstrip("/"))
     # The gateway's uvicorn settings (gateway/cli.py uvicorn_config), with loop and parser spelled out.
-    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
-                                  lifespan="on", access_log=False, server_header=False,
-                                  timeout_keep_alive=30, log_level="warning")).run()
+    uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            server_header=False,
+            timeout_keep_alive=30,
+            log_level="warning",
+        )
+    ).run()
 
 
 if __name__ == "__main__":

@@ -35,8 +35,15 @@ class Proc(Process):
     """A child process pinned to one core, started at once; stopped by Procs, which every exit path reaches.
     It runs in `src` with `src` first on PYTHONPATH, so `gateway` is imported from there."""
 
-    def __init__(self, name: str, args: list[str], log: Path, core: int | None,
-                 env: dict[str, str] | None = None, src: Path = ROOT) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        log: Path,
+        core: int | None,
+        env: dict[str, str] | None = None,
+        src: Path = ROOT,
+    ) -> None:
         super().__init__([*taskset(core), *args], log, {"PYTHONPATH": str(src), **(env or {})}, src)
         self.name = name
         self.start()
@@ -63,9 +70,14 @@ class Procs:
             self.stop(p)
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None, conn: http.client.HTTPConnection | None = None
-            ) -> tuple[int, bytes]:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    conn: http.client.HTTPConnection | None = None,
+) -> tuple[int, bytes]:
     c = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         c.request(method, path, body=body, headers=headers or {})
@@ -104,9 +116,12 @@ class Lab:
 
     def start_fake(self) -> None:
         self.fake_port = free_port()
-        self.fake = self.procs.start("fake-upstream", [sys.executable, str(BENCH / "fake_upstream.py"),
-                                                       "--port", str(self.fake_port)],
-                                     self.work / "fake-upstream.log", self.load_core)
+        self.fake = self.procs.start(
+            "fake-upstream",
+            [sys.executable, str(BENCH / "fake_upstream.py"), "--port", str(self.fake_port)],
+            self.work / "fake-upstream.log",
+            self.load_core,
+        )
         self.fake.wait_http(f"http://127.0.0.1:{self.fake_port}/_stats", 30)
 
     def fake_stats(self) -> dict[str, int]:
@@ -120,8 +135,13 @@ class Lab:
 
     def direct_target(self) -> Target:
         assert self.fake is not None
-        t = Target("direct", self.fake_port, self.fake.pid, "direct",
-                   note="the fake upstream itself, sharing the load core with wrk")
+        t = Target(
+            "direct",
+            self.fake_port,
+            self.fake.pid,
+            "direct",
+            note="the fake upstream itself, sharing the load core with wrk",
+        )
         t.ids_file = self.synthetic_ids(t)
         return t
 
@@ -131,16 +151,27 @@ class Lab:
             self.unavailable[name] = NO_HTTPX_AIOHTTP
             return None
         port = free_port()
-        p = self.procs.start(name, [sys.executable, str(BENCH / "passthrough.py"), "--client", client,
-                                    "--port", str(port), "--upstream", f"http://127.0.0.1:{self.fake_port}"],
-                             self.work / f"{name}.log", self.proxy_core)
+        p = self.procs.start(
+            name,
+            [
+                sys.executable,
+                str(BENCH / "passthrough.py"),
+                "--client",
+                client,
+                "--port",
+                str(port),
+                "--upstream",
+                f"http://127.0.0.1:{self.fake_port}",
+            ],
+            self.work / f"{name}.log",
+            self.proxy_core,
+        )
         p.wait_http(f"http://127.0.0.1:{port}/healthz", 30)
         t = Target(name, port, p.pid, "bare", client)
         t.ids_file = self.synthetic_ids(t)
         return t
 
-    def start_gateway(self, name: str, store_url: str, client: str = "aiohttp",
-                      rpm: bool = True) -> tuple[Proc, int]:
+    def start_gateway(self, name: str, store_url: str, client: str = "aiohttp", rpm: bool = True) -> tuple[Proc, int]:
         port = free_port()
         config = self.work / f"{name}.toml"
         config.write_text(gateway_toml(port, self.fake_port, store_url, rpm))
@@ -153,8 +184,7 @@ class Lab:
         p.wait_http(f"http://127.0.0.1:{port}/healthz", 30)
         return p, port
 
-    def gateway_target(self, name: str, store_url: str, client: str = "aiohttp",
-                       rpm: bool = True) -> Target | None:
+    def gateway_target(self, name: str, store_url: str, client: str = "aiohttp", rpm: bool = True) -> Target | None:
         if client == "httpx-aiohttp" and importlib.util.find_spec("httpx_aiohttp") is None:
             self.unavailable[name] = NO_HTTPX_AIOHTTP
             return None
@@ -179,10 +209,13 @@ class Lab:
         self.redis_server("--replicaof", "127.0.0.1", str(master))
         port = free_port()
         conf = self.work / f"sentinel-{port}.conf"
-        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.work}\n"
-                        f"sentinel monitor bench 127.0.0.1 {master} 1\n")
-        sentinel = self.procs.start("redis-sentinel", ["redis-server", str(conf), "--sentinel"],
-                                    self.work / f"sentinel-{port}.log", self.load_core)
+        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.work}\nsentinel monitor bench 127.0.0.1 {master} 1\n")
+        sentinel = self.procs.start(
+            "redis-sentinel",
+            ["redis-server", str(conf), "--sentinel"],
+            self.work / f"sentinel-{port}.log",
+            self.load_core,
+        )
         wait_port(port, 10, sentinel.proc)
         return self.gateway_target(name, f"redis+sentinel://127.0.0.1:{port}/bench/0")
 
@@ -198,11 +231,27 @@ class Lab:
     def redis_server(self, *extra: str) -> int:
         """A redis-server on the load core; its port."""
         port = free_port()
-        redis = self.procs.start(f"redis-server-{port}", ["redis-server", "--port", str(port), "--bind",
-                                                          "127.0.0.1", "--save", "", "--appendonly", "no",
-                                                          "--dir", str(self.work), "--dbfilename",
-                                                          f"{port}.rdb", *extra],
-                                 self.work / f"redis-{port}.log", self.load_core)
+        redis = self.procs.start(
+            f"redis-server-{port}",
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.work),
+                "--dbfilename",
+                f"{port}.rdb",
+                *extra,
+            ],
+            self.work / f"redis-{port}.log",
+            self.load_core,
+        )
         wait_port(port, 10, redis.proc)
         return port
 

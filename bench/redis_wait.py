@@ -32,15 +32,30 @@ KEYS = tuple(UpstreamKey(name=n, value=Secret(""), max_concurrent_tasks=10**6) f
 
 def admission(now: float) -> Admission:
     rid = uuid.uuid4().hex
-    task = Task(rid=rid, team="bench", user="bench-user", model="doubao-seedance-2.0-fast", resolution="720p",
-                duration_s=5, input_ms=0, input_estimated=False, estimate_ms=5000, estimate_micros=800_000,
-                team_period="2026-11", user_period="2026-11", created_at=now, updated_at=now, next_poll_at=now + 15)
+    task = Task(
+        rid=rid,
+        team="bench",
+        user="bench-user",
+        model="doubao-seedance-2.0-fast",
+        resolution="720p",
+        duration_s=5,
+        input_ms=0,
+        input_estimated=False,
+        estimate_ms=5000,
+        estimate_micros=800_000,
+        team_period="2026-11",
+        user_period="2026-11",
+        created_at=now,
+        updated_at=now,
+        next_poll_at=now + 15,
+    )
     subjects = (Subject("user", "bench-user", "2026-11", LIMITS), Subject("team", "bench", "2026-11", LIMITS))
     return Admission(task, subjects, None, KEYS, 0.5)
 
 
 async def creates(store: RedisStore, n: int, concurrency: int) -> tuple[float, float]:
     """Creates per second and CPU µs per create of this process."""
+
     async def one() -> None:
         now = await store.now()
         adm = admission(now)
@@ -63,8 +78,25 @@ def start_pair(work: Path) -> tuple[list[subprocess.Popen], int]:
     master, replica = free_port(), free_port()
     procs = []
     for port, extra in ((master, []), (replica, ["--replicaof", "127.0.0.1", str(master)])):
-        cmd = ["taskset", "-c", "1", binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--dir", str(work), "--dbfilename", f"{port}.rdb", *extra]
+        cmd = [
+            "taskset",
+            "-c",
+            "1",
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(work),
+            "--dbfilename",
+            f"{port}.rdb",
+            *extra,
+        ]
         procs.append(spawn(cmd, work / f"redis-{port}.log"))
         wait_port(port, 10, procs[-1])
     return procs, master

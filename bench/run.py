@@ -43,16 +43,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tasks", type=int, help="creates in the memory run (default 100000; --quick 20000)")
     p.add_argument("--out", default=str(BENCH / "RESULTS.md"), help="the Markdown report (default bench/RESULTS.md)")
     p.add_argument("--profile", action="store_true", help="also run py-spy on gateway-sqlite (PROFILE.md)")
-    p.add_argument("--no-gateway-clients", action="store_true",
-                   help="skip the gateway with httpx / httpx-aiohttp injected")
-    p.add_argument("--rounds", type=int, help="measure every target this many times, interleaved; the report "
-                                               "gives medians (default 3; --quick 1)")
-    p.add_argument("--only", default="",
-                   help="comma-separated rows to run (e.g. bare-aiohttp,gateway-sqlite; 'memory' for the memory "
-                        "run); default: all. direct always runs: it is what added p50 is measured against")
-    p.add_argument("--src", default=str(ROOT),
-                   help="the checkout whose gateway/ is benchmarked (default: this one), e.g. a `git archive` "
-                        "snapshot, so edits made meanwhile in the work tree cannot leak into the run")
+    p.add_argument(
+        "--no-gateway-clients", action="store_true", help="skip the gateway with httpx / httpx-aiohttp injected"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="measure every target this many times, interleaved; the report gives medians (default 3; --quick 1)",
+    )
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated rows to run (e.g. bare-aiohttp,gateway-sqlite; 'memory' for the memory "
+        "run); default: all. direct always runs: it is what added p50 is measured against",
+    )
+    p.add_argument(
+        "--src",
+        default=str(ROOT),
+        help="the checkout whose gateway/ is benchmarked (default: this one), e.g. a `git archive` "
+        "snapshot, so edits made meanwhile in the work tree cannot leak into the run",
+    )
     args = p.parse_args(argv)
     args.duration = args.duration or (3.0 if args.quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
@@ -75,6 +85,7 @@ def pick_cores() -> tuple[int | None, int | None]:
 def start_targets(lab: Lab, args: argparse.Namespace) -> list[Target]:
     """Every target --only asks for (direct always), started and ready; the ones that cannot run are left
     out and said in lab.unavailable."""
+
     def wanted(name: str) -> bool:
         return not args.only or name in args.only
 
@@ -88,8 +99,11 @@ def start_targets(lab: Lab, args: argparse.Namespace) -> list[Target]:
     if wanted("gateway-sqlite-norpm"):
         targets.append(lab.gateway_target("gateway-sqlite-norpm", db("gateway-norpm"), rpm=False))
     if not args.no_gateway_clients:
-        targets += [lab.gateway_target(f"gateway-sqlite-{c}", db(f"gateway-{c}"), c)
-                    for c in CLIENTS[1:] if wanted(f"gateway-sqlite-{c}")]
+        targets += [
+            lab.gateway_target(f"gateway-sqlite-{c}", db(f"gateway-{c}"), c)
+            for c in CLIENTS[1:]
+            if wanted(f"gateway-sqlite-{c}")
+        ]
     if wanted("gateway-redis"):
         targets.append(lab.redis_target())
     if wanted("gateway-redis-sentinel"):

@@ -56,7 +56,7 @@ def thread_split(pid: int) -> tuple[int, int, int]:
 
 def cpu_ticks_of(stat_path: Path) -> int:
     stat = stat_path.read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     return int(fields[11]) + int(fields[12])
 
 
@@ -90,14 +90,28 @@ def busy_pct(before: dict, after: dict, core: int | None) -> float | None:
 # wrk
 
 
-def wrk(script: str, port: int, script_args: list[str], conns: int, duration: float, core: int | None,
-        timeout_s: int = 5) -> dict[str, Any]:
+def wrk(
+    script: str, port: int, script_args: list[str], conns: int, duration: float, core: int | None, timeout_s: int = 5
+) -> dict[str, Any]:
     threads = 1 if conns == 1 else 2
-    cmd = [*taskset(core), "wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(duration))}s", "--timeout",
-           f"{timeout_s}s", "--latency", "-s", str(BENCH / script), f"http://127.0.0.1:{port}", "--",
-           *script_args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120,
-                         env={**os.environ, "BENCH_CONNECTIONS": str(conns)})
+    cmd = [
+        *taskset(core),
+        "wrk",
+        f"-t{threads}",
+        f"-c{conns}",
+        f"-d{max(1, round(duration))}s",
+        "--timeout",
+        f"{timeout_s}s",
+        "--latency",
+        "-s",
+        str(BENCH / script),
+        f"http://127.0.0.1:{port}",
+        "--",
+        *script_args,
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=duration + 120, env={**os.environ, "BENCH_CONNECTIONS": str(conns)}
+    )
     result = wrk_result(out.stdout)
     if result is None:
         raise RuntimeError(f"wrk printed no result:\n{out.stdout}\n{out.stderr}")
@@ -165,20 +179,31 @@ class Sampler:
         n = r["requests"]
         per_req = [(a - b) / n if n else None for a, b in zip(split1, split0, strict=True)]
         upstream = (fake1["creates"] + fake1["polls"]) - (fake0["creates"] + fake0["polls"])
-        row = Row(target=t.name, route=route, conns=conns, rps=n / (r["duration_us"] / 1e6),
-                  p50_ms=r["p50_us"] / 1000, p99_ms=r["p99_us"] / 1000,
-                  raw_p50_ms=r["raw_p50_us"] / 1000, raw_p99_ms=r["raw_p99_us"] / 1000,
-                  cpu_us=(ticks1 - ticks0) / CLK_TCK * 1e6 / n if n else None,
-                  rss_mb=vm_kb(t.pid, "VmHWM") / 1024,
-                  errors=sum(r[k] for k in WRK_ERRORS), requests=n,
-                  upstream_per_req=None if t.kind == "direct" else (upstream / n if n else None),
-                  proxy_core_pct=busy_pct(cores0, cores1, self.lab.proxy_core),
-                  load_core_pct=busy_pct(cores0, cores1, load_core),
-                  loop_cpu_us=per_req[0] and per_req[0] / CLK_TCK * 1e6,
-                  other_cpu_us=per_req[1] and per_req[1] / CLK_TCK * 1e6, switches_per_req=per_req[2],
-                  round=round_no)
-        say(f"{t.name:26} {route:6} c={conns:<3} {row.rps:9.0f} req/s  p50 {row.p50_ms:7.3f} ms  "
-            f"p99 {row.p99_ms:7.3f} ms  cpu {row.cpu_us or 0:7.1f} us/req  errors {row.errors}")
+        row = Row(
+            target=t.name,
+            route=route,
+            conns=conns,
+            rps=n / (r["duration_us"] / 1e6),
+            p50_ms=r["p50_us"] / 1000,
+            p99_ms=r["p99_us"] / 1000,
+            raw_p50_ms=r["raw_p50_us"] / 1000,
+            raw_p99_ms=r["raw_p99_us"] / 1000,
+            cpu_us=(ticks1 - ticks0) / CLK_TCK * 1e6 / n if n else None,
+            rss_mb=vm_kb(t.pid, "VmHWM") / 1024,
+            errors=sum(r[k] for k in WRK_ERRORS),
+            requests=n,
+            upstream_per_req=None if t.kind == "direct" else (upstream / n if n else None),
+            proxy_core_pct=busy_pct(cores0, cores1, self.lab.proxy_core),
+            load_core_pct=busy_pct(cores0, cores1, load_core),
+            loop_cpu_us=per_req[0] and per_req[0] / CLK_TCK * 1e6,
+            other_cpu_us=per_req[1] and per_req[1] / CLK_TCK * 1e6,
+            switches_per_req=per_req[2],
+            round=round_no,
+        )
+        say(
+            f"{t.name:26} {route:6} c={conns:<3} {row.rps:9.0f} req/s  p50 {row.p50_ms:7.3f} ms  "
+            f"p99 {row.p99_ms:7.3f} ms  cpu {row.cpu_us or 0:7.1f} us/req  errors {row.errors}"
+        )
         self.rows.append(row)
         return row
 
@@ -193,23 +218,50 @@ class Sampler:
         time.sleep(2.0)
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
             tasks = c.execute("SELECT COUNT(*) FROM tasks WHERE task_id IS NOT NULL").fetchone()[0]
-        self.memory = {"tasks": tasks, "requests": result.get("requests", 0),
-                       "errors": sum(result.get(k, 0) for k in WRK_ERRORS),
-                       "seconds": elapsed, "start_mb": start_rss, "end_mb": vm_kb(p.pid, "VmRSS") / 1024,
-                       "peak_mb": vm_kb(p.pid, "VmHWM") / 1024, "samples": samples, "target": n}
-        say(f"memory run: {tasks} tasks in {elapsed:.0f} s, RSS {start_rss:.1f} → "
-            f"{self.memory['end_mb']:.1f} MB (peak {self.memory['peak_mb']:.1f} MB)")
+        self.memory = {
+            "tasks": tasks,
+            "requests": result.get("requests", 0),
+            "errors": sum(result.get(k, 0) for k in WRK_ERRORS),
+            "seconds": elapsed,
+            "start_mb": start_rss,
+            "end_mb": vm_kb(p.pid, "VmRSS") / 1024,
+            "peak_mb": vm_kb(p.pid, "VmHWM") / 1024,
+            "samples": samples,
+            "target": n,
+        }
+        say(
+            f"memory run: {tasks} tasks in {elapsed:.0f} s, RSS {start_rss:.1f} → "
+            f"{self.memory['end_mb']:.1f} MB (peak {self.memory['peak_mb']:.1f} MB)"
+        )
 
     def sample_rss(self, p: Proc, port: int, n: int, start_rss: float) -> tuple[list[tuple[int, float]], str]:
         """(created so far, RSS MB) every second while wrk creates n tasks; and wrk's output."""
         created0 = self.lab.fake_stats()["creates"]
         # Each wrk thread stops itself after its share (create.lua's third argument), but wrk's
         # main thread sleeps out -d: it is interrupted (SIGINT: it then reports) once creates stop.
-        cmd = [*taskset(self.lab.load_core), "wrk", "-t2", "-c32", f"-d{MEMORY_RUN_MAX_S}s", "--timeout", "5s",
-               "-s", str(BENCH / "create.lua"), f"http://127.0.0.1:{port}", "--",
-               CREATE_PATH, USER_KEY, str((n + 1) // 2)]
-        load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "BENCH_CONNECTIONS": "32"})
+        cmd = [
+            *taskset(self.lab.load_core),
+            "wrk",
+            "-t2",
+            "-c32",
+            f"-d{MEMORY_RUN_MAX_S}s",
+            "--timeout",
+            "5s",
+            "-s",
+            str(BENCH / "create.lua"),
+            f"http://127.0.0.1:{port}",
+            "--",
+            CREATE_PATH,
+            USER_KEY,
+            str((n + 1) // 2),
+        ]
+        load = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "BENCH_CONNECTIONS": "32"},
+        )
         samples = [(0, start_rss)]
         try:
             while load.poll() is None:
@@ -236,10 +288,27 @@ class Sampler:
             script, sargs = wrk_args(route, t.ids_file)
             # --nonblocking: py-spy reads stacks without pausing the gateway, and its idle detection
             # (thread state) then works; a paused process looks busy everywhere.
-            spy = subprocess.Popen([*taskset(self.lab.load_core), "py-spy", "record", "--pid", str(t.pid),
-                                    "--rate", "250", "--duration", str(max(1, round(self.duration))),
-                                    "--format", "raw", "--nonblocking", "--full-filenames", "--output", str(out)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            spy = subprocess.Popen(
+                [
+                    *taskset(self.lab.load_core),
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(t.pid),
+                    "--rate",
+                    "250",
+                    "--duration",
+                    str(max(1, round(self.duration))),
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--full-filenames",
+                    "--output",
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
             time.sleep(0.5)
             wrk(script, t.port, sargs, 32, self.duration, self.lab.load_core)
             spy.wait(60)

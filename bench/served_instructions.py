@@ -33,8 +33,14 @@ from source import ROOT
 from tests.procs import free_port
 
 BENCH = Path(__file__).resolve().parent
-BODY = json.dumps({"model": "doubao-seedance-2.0-fast", "prompt": "A red fox running through fresh snow",
-                   "duration": 5, "resolution": "720p"}).encode()
+BODY = json.dumps(
+    {
+        "model": "doubao-seedance-2.0-fast",
+        "prompt": "A red fox running through fresh snow",
+        "duration": 5,
+        "resolution": "720p",
+    }
+).encode()
 HEADERS = {"Authorization": f"Bearer {USER_KEY}", "Content-Type": "application/json"}
 CONNECTIONS = 16
 START_S = 600  # python under valgrind imports slowly
@@ -77,10 +83,23 @@ def counted(cmd: list[str], src: Path, port: int, n: int, work: Path, env: dict[
     """Instructions of the server process `cmd` over its whole life, having answered n creates."""
     log = work / f"valgrind-{port}.log"
     with open(log, "w") as err:
-        p = subprocess.Popen(["taskset", "-c", "0", "valgrind", "--tool=callgrind", "--dump-instr=no",
-                              "--collect-jumps=no", f"--callgrind-out-file={work / f'callgrind-{port}'}", *cmd],
-                             cwd=src, env={**os.environ, **env, "PYTHONPATH": str(src)},
-                             stdout=subprocess.DEVNULL, stderr=err)
+        p = subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                "0",
+                "valgrind",
+                "--tool=callgrind",
+                "--dump-instr=no",
+                "--collect-jumps=no",
+                f"--callgrind-out-file={work / f'callgrind-{port}'}",
+                *cmd,
+            ],
+            cwd=src,
+            env={**os.environ, **env, "PYTHONPATH": str(src)},
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     try:
         creates(port, n - n % CONNECTIONS)
         p.send_signal(signal.SIGTERM)
@@ -94,8 +113,9 @@ def counted(cmd: list[str], src: Path, port: int, n: int, work: Path, env: dict[
     return int(found.group(1))
 
 
-def per_create(name: str, command: Callable[[int], list[str]], src: Path, small: int, large: int, work: Path,
-               env: dict[str, str]) -> float:
+def per_create(
+    name: str, command: Callable[[int], list[str]], src: Path, small: int, large: int, work: Path, env: dict[str, str]
+) -> float:
     counts = []
     for n in (small, large):
         port = free_port()
@@ -107,9 +127,12 @@ def per_create(name: str, command: Callable[[int], list[str]], src: Path, small:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--src", action="append", type=Path,
-                   help="a checkout whose gateway/ is counted (repeatable; default this one), "
-                        "e.g. a `git archive` snapshot")
+    p.add_argument(
+        "--src",
+        action="append",
+        type=Path,
+        help="a checkout whose gateway/ is counted (repeatable; default this one), e.g. a `git archive` snapshot",
+    )
     p.add_argument("--small", type=int, default=320)
     p.add_argument("--large", type=int, default=1280)
     args = p.parse_args()
@@ -120,9 +143,24 @@ def main() -> None:
         lab.start_fake()
         fake_port = lab.fake_port
         upstream = f"http://127.0.0.1:{fake_port}"
-        bare = per_create("bare-aiohttp", lambda port: [python, str(BENCH / "passthrough.py"), "--client",
-                                                         "aiohttp", "--port", str(port), "--upstream", upstream],
-                          ROOT, args.small, args.large, work, {})
+        bare = per_create(
+            "bare-aiohttp",
+            lambda port: [
+                python,
+                str(BENCH / "passthrough.py"),
+                "--client",
+                "aiohttp",
+                "--port",
+                str(port),
+                "--upstream",
+                upstream,
+            ],
+            ROOT,
+            args.small,
+            args.large,
+            work,
+            {},
+        )
 
         def gateway(port: int) -> list[str]:
             config = work / f"gateway-{port}.toml"
@@ -130,8 +168,9 @@ def main() -> None:
             return [python, "-m", "gateway.cli", "serve", "--config", str(config)]
 
         for src in args.src or [ROOT]:
-            figure = per_create("gateway-sqlite", gateway, src.resolve(), args.small, args.large, work,
-                                upstream_key_env())
+            figure = per_create(
+                "gateway-sqlite", gateway, src.resolve(), args.small, args.large, work, upstream_key_env()
+            )
             print(f"{'':24s} bare-aiohttp / gateway-sqlite = {bare / figure:.3f}", flush=True)
     finally:
         lab.procs.stop_all()

@@ -21,9 +21,11 @@ def code_fingerprint(src: Path) -> str:
 
 def describe_source(src: Path) -> str:
     git = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "--no-optional-locks", "-C", str(src), "status", "--porcelain", "--", "gateway"],
-                           capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "--no-optional-locks", "-C", str(src), "status", "--porcelain", "--", "gateway"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     fingerprint = code_fingerprint(src)
     if git.returncode == 0:
         commit = f"commit {git.stdout.strip()}" + (" with uncommitted changes in gateway/" if dirty else "")

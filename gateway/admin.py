@@ -49,13 +49,22 @@ async def admin_keys(request: Request) -> Response:
     data = []
     for key in g.pool.keys:
         h = health.get(key.name, KeyHealth())
-        data.append({"name": key.name, "key": key.value.masked(), "state": h.current(now),
-                     "weight": key.weight, "max_concurrent_tasks": key.max_concurrent_tasks,
-                     "models": sorted(key.models) if key.models else None,
-                     "tasks_in_flight": in_flight.get(key.name, 0),
-                     "cooldown_until": h.until if h.current(now) in ("cooldown", "open") else None,
-                     "last_error": h.last_error, "last_error_at": h.last_error_at,
-                     "successes": g.pool.successes.get(key.name, 0), "failures": h.errors})
+        data.append(
+            {
+                "name": key.name,
+                "key": key.value.masked(),
+                "state": h.current(now),
+                "weight": key.weight,
+                "max_concurrent_tasks": key.max_concurrent_tasks,
+                "models": sorted(key.models) if key.models else None,
+                "tasks_in_flight": in_flight.get(key.name, 0),
+                "cooldown_until": h.until if h.current(now) in ("cooldown", "open") else None,
+                "last_error": h.last_error,
+                "last_error_at": h.last_error_at,
+                "successes": g.pool.successes.get(key.name, 0),
+                "failures": h.errors,
+            }
+        )
     return json_response({"object": "list", "data": data})
 
 
@@ -64,9 +73,14 @@ async def admin_teams(request: Request) -> Response:
     now = g.clock()
     subjects = team_subjects(g.settings, now)
     figures = await g.store.usage(subjects)
-    data = [{**usage_figures(s, u), "period_kind": s.limits.period,
-             "models": sorted(s.limits.models) if s.limits.models else None}
-            for s, u in zip(subjects, figures, strict=True)]
+    data = [
+        {
+            **usage_figures(s, u),
+            "period_kind": s.limits.period,
+            "models": sorted(s.limits.models) if s.limits.models else None,
+        }
+        for s, u in zip(subjects, figures, strict=True)
+    ]
     return json_response({"object": "list", "data": data})
 
 
@@ -74,10 +88,19 @@ async def admin_reload(request: Request) -> Response:
     g = admin(request)
     problems = await g.reload()
     if problems:
-        raise ValidationError("The new config was refused; the old one stays: " + "; ".join(problems),
-                              param="config", code="invalid_config")
-    return json_response({"status": "reloaded", "users": len(g.settings.users),
-                          "teams": len(g.settings.teams), "keys": len(g.settings.upstream.keys)})
+        raise ValidationError(
+            "The new config was refused; the old one stays: " + "; ".join(problems),
+            param="config",
+            code="invalid_config",
+        )
+    return json_response(
+        {
+            "status": "reloaded",
+            "users": len(g.settings.users),
+            "teams": len(g.settings.teams),
+            "keys": len(g.settings.upstream.keys),
+        }
+    )
 
 
 async def admin_void_task(request: Request) -> Response:
@@ -108,9 +131,20 @@ async def admin_webhooks(request: Request) -> Response:
     data = []
     for ep in endpoints:
         s = stats[webhook_topic(ep.name)]
-        data.append({"name": ep.name, "url": redacted(ep.url.reveal()),
-                     "teams": sorted(ep.teams) if ep.teams is not None else None, "events": sorted(ep.events),
-                     "max_in_flight": ep.max_in_flight, "retry_initial_s": ep.retry_initial_s,
-                     "backlog": s.backlog, "delivered": s.delivered, "failed": s.failed, "gave_up": s.gave_up,
-                     "last_error": s.last_error, "last_attempt_at": s.last_attempt_at})
+        data.append(
+            {
+                "name": ep.name,
+                "url": redacted(ep.url.reveal()),
+                "teams": sorted(ep.teams) if ep.teams is not None else None,
+                "events": sorted(ep.events),
+                "max_in_flight": ep.max_in_flight,
+                "retry_initial_s": ep.retry_initial_s,
+                "backlog": s.backlog,
+                "delivered": s.delivered,
+                "failed": s.failed,
+                "gave_up": s.gave_up,
+                "last_error": s.last_error,
+                "last_attempt_at": s.last_attempt_at,
+            }
+        )
     return json_response({"object": "list", "data": data})

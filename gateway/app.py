@@ -50,10 +50,10 @@ MAX_LARGE_BODIES = 4
 class Gateway:
     """Everything a handler needs, made once per app."""
 
-    def __init__(self, settings: Settings, store: Store, upstream: Upstream, metrics: Metrics,
-                 clock: Callable[[], float]) -> None:
-        self.settings, self.store, self.upstream, self.metrics, self.clock = (
-            settings, store, upstream, metrics, clock)
+    def __init__(
+        self, settings: Settings, store: Store, upstream: Upstream, metrics: Metrics, clock: Callable[[], float]
+    ) -> None:
+        self.settings, self.store, self.upstream, self.metrics, self.clock = (settings, store, upstream, metrics, clock)
         self.auth = Authenticator(settings)
         self.pool = KeyPool(settings.upstream, store, metrics, clock)
         calls = UpstreamCalls(upstream, self.pool, metrics)
@@ -61,8 +61,9 @@ class Gateway:
         self.settlement = Settlement(settings, store, metrics, clock)
         self.tasks = Tasks(settings, store, calls, self.pool, self.settlement, metrics, records, clock)
         self.polls = Polls(store, calls, self.pool, self.settlement, records, clock)
-        self.poller = Poller(settings, store, self.tasks, self.polls, self.settlement, self.pool,
-                             upstream, metrics, clock)
+        self.poller = Poller(
+            settings, store, self.tasks, self.polls, self.settlement, self.pool, upstream, metrics, clock
+        )
         self.webhooks = Deliverer(store, metrics, clock, settings.webhooks)
         self.archive = make_archive(settings.archive, store, metrics, clock)  # a change needs a restart
         self.settlement.archiving = self.archive is not None
@@ -97,8 +98,7 @@ class Gateway:
         self.pool.apply(new.upstream)
         await self.pool.reenable()
         await self.webhooks.apply(new.webhooks)
-        self.log.info("config.reloaded", users=len(new.users), teams=len(new.teams),
-                      keys=len(new.upstream.keys))
+        self.log.info("config.reloaded", users=len(new.users), teams=len(new.teams), keys=len(new.upstream.keys))
         return []
 
     async def refresh_gauges(self) -> None:
@@ -111,7 +111,8 @@ class Gateway:
                 c = u.counters
                 self.metrics.budget_usd.labels(s.name).set(micros_to_usd(s.limits.budget_micros))
                 self.metrics.budget_remaining_usd.labels(s.name).set(
-                    micros_to_usd(s.limits.budget_micros - c.spent_micros - c.reserved_micros))
+                    micros_to_usd(s.limits.budget_micros - c.spent_micros - c.reserved_micros)
+                )
         await self.pool.refresh_gauges()
         self.metrics.poller_backlog.set(await self.store.backlog())
         await self.webhooks.refresh_backlog()
@@ -178,8 +179,9 @@ class HotRoutes:
     def __init__(self, app: ASGIApp, table: list[Any], handlers: Mapping[Any, Callable]) -> None:
         self.app, self.handlers = app, handlers
         self.creates = {r.path: r for r in table if getattr(r, "endpoint", None) is routes.create_task}
-        self.polls = [(r.path.removesuffix("{task_id}"), r) for r in table
-                      if getattr(r, "endpoint", None) is routes.get_task]
+        self.polls = [
+            (r.path.removesuffix("{task_id}"), r) for r in table if getattr(r, "endpoint", None) is routes.get_task
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope.get("root_path"):
@@ -192,7 +194,7 @@ class HotRoutes:
             elif method == "GET":
                 for prefix, route in self.polls:
                     if path.startswith(prefix):
-                        task_id = path[len(prefix):]
+                        task_id = path[len(prefix) :]
                         if task_id and "/" not in task_id:
                             scope["path_params"] = {"task_id": task_id}
                             await self._handle(route, scope, receive, send)
@@ -243,9 +245,15 @@ class GatewayApp(Starlette):
         return RequestMiddleware(app, metrics=self.metrics, draining=self.draining)
 
 
-def create_app(settings: Settings, *, upstream: Upstream | None = None, store: Store | None = None,
-               metrics: Metrics | None = None, clock: Callable[[], float] = time.time,
-               run_poller: bool = True) -> GatewayApp:
+def create_app(
+    settings: Settings,
+    *,
+    upstream: Upstream | None = None,
+    store: Store | None = None,
+    metrics: Metrics | None = None,
+    clock: Callable[[], float] = time.time,
+    run_poller: bool = True,
+) -> GatewayApp:
     prometheus_client.disable_created_metrics()
     metrics = metrics or Metrics()
     store = store if store is not None else open_store(settings.store, clock)
@@ -260,8 +268,12 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: S
         webhooks = asyncio.create_task(gateway.webhooks.run()) if run_poller else None
         archive = asyncio.create_task(gateway.archive.run()) if run_poller and gateway.archive else None
         _on_sighup(gateway)
-        gateway.log.info("gateway.started", store=settings.store.url.reveal().split("://")[0],
-                         keys=len(settings.upstream.keys), users=len(settings.users))
+        gateway.log.info(
+            "gateway.started",
+            store=settings.store.url.reveal().split("://")[0],
+            keys=len(settings.upstream.keys),
+            users=len(settings.users),
+        )
         try:
             yield
         finally:
@@ -281,9 +293,13 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, store: S
             gateway.large_bodies.close()
             gateway.log.info("gateway.stopped")
 
-    app = GatewayApp(routes=route_table(), lifespan=lifespan, metrics=metrics,
-                     draining=lambda: gateway.draining,
-                     exception_handlers={GatewayError: on_gateway_error, HTTPException: on_http_error})
+    app = GatewayApp(
+        routes=route_table(),
+        lifespan=lifespan,
+        metrics=metrics,
+        draining=lambda: gateway.draining,
+        exception_handlers={GatewayError: on_gateway_error, HTTPException: on_http_error},
+    )
     app.router.redirect_slashes = False
     app.gateway = gateway
     return app

@@ -58,8 +58,9 @@ def archive_item(task: Task, data: dict, now: float) -> Item | None:
     if not urls or not task.task_id:
         return None
     payload = {"task_id": task.task_id, "team": task.team, "urls": urls}
-    return Item("arc_" + hashlib.sha256(task.task_id.encode()).hexdigest()[:24], ARCHIVE_TOPIC,
-                orjson.dumps(payload), now)
+    return Item(
+        "arc_" + hashlib.sha256(task.task_id.encode()).hexdigest()[:24], ARCHIVE_TOPIC, orjson.dumps(payload), now
+    )
 
 
 def file_key(team: str, task_id: str, variant: str, content_type: str, url: str) -> str:
@@ -97,9 +98,16 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None | str:
 
 
 class Archive:
-    def __init__(self, settings: ArchiveSettings, backend: Backend, store: Store, metrics: Metrics,
-                 clock: Callable[[], float], window_s: float = WINDOW_S,
-                 retention_every_s: float = RETENTION_EVERY_S) -> None:
+    def __init__(
+        self,
+        settings: ArchiveSettings,
+        backend: Backend,
+        store: Store,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        window_s: float = WINDOW_S,
+        retention_every_s: float = RETENTION_EVERY_S,
+    ) -> None:
         self.settings, self.backend, self.store, self.metrics, self.clock = settings, backend, store, metrics, clock
         self.window_s, self.retention_every_s = window_s, retention_every_s
         self.log = structlog.get_logger("gateway.archive")
@@ -147,7 +155,9 @@ class Archive:
     async def run(self) -> None:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=60),
-            cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+        )
         try:
             while not self._stop.is_set():
                 self._wake.clear()
@@ -192,8 +202,14 @@ class Archive:
                 await self._copy_file(job, variant, url)
             except CopyFailed as exc:
                 self.metrics.child(self.metrics.archive_failures, exc.reason).inc()
-                self.log.warning("archive.copy_failed", task_id=job["task_id"], variant=variant,
-                                 reason=exc.reason, detail=str(exc), attempt=item.attempts)
+                self.log.warning(
+                    "archive.copy_failed",
+                    task_id=job["task_id"],
+                    variant=variant,
+                    reason=exc.reason,
+                    detail=str(exc),
+                    attempt=item.attempts,
+                )
                 if exc.reason not in ("too_large", "expired"):  # those two never get better
                     failure = exc
         await self._settle(item, failure)
@@ -245,8 +261,9 @@ class Archive:
         return deleted
 
 
-def make_archive(settings: ArchiveSettings | None, store: Store, metrics: Metrics,
-                 clock: Callable[[], float]) -> Archive | None:
+def make_archive(
+    settings: ArchiveSettings | None, store: Store, metrics: Metrics, clock: Callable[[], float]
+) -> Archive | None:
     return Archive(settings, open_backend(settings), store, metrics, clock) if settings else None
 
 

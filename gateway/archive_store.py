@@ -102,17 +102,23 @@ class S3Backend:
 
         self._obstore = obstore
         where = urlsplit(settings.url)
-        options = {"endpoint": settings.endpoint_url, "virtual_hosted_style_request": False} \
-            if settings.endpoint_url else {}
+        options = (
+            {"endpoint": settings.endpoint_url, "virtual_hosted_style_request": False} if settings.endpoint_url else {}
+        )
         if (settings.endpoint_url or "").startswith("http://"):
             options["client_options"] = {"allow_http": True}
-        self._store = S3Store(where.netloc, prefix=where.path.strip("/") or None, region=settings.region,
-                              **options)
+        self._store = S3Store(where.netloc, prefix=where.path.strip("/") or None, region=settings.region, **options)
 
     async def put(self, key: str, chunks: AsyncIterator[bytes], content_type: str) -> None:
         try:
-            await self._obstore.put_async(self._store, key, chunks, attributes={"Content-Type": content_type},
-                                          chunk_size=PART_BYTES, max_concurrency=UPLOAD_PARTS)
+            await self._obstore.put_async(
+                self._store,
+                key,
+                chunks,
+                attributes={"Content-Type": content_type},
+                chunk_size=PART_BYTES,
+                max_concurrency=UPLOAD_PARTS,
+            )
         except self._obstore.exceptions.BaseError as exc:
             raise StoreFailed(f"the object store refused the upload: {exc.__class__.__name__}") from None
 

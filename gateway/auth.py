@@ -38,8 +38,9 @@ class Authenticator:
 
 
 def model_allowed(model: str, user: User, team: Team) -> bool:
-    return ((team.limits.models is None or model in team.limits.models)
-            and (user.limits.models is None or model in user.limits.models))
+    return (team.limits.models is None or model in team.limits.models) and (
+        user.limits.models is None or model in user.limits.models
+    )
 
 
 def allowed_models(settings: Settings, user: User, team: Team) -> list[str]:

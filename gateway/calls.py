@@ -14,8 +14,9 @@ class UpstreamCalls:
     def __init__(self, upstream: Upstream, pool: KeyPool, metrics: Metrics) -> None:
         self.upstream, self.pool, self.metrics = upstream, pool, metrics
 
-    async def call(self, key: UpstreamKey, route: str, method: str, path: str, body: bytes | None,
-                   ctx: RequestContext | None) -> Reply:
+    async def call(
+        self, key: UpstreamKey, route: str, method: str, path: str, body: bytes | None, ctx: RequestContext | None
+    ) -> Reply:
         """`route` is TokenHub's route template, the `route` label of the upstream metrics."""
         m = self.metrics
         try:
@@ -32,8 +33,9 @@ class UpstreamCalls:
         await self._report(key.name, reply.status, None, reply.retry_after)
         return reply
 
-    async def _report(self, key_name: str, status: int | None, error: str | None,
-                      retry_after: str | None = None) -> None:
+    async def _report(
+        self, key_name: str, status: int | None, error: str | None, retry_after: str | None = None
+    ) -> None:
         try:
             await self.pool.report(key_name, status, error, retry_after)
         except StoreUnavailable:

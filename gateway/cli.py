@@ -28,13 +28,24 @@ from .server import http_protocol
 DEMO_TEAM, DEMO_USER = "demo", "demo-user"
 
 
-def uvicorn_config(app: object, host: str, port: int, grace: float, header_timeout_s: float = 10.0,
-                   body_timeout_s: float = 30.0) -> uvicorn.Config:
-    return uvicorn.Config(app, host=host, port=port, loop="auto", lifespan="on", ws="none",
-                          http=http_protocol(header_timeout_s, body_timeout_s),
-                          access_log=False, server_header=False, proxy_headers=False,
-                          log_config=logs.uvicorn_log_config(),
-                          timeout_graceful_shutdown=grace, timeout_keep_alive=30)
+def uvicorn_config(
+    app: object, host: str, port: int, grace: float, header_timeout_s: float = 10.0, body_timeout_s: float = 30.0
+) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="auto",
+        lifespan="on",
+        ws="none",
+        http=http_protocol(header_timeout_s, body_timeout_s),
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        log_config=logs.uvicorn_log_config(),
+        timeout_graceful_shutdown=grace,
+        timeout_keep_alive=30,
+    )
 
 
 def serve_settings(settings: Settings, host: str | None = None, port: int | None = None) -> None:
@@ -42,9 +53,14 @@ def serve_settings(settings: Settings, host: str | None = None, port: int | None
 
     logs.configure()
     app = create_app(settings)
-    cfg = uvicorn_config(app, host or settings.server.host, port or settings.server.port,
-                         settings.server.shutdown_grace_s, settings.server.header_timeout_s,
-                         settings.server.body_timeout_s)
+    cfg = uvicorn_config(
+        app,
+        host or settings.server.host,
+        port or settings.server.port,
+        settings.server.shutdown_grace_s,
+        settings.server.header_timeout_s,
+        settings.server.body_timeout_s,
+    )
     tune_gc()
     run_until_signalled(GatewayServer(cfg, app.gateway.begin_drain))
 
@@ -91,24 +107,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .supervisor import Supervisor
 
         if not is_redis_url(settings.store.url.reveal()):
-            print(f"{args.config}: serve --workers {args.workers} needs a Redis store (store.url redis://…): "
-                  "the SQLite store serves one process; run without --workers, or share a Redis", file=sys.stderr)
+            print(
+                f"{args.config}: serve --workers {args.workers} needs a Redis store (store.url redis://…): "
+                "the SQLite store serves one process; run without --workers, or share a Redis",
+                file=sys.stderr,
+            )
             return 2
         logs.configure()
-        return Supervisor(settings, args.workers, args.host or settings.server.host,
-                          args.port or settings.server.port).run()
+        return Supervisor(
+            settings, args.workers, args.host or settings.server.host, args.port or settings.server.port
+        ).run()
     serve_settings(settings, args.host, args.port)
     return 0
 
 
-def demo_settings(sim_port: int, db: Path, user_key: str, webhook_url: str | None = None,
-                  webhook_secret: str = "") -> Settings:
+def demo_settings(
+    sim_port: int, db: Path, user_key: str, webhook_url: str | None = None, webhook_secret: str = ""
+) -> Settings:
     data: dict = {
         "archive": {"dir": str(db.parent / "videos")},  # the videos outlive the simulator's URLs
         "server": {"admin_token_env": "GATEWAY_ADMIN_TOKEN"},
-        "upstream": {"base_url": f"http://127.0.0.1:{sim_port}/api/v1", "timeout_s": 30,
-                     "keys": [{"name": "sim-a", "value_env": "DEMO_KEY_A", "weight": 2},
-                              {"name": "sim-b", "value_env": "DEMO_KEY_B"}]},
+        "upstream": {
+            "base_url": f"http://127.0.0.1:{sim_port}/api/v1",
+            "timeout_s": 30,
+            "keys": [
+                {"name": "sim-a", "value_env": "DEMO_KEY_A", "weight": 2},
+                {"name": "sim-b", "value_env": "DEMO_KEY_B"},
+            ],
+        },
         "store": {"url": f"sqlite:///{db}"},
         "poller": {"interval_s": 5},
         "teams": {DEMO_TEAM: {"budget_usd": 20.0, "requests_per_minute": 30, "max_concurrent_tasks": 5}},
@@ -116,8 +142,12 @@ def demo_settings(sim_port: int, db: Path, user_key: str, webhook_url: str | Non
     }
     if webhook_url:
         data["webhooks"] = [{"name": "demo", "url": webhook_url, "secret_env": "DEMO_WEBHOOK_SECRET"}]
-    env = {"DEMO_KEY_A": "th-demo-simulated-key-a", "DEMO_KEY_B": "th-demo-simulated-key-b",
-           "GATEWAY_ADMIN_TOKEN": os.environ.get("GATEWAY_ADMIN_TOKEN", ""), "DEMO_WEBHOOK_SECRET": webhook_secret}
+    env = {
+        "DEMO_KEY_A": "th-demo-simulated-key-a",
+        "DEMO_KEY_B": "th-demo-simulated-key-b",
+        "GATEWAY_ADMIN_TOKEN": os.environ.get("GATEWAY_ADMIN_TOKEN", ""),
+        "DEMO_WEBHOOK_SECRET": webhook_secret,
+    }
     return parse_settings(data, env)
 
 
@@ -129,16 +159,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     user_key = new_key()
     webhook_secret = "whsec_" + base64.b64encode(os.urandom(32)).decode() if args.webhook_url else ""
     settings = demo_settings(args.sim_port, data_dir / "gateway.db", user_key, args.webhook_url, webhook_secret)
-    sim = uvicorn.Server(sim_config(create_simulator(task_seconds=args.task_seconds), "127.0.0.1",
-                                    args.sim_port))
+    sim = uvicorn.Server(sim_config(create_simulator(task_seconds=args.task_seconds), "127.0.0.1", args.sim_port))
     thread = threading.Thread(target=sim.run, name="simulator", daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{args.port}/api/v1"
-    ready = {"event": "demo.ready", "gateway": base, "simulator": f"http://127.0.0.1:{args.sim_port}",
-             "store": str(data_dir / "gateway.db"), "archive": str(data_dir / "videos"),
-             **({"webhook_url": args.webhook_url, "webhook_secret": webhook_secret} if args.webhook_url else {}),
-             "team": DEMO_TEAM, "user": DEMO_USER,
-             "api_key": user_key, "try": _demo_curl(base, user_key)}
+    ready = {
+        "event": "demo.ready",
+        "gateway": base,
+        "simulator": f"http://127.0.0.1:{args.sim_port}",
+        "store": str(data_dir / "gateway.db"),
+        "archive": str(data_dir / "videos"),
+        **({"webhook_url": args.webhook_url, "webhook_secret": webhook_secret} if args.webhook_url else {}),
+        "team": DEMO_TEAM,
+        "user": DEMO_USER,
+        "api_key": user_key,
+        "try": _demo_curl(base, user_key),
+    }
     print(json.dumps(ready, separators=(",", ":")), flush=True)
     try:
         serve_settings(settings, "127.0.0.1", args.port)
@@ -150,8 +186,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _demo_curl(base: str, key: str) -> str:
     body = '{"model": "doubao-seedance-2.0-fast", "prompt": "A red fox running through snow", "duration": 5}'
-    return (f"curl -s {base}/videos/generations -H 'Authorization: Bearer {key}' "
-            f"-H 'Content-Type: application/json' -d '{body}'")
+    return (
+        f"curl -s {base}/videos/generations -H 'Authorization: Bearer {key}' "
+        f"-H 'Content-Type: application/json' -d '{body}'"
+    )
 
 
 def cmd_simulator(args: argparse.Namespace) -> int:
@@ -177,8 +215,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
         return 1
-    print(f"{args.config}: OK ({len(settings.upstream.keys)} upstream keys, {len(settings.teams)} teams, "
-          f"{len(settings.users)} users, store {settings.store.url.reveal().split('://')[0]})")
+    print(
+        f"{args.config}: OK ({len(settings.upstream.keys)} upstream keys, {len(settings.teams)} teams, "
+        f"{len(settings.users)} users, store {settings.store.url.reveal().split('://')[0]})"
+    )
     return 0
 
 

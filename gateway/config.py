@@ -136,7 +136,8 @@ class PollerSettings:
 class OpenAISettings:
     poll_after_ms: int = 2000
     model_aliases: Mapping[str, str] = field(  # alias → Seedance model of the pricing table
-        default_factory=lambda: MappingProxyType(dict(DEFAULT_MODEL_ALIASES)))
+        default_factory=lambda: MappingProxyType(dict(DEFAULT_MODEL_ALIASES))
+    )
 
 
 WEBHOOK_EVENTS = ("video.completed", "video.failed")
@@ -183,21 +184,38 @@ class Settings:
 
 _SECTIONS = {"server", "upstream", "store", "poller", "pricing", "teams", "users", "openai", "webhooks", "archive"}
 # TOML key → kind, for the plain fields of each section; absent or invalid, the dataclass default applies.
-_SERVER = {"host": "str", "port": "port", "shutdown_grace_s": "num0", "max_body_bytes": "int+",
-           "log_prompts": "bool", "header_timeout_s": "num+", "body_timeout_s": "num+"}
-_UPSTREAM = {"connect_timeout_s": "num+", "timeout_s": "num+", "cooldown_s": "num+",
-             "breaker_failures": "int+", "breaker_open_s": "num+"}
+_SERVER = {
+    "host": "str",
+    "port": "port",
+    "shutdown_grace_s": "num0",
+    "max_body_bytes": "int+",
+    "log_prompts": "bool",
+    "header_timeout_s": "num+",
+    "body_timeout_s": "num+",
+}
+_UPSTREAM = {
+    "connect_timeout_s": "num+",
+    "timeout_s": "num+",
+    "cooldown_s": "num+",
+    "breaker_failures": "int+",
+    "breaker_open_s": "num+",
+}
 _KEY = {"weight": "int+", "max_concurrent_tasks": "int+"}
 _POLLER = {"interval_s": "num+", "expire_after_s": "num+", "concurrency": "int+"}
 _OPENAI = {"poll_after_ms": "int+"}
 _WEBHOOK = {"retry_initial_s": "num+", "max_in_flight": "int+"}
 _ARCHIVE = {"region": "str", "retention_days": "num+", "max_bytes_per_video": "int+"}
-_LIMITS = {"budget_usd": "num0", "period": "str", "models": "strlist", "video_seconds": "int0",
-           "requests_per_minute": "int+", "max_concurrent_tasks": "int+"}
+_LIMITS = {
+    "budget_usd": "num0",
+    "period": "str",
+    "models": "strlist",
+    "video_seconds": "int0",
+    "requests_per_minute": "int+",
+    "max_concurrent_tasks": "int+",
+}
 
 
-def _secret_from_env(r: Reader, env: Mapping[str, str], data: dict, key: str,
-                     where: str) -> Secret | None:
+def _secret_from_env(r: Reader, env: Mapping[str, str], data: dict, key: str, where: str) -> Secret | None:
     value = r.from_env(env, data, key, where)
     return Secret(value) if value else None
 
@@ -233,13 +251,14 @@ def _pricing(r: Reader, data: Any) -> dict[str, dict[str, int]]:
 
 def _server(r: Reader, data: Any, env: Mapping[str, str]) -> ServerSettings:
     s = r.table(data, "server", set(_SERVER) | {"admin_token_env", "metrics_token_env"})
-    return ServerSettings(**r.fields(s, "server", _SERVER),
-                          admin_token=_secret_from_env(r, env, s, "admin_token_env", "server"),
-                          metrics_token=_secret_from_env(r, env, s, "metrics_token_env", "server"))
+    return ServerSettings(
+        **r.fields(s, "server", _SERVER),
+        admin_token=_secret_from_env(r, env, s, "admin_token_env", "server"),
+        metrics_token=_secret_from_env(r, env, s, "metrics_token_env", "server"),
+    )
 
 
-def _key(r: Reader, data: Any, i: int, env: Mapping[str, str], base: Path,
-         models: set[str]) -> UpstreamKey | None:
+def _key(r: Reader, data: Any, i: int, env: Mapping[str, str], base: Path, models: set[str]) -> UpstreamKey | None:
     where = f"upstream.keys[{i}]"
     data = r.table(data, where, set(_KEY) | {"name", "value", "value_env", "value_file", "models"})
     name = r.get(data, "name", where, "str", required=True)
@@ -251,8 +270,7 @@ def _key(r: Reader, data: Any, i: int, env: Mapping[str, str], base: Path,
     return UpstreamKey(name=name, value=Secret(value), models=allow, **plain)
 
 
-def _upstream(r: Reader, data: Any, env: Mapping[str, str], base: Path,
-              models: set[str]) -> UpstreamSettings:
+def _upstream(r: Reader, data: Any, env: Mapping[str, str], base: Path, models: set[str]) -> UpstreamSettings:
     u = r.table(data, "upstream", set(_UPSTREAM) | {"base_url", "keys"})
     base_url = r.get(u, "base_url", "upstream", "str", required=True) or ""
     if base_url and not base_url.startswith(("http://", "https://")):
@@ -266,8 +284,9 @@ def _upstream(r: Reader, data: Any, env: Mapping[str, str], base: Path,
     for dup in sorted({n for n in names if names.count(n) > 1}):
         same = " and ".join(f"keys[{i}]" for i, k in keys.items() if k.name == dup)
         r.problem("upstream.keys", f"{same} have the same name")
-    return UpstreamSettings(base_url=base_url.rstrip("/"), keys=tuple(keys.values()),
-                            **r.fields(u, "upstream", _UPSTREAM))
+    return UpstreamSettings(
+        base_url=base_url.rstrip("/"), keys=tuple(keys.values()), **r.fields(u, "upstream", _UPSTREAM)
+    )
 
 
 def _store(r: Reader, data: Any, env: Mapping[str, str]) -> StoreSettings:
@@ -281,8 +300,9 @@ def _store(r: Reader, data: Any, env: Mapping[str, str]) -> StoreSettings:
         url = r.from_env(env, st, "url_env", "store", required=True)
     given: dict[str, Any] = {}
     if url and not url.startswith("sqlite:///") and not is_redis_url(url):
-        r.problem("store.url", "expected sqlite:////absolute/path, redis://, rediss://, redis+sentinel:// "
-                  "or redis+cluster://")
+        r.problem(
+            "store.url", "expected sqlite:////absolute/path, redis://, rediss://, redis+sentinel:// or redis+cluster://"
+        )
     elif url and (problem := url_problem(url)):
         r.problem("store.url", problem)
     elif url:
@@ -325,8 +345,10 @@ def _webhook_secret(r: Reader, data: dict, where: str, env: Mapping[str, str]) -
     except (binascii.Error, ValueError):
         key = b""
     if not value.startswith("whsec_") or len(key) < 16:
-        r.problem(f"{where}.secret_env", "the variable must hold \"whsec_\" + padded base64 of at least 16 "
-                                         "random bytes (the value is not shown)")
+        r.problem(
+            f"{where}.secret_env",
+            'the variable must hold "whsec_" + padded base64 of at least 16 random bytes (the value is not shown)',
+        )
         return None
     return Secret(value)
 
@@ -361,8 +383,14 @@ def _webhooks(r: Reader, data: Any, env: Mapping[str, str], teams: Mapping[str, 
         if name in endpoints:
             r.problem(f"{where}.name", f"another [[webhooks]] is already named {shown(name)}")
         elif name and url and secret:
-            endpoints[name] = WebhookEndpoint(name, url, secret, None if chosen is None else frozenset(chosen),
-                                              frozenset(events), **r.fields(d, where, _WEBHOOK))
+            endpoints[name] = WebhookEndpoint(
+                name,
+                url,
+                secret,
+                None if chosen is None else frozenset(chosen),
+                frozenset(events),
+                **r.fields(d, where, _WEBHOOK),
+            )
     return tuple(endpoints.values())
 
 
@@ -411,8 +439,9 @@ def _users(r: Reader, data: Any, teams: Mapping[str, Team], models: set[str]) ->
     return users
 
 
-def parse_settings(data: dict, env: Mapping[str, str] | None = None,
-                   base_dir: Path | None = None, source: str = "") -> Settings:
+def parse_settings(
+    data: dict, env: Mapping[str, str] | None = None, base_dir: Path | None = None, source: str = ""
+) -> Settings:
     env = os.environ if env is None else env
     r = Reader()
     data = r.table(data, "", _SECTIONS)
@@ -429,8 +458,19 @@ def parse_settings(data: dict, env: Mapping[str, str] | None = None,
     archive = _archive(r, data.get("archive", {}))
     if r.problems:
         raise ConfigError(r.problems)
-    return Settings(server=server, upstream=upstream, store=store, poller=poller, pricing=pricing,
-                    teams=teams, users=users, openai=openai, webhooks=webhooks, archive=archive, source=source)
+    return Settings(
+        server=server,
+        upstream=upstream,
+        store=store,
+        poller=poller,
+        pricing=pricing,
+        teams=teams,
+        users=users,
+        openai=openai,
+        webhooks=webhooks,
+        archive=archive,
+        source=source,
+    )
 
 
 def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:

@@ -89,19 +89,23 @@ class DownloadResponse(StreamingResponse):
 
 class MediaFetcher:
     def __init__(self, settings: UpstreamSettings) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=TOTAL_TIMEOUT_S, sock_connect=settings.connect_timeout_s,
-                                              sock_read=settings.timeout_s)
+        self._timeout = aiohttp.ClientTimeout(
+            total=TOTAL_TIMEOUT_S, sock_connect=settings.connect_timeout_s, sock_read=settings.timeout_s
+        )
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             # No cookies and no decompression: the bytes are passed on exactly as the object store sends them.
-            self._session = aiohttp.ClientSession(timeout=self._timeout, cookie_jar=aiohttp.DummyCookieJar(),
-                                                  auto_decompress=False, skip_auto_headers=("User-Agent",))
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent",),
+            )
         return self._session
 
-    async def open(self, url: str, range_header: str | None = None,
-                   ctx: RequestContext | None = None) -> Download:
+    async def open(self, url: str, range_header: str | None = None, ctx: RequestContext | None = None) -> Download:
         """Request a result file: 200 or 206 answered with its body still to read; anything else raised."""
         headers = {"Accept-Encoding": "identity"}
         if range_header and _SINGLE_RANGE.fullmatch(range_header.strip()):
@@ -114,8 +118,9 @@ class MediaFetcher:
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamTimeout("The video's storage did not answer in time.") from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"The video's storage failed: {type(exc).__name__}.",
-                                code="upstream_bad_response") from None
+            raise UpstreamError(
+                f"The video's storage failed: {type(exc).__name__}.", code="upstream_bad_response"
+            ) from None
         if ctx is not None:
             ctx.upstream_s += time.perf_counter() - started
         return self._checked(response, ctx)
@@ -131,18 +136,23 @@ class MediaFetcher:
             declared = headers.get("content-length", "")
             if declared.isdigit() and int(declared) > MAX_BYTES:
                 response.release()
-                raise UpstreamError(f"The video is larger than the gateway serves ({MAX_BYTES} bytes).",
-                                    code="upstream_bad_response")
+                raise UpstreamError(
+                    f"The video is larger than the gateway serves ({MAX_BYTES} bytes).", code="upstream_bad_response"
+                )
             headers["content-type"] = response.headers.get("content-type", "application/octet-stream")
             return Download(status, headers, response, ctx)
         response.release()
         if status in EXPIRED:
-            raise VideoExpired("This video's content is no longer available: TokenHub's URL has expired "
-                               "and the gateway kept no copy.")
+            raise VideoExpired(
+                "This video's content is no longer available: TokenHub's URL has expired and the gateway kept no copy."
+            )
         if status == 416:
             size = response.headers.get("content-range")
-            raise RangeNotSatisfiable("The requested range is outside the video.",
-                                      headers={"Content-Range": size} if size else None, param="Range")
+            raise RangeNotSatisfiable(
+                "The requested range is outside the video.",
+                headers={"Content-Range": size} if size else None,
+                param="Range",
+            )
         code = "upstream_server_error" if status >= 500 else "upstream_bad_response"
         raise UpstreamError(f"The video's storage answered {status}.", code=code)
 

@@ -8,8 +8,20 @@ from __future__ import annotations
 class RequestContext:
     """What a handler learns about a request, for the one log line written when it ends."""
 
-    __slots__ = ("request_id", "team", "user", "model", "resolution", "duration_s", "task_id",
-                 "upstream_key", "upstream_status", "upstream_s", "cost_usd", "error_code")
+    __slots__ = (
+        "request_id",
+        "team",
+        "user",
+        "model",
+        "resolution",
+        "duration_s",
+        "task_id",
+        "upstream_key",
+        "upstream_status",
+        "upstream_s",
+        "cost_usd",
+        "error_code",
+    )
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id

@@ -1,29 +1,29 @@
 """The gateway's error tree and its OpenAI-shaped JSON rendering.
 
-    GatewayError
-    ├── AuthError                 401 authentication_error / invalid_api_key
-    ├── ValidationError           400 invalid_request_error / invalid_parameter (param)
-    │   ├── InvalidJSON           400 invalid_json
-    │   ├── BodyTooLarge          413 body_too_large
-    │   └── UnsupportedParameter  400 unsupported_parameter (param): no Seedance equivalent
-    ├── PermissionDenied          403 permission_error / model_not_allowed
-    ├── NotFound                  404 invalid_request_error / task_not_found (or route_not_found)
-    ├── RequestTimeout            408 invalid_request_error / request_timeout (a slow client)
-    ├── IdempotencyConflict       409 idempotency_key_reused / idempotency_key_in_progress
-    ├── TaskNotUnknown            409 invalid_request_error / task_not_unknown
-    ├── VideoNotReady             409 invalid_request_error / video_not_ready
-    ├── VideoExpired              410 invalid_request_error / video_expired
-    ├── RangeNotSatisfiable       416 invalid_request_error / range_not_satisfiable
-    ├── QuotaError                429 insufficient_quota / budget_exceeded
-    ├── RateLimited               429 rate_limit_exceeded (+ Retry-After)
-    ├── StoreUnavailable          503 service_unavailable / store_unavailable (+ Retry-After)
-    ├── NoUpstreamKey             503 upstream_unavailable / no_upstream_key (+ Retry-After)
-    ├── RecordRejected            500 server_error / record_rejected
-    ├── ShuttingDown              503 service_unavailable / shutting_down
-    └── UpstreamError             502 upstream_error / upstream_* codes
-        ├── ConnectFailed         502 upstream_unreachable: nothing reached TokenHub
-        ├── DuplicateTaskId       502 upstream_bad_response: an id the gateway already holds
-        └── UpstreamTimeout       504 upstream_timeout
+GatewayError
+├── AuthError                 401 authentication_error / invalid_api_key
+├── ValidationError           400 invalid_request_error / invalid_parameter (param)
+│   ├── InvalidJSON           400 invalid_json
+│   ├── BodyTooLarge          413 body_too_large
+│   └── UnsupportedParameter  400 unsupported_parameter (param): no Seedance equivalent
+├── PermissionDenied          403 permission_error / model_not_allowed
+├── NotFound                  404 invalid_request_error / task_not_found (or route_not_found)
+├── RequestTimeout            408 invalid_request_error / request_timeout (a slow client)
+├── IdempotencyConflict       409 idempotency_key_reused / idempotency_key_in_progress
+├── TaskNotUnknown            409 invalid_request_error / task_not_unknown
+├── VideoNotReady             409 invalid_request_error / video_not_ready
+├── VideoExpired              410 invalid_request_error / video_expired
+├── RangeNotSatisfiable       416 invalid_request_error / range_not_satisfiable
+├── QuotaError                429 insufficient_quota / budget_exceeded
+├── RateLimited               429 rate_limit_exceeded (+ Retry-After)
+├── StoreUnavailable          503 service_unavailable / store_unavailable (+ Retry-After)
+├── NoUpstreamKey             503 upstream_unavailable / no_upstream_key (+ Retry-After)
+├── RecordRejected            500 server_error / record_rejected
+├── ShuttingDown              503 service_unavailable / shutting_down
+└── UpstreamError             502 upstream_error / upstream_* codes
+    ├── ConnectFailed         502 upstream_unreachable: nothing reached TokenHub
+    ├── DuplicateTaskId       502 upstream_bad_response: an id the gateway already holds
+    └── UpstreamTimeout       504 upstream_timeout
 """
 
 from __future__ import annotations
@@ -39,8 +39,15 @@ class GatewayError(Exception):
     code = "internal_error"
     unknown_outcome = False  # set on the answer to a forwarded create whose outcome is unknown
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after: int | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.extra_headers = dict(headers or {})
         self.message = message
@@ -50,8 +57,7 @@ class GatewayError(Exception):
         self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type,
-                          "code": self.code, "param": self.param}}
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
 
     def json(self) -> bytes:
         return orjson.dumps(self.body())
@@ -67,8 +73,9 @@ class GatewayError(Exception):
     def retry_safe(self) -> bool:
         """False where a blind retry could make things worse (SPEC §11): a create whose outcome is
         unknown (it may be paid for already), an exhausted budget, a conflict, a gone video."""
-        return not (self.unknown_outcome or self.status in (409, 410)
-                    or (self.status == 429 and self.code == "budget_exceeded"))
+        return not (
+            self.unknown_outcome or self.status in (409, 410) or (self.status == 429 and self.code == "budget_exceeded")
+        )
 
 
 class AuthError(GatewayError):
@@ -118,8 +125,7 @@ class RateLimited(GatewayError):
 class StoreUnavailable(GatewayError):
     status, type, code = 503, "service_unavailable", "store_unavailable"
 
-    def __init__(self, message: str = "The gateway's store cannot be reached; retry shortly.",
-                 **kw: Any) -> None:
+    def __init__(self, message: str = "The gateway's store cannot be reached; retry shortly.", **kw: Any) -> None:
         kw.setdefault("retry_after", 1)
         super().__init__(message, **kw)
 

@@ -1,8 +1,8 @@
 """Upstream key choice and health: a pure, clock-injected state machine (SPEC §5).
 
-    ok ──429──▶ cooldown ──time──▶ ok
-    ok ──401/403──▶ disabled (until a reload)
-    ok ──N consecutive 5xx/connect errors/timeouts──▶ open ──time──▶ probe ──404──▶ ok
+ok ──429──▶ cooldown ──time──▶ ok
+ok ──401/403──▶ disabled (until a reload)
+ok ──N consecutive 5xx/connect errors/timeouts──▶ open ──time──▶ probe ──404──▶ ok
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ OK, COOLDOWN, DISABLED, OPEN = "ok", "cooldown", "disabled", "open"
 @dataclass(frozen=True, slots=True)
 class KeyHealth:
     state: str = OK
-    until: float = 0.0          # end of a cooldown or of an open circuit
-    failures: int = 0           # consecutive 5xx / connect errors / timeouts
-    throttles: int = 0          # consecutive 429s, for the back-off
+    until: float = 0.0  # end of a cooldown or of an open circuit
+    failures: int = 0  # consecutive 5xx / connect errors / timeouts
+    throttles: int = 0  # consecutive 429s, for the back-off
     last_error: str | None = None
     last_error_at: float | None = None
     errors: int = 0
@@ -57,14 +57,22 @@ def on_success(h: KeyHealth, now: float) -> KeyHealth:
     return h
 
 
-def on_throttled(h: KeyHealth, now: float, retry_after: float | None, cfg: UpstreamSettings,
-                 rng: random.Random) -> KeyHealth:
+def on_throttled(
+    h: KeyHealth, now: float, retry_after: float | None, cfg: UpstreamSettings, rng: random.Random
+) -> KeyHealth:
     if retry_after is None:
         base = cfg.cooldown_s * (2 ** min(h.throttles, 10)) * rng.uniform(0.8, 1.2)
         retry_after = min(base, cfg.cooldown_s * 10)
     state = h.state if h.state in (DISABLED, OPEN) else COOLDOWN
-    return replace(h, state=state, until=max(h.until, now + retry_after) if state == COOLDOWN else h.until,
-                   throttles=h.throttles + 1, last_error="429", last_error_at=now, errors=h.errors + 1)
+    return replace(
+        h,
+        state=state,
+        until=max(h.until, now + retry_after) if state == COOLDOWN else h.until,
+        throttles=h.throttles + 1,
+        last_error="429",
+        last_error_at=now,
+        errors=h.errors + 1,
+    )
 
 
 def on_rejected(h: KeyHealth, now: float, code: int) -> KeyHealth:
@@ -79,8 +87,15 @@ def on_failure(h: KeyHealth, now: float, error: str, cfg: UpstreamSettings) -> K
     return h
 
 
-def on_reply(h: KeyHealth, now: float, status: int | None, error: str | None,
-             retry_after_s: float | None, cfg: UpstreamSettings, rng: random.Random) -> KeyHealth:
+def on_reply(
+    h: KeyHealth,
+    now: float,
+    status: int | None,
+    error: str | None,
+    retry_after_s: float | None,
+    cfg: UpstreamSettings,
+    rng: random.Random,
+) -> KeyHealth:
     """One upstream outcome: a status (4xx other than 401/403/429 means the key is fine) or an error."""
     outcome = tokenhub.outcome_of(status) if status is not None else tokenhub.FAILED
     if outcome == tokenhub.KEY_REJECTED:
@@ -98,15 +113,25 @@ def on_probe(h: KeyHealth, now: float, healthy: bool, error: str, cfg: UpstreamS
     return replace(h, until=now + cfg.breaker_open_s, last_error=error, last_error_at=now)
 
 
-def choose(keys: tuple[UpstreamKey, ...], health: dict[str, KeyHealth], in_flight: dict[str, int],
-           model: str, now: float, rng: random.Random) -> list[UpstreamKey]:
+def choose(
+    keys: tuple[UpstreamKey, ...],
+    health: dict[str, KeyHealth],
+    in_flight: dict[str, int],
+    model: str,
+    now: float,
+    rng: random.Random,
+) -> list[UpstreamKey]:
     """Usable keys that allow the model and have a free slot, in the order to try them.
 
     Drawn at random with odds ∝ weight × free share of the key's slots, so idle keys share creates
     by weight and a loaded key is chosen less; every later key is the fallback of the ones before."""
-    pool = [k for k in keys if k.allows(model)
-            and health.get(k.name, HEALTHY).usable(now)
-            and in_flight.get(k.name, 0) < k.max_concurrent_tasks]
+    pool = [
+        k
+        for k in keys
+        if k.allows(model)
+        and health.get(k.name, HEALTHY).usable(now)
+        and in_flight.get(k.name, 0) < k.max_concurrent_tasks
+    ]
     order = []
     while len(pool) > 1:  # the last one left needs no draw
         odds = [k.weight * (1 - in_flight.get(k.name, 0) / k.max_concurrent_tasks) for k in pool]
@@ -124,8 +149,14 @@ def earliest_retry(keys: tuple[UpstreamKey, ...], health: dict[str, KeyHealth], 
 class KeyPool:
     """The configured keys, their shared health (kept in the store) and the choice per create."""
 
-    def __init__(self, settings: UpstreamSettings, store: Store, metrics: Any,
-                 clock: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        store: Store,
+        metrics: Any,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
         self._store, self._metrics, self._clock = store, metrics, clock
         self._rng = rng or random.Random()
         self._retired: dict[str, UpstreamKey] = {}
@@ -163,8 +194,7 @@ class KeyPool:
     async def no_key_error(self, model: str) -> NoUpstreamKey:
         health, now = await self.health(), self._clock()
         wait = earliest_retry(tuple(k for k in self.keys if k.allows(model)), health, now)
-        return NoUpstreamKey("No upstream TokenHub key can take this request now; retry later.",
-                             retry_after=wait)
+        return NoUpstreamKey("No upstream TokenHub key can take this request now; retry later.", retry_after=wait)
 
     async def _update(self, name: str, change: Callable[[KeyHealth], KeyHealth]) -> None:
         health = (await self.health()).get(name, HEALTHY)
@@ -176,8 +206,9 @@ class KeyPool:
         if new.current(now) != health.current(now):
             self._metrics.set_key_state(name, new.current(now))
 
-    async def report(self, name: str, status: int | None, error: str | None = None,
-                     retry_after: str | None = None) -> None:
+    async def report(
+        self, name: str, status: int | None, error: str | None = None, retry_after: str | None = None
+    ) -> None:
         """Feed one upstream outcome (an HTTP status, or an error with no status) to the key's health."""
         now = self._clock()
         if status is not None and tokenhub.outcome_of(status) in (tokenhub.ACCEPTED, tokenhub.REFUSED):
@@ -200,8 +231,9 @@ class KeyPool:
             if status in (401, 403):
                 await self._update(name, lambda h, s=status: on_rejected(h, self._clock(), s))
             else:
-                await self._update(name, lambda h, ok=healthy, e=error: on_probe(h, self._clock(), ok, e,
-                                                                                 self.settings))
+                await self._update(
+                    name, lambda h, ok=healthy, e=error: on_probe(h, self._clock(), ok, e, self.settings)
+                )
 
     async def reenable(self) -> None:
         """A reload re-enables keys a 401/403 disabled: the operator may have fixed them."""

@@ -12,8 +12,22 @@ from .pricing import micros_to_usd
 from .store.base import Task
 
 GROUPS = ("team", "user", "model", "day")
-FIELDS = ("task_id", "team", "user", "model", "resolution", "status", "duration_s", "input_seconds",
-          "billed_seconds", "estimate_usd", "cost_usd", "cost_estimated", "created_at", "settled_at")
+FIELDS = (
+    "task_id",
+    "team",
+    "user",
+    "model",
+    "resolution",
+    "status",
+    "duration_s",
+    "input_seconds",
+    "billed_seconds",
+    "estimate_usd",
+    "cost_usd",
+    "cost_estimated",
+    "created_at",
+    "settled_at",
+)
 GROUP_FIELDS = ("tasks", "succeeded", "failed", "in_flight", "billed_seconds", "cost_usd", "reserved_usd")
 
 
@@ -28,22 +42,31 @@ def parse_time(value: str) -> float:
 
 
 def row(t: Task) -> dict[str, Any]:
-    return {"task_id": t.task_id or t.rid, "team": t.team, "user": t.user, "model": t.model,
-            "resolution": t.resolution, "status": t.status, "duration_s": t.duration_s,
-            "input_seconds": t.input_ms / 1000,
-            "billed_seconds": None if t.billed_ms is None else t.billed_ms / 1000,
-            "estimate_usd": micros_to_usd(t.estimate_micros),
-            "cost_usd": None if t.cost_micros is None else micros_to_usd(t.cost_micros),
-            "cost_estimated": t.cost_estimated, "created_at": _iso(t.created_at),
-            "settled_at": _iso(t.settled_at)}
+    return {
+        "task_id": t.task_id or t.rid,
+        "team": t.team,
+        "user": t.user,
+        "model": t.model,
+        "resolution": t.resolution,
+        "status": t.status,
+        "duration_s": t.duration_s,
+        "input_seconds": t.input_ms / 1000,
+        "billed_seconds": None if t.billed_ms is None else t.billed_ms / 1000,
+        "estimate_usd": micros_to_usd(t.estimate_micros),
+        "cost_usd": None if t.cost_micros is None else micros_to_usd(t.cost_micros),
+        "cost_estimated": t.cost_estimated,
+        "created_at": _iso(t.created_at),
+        "settled_at": _iso(t.settled_at),
+    }
 
 
 def group(tasks: Iterable[Task], by: str) -> list[dict[str, Any]]:
     sums: dict[str, dict[str, int]] = {}
     for t in tasks:
         name = _iso(t.created_at)[:10] if by == "day" else getattr(t, by)
-        s = sums.setdefault(name, dict.fromkeys(("tasks", "succeeded", "failed", "in_flight",
-                                                  "billed_ms", "cost", "reserved"), 0))
+        s = sums.setdefault(
+            name, dict.fromkeys(("tasks", "succeeded", "failed", "in_flight", "billed_ms", "cost", "reserved"), 0)
+        )
         s["tasks"] += 1
         s["succeeded"] += t.status == "succeeded"
         s["failed"] += t.status in ("failed", "cancelled", "expired")
@@ -52,10 +75,19 @@ def group(tasks: Iterable[Task], by: str) -> list[dict[str, Any]]:
             s["reserved"] += t.estimate_micros
         s["billed_ms"] += t.billed_ms or 0
         s["cost"] += t.cost_micros or 0
-    return [{by: name, "tasks": s["tasks"], "succeeded": s["succeeded"], "failed": s["failed"],
-             "in_flight": s["in_flight"], "billed_seconds": s["billed_ms"] / 1000,
-             "cost_usd": micros_to_usd(s["cost"]), "reserved_usd": micros_to_usd(s["reserved"])}
-            for name, s in sorted(sums.items())]
+    return [
+        {
+            by: name,
+            "tasks": s["tasks"],
+            "succeeded": s["succeeded"],
+            "failed": s["failed"],
+            "in_flight": s["in_flight"],
+            "billed_seconds": s["billed_ms"] / 1000,
+            "cost_usd": micros_to_usd(s["cost"]),
+            "reserved_usd": micros_to_usd(s["reserved"]),
+        }
+        for name, s in sorted(sums.items())
+    ]
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:

@@ -119,17 +119,22 @@ def configure(level: str = "INFO", stream: TextIO | None = None) -> None:
         _drop_secrets,
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info,
-                    structlog.processors.JSONRenderer(serializer=_dumps)],
+        processors=[
+            *shared,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(serializer=_dumps),
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         logger_factory=structlog.WriteLoggerFactory(out),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    structlog.processors.format_exc_info,
-                    structlog.processors.JSONRenderer(serializer=_dumps)],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(serializer=_dumps),
+        ],
     )
     handler = logging.StreamHandler(out)  # type: ignore[arg-type]
     handler.setFormatter(formatter)
@@ -145,6 +150,12 @@ def configure(level: str = "INFO", stream: TextIO | None = None) -> None:
 
 def uvicorn_log_config() -> dict:
     """Hand uvicorn a config that keeps our root handler (so its lines are JSON too)."""
-    return {"version": 1, "disable_existing_loggers": False,
-            "loggers": {"uvicorn": {"level": "INFO"}, "uvicorn.error": {"level": "INFO"},
-                        "uvicorn.access": {"level": "WARNING"}}}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "loggers": {
+            "uvicorn": {"level": "INFO"},
+            "uvicorn.error": {"level": "INFO"},
+            "uvicorn.access": {"level": "WARNING"},
+        },
+    }

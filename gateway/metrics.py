@@ -24,52 +24,90 @@ class Metrics:
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         shared = {"multiprocess_mode": "mostrecent"}
         p = "tokenhub_gateway_"
-        self.requests = Counter(p + "requests", "Requests answered by the gateway",
-                                ["route", "method", "code", "team"], registry=r)
-        self.request_duration = Histogram(p + "request_duration_seconds", "Whole request time",
-                                          ["route", "method"], buckets=REQUEST_BUCKETS, registry=r)
-        self.upstream_requests = Counter(p + "upstream_requests", "Calls to TokenHub",
-                                         ["key", "route", "code"], registry=r)
-        self.upstream_duration = Histogram(p + "upstream_duration_seconds", "TokenHub call time",
-                                           ["route"], buckets=REQUEST_BUCKETS, registry=r)
-        self.tasks_created = Counter(p + "tasks_created", "Tasks created upstream",
-                                     ["team", "model", "resolution"], registry=r)
-        self.tasks_finished = Counter(p + "tasks_finished", "Tasks settled, by terminal status",
-                                      ["team", "model", "resolution", "status"], registry=r)
-        self.task_duration = Histogram(p + "task_duration_seconds", "Create → terminal status",
-                                       ["model", "resolution"], buckets=TASK_BUCKETS, registry=r)
-        self.tasks_in_flight = Gauge(p + "tasks_in_flight", "Tasks not yet terminal",
-                                     ["team"], registry=r, **shared)
-        self.video_seconds = Counter(p + "video_seconds", "Billed video seconds",
-                                     ["team", "model", "resolution"], registry=r)
-        self.spend_usd = Counter(p + "spend_usd", "Settled spend in US dollars",
-                                 ["team", "model", "resolution"], registry=r)
-        self.budget_usd = Gauge(p + "budget_usd", "Team budget for the current period",
-                                ["team"], registry=r, **shared)
-        self.budget_remaining_usd = Gauge(p + "budget_remaining_usd",
-                                          "Team budget left (spent and reserved deducted)",
-                                          ["team"], registry=r, **shared)
-        self.quota_rejections = Counter(p + "quota_rejections", "Creates refused by a limit",
-                                        ["team", "reason"], registry=r)
-        self.validation_errors = Counter(p + "validation_errors", "Creates refused by validation",
-                                         ["param"], registry=r)
-        self.key_state = Gauge(p + "upstream_key_state", "1 for the key's current state",
-                               ["key", "state"], registry=r, **shared)
-        self.overhead = Histogram(p + "overhead_seconds", "Time in the gateway, upstream excluded",
-                                  ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
+        self.requests = Counter(
+            p + "requests", "Requests answered by the gateway", ["route", "method", "code", "team"], registry=r
+        )
+        self.request_duration = Histogram(
+            p + "request_duration_seconds",
+            "Whole request time",
+            ["route", "method"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            p + "upstream_requests", "Calls to TokenHub", ["key", "route", "code"], registry=r
+        )
+        self.upstream_duration = Histogram(
+            p + "upstream_duration_seconds", "TokenHub call time", ["route"], buckets=REQUEST_BUCKETS, registry=r
+        )
+        self.tasks_created = Counter(
+            p + "tasks_created", "Tasks created upstream", ["team", "model", "resolution"], registry=r
+        )
+        self.tasks_finished = Counter(
+            p + "tasks_finished",
+            "Tasks settled, by terminal status",
+            ["team", "model", "resolution", "status"],
+            registry=r,
+        )
+        self.task_duration = Histogram(
+            p + "task_duration_seconds",
+            "Create → terminal status",
+            ["model", "resolution"],
+            buckets=TASK_BUCKETS,
+            registry=r,
+        )
+        self.tasks_in_flight = Gauge(p + "tasks_in_flight", "Tasks not yet terminal", ["team"], registry=r, **shared)
+        self.video_seconds = Counter(
+            p + "video_seconds", "Billed video seconds", ["team", "model", "resolution"], registry=r
+        )
+        self.spend_usd = Counter(
+            p + "spend_usd", "Settled spend in US dollars", ["team", "model", "resolution"], registry=r
+        )
+        self.budget_usd = Gauge(p + "budget_usd", "Team budget for the current period", ["team"], registry=r, **shared)
+        self.budget_remaining_usd = Gauge(
+            p + "budget_remaining_usd", "Team budget left (spent and reserved deducted)", ["team"], registry=r, **shared
+        )
+        self.quota_rejections = Counter(
+            p + "quota_rejections", "Creates refused by a limit", ["team", "reason"], registry=r
+        )
+        self.validation_errors = Counter(
+            p + "validation_errors", "Creates refused by validation", ["param"], registry=r
+        )
+        self.key_state = Gauge(
+            p + "upstream_key_state", "1 for the key's current state", ["key", "state"], registry=r, **shared
+        )
+        self.overhead = Histogram(
+            p + "overhead_seconds",
+            "Time in the gateway, upstream excluded",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
         self.poller_backlog = Gauge(p + "poller_backlog", "Tasks awaiting settlement", registry=r, **shared)
-        self.settlement_anomalies = Counter(p + "settlement_anomalies", "TokenHub figures not believed "
-                                            "at settlement (the estimate was charged)", ["reason"], registry=r)
-        self.tasks_unknown = Counter(p + "tasks_unknown", "Forwarded creates whose outcome is unknown "
-                                     "(charged at their estimate until resolved)", ["team", "reason"], registry=r)
-        self.archive_bytes = Counter(p + "archive_bytes", "Bytes copied into the video archive",
-                                     ["variant"], registry=r)
-        self.archive_failures = Counter(p + "archive_failures", "Archive copies that failed, by reason",
-                                        ["reason"], registry=r)
-        self.webhook_deliveries = Counter(p + "webhook_deliveries", "Webhook delivery attempts, by result",
-                                          ["endpoint", "result"], registry=r)
-        self.webhook_backlog = Gauge(p + "webhook_backlog", "Webhook events not yet delivered nor given up",
-                                     ["endpoint"], registry=r)
+        self.settlement_anomalies = Counter(
+            p + "settlement_anomalies",
+            "TokenHub figures not believed at settlement (the estimate was charged)",
+            ["reason"],
+            registry=r,
+        )
+        self.tasks_unknown = Counter(
+            p + "tasks_unknown",
+            "Forwarded creates whose outcome is unknown (charged at their estimate until resolved)",
+            ["team", "reason"],
+            registry=r,
+        )
+        self.archive_bytes = Counter(
+            p + "archive_bytes", "Bytes copied into the video archive", ["variant"], registry=r
+        )
+        self.archive_failures = Counter(
+            p + "archive_failures", "Archive copies that failed, by reason", ["reason"], registry=r
+        )
+        self.webhook_deliveries = Counter(
+            p + "webhook_deliveries", "Webhook delivery attempts, by result", ["endpoint", "result"], registry=r
+        )
+        self.webhook_backlog = Gauge(
+            p + "webhook_backlog", "Webhook events not yet delivered nor given up", ["endpoint"], registry=r
+        )
         self._children: dict[tuple[str, str, str, str], tuple] = {}
         self._labelled: dict[tuple[int, tuple[str, ...]], Any] = {}
 
@@ -81,13 +119,15 @@ class Metrics:
         MultiProcessCollector(merged, path=self.multiprocess_dir)
         return generate_latest(merged)
 
-    def observe_request(self, route: str, method: str, code: str, team: str, elapsed: float,
-                        overhead: float) -> None:
+    def observe_request(self, route: str, method: str, code: str, team: str, elapsed: float, overhead: float) -> None:
         """The per-request metrics, through children cached by their (bounded) label values."""
         children = self._children.get((route, method, code, team))
         if children is None:
-            children = (self.requests.labels(route, method, code, team),
-                        self.request_duration.labels(route, method), self.overhead.labels(route))
+            children = (
+                self.requests.labels(route, method, code, team),
+                self.request_duration.labels(route, method),
+                self.overhead.labels(route),
+            )
             self._children[(route, method, code, team)] = children
         children[0].inc()
         children[1].observe(elapsed)

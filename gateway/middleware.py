@@ -38,7 +38,7 @@ def route_label(scope: Scope) -> str:
         return "unmatched"
     for prefix in PREFIXES:
         if path.startswith(prefix + "/"):
-            return path[len(prefix):]
+            return path[len(prefix) :]
     return path
 
 
@@ -67,8 +67,9 @@ class RequestMiddleware:
 
         try:
             if self.draining() and scope["path"] not in PROBES:
-                await self._refuse(send_with_id, ShuttingDown("The gateway is shutting down; retry on "
-                                                              "another replica.", retry_after=1))
+                await self._refuse(
+                    send_with_id, ShuttingDown("The gateway is shutting down; retry on another replica.", retry_after=1)
+                )
             else:
                 await self.app(scope, receive, send_with_id)
         except Exception:
@@ -87,8 +88,11 @@ class RequestMiddleware:
     @staticmethod
     async def _refuse(send: Send, exc: GatewayError, close: bool = True) -> None:
         body = exc.json()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   *((k.lower().encode(), v.encode()) for k, v in exc.headers().items())]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *((k.lower().encode(), v.encode()) for k, v in exc.headers().items()),
+        ]
         if close:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
@@ -96,16 +100,28 @@ class RequestMiddleware:
 
     def _finish(self, scope: Scope, ctx: RequestContext, status: int, elapsed: float) -> None:
         route, method = route_label(scope), scope["method"]
-        self.metrics.observe_request(route, method, str(status), ctx.team or "", elapsed,
-                                     max(0.0, elapsed - ctx.upstream_s))
+        self.metrics.observe_request(
+            route, method, str(status), ctx.team or "", elapsed, max(0.0, elapsed - ctx.upstream_s)
+        )
         if route in ("/healthz", "/metrics", "/readyz") and status < 400:
             return
         fields = {
-            "request_id": ctx.request_id, "method": method, "route": route, "status": status,
-            "duration_ms": round(elapsed * 1000, 3), "team": ctx.team, "user": ctx.user, "model": ctx.model,
-            "resolution": ctx.resolution, "duration_s": ctx.duration_s, "task_id": ctx.task_id,
-            "upstream_key": ctx.upstream_key, "upstream_status": ctx.upstream_status,
+            "request_id": ctx.request_id,
+            "method": method,
+            "route": route,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 3),
+            "team": ctx.team,
+            "user": ctx.user,
+            "model": ctx.model,
+            "resolution": ctx.resolution,
+            "duration_s": ctx.duration_s,
+            "task_id": ctx.task_id,
+            "upstream_key": ctx.upstream_key,
+            "upstream_status": ctx.upstream_status,
             "upstream_ms": round(ctx.upstream_s * 1000, 3) if ctx.upstream_key else None,
-            "cost_usd": ctx.cost_usd, "error_code": ctx.error_code}
+            "cost_usd": ctx.cost_usd,
+            "error_code": ctx.error_code,
+        }
         if not logs.info_line("request", fields):
             self.log.info("request", **fields)

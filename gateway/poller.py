@@ -24,9 +24,18 @@ PURGE_EVERY_S = 600
 
 
 class Poller:
-    def __init__(self, settings: Settings, store: Store, tasks: Tasks, polls: Polls,
-                 settlement: Settlement, pool: KeyPool, upstream: Upstream, metrics: Metrics,
-                 clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        tasks: Tasks,
+        polls: Polls,
+        settlement: Settlement,
+        pool: KeyPool,
+        upstream: Upstream,
+        metrics: Metrics,
+        clock: Callable[[], float],
+    ) -> None:
         self.settings, self.store, self.tasks, self.polls = settings, store, tasks, polls
         self.settlement, self.pool, self.upstream, self.metrics = settlement, pool, upstream, metrics
         self.clock = clock
@@ -104,6 +113,11 @@ class Poller:
         """Never terminal, or a create whose outcome was never recorded: the reservation becomes the cost."""
         done = await self.settlement.settle(task, "unresolved", None, None, estimated=True)
         if done is not None:
-            self.log.warning("task.unresolved", task_id=task.task_id or task.rid, team=task.team,
-                             user=task.user, status_before=task.status,
-                             age_s=round(self.clock() - task.created_at))
+            self.log.warning(
+                "task.unresolved",
+                task_id=task.task_id or task.rid,
+                team=task.team,
+                user=task.user,
+                status_before=task.status,
+                age_s=round(self.clock() - task.created_at),
+            )

@@ -24,8 +24,15 @@ POLL_COALESCE_S = 1.0
 
 
 class Polls:
-    def __init__(self, store: Store, calls: UpstreamCalls, pool: KeyPool, settlement: Settlement,
-                 records: LRUCache[str, Task], clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        calls: UpstreamCalls,
+        pool: KeyPool,
+        settlement: Settlement,
+        records: LRUCache[str, Task],
+        clock: Callable[[], float],
+    ) -> None:
         self.store, self.calls, self.pool, self.settlement = store, calls, pool, settlement
         self.records, self.clock = records, clock  # records: owner and key of a task never change
         self.log = structlog.get_logger("gateway.tasks")
@@ -81,20 +88,24 @@ class Polls:
         if ctx is not None:
             ctx.upstream_key = task.key_name
         if key is None:
-            raise UpstreamError(f"The upstream key {task.key_name!r} that created this task is no "
-                                "longer configured, so TokenHub cannot be asked about it.",
-                                code="upstream_key_unknown")
-        return await self.calls.call(key, tokenhub.TASK_ROUTE, method, tokenhub.task_path(task.task_id),
-                                     None, ctx)
+            raise UpstreamError(
+                f"The upstream key {task.key_name!r} that created this task is no "
+                "longer configured, so TokenHub cannot be asked about it.",
+                code="upstream_key_unknown",
+            )
+        return await self.calls.call(key, tokenhub.TASK_ROUTE, method, tokenhub.task_path(task.task_id), None, ctx)
 
     async def _after_reply(self, task: Task, reply: Reply) -> Outcome:
         outcome = tokenhub.outcome_of(reply.status)
         if outcome == tokenhub.THROTTLED:
-            raise RateLimited("TokenHub is rate-limiting polls of this task; retry later.",
-                              retry_after=tokenhub.retry_after_s(reply.retry_after, self.clock()))
+            raise RateLimited(
+                "TokenHub is rate-limiting polls of this task; retry later.",
+                retry_after=tokenhub.retry_after_s(reply.retry_after, self.clock()),
+            )
         if outcome == tokenhub.KEY_REJECTED:
-            raise UpstreamError("TokenHub rejected the gateway's key for this task; it will be retried.",
-                                code="upstream_key_rejected")
+            raise UpstreamError(
+                "TokenHub rejected the gateway's key for this task; it will be retried.", code="upstream_key_rejected"
+            )
         if outcome == tokenhub.FAILED:
             raise UpstreamError(f"TokenHub answered {reply.status}.", code="upstream_server_error")
         body = self.pool.scrub(reply.body)

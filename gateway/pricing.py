@@ -37,8 +37,7 @@ def seconds_to_ms(seconds: Decimal | int | float) -> int:
     return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
-def estimate(pricing: Pricing, model: str, resolution: str, input_s: Decimal,
-             duration_s: int) -> tuple[int, int]:
+def estimate(pricing: Pricing, model: str, resolution: str, input_s: Decimal, duration_s: int) -> tuple[int, int]:
     """(billed milliseconds, micro-dollars) reserved at create."""
     if not input_s:  # the common case, no input videos: whole seconds, exact in integers
         return duration_s * 1000, duration_s * pricing[model][resolution]
@@ -46,8 +45,14 @@ def estimate(pricing: Pricing, model: str, resolution: str, input_s: Decimal,
     return seconds_to_ms(seconds), cost_micros(seconds, pricing[model][resolution])
 
 
-def actual(pricing: Pricing, model: str, resolution: str, input_s: Decimal,
-           status: str, video_duration: Decimal | int | float | None) -> tuple[int, int]:
+def actual(
+    pricing: Pricing,
+    model: str,
+    resolution: str,
+    input_s: Decimal,
+    status: str,
+    video_duration: Decimal | int | float | None,
+) -> tuple[int, int]:
     """(billed milliseconds, micro-dollars) at the first terminal status; only delivered videos cost."""
     if status != "succeeded":
         return 0, 0

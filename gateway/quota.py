@@ -69,14 +69,15 @@ class Subject(NamedTuple):
 
 def subjects_for(user: User, team: Team, now: float) -> tuple[Subject, Subject]:
     """The user and the team a create is counted against, each in its current period."""
-    return (Subject("user", user.name, period_key(user.limits.period, now), user.limits),
-            Subject("team", team.name, period_key(team.limits.period, now), team.limits))
+    return (
+        Subject("user", user.name, period_key(user.limits.period, now), user.limits),
+        Subject("team", team.name, period_key(team.limits.period, now), team.limits),
+    )
 
 
 def team_subjects(settings: Settings, now: float) -> tuple[Subject, ...]:
     """Every configured team in its current period (for gauges and /admin/teams)."""
-    return tuple(Subject("team", t.name, period_key(t.limits.period, now), t.limits)
-                 for t in settings.teams.values())
+    return tuple(Subject("team", t.name, period_key(t.limits.period, now), t.limits) for t in settings.teams.values())
 
 
 @dataclass(slots=True)
@@ -122,8 +123,15 @@ def _who(subject: Subject) -> str:
     return f"{subject.scope} {subject.name!r}"
 
 
-def check(subject: Subject, counters: Counters, in_flight: int, window: Sequence[float] | None,
-          now: float, estimate_micros: int, estimate_ms: int) -> Rejection | None:
+def check(
+    subject: Subject,
+    counters: Counters,
+    in_flight: int,
+    window: Sequence[float] | None,
+    now: float,
+    estimate_micros: int,
+    estimate_ms: int,
+) -> Rejection | None:
     """The first limit this create would break for this subject, or None.
     Its twin for Redis, which must check the same way inside one script, is ADMIT in store/redis_scripts.py."""
     lim = subject.limits
@@ -133,19 +141,28 @@ def check(subject: Subject, counters: Counters, in_flight: int, window: Sequence
             msg = f"Rate limit of {lim.requests_per_minute} creates per minute reached for {_who(subject)}."
             return Rejection("rate_limit", RateLimited(msg, retry_after=retry_after(rs.reset_s)))
     if lim.max_concurrent_tasks is not None and in_flight >= lim.max_concurrent_tasks:
-        return Rejection("concurrency", RateLimited(f"{_who(subject)} already has {in_flight} tasks in flight "
-                           f"(limit {lim.max_concurrent_tasks}).", code="concurrency_limit_exceeded"))
+        return Rejection(
+            "concurrency",
+            RateLimited(
+                f"{_who(subject)} already has {in_flight} tasks in flight (limit {lim.max_concurrent_tasks}).",
+                code="concurrency_limit_exceeded",
+            ),
+        )
     if lim.budget_micros is not None:
         used = counters.spent_micros + counters.reserved_micros
         if used + estimate_micros > lim.budget_micros:
             left = max(0, lim.budget_micros - used) / 1e6
-            msg = (f"Budget of ${lim.budget_micros / 1e6:.2f} for {_who(subject)} would be exceeded: this task "
-                   f"is estimated at ${estimate_micros / 1e6:.2f}, ${left:.2f} remains this period.")
+            msg = (
+                f"Budget of ${lim.budget_micros / 1e6:.2f} for {_who(subject)} would be exceeded: this task "
+                f"is estimated at ${estimate_micros / 1e6:.2f}, ${left:.2f} remains this period."
+            )
             return Rejection("budget_usd", QuotaError(msg))
     if lim.video_seconds is not None:
         used_ms = counters.spent_ms + counters.reserved_ms
         if used_ms + estimate_ms > lim.video_seconds * 1000:
-            msg = (f"Video-seconds budget of {lim.video_seconds} s for {_who(subject)} would be exceeded "
-                   f"({used_ms / 1000:g} s used, this task needs {estimate_ms / 1000:g} s).")
+            msg = (
+                f"Video-seconds budget of {lim.video_seconds} s for {_who(subject)} would be exceeded "
+                f"({used_ms / 1000:g} s used, this task needs {estimate_ms / 1000:g} s)."
+            )
             return Rejection("video_seconds", QuotaError(msg))
     return None

@@ -13,8 +13,21 @@ from pathlib import Path
 from typing import Any
 
 # Settings that name, or may hold, a secret: a problem with one never shows its value, whatever its shape.
-SENSITIVE = frozenset({"value", "value_env", "value_file", "url", "url_env", "base_url", "secret_env", "endpoint_url",
-                       "admin_token_env", "metrics_token_env", "key_sha256"})  # a key pasted for its hash
+SENSITIVE = frozenset(
+    {
+        "value",
+        "value_env",
+        "value_file",
+        "url",
+        "url_env",
+        "base_url",
+        "secret_env",
+        "endpoint_url",
+        "admin_token_env",
+        "metrics_token_env",
+        "key_sha256",
+    }
+)  # a key pasted for its hash
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Named in a problem only in the conventional shape: an identifier-shaped token (ghp_…, AKIA…) set where a
 # variable name belongs must not be echoed either.
@@ -38,10 +51,11 @@ KINDS = {
     "num+": (lambda v: is_num(v) and v > 0, "a positive number"),
     "num0": (lambda v: is_num(v) and v >= 0, "a number ≥ 0"),
     "port": (lambda v: _is_int(v) and 0 < v <= 65535, "a port from 1 to 65535"),
-    "strlist": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
-                "a list of strings"),
-    "sha256": (lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
-               "64 lowercase hex characters"),
+    "strlist": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of strings"),
+    "sha256": (
+        lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
+        "64 lowercase hex characters",
+    ),
 }
 
 
@@ -88,8 +102,7 @@ class Reader:
             self.problem(at(where, key), "unknown setting")
         return data
 
-    def get(self, data: dict, key: str, where: str, kind: str, default: Any = None,
-            required: bool = False) -> Any:
+    def get(self, data: dict, key: str, where: str, kind: str, default: Any = None, required: bool = False) -> Any:
         if key not in data:
             if required:
                 self.problem(at(where, key), "is required")
@@ -112,8 +125,9 @@ class Reader:
         allow = self.get(data, key, where, "strlist")
         for i, name in enumerate(allow or ()):
             if name not in known:
-                self.problem(at(where, key), f"entry {i + 1} is not a model of the pricing table "
-                                             f"({', '.join(sorted(known))})")
+                self.problem(
+                    at(where, key), f"entry {i + 1} is not a model of the pricing table ({', '.join(sorted(known))})"
+                )
         return None if allow is None else frozenset(allow)
 
     def secret_value(self, data: dict, where: str, env: Mapping[str, str], base: Path) -> str | None:
@@ -134,13 +148,15 @@ class Reader:
         """The variable name set at `key`; a key, token or URL set there instead is a problem, never shown."""
         name = self.get(data, key, where, "str")
         if name and not _ENV_NAME.fullmatch(name):
-            self.problem(at(where, key), "expected the name of an environment variable (letters, digits and _), "
-                                         "not a value; what is set is not shown")
+            self.problem(
+                at(where, key),
+                "expected the name of an environment variable (letters, digits and _), "
+                "not a value; what is set is not shown",
+            )
             return None
         return name
 
-    def from_env(self, env: Mapping[str, str], data: dict, key: str, where: str,
-                 required: bool = False) -> str | None:
+    def from_env(self, env: Mapping[str, str], data: dict, key: str, where: str, required: bool = False) -> str | None:
         """The secret in the variable named at `key`: None when that is unset or empty (a problem if required)."""
         name = self.env_name(data, key, where)
         if not name:

@@ -93,8 +93,9 @@ async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> by
                 if not more:
                     return body.getvalue()
     except TimeoutError:
-        raise RequestTimeout(f"The body did not arrive within {timeout_s:g} s.",
-                             headers={"Connection": "close"}) from None
+        raise RequestTimeout(
+            f"The body did not arrive within {timeout_s:g} s.", headers={"Connection": "close"}
+        ) from None
 
 
 async def parse_json(raw: bytes, large: BodyWorkers) -> Any:
@@ -122,8 +123,11 @@ async def create_task(request: Request) -> Response:
         raise
     req = checked.request
     ctx.model, ctx.resolution, ctx.duration_s = req.model, req.resolution, req.duration_s
-    return outcome_response(await g.tasks.create(user, team, checked.body_hash, raw, req, idem_key, ctx,
-                                                 meta=seedance_meta(req.aspect_ratio)))
+    return outcome_response(
+        await g.tasks.create(
+            user, team, checked.body_hash, raw, req, idem_key, ctx, meta=seedance_meta(req.aspect_ratio)
+        )
+    )
 
 
 async def get_task(request: Request) -> Response:
@@ -131,8 +135,12 @@ async def get_task(request: Request) -> Response:
     user, team = authenticate(request)
     ctx = ctx_of(request)
     task = await g.polls.owned(request.path_params["task_id"], team.name)
-    ctx.task_id, ctx.model, ctx.resolution, ctx.duration_s = (task.task_id, task.model,
-                                                             task.resolution, task.duration_s)
+    ctx.task_id, ctx.model, ctx.resolution, ctx.duration_s = (
+        task.task_id,
+        task.model,
+        task.resolution,
+        task.duration_s,
+    )
     outcome = await g.polls.poll(task, ctx)
     headers = await g.tasks.rate_headers(subjects_for(user, team, g.clock()))
     return Response(outcome.body, outcome.status, {**outcome.headers, **headers}, media_type=JSON)
@@ -154,26 +162,46 @@ async def list_tasks(request: Request) -> Response:
     limit = int_param(q.get("limit"), "limit", 20, 1, 100)
     tasks, more = await g.store.list_tasks(team.name, limit, q.get("after") or None, q.get("status") or None)
     data = [task_item(t) for t in tasks]
-    return json_response({"object": "list", "data": data, "has_more": more,
-                          "first_id": data[0]["id"] if data else None,
-                          "last_id": data[-1]["id"] if data else None})
+    return json_response(
+        {
+            "object": "list",
+            "data": data,
+            "has_more": more,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        }
+    )
 
 
 def task_item(t: Task) -> dict[str, Any]:
-    return {"id": t.task_id, "object": "video.generation.task", "model": t.model, "status": t.status,
-            "created": int(t.created_at), "user": t.user, "resolution": t.resolution,
-            "duration": t.duration_s, "estimated_cost_usd": micros_to_usd(t.estimate_micros),
-            "cost_usd": None if t.cost_micros is None else micros_to_usd(t.cost_micros),
-            "billed_seconds": None if t.billed_ms is None else t.billed_ms / 1000,
-            "settled_at": None if t.settled_at is None else int(t.settled_at)}
+    return {
+        "id": t.task_id,
+        "object": "video.generation.task",
+        "model": t.model,
+        "status": t.status,
+        "created": int(t.created_at),
+        "user": t.user,
+        "resolution": t.resolution,
+        "duration": t.duration_s,
+        "estimated_cost_usd": micros_to_usd(t.estimate_micros),
+        "cost_usd": None if t.cost_micros is None else micros_to_usd(t.cost_micros),
+        "billed_seconds": None if t.billed_ms is None else t.billed_ms / 1000,
+        "settled_at": None if t.settled_at is None else int(t.settled_at),
+    }
 
 
 async def list_models(request: Request) -> Response:
     g = gw(request)
     user, team = authenticate(request)
-    data = [{"id": m, "object": "model", "owned_by": "bytedance",
-             "pricing": {res: micros_to_usd(p) for res, p in g.settings.pricing[m].items()}}
-            for m in allowed_models(g.settings, user, team)]
+    data = [
+        {
+            "id": m,
+            "object": "model",
+            "owned_by": "bytedance",
+            "pricing": {res: micros_to_usd(p) for res, p in g.settings.pricing[m].items()},
+        }
+        for m in allowed_models(g.settings, user, team)
+    ]
     return json_response({"object": "list", "data": data})
 
 
@@ -184,12 +212,17 @@ async def usage(request: Request) -> Response:
     subjects = subjects_for(user, team, now)
     figures = await g.store.usage(subjects)
     start, end = period_bounds(team.limits.period, now)
-    return json_response({
-        "period": {"kind": team.limits.period, "start": start and start.isoformat(),
-                   "end": end and end.isoformat()},
-        "user": usage_figures(subjects[0], figures[0]),
-        "team": usage_figures(subjects[1], figures[1]),
-    })
+    return json_response(
+        {
+            "period": {
+                "kind": team.limits.period,
+                "start": start and start.isoformat(),
+                "end": end and end.isoformat(),
+            },
+            "user": usage_figures(subjects[0], figures[0]),
+            "team": usage_figures(subjects[1], figures[1]),
+        }
+    )
 
 
 def usage_figures(subject: Any, u: Any) -> dict[str, Any]:
@@ -197,14 +230,20 @@ def usage_figures(subject: Any, u: Any) -> dict[str, Any]:
     remaining = None
     if lim.budget_micros is not None:
         remaining = micros_to_usd(lim.budget_micros - c.spent_micros - c.reserved_micros)
-    return {"name": subject.name, "period": subject.period,
-            "spent_usd": micros_to_usd(c.spent_micros), "reserved_usd": micros_to_usd(c.reserved_micros),
-            "budget_usd": None if lim.budget_micros is None else micros_to_usd(lim.budget_micros),
-            "remaining_usd": remaining,
-            "video_seconds_spent": c.spent_ms / 1000, "video_seconds_reserved": c.reserved_ms / 1000,
-            "video_seconds_budget": lim.video_seconds, "tasks_in_flight": u.in_flight,
-            "max_concurrent_tasks": lim.max_concurrent_tasks,
-            "requests_per_minute": lim.requests_per_minute}
+    return {
+        "name": subject.name,
+        "period": subject.period,
+        "spent_usd": micros_to_usd(c.spent_micros),
+        "reserved_usd": micros_to_usd(c.reserved_micros),
+        "budget_usd": None if lim.budget_micros is None else micros_to_usd(lim.budget_micros),
+        "remaining_usd": remaining,
+        "video_seconds_spent": c.spent_ms / 1000,
+        "video_seconds_reserved": c.reserved_ms / 1000,
+        "video_seconds_budget": lim.video_seconds,
+        "tasks_in_flight": u.in_flight,
+        "max_concurrent_tasks": lim.max_concurrent_tasks,
+        "requests_per_minute": lim.requests_per_minute,
+    }
 
 
 async def healthz(request: Request) -> Response:
@@ -223,8 +262,9 @@ async def readyz(request: Request) -> Response:
             problems.append("all_upstream_keys_disabled")
     if g.draining:
         problems.append("shutting_down")
-    return json_response({"status": "not_ready" if problems else "ready", "problems": problems},
-                         503 if problems else 200)
+    return json_response(
+        {"status": "not_ready" if problems else "ready", "problems": problems}, 503 if problems else 200
+    )
 
 
 async def metrics(request: Request) -> Response:

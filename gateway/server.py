@@ -106,12 +106,14 @@ class DeadlineProtocol(HttpToolsProtocol):
         body = RequestTimeout(message).json()
         head = [b"HTTP/1.1 408 Request Timeout\r\n"]
         head += [b"%s: %s\r\n" % header for header in self.server_state.default_headers]
-        head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-                    % len(body))
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
 
 
 def http_protocol(header_timeout_s: float, body_timeout_s: float) -> type[asyncio.Protocol]:
     """The protocol class for uvicorn.Config(http=...), with these deadlines."""
-    return type("DeadlineProtocol", (DeadlineProtocol,),
-                {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s})
+    return type(
+        "DeadlineProtocol",
+        (DeadlineProtocol,),
+        {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s},
+    )

@@ -55,9 +55,15 @@ def figures(settings: Settings, task: Task, status: str, data: dict) -> Figures:
     raw_output = usage.get("video_duration")
     output = checked_seconds(raw_output, 0, MAX_OUTPUT_S, low_inclusive=False)
     if output is None:
-        reason = "output_seconds_missing" if raw_output is None else (
-            "output_seconds_zero" if raw_output == 0 and not isinstance(raw_output, bool)
-            else "output_seconds_invalid")
+        reason = (
+            "output_seconds_missing"
+            if raw_output is None
+            else (
+                "output_seconds_zero"
+                if raw_output == 0 and not isinstance(raw_output, bool)
+                else "output_seconds_invalid"
+            )
+        )
         return Figures(task.estimate_ms, task.estimate_micros, True, reason)
     input_s, estimated, anomaly = Decimal(task.input_ms) / 1000, task.input_estimated, None
     if "input_video_duration" in usage:
@@ -71,15 +77,15 @@ def figures(settings: Settings, task: Task, status: str, data: dict) -> Figures:
 
 
 class Settlement:
-    def __init__(self, settings: Settings, store: Store, metrics: Metrics,
-                 clock: Callable[[], float]) -> None:
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics, clock: Callable[[], float]) -> None:
         self.settings, self.store, self.metrics, self.clock = settings, store, metrics, clock
         self.log = structlog.get_logger("gateway.tasks")
         self.on_outbox: Callable[[], None] = lambda: None  # told when a settlement left outbox items
         self.archiving = False  # a succeeded task's files are to be copied into the archive
 
-    async def settle(self, task: Task, status: str, data: dict | None, raw: bytes | None,
-                     estimated: bool = False) -> Task | None:
+    async def settle(
+        self, task: Task, status: str, data: dict | None, raw: bytes | None, estimated: bool = False
+    ) -> Task | None:
         """Replace the task's reservation by its cost, once; None when it was already settled."""
         if estimated:
             f = Figures(task.estimate_ms, task.estimate_micros, True)
@@ -91,8 +97,9 @@ class Settlement:
         items = event_items(self.settings.webhooks, task, status, f.billed_ms, f.cost_micros, now)
         if self.archiving and status == "succeeded" and (copy := archive_item(task, data or {}, now)):
             items.append(copy)
-        done = await self.store.settle(task.task_id or task.rid, status, f.billed_ms, f.cost_micros,
-                                       f.estimated, raw, now, items)
+        done = await self.store.settle(
+            task.task_id or task.rid, status, f.billed_ms, f.cost_micros, f.estimated, raw, now, items
+        )
         task.status = status
         if done is not None:
             self.settled(done)
@@ -102,8 +109,9 @@ class Settlement:
 
     def unknown_items(self, task: Task) -> list:
         """The events of a create whose outcome is unknown: charged at its estimate (SPEC §4)."""
-        return event_items(self.settings.webhooks, task, "unknown", task.estimate_ms, task.estimate_micros,
-                           self.clock())
+        return event_items(
+            self.settings.webhooks, task, "unknown", task.estimate_ms, task.estimate_micros, self.clock()
+        )
 
     async def resolve(self, ref: str, video_seconds: Any) -> Task:
         """An operator's resolution of an `unknown` row, once TokenHub's own records are checked:
@@ -116,24 +124,35 @@ class Settlement:
         else:
             output = checked_seconds(video_seconds, 0, MAX_OUTPUT_S, low_inclusive=False)
             if output is None:
-                raise ValidationError(f"video_seconds must be a number above 0 and at most {MAX_OUTPUT_S}.",
-                                      param="video_seconds")
+                raise ValidationError(
+                    f"video_seconds must be a number above 0 and at most {MAX_OUTPUT_S}.", param="video_seconds"
+                )
             if task.resolution not in self.settings.pricing.get(task.model, {}):
-                raise ValidationError(f"No price is configured for {task.model} at {task.resolution}.",
-                                      param="video_seconds")
-            billed_ms, cost = pricing.actual(self.settings.pricing, task.model, task.resolution,
-                                             Decimal(task.input_ms) / 1000, "succeeded", output)
+                raise ValidationError(
+                    f"No price is configured for {task.model} at {task.resolution}.", param="video_seconds"
+                )
+            billed_ms, cost = pricing.actual(
+                self.settings.pricing, task.model, task.resolution, Decimal(task.input_ms) / 1000, "succeeded", output
+            )
         done = await self.store.resolve_unknown(ref, billed_ms, cost, self.clock())
-        self.log.info("task.settled", task_id=done.task_id or done.rid, team=done.team, user=done.user,
-                      model=done.model, resolution=done.resolution, status=done.status,
-                      billed_seconds=(done.billed_ms or 0) / 1000, cost_usd=micros_to_usd(done.cost_micros or 0),
-                      estimated=done.cost_estimated, resolved="void" if video_seconds is None else "settle")
+        self.log.info(
+            "task.settled",
+            task_id=done.task_id or done.rid,
+            team=done.team,
+            user=done.user,
+            model=done.model,
+            resolution=done.resolution,
+            status=done.status,
+            billed_seconds=(done.billed_ms or 0) / 1000,
+            cost_usd=micros_to_usd(done.cost_micros or 0),
+            estimated=done.cost_estimated,
+            resolved="void" if video_seconds is None else "settle",
+        )
         return done
 
     def anomaly(self, reason: str, task: Task) -> None:
         self.metrics.child(self.metrics.settlement_anomalies, reason).inc()
-        self.log.warning("task.settlement_anomaly", reason=reason, task_id=task.task_id or task.rid,
-                         team=task.team)
+        self.log.warning("task.settlement_anomaly", reason=reason, task_id=task.task_id or task.rid, team=task.team)
 
     def settled(self, t: Task) -> None:
         """Count and log a task that has just been settled (from any path)."""
@@ -145,6 +164,15 @@ class Settlement:
         if t.cost_micros:
             m.spend_usd.labels(t.team, t.model, t.resolution).inc(t.cost_micros / 1_000_000)
         log = self.log.warning if t.status in ("unresolved", "expired", "unknown") else self.log.info
-        log("task.settled", task_id=t.task_id or t.rid, team=t.team, user=t.user, model=t.model,
-            resolution=t.resolution, status=t.status, billed_seconds=(t.billed_ms or 0) / 1000,
-            cost_usd=micros_to_usd(t.cost_micros or 0), estimated=t.cost_estimated)
+        log(
+            "task.settled",
+            task_id=t.task_id or t.rid,
+            team=t.team,
+            user=t.user,
+            model=t.model,
+            resolution=t.resolution,
+            status=t.status,
+            billed_seconds=(t.billed_ms or 0) / 1000,
+            cost_usd=micros_to_usd(t.cost_micros or 0),
+            estimated=t.cost_estimated,
+        )

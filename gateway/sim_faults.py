@@ -35,8 +35,14 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(orjson.dumps(data), status, headers, media_type="application/json")
 
 
-def error_response(status: int, code: str, message: str, type_: str = "invalid_request_error",
-                   headers: dict[str, str] | None = None, **extra: Any) -> Response:
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    type_: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> Response:
     return json_response({"error": {"code": code, "message": message, "type": type_, **extra}}, status, headers)
 
 
@@ -75,8 +81,10 @@ def _check(ok: bool, message: str) -> None:
 def _routes(data: dict[str, Any]) -> tuple[str, ...]:
     default = ["create"] if data["mode"] == "fixed_id" else ["poll", "delete"] if data.get("task_id") else ROUTES
     routes = data.get("routes") or list(default)
-    _check(isinstance(routes, list) and set(routes) <= {*ROUTES, MEDIA},
-           f"routes must be a list drawn from {', '.join((*ROUTES, MEDIA))}")
+    _check(
+        isinstance(routes, list) and set(routes) <= {*ROUTES, MEDIA},
+        f"routes must be a list drawn from {', '.join((*ROUTES, MEDIA))}",
+    )
     _check(MEDIA not in routes or data["key"] == ANY_KEY, 'a media fault needs key "*": downloads carry no key')
     _check(data["mode"] != "fixed_id" or routes == ["create"], "fixed_id applies to creates only")
     _check(not data.get("task_id") or "create" not in routes, "task_id cannot apply to creates")
@@ -98,8 +106,10 @@ def _answer_fields(data: dict[str, Any]) -> tuple[int | None, str | None, dict[s
 
 def parse_fault(data: Any) -> Fault:
     """The JSON of POST /_sim/faults → a Fault; ValueError names what is wrong."""
-    _check(isinstance(data, dict) and isinstance(data.get("key"), str) and bool(data["key"]),
-           'key is required: the upstream key the fault applies to ("*": every key)')
+    _check(
+        isinstance(data, dict) and isinstance(data.get("key"), str) and bool(data["key"]),
+        'key is required: the upstream key the fault applies to ("*": every key)',
+    )
     _check(data.get("mode") in MODES, f"mode must be one of {', '.join(MODES)}")
     retry_after, count, task_id, id_ = (data.get(k) for k in ("retry_after", "count", "task_id", "id"))
     delay_s = data.get("delay_s", 1.0)
@@ -112,8 +122,9 @@ def parse_fault(data: Any) -> Fault:
     routes = _routes(data)
     status, body, patch = _answer_fields(data)
     _check(patch is None or MEDIA not in routes, "a patch needs a JSON answer: not for media")
-    return Fault(data["key"], data["mode"], routes, retry_after, float(delay_s), count, task_id,
-                 status, body, patch, id_)
+    return Fault(
+        data["key"], data["mode"], routes, retry_after, float(delay_s), count, task_id, status, body, patch, id_
+    )
 
 
 class Faults:
@@ -191,8 +202,9 @@ async def fault_response(fault: Fault, request: Request) -> Response:
         return Response(b"<html>upstream garbage", 200, media_type="application/json")
     if fault.mode == "429":
         headers = None if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
-        return error_response(429, "rate_limit_exceeded", "Rate limit exceeded; slow down.",
-                              "rate_limit_error", headers)
+        return error_response(
+            429, "rate_limit_exceeded", "Rate limit exceeded; slow down.", "rate_limit_error", headers
+        )
     if fault.mode == "401":
         return error_response(401, "invalid_api_key", "Invalid API key.", "authentication_error")
     if fault.mode == "403":

@@ -51,7 +51,7 @@ def video_chunks(task_id: str, size: int, start: int = 0, end: int | None = None
     while start < end:
         offset = start - len(head)
         block, skip = divmod(offset, CHUNK)
-        part = _filler(task_id, block)[skip: skip + end - start]
+        part = _filler(task_id, block)[skip : skip + end - start]
         yield part
         start += len(part)
 
@@ -70,9 +70,13 @@ def cover_bytes(task_id: str) -> bytes:
     width, height = COVER_SIZE
     rgb = hashlib.sha256(task_id.encode()).digest()[:3]
     pixels = b"".join(b"\x00" + rgb * width for _ in range(height))
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + _png_chunk(b"tEXt", b"Comment\x00" + task_id.encode()) + _png_chunk(b"IDAT", zlib.compress(pixels, 9))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + _png_chunk(b"tEXt", b"Comment\x00" + task_id.encode())
+        + _png_chunk(b"IDAT", zlib.compress(pixels, 9))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
@@ -121,8 +125,10 @@ class Signer:
     def links(self, base: str, task_id: str, expires: float) -> dict[str, str]:
         stamp = math.ceil(expires)
         paths = {variant: f"/media/{task_id}.{ext}" for variant, (ext, _) in VARIANTS.items()}
-        return {f"{name}_url": f"{base}{paths[variant]}?expires={stamp}&sig={self._sig(paths[variant], stamp)}"
-                for name, variant in (("video", "video"), ("cover_image", "cover"))}
+        return {
+            f"{name}_url": f"{base}{paths[variant]}?expires={stamp}&sig={self._sig(paths[variant], stamp)}"
+            for name, variant in (("video", "video"), ("cover_image", "cover"))
+        }
 
     def valid_until(self, request: Request) -> int | None:
         """The expiry a request's URL was signed with; None when it is missing or forged."""

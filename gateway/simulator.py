@@ -52,7 +52,7 @@ from gateway.validation import validate
 __all__ = ["create_simulator", "parse_fault", "video_bytes", "cover_bytes", "uvicorn_config", "run_simulator"]
 
 PREFIXES = ("/api/v1", "/v1")
-QUEUED_SHARE = 0.2   # share of a task's run time spent queued
+QUEUED_SHARE = 0.2  # share of a task's run time spent queued
 LOG_SIZE = 10_000
 _SECONDS_MARK = re.compile(r"sim:seconds=(\d+(?:\.\d*)?|\.\d+)")
 _BYTES_MARK = re.compile(r"sim:bytes=(\d+)")
@@ -96,15 +96,24 @@ class SimTask:
 
     def body(self, now: float, links: Callable[[], dict[str, str]]) -> dict[str, Any]:
         status = self.status(now)
-        body = {"id": self.id, "object": "video.generation.task", "model": self.model,
-                "status": status, "created": int(self.created), "updated": int(self.updated(status)),
-                "resolution": self.resolution, "duration": self.duration}
+        body = {
+            "id": self.id,
+            "object": "video.generation.task",
+            "model": self.model,
+            "status": status,
+            "created": int(self.created),
+            "updated": int(self.updated(status)),
+            "resolution": self.resolution,
+            "duration": self.duration,
+        }
         if status == "succeeded":
             body["data"] = [links()]
             body["usage"] = {"video_duration": self.duration}
         elif status == "failed":
-            body["error"] = {"code": "generation_failed",
-                             "message": "The video could not be generated (simulated failure)."}
+            body["error"] = {
+                "code": "generation_failed",
+                "message": "The video could not be generated (simulated failure).",
+            }
         return body
 
 
@@ -138,13 +147,21 @@ def _answer_kind(response: Response) -> str:
 class Simulator:
     """The state of one simulated TokenHub, and its handlers."""
 
-    def __init__(self, keys: Collection[str] | None, task_seconds: float,
-                 clock: Callable[[], float], max_tasks: int, media: MediaSettings) -> None:
+    def __init__(
+        self,
+        keys: Collection[str] | None,
+        task_seconds: float,
+        clock: Callable[[], float],
+        max_tasks: int,
+        media: MediaSettings,
+    ) -> None:
         self.keys = None if keys is None else frozenset(keys)
         self.task_seconds = task_seconds
         self.clock = clock
-        self.pricing = {model: {res: usd_to_micros(price) for res, price in prices.items()}
-                        for model, prices in DEFAULT_PRICING.items()}
+        self.pricing = {
+            model: {res: usd_to_micros(price) for res, price in prices.items()}
+            for model, prices in DEFAULT_PRICING.items()
+        }
         self.tasks: LRUCache[str, SimTask] = LRUCache(max_tasks)
         self.faults = Faults()
         self.log: deque[dict[str, Any]] = deque(maxlen=LOG_SIZE)
@@ -162,9 +179,18 @@ class Simulator:
 
         async def endpoint(request: Request) -> Response:
             token = _bearer(request)
-            entry = {"method": request.method, "route": route, "path": request.url.path, "key": token,
-                     "task_id": request.path_params.get("task_id"), "status": None, "fault": None,
-                     "time": self.clock(), "created": None, "answer": None}
+            entry = {
+                "method": request.method,
+                "route": route,
+                "path": request.url.path,
+                "key": token,
+                "task_id": request.path_params.get("task_id"),
+                "status": None,
+                "fault": None,
+                "time": self.clock(),
+                "created": None,
+                "answer": None,
+            }
             if route == MEDIA:
                 entry["range"] = request.headers.get("range")
             log.append(entry)
@@ -175,10 +201,12 @@ class Simulator:
             entry["status"] = None if isinstance(response, NoAnswer) else response.status_code
             entry["answer"] = _answer_kind(response)
             return response
+
         return endpoint
 
-    async def _answer(self, request: Request, route: str, handler: Handler, token: str | None,
-                      entry: dict[str, Any]) -> Response:
+    async def _answer(
+        self, request: Request, route: str, handler: Handler, token: str | None, entry: dict[str, Any]
+    ) -> Response:
         fault = self.faults.take(token, route, request.path_params.get("task_id"))
         if fault is None:
             return await handler(request, token, entry)
@@ -191,8 +219,9 @@ class Simulator:
             return await self.create(request, token, entry, answer_id=fault.id)
         return await after_handler(fault, request, await handler(request, token, entry))
 
-    async def create(self, request: Request, key: str | None, entry: dict[str, Any],
-                     answer_id: str | None = None) -> Response:
+    async def create(
+        self, request: Request, key: str | None, entry: dict[str, Any], answer_id: str | None = None
+    ) -> Response:
         try:
             body = orjson.loads(await request.body())
         except orjson.JSONDecodeError:
@@ -203,19 +232,39 @@ class Simulator:
             return _error(400, "InvalidParameter", exc.message, param=exc.param)
         text = _prompt_text(body)
         if "sim:moderation" in text:
-            return _error(400, "content_moderation", "The request was rejected by content moderation: "
-                          "the prompt may contain sensitive content.", param="prompt")
+            return _error(
+                400,
+                "content_moderation",
+                "The request was rejected by content moderation: the prompt may contain sensitive content.",
+                param="prompt",
+            )
         # A fixed id already taken is answered anyway (a duplicate), but must not replace the task holding it.
         stored_id = answer_id if answer_id and answer_id not in self.tasks else f"cgt-{secrets.token_hex(12)}"
         seconds = _SECONDS_MARK.search(text)
-        task = SimTask(id=stored_id, key=str(key), model=req.model, resolution=req.resolution,
-                       duration=req.duration_s, input_s=float(req.input_s), created=self.clock(),
-                       seconds=float(seconds[1]) if seconds else self.task_seconds, outcome=_outcome(text),
-                       request=body, video_size=_video_size(text, self.media.video_size))
+        task = SimTask(
+            id=stored_id,
+            key=str(key),
+            model=req.model,
+            resolution=req.resolution,
+            duration=req.duration_s,
+            input_s=float(req.input_s),
+            created=self.clock(),
+            seconds=float(seconds[1]) if seconds else self.task_seconds,
+            outcome=_outcome(text),
+            request=body,
+            video_size=_video_size(text, self.media.video_size),
+        )
         self.tasks[task.id] = task
         entry["task_id"], entry["created"] = answer_id or task.id, task.id
-        return _json({"id": answer_id or task.id, "object": "video.generation.task", "model": task.model,
-                      "status": "queued", "created": int(task.created)})
+        return _json(
+            {
+                "id": answer_id or task.id,
+                "object": "video.generation.task",
+                "model": task.model,
+                "status": "queued",
+                "created": int(task.created),
+            }
+        )
 
     async def poll(self, request: Request, key: str | None, entry: dict[str, Any]) -> Response:
         task = self._owned(request, key)
@@ -228,8 +277,7 @@ class Simulator:
         now = self.clock()
         status = task.status(now)
         if status != "queued":
-            return _error(409, "task_not_cancellable",
-                          f"The task is {status}; only a queued task can be cancelled.")
+            return _error(409, "task_not_cancellable", f"The task is {status}; only a queued task can be cancelled.")
         task.cancelled_at = now
         return _json(self._task_body(request, task))
 
@@ -313,32 +361,51 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def _media_handler(sim: Simulator, variant: str) -> Handler:
     async def handler(request: Request, key: str | None, entry: dict[str, Any]) -> Response:
         return await sim.media_file(request, variant)
+
     return handler
 
 
 def _routes(sim: Simulator) -> list[Route]:
-    api = [("", "POST", "create", sim.create), ("/{task_id}", "GET", "poll", sim.poll),
-           ("/{task_id}", "DELETE", "delete", sim.cancel)]
-    routes = [Route(f"{prefix}/videos/generations{path}", sim.endpoint(name, handler), methods=[method])
-              for prefix in PREFIXES for path, method, name, handler in api]
-    media = [Route(f"/media/{{task_id}}.{ext}", sim.endpoint(MEDIA, _media_handler(sim, variant)),
-                   methods=["GET", "HEAD"]) for ext, variant in (("mp4", "video"), ("png", "cover"))]
-    return routes + media + [
-        Route("/_sim/faults", sim.add_fault, methods=["POST"]),
-        Route("/_sim/faults", sim.list_faults, methods=["GET"]),
-        Route("/_sim/faults", sim.clear_faults, methods=["DELETE"]),
-        Route("/_sim/faults/{key}", sim.clear_faults, methods=["DELETE"]),
-        Route("/_sim/requests", sim.requests, methods=["GET", "DELETE"]),
-        Route("/_sim/creates", sim.creates, methods=["GET"]),
-        Route("/_sim/downloads", sim.download_log, methods=["GET"]),
-        Route("/_sim/media", sim.media_settings, methods=["GET", "POST", "DELETE"]),
-        Route("/_sim/tasks/{task_id}", sim.task_record, methods=["GET"]),
+    api = [
+        ("", "POST", "create", sim.create),
+        ("/{task_id}", "GET", "poll", sim.poll),
+        ("/{task_id}", "DELETE", "delete", sim.cancel),
     ]
+    routes = [
+        Route(f"{prefix}/videos/generations{path}", sim.endpoint(name, handler), methods=[method])
+        for prefix in PREFIXES
+        for path, method, name, handler in api
+    ]
+    media = [
+        Route(f"/media/{{task_id}}.{ext}", sim.endpoint(MEDIA, _media_handler(sim, variant)), methods=["GET", "HEAD"])
+        for ext, variant in (("mp4", "video"), ("png", "cover"))
+    ]
+    return (
+        routes
+        + media
+        + [
+            Route("/_sim/faults", sim.add_fault, methods=["POST"]),
+            Route("/_sim/faults", sim.list_faults, methods=["GET"]),
+            Route("/_sim/faults", sim.clear_faults, methods=["DELETE"]),
+            Route("/_sim/faults/{key}", sim.clear_faults, methods=["DELETE"]),
+            Route("/_sim/requests", sim.requests, methods=["GET", "DELETE"]),
+            Route("/_sim/creates", sim.creates, methods=["GET"]),
+            Route("/_sim/downloads", sim.download_log, methods=["GET"]),
+            Route("/_sim/media", sim.media_settings, methods=["GET", "POST", "DELETE"]),
+            Route("/_sim/tasks/{task_id}", sim.task_record, methods=["GET"]),
+        ]
+    )
 
 
-def create_simulator(*, keys: Collection[str] | None = None, task_seconds: float = 3.0,
-                     clock: Callable[[], float] = time.time, max_tasks: int = 200_000,
-                     media_ttl_s: float = DEFAULT_TTL_S, video_size: int = DEFAULT_VIDEO_SIZE) -> Starlette:
+def create_simulator(
+    *,
+    keys: Collection[str] | None = None,
+    task_seconds: float = 3.0,
+    clock: Callable[[], float] = time.time,
+    max_tasks: int = 200_000,
+    media_ttl_s: float = DEFAULT_TTL_S,
+    video_size: int = DEFAULT_VIDEO_SIZE,
+) -> Starlette:
     """A simulated TokenHub; `keys` None accepts any `th-` key. Its state is `app.state.simulator`.
     `media_ttl_s` is how long result URLs stay valid after a task succeeds; `video_size` a video's bytes."""
     media = sim_media.parse_media_settings({"ttl_s": media_ttl_s, "video_size": video_size}, MediaSettings())
@@ -350,8 +417,9 @@ def create_simulator(*, keys: Collection[str] | None = None, task_seconds: float
 
 def uvicorn_config(app: Starlette, host: str, port: int) -> uvicorn.Config:
     # "auto" picks uvloop and httptools when installed; a hung request must not block shutdown.
-    return uvicorn.Config(app, host=host, port=port, loop="auto", http="auto",
-                          log_level="warning", timeout_graceful_shutdown=2)
+    return uvicorn.Config(
+        app, host=host, port=port, loop="auto", http="auto", log_level="warning", timeout_graceful_shutdown=2
+    )
 
 
 def run_simulator(host: str, port: int, **kwargs: Any) -> None:
@@ -360,19 +428,26 @@ def run_simulator(host: str, port: int, **kwargs: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gateway.simulator",
-                                     description="Run a simulated TokenHub API.")
+    parser = argparse.ArgumentParser(prog="python -m gateway.simulator", description="Run a simulated TokenHub API.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--task-seconds", type=float, default=3.0)
-    parser.add_argument("--key", action="append", dest="keys",
-                        help="an accepted th- key (repeatable; default: any th- key)")
-    parser.add_argument("--media-ttl-s", type=float, default=DEFAULT_TTL_S,
-                        help="how long result URLs stay valid after a task succeeds")
+    parser.add_argument(
+        "--key", action="append", dest="keys", help="an accepted th- key (repeatable; default: any th- key)"
+    )
+    parser.add_argument(
+        "--media-ttl-s", type=float, default=DEFAULT_TTL_S, help="how long result URLs stay valid after a task succeeds"
+    )
     parser.add_argument("--video-size", type=int, default=DEFAULT_VIDEO_SIZE, help="the bytes of a result video")
     args = parser.parse_args(argv)
-    run_simulator(args.host, args.port, keys=args.keys, task_seconds=args.task_seconds,
-                  media_ttl_s=args.media_ttl_s, video_size=args.video_size)
+    run_simulator(
+        args.host,
+        args.port,
+        keys=args.keys,
+        task_seconds=args.task_seconds,
+        media_ttl_s=args.media_ttl_s,
+        video_size=args.video_size,
+    )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,12 @@ class Supervisor:
 
     def _spawn(self) -> None:
         mine, theirs = self.ctx.Pipe()
-        proc = self.ctx.Process(target=run_worker, name="gateway-worker", daemon=False,
-                                args=(self.settings.source, self.sock, self.host, self.port, theirs))
+        proc = self.ctx.Process(
+            target=run_worker,
+            name="gateway-worker",
+            daemon=False,
+            args=(self.settings.source, self.sock, self.host, self.port, theirs),
+        )
         proc.start()
         theirs.close()
         self.workers[mine] = proc
@@ -193,8 +197,9 @@ class Peers:
         try:
             await asyncio.wait_for(self._asked, PEER_RELOAD_TIMEOUT_S)
         except TimeoutError:
-            structlog.get_logger("gateway.workers").warning("workers.reload_unconfirmed",
-                                                            timeout_s=PEER_RELOAD_TIMEOUT_S)
+            structlog.get_logger("gateway.workers").warning(
+                "workers.reload_unconfirmed", timeout_s=PEER_RELOAD_TIMEOUT_S
+            )
 
 
 class ReloadEverywhere:
@@ -231,7 +236,6 @@ def run_worker(source: str, sock: socket.socket, host: str, port: int, conn: Con
     logs.configure()
     app = create_app(settings)
     gateway = app.gateway
-    cfg = uvicorn_config(ReloadEverywhere(app, Peers(conn, gateway)), host, port,
-                         settings.server.shutdown_grace_s)
+    cfg = uvicorn_config(ReloadEverywhere(app, Peers(conn, gateway)), host, port, settings.server.shutdown_grace_s)
     tune_gc()
     run_until_signalled(GatewayServer(cfg, gateway.begin_drain), sockets=[sock])

@@ -45,9 +45,17 @@ CUT_RECORD_S = 0.5  # at shutdown, for creates cut by the deadline to be recorde
 
 
 class Tasks:
-    def __init__(self, settings: Settings, store: Store, calls: UpstreamCalls, pool: KeyPool,
-                 settlement: Settlement, metrics: Metrics, records: LRUCache[str, Task],
-                 clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        calls: UpstreamCalls,
+        pool: KeyPool,
+        settlement: Settlement,
+        metrics: Metrics,
+        records: LRUCache[str, Task],
+        clock: Callable[[], float],
+    ) -> None:
         self.settings, self.store, self.calls, self.pool = settings, store, calls, pool
         self.settlement, self.metrics, self.records, self.clock = settlement, metrics, records, clock
         self.log = structlog.get_logger("gateway.tasks")
@@ -57,14 +65,23 @@ class Tasks:
         self._background: set[asyncio.Task] = set()
         self._sent: set[str] = set()  # admissions whose create is on its way to TokenHub
 
-    async def create(self, user: User, team: Team, fingerprint: str, raw: bytes, req: VideoRequest,
-                     idem_key: str | None, ctx: RequestContext, *, meta: bytes | None = None) -> Outcome:
+    async def create(
+        self,
+        user: User,
+        team: Team,
+        fingerprint: str,
+        raw: bytes,
+        req: VideoRequest,
+        idem_key: str | None,
+        ctx: RequestContext,
+        *,
+        meta: bytes | None = None,
+    ) -> Outcome:
         """`fingerprint`: the shape's own idempotency "same body"; `meta`: what the shape the create
         came in keeps with the task (opaque here)."""
         if not model_allowed(req.model, user, team):  # validate() already checked it is priced
             self.metrics.quota_rejections.labels(team.name, "model_not_allowed").inc()
-            raise PermissionDenied(f"Model {req.model!r} is not allowed for this team or user.",
-                                   param="model")
+            raise PermissionDenied(f"Model {req.model!r} is not allowed for this team or user.", param="model")
         body_hash = fingerprint if idem_key else None
         if idem_key:
             replay = await self._replay(team.name, idem_key, body_hash)
@@ -89,17 +106,28 @@ class Tasks:
         outcome.headers.update(await self.rate_headers(subjects, now))
         return outcome
 
-    def _new_task(self, user: User, team: Team, req: VideoRequest, idem_key: str | None,
-                  now: float) -> Task:
-        est_ms, est_micros = pricing.estimate(self.settings.pricing, req.model, req.resolution,
-                                              req.input_s, req.duration_s)
-        return Task(rid=new_id(), team=team.name, user=user.name, model=req.model,
-                    resolution=req.resolution, duration_s=req.duration_s,
-                    input_ms=pricing.seconds_to_ms(req.input_s), input_estimated=req.input_estimated,
-                    estimate_ms=est_ms, estimate_micros=est_micros,
-                    team_period=period_key(team.limits.period, now),
-                    user_period=period_key(user.limits.period, now), created_at=now, updated_at=now,
-                    idem_key=idem_key, next_poll_at=now + self.settings.poller.interval_s)
+    def _new_task(self, user: User, team: Team, req: VideoRequest, idem_key: str | None, now: float) -> Task:
+        est_ms, est_micros = pricing.estimate(
+            self.settings.pricing, req.model, req.resolution, req.input_s, req.duration_s
+        )
+        return Task(
+            rid=new_id(),
+            team=team.name,
+            user=user.name,
+            model=req.model,
+            resolution=req.resolution,
+            duration_s=req.duration_s,
+            input_ms=pricing.seconds_to_ms(req.input_s),
+            input_estimated=req.input_estimated,
+            estimate_ms=est_ms,
+            estimate_micros=est_micros,
+            team_period=period_key(team.limits.period, now),
+            user_period=period_key(user.limits.period, now),
+            created_at=now,
+            updated_at=now,
+            idem_key=idem_key,
+            next_poll_at=now + self.settings.poller.interval_s,
+        )
 
     async def _replay(self, team: str, idem_key: str, body_hash: str | None) -> Outcome | None:
         record = await self.store.idem_get(team, idem_key)
@@ -108,8 +136,9 @@ class Tasks:
         if record.body_hash != body_hash:
             raise IdempotencyConflict("This Idempotency-Key was already used with a different body.")
         if not record.done:
-            raise IdempotencyConflict("A request with this Idempotency-Key is still in flight.",
-                                      code="idempotency_key_in_progress")
+            raise IdempotencyConflict(
+                "A request with this Idempotency-Key is still in flight.", code="idempotency_key_in_progress"
+            )
         headers = {"Idempotent-Replayed": "true"}
         if record.status >= 400:  # the key answers the same every time: a blind retry only repeats this
             headers["x-should-retry"] = "false"
@@ -123,8 +152,9 @@ class Tasks:
             return Outcome(exc.status, exc.json(), exc.headers())
         except BaseException as exc:  # cut by the shutdown deadline, or a bug
             if task.rid in self._sent:
-                await self._unknown(task, "shutdown" if isinstance(exc, asyncio.CancelledError)
-                                    else "internal_error", None)
+                await self._unknown(
+                    task, "shutdown" if isinstance(exc, asyncio.CancelledError) else "internal_error", None
+                )
             else:
                 await self.store.cancel_admission(task.rid)
             raise
@@ -139,8 +169,7 @@ class Tasks:
                 ctx.upstream_key = key.name
                 self._sent.add(task.rid)
                 try:
-                    reply = await self.calls.call(key, tokenhub.CREATE_ROUTE, "POST", tokenhub.CREATE_ROUTE,
-                                                  raw, ctx)
+                    reply = await self.calls.call(key, tokenhub.CREATE_ROUTE, "POST", tokenhub.CREATE_ROUTE, raw, ctx)
                 except ConnectFailed as exc:
                     self._sent.discard(task.rid)
                     await self._unsent(task, self.store.release_key(task.rid))
@@ -167,7 +196,8 @@ class Tasks:
             yield first
         for key in await self._unsent(task, self.pool.candidates(task.model)):
             if key is not first and await self._unsent(
-                    task, self.store.acquire_key(task.rid, key.name, key.max_concurrent_tasks)):
+                task, self.store.acquire_key(task.rid, key.name, key.max_concurrent_tasks)
+            ):
                 yield key
 
     async def _unsent(self, task: Task, step: Awaitable[T]) -> T:
@@ -193,8 +223,9 @@ class Tasks:
             except (DuplicateTaskId, RecordRejected) as exc:
                 task = await self.store.get_record(rid)
                 if task is not None:
-                    await self._unknown(task, "duplicate_id" if isinstance(exc, DuplicateTaskId)
-                                        else "record_rejected", exc)
+                    await self._unknown(
+                        task, "duplicate_id" if isinstance(exc, DuplicateTaskId) else "record_rejected", exc
+                    )
             self._unrecorded.pop(rid, None)
 
     async def _unknown(self, task: Task, reason: str, err: GatewayError | None) -> GatewayError | None:
@@ -204,8 +235,9 @@ class Tasks:
             err.unknown_outcome = True
         try:
             items = self.settlement.unknown_items(task)
-            done = await self.store.mark_unknown(task.rid, self.clock(),
-                                                 (err.status, err.json()) if err else None, items)
+            done = await self.store.mark_unknown(
+                task.rid, self.clock(), (err.status, err.json()) if err else None, items
+            )
         except GatewayError as exc:  # the pending record stays; the poller expires it as unresolved
             self.log.error("task.unknown_unrecorded", rid=task.rid, reason=reason, error_code=exc.code)
             return err
@@ -220,8 +252,9 @@ class Tasks:
         now = self.clock()
         outcome = tokenhub.outcome_of(reply.status)
         if outcome == tokenhub.FAILED:
-            raise await self._unknown(task, "server_error", UpstreamError(
-                f"TokenHub answered {reply.status}.", code="upstream_server_error"))
+            raise await self._unknown(
+                task, "server_error", UpstreamError(f"TokenHub answered {reply.status}.", code="upstream_server_error")
+            )
         body = self.pool.scrub(reply.body)
         if outcome == tokenhub.REFUSED:
             await self.store.fail_create(task.rid, now, (reply.status, body))
@@ -229,8 +262,11 @@ class Tasks:
         data = _json(body)
         task_id = data.get("id") if isinstance(data, dict) else None
         if not isinstance(task_id, str) or not task_id or len(task_id) > MAX_TASK_ID:
-            raise await self._unknown(task, "bad_response", UpstreamError(
-                "TokenHub's answer to the create had no usable task id.", code="upstream_bad_response"))
+            raise await self._unknown(
+                task,
+                "bad_response",
+                UpstreamError("TokenHub's answer to the create had no usable task id.", code="upstream_bad_response"),
+            )
         status = data.get("status") if data.get("status") in ("queued", "running") else "queued"
         try:
             await self.store.record_created(task.rid, task_id, status, now, (reply.status, body))
@@ -257,14 +293,15 @@ class Tasks:
         try:
             if now is None:
                 now = await self.store.now()
-            states = [await self.store.rate_state(s.scope, s.name, s.limits.requests_per_minute, now)
-                      for s in limited]
+            states = [await self.store.rate_state(s.scope, s.name, s.limits.requests_per_minute, now) for s in limited]
         except StoreUnavailable:
             return {}
         tight = min(states, key=lambda r: (r.remaining, r.limit))
-        return {"x-ratelimit-limit-requests": str(tight.limit),
-                "x-ratelimit-remaining-requests": str(tight.remaining),
-                "x-ratelimit-reset-requests": f"{tight.reset_s:.3f}s"}
+        return {
+            "x-ratelimit-limit-requests": str(tight.limit),
+            "x-ratelimit-remaining-requests": str(tight.remaining),
+            "x-ratelimit-reset-requests": f"{tight.reset_s:.3f}s",
+        }
 
     async def drain(self, timeout: float) -> None:
         """Let forwarded creates finish for `timeout` seconds; those still waiting are cut and

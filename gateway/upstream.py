@@ -25,11 +25,11 @@ PROBE_TASK_ID = "cgt-gateway-health-probe"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
 
 # What an HTTP status from TokenHub means for the request and for the key that sent it.
-ACCEPTED = "accepted"          # 2xx
-REFUSED = "refused"            # another 3xx/4xx: TokenHub refused the request itself; the key is fine
+ACCEPTED = "accepted"  # 2xx
+REFUSED = "refused"  # another 3xx/4xx: TokenHub refused the request itself; the key is fine
 KEY_REJECTED = "key_rejected"  # 401/403: the key is bad, not the request
-THROTTLED = "throttled"        # 429: the key is rate-limited
-FAILED = "failed"              # 5xx: TokenHub failed; a create may or may not have happened
+THROTTLED = "throttled"  # 429: the key is rate-limited
+FAILED = "failed"  # 5xx: TokenHub failed; a create may or may not have happened
 
 
 def task_path(task_id: str) -> str:
@@ -121,17 +121,20 @@ class HttpUpstream:
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self._base = settings.base_url
-        self._timeout = aiohttp.ClientTimeout(total=settings.timeout_s,
-                                              sock_connect=settings.connect_timeout_s)
+        self._timeout = aiohttp.ClientTimeout(total=settings.timeout_s, sock_connect=settings.connect_timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
             # No cookie jar: a cookie one key's answer sets must never ride along with another key's call.
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
-                                                  cookie_jar=aiohttp.DummyCookieJar(),
-                                                  auto_decompress=True, skip_auto_headers=("User-Agent",))
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=True,
+                skip_auto_headers=("User-Agent",),
+            )
         return self._session
 
     async def call(self, method: str, path: str, key: str, body: bytes | None = None) -> Reply:
@@ -148,8 +151,9 @@ class HttpUpstream:
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamTimeout("TokenHub did not answer in time.") from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"TokenHub's answer was cut off: {type(exc).__name__}.",
-                                code="upstream_bad_response") from None
+            raise UpstreamError(
+                f"TokenHub's answer was cut off: {type(exc).__name__}.", code="upstream_bad_response"
+            ) from None
 
     async def close(self) -> None:
         if self._session is not None:

@@ -38,25 +38,39 @@ MAX_MEDIA_ITEMS = 12
 DEFAULT_RESOLUTION = "720p"
 ASPECT_RATIOS = ("adaptive", "16:9", "4:3", "1:1", "3:4", "9:16", "21:9")
 MEDIA_TYPES = {"image_url": "image", "video_url": "video", "audio_url": "audio"}
-FLAT_FIELDS = (("image_url", "image_urls", "image"), ("video_url", "video_urls", "video"),
-               ("audio_url", "audio_urls", "audio"))
-ROLE_KIND = {"first_frame": "image", "last_frame": "image", "reference_image": "image",
-             "reference_video": "video", "reference_audio": "audio"}
-ROLE_LIMITS = {"first_frame": 1, "last_frame": 1, "reference_image": 9,
-               "reference_video": 3, "reference_audio": 3}
+FLAT_FIELDS = (
+    ("image_url", "image_urls", "image"),
+    ("video_url", "video_urls", "video"),
+    ("audio_url", "audio_urls", "audio"),
+)
+ROLE_KIND = {
+    "first_frame": "image",
+    "last_frame": "image",
+    "reference_image": "image",
+    "reference_video": "video",
+    "reference_audio": "audio",
+}
+ROLE_LIMITS = {"first_frame": 1, "last_frame": 1, "reference_image": 9, "reference_video": 3, "reference_audio": 3}
 FRAMES = ("first_frame", "last_frame")
-URL_FORMS = {"image": "https://, http://, asset://<id> or data:image/<subtype>;base64,<data>",
-             "video": "https://, http:// or asset://<id>",
-             "audio": "https://, http://, asset://<id> or data:audio/<subtype>;base64,<data>"}
+URL_FORMS = {
+    "image": "https://, http://, asset://<id> or data:image/<subtype>;base64,<data>",
+    "video": "https://, http:// or asset://<id>",
+    "audio": "https://, http://, asset://<id> or data:audio/<subtype>;base64,<data>",
+}
 
-_HTTP_URL = re.compile(
-    r"https?://(?:[^\s/?#@]*@)?(?:\[[0-9a-f:.]+\]|[^\s/?#@:\[\]]+)(?::\d*)?(?:[/?#]\S*)?", re.I)
+_HTTP_URL = re.compile(r"https?://(?:[^\s/?#@]*@)?(?:\[[0-9a-f:.]+\]|[^\s/?#@:\[\]]+)(?::\d*)?(?:[/?#]\S*)?", re.I)
 _ASSET_URL = re.compile(r"asset://\S+", re.I)
 _DATA_PREFIX = re.compile(r"data:([a-z]+)/[a-z0-9.+-]+;base64,", re.I)
 # Every field that can hold media or input-video seconds: a body with none of them (the common text-to-video
 # create) has no roles to count and no input seconds, so validate() skips that walk.
-_MEDIA_FIELDS = frozenset(("content", "video_durations", "input_video_duration",
-                           *(field for one, many, _ in FLAT_FIELDS for field in (one, many))))
+_MEDIA_FIELDS = frozenset(
+    (
+        "content",
+        "video_durations",
+        "input_video_duration",
+        *(field for one, many, _ in FLAT_FIELDS for field in (one, many)),
+    )
+)
 _NO_SECONDS = Decimal(0)
 
 
@@ -72,10 +86,10 @@ class VideoRequest(NamedTuple):  # not a frozen dataclass: its __init__ costs ~7
 
 class _Media(NamedTuple):
     role: str
-    param: str        # where a role error points: "content[2].role", or the flat field's name
-    collection: str   # where a count error points: "content", or the flat field's name
+    param: str  # where a role error points: "content[2].role", or the flat field's name
+    collection: str  # where a count error points: "content", or the flat field's name
     url: Any
-    url_param: str    # where a URL error points: "content[2].image_url.url", "image_urls[1]"
+    url_param: str  # where a URL error points: "content[2].image_url.url", "image_urls[1]"
 
 
 def validate(body: object, pricing: Mapping[str, Mapping[str, int]]) -> VideoRequest:
@@ -112,8 +126,10 @@ def _duration(value: Any) -> int:
     if value is None:
         return DEFAULT_DURATION_S
     if isinstance(value, bool) or not isinstance(value, int) or not MIN_DURATION_S <= value <= MAX_DURATION_S:
-        raise ValidationError(f"duration must be an integer number of seconds from {MIN_DURATION_S} "
-                              f"to {MAX_DURATION_S}.", param="duration")
+        raise ValidationError(
+            f"duration must be an integer number of seconds from {MIN_DURATION_S} to {MAX_DURATION_S}.",
+            param="duration",
+        )
     return value
 
 
@@ -154,14 +170,17 @@ def _content_media(content: Any) -> Iterator[_Media]:
         elif isinstance(kind_name, str) and kind_name in MEDIA_TYPES:
             yield _media_item(item, kind_name, where)
         else:
-            raise ValidationError("type must be one of image_url, video_url, audio_url, text.",
-                                  param=f"{where}.type")
+            raise ValidationError("type must be one of image_url, video_url, audio_url, text.", param=f"{where}.type")
 
 
 def _is_text(item: Any) -> bool:
     """A well-formed text item: checked first, as text items are the ones without a count limit."""
-    return (isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str)
-            and item.get("role") is None)
+    return (
+        isinstance(item, dict)
+        and item.get("type") == "text"
+        and isinstance(item.get("text"), str)
+        and item.get("role") is None
+    )
 
 
 def _bad_text_item(item: dict[str, Any], where: str) -> None:
@@ -182,8 +201,9 @@ def _media_item(item: dict[str, Any], kind_name: str, where: str) -> _Media:
     if not isinstance(role, str) or role not in ROLE_KIND:
         raise ValidationError(f"role must be one of {', '.join(ROLE_KIND)}.", param=f"{where}.role")
     if ROLE_KIND[role] != kind:
-        raise ValidationError(f"role {role} goes with a {ROLE_KIND[role]}_url item, not {kind_name}.",
-                              param=f"{where}.role")
+        raise ValidationError(
+            f"role {role} goes with a {ROLE_KIND[role]}_url item, not {kind_name}.", param=f"{where}.role"
+        )
     return _Media(role, f"{where}.role", "content", url, url_param)
 
 
@@ -216,8 +236,10 @@ def _count_roles(found: Iterator[_Media]) -> tuple[list[_Media], Counter[str]]:
         limit = ROLE_LIMITS[item.role]
         if counts[item.role] > limit:
             param = item.param if item.role in FRAMES else item.collection
-            raise ValidationError(f"at most {limit} {item.role} item(s) allowed, counting content "
-                                  "and the flat *_url(s) fields together.", param=param)
+            raise ValidationError(
+                f"at most {limit} {item.role} item(s) allowed, counting content and the flat *_url(s) fields together.",
+                param=param,
+            )
         if total > MAX_MEDIA_ITEMS:
             raise ValidationError(f"at most {MAX_MEDIA_ITEMS} media items in all.", param=item.collection)
     return media, counts
@@ -228,20 +250,25 @@ def _check_modes(media: list[_Media], counts: Counter[str]) -> None:
     if counts["last_frame"] and not counts["first_frame"]:
         raise ValidationError("a last_frame needs a first_frame image.", param=frames[0].param)
     if frames and len(frames) < len(media):
-        raise ValidationError("first_frame/last_frame images cannot be mixed with reference images, "
-                              "videos or audio.", param=frames[0].param)
+        raise ValidationError(
+            "first_frame/last_frame images cannot be mixed with reference images, videos or audio.",
+            param=frames[0].param,
+        )
     if counts["reference_audio"] and not (counts["reference_image"] or counts["reference_video"]):
         audio = next(item for item in media if item.role == "reference_audio")
-        raise ValidationError("reference audio needs at least one reference image or video beside it.",
-                              param=audio.collection)
+        raise ValidationError(
+            "reference audio needs at least one reference image or video beside it.", param=audio.collection
+        )
 
 
 def _input_seconds(body: dict[str, Any], videos: int) -> tuple[Decimal, bool]:
     listed = _video_durations(body.get("video_durations"), videos)
     total = _input_video_duration(body.get("input_video_duration"), videos)
     if listed is not None and total is not None and listed != total:
-        raise ValidationError(f"input_video_duration disagrees with the sum of video_durations ({listed}); "
-                              "send one of them.", param="input_video_duration")
+        raise ValidationError(
+            f"input_video_duration disagrees with the sum of video_durations ({listed}); send one of them.",
+            param="input_video_duration",
+        )
     given = listed if listed is not None else total
     if given is not None:
         return given, False
@@ -257,17 +284,22 @@ def _video_durations(value: Any, videos: int) -> Decimal | None:
     if not videos:
         raise ValidationError("video_durations needs reference videos to describe.", param="video_durations")
     if len(items) != videos:
-        raise ValidationError(f"video_durations needs exactly one entry per reference video ({videos}, "
-                              "counting video_url(s) and content reference_video items).",
-                              param="video_durations")
+        raise ValidationError(
+            f"video_durations needs exactly one entry per reference video ({videos}, "
+            "counting video_url(s) and content reference_video items).",
+            param="video_durations",
+        )
     for i, seconds in enumerate(items):
         if not _is_number(seconds) or not MIN_VIDEO_S <= seconds <= MAX_VIDEO_S:
-            raise ValidationError(f"each video duration must be a number from {MIN_VIDEO_S} to "
-                                  f"{MAX_VIDEO_S} seconds.", param=f"video_durations[{i}]")
+            raise ValidationError(
+                f"each video duration must be a number from {MIN_VIDEO_S} to {MAX_VIDEO_S} seconds.",
+                param=f"video_durations[{i}]",
+            )
     listed = sum((Decimal(str(seconds)) for seconds in items), Decimal(0))
     if listed > MAX_INPUT_VIDEO_S:
-        raise ValidationError(f"reference videos may last at most {MAX_INPUT_VIDEO_S} s together.",
-                              param="video_durations")
+        raise ValidationError(
+            f"reference videos may last at most {MAX_INPUT_VIDEO_S} s together.", param="video_durations"
+        )
     return listed
 
 
@@ -275,15 +307,18 @@ def _input_video_duration(value: Any, videos: int) -> Decimal | None:
     if value is None:
         return None
     if not _is_number(value) or not 0 < value <= MAX_INPUT_VIDEO_S:
-        raise ValidationError(f"input_video_duration must be a number of seconds above 0 and at most "
-                              f"{MAX_INPUT_VIDEO_S}.", param="input_video_duration")
+        raise ValidationError(
+            f"input_video_duration must be a number of seconds above 0 and at most {MAX_INPUT_VIDEO_S}.",
+            param="input_video_duration",
+        )
     if not videos:
-        raise ValidationError("input_video_duration needs at least one reference video.",
-                              param="input_video_duration")
+        raise ValidationError("input_video_duration needs at least one reference video.", param="input_video_duration")
     if value < MIN_VIDEO_S * videos:
-        raise ValidationError(f"input_video_duration must be at least {MIN_VIDEO_S} s per reference video "
-                              f"({videos} given: at least {MIN_VIDEO_S * videos} s).",
-                              param="input_video_duration")
+        raise ValidationError(
+            f"input_video_duration must be at least {MIN_VIDEO_S} s per reference video "
+            f"({videos} given: at least {MIN_VIDEO_S * videos} s).",
+            param="input_video_duration",
+        )
     return Decimal(str(value))
 
 

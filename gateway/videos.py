@@ -38,8 +38,15 @@ INPUT = "input_reference"
 CREATE_FIELDS = frozenset({"prompt", "model", "seconds", "size", INPUT})
 REMIX_FIELDS = frozenset({"prompt", "model", "seconds", "size"})
 # Where §4's validation of the mapped body points, in the client's own field names.
-CLIENT_PARAMS = {"model": "model", "prompt": "prompt", "duration": "seconds", "resolution": "size",
-                 "aspect_ratio": "size", "content": INPUT, "video_durations": INPUT}
+CLIENT_PARAMS = {
+    "model": "model",
+    "prompt": "prompt",
+    "duration": "seconds",
+    "resolution": "size",
+    "aspect_ratio": "size",
+    "content": INPUT,
+    "video_durations": INPUT,
+}
 
 _SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
 _DIGITS = re.compile(r"[0-9]{1,3}")
@@ -71,8 +78,9 @@ class Translation(NamedTuple):
     facts: VideoFacts
 
 
-def to_seedance(fields: Mapping[str, Any], aliases: Mapping[str, str], models: Collection[str],
-                upload: Upload | None = None) -> Translation:
+def to_seedance(
+    fields: Mapping[str, Any], aliases: Mapping[str, str], models: Collection[str], upload: Upload | None = None
+) -> Translation:
     """A create's fields (a JSON object, or form fields plus the `input_reference` file) → the Seedance body."""
     fields = _present(fields, CREATE_FIELDS)
     client_model, model = _model(fields.get("model"), aliases, models)
@@ -85,9 +93,15 @@ def to_seedance(fields: Mapping[str, Any], aliases: Mapping[str, str], models: C
     return Translation(body, VideoFacts(client_model, seconds, size, prompt))
 
 
-def remix_body(source_id: str, source: VideoFacts, source_url: str, fields: Mapping[str, Any],
-               aliases: Mapping[str, str], models: Collection[str],
-               source_seconds: float | None = None) -> Translation:
+def remix_body(
+    source_id: str,
+    source: VideoFacts,
+    source_url: str,
+    fields: Mapping[str, Any],
+    aliases: Mapping[str, str],
+    models: Collection[str],
+    source_seconds: float | None = None,
+) -> Translation:
     """A remix: the source's output as the reference video, its model, size and seconds unless given.
 
     `source_seconds` is the source's real output length when TokenHub reported one (the reservation is then
@@ -167,16 +181,18 @@ def sniff_image(data: bytes) -> str | None:
 
 def _body(model: str, prompt: str, seconds: str, size: str) -> dict[str, Any]:
     resolution, ratio = seedance_size(size)
-    return {"model": model, "prompt": prompt, "duration": int(seconds), "resolution": resolution,
-            "aspect_ratio": ratio}
+    return {"model": model, "prompt": prompt, "duration": int(seconds), "resolution": resolution, "aspect_ratio": ratio}
 
 
 def _present(fields: Mapping[str, Any], known: frozenset[str]) -> dict[str, Any]:
     present = {k: v for k, v in fields.items() if v is not None}
     for name in sorted(present.keys() - known):
         name = _bounded(name)
-        raise UnsupportedParameter(f"{name} has no equivalent in Seedance through this gateway; "
-                                   f"the fields taken are {', '.join(sorted(known))}.", param=name)
+        raise UnsupportedParameter(
+            f"{name} has no equivalent in Seedance through this gateway; "
+            f"the fields taken are {', '.join(sorted(known))}.",
+            param=name,
+        )
     return present
 
 
@@ -205,8 +221,11 @@ def _seconds(value: Any) -> str:
     if isinstance(value, str) and _DIGITS.fullmatch(value):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not MIN_SECONDS <= value <= MAX_SECONDS:
-        raise ValidationError(f"seconds must be a whole number of seconds from {MIN_SECONDS} to {MAX_SECONDS} "
-                              f"(a string such as \"8\", or an integer).", param="seconds")
+        raise ValidationError(
+            f"seconds must be a whole number of seconds from {MIN_SECONDS} to {MAX_SECONDS} "
+            f'(a string such as "8", or an integer).',
+            param="seconds",
+        )
     return str(value)
 
 
@@ -228,8 +247,11 @@ def _reference_url(value: Any, upload: Upload | None) -> str | None:
         if not isinstance(value["image_url"], str) or not value["image_url"]:
             raise ValidationError(f"{INPUT}.image_url must be a URL string.", param=INPUT)
         return value["image_url"]
-    what = "a file_id (the gateway keeps no files)" if isinstance(value, dict) and "file_id" in value else \
-        "anything but an uploaded image or {\"image_url\": ...}"
+    what = (
+        "a file_id (the gateway keeps no files)"
+        if isinstance(value, dict) and "file_id" in value
+        else 'anything but an uploaded image or {"image_url": ...}'
+    )
     raise UnsupportedParameter(f"{INPUT} cannot be {what}.", param=INPUT)
 
 
@@ -237,8 +259,9 @@ def _data_url(upload: Upload) -> str:
     media_type = sniff_image(upload.data)
     if media_type is None:
         what = "a video" if _is_video(upload.data) else "this kind of file"
-        raise UnsupportedParameter(f"{INPUT} must be a JPEG, PNG or WebP image; Seedance takes no first frame "
-                                   f"from {what}.", param=INPUT)
+        raise UnsupportedParameter(
+            f"{INPUT} must be a JPEG, PNG or WebP image; Seedance takes no first frame from {what}.", param=INPUT
+        )
     if len(upload.data) > MAX_IMAGE_BYTES:
         raise ValidationError(f"{INPUT} must be at most {MAX_IMAGE_BYTES // 1024 // 1024} MiB.", param=INPUT)
     return f"data:{media_type};base64,{base64.b64encode(upload.data).decode('ascii')}"
@@ -247,5 +270,6 @@ def _data_url(upload: Upload) -> str:
 def _is_video(data: bytes) -> bool:
     # ISO BMFF (MP4, MOV) carries "ftyp" at offset 4, as HEIC/AVIF images do; Matroska/WebM has EBML magic.
     brand = data[8:12]
-    return (data[4:8] == b"ftyp" and brand not in (b"heic", b"heix", b"avif", b"avis", b"mif1", b"msf1")) \
-        or data[:4] == b"\x1a\x45\xdf\xa3"
+    return (data[4:8] == b"ftyp" and brand not in (b"heic", b"heix", b"avif", b"avis", b"mif1", b"msf1")) or data[
+        :4
+    ] == b"\x1a\x45\xdf\xa3"

@@ -25,8 +25,16 @@ URL_FIELDS = {"video": "video_url", "thumbnail": "cover_image_url"}
 
 
 def encode_meta(facts: VideoFacts) -> bytes:
-    return orjson.dumps({"v": META_VERSION, "model": facts.model, "seconds": facts.seconds,
-                         "size": facts.size, "prompt": facts.prompt, "remixed_from": facts.remixed_from})
+    return orjson.dumps(
+        {
+            "v": META_VERSION,
+            "model": facts.model,
+            "seconds": facts.seconds,
+            "size": facts.size,
+            "prompt": facts.prompt,
+            "remixed_from": facts.remixed_from,
+        }
+    )
 
 
 def seedance_meta(ratio: str | None) -> bytes | None:
@@ -68,16 +76,25 @@ def answer_of(body: bytes | None) -> dict[str, Any] | None:
 def task_facts(task: Task, answer: dict[str, Any] | None = None) -> TaskFacts:
     """What the Video object is built from: the stored task, and TokenHub's latest answer when known."""
     answer = answer if answer is not None else answer_of(task.final_body) or {}
-    return TaskFacts(id=task.task_id or task.rid, status=task.status, model=task.model,
-                     resolution=task.resolution, aspect_ratio=_ratio(task, answer), duration_s=task.duration_s,
-                     created_at=task.created_at, settled_at=task.settled_at, video=decode_meta(task.meta),
-                     error_message=_error_message(answer))
+    return TaskFacts(
+        id=task.task_id or task.rid,
+        status=task.status,
+        model=task.model,
+        resolution=task.resolution,
+        aspect_ratio=_ratio(task, answer),
+        duration_s=task.duration_s,
+        created_at=task.created_at,
+        settled_at=task.settled_at,
+        video=decode_meta(task.meta),
+        error_message=_error_message(answer),
+    )
 
 
 def facts_of(task: Task) -> VideoFacts:
     """The client-facing names of a task, whichever shape created it (a remix's defaults)."""
-    return decode_meta(task.meta) or facts_of_seedance(task.model, task.duration_s, task.resolution,
-                                                       _ratio(task, answer_of(task.final_body) or {}))
+    return decode_meta(task.meta) or facts_of_seedance(
+        task.model, task.duration_s, task.resolution, _ratio(task, answer_of(task.final_body) or {})
+    )
 
 
 def result_url(answer: dict[str, Any] | None, variant: str) -> str | None:

@@ -26,8 +26,9 @@ MAX_FIELD_BYTES = 64 * 1024  # a text field (a 5,000-character prompt is at most
 MULTIPART = "multipart/form-data"
 
 
-async def read_fields(request: Request, limit: int, timeout_s: float,
-                      large: BodyWorkers) -> tuple[dict[str, Any], Upload | None]:
+async def read_fields(
+    request: Request, limit: int, timeout_s: float, large: BodyWorkers
+) -> tuple[dict[str, Any], Upload | None]:
     """(the fields, the `input_reference` file if one was uploaded) of a JSON or multipart body."""
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     _declared_size(request, limit)
@@ -42,13 +43,16 @@ async def read_fields(request: Request, limit: int, timeout_s: float,
 async def _multipart(request: Request, limit: int) -> tuple[dict[str, Any], Upload | None]:
     try:
         async with contextlib.aclosing(_bounded(request.stream(), limit)) as stream:
-            form = await MultiPartParser(request.headers, stream, max_files=1, max_fields=MAX_FIELDS,
-                                         max_part_size=MAX_FIELD_BYTES).parse()
+            form = await MultiPartParser(
+                request.headers, stream, max_files=1, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES
+            ).parse()
     except MultiPartException as exc:
         raise ValidationError(f"The multipart body cannot be read: {exc.message}") from None
     try:
-        parts = [(name, await _upload(value) if isinstance(value, UploadFile) else value)
-                 for name, value in form.multi_items()]
+        parts = [
+            (name, await _upload(value) if isinstance(value, UploadFile) else value)
+            for name, value in form.multi_items()
+        ]
     finally:
         await form.close()
     return form_fields(parts)

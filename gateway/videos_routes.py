@@ -63,12 +63,16 @@ async def create_video(request: Request) -> Response:
     g = gw(request)
     user, team = authenticate(request)
     idem_key = _idempotency_key(request)
-    fields, upload = await read_fields(request, g.settings.server.max_body_bytes, g.settings.server.body_timeout_s,
-                                        g.large_bodies)
+    fields, upload = await read_fields(
+        request, g.settings.server.max_body_bytes, g.settings.server.body_timeout_s, g.large_bodies
+    )
     o, pricing = g.settings.openai, g.settings.pricing
-    prepared = await _prepare(g, lambda: to_seedance(fields, o.model_aliases, pricing, upload),
-                              lambda: fingerprint(fields, upload) if idem_key else None,
-                              big=upload is not None and len(upload.data) > LARGE_UPLOAD)
+    prepared = await _prepare(
+        g,
+        lambda: to_seedance(fields, o.model_aliases, pricing, upload),
+        lambda: fingerprint(fields, upload) if idem_key else None,
+        big=upload is not None and len(upload.data) > LARGE_UPLOAD,
+    )
     return await _admit(request, user, team, prepared, idem_key)
 
 
@@ -77,8 +81,9 @@ async def remix_video(request: Request) -> Response:
     user, team = authenticate(request)
     ctx = ctx_of(request)
     idem_key = _idempotency_key(request)
-    fields, upload = await read_fields(request, g.settings.server.max_body_bytes, g.settings.server.body_timeout_s,
-                                        g.large_bodies)
+    fields, upload = await read_fields(
+        request, g.settings.server.max_body_bytes, g.settings.server.body_timeout_s, g.large_bodies
+    )
     if upload is not None:
         raise UnsupportedParameter("A remix takes no file: its reference is the original video.", param=INPUT)
     latest = await _latest(g, await _owned_video(g, request.path_params["video_id"], team.name, ctx), ctx)
@@ -87,9 +92,13 @@ async def remix_video(request: Request) -> Response:
     source, url = latest.task, _result_url(latest, "video")
     await g.media.available(url)  # an expired source is 410 now, not a failed (and billed) remix later
     o, pricing = g.settings.openai, g.settings.pricing
-    prepared = await _prepare(g, lambda: remix_body(source.task_id, facts_of(source), url, fields, o.model_aliases,
-                                                    pricing, output_seconds(latest.answer)),
-                              lambda: fingerprint(fields, remix_of=source.task_id) if idem_key else None)
+    prepared = await _prepare(
+        g,
+        lambda: remix_body(
+            source.task_id, facts_of(source), url, fields, o.model_aliases, pricing, output_seconds(latest.answer)
+        ),
+        lambda: fingerprint(fields, remix_of=source.task_id) if idem_key else None,
+    )
     return await _admit(request, user, team, prepared, idem_key)
 
 
@@ -100,8 +109,10 @@ async def get_video(request: Request) -> Response:
     latest = await _latest(g, await _owned_video(g, request.path_params["video_id"], team.name, ctx), ctx)
     if latest.passed:
         return outcome_response(latest.passed)
-    headers = {**poll_after_headers(latest.task.status, g.settings.openai.poll_after_ms),
-               **await g.tasks.rate_headers(subjects_for(user, team, g.clock()))}
+    headers = {
+        **poll_after_headers(latest.task.status, g.settings.openai.poll_after_ms),
+        **await g.tasks.rate_headers(subjects_for(user, team, g.clock())),
+    }
     facts = task_facts(latest.task, latest.answer)
     if g.archive is not None and latest.task.status == "succeeded":
         facts = replace(facts, archived_until=g.archive.expires_at(await g.store.archive_files(latest.task.task_id)))
@@ -111,8 +122,10 @@ async def get_video(request: Request) -> Response:
 def archived_response(served: Served) -> Response:
     """An archived file (or one range of it), streamed from the archive."""
     if served.status == 416:
-        raise RangeNotSatisfiable("The requested range is outside the video.",
-                                  headers={"Content-Range": served.headers.get("Content-Range", "")})
+        raise RangeNotSatisfiable(
+            "The requested range is outside the video.",
+            headers={"Content-Range": served.headers.get("Content-Range", "")},
+        )
     if served.body is None:
         return Response(b"", served.status, served.headers)
     return StreamingResponse(served.body, served.status, served.headers)
@@ -126,8 +139,9 @@ async def list_videos(request: Request) -> Response:
     order = q.get("order") or "desc"
     if order not in ("asc", "desc"):
         raise ValidationError("order must be asc or desc.", param="order")
-    tasks, more = await g.store.list_tasks(team.name, limit, q.get("after") or None, None, order=order,
-                                           include_deleted=False)
+    tasks, more = await g.store.list_tasks(
+        team.name, limit, q.get("after") or None, None, order=order, include_deleted=False
+    )
     now = g.clock()
     return json_response(video_list([video_object(task_facts(t), now) for t in tasks], more))
 
@@ -145,8 +159,10 @@ async def delete_video(request: Request) -> Response:
         if cancelled.status not in (200, 409):
             return outcome_response(cancelled)
     if task.status not in TERMINAL:  # TokenHub answers 409 to a cancel once the task has started
-        raise VideoNotReady("The video is in progress: it cannot be stopped and will be billed. "
-                            "Delete it once it has completed or failed.")
+        raise VideoNotReady(
+            "The video is in progress: it cannot be stopped and will be billed. "
+            "Delete it once it has completed or failed."
+        )
     await g.store.mark_deleted(task.task_id, g.clock())
     if g.archive is not None:
         await g.archive.delete(task.task_id)
@@ -174,8 +190,11 @@ async def video_content(request: Request) -> Response:
 
 def not_offered(feature: str) -> Callable[[Request], Any]:
     async def endpoint(request: Request) -> Response:
-        raise NotFound(f"{NOT_OFFERED[feature]} are not offered: Seedance has no equivalent through this gateway.",
-                       code="route_not_found")
+        raise NotFound(
+            f"{NOT_OFFERED[feature]} are not offered: Seedance has no equivalent through this gateway.",
+            code="route_not_found",
+        )
+
     return endpoint
 
 
@@ -183,8 +202,7 @@ async def _admit(request: Request, user: Any, team: Any, p: Prepared, idem_key: 
     """The task flow's create, shared with the TokenHub shape; its answer as a Video object."""
     g, ctx = gw(request), ctx_of(request)
     ctx.model, ctx.resolution, ctx.duration_s = p.req.model, p.req.resolution, p.req.duration_s
-    outcome = await g.tasks.create(user, team, p.fingerprint, p.raw, p.req, idem_key, ctx,
-                                   meta=encode_meta(p.facts))
+    outcome = await g.tasks.create(user, team, p.fingerprint, p.raw, p.req, idem_key, ctx, meta=encode_meta(p.facts))
     if not 200 <= outcome.status < 300:  # refused by TokenHub, or unknown: passed through as is
         return outcome_response(outcome)
     task = await g.polls.owned((answer_of(outcome.body) or {}).get("id", ""), team.name)
@@ -192,8 +210,9 @@ async def _admit(request: Request, user: Any, team: Any, p: Prepared, idem_key: 
     return json_response(video_object(task_facts(task), g.clock()), 200, headers)
 
 
-async def _prepare(g: Any, translate: Callable[[], Translation], fingerprint_of: Callable[[], str | None],
-                   big: bool = False) -> Prepared:
+async def _prepare(
+    g: Any, translate: Callable[[], Translation], fingerprint_of: Callable[[], str | None], big: bool = False
+) -> Prepared:
     """Translate, validate (§4) and fingerprint; off the event loop when an upload makes it large."""
     try:
         if not big:
@@ -206,8 +225,7 @@ async def _prepare(g: Any, translate: Callable[[], Translation], fingerprint_of:
         raise
 
 
-def _prepared(translate: Callable[[], Translation], fingerprint_of: Callable[[], str | None],
-              pricing: Any) -> Prepared:
+def _prepared(translate: Callable[[], Translation], fingerprint_of: Callable[[], str | None], pricing: Any) -> Prepared:
     t = translate()
     try:
         req = validate(t.body, pricing)
@@ -247,8 +265,11 @@ def _result_url(latest: Latest, variant: str) -> str:
     status = latest.task.status
     if status != "succeeded":
         state = STATUS.get(status, "in_progress")
-        raise VideoNotReady("The video failed: it has no content." if state == "failed" else
-                            f"The video is still {state.replace('_', ' ')}: its content exists once it has completed.")
+        raise VideoNotReady(
+            "The video failed: it has no content."
+            if state == "failed"
+            else f"The video is still {state.replace('_', ' ')}: its content exists once it has completed."
+        )
     url = result_url(latest.answer, variant)
     if url is None:
         raise UpstreamError(f"TokenHub's answer for this video has no {variant} URL.", code="upstream_bad_response")

@@ -20,16 +20,26 @@ from typing import Any
 from gateway.errors import UnsupportedParameter, ValidationError
 from gateway.videos import RATIOS, VideoFacts
 
-STATUS = {"pending": "queued", "queued": "queued", "running": "in_progress", "succeeded": "completed",
-          "failed": "failed", "cancelled": "failed", "expired": "failed", "unresolved": "failed",
-          "unknown": "failed"}
+STATUS = {
+    "pending": "queued",
+    "queued": "queued",
+    "running": "in_progress",
+    "succeeded": "completed",
+    "failed": "failed",
+    "cancelled": "failed",
+    "expired": "failed",
+    "unresolved": "failed",
+    "unknown": "failed",
+}
 ERRORS = {
     "failed": ("generation_failed", "Seedance could not generate this video."),
     "cancelled": ("cancelled", "The video was cancelled before it started."),
     "expired": ("expired", "TokenHub gave up on the task before it finished."),
     "unresolved": ("unresolved", "The task did not finish within the gateway's time limit; it was given up."),
-    "unknown": ("unknown", "The gateway could not learn whether this video was created upstream; "
-                           "an operator resolves it."),
+    "unknown": (
+        "unknown",
+        "The gateway could not learn whether this video was created upstream; an operator resolves it.",
+    ),
 }
 UNFINISHED = frozenset({"queued", "in_progress"})
 URL_LIFETIME_S = 24 * 3600  # TokenHub's result URLs expire after about a day
@@ -41,15 +51,15 @@ class TaskFacts:
     """What the Video object is built from, whichever shape created the task."""
 
     id: str
-    status: str                          # the gateway's (store) status
-    model: str                           # Seedance's
+    status: str  # the gateway's (store) status
+    model: str  # Seedance's
     resolution: str
-    aspect_ratio: str | None             # None or "adaptive": shown as 16:9
+    aspect_ratio: str | None  # None or "adaptive": shown as 16:9
     duration_s: int
     created_at: float
     settled_at: float | None = None
-    video: VideoFacts | None = None      # kept when created in the OpenAI shape
-    error_message: str | None = None     # TokenHub's, for a failed task
+    video: VideoFacts | None = None  # kept when created in the OpenAI shape
+    error_message: str | None = None  # TokenHub's, for a failed task
     archived_until: float | None = None  # the archive's retention end, when its files are there
 
 
@@ -59,17 +69,25 @@ def video_object(task: TaskFacts, now: float, *, expected_s: float | None = None
     completed_at = _ts(task.settled_at) if status in ("completed", "failed") else None
     expected = expected_seconds(task.duration_s) if expected_s is None else expected_s
     return {
-        "id": task.id, "object": "video", "model": facts.model, "status": status,
+        "id": task.id,
+        "object": "video",
+        "model": facts.model,
+        "status": status,
         "progress": progress(status, task.created_at, now, expected),
-        "created_at": _ts(task.created_at), "completed_at": completed_at,
+        "created_at": _ts(task.created_at),
+        "completed_at": completed_at,
         "expires_at": _expires_at(status, task.settled_at, task.archived_until),
-        "prompt": facts.prompt, "seconds": facts.seconds, "size": facts.size,
-        "remixed_from_video_id": facts.remixed_from, "error": video_error(task.status, task.error_message),
+        "prompt": facts.prompt,
+        "seconds": facts.seconds,
+        "size": facts.size,
+        "remixed_from_video_id": facts.remixed_from,
+        "error": video_error(task.status, task.error_message),
     }
 
 
-def facts_of_seedance(model: str, duration_s: int, resolution: str, aspect_ratio: str | None,
-                      prompt: str | None = None) -> VideoFacts:
+def facts_of_seedance(
+    model: str, duration_s: int, resolution: str, aspect_ratio: str | None, prompt: str | None = None
+) -> VideoFacts:
     """How a task created in the TokenHub shape looks in the OpenAI one."""
     return VideoFacts(model, str(duration_s), size_of(resolution, aspect_ratio), prompt)
 
@@ -118,8 +136,7 @@ def content_variant(value: str | None) -> str:
     if value == "thumbnail":
         return "thumbnail"
     if value == "spritesheet":
-        raise UnsupportedParameter("Seedance makes no spritesheet; variant may be video or thumbnail.",
-                                   param="variant")
+        raise UnsupportedParameter("Seedance makes no spritesheet; variant may be video or thumbnail.", param="variant")
     raise ValidationError("variant must be video or thumbnail.", param="variant")
 
 
@@ -129,8 +146,13 @@ def deleted_object(video_id: str) -> dict[str, Any]:
 
 def video_list(videos: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
     """A page of `GET /videos`; the SDK asks for the next one with `after=last_id` while `has_more`."""
-    return {"object": "list", "data": videos, "first_id": videos[0]["id"] if videos else None,
-            "last_id": videos[-1]["id"] if videos else None, "has_more": has_more}
+    return {
+        "object": "list",
+        "data": videos,
+        "first_id": videos[0]["id"] if videos else None,
+        "last_id": videos[-1]["id"] if videos else None,
+        "has_more": has_more,
+    }
 
 
 def _expires_at(status: str, settled_at: float | None, archived_until: float | None) -> int | None:

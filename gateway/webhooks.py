@@ -40,8 +40,9 @@ def event_type(status: str) -> str:
     return "video.completed" if status == "succeeded" else "video.failed"
 
 
-def event_items(endpoints: Iterable[WebhookEndpoint], task: Task, status: str, billed_ms: int,
-                cost_micros: int, now: float) -> list[Item]:
+def event_items(
+    endpoints: Iterable[WebhookEndpoint], task: Task, status: str, billed_ms: int, cost_micros: int, now: float
+) -> list[Item]:
     """One event per endpoint that wants this task's terminal status, each with an id of its own."""
     kind = event_type(status)
     items = []
@@ -49,10 +50,22 @@ def event_items(endpoints: Iterable[WebhookEndpoint], task: Task, status: str, b
         if not ep.wants(kind, task.team):
             continue
         event_id = "evt_" + secrets.token_hex(12)
-        payload = {"id": event_id, "object": "event", "type": kind, "created_at": int(now), "data": {
-            "id": task.task_id or task.rid, "status": "completed" if kind == "video.completed" else "failed",
-            "tokenhub_status": status, "team": task.team, "user": task.user, "model": task.model,
-            "cost_usd": micros_to_usd(cost_micros), "video_seconds": billed_ms / 1000}}
+        payload = {
+            "id": event_id,
+            "object": "event",
+            "type": kind,
+            "created_at": int(now),
+            "data": {
+                "id": task.task_id or task.rid,
+                "status": "completed" if kind == "video.completed" else "failed",
+                "tokenhub_status": status,
+                "team": task.team,
+                "user": task.user,
+                "model": task.model,
+                "cost_usd": micros_to_usd(cost_micros),
+                "video_seconds": billed_ms / 1000,
+            },
+        }
         items.append(Item(event_id, webhook_topic(ep.name), orjson.dumps(payload), now))
     return items
 
@@ -66,8 +79,13 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
 
 def headers(secret: str, item: Item, now: float) -> dict[str, str]:
     timestamp = int(now)
-    return {"content-type": "application/json", "user-agent": USER_AGENT, "webhook-id": item.id,
-            "webhook-timestamp": str(timestamp), "webhook-signature": sign(secret, item.id, timestamp, item.payload)}
+    return {
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+        "webhook-id": item.id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, item.id, timestamp, item.payload),
+    }
 
 
 def backoff_s(initial: float, attempts: int) -> float:
@@ -85,9 +103,15 @@ def redacted(url: str) -> str:
 
 
 class Deliverer:
-    def __init__(self, store: Store, metrics: Metrics, clock: Callable[[], float],
-                 endpoints: tuple[WebhookEndpoint, ...], window_s: float = WINDOW_S,
-                 timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        endpoints: tuple[WebhookEndpoint, ...],
+        window_s: float = WINDOW_S,
+        timeout_s: float = TIMEOUT_S,
+    ) -> None:
         self.store, self.metrics, self.clock, self.window_s = store, metrics, clock, window_s
         self.timeout_s = timeout_s
         self.endpoints = {ep.name: ep for ep in endpoints}
@@ -104,15 +128,18 @@ class Deliverer:
         """A reload: the events of endpoints no longer configured are given up."""
         self.endpoints = {ep.name: ep for ep in endpoints}
         dropped = await self.store.outbox_drop_topics(
-            WEBHOOK_TOPIC, frozenset(webhook_topic(n) for n in self.endpoints), await self.store.now())
+            WEBHOOK_TOPIC, frozenset(webhook_topic(n) for n in self.endpoints), await self.store.now()
+        )
         if dropped:
             self.log.warning("webhook.endpoint_removed", gave_up=dropped)
         self.wake()
 
     async def run(self) -> None:
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timeout_s), cookie_jar=aiohttp.DummyCookieJar(),
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60))
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
+        )
         try:
             await self._guarded(self.apply(tuple(self.endpoints.values())))
             while not self._stop.is_set():
@@ -155,8 +182,7 @@ class Deliverer:
     async def _claim(self, ep: WebhookEndpoint) -> None:
         if self._busy.get(ep.name, 0) >= ep.max_in_flight:
             return
-        items = await self.store.outbox_claim(webhook_topic(ep.name), ep.max_in_flight,
-                                              await self.store.now(), LEASE_S)
+        items = await self.store.outbox_claim(webhook_topic(ep.name), ep.max_in_flight, await self.store.now(), LEASE_S)
         for item in items:
             self._busy[ep.name] = self._busy.get(ep.name, 0) + 1
             job = asyncio.ensure_future(self._guarded(self._attempt(ep, item)))
@@ -189,8 +215,12 @@ class Deliverer:
     async def _post(self, ep: WebhookEndpoint, item: Item) -> str | None:
         """None when the endpoint answered 2xx in time, else what went wrong (no URL in it)."""
         try:
-            async with self._session.post(ep.url.reveal(), data=item.payload, allow_redirects=False,
-                                          headers=headers(ep.secret.reveal(), item, self.clock())) as resp:
+            async with self._session.post(
+                ep.url.reveal(),
+                data=item.payload,
+                allow_redirects=False,
+                headers=headers(ep.secret.reveal(), item, self.clock()),
+            ) as resp:
                 return None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
         except TimeoutError:
             return f"no answer within {self.timeout_s:g} s"

@@ -89,8 +89,12 @@ class _Worker:
         # the worker finds modules where this process does, so a pickled call names the same function
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         with theirs:
-            self.proc = subprocess.Popen([sys.executable, "-m", "gateway.workers", str(theirs.fileno())],
-                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.workers", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
         self.conn = Connection(ours.detach())
 
 

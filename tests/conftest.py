@@ -15,12 +15,21 @@ from tests.moto_server import MotoServer
 from tests.redis_server import RedisServer, require_redis_server
 
 # CI replays the same bounded, seeded examples on every run; a local run explores more and keeps what fails.
-hypothesis_settings.register_profile("ci", derandomize=True, database=None, max_examples=60, stateful_step_count=20,
-                                     deadline=10_000, suppress_health_check=[HealthCheck.too_slow])
-hypothesis_settings.register_profile("dev", max_examples=200, stateful_step_count=25, deadline=None,
-                                     suppress_health_check=[HealthCheck.too_slow])
-hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or
-                                 ("ci" if os.environ.get("CI") == "true" else "dev"))
+hypothesis_settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    max_examples=60,
+    stateful_step_count=20,
+    deadline=10_000,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+hypothesis_settings.register_profile(
+    "dev", max_examples=200, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") == "true" else "dev")
+)
 
 
 def require_binary(name: str) -> str:
@@ -70,12 +79,17 @@ def sim(simulator: Simulator) -> Simulator:
 def make_gateway(tmp_path: Path, sim: Simulator) -> Iterator[Callable[..., Gateway]]:
     started: list[Gateway] = []
 
-    def make(teams: dict[str, Any] | None = None, users: dict[str, Any] | None = None,
-             start: bool = True, **kw: Any) -> Gateway:
+    def make(
+        teams: dict[str, Any] | None = None, users: dict[str, Any] | None = None, start: bool = True, **kw: Any
+    ) -> Gateway:
         kw.setdefault("upstream_url", sim.url)
         kw.setdefault("name", f"gw{len(started)}")
-        gw = Gateway(tmp=tmp_path, teams=teams or {"red": {}, "blue": {}},
-                     users=users or {"alice": {"team": "red"}, "bob": {"team": "blue"}}, **kw)
+        gw = Gateway(
+            tmp=tmp_path,
+            teams=teams or {"red": {}, "blue": {}},
+            users=users or {"alice": {"team": "red"}, "bob": {"team": "blue"}},
+            **kw,
+        )
         if start:
             gw.start()
         started.append(gw)

@@ -36,8 +36,7 @@ class MotoServer:
 
     def start(self) -> MotoServer:
         require_moto_server()
-        self._proc = spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                           self._log)
+        self._proc = spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)], self._log)
         wait_for(self._answers, "answering", 30, self._proc)
         return self
 

@@ -26,13 +26,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(args: list[str], log: Path | None, env: dict[str, str] | None = None,
-          cwd: Path | None = None) -> subprocess.Popen:
+def spawn(
+    args: list[str], log: Path | None, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen:
     """Start args with stdout and stderr appended to log (None: discarded). The child gets a session of its
     own, so a Ctrl-C meant for the parent does not reach it: the parent stops it, and reads the log."""
     with open(log if log is not None else os.devnull, "ab") as out:  # the child keeps its own descriptor
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+        return subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
@@ -90,8 +97,7 @@ class Process:
     """A command with its output appended to a log file; start() and stop() may alternate (a restart
     appends to the same log)."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.args, self.log_path, self.env, self.cwd = args, log, env, cwd
         self.proc: subprocess.Popen | None = None
 

@@ -1,16 +1,16 @@
 """Throw-away Redis servers on free loopback ports, for the store tests and the e2e tests.
 
-    server = RedisServer()
-    url = server.start()        # "redis://127.0.0.1:<port>/0", answering PING
-    server.kill()               # crash it (SIGKILL); start() again brings it back on the same port
-    server.stop()
+server = RedisServer()
+url = server.start()        # "redis://127.0.0.1:<port>/0", answering PING
+server.kill()               # crash it (SIGKILL); start() again brings it back on the same port
+server.stop()
 
-    cluster = RedisClusterServers()   # three masters, every slot assigned (redis-cli --cluster create)
-    url = cluster.start()             # "redis+cluster://127.0.0.1:<p1>,127.0.0.1:<p2>,127.0.0.1:<p3>"
+cluster = RedisClusterServers()   # three masters, every slot assigned (redis-cli --cluster create)
+url = cluster.start()             # "redis+cluster://127.0.0.1:<p1>,127.0.0.1:<p2>,127.0.0.1:<p3>"
 
-    sentinel = SentinelServers()      # a master, a replica and three sentinels watching them
-    url = sentinel.start()            # "redis+sentinel://127.0.0.1:<s1>,...,127.0.0.1:<s3>/gateway/0"
-    sentinel.master                   # the RedisServer that is master now (it changes with a failover)
+sentinel = SentinelServers()      # a master, a replica and three sentinels watching them
+url = sentinel.start()            # "redis+sentinel://127.0.0.1:<s1>,...,127.0.0.1:<s3>/gateway/0"
+sentinel.master                   # the RedisServer that is master now (it changes with a failover)
 """
 
 from __future__ import annotations
@@ -54,9 +54,25 @@ class RedisServer:
     def start(self, timeout_s: float = 10) -> str:
         binary = require_redis_server()
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._proc = spawn([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self._dir),
-                            "--save", "", "--appendonly", "no", "--logfile", str(self._dir / "redis.log"),
-                            *self.args], None)
+        self._proc = spawn(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self._dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--logfile",
+                str(self._dir / "redis.log"),
+                *self.args,
+            ],
+            None,
+        )
         try:
             wait_for(self.answers, "answering PING", timeout_s, self._proc)
         except (RuntimeError, TimeoutError) as exc:
@@ -97,8 +113,9 @@ class RedisServer:
 
 def command(port: int, *args: str) -> str:
     """One command through redis-cli, its answer as text."""
-    return subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args], capture_output=True,
-                          text=True, timeout=10, check=True).stdout
+    return subprocess.run(
+        ["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args], capture_output=True, text=True, timeout=10, check=True
+    ).stdout
 
 
 def info(port: int, *args: str) -> dict[str, str]:
@@ -119,17 +136,37 @@ class RedisClusterServers:
     def __init__(self, masters: int = 3) -> None:
         self.nodes = [RedisServer() for _ in range(masters)]
         for node in self.nodes:
-            node.args = ("--cluster-enabled", "yes", "--cluster-config-file", str(node._dir / "nodes.conf"),
-                         "--cluster-port", str(free_port()), "--cluster-node-timeout", "2000")
+            node.args = (
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(node._dir / "nodes.conf"),
+                "--cluster-port",
+                str(free_port()),
+                "--cluster-node-timeout",
+                "2000",
+            )
         self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self, timeout_s: float = 30) -> str:
         for node in self.nodes:
             node.start()
         try:
-            subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                            "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True,
-                           timeout=timeout_s, check=True)
+            subprocess.run(
+                [
+                    "redis-cli",
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                    "--cluster-replicas",
+                    "0",
+                    "--cluster-yes",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                check=True,
+            )
             wait_for(self._ok, "the cluster's state is ok on every node", timeout_s)
         except (subprocess.SubprocessError, RuntimeError, TimeoutError):
             self.stop()
@@ -168,8 +205,7 @@ class SentinelServers:
         self.down_after_ms = down_after_ms
         self._dir = Path(tempfile.mkdtemp(prefix="thg-sentinel-"))
         self._procs: list[subprocess.Popen] = []
-        self.url = ("redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
-                    + f"/{self.MASTER_NAME}/0")
+        self.url = "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in self.ports) + f"/{self.MASTER_NAME}/0"
 
     def start(self, timeout_s: float = 30) -> str:
         binary = require_redis_sentinel()
@@ -205,8 +241,7 @@ sentinel failover-timeout {self.MASTER_NAME} 5000
         """Every sentinel names one master, which answers as one, and the other server is its replica,
         linked, and seen as up by every sentinel (so that a failover can pick it)."""
         try:
-            named = {command(p, "sentinel", "get-master-addr-by-name", self.MASTER_NAME).split()[1]
-                     for p in self.ports}
+            named = {command(p, "sentinel", "get-master-addr-by-name", self.MASTER_NAME).split()[1] for p in self.ports}
             if len(named) != 1:
                 return False
             master = int(named.pop())
@@ -215,9 +250,12 @@ sentinel failover-timeout {self.MASTER_NAME} 5000
             views = [command(p, "sentinel", "replicas", self.MASTER_NAME) for p in self.ports]
         except (subprocess.SubprocessError, IndexError, StopIteration):
             return False
-        return (link.get("role") == "slave" and link.get("master_port") == str(master)
-                and link.get("master_link_status") == "up"
-                and all(str(replica.port) in v and "s_down" not in v and "disconnected" not in v for v in views))
+        return (
+            link.get("role") == "slave"
+            and link.get("master_port") == str(master)
+            and link.get("master_link_status") == "up"
+            and all(str(replica.port) in v and "s_down" not in v and "disconnected" not in v for v in views)
+        )
 
     @property
     def replica(self) -> RedisServer:
@@ -233,10 +271,12 @@ sentinel failover-timeout {self.MASTER_NAME} 5000
     def failed_over(self, old: RedisServer) -> bool:
         """Every sentinel names a master other than `old`, and that master says it is one."""
         try:
-            named = {command(p, "sentinel", "get-master-addr-by-name", self.MASTER_NAME).split()[1]
-                     for p in self.ports}
-            return (len(named) == 1 and named != {str(old.port)}
-                    and info(int(named.pop()), "info", "replication").get("role") == "master")
+            named = {command(p, "sentinel", "get-master-addr-by-name", self.MASTER_NAME).split()[1] for p in self.ports}
+            return (
+                len(named) == 1
+                and named != {str(old.port)}
+                and info(int(named.pop()), "info", "replication").get("role") == "master"
+            )
         except (subprocess.SubprocessError, IndexError):
             return False
 

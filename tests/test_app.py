@@ -47,8 +47,14 @@ class FakeUpstream:
         if method == "POST":
             req = orjson.loads(body)
             tid = f"cgt-{next(self._ids)}"
-            self.tasks[tid] = {"id": tid, "object": "video.generation.task", "model": req["model"],
-                               "status": "queued", "created": 0, "_duration": req.get("duration", 5)}
+            self.tasks[tid] = {
+                "id": tid,
+                "object": "video.generation.task",
+                "model": req["model"],
+                "status": "queued",
+                "created": 0,
+                "_duration": req.get("duration", 5),
+            }
             return Reply(200, orjson.dumps({k: v for k, v in self.tasks[tid].items() if k[0] != "_"}), None, 0.001)
         tid = path.rsplit("/", 1)[1]
         if tid not in self.tasks:
@@ -60,26 +66,31 @@ class FakeUpstream:
 
 
 def settings(tmp_path, team: dict[str, Any] | None = None) -> Any:
-    return parse_settings({
-        "upstream": {"base_url": "http://upstream.invalid/api/v1", "keys": [{"name": "k", "value_env": "K"}]},
-        "store": {"url": f"sqlite:///{tmp_path / 'unit.db'}"},
-        "teams": {"red": team or {}},
-        "users": {"alice": {"team": "red", "key_sha256": hashlib.sha256(USER_KEY.encode()).hexdigest()}},
-    }, env={"K": "th-unit-upstream-key-0001"})
+    return parse_settings(
+        {
+            "upstream": {"base_url": "http://upstream.invalid/api/v1", "keys": [{"name": "k", "value_env": "K"}]},
+            "store": {"url": f"sqlite:///{tmp_path / 'unit.db'}"},
+            "teams": {"red": team or {}},
+            "users": {"alice": {"team": "red", "key_sha256": hashlib.sha256(USER_KEY.encode()).hexdigest()}},
+        },
+        env={"K": "th-unit-upstream-key-0001"},
+    )
 
 
 @pytest.fixture
 def app_parts(tmp_path) -> Iterator[tuple[TestClient, FakeUpstream, Clock, Metrics]]:
     clock, upstream, metrics = Clock(NOV_30_23H), FakeUpstream(), Metrics()
-    app = create_app(settings(tmp_path, {"budget_usd": 2.0}), upstream=upstream, clock=clock,
-                     metrics=metrics, run_poller=False)
+    app = create_app(
+        settings(tmp_path, {"budget_usd": 2.0}), upstream=upstream, clock=clock, metrics=metrics, run_poller=False
+    )
     with TestClient(app, base_url="http://gw", headers={"Authorization": f"Bearer {USER_KEY}"}) as client:
         yield client, upstream, clock, metrics
 
 
 def create(client: TestClient, headers: dict[str, str] | None = None, **kw: Any) -> Any:
-    return client.post("/v1/videos/generations", json={"model": "doubao-seedance-2.0", "prompt": "a fox", **kw},
-                       headers=headers)
+    return client.post(
+        "/v1/videos/generations", json={"model": "doubao-seedance-2.0", "prompt": "a fox", **kw}, headers=headers
+    )
 
 
 def test_exact_costs_and_settlement_once(app_parts):
@@ -92,9 +103,12 @@ def test_exact_costs_and_settlement_once(app_parts):
         assert client.get(f"/v1/videos/generations/{tid}").json()["status"] == "succeeded"
     team = client.get("/v1/usage").json()["team"]
     assert (team["spent_usd"], team["reserved_usd"], team["remaining_usd"]) == (1.0, 0.0, 1.0)
-    assert metrics.registry.get_sample_value(
-        "tokenhub_gateway_spend_usd_total",
-        {"team": "red", "model": "doubao-seedance-2.0", "resolution": "720p"}) == 1.0
+    assert (
+        metrics.registry.get_sample_value(
+            "tokenhub_gateway_spend_usd_total", {"team": "red", "model": "doubao-seedance-2.0", "resolution": "720p"}
+        )
+        == 1.0
+    )
     polls = [c for c in upstream.calls if c[0] == "GET"]
     assert len(polls) == 1  # terminal answers come from the gateway's cache
 
@@ -132,8 +146,9 @@ def test_a_task_counts_in_the_period_it_was_created_in(app_parts):
 
 def test_money_is_exact_in_json(app_parts):
     client, upstream, clock, _ = app_parts
-    ids = [create(client, model="doubao-seedance-2.0-fast", resolution="480p", duration=4).json()["id"]
-           for _ in range(3)]
+    ids = [
+        create(client, model="doubao-seedance-2.0-fast", resolution="480p", duration=4).json()["id"] for _ in range(3)
+    ]
     for tid in ids:
         upstream.finish(tid)
         clock.now += 1.5
@@ -179,23 +194,30 @@ def test_hot_routes_and_the_router_answer_alike(app_parts):
         assert client.head(f"{prefix}/videos/generations/{tid}").status_code == 200
         assert client.get(f"{prefix}/videos/generations").json()["data"][0]["id"] == tid
         for method, path, status, code in [
-                ("POST", "/videos/generations/", 404, "route_not_found"),
-                ("PUT", "/videos/generations", 405, "method_not_allowed"),
-                ("POST", f"/videos/generations/{tid}", 405, "method_not_allowed"),
-                ("GET", f"/videos/generations/{tid}/more", 404, "route_not_found"),
-                ("GET", "/videos/generations/", 404, "route_not_found")]:
+            ("POST", "/videos/generations/", 404, "route_not_found"),
+            ("PUT", "/videos/generations", 405, "method_not_allowed"),
+            ("POST", f"/videos/generations/{tid}", 405, "method_not_allowed"),
+            ("GET", f"/videos/generations/{tid}/more", 404, "route_not_found"),
+            ("GET", "/videos/generations/", 404, "route_not_found"),
+        ]:
             r = client.request(method, prefix + path, json={})
             assert (r.status_code, r.json()["error"]["code"]) == (status, code), (method, path)
             assert r.headers["x-request-id"]
     assert client.get("/v1/videos/generations/cgt-nobody").json()["error"]["code"] == "task_not_found"
-    r = client.post("/api/v1/videos/generations", json={"model": "doubao-seedance-2.0"},
-                    headers={"X-Request-Id": "hot-1"})
+    r = client.post(
+        "/api/v1/videos/generations", json={"model": "doubao-seedance-2.0"}, headers={"X-Request-Id": "hot-1"}
+    )
     assert (r.status_code, r.json()["error"]["param"], r.headers["x-request-id"]) == (400, "prompt", "hot-1")
 
     def served(route: str, status: str) -> float:
-        return metrics.registry.get_sample_value(
-            "tokenhub_gateway_requests_total",
-            {"route": route, "method": "GET" if "{" in route else "POST", "code": status, "team": "red"}) or 0
+        return (
+            metrics.registry.get_sample_value(
+                "tokenhub_gateway_requests_total",
+                {"route": route, "method": "GET" if "{" in route else "POST", "code": status, "team": "red"},
+            )
+            or 0
+        )
+
     assert served("/videos/generations/{task_id}", "200") == 2
     assert served("/videos/generations", "200") == 1 and served("/videos/generations", "400") == 1
 
@@ -246,8 +268,7 @@ def test_middleware_given_to_the_app_wraps_hot_routes_too(tmp_path):
         tid = create(client).json()["id"]
         client.get(f"/v1/videos/generations/{tid}")
         client.get("/v1/models")
-    assert seen == ["tap POST /v1/videos/generations", f"tap GET /v1/videos/generations/{tid}",
-                    "tap GET /v1/models"]
+    assert seen == ["tap POST /v1/videos/generations", f"tap GET /v1/videos/generations/{tid}", "tap GET /v1/models"]
 
 
 def test_while_draining_new_requests_are_refused_and_probes_still_answer(app_parts):

@@ -27,11 +27,22 @@ SIM_KEY = KEYS["key-a"]
 
 # ---- pure parts ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("header", "size", "want"), [
-    (None, 100, None), ("bytes=0-9", 100, (0, 10)), ("bytes=90-", 100, (90, 100)), ("bytes=-10", 100, (90, 100)),
-    ("bytes=50-500", 100, (50, 100)), ("bytes=100-", 100, "unsatisfiable"), ("bytes=-0", 100, "unsatisfiable"),
-    ("bytes=9-1", 100, None), ("bytes=0-1,5-6", 100, None), ("items=0-1", 100, None),
-])
+
+@pytest.mark.parametrize(
+    ("header", "size", "want"),
+    [
+        (None, 100, None),
+        ("bytes=0-9", 100, (0, 10)),
+        ("bytes=90-", 100, (90, 100)),
+        ("bytes=-10", 100, (90, 100)),
+        ("bytes=50-500", 100, (50, 100)),
+        ("bytes=100-", 100, "unsatisfiable"),
+        ("bytes=-0", 100, "unsatisfiable"),
+        ("bytes=9-1", 100, None),
+        ("bytes=0-1,5-6", 100, None),
+        ("items=0-1", 100, None),
+    ],
+)
 def test_byte_ranges(header, size, want):
     assert byte_range(header, size) == want
 
@@ -51,6 +62,7 @@ def test_retries_back_off_from_five_seconds_to_ten_minutes():
 
 # ---- copying, against the simulator -------------------------------------------------------------------
 
+
 @pytest.fixture(params=["dir", "s3"])
 async def archive(request, tmp_path, sim, monkeypatch):
     """An Archive on a fresh SQLite store, backed by a directory or by a new bucket of the moto server."""
@@ -61,8 +73,9 @@ async def archive(request, tmp_path, sim, monkeypatch):
         moto = request.getfixturevalue("moto")
         for k, v in CREDENTIALS.items():
             monkeypatch.setenv(k, v)
-        settings = ArchiveSettings(url=f"s3://{moto.bucket()}/kept/videos", endpoint_url=moto.url,
-                                   max_bytes_per_video=1 << 20)
+        settings = ArchiveSettings(
+            url=f"s3://{moto.bucket()}/kept/videos", endpoint_url=moto.url, max_bytes_per_video=1 << 20
+        )
         backend = S3Backend(settings)
     store = SQLiteStore(str(tmp_path / "gateway.db"))
     await store.open()
@@ -118,7 +131,10 @@ async def test_video_and_cover_are_copied_whole_and_served_with_ranges(archive, 
     assert (await httpx.AsyncClient().get(data["data"][0]["video_url"])).status_code == 403
     whole = await archive.open_range(task, "video", None)
     assert (whole.status, whole.headers["Content-Length"], whole.headers["Content-Type"]) == (
-        200, str(len(video)), "video/mp4")
+        200,
+        str(len(video)),
+        "video/mp4",
+    )
     assert await body_of(whole) == video
     part = await archive.open_range(task, "video", "bytes=1000-70000")
     assert (part.status, part.headers["Content-Range"]) == (206, f"bytes 1000-{len(video) - 1}/{len(video)}")
@@ -175,6 +191,7 @@ async def leftover(a: Archive) -> list[str]:
     if isinstance(a.backend, LocalBackend):
         return sorted(str(p.relative_to(a.backend.root)) for p in Path(a.backend.root).rglob("*") if p.is_file())
     import obstore
+
     return sorted(m["path"] for m in await obstore.list(a.backend._store).collect_async())
 
 
@@ -230,8 +247,9 @@ async def test_the_running_archive_copies_within_a_tick_of_the_settlement(archiv
         start = time.monotonic()
         now = time.time()
         task = await created(archive.store, now, task_id=data["id"])
-        assert await archive.store.settle(task.task_id, "succeeded", 5000, 1_000_000, False, b"{}", now,
-                                          [archive_item(task, data, now)])
+        assert await archive.store.settle(
+            task.task_id, "succeeded", 5000, 1_000_000, False, b"{}", now, [archive_item(task, data, now)]
+        )
         archive.wake()
         while len(await archive.store.archive_files(task.task_id)) < 2:
             assert time.monotonic() - start < 5
@@ -239,4 +257,3 @@ async def test_the_running_archive_copies_within_a_tick_of_the_settlement(archiv
     finally:
         archive.stop()
         await job
-

@@ -13,13 +13,17 @@ OTHER_KEY = new_key()
 
 
 def settings():
-    return parse_settings({
-        "upstream": {"base_url": "https://tokenhub.store/api/v1",
-                     "keys": [{"name": "k", "value_env": "K"}]},
-        "teams": {"marketing": {"budget_usd": 500.0}, "research": {}},
-        "users": {"alice": {"team": "marketing", "key_sha256": hashlib.sha256(ALICE_KEY.encode()).hexdigest()},
-                  "bob": {"team": "research", "key_sha256": key_sha256(BOB_KEY)}},
-    }, env={"K": "th-0123456789abcdef"})
+    return parse_settings(
+        {
+            "upstream": {"base_url": "https://tokenhub.store/api/v1", "keys": [{"name": "k", "value_env": "K"}]},
+            "teams": {"marketing": {"budget_usd": 500.0}, "research": {}},
+            "users": {
+                "alice": {"team": "marketing", "key_sha256": hashlib.sha256(ALICE_KEY.encode()).hexdigest()},
+                "bob": {"team": "research", "key_sha256": key_sha256(BOB_KEY)},
+            },
+        },
+        env={"K": "th-0123456789abcdef"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -27,31 +31,49 @@ def auth():
     return Authenticator(settings())
 
 
-@pytest.mark.parametrize("header, user, team", [
-    (f"Bearer {ALICE_KEY}", "alice", "marketing"),
-    (f"bearer {ALICE_KEY}", "alice", "marketing"),    # the scheme is case-insensitive
-    (f"Bearer {ALICE_KEY} ", "alice", "marketing"),
-    (f"Bearer {BOB_KEY}", "bob", "research"),
-])
+@pytest.mark.parametrize(
+    "header, user, team",
+    [
+        (f"Bearer {ALICE_KEY}", "alice", "marketing"),
+        (f"bearer {ALICE_KEY}", "alice", "marketing"),  # the scheme is case-insensitive
+        (f"Bearer {ALICE_KEY} ", "alice", "marketing"),
+        (f"Bearer {BOB_KEY}", "bob", "research"),
+    ],
+)
 def test_right_key_gives_user_and_team(auth, header, user, team):
     u, t = auth.authenticate(header)
     assert (u.name, u.team, t.name) == (user, team, team)
 
 
-@pytest.mark.parametrize("header", [
-    None,
-    "",
-    "Bearer",
-    "Bearer ",
-    f"Bearer {OTHER_KEY}",
-    f"Bearer {ALICE_KEY[:-1]}",
-    f"Bearer {ALICE_KEY.upper()}",
-    f"Basic {ALICE_KEY}",
-    f"Token {ALICE_KEY}",
-    ALICE_KEY,
-    f"Bearer {key_sha256(ALICE_KEY)}",   # the stored hash is not a key
-], ids=["none", "empty", "scheme only", "scheme and space", "unknown key", "truncated key", "wrong case",
-        "basic scheme", "token scheme", "no scheme", "hash as key"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        f"Bearer {OTHER_KEY}",
+        f"Bearer {ALICE_KEY[:-1]}",
+        f"Bearer {ALICE_KEY.upper()}",
+        f"Basic {ALICE_KEY}",
+        f"Token {ALICE_KEY}",
+        ALICE_KEY,
+        f"Bearer {key_sha256(ALICE_KEY)}",  # the stored hash is not a key
+    ],
+    ids=[
+        "none",
+        "empty",
+        "scheme only",
+        "scheme and space",
+        "unknown key",
+        "truncated key",
+        "wrong case",
+        "basic scheme",
+        "token scheme",
+        "no scheme",
+        "hash as key",
+    ],
+)
 def test_bad_credentials_are_401_invalid_api_key(auth, header):
     with pytest.raises(AuthError) as info:
         auth.authenticate(header)

@@ -44,16 +44,33 @@ VIDEOS = ["https://v.invalid/1.mp4", "https://v.invalid/2.mp4", "https://v.inval
 BODIES = [
     {"model": "doubao-seedance-2.0", "prompt": "a fox"},
     {"model": "doubao-seedance-2.0-fast", "prompt": "rain", "duration": 4, "resolution": "480p"},
-    {"model": "doubao-seedance-2.0", "prompt": "edit", "duration": 10, "video_urls": VIDEOS[:2],
-     "video_durations": [2.5, 4]},
-    {"model": "doubao-seedance-2.0", "prompt": "remix", "duration": 6, "resolution": "480p",
-     "video_url": VIDEOS[2]},  # no durations: 15 s reserved, settled on TokenHub's figure
-    {"model": "doubao-seedance-2.0-fast", "prompt": "long", "duration": 15, "video_urls": VIDEOS,
-     "input_video_duration": 7.25},
+    {
+        "model": "doubao-seedance-2.0",
+        "prompt": "edit",
+        "duration": 10,
+        "video_urls": VIDEOS[:2],
+        "video_durations": [2.5, 4],
+    },
+    {
+        "model": "doubao-seedance-2.0",
+        "prompt": "remix",
+        "duration": 6,
+        "resolution": "480p",
+        "video_url": VIDEOS[2],
+    },  # no durations: 15 s reserved, settled on TokenHub's figure
+    {
+        "model": "doubao-seedance-2.0-fast",
+        "prompt": "long",
+        "duration": 15,
+        "video_urls": VIDEOS,
+        "input_video_duration": 7.25,
+    },
 ]
 VALID = len(BODIES)
-BODIES += [{"model": "doubao-seedance-2.0", "prompt": "tiny", "video_urls": VIDEOS, "input_video_duration": 0.001},
-           {"model": "doubao-seedance-2.0", "prompt": "p", "duration": 5.0}]  # refused before anything is spent
+BODIES += [
+    {"model": "doubao-seedance-2.0", "prompt": "tiny", "video_urls": VIDEOS, "input_video_duration": 0.001},
+    {"model": "doubao-seedance-2.0", "prompt": "p", "duration": 5.0},
+]  # refused before anything is spent
 
 
 def token(user: str) -> str:
@@ -61,17 +78,29 @@ def token(user: str) -> str:
 
 
 def settings(store_url: str) -> Any:
-    return parse_settings({
-        "server": {"admin_token_env": "ADMIN"},
-        "upstream": {"base_url": "http://upstream.invalid/api/v1", "cooldown_s": 5, "breaker_failures": 3,
-                     "keys": [{"name": n, "value_env": n, "max_concurrent_tasks": 4} for n in KEYS]},
-        "store": {"url": store_url},
-        "poller": {"interval_s": 0.001, "expire_after_s": EXPIRE_AFTER_S},
-        "teams": {"red": {"budget_usd": 25, "period": "total"},
-                  "blue": {"video_seconds": 240, "period": "total"}},
-        "users": {u: {"team": t, "key_sha256": hashlib.sha256(token(u).encode()).hexdigest(),
-                      **({"max_concurrent_tasks": 2} if u == "carol" else {})} for u, t in USERS.items()},
-    }, env={**KEYS, "ADMIN": ADMIN["Authorization"].split()[1]})
+    return parse_settings(
+        {
+            "server": {"admin_token_env": "ADMIN"},
+            "upstream": {
+                "base_url": "http://upstream.invalid/api/v1",
+                "cooldown_s": 5,
+                "breaker_failures": 3,
+                "keys": [{"name": n, "value_env": n, "max_concurrent_tasks": 4} for n in KEYS],
+            },
+            "store": {"url": store_url},
+            "poller": {"interval_s": 0.001, "expire_after_s": EXPIRE_AFTER_S},
+            "teams": {"red": {"budget_usd": 25, "period": "total"}, "blue": {"video_seconds": 240, "period": "total"}},
+            "users": {
+                u: {
+                    "team": t,
+                    "key_sha256": hashlib.sha256(token(u).encode()).hexdigest(),
+                    **({"max_concurrent_tasks": 2} if u == "carol" else {}),
+                }
+                for u, t in USERS.items()
+            },
+        },
+        env={**KEYS, "ADMIN": ADMIN["Authorization"].split()[1]},
+    )
 
 
 def weighted(*choices: tuple[int, st.SearchStrategy]) -> st.SearchStrategy:
@@ -79,23 +108,44 @@ def weighted(*choices: tuple[int, st.SearchStrategy]) -> st.SearchStrategy:
 
 
 ECHOES = st.sampled_from([None, "raw", "json", "percent"])
-FAILURES = (st.builds(Answer, st.sampled_from(["timeout", "cut_off", "connect"]))
-            | st.builds(Answer, st.just("http"), st.sampled_from([400, 401, 403, 404, 422, 429]), echo=ECHOES)
-            | st.builds(Answer, st.just("5xx"), st.sampled_from([500, 502, 503]), echo=ECHOES))
-CREATE_ANSWERS = weighted((5, st.builds(Answer, st.just("fresh"), echo=ECHOES)),
-                          (1, st.builds(Answer, st.just("duplicate"), pick=st.integers(0, 7))),
-                          (1, st.builds(Answer, st.just("no_id"), echo=ECHOES)), (3, FAILURES))
-ABSURD = (st.sampled_from([1e14, 10**20, 1e308, 60.001, 45.001, -1, -0.0, 0, 1e-9])  # out of range, or at an edge
-          | st.sampled_from([float("nan"), float("inf"), "5", None, True, [], {}]))  # not a number at all
+FAILURES = (
+    st.builds(Answer, st.sampled_from(["timeout", "cut_off", "connect"]))
+    | st.builds(Answer, st.just("http"), st.sampled_from([400, 401, 403, 404, 422, 429]), echo=ECHOES)
+    | st.builds(Answer, st.just("5xx"), st.sampled_from([500, 502, 503]), echo=ECHOES)
+)
+CREATE_ANSWERS = weighted(
+    (5, st.builds(Answer, st.just("fresh"), echo=ECHOES)),
+    (1, st.builds(Answer, st.just("duplicate"), pick=st.integers(0, 7))),
+    (1, st.builds(Answer, st.just("no_id"), echo=ECHOES)),
+    (3, FAILURES),
+)
+ABSURD = (
+    st.sampled_from([1e14, 10**20, 1e308, 60.001, 45.001, -1, -0.0, 0, 1e-9])  # out of range, or at an edge
+    | st.sampled_from([float("nan"), float("inf"), "5", None, True, [], {}])
+)  # not a number at all
 OUTPUT_S = weighted((2, st.floats(0.5, 60).map(lambda s: round(s, 3)) | st.integers(1, 15)), (1, ABSURD))
 INPUT_S = weighted((3, st.floats(0, 45).map(lambda s: round(s, 2))), (1, ABSURD))
-USAGE = weighted((4, st.fixed_dictionaries({"video_duration": OUTPUT_S}, optional={"input_video_duration": INPUT_S})),
-                 (1, st.none() | st.fixed_dictionaries({}, optional={"input_video_duration": INPUT_S})))
-STATUSES = ["queued", "running", "running", "succeeded", "succeeded", "succeeded", "succeeded", "failed", "cancelled",
-            "expired"]
-POLL_ANSWERS = weighted((6, st.builds(Answer, st.just("status"), status=st.sampled_from(STATUSES), usage=USAGE,
-                                      echo=ECHOES)),
-                        (1, st.builds(Answer, st.just("garbage"), st.sampled_from([200, 201]))), (3, FAILURES))
+USAGE = weighted(
+    (4, st.fixed_dictionaries({"video_duration": OUTPUT_S}, optional={"input_video_duration": INPUT_S})),
+    (1, st.none() | st.fixed_dictionaries({}, optional={"input_video_duration": INPUT_S})),
+)
+STATUSES = [
+    "queued",
+    "running",
+    "running",
+    "succeeded",
+    "succeeded",
+    "succeeded",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "expired",
+]
+POLL_ANSWERS = weighted(
+    (6, st.builds(Answer, st.just("status"), status=st.sampled_from(STATUSES), usage=USAGE, echo=ECHOES)),
+    (1, st.builds(Answer, st.just("garbage"), st.sampled_from([200, 201]))),
+    (3, FAILURES),
+)
 DELETE_ANSWERS = weighted((1, st.builds(Answer, st.just("cancel"), echo=ECHOES)), (1, FAILURES))
 USER = st.sampled_from(list(USERS))
 VALID_BODY = st.integers(0, VALID - 1)
@@ -144,16 +194,16 @@ class Books(RuleBasedStateMachine):
         # poller defers is due at its next tick, until time jumps past poller.expire_after_s.
         self.lag = REDIS_LAG_S if store else 0.0
         self.now = time.time() - self.lag
-        app = create_app(settings(url), upstream=self.tokenhub, store=store, clock=lambda: self.now,
-                         run_poller=False)
+        app = create_app(settings(url), upstream=self.tokenhub, store=store, clock=lambda: self.now, run_poller=False)
         self.gateway = app.gateway
         self.gateway.pool._rng.seed(0)  # key choice and back-off jitter: the same on every replay
         self.gateway.poller._rng.seed(0)
         self.loop = asyncio.new_event_loop()
         self.lifespan = app.router.lifespan_context(app)
         self.run(self.lifespan.__aenter__())
-        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app, raise_app_exceptions=False),
-                                      base_url="http://gw")
+        self.http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app, raise_app_exceptions=False), base_url="http://gw"
+        )
         self.owner: dict[str, str] = {}  # task id → the team whose create recorded it
         self.rows_expected = 0  # creates after which TokenHub may hold a task (and bill it)
         self.idem: dict[tuple[str, str, int], dict[str, Any]] = {}  # (team, key, body) → what was seen
@@ -175,8 +225,11 @@ class Books(RuleBasedStateMachine):
     def as_user(self, user: str, method: str, path: str, **kw: Any) -> Any:
         return self.send(method, path, {"Authorization": f"Bearer {token(user)}", **kw.pop("headers", {})}, **kw)
 
-    @initialize(creates=st.lists(st.tuples(USER, VALID_BODY, IDEM, st.lists(CREATE_ANSWERS, max_size=2)),
-                                 min_size=1, max_size=4))
+    @initialize(
+        creates=st.lists(
+            st.tuples(USER, VALID_BODY, IDEM, st.lists(CREATE_ANSWERS, max_size=2)), min_size=1, max_size=4
+        )
+    )
     def some_tasks(self, creates: list[tuple[str, int, str | None, list[Answer]]]) -> None:
         for args in creates:
             self.create(*args)
@@ -195,8 +248,9 @@ class Books(RuleBasedStateMachine):
     def _create(self, user: str, body: int, idem: str | None, answers: list[Answer]) -> None:
         team, before = USERS[user], len(self.tokenhub.posts)
         self.tokenhub.creates.extend(answers)
-        r = self.as_user(user, "POST", "/v1/videos/generations", json=BODIES[body],
-                         headers={"Idempotency-Key": idem} if idem else {})
+        r = self.as_user(
+            user, "POST", "/v1/videos/generations", json=BODIES[body], headers={"Idempotency-Key": idem} if idem else {}
+        )
         self.tokenhub.creates.clear()
         posts = self.tokenhub.posts[before:]
         if body >= VALID:
@@ -207,8 +261,14 @@ class Books(RuleBasedStateMachine):
             self._idempotency(team, idem, body, r, last)
         if last in MAY_HAVE_CREATED:
             self.rows_expected += 1
-        expected = {"fresh": {200}, "duplicate": {502}, "no_id": {502}, "5xx": {502}, "cut_off": {502},
-                    "timeout": {504}}.get(last)
+        expected = {
+            "fresh": {200},
+            "duplicate": {502},
+            "no_id": {502},
+            "5xx": {502},
+            "cut_off": {502},
+            "timeout": {504},
+        }.get(last)
         assert expected is None or r.status_code in expected, (last, r.status_code, r.text)
         if last == "fresh":
             task_id = r.json()["id"]
@@ -262,8 +322,11 @@ class Books(RuleBasedStateMachine):
         self.run(self.gateway.poller.tick())
 
     @precondition(lambda self: self.tokenhub.tasks)
-    @rule(pick=st.integers(0, 50), answers=st.lists(POLL_ANSWERS | DELETE_ANSWERS, min_size=3, max_size=3),
-          cancel=st.booleans())
+    @rule(
+        pick=st.integers(0, 50),
+        answers=st.lists(POLL_ANSWERS | DELETE_ANSWERS, min_size=3, max_size=3),
+        cancel=st.booleans(),
+    )
     def race(self, pick: int, answers: list[Answer], cancel: bool) -> None:
         """The owner polls (or cancels) while polling again and while the poller ticks: one settlement."""
         task_id = self._script({pick: answers})[0]
@@ -273,8 +336,12 @@ class Books(RuleBasedStateMachine):
         self.now += 1
 
         async def together() -> list[Any]:
-            return await asyncio.gather(self.http.request("DELETE" if cancel else "GET", path, headers=headers),
-                                        self.http.request("GET", path, headers=headers), self.gateway.poller.tick())
+            return await asyncio.gather(
+                self.http.request("DELETE" if cancel else "GET", path, headers=headers),
+                self.http.request("GET", path, headers=headers),
+                self.gateway.poller.tick(),
+            )
+
         for r in self.run(together())[:2]:
             checked(r)
 
@@ -316,7 +383,8 @@ class Books(RuleBasedStateMachine):
                 assert f["reserved_usd"] >= 0 and f["video_seconds_reserved"] >= 0, f
                 assert micros(f["spent_usd"]) == sum(micros(r["cost_usd"]) for r in mine), (name, f)
                 assert round(f["video_seconds_spent"] * 1000) == sum(
-                    round((r["billed_seconds"] or 0) * 1000) for r in mine), (name, f)
+                    round((r["billed_seconds"] or 0) * 1000) for r in mine
+                ), (name, f)
                 assert micros(f["reserved_usd"]) == sum(micros(r["estimate_usd"]) for r in open_rows), (name, f)
                 assert f["tasks_in_flight"] == len(open_rows), (name, f)
         assert sum(k["tasks_in_flight"] for k in keys) == sum(r["settled_at"] is None for r in rows), keys

@@ -26,7 +26,7 @@ def test_keys_new_prints_a_key_once_and_the_toml_to_paste():
     out = run("keys", "new", "--user", "alice", "--team", "marketing")
     assert out.returncode == 0
     key = next(line for line in out.stdout.splitlines() if line.startswith("tgw-"))
-    toml = out.stdout[out.stdout.index("[users.alice]"):]
+    toml = out.stdout[out.stdout.index("[users.alice]") :]
     user = tomllib.loads(toml)["users"]["alice"]
     assert user == {"team": "marketing", "key_sha256": hashlib.sha256(key.encode()).hexdigest()}
     assert run("keys", "new", "--user", "alice", "--team", "marketing").stdout != out.stdout
@@ -34,16 +34,27 @@ def test_keys_new_prints_a_key_once_and_the_toml_to_paste():
 
 def test_check_config_reports_every_problem_with_its_location(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text('[server]\nport = "x"\nflavour = 1\n[upstream]\n[teams.red]\nperiod = "year"\n'
-                   '[users.bob]\nteam = "blue"\nkey_sha256 = "nothex"\n')
+    bad.write_text(
+        '[server]\nport = "x"\nflavour = 1\n[upstream]\n[teams.red]\nperiod = "year"\n'
+        '[users.bob]\nteam = "blue"\nkey_sha256 = "nothex"\n'
+    )
     out = run("check-config", "--config", str(bad))
     assert out.returncode == 1
-    for where in ("server.port", "server.flavour", "upstream.base_url", "upstream.keys", "teams.red.period",
-                  "users.bob.team", "users.bob.key_sha256"):
+    for where in (
+        "server.port",
+        "server.flavour",
+        "upstream.base_url",
+        "upstream.keys",
+        "teams.red.period",
+        "users.bob.team",
+        "users.bob.key_sha256",
+    ):
         assert where in out.stderr, where
     good = tmp_path / "good.toml"
-    good.write_text('[upstream]\nbase_url = "https://tokenhub.store/api/v1"\n'
-                    '[[upstream.keys]]\nname = "primary"\nvalue_env = "TOKENHUB_KEY_PRIMARY"\n')
+    good.write_text(
+        '[upstream]\nbase_url = "https://tokenhub.store/api/v1"\n'
+        '[[upstream.keys]]\nname = "primary"\nvalue_env = "TOKENHUB_KEY_PRIMARY"\n'
+    )
     out = run("check-config", "--config", str(good), env={"TOKENHUB_KEY_PRIMARY": "th-x", "PATH": ""})
     assert out.returncode == 0 and "OK" in out.stdout
 
@@ -51,32 +62,54 @@ def test_check_config_reports_every_problem_with_its_location(tmp_path):
 def test_check_config_names_the_setting_never_a_secret_and_strips_key_values(tmp_path):
     key, password = "th-leaky-0123456789.+/=abcd", "hunter2pw"
     bad = tmp_path / "bad.toml"
-    bad.write_text(f'[server]\nadmin_token_env = "adm-{password}"\n'
-                   f'[upstream]\nbase_url = "https://tokenhub.store/api/v1"\n'
-                   f'[[upstream.keys]]\nname = "primary"\nvalue_env = "{key}"\n'
-                   f'[[upstream.keys]]\nname = "bell"\nvalue_env = "BELL"\n'
-                   f'[store]\nurl_env = "redis://:{password}@redis:6379/0"\n')
+    bad.write_text(
+        f'[server]\nadmin_token_env = "adm-{password}"\n'
+        f'[upstream]\nbase_url = "https://tokenhub.store/api/v1"\n'
+        f'[[upstream.keys]]\nname = "primary"\nvalue_env = "{key}"\n'
+        f'[[upstream.keys]]\nname = "bell"\nvalue_env = "BELL"\n'
+        f'[store]\nurl_env = "redis://:{password}@redis:6379/0"\n'
+    )
     out = run("check-config", "--config", str(bad), env={"BELL": "th-ring\x07ring-0123456789", "PATH": ""})
     assert out.returncode == 1
-    for where in ("server.admin_token_env", "upstream.keys[0].value_env", "upstream.keys[1].value_env",
-                  "store.url_env"):
+    for where in (
+        "server.admin_token_env",
+        "upstream.keys[0].value_env",
+        "upstream.keys[1].value_env",
+        "store.url_env",
+    ):
         assert where in out.stderr, (where, out.stderr)
     for secret in (key, key[:12], password, "ring"):
         assert secret not in out.stdout + out.stderr
     (tmp_path / "primary").write_text("th-primary-0123456789abcd\n")  # as a Kubernetes secret file holds it
     good = tmp_path / "good.toml"
-    good.write_text('[upstream]\nbase_url = "https://tokenhub.store/api/v1"\n'
-                    '[[upstream.keys]]\nname = "primary"\nvalue_file = "primary"\n'
-                    '[[upstream.keys]]\nname = "backup"\nvalue_env = "BACKUP"\n')
+    good.write_text(
+        '[upstream]\nbase_url = "https://tokenhub.store/api/v1"\n'
+        '[[upstream.keys]]\nname = "primary"\nvalue_file = "primary"\n'
+        '[[upstream.keys]]\nname = "backup"\nvalue_env = "BACKUP"\n'
+    )
     out = run("check-config", "--config", str(good), env={"BACKUP": "th-backup-0123456789wxyz\n", "PATH": ""})
     assert out.returncode == 0 and "OK" in out.stdout
 
 
 def test_demo_serves_a_task_end_to_end_and_stops_both_on_ctrl_c(tmp_path):
     port, sim_port = free_port(), free_port()
-    proc = subprocess.Popen([*CLI, "demo", "--port", str(port), "--sim-port", str(sim_port),
-                             "--task-seconds", "0.5", "--data-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            "demo",
+            "--port",
+            str(port),
+            "--sim-port",
+            str(sim_port),
+            "--task-seconds",
+            "0.5",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         ready = json.loads(proc.stdout.readline())
         assert ready["event"] == "demo.ready" and ready["api_key"].startswith("tgw-")
@@ -110,14 +143,20 @@ def test_demo_serves_a_task_end_to_end_and_stops_both_on_ctrl_c(tmp_path):
 def test_healthcheck_asks_the_address_the_config_names(tmp_path):
     port = free_port()
     config = tmp_path / "gateway.toml"
-    config.write_text(f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
-                      '[upstream]\nbase_url = "http://127.0.0.1:9/api/v1"\n'
-                      '[[upstream.keys]]\nname = "k"\nvalue_env = "K"\n'
-                      f'[store]\nurl = "sqlite:///{tmp_path / "gateway.db"}"\n')
+    config.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
+        '[upstream]\nbase_url = "http://127.0.0.1:9/api/v1"\n'
+        '[[upstream.keys]]\nname = "k"\nvalue_env = "K"\n'
+        f'[store]\nurl = "sqlite:///{tmp_path / "gateway.db"}"\n'
+    )
     down = run("healthcheck", "--config", str(config), "--timeout", "1")
     assert down.returncode == 1 and f"127.0.0.1:{port}/healthz" in down.stderr
-    proc = subprocess.Popen([*CLI, "serve", "--config", str(config)], env={**os.environ, "K": "th-x"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--config", str(config)],
+        env={**os.environ, "K": "th-x"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
         assert run("healthcheck", "--config", str(config)).returncode == 0

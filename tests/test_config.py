@@ -26,8 +26,11 @@ ALICE_KEY = "tgw-alice-test-key"
 ALICE_SHA = hashlib.sha256(ALICE_KEY.encode()).hexdigest()
 PRIMARY = "th-primary-0123456789abcd"
 BACKUP = "th-backup-9876543210wxyz"
-ENV = {"TOKENHUB_KEY_PRIMARY": PRIMARY, "GATEWAY_ADMIN_TOKEN": "admin-secret",
-       "GATEWAY_METRICS_TOKEN": "metrics-secret"}
+ENV = {
+    "TOKENHUB_KEY_PRIMARY": PRIMARY,
+    "GATEWAY_ADMIN_TOKEN": "admin-secret",
+    "GATEWAY_METRICS_TOKEN": "metrics-secret",
+}
 
 # SPEC §6, verbatim but for the hash, plus a second key read from a file next to the config.
 SPEC_TOML = f"""
@@ -99,23 +102,48 @@ def spec_config(tmp_path):
 
 def test_spec_example_parses_into_settings(spec_config):
     s = load_settings(spec_config, env=ENV)
-    assert s.server == ServerSettings(host="0.0.0.0", port=8080, admin_token=Secret("admin-secret"),
-                                      metrics_token=Secret("metrics-secret"), shutdown_grace_s=10,
-                                      max_body_bytes=67108864, log_prompts=False)
+    assert s.server == ServerSettings(
+        host="0.0.0.0",
+        port=8080,
+        admin_token=Secret("admin-secret"),
+        metrics_token=Secret("metrics-secret"),
+        shutdown_grace_s=10,
+        max_body_bytes=67108864,
+        log_prompts=False,
+    )
     assert s.upstream == UpstreamSettings(
         base_url="https://tokenhub.store/api/v1",
-        keys=(UpstreamKey("primary", Secret(PRIMARY), 1, 10, frozenset({M, FAST})),
-              UpstreamKey("backup", Secret(BACKUP), 3, 4, None)),
-        connect_timeout_s=5, timeout_s=60, cooldown_s=30, breaker_failures=5, breaker_open_s=30)
-    assert s.store == StoreSettings(url=Secret("sqlite:////var/lib/tokenhub-gateway/gateway.db"),
-                                    synchronous="NORMAL")
+        keys=(
+            UpstreamKey("primary", Secret(PRIMARY), 1, 10, frozenset({M, FAST})),
+            UpstreamKey("backup", Secret(BACKUP), 3, 4, None),
+        ),
+        connect_timeout_s=5,
+        timeout_s=60,
+        cooldown_s=30,
+        breaker_failures=5,
+        breaker_open_s=30,
+    )
+    assert s.store == StoreSettings(url=Secret("sqlite:////var/lib/tokenhub-gateway/gateway.db"), synchronous="NORMAL")
     assert s.poller == PollerSettings(interval_s=15, expire_after_s=172800, concurrency=8)
     assert s.pricing == {M: {"720p": 200_000, "480p": 120_000}, FAST: {"720p": 160_000, "480p": 100_000}}
-    assert s.teams == {"marketing": Team("marketing", Limits(
-        budget_micros=500_000_000, video_seconds=3000, period="month", requests_per_minute=120,
-        max_concurrent_tasks=20, models=frozenset({FAST})))}
-    assert s.users == {"alice": User("alice", "marketing", ALICE_SHA, Limits(
-        budget_micros=50_000_000, period="month", requests_per_minute=20))}
+    assert s.teams == {
+        "marketing": Team(
+            "marketing",
+            Limits(
+                budget_micros=500_000_000,
+                video_seconds=3000,
+                period="month",
+                requests_per_minute=120,
+                max_concurrent_tasks=20,
+                models=frozenset({FAST}),
+            ),
+        )
+    }
+    assert s.users == {
+        "alice": User(
+            "alice", "marketing", ALICE_SHA, Limits(budget_micros=50_000_000, period="month", requests_per_minute=20)
+        )
+    }
     assert s.source == str(spec_config)
 
 
@@ -125,8 +153,7 @@ def test_value_file_is_read_relative_to_the_config_not_the_cwd(spec_config, tmp_
     assert s.upstream.keys[1].value.reveal() == BACKUP
 
 
-MINIMAL = {"upstream": {"base_url": "https://tokenhub.store/api/v1/",
-                        "keys": [{"name": "k", "value_env": "K"}]}}
+MINIMAL = {"upstream": {"base_url": "https://tokenhub.store/api/v1/", "keys": [{"name": "k", "value_env": "K"}]}}
 
 
 def minimal(**sections):
@@ -150,10 +177,14 @@ def test_minimal_config_takes_the_defaults(tmp_path, monkeypatch):
 
 
 def test_user_period_defaults_to_its_team_period():
-    data = minimal(teams={"ops": {"period": "week"}, "eng": {}},
-                   users={"bob": {"team": "ops", "key_sha256": "a" * 64},
-                          "carol": {"team": "ops", "key_sha256": "b" * 64, "period": "day"},
-                          "dan": {"team": "eng", "key_sha256": "c" * 64}})
+    data = minimal(
+        teams={"ops": {"period": "week"}, "eng": {}},
+        users={
+            "bob": {"team": "ops", "key_sha256": "a" * 64},
+            "carol": {"team": "ops", "key_sha256": "b" * 64, "period": "day"},
+            "dan": {"team": "eng", "key_sha256": "c" * 64},
+        },
+    )
     s = parse_settings(data, env={"K": PRIMARY})
     assert s.teams["ops"].limits.period == "week" and s.teams["eng"].limits.period == "month"
     assert {n: u.limits.period for n, u in s.users.items()} == {"bob": "week", "carol": "day", "dan": "month"}
@@ -167,10 +198,16 @@ def test_store_url_from_env():
 
 # Every plain field, set to something other than its default, reaches its dataclass field.
 NON_DEFAULTS = {
-    "server": {"host": "127.0.0.1", "port": 9000, "shutdown_grace_s": 0, "max_body_bytes": 1024,
-               "log_prompts": True, "header_timeout_s": 2.5, "body_timeout_s": 5},
-    "upstream": {"connect_timeout_s": 1.5, "timeout_s": 7, "cooldown_s": 2, "breaker_failures": 9,
-                 "breaker_open_s": 4},
+    "server": {
+        "host": "127.0.0.1",
+        "port": 9000,
+        "shutdown_grace_s": 0,
+        "max_body_bytes": 1024,
+        "log_prompts": True,
+        "header_timeout_s": 2.5,
+        "body_timeout_s": 5,
+    },
+    "upstream": {"connect_timeout_s": 1.5, "timeout_s": 7, "cooldown_s": 2, "breaker_failures": 9, "breaker_open_s": 4},
     "poller": {"interval_s": 0.5, "expire_after_s": 60, "concurrency": 3},
     "openai": {"poll_after_ms": 500},
 }
@@ -185,10 +222,16 @@ def test_every_plain_setting_reaches_its_field(section):
 
 
 def test_store_and_key_fields_override_their_defaults():
-    s = parse_settings(minimal(
-        upstream={**MINIMAL["upstream"], "keys": [{"name": "k", "value_env": "K", "weight": 4,
-                                                    "max_concurrent_tasks": 2}]},
-        store={"url": "redis://redis:6379/2", "synchronous": "full"}), env={"K": PRIMARY})
+    s = parse_settings(
+        minimal(
+            upstream={
+                **MINIMAL["upstream"],
+                "keys": [{"name": "k", "value_env": "K", "weight": 4, "max_concurrent_tasks": 2}],
+            },
+            store={"url": "redis://redis:6379/2", "synchronous": "full"},
+        ),
+        env={"K": PRIMARY},
+    )
     assert s.upstream.keys == (UpstreamKey("k", Secret(PRIMARY), weight=4, max_concurrent_tasks=2),)
     assert s.store == StoreSettings(url=Secret("redis://redis:6379/2"), synchronous="FULL")
 
@@ -209,41 +252,45 @@ def test_slow_client_timeouts_and_the_openai_shape_have_defaults():
 
 def test_model_aliases_are_merged_over_the_defaults_and_read_only(tmp_path):
     path = tmp_path / "gateway.toml"
-    path.write_text('[upstream]\nbase_url = "https://x"\n[[upstream.keys]]\nname = "k"\nvalue_env = "K"\n'
-                    '[pricing.seedance-lite]\n"480p" = 0.05\n'
-                    '[openai]\npoll_after_ms = 1000\n'
-                    '[openai.model_aliases]\n"sora-2" = "doubao-seedance-2.0"\nlite = "seedance-lite"\n')
+    path.write_text(
+        '[upstream]\nbase_url = "https://x"\n[[upstream.keys]]\nname = "k"\nvalue_env = "K"\n'
+        '[pricing.seedance-lite]\n"480p" = 0.05\n'
+        "[openai]\npoll_after_ms = 1000\n"
+        '[openai.model_aliases]\n"sora-2" = "doubao-seedance-2.0"\nlite = "seedance-lite"\n'
+    )
     s = load_settings(path, env={"K": PRIMARY})
     assert s.openai.poll_after_ms == 1000
     assert dict(s.openai.model_aliases) == {"sora-2": M, "sora-2-pro": M, "lite": "seedance-lite"}
     with pytest.raises(TypeError):
         s.openai.model_aliases["veo"] = M  # type: ignore[index]
-    assert dict(parse_settings(minimal(), env={"K": PRIMARY}).openai.model_aliases) == {"sora-2": FAST,
-                                                                                       "sora-2-pro": M}
+    assert dict(parse_settings(minimal(), env={"K": PRIMARY}).openai.model_aliases) == {"sora-2": FAST, "sora-2-pro": M}
 
 
-@pytest.mark.parametrize("data, location", [
-    (minimal(server={"header_timeout_s": 0}), "server.header_timeout_s"),
-    (minimal(server={"body_timeout_s": -1}), "server.body_timeout_s"),
-    (minimal(server={"body_timeout_s": "30"}), "server.body_timeout_s"),
-    (minimal(openai={"poll_after_ms": 0}), "openai.poll_after_ms"),
-    (minimal(openai={"poll_after_ms": 1.5}), "openai.poll_after_ms"),
-    (minimal(openai={"poll_ms": 1}), "openai.poll_ms"),
-    (minimal(openai=5), "openai"),
-    (minimal(openai={"model_aliases": ["sora-2"]}), "openai.model_aliases"),
-    (minimal(openai={"model_aliases": {"veo": "veo-3"}}), 'openai.model_aliases."veo"'),
-    (minimal(openai={"model_aliases": {"sora-2": "doubao-seedance-1.0"}}), 'openai.model_aliases."sora-2"'),
-    (minimal(openai={"model_aliases": {"veo": [M]}}), 'openai.model_aliases."veo"'),
-    (minimal(openai={"model_aliases": {FAST: M}}), f'openai.model_aliases."{FAST}"'),
-], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "data, location",
+    [
+        (minimal(server={"header_timeout_s": 0}), "server.header_timeout_s"),
+        (minimal(server={"body_timeout_s": -1}), "server.body_timeout_s"),
+        (minimal(server={"body_timeout_s": "30"}), "server.body_timeout_s"),
+        (minimal(openai={"poll_after_ms": 0}), "openai.poll_after_ms"),
+        (minimal(openai={"poll_after_ms": 1.5}), "openai.poll_after_ms"),
+        (minimal(openai={"poll_ms": 1}), "openai.poll_ms"),
+        (minimal(openai=5), "openai"),
+        (minimal(openai={"model_aliases": ["sora-2"]}), "openai.model_aliases"),
+        (minimal(openai={"model_aliases": {"veo": "veo-3"}}), 'openai.model_aliases."veo"'),
+        (minimal(openai={"model_aliases": {"sora-2": "doubao-seedance-1.0"}}), 'openai.model_aliases."sora-2"'),
+        (minimal(openai={"model_aliases": {"veo": [M]}}), 'openai.model_aliases."veo"'),
+        (minimal(openai={"model_aliases": {FAST: M}}), f'openai.model_aliases."{FAST}"'),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
 def test_new_setting_problems(data, location):
     problems = problems_of(data)
     assert any(p.startswith(location + ": ") for p in problems), problems
 
 
 def test_pricing_override_adds_a_model_and_keeps_the_defaults():
-    s = parse_settings(minimal(pricing={"seedance-lite": {"1080p": 0.3}, FAST: {"720p": 0.15}}),
-                       env={"K": PRIMARY})
+    s = parse_settings(minimal(pricing={"seedance-lite": {"1080p": 0.3}, FAST: {"720p": 0.15}}), env={"K": PRIMARY})
     assert s.pricing["seedance-lite"] == {"1080p": 300_000}
     assert s.pricing[FAST] == {"720p": 150_000}
     assert s.pricing[M] == {"720p": 200_000, "480p": 120_000}
@@ -253,26 +300,44 @@ def test_pricing_override_adds_a_model_and_keeps_the_defaults():
 
 INLINE = "th-inline-SHOULD-NEVER-BE-SHOWN"
 MANY_MISTAKES = {
-    "servre": {},                                                  # typo of a section
+    "servre": {},  # typo of a section
     "server": {"port": "8080", "log_prompts": "yes"},
-    "upstream": {"base_url": "ftp://tokenhub.store", "cooldown_s": -1, "keys": [
-        {"name": "a", "value_env": "NOT_SET"},
-        {"name": "b", "value": INLINE},
-        {"name": "c", "value_env": "K", "models": ["sora-2"]},
-    ]},
+    "upstream": {
+        "base_url": "ftp://tokenhub.store",
+        "cooldown_s": -1,
+        "keys": [
+            {"name": "a", "value_env": "NOT_SET"},
+            {"name": "b", "value": INLINE},
+            {"name": "c", "value_env": "K", "models": ["sora-2"]},
+        ],
+    },
     "store": {"url": "postgres://db/gateway"},
     "poller": {"interval_s": 0},
     "pricing": {M: {"720p": "cheap"}},
     "teams": {"marketing": {"period": "year", "budget_usd": -5}},
-    "users": {"alice": {"team": "sales", "key_sha256": ALICE_SHA},
-              "bob": {"team": "marketing", "key_sha256": "ABC"},
-              "carol": {"key_sha256": "d" * 64}},
+    "users": {
+        "alice": {"team": "sales", "key_sha256": ALICE_SHA},
+        "bob": {"team": "marketing", "key_sha256": "ABC"},
+        "carol": {"key_sha256": "d" * 64},
+    },
 }
 LOCATIONS = [
-    "servre", "server.port", "server.log_prompts", "upstream.base_url", "upstream.cooldown_s",
-    "upstream.keys[0].value_env", "upstream.keys[1].value", "upstream.keys[2].models", "store.url",
-    "poller.interval_s", 'pricing."doubao-seedance-2.0"."720p"', "teams.marketing.period",
-    "teams.marketing.budget_usd", "users.alice.team", "users.bob.key_sha256", "users.carol.team",
+    "servre",
+    "server.port",
+    "server.log_prompts",
+    "upstream.base_url",
+    "upstream.cooldown_s",
+    "upstream.keys[0].value_env",
+    "upstream.keys[1].value",
+    "upstream.keys[2].models",
+    "store.url",
+    "poller.interval_s",
+    'pricing."doubao-seedance-2.0"."720p"',
+    "teams.marketing.period",
+    "teams.marketing.budget_usd",
+    "users.alice.team",
+    "users.bob.key_sha256",
+    "users.carol.team",
 ]
 
 
@@ -295,18 +360,23 @@ def test_problems_are_all_in_the_error_message():
     assert str(info.value) == "\n".join(info.value.problems)
 
 
-@pytest.mark.parametrize("data, location", [
-    ({**MINIMAL, "extra": 1}, "extra"),
-    (minimal(server={"hots": "x"}), "server.hots"),
-    (minimal(upstream={**MINIMAL["upstream"], "retries": 3}), "upstream.retries"),
-    (minimal(upstream={**MINIMAL["upstream"], "keys": [{"name": "k", "value_env": "K", "wieght": 2}]}),
-     "upstream.keys[0].wieght"),
-    (minimal(store={"path": "/tmp/x.db"}), "store.path"),
-    (minimal(poller={"every_s": 3}), "poller.every_s"),
-    (minimal(teams={"ops": {"budget": 3}}), "teams.ops.budget"),
-    (minimal(teams={"ops": {}}, users={"al": {"team": "ops", "key_sha256": "a" * 64, "key": "x"}}),
-     "users.al.key"),
-], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "data, location",
+    [
+        ({**MINIMAL, "extra": 1}, "extra"),
+        (minimal(server={"hots": "x"}), "server.hots"),
+        (minimal(upstream={**MINIMAL["upstream"], "retries": 3}), "upstream.retries"),
+        (
+            minimal(upstream={**MINIMAL["upstream"], "keys": [{"name": "k", "value_env": "K", "wieght": 2}]}),
+            "upstream.keys[0].wieght",
+        ),
+        (minimal(store={"path": "/tmp/x.db"}), "store.path"),
+        (minimal(poller={"every_s": 3}), "poller.every_s"),
+        (minimal(teams={"ops": {"budget": 3}}), "teams.ops.budget"),
+        (minimal(teams={"ops": {}}, users={"al": {"team": "ops", "key_sha256": "a" * 64, "key": "x"}}), "users.al.key"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
 def test_unknown_keys_are_errors(data, location):
     assert f"{location}: unknown setting" in problems_of(data)
 
@@ -315,36 +385,56 @@ def test_key_value_inline_in_toml_is_refused_and_never_echoed():
     data = minimal(upstream={**MINIMAL["upstream"], "keys": [{"name": "k", "value": INLINE}]})
     with pytest.raises(ConfigError) as info:
         parse_settings(data, env={})
-    assert any(p.startswith("upstream.keys[0].value: ") and "value_env or value_file" in p
-               for p in info.value.problems)
+    assert any(p.startswith("upstream.keys[0].value: ") and "value_env or value_file" in p for p in info.value.problems)
     assert INLINE not in str(info.value) and INLINE not in repr(info.value)
 
 
-@pytest.mark.parametrize("data, location", [
-    ({"upstream": {"keys": [{"name": "k", "value_env": "K"}]}}, "upstream.base_url"),
-    ({"upstream": {"base_url": "https://x"}}, "upstream.keys"),
-    ({"upstream": {"base_url": "https://x", "keys": []}}, "upstream.keys"),
-    (minimal(upstream={"base_url": "https://x", "keys": [{"value_env": "K"}]}), "upstream.keys[0].name"),
-    (minimal(upstream={"base_url": "https://x", "keys": [{"name": "k"}]}), "upstream.keys[0]"),
-    (minimal(upstream={"base_url": "https://x", "keys": [{"name": "k", "value_env": "K",
-                                                           "value_file": "f"}]}), "upstream.keys[0]"),
-    (minimal(upstream={"base_url": "https://x", "keys": [{"name": "k", "value_file": "no/such"}]}),
-     "upstream.keys[0].value_file"),
-    (minimal(upstream={"base_url": "https://x", "keys": [{"name": "k", "value_env": "K"},
-                                                          {"name": "k", "value_env": "K"}]}), "upstream.keys"),
-    (minimal(upstream={"base_url": "https://x", "keys": [{"name": "k", "value_env": "K", "weight": 0}]}),
-     "upstream.keys[0].weight"),
-    (minimal(store={"url_env": "NOPE"}), "store.url_env"),
-    (minimal(store={"synchronous": "OFF"}), "store.synchronous"),
-    (minimal(teams={"t": {"models": ["sora-2"]}}), "teams.t.models"),
-    (minimal(teams={"t": {"requests_per_minute": 0}}), "teams.t.requests_per_minute"),
-    (minimal(teams={"t": {"video_seconds": 1.5}}), "teams.t.video_seconds"),
-    (minimal(teams={"t": 5}), "teams.t"),
-    (minimal(teams={"t": {}}, users={"u": {"team": "t"}}), "users.u.key_sha256"),
-    (minimal(teams={"t": {}}, users={"u": {"team": "t", "key_sha256": "a" * 64},
-                                     "v": {"team": "t", "key_sha256": "a" * 64}}), "users.v.key_sha256"),
-    (minimal(server=5), "server"),
-])
+@pytest.mark.parametrize(
+    "data, location",
+    [
+        ({"upstream": {"keys": [{"name": "k", "value_env": "K"}]}}, "upstream.base_url"),
+        ({"upstream": {"base_url": "https://x"}}, "upstream.keys"),
+        ({"upstream": {"base_url": "https://x", "keys": []}}, "upstream.keys"),
+        (minimal(upstream={"base_url": "https://x", "keys": [{"value_env": "K"}]}), "upstream.keys[0].name"),
+        (minimal(upstream={"base_url": "https://x", "keys": [{"name": "k"}]}), "upstream.keys[0]"),
+        (
+            minimal(upstream={"base_url": "https://x", "keys": [{"name": "k", "value_env": "K", "value_file": "f"}]}),
+            "upstream.keys[0]",
+        ),
+        (
+            minimal(upstream={"base_url": "https://x", "keys": [{"name": "k", "value_file": "no/such"}]}),
+            "upstream.keys[0].value_file",
+        ),
+        (
+            minimal(
+                upstream={
+                    "base_url": "https://x",
+                    "keys": [{"name": "k", "value_env": "K"}, {"name": "k", "value_env": "K"}],
+                }
+            ),
+            "upstream.keys",
+        ),
+        (
+            minimal(upstream={"base_url": "https://x", "keys": [{"name": "k", "value_env": "K", "weight": 0}]}),
+            "upstream.keys[0].weight",
+        ),
+        (minimal(store={"url_env": "NOPE"}), "store.url_env"),
+        (minimal(store={"synchronous": "OFF"}), "store.synchronous"),
+        (minimal(teams={"t": {"models": ["sora-2"]}}), "teams.t.models"),
+        (minimal(teams={"t": {"requests_per_minute": 0}}), "teams.t.requests_per_minute"),
+        (minimal(teams={"t": {"video_seconds": 1.5}}), "teams.t.video_seconds"),
+        (minimal(teams={"t": 5}), "teams.t"),
+        (minimal(teams={"t": {}}, users={"u": {"team": "t"}}), "users.u.key_sha256"),
+        (
+            minimal(
+                teams={"t": {}},
+                users={"u": {"team": "t", "key_sha256": "a" * 64}, "v": {"team": "t", "key_sha256": "a" * 64}},
+            ),
+            "users.v.key_sha256",
+        ),
+        (minimal(server=5), "server"),
+    ],
+)
 def test_single_problems(data, location, tmp_path):
     problems = problems_of(data, base_dir=tmp_path)
     assert any(p.startswith(location + ": ") for p in problems), problems
@@ -362,11 +452,14 @@ def test_empty_value_file_is_a_problem(tmp_path):
 
 
 def test_key_field_problems_are_reported_even_when_its_value_is_missing():
-    data = minimal(upstream={"base_url": "https://x", "keys": [
-        {"name": "k", "value_env": "NOT_SET", "weight": 0, "max_concurrent_tasks": -1}]})
+    data = minimal(
+        upstream={
+            "base_url": "https://x",
+            "keys": [{"name": "k", "value_env": "NOT_SET", "weight": 0, "max_concurrent_tasks": -1}],
+        }
+    )
     problems = problems_of(data)
-    for location in ("upstream.keys[0].value_env", "upstream.keys[0].weight",
-                     "upstream.keys[0].max_concurrent_tasks"):
+    for location in ("upstream.keys[0].value_env", "upstream.keys[0].weight", "upstream.keys[0].max_concurrent_tasks"):
         assert any(p.startswith(location + ": ") for p in problems), problems
 
 
@@ -391,40 +484,66 @@ def keyed(**key):
     return minimal(upstream={"base_url": "https://x", "keys": [{"name": "k", **key}]})
 
 
-@pytest.mark.parametrize("data, location, secret", [
-    (keyed(value_env=LEAKY), "upstream.keys[0].value_env", LEAKY),
-    (keyed(value_env=TOKEN_LIKE), "upstream.keys[0].value_env", TOKEN_LIKE),
-    (keyed(value_env=[LEAKY]), "upstream.keys[0].value_env", LEAKY),
-    (keyed(value_file=LEAKY), "upstream.keys[0].value_file", LEAKY),
-    (keyed(value_file=f"/no/such/{LEAKY}"), "upstream.keys[0].value_file", LEAKY),
-    (minimal(store={"url_env": "redis://:hunter2pw@redis:6379/0"}), "store.url_env", "hunter2pw"),
-    (minimal(store={"url": "postgres://gw:hunter2pw@db/gateway"}), "store.url", "hunter2pw"),
-    (minimal(store={"url": 12345678}), "store.url", "12345678"),
-    (minimal(server={"admin_token_env": "adm-token-hunter2pw"}), "server.admin_token_env", "hunter2pw"),
-    (minimal(server={"metrics_token_env": "metrics hunter2pw"}), "server.metrics_token_env", "hunter2pw"),
-    (minimal(server={"admin_token_env": 987654321}), "server.admin_token_env", "987654321"),
-    (minimal(upstream={**MINIMAL["upstream"], "base_url": "ftp://gw:hunter2pw@tokenhub"}),
-     "upstream.base_url", "hunter2pw"),
-    (minimal(teams={"t": {"models": [LEAKY]}}), "teams.t.models", LEAKY),
-    (minimal(teams={"t": {"period": LEAKY}}), "teams.t.period", LEAKY),
-    (minimal(teams={"t": {}}, users={"u": {"team": LEAKY, "key_sha256": "a" * 64}}), "users.u.team", LEAKY),
-    (minimal(teams={"t": {}}, users={"u": {"team": "t", "key_sha256": ALICE_KEY}}), "users.u.key_sha256",
-     ALICE_KEY),  # the key pasted where its hash belongs
-    (minimal(server={"host": [LEAKY]}), "server.host", LEAKY),
-    (minimal(pricing={M: {"720p": LEAKY}}), f'pricing."{M}"."720p"', LEAKY),
-    (minimal(upstream={"base_url": "https://x", "keys": [{"name": LEAKY, "value_env": "K"},
-                                                          {"name": LEAKY, "value_env": "K"}]}),
-     "upstream.keys", LEAKY),
-], ids=lambda v: v if isinstance(v, str) and v.startswith(("upstream", "store", "server", "teams", "users",
-                                                            "pricing")) else "")
+@pytest.mark.parametrize(
+    "data, location, secret",
+    [
+        (keyed(value_env=LEAKY), "upstream.keys[0].value_env", LEAKY),
+        (keyed(value_env=TOKEN_LIKE), "upstream.keys[0].value_env", TOKEN_LIKE),
+        (keyed(value_env=[LEAKY]), "upstream.keys[0].value_env", LEAKY),
+        (keyed(value_file=LEAKY), "upstream.keys[0].value_file", LEAKY),
+        (keyed(value_file=f"/no/such/{LEAKY}"), "upstream.keys[0].value_file", LEAKY),
+        (minimal(store={"url_env": "redis://:hunter2pw@redis:6379/0"}), "store.url_env", "hunter2pw"),
+        (minimal(store={"url": "postgres://gw:hunter2pw@db/gateway"}), "store.url", "hunter2pw"),
+        (minimal(store={"url": 12345678}), "store.url", "12345678"),
+        (minimal(server={"admin_token_env": "adm-token-hunter2pw"}), "server.admin_token_env", "hunter2pw"),
+        (minimal(server={"metrics_token_env": "metrics hunter2pw"}), "server.metrics_token_env", "hunter2pw"),
+        (minimal(server={"admin_token_env": 987654321}), "server.admin_token_env", "987654321"),
+        (
+            minimal(upstream={**MINIMAL["upstream"], "base_url": "ftp://gw:hunter2pw@tokenhub"}),
+            "upstream.base_url",
+            "hunter2pw",
+        ),
+        (minimal(teams={"t": {"models": [LEAKY]}}), "teams.t.models", LEAKY),
+        (minimal(teams={"t": {"period": LEAKY}}), "teams.t.period", LEAKY),
+        (minimal(teams={"t": {}}, users={"u": {"team": LEAKY, "key_sha256": "a" * 64}}), "users.u.team", LEAKY),
+        (
+            minimal(teams={"t": {}}, users={"u": {"team": "t", "key_sha256": ALICE_KEY}}),
+            "users.u.key_sha256",
+            ALICE_KEY,
+        ),  # the key pasted where its hash belongs
+        (minimal(server={"host": [LEAKY]}), "server.host", LEAKY),
+        (minimal(pricing={M: {"720p": LEAKY}}), f'pricing."{M}"."720p"', LEAKY),
+        (
+            minimal(
+                upstream={
+                    "base_url": "https://x",
+                    "keys": [{"name": LEAKY, "value_env": "K"}, {"name": LEAKY, "value_env": "K"}],
+                }
+            ),
+            "upstream.keys",
+            LEAKY,
+        ),
+    ],
+    ids=lambda v: (
+        v if isinstance(v, str) and v.startswith(("upstream", "store", "server", "teams", "users", "pricing")) else ""
+    ),
+)
 def test_a_problem_names_the_setting_never_a_value_that_could_be_a_secret(data, location, secret, tmp_path):
     problems = problems_of(data, base_dir=tmp_path)
     assert any(p.startswith(location + ": ") for p in problems), problems
     assert not any(secret in p or secret[:12] in p for p in problems), problems
 
 
-@pytest.mark.parametrize("name, shown", [("TOKENHUB_KEY_PRIMARY", True), ("K", True), ("lower_case", False),
-                                         (TOKEN_LIKE, False), ("AKIAIOSFODNN7EXAMPLE", False)])
+@pytest.mark.parametrize(
+    "name, shown",
+    [
+        ("TOKENHUB_KEY_PRIMARY", True),
+        ("K", True),
+        ("lower_case", False),
+        (TOKEN_LIKE, False),
+        ("AKIAIOSFODNN7EXAMPLE", False),
+    ],
+)
 def test_an_unset_variable_is_named_only_in_a_variables_usual_shape(name, shown):
     problems = problems_of(keyed(value_env=name), env={})
     assert problems[0].startswith("upstream.keys[0].value_env: ") and "not set" in problems[0]
@@ -451,29 +570,52 @@ url_env = "rediss://:hunter2pw@redis:6380/0"
         load_settings(path, env={})
     text = str(info.value) + repr(info.value)
     assert "hunter2pw" not in text and LEAKY not in text and LEAKY[:12] not in text
-    for location in ("server.admin_token_env", "upstream.base_url", "upstream.keys[0].value_env",
-                     "upstream.keys[1].value_file", "store.url_env"):
+    for location in (
+        "server.admin_token_env",
+        "upstream.base_url",
+        "upstream.keys[0].value_env",
+        "upstream.keys[1].value_file",
+        "store.url_env",
+    ):
         assert location + ": " in text, text
 
 
 @pytest.mark.parametrize("raw", [PRIMARY + "\n", PRIMARY + "\r\n", f"  {PRIMARY}\t", f"\n{PRIMARY}\n\n"])
 def test_secret_values_are_stripped_of_surrounding_white_space(raw, tmp_path):
     (tmp_path / "key").write_text(raw, newline="")
-    data = minimal(upstream={"base_url": "https://x", "keys": [{"name": "e", "value_env": "K"},
-                                                               {"name": "f", "value_file": "key"}]},
-                   server={"admin_token_env": "ADMIN"}, store={"url_env": "STORE"})
+    data = minimal(
+        upstream={
+            "base_url": "https://x",
+            "keys": [{"name": "e", "value_env": "K"}, {"name": "f", "value_file": "key"}],
+        },
+        server={"admin_token_env": "ADMIN"},
+        store={"url_env": "STORE"},
+    )
     s = parse_settings(data, env={"K": raw, "ADMIN": raw, "STORE": f" redis://r:6379/0{raw[-1]}"}, base_dir=tmp_path)
     assert [k.value.reveal() for k in s.upstream.keys] == [PRIMARY, PRIMARY]
     assert s.server.admin_token == Secret(PRIMARY) and s.store.url.reveal() == "redis://r:6379/0"
 
 
-@pytest.mark.parametrize("value", ["th-abc\x07def-0123456789", "th-abc\x00def", "th-abc\ndef",
-                                   "\ufeffth-0123456789abcd", "th-abc\u200bdef", "th-abc\x7fdef"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "th-abc\x07def-0123456789",
+        "th-abc\x00def",
+        "th-abc\ndef",
+        "\ufeffth-0123456789abcd",
+        "th-abc\u200bdef",
+        "th-abc\x7fdef",
+    ],
+)
 def test_a_secret_holding_a_control_character_is_a_problem_at_its_location(value, tmp_path):
     (tmp_path / "key").write_text(value)
-    data = minimal(upstream={"base_url": "https://x", "keys": [{"name": "e", "value_env": "K"},
-                                                               {"name": "f", "value_file": "key"}]},
-                   server={"metrics_token_env": "METRICS"})
+    data = minimal(
+        upstream={
+            "base_url": "https://x",
+            "keys": [{"name": "e", "value_env": "K"}, {"name": "f", "value_file": "key"}],
+        },
+        server={"metrics_token_env": "METRICS"},
+    )
     problems = problems_of(data, env={"K": value, "METRICS": value}, base_dir=tmp_path)
     for location in ("upstream.keys[0].value_env", "upstream.keys[1].value_file", "server.metrics_token_env"):
         assert any(p.startswith(location + ": ") and "control character" in p for p in problems), problems
@@ -482,23 +624,35 @@ def test_a_secret_holding_a_control_character_is_a_problem_at_its_location(value
 
 def test_a_variable_or_file_holding_only_white_space_is_empty(tmp_path):
     (tmp_path / "blank").write_text(" \n\t\n")
-    data = minimal(upstream={"base_url": "https://x", "keys": [{"name": "e", "value_env": "K"},
-                                                               {"name": "f", "value_file": "blank"}]},
-                   server={"admin_token_env": "ADMIN"})
+    data = minimal(
+        upstream={
+            "base_url": "https://x",
+            "keys": [{"name": "e", "value_env": "K"}, {"name": "f", "value_file": "blank"}],
+        },
+        server={"admin_token_env": "ADMIN"},
+    )
     problems = problems_of(data, env={"K": "\n", "ADMIN": " "}, base_dir=tmp_path)
-    assert problems == ["upstream.keys[0].value_env: environment variable K is empty",
-                        "upstream.keys[1].value_file: the file it names is empty"]
-    assert parse_settings(minimal(server={"admin_token_env": "ADMIN"}),
-                          env={"K": PRIMARY, "ADMIN": " "}).server.admin_token is None  # blank = admin off
+    assert problems == [
+        "upstream.keys[0].value_env: environment variable K is empty",
+        "upstream.keys[1].value_file: the file it names is empty",
+    ]
+    assert (
+        parse_settings(
+            minimal(server={"admin_token_env": "ADMIN"}), env={"K": PRIMARY, "ADMIN": " "}
+        ).server.admin_token
+        is None
+    )  # blank = admin off
 
 
 def test_a_key_file_that_is_not_text_is_a_problem_not_a_crash(tmp_path):
     (tmp_path / "key").write_bytes(b"th-\xff\xfe-0123456789")
-    assert any(p.startswith("upstream.keys[0].value_file: ")
-               for p in problems_of(keyed(value_file="key"), base_dir=tmp_path))
+    assert any(
+        p.startswith("upstream.keys[0].value_file: ") for p in problems_of(keyed(value_file="key"), base_dir=tmp_path)
+    )
 
 
 # --- Secret --------------------------------------------------------------------------------
+
 
 def test_secret_never_shows_its_value():
     s = Secret(PRIMARY)
@@ -510,9 +664,15 @@ def test_secret_never_shows_its_value():
 
 def test_secret_never_shows_its_value_through_any_formatting():
     s = Secret(PRIMARY)
-    texts = [f"{s=}", str((s,)), str({"k": s}), orjson.dumps({"k": s}, default=str).decode(),
-             repr(UpstreamSettings("https://x", (UpstreamKey("k", s),))), repr(StoreSettings(url=s)),
-             repr(ServerSettings(admin_token=s, metrics_token=s))]
+    texts = [
+        f"{s=}",
+        str((s,)),
+        str({"k": s}),
+        orjson.dumps({"k": s}, default=str).decode(),
+        repr(UpstreamSettings("https://x", (UpstreamKey("k", s),))),
+        repr(StoreSettings(url=s)),
+        repr(ServerSettings(admin_token=s, metrics_token=s)),
+    ]
     assert all(PRIMARY not in t and "0123456789abcd" not in t for t in texts), texts
     with pytest.raises(TypeError):
         f"{s:>40}"  # a format spec is refused rather than applied to the value
@@ -525,14 +685,17 @@ def test_settings_repr_hides_every_secret(spec_config):
         assert secret not in text
 
 
-@pytest.mark.parametrize("value, masked", [
-    ("th-abcdefgh12345678abcd", "th-…abcd"),
-    (PRIMARY, "th-…abcd"),
-    ("tgw-0123456789wxyz", "tgw-…wxyz"),
-    ("sk0123456789abcd", "…abcd"),
-    ("th-short", "…"),
-    ("", "…"),
-])
+@pytest.mark.parametrize(
+    "value, masked",
+    [
+        ("th-abcdefgh12345678abcd", "th-…abcd"),
+        (PRIMARY, "th-…abcd"),
+        ("tgw-0123456789wxyz", "tgw-…wxyz"),
+        ("sk0123456789abcd", "…abcd"),
+        ("th-short", "…"),
+        ("", "…"),
+    ],
+)
 def test_secret_masked(value, masked):
     assert Secret(value).masked() == masked
 

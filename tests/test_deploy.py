@@ -31,8 +31,12 @@ CONFIG_DIR = "/etc/tokenhub-gateway"
 CONFIG_PATH = f"{CONFIG_DIR}/gateway.toml"
 K8S_VERSION = "1.29.0"
 # Placeholder values for the *_env variables that deploy/config/gateway.toml and the ConfigMap name.
-FAKE_ENV = {"TOKENHUB_KEY_PRIMARY": "th-placeholder-0000", "GATEWAY_ADMIN_TOKEN": "admin-placeholder",
-            "GATEWAY_METRICS_TOKEN": "metrics-placeholder", "GATEWAY_STORE_URL": "redis://redis:6379/0"}
+FAKE_ENV = {
+    "TOKENHUB_KEY_PRIMARY": "th-placeholder-0000",
+    "GATEWAY_ADMIN_TOKEN": "admin-placeholder",
+    "GATEWAY_METRICS_TOKEN": "metrics-placeholder",
+    "GATEWAY_STORE_URL": "redis://redis:6379/0",
+}
 
 
 def _missing(what: str) -> None:
@@ -107,6 +111,7 @@ def _check_names_and_labels(expr: str, exposed: dict[str, set[str]]) -> None:
 
 # ---- Grafana -----------------------------------------------------------------------------------------
 
+
 def test_committed_dashboards_match_the_generator(generate):
     for name, build in generate.DASHBOARDS.items():
         committed = (generate.OUT / name).read_text(encoding="utf-8")
@@ -134,8 +139,7 @@ def test_every_metric_appears_on_a_dashboard(generate, exposed):
 
 
 def test_dashboard_queries_are_valid_promql(generate, tmp_path):
-    rules = [{"record": f"panel:query{i}", "expr": expr}
-             for i, (*_, expr) in enumerate(generate.panel_queries())]
+    rules = [{"record": f"panel:query{i}", "expr": expr} for i, (*_, expr) in enumerate(generate.panel_queries())]
     path = tmp_path / "panels.yml"
     path.write_text(json.dumps({"groups": [{"name": "panels", "rules": rules}]}))  # JSON is YAML
     _promtool("check", "rules", str(path))
@@ -174,6 +178,7 @@ def test_grafana_provisioning_points_at_the_mounted_dashboards():
 
 # ---- Prometheus ----------------------------------------------------------------------------------------
 
+
 def test_prometheus_config_is_valid(tmp_path):
     # promtool insists that credentials_file exists: check a copy that points at a temporary token file.
     config = (PROM / "prometheus.yml").read_text()
@@ -196,8 +201,14 @@ def test_alert_rule_unit_tests_pass():
 def test_alert_rules_are_complete_and_use_exposed_metrics(exposed):
     rules = [r for g in _yaml(PROM / "alerts.yml")["groups"] for r in g["rules"]]
     names = {r["alert"] for r in rules}
-    assert {"UpstreamKeyDisabled", "AllUpstreamKeysUnusable", "TeamBudgetNearlySpent", "GatewayHigh5xxRate",
-            "GatewayHighOverheadP99", "PollerBacklogHigh"} <= names
+    assert {
+        "UpstreamKeyDisabled",
+        "AllUpstreamKeysUnusable",
+        "TeamBudgetNearlySpent",
+        "GatewayHigh5xxRate",
+        "GatewayHighOverheadP99",
+        "PollerBacklogHigh",
+    } <= names
     for r in rules:
         assert r.get("for") and r["labels"].get("severity") in ("warning", "critical"), r["alert"]
         assert r["annotations"].get("summary") and r["annotations"].get("description"), r["alert"]
@@ -214,6 +225,7 @@ def test_every_alert_is_tested_firing_and_silent():
 
 
 # ---- docker compose ------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
@@ -272,6 +284,7 @@ def test_compose_builds_the_gateway_image_once(compose):
 
 # ---- Kubernetes ----------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def manifests() -> dict[str, dict]:
     """kind → resource, for every file of deploy/kubernetes except kustomization.yaml."""
@@ -311,8 +324,11 @@ def test_kubernetes_resources_fit_together(manifests):
     pod = deploy["spec"]["template"]
     labels = pod["metadata"]["labels"]
     assert deploy["spec"]["replicas"] == 2 and pdb["spec"]["minAvailable"] == 1
-    for selector in (deploy["spec"]["selector"]["matchLabels"], service["spec"]["selector"],
-                     pdb["spec"]["selector"]["matchLabels"]):
+    for selector in (
+        deploy["spec"]["selector"]["matchLabels"],
+        service["spec"]["selector"],
+        pdb["spec"]["selector"]["matchLabels"],
+    ):
         assert selector.items() <= labels.items()
     (container,) = pod["spec"]["containers"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"

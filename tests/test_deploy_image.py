@@ -58,7 +58,7 @@ def test_the_image_installs_only_the_lock_file_and_sheds_pip():
     # The package itself is built by the locked setuptools, never an unpinned isolated one.
     assert "install --no-deps --no-build-isolation ." in runs
     assert "pip uninstall --yes setuptools pip" in runs
-    runtime = DOCKERFILE[DOCKERFILE.rindex("FROM "):]
+    runtime = DOCKERFILE[DOCKERFILE.rindex("FROM ") :]
     assert "COPY --from=build /opt/venv /opt/venv" in runtime and "pip install" not in runtime
 
 
@@ -78,8 +78,11 @@ def test_the_healthcheck_reads_the_port_from_the_config():
 
 def test_the_lock_pins_every_dependency_with_hashes():
     pins = _lock()
-    wanted = [*PROJECT["project"]["dependencies"], *PROJECT["project"]["optional-dependencies"]["redis"],
-              *PROJECT["build-system"]["requires"]]
+    wanted = [
+        *PROJECT["project"]["dependencies"],
+        *PROJECT["project"]["optional-dependencies"]["redis"],
+        *PROJECT["build-system"]["requires"],
+    ]
     for spec in map(Requirement, wanted):
         name = canonicalize_name(spec.name)
         assert name in pins, f"{spec.name} is not in deploy/requirements.lock"
@@ -113,16 +116,27 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 
 
 def test_the_build_context_holds_only_what_the_image_is_built_from():
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     copied = [args.split()[:-1] for op, args in _instructions() if op == "COPY" and "--from" not in args]
     for source in (s for sources in copied for s in sources):
         assert (ROOT / source).exists(), source
         assert not _ignored(source, patterns), f"{source} is copied but left out of the context"
         if (ROOT / source).is_dir():
             assert not _ignored(f"{source}/cli.py", patterns)
-    for kept_out in (".git/config", "tests/test_app.py", "gateway.db", "deploy/.env", "deploy/config/gateway.toml",
-                     "gateway/__pycache__/cli.cpython-311.pyc", "bench/run.py", ".venv/bin/python"):
+    for kept_out in (
+        ".git/config",
+        "tests/test_app.py",
+        "gateway.db",
+        "deploy/.env",
+        "deploy/config/gateway.toml",
+        "gateway/__pycache__/cli.cpython-311.pyc",
+        "bench/run.py",
+        ".venv/bin/python",
+    ):
         assert _ignored(kept_out, patterns), kept_out
     # BuildKit prefers a Dockerfile.dockerignore; a second list would drift from this one.
     assert not (DEPLOY / "Dockerfile.dockerignore").exists()

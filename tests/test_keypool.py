@@ -29,13 +29,19 @@ from gateway.upstream import PROBE_TASK_ID, Reply, parse_retry_after, task_path
 M = "doubao-seedance-2.0"
 FAST = "doubao-seedance-2.0-fast"
 NOW = 1_800_000_000.0
-CFG = UpstreamSettings(base_url="https://tokenhub.test/api/v1", keys=(), cooldown_s=30,
-                       breaker_failures=5, breaker_open_s=30)
+CFG = UpstreamSettings(
+    base_url="https://tokenhub.test/api/v1", keys=(), cooldown_s=30, breaker_failures=5, breaker_open_s=30
+)
 
 
 def key(name, weight=1, max_tasks=10, models=None, value=None):
-    return UpstreamKey(name=name, value=Secret(value or f"th-{name}-0123456789abcd"), weight=weight,
-                       max_concurrent_tasks=max_tasks, models=None if models is None else frozenset(models))
+    return UpstreamKey(
+        name=name,
+        value=Secret(value or f"th-{name}-0123456789abcd"),
+        weight=weight,
+        max_concurrent_tasks=max_tasks,
+        models=None if models is None else frozenset(models),
+    )
 
 
 def http_date(ts):
@@ -50,22 +56,27 @@ def fail(h, now, n, error="upstream_server_error"):
 
 # --- Retry-After ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value, expected", [
-    (None, None),
-    ("", None),
-    ("0", 0.0),
-    ("120", 120.0),
-    (" 7 ", 7.0),
-    (http_date(NOW + 45), 45.0),
-    (http_date(NOW - 300), 0.0),          # a date in the past: retry now
-    ("soon", None),
-    ("-5", None),
-])
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, None),
+        ("", None),
+        ("0", 0.0),
+        ("120", 120.0),
+        (" 7 ", 7.0),
+        (http_date(NOW + 45), 45.0),
+        (http_date(NOW - 300), 0.0),  # a date in the past: retry now
+        ("soon", None),
+        ("-5", None),
+    ],
+)
 def test_parse_retry_after(value, expected):
     assert parse_retry_after(value, NOW) == expected
 
 
 # --- 429: cooldown ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("header", ["120", http_date(NOW + 120)], ids=["seconds", "http-date"])
 def test_429_with_retry_after_cools_down_until_then(header):
@@ -79,7 +90,7 @@ def test_429_without_retry_after_backs_off_exponentially_capped_at_10x_with_jitt
     rng, h, now = random.Random(7), KeyHealth(), NOW
     for n in range(14):
         h = on_throttled(h, now, None, CFG, rng)
-        base = min(CFG.cooldown_s * 2 ** n, CFG.cooldown_s * 10)
+        base = min(CFG.cooldown_s * 2**n, CFG.cooldown_s * 10)
         wait = h.until - now
         assert 0.8 * base <= wait <= 1.2 * base, (n, wait)
         now = h.until  # usable again, then throttled again with no success in between
@@ -87,16 +98,16 @@ def test_429_without_retry_after_backs_off_exponentially_capped_at_10x_with_jitt
 
 
 def test_429_jitter_spreads_over_plus_minus_20_percent():
-    waits = [on_throttled(KeyHealth(), NOW, None, CFG, random.Random(seed)).until - NOW
-             for seed in range(2000)]
+    waits = [on_throttled(KeyHealth(), NOW, None, CFG, random.Random(seed)).until - NOW for seed in range(2000)]
     assert all(0.8 * 30 <= w <= 1.2 * 30 for w in waits)
     assert min(waits) < 0.82 * 30 and max(waits) > 1.18 * 30
 
 
 def test_success_after_cooldown_resets_the_back_off():
     rng = random.Random(3)
-    h = on_throttled(on_throttled(on_throttled(KeyHealth(), NOW, None, CFG, rng), NOW, None, CFG, rng),
-                     NOW, None, CFG, rng)
+    h = on_throttled(
+        on_throttled(on_throttled(KeyHealth(), NOW, None, CFG, rng), NOW, None, CFG, rng), NOW, None, CFG, rng
+    )
     later = h.until + 1
     h = on_success(h, later)
     assert h.state == OK and h.throttles == 0
@@ -106,16 +117,19 @@ def test_success_after_cooldown_resets_the_back_off():
 
 # --- 401/403: disabled ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("status", [401, 403])
 def test_401_403_disable_the_key_until_reload(status):
     rng = random.Random(0)
     h = on_reply(KeyHealth(), NOW, status, None, None, CFG, rng)
     assert h.state == DISABLED and h.last_error == str(status)
-    for step in (lambda h: on_success(h, NOW + 1),
-                 lambda h: on_reply(h, NOW + 2, 200, None, None, CFG, rng),
-                 lambda h: on_reply(h, NOW + 3, 404, None, None, CFG, rng),
-                 lambda h: on_throttled(h, NOW + 4, 5.0, CFG, rng),
-                 lambda h: fail(h, NOW + 5, 10)):
+    for step in (
+        lambda h: on_success(h, NOW + 1),
+        lambda h: on_reply(h, NOW + 2, 200, None, None, CFG, rng),
+        lambda h: on_reply(h, NOW + 3, 404, None, None, CFG, rng),
+        lambda h: on_throttled(h, NOW + 4, 5.0, CFG, rng),
+        lambda h: fail(h, NOW + 5, 10),
+    ):
         h = step(h)
         assert h.state == DISABLED
     assert not h.usable(NOW + 10_000) and not h.needs_probe(NOW + 10_000)
@@ -123,10 +137,17 @@ def test_401_403_disable_the_key_until_reload(status):
 
 # --- circuit breaker --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("status, error", [
-    (500, None), (502, None), (503, None),
-    (None, "upstream_unreachable"), (None, "upstream_timeout"),
-])
+
+@pytest.mark.parametrize(
+    "status, error",
+    [
+        (500, None),
+        (502, None),
+        (503, None),
+        (None, "upstream_unreachable"),
+        (None, "upstream_timeout"),
+    ],
+)
 def test_consecutive_failures_open_the_circuit(status, error):
     rng, h = random.Random(0), KeyHealth()
     for _ in range(CFG.breaker_failures - 1):
@@ -183,8 +204,7 @@ CHOICE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case, candidate, health, busy, chosen", CHOICE_CASES,
-                         ids=[c[0] for c in CHOICE_CASES])
+@pytest.mark.parametrize("case, candidate, health, busy, chosen", CHOICE_CASES, ids=[c[0] for c in CHOICE_CASES])
 def test_choose_skips_unusable_keys(case, candidate, health, busy, chosen):
     keys = (key("good"), candidate)
     order = choose(keys, {"x": health}, {"x": busy}, M, NOW, random.Random(0))
@@ -225,21 +245,26 @@ def test_a_loaded_key_is_chosen_less():
 
 # --- earliest_retry ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("health, expected", [
-    ({}, 1),
-    ({"a": KeyHealth(state=DISABLED)}, 1),
-    ({"a": KeyHealth(state=COOLDOWN, until=NOW + 10.2)}, 11),
-    ({"a": KeyHealth(state=COOLDOWN, until=NOW + 40), "b": KeyHealth(state=COOLDOWN, until=NOW + 7)}, 7),
-    ({"a": KeyHealth(state=OPEN, until=NOW + 25), "b": KeyHealth(state=COOLDOWN, until=NOW + 60)}, 25),
-    ({"a": KeyHealth(state=COOLDOWN, until=NOW - 3)}, 1),
-    ({"a": KeyHealth(state=DISABLED), "b": KeyHealth(state=COOLDOWN, until=NOW + 3)}, 3),
-    ({"zz": KeyHealth(state=COOLDOWN, until=NOW + 2)}, 1),   # a key not asked about is ignored
-])
+
+@pytest.mark.parametrize(
+    "health, expected",
+    [
+        ({}, 1),
+        ({"a": KeyHealth(state=DISABLED)}, 1),
+        ({"a": KeyHealth(state=COOLDOWN, until=NOW + 10.2)}, 11),
+        ({"a": KeyHealth(state=COOLDOWN, until=NOW + 40), "b": KeyHealth(state=COOLDOWN, until=NOW + 7)}, 7),
+        ({"a": KeyHealth(state=OPEN, until=NOW + 25), "b": KeyHealth(state=COOLDOWN, until=NOW + 60)}, 25),
+        ({"a": KeyHealth(state=COOLDOWN, until=NOW - 3)}, 1),
+        ({"a": KeyHealth(state=DISABLED), "b": KeyHealth(state=COOLDOWN, until=NOW + 3)}, 3),
+        ({"zz": KeyHealth(state=COOLDOWN, until=NOW + 2)}, 1),  # a key not asked about is ignored
+    ],
+)
 def test_earliest_retry_is_the_soonest_cooldown_end(health, expected):
     assert earliest_retry((key("a"), key("b")), health, NOW) == expected
 
 
 # --- KeyPool (store-backed shell) -------------------------------------------------------------
+
 
 class FakeStore:
     def __init__(self, in_flight=None):
@@ -282,8 +307,7 @@ def make_pool(*keys, in_flight=None, seed=0):
 
 
 def gauge(metrics, name, state):
-    return metrics.registry.get_sample_value("tokenhub_gateway_upstream_key_state",
-                                             {"key": name, "state": state})
+    return metrics.registry.get_sample_value("tokenhub_gateway_upstream_key_state", {"key": name, "state": state})
 
 
 @pytest.mark.parametrize("header", ["20", http_date(NOW + 20)], ids=["seconds", "http-date"])
@@ -354,13 +378,17 @@ async def test_pool_probe_makes_no_call_before_the_circuit_is_due():
     assert upstream.calls == [] and store.health["a"].state == OPEN
 
 
-@pytest.mark.parametrize("upstream", [
-    FakeUpstream(status=500),
-    FakeUpstream(status=200),
-    FakeUpstream(raises=ConnectFailed("down")),
-    FakeUpstream(raises=UpstreamTimeout("slow")),
-    FakeUpstream(raises=UpstreamError("cut off")),
-], ids=["500", "200", "connect", "timeout", "cut-off"])
+@pytest.mark.parametrize(
+    "upstream",
+    [
+        FakeUpstream(status=500),
+        FakeUpstream(status=200),
+        FakeUpstream(raises=ConnectFailed("down")),
+        FakeUpstream(raises=UpstreamTimeout("slow")),
+        FakeUpstream(raises=UpstreamError("cut off")),
+    ],
+    ids=["500", "200", "connect", "timeout", "cut-off"],
+)
 async def test_pool_failed_probe_keeps_the_circuit_open(upstream):
     pool, store, _, clock = make_pool()
     for _ in range(CFG.breaker_failures):

@@ -34,8 +34,17 @@ def configured(monkeypatch) -> io.StringIO:
 
 def test_the_request_line_is_the_line_structlog_writes(monkeypatch):
     buf = configured(monkeypatch)
-    fields = {"request_id": "r1", "method": "POST", "route": "/videos/generations", "status": 200,
-              "duration_ms": 1.25, "team": "red", "user": None, "cost_usd": 0.8, "error_code": None}
+    fields = {
+        "request_id": "r1",
+        "method": "POST",
+        "route": "/videos/generations",
+        "status": 200,
+        "duration_ms": 1.25,
+        "team": "red",
+        "user": None,
+        "cost_usd": 0.8,
+        "error_code": None,
+    }
     assert logs.info_line("request", dict(fields))
     structlog.get_logger("gateway.request").info("request", **fields)
     fast, chain = (json.loads(line) for line in buf.getvalue().splitlines())
@@ -67,8 +76,18 @@ def test_lines_wait_for_the_batch_and_keep_their_order(monkeypatch):
     assert events == ["first", "second", "third"]
 
 
-@pytest.mark.parametrize("ns", [0, 1_000, 999_999_999, 1_764_594_374_000_000_000, 1_764_594_374_000_000_999,
-                                1_764_594_374_123_456_789, 1_764_594_374_999_999_000])
+@pytest.mark.parametrize(
+    "ns",
+    [
+        0,
+        1_000,
+        999_999_999,
+        1_764_594_374_000_000_000,
+        1_764_594_374_000_000_999,
+        1_764_594_374_123_456_789,
+        1_764_594_374_999_999_000,
+    ],
+)
 def test_the_stamp_is_what_the_iso_timestamper_writes(ns):
     us = ns // 1000
     when = datetime.datetime.fromtimestamp(us // 10**6, datetime.timezone.utc).replace(microsecond=us % 10**6)

@@ -28,8 +28,9 @@ async def test_items_are_written_by_the_settling_call_only(store):  # noqa: F811
     task = await created(store, now)
     assert await store.settle(task.task_id, "succeeded", 1000, 200_000, False, b"{}", now, items(now, 2, tag="a"))
     # a second settlement of the same task (another replica's poll) writes nothing
-    assert await store.settle(task.task_id, "succeeded", 1000, 200_000, False, b"{}", now, items(now, 2, tag="b")) \
-        is None
+    assert (
+        await store.settle(task.task_id, "succeeded", 1000, 200_000, False, b"{}", now, items(now, 2, tag="b")) is None
+    )
     got = await store.outbox_claim(TOPIC, 10, now, 60)
     assert sorted(i.id for i in got) == ["evt_a0", "evt_a1"]
     assert {i.payload for i in got} == {b'{"n": 0}', b'{"n": 1}'} and all(i.attempts == 1 for i in got)

@@ -12,8 +12,9 @@ import pytest
 from tests.procs import Process, free_port, spawn, stop, wait_for, wait_http, wait_port
 
 PY = sys.executable
-IGNORE_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); " \
-              "time.sleep(60)"
+IGNORE_TERM = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+)
 
 
 def test_free_port_can_be_bound() -> None:
@@ -57,8 +58,9 @@ def test_wait_times_out_when_nothing_answers() -> None:
 
 def test_wait_http_returns_once_a_server_answers(tmp_path: Path) -> None:
     port = free_port()
-    p = Process([PY, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)],
-                tmp_path / "http.log")
+    p = Process(
+        [PY, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)], tmp_path / "http.log"
+    )
     p.start()
     try:
         wait_http(f"http://127.0.0.1:{port}/missing", timeout=15, proc=p.proc)  # a 404 is an answer

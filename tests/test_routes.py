@@ -59,10 +59,16 @@ def test_a_client_gone_mid_body_is_a_disconnect():
 
 
 @pytest.mark.parametrize("status", [200, 202, 204, 304, 101, 400, 429, 503])
-@pytest.mark.parametrize("headers", [{}, {"Idempotent-Replayed": "true"},
-                                     {"Retry-After": "3", "x-should-retry": "false", "Connection": "close"}])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Idempotent-Replayed": "true"}, {"Retry-After": "3", "x-should-retry": "false", "Connection": "close"}],
+)
 def test_an_outcome_is_sent_as_starlette_sends_the_same_json_response(status, headers):
     outcome = Outcome(status, b'{"id": "cgt-1"}', dict(headers))
     ours, theirs = outcome_response(outcome), Response(outcome.body, status, headers, media_type=JSON)
     assert (ours.status_code, ours.body, ours.raw_headers, ours.background) == (
-        theirs.status_code, theirs.body, theirs.raw_headers, theirs.background)
+        theirs.status_code,
+        theirs.body,
+        theirs.raw_headers,
+        theirs.background,
+    )

@@ -45,13 +45,19 @@ async def waits_for_its_body(request: Request) -> Response:
 
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
-    app = Starlette(routes=[Route("/fast", fast, methods=["GET", "POST"]), Route("/echo", echo, methods=["POST"]),
-                            Route("/waits", waits_for_its_body, methods=["POST"]),
-                            Route("/slow", slow)])
+    app = Starlette(
+        routes=[
+            Route("/fast", fast, methods=["GET", "POST"]),
+            Route("/echo", echo, methods=["POST"]),
+            Route("/waits", waits_for_its_body, methods=["POST"]),
+            Route("/slow", slow),
+        ]
+    )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", sock.getsockname()[1], 1,
-                                           header_timeout_s=HEADERS_S, body_timeout_s=BODY_S))
+    server = uvicorn.Server(
+        uvicorn_config(app, "127.0.0.1", sock.getsockname()[1], 1, header_timeout_s=HEADERS_S, body_timeout_s=BODY_S)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:

@@ -40,6 +40,7 @@ async def fetch(app, url: str, method: str = "GET", **headers: str) -> httpx.Res
 
 # --- the bytes ---------------------------------------------------------------------------------
 
+
 def test_a_video_is_an_mp4_ftyp_box_then_mdat_filler():
     video = video_bytes("cgt-one")
     size, kind, brand = struct.unpack(">I4s4s", video[:12])
@@ -50,8 +51,10 @@ def test_a_video_is_an_mp4_ftyp_box_then_mdat_filler():
     assert len(video_bytes("cgt-one", 1_000)) == 1_000
 
 
-@pytest.mark.parametrize(("start", "end"), [(0, 10), (5, 45), (40, 41), (CHUNK - 3, CHUNK + 90),
-                                            (2 * CHUNK + 7, 3 * CHUNK + 40), (0, 3 * CHUNK + 100)])
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [(0, 10), (5, 45), (40, 41), (CHUNK - 3, CHUNK + 90), (2 * CHUNK + 7, 3 * CHUNK + 40), (0, 3 * CHUNK + 100)],
+)
 def test_any_slice_of_a_video_is_the_same_slice_of_its_bytes(start, end):
     size = 3 * CHUNK + 100
     assert b"".join(video_chunks("cgt-one", size, start, end)) == video_bytes("cgt-one", size)[start:end]
@@ -62,9 +65,9 @@ def _png_chunks(data: bytes) -> dict[bytes, bytes]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     chunks, at = {}, 8
     while at < len(data):
-        (length,) = struct.unpack(">I", data[at: at + 4])
-        kind, body = data[at + 4: at + 8], data[at + 8: at + 8 + length]
-        assert struct.unpack(">I", data[at + 8 + length: at + 12 + length])[0] == zlib.crc32(kind + body)
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        kind, body = data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+        assert struct.unpack(">I", data[at + 8 + length : at + 12 + length])[0] == zlib.crc32(kind + body)
         chunks[kind] = body
         at += 12 + length
     return chunks
@@ -81,16 +84,31 @@ def test_a_cover_is_a_valid_png_of_its_own_per_task():
     assert cover_bytes("cgt-one") == cover_bytes("cgt-one") != cover_bytes("cgt-two")
 
 
-@pytest.mark.parametrize(("header", "expected"), [
-    (None, None), ("bytes=0-99", (0, 100)), ("bytes=100-", (100, 1000)), ("bytes=-10", (990, 1000)),
-    ("bytes=990-5000", (990, 1000)), ("bytes=999-999", (999, 1000)), ("bytes=1000-", "unsatisfiable"),
-    ("bytes=-0", "unsatisfiable"), ("bytes=5-2", None), ("bytes=0-1,5-6", None), ("items=0-1", None),
-    ("bytes=-", None), ("bytes=a-b", None), ("bytes=-5000", (0, 1000))])
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("bytes=0-99", (0, 100)),
+        ("bytes=100-", (100, 1000)),
+        ("bytes=-10", (990, 1000)),
+        ("bytes=990-5000", (990, 1000)),
+        ("bytes=999-999", (999, 1000)),
+        ("bytes=1000-", "unsatisfiable"),
+        ("bytes=-0", "unsatisfiable"),
+        ("bytes=5-2", None),
+        ("bytes=0-1,5-6", None),
+        ("items=0-1", None),
+        ("bytes=-", None),
+        ("bytes=a-b", None),
+        ("bytes=-5000", (0, 1000)),
+    ],
+)
 def test_range_header(header, expected):
     assert parse_range(header, 1000) == expected
 
 
 # --- serving -----------------------------------------------------------------------------------
+
 
 async def test_links_point_at_the_simulator_itself_and_serve_the_exact_bytes():
     app = sim(task_seconds=0)
@@ -107,9 +125,16 @@ async def test_links_point_at_the_simulator_itself_and_serve_the_exact_bytes():
     assert cover.headers["content-length"] == str(len(cover_bytes(task_id)))
 
 
-@pytest.mark.parametrize(("header", "status", "span"), [
-    ("bytes=0-31", 206, (0, 32)), ("bytes=65000-", 206, (65000, 65536)), ("bytes=-100", 206, (65436, 65536)),
-    ("bytes=70000-", 416, None), ("bytes=9-3", 200, (0, 65536))])
+@pytest.mark.parametrize(
+    ("header", "status", "span"),
+    [
+        ("bytes=0-31", 206, (0, 32)),
+        ("bytes=65000-", 206, (65000, 65536)),
+        ("bytes=-100", 206, (65436, 65536)),
+        ("bytes=70000-", 416, None),
+        ("bytes=9-3", 200, (0, 65536)),
+    ],
+)
 async def test_range_requests(header, status, span):
     app = sim(task_seconds=0)
     task_id, links = await finished_task(app)
@@ -118,7 +143,7 @@ async def test_range_requests(header, status, span):
     if span is None:
         assert r.headers["content-range"] == "bytes */65536" and r.content == b""
         return
-    assert r.content == video_bytes(task_id)[span[0]:span[1]]
+    assert r.content == video_bytes(task_id)[span[0] : span[1]]
     assert r.headers["content-length"] == str(span[1] - span[0])
     if status == 206:
         assert r.headers["content-range"] == f"bytes {span[0]}-{span[1] - 1}/65536"
@@ -140,9 +165,20 @@ async def test_a_large_video_is_sent_in_chunks_never_whole():
     app = sim(task_seconds=0, video_size=5 * CHUNK + 1)
     task_id, links = await finished_task(app)
     url = urlsplit(links["video_url"])
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": url.path, "raw_path": url.path.encode(), "query_string": url.query.encode(), "headers": [],
-             "server": ("sim", 80), "client": ("127.0.0.1", 1), "root_path": ""}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": url.path,
+        "raw_path": url.path.encode(),
+        "query_string": url.query.encode(),
+        "headers": [],
+        "server": ("sim", 80),
+        "client": ("127.0.0.1", 1),
+        "root_path": "",
+    }
     sent, requested = [], asyncio.Event()
 
     async def receive():
@@ -174,6 +210,7 @@ async def test_unknown_and_unfinished_tasks_are_404():
 
 # --- expiry and signatures ---------------------------------------------------------------------
 
+
 async def test_links_expire_after_the_ttl():
     clock = FakeClock()
     app = sim(clock=clock, task_seconds=10, media_ttl_s=100)
@@ -198,9 +235,16 @@ async def test_the_ttl_knob_expires_every_link_at_once_and_restores():
     assert (await fetch(app, links["video_url"])).status_code == 200
 
 
-@pytest.mark.parametrize("tamper", [
-    lambda url: url.replace("expires=", "expires=9"), lambda url: url.split("&sig=")[0],
-    lambda url: url.split("?")[0], lambda url: url.replace(".mp4?", ".png?"), lambda url: url[:-1] + "x"])
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda url: url.replace("expires=", "expires=9"),
+        lambda url: url.split("&sig=")[0],
+        lambda url: url.split("?")[0],
+        lambda url: url.replace(".mp4?", ".png?"),
+        lambda url: url[:-1] + "x",
+    ],
+)
 async def test_a_link_changed_in_any_way_is_403(tamper):
     app = sim(task_seconds=0)
     _, links = await finished_task(app)
@@ -209,6 +253,7 @@ async def test_a_link_changed_in_any_way_is_403(tamper):
 
 
 # --- size knobs, faults and the download log ---------------------------------------------------
+
 
 async def test_video_size_knob_applies_to_new_tasks_and_the_marker_to_one():
     app = sim(task_seconds=0)
@@ -222,8 +267,9 @@ async def test_video_size_knob_applies_to_new_tasks_and_the_marker_to_one():
     assert (await control(app, "GET", f"/_sim/tasks/{marked}")).json()["video_size"] == 2048
 
 
-@pytest.mark.parametrize("settings", [{"ttl_s": -1}, {"ttl_s": "1"}, {"video_size": 39}, {"video_size": 1.5},
-                                      {"size": 5}, [1]])
+@pytest.mark.parametrize(
+    "settings", [{"ttl_s": -1}, {"ttl_s": "1"}, {"video_size": 39}, {"video_size": 1.5}, {"size": 5}, [1]]
+)
 async def test_bad_media_settings_are_400(settings):
     app = sim()
     assert (await control(app, "POST", "/_sim/media", json=settings)).status_code == 400
@@ -262,7 +308,9 @@ async def test_downloads_have_their_own_log_cleared_with_the_requests():
     downloads = (await control(app, "GET", "/_sim/downloads")).json()["data"]
     requests = (await control(app, "GET", "/_sim/requests")).json()["data"]
     assert [(d["method"], d["route"], d["task_id"], d["range"], d["status"]) for d in downloads] == [
-        ("GET", "media", task_id, "bytes=0-9", 206), ("HEAD", "media", task_id, None, 200)]
+        ("GET", "media", task_id, "bytes=0-9", 206),
+        ("HEAD", "media", task_id, None, 200),
+    ]
     assert {r["route"] for r in requests} == {"create", "poll"} and {r["key"] for r in requests} == {KEY}
     await control(app, "DELETE", "/_sim/requests")
     assert (await control(app, "GET", "/_sim/downloads")).json()["data"] == []

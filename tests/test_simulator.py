@@ -34,8 +34,7 @@ class FakeClock:
 
 def client(app, key: str | None = KEY) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim",
-                             headers=headers)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim", headers=headers)
 
 
 def sim(**kwargs):
@@ -77,13 +76,17 @@ async def api_log(app) -> list[dict]:
 
 # --- auth, routes, scoping ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("key", [None, "th-unknown", "sk-alice"])
 async def test_unknown_or_missing_key_is_401(key):
     async with client(sim(), key) as c:
         r = await create(c)
     assert r.status_code == 401
-    assert r.json()["error"] == {"code": "invalid_api_key", "message": "Missing or invalid API key.",
-                                 "type": "authentication_error"}
+    assert r.json()["error"] == {
+        "code": "invalid_api_key",
+        "message": "Missing or invalid API key.",
+        "type": "authentication_error",
+    }
 
 
 async def test_keys_none_accepts_any_th_key_only():
@@ -125,6 +128,7 @@ async def test_unknown_route_answers_json_404():
 
 # --- lifecycle -----------------------------------------------------------------------------
 
+
 async def test_status_moves_queued_running_succeeded_with_usage():
     clock = FakeClock()
     app = sim(clock=clock, task_seconds=10)
@@ -150,8 +154,9 @@ async def test_status_moves_queued_running_succeeded_with_usage():
 async def test_duration_defaults_to_5():
     app = sim(task_seconds=0)
     async with client(app) as c:
-        task_id = (await c.post("/v1/videos/generations",
-                                json={"model": "doubao-seedance-2.0-fast", "prompt": "x"})).json()["id"]
+        task_id = (
+            await c.post("/v1/videos/generations", json={"model": "doubao-seedance-2.0-fast", "prompt": "x"})
+        ).json()["id"]
         done = (await c.get(f"/v1/videos/generations/{task_id}")).json()
     assert done["status"] == "succeeded" and done["usage"] == {"video_duration": 5}
     assert done["resolution"] == "720p"
@@ -161,8 +166,7 @@ async def test_prompt_markers_fail_never_and_seconds():
     clock = FakeClock()
     app = sim(clock=clock, task_seconds=100)
     async with client(app) as c:
-        ids = [(await create(c, prompt=p)).json()["id"]
-               for p in ("x sim:fail", "x sim:never", "x sim:seconds=0.5")]
+        ids = [(await create(c, prompt=p)).json()["id"] for p in ("x sim:fail", "x sim:never", "x sim:seconds=0.5")]
         clock.now += 1_000
         failed, never, quick = [(await c.get(f"/v1/videos/generations/{i}")).json() for i in ids]
     assert failed["status"] == "failed" and failed["error"]["code"] == "generation_failed"
@@ -183,13 +187,13 @@ async def test_moderation_marker_is_refused_at_create():
 async def test_validation_errors_are_400_with_param():
     async with client(sim()) as c:
         bad_duration = await create(c, duration=99)
-        bad_json = await c.post("/v1/videos/generations", content=b"{nope",
-                                headers={"Content-Type": "application/json"})
+        bad_json = await c.post(
+            "/v1/videos/generations", content=b"{nope", headers={"Content-Type": "application/json"}
+        )
         not_object = await c.post("/v1/videos/generations", json=[1, 2])
     error = bad_duration.json()["error"]
     assert bad_duration.status_code == 400
-    assert (error["code"], error["type"], error["param"]) == (
-        "InvalidParameter", "invalid_request_error", "duration")
+    assert (error["code"], error["type"], error["param"]) == ("InvalidParameter", "invalid_request_error", "duration")
     assert bad_json.status_code == 400 and not_object.status_code == 400
 
 
@@ -229,6 +233,7 @@ async def test_the_task_store_is_bounded():
 
 # --- faults ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("retry_after", [7, None])
 async def test_fault_429_with_and_without_retry_after(retry_after):
     app = sim()
@@ -240,8 +245,10 @@ async def test_fault_429_with_and_without_retry_after(retry_after):
     assert [e["task_id"] for e in await api_log(app)] == [None]
 
 
-@pytest.mark.parametrize(("mode", "status", "code"), [
-    ("401", 401, "invalid_api_key"), ("403", 403, "permission_denied"), ("500", 500, "internal_error")])
+@pytest.mark.parametrize(
+    ("mode", "status", "code"),
+    [("401", 401, "invalid_api_key"), ("403", 403, "permission_denied"), ("500", 500, "internal_error")],
+)
 async def test_fault_error_statuses(mode, status, code):
     app = sim()
     await fault(app, mode=mode)
@@ -334,9 +341,16 @@ async def test_faults_clear_per_key_and_all():
         assert (await c.get("/_sim/faults")).json()["data"] == []
 
 
-@pytest.mark.parametrize("spec", [
-    {"mode": "500"}, {"key": KEY, "mode": "teapot"}, {"key": KEY, "mode": "429", "count": 0},
-    {"key": KEY, "mode": "500", "routes": ["list"]}, {"key": KEY, "mode": "slow", "delay_s": -1}])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"mode": "500"},
+        {"key": KEY, "mode": "teapot"},
+        {"key": KEY, "mode": "429", "count": 0},
+        {"key": KEY, "mode": "500", "routes": ["list"]},
+        {"key": KEY, "mode": "slow", "delay_s": -1},
+    ],
+)
 def test_bad_fault_specs_are_refused(spec):
     with pytest.raises(ValueError):
         parse_fault(spec)
@@ -350,6 +364,7 @@ async def test_bad_fault_spec_is_400():
 
 # --- request log -----------------------------------------------------------------------------
 
+
 async def test_request_log_records_api_calls_and_clears():
     clock = FakeClock()
     app = sim(clock=clock)
@@ -361,8 +376,11 @@ async def test_request_log_records_api_calls_and_clears():
         await create(c)
     log = await api_log(app)
     assert [(e["method"], e["route"], e["key"], e["task_id"], e["status"]) for e in log] == [
-        ("POST", "create", KEY, task_id, 200), ("GET", "poll", KEY, task_id, 200),
-        ("DELETE", "delete", KEY, task_id, 200), ("POST", "create", "th-stranger", None, 401)]
+        ("POST", "create", KEY, task_id, 200),
+        ("GET", "poll", KEY, task_id, 200),
+        ("DELETE", "delete", KEY, task_id, 200),
+        ("POST", "create", "th-stranger", None, 401),
+    ]
     assert log[0]["path"] == "/v1/videos/generations" and log[0]["time"] == clock.now
     async with client(app, None) as c:
         await c.delete("/_sim/requests")
@@ -370,6 +388,7 @@ async def test_request_log_records_api_calls_and_clears():
 
 
 # --- knobs for failure tests: scripted answers, fixed ids, late and cut answers ---------------
+
 
 async def control(app, method: str, path: str, **kw) -> httpx.Response:
     async with client(app, None) as c:
@@ -388,25 +407,30 @@ async def test_scripted_poll_patch_answers_n_times_then_the_real_answer_resumes(
     app = sim(task_seconds=0)
     async with client(app) as c:
         task_id = (await create(c)).json()["id"]
-        await fault(app, key="*", mode="answer", task_id=task_id, count=2,
-                    patch={"usage": {"video_duration": 1e14}})
+        await fault(app, key="*", mode="answer", task_id=task_id, count=2, patch={"usage": {"video_duration": 1e14}})
         answers = [(await poll(c, task_id)).json() for _ in range(3)]
     assert [a["usage"]["video_duration"] for a in answers] == [1e14, 1e14, 8]
     assert all(a["id"] == task_id and a["status"] == "succeeded" and a["data"] for a in answers)
     assert [e["fault"] for e in await api_log(app)][1:] == ["answer", "answer", None]
 
 
-@pytest.mark.parametrize(("spec", "status", "text"), [
-    ({"patch": {"usage": None}}, 200, None),
-    ({"patch": {"usage": {"video_duration": "8"}}}, 200, '"video_duration":"8"'),
-    ({"patch": {"usage": {"video_duration": -3}}}, 200, '"video_duration":-3'),
-    ({"raw": '{"status":"succeeded","usage":{"video_duration":NaN}}'}, 200,
-     '{"status":"succeeded","usage":{"video_duration":NaN}}'),
-    ({"body": "a string"}, 200, '"a string"'),
-    ({"body": None}, 200, "null"),
-    ({"status": 503}, 503, '"type":"server_error"'),
-    ({"status": 404, "body": {"error": {"code": "task_not_found"}}}, 404, '{"error":{"code":"task_not_found"}}'),
-])
+@pytest.mark.parametrize(
+    ("spec", "status", "text"),
+    [
+        ({"patch": {"usage": None}}, 200, None),
+        ({"patch": {"usage": {"video_duration": "8"}}}, 200, '"video_duration":"8"'),
+        ({"patch": {"usage": {"video_duration": -3}}}, 200, '"video_duration":-3'),
+        (
+            {"raw": '{"status":"succeeded","usage":{"video_duration":NaN}}'},
+            200,
+            '{"status":"succeeded","usage":{"video_duration":NaN}}',
+        ),
+        ({"body": "a string"}, 200, '"a string"'),
+        ({"body": None}, 200, "null"),
+        ({"status": 503}, 503, '"type":"server_error"'),
+        ({"status": 404, "body": {"error": {"code": "task_not_found"}}}, 404, '{"error":{"code":"task_not_found"}}'),
+    ],
+)
 async def test_scripted_poll_answers(spec, status, text):
     app = sim(task_seconds=0)
     async with client(app) as c:
@@ -464,7 +488,10 @@ async def test_fixed_id_makes_duplicates_without_replacing_the_first_task():
     assert tasks["cgt-duplicate"].request["prompt"] == "the first" and tasks["cgt-duplicate"].key == KEY
     assert tasks[real_second].request["prompt"] == "the second" and tasks[real_second].key == OTHER
     assert [(e["task_id"], e["fault"]) for e in await creates(app)] == [
-        ("cgt-duplicate", "fixed_id"), ("cgt-duplicate", "fixed_id"), (third.json()["id"], None)]
+        ("cgt-duplicate", "fixed_id"),
+        ("cgt-duplicate", "fixed_id"),
+        (third.json()["id"], None),
+    ]
 
 
 async def test_late_answer_creates_the_task_before_answering():
@@ -509,7 +536,10 @@ async def test_cut_answer_creates_and_drops_the_connection_mid_body():
         assert (await poll(c, task_id)).status_code == 200
     log = await api_log(app)
     assert [(e["route"], e["status"], e["answer"]) for e in log] == [
-        ("create", 200, "cut"), ("poll", 200, "cut"), ("poll", 200, "sent")]
+        ("create", 200, "cut"),
+        ("poll", 200, "cut"),
+        ("poll", 200, "sent"),
+    ]
     assert log[0]["task_id"] == task_id in app.state.simulator.tasks
 
 
@@ -520,9 +550,14 @@ async def test_cut_answer_sends_half_the_body_then_drops():
         host, port = urlsplit(base).hostname, urlsplit(base).port
         reader, writer = await asyncio.open_connection(host, port)
         payload = orjson.dumps(BODY)
-        writer.write(b"POST /v1/videos/generations HTTP/1.1\r\nHost: sim\r\nAuthorization: Bearer " + KEY.encode()
-                     + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(payload)).encode()
-                     + b"\r\n\r\n" + payload)
+        writer.write(
+            b"POST /v1/videos/generations HTTP/1.1\r\nHost: sim\r\nAuthorization: Bearer "
+            + KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(payload)).encode()
+            + b"\r\n\r\n"
+            + payload
+        )
         raw = await asyncio.wait_for(_read_until_closed(reader), 5)
         writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
@@ -560,7 +595,11 @@ async def test_creates_list_every_create_with_its_outcome():
         await c.get(f"/v1/videos/generations/{ok}")
     listing = await creates(app)
     assert [(e["status"], e["fault"], e["answer"]) for e in listing] == [
-        (200, None, "sent"), (400, None, "sent"), (500, "500", "sent"), (504, "answer", "sent")]
+        (200, None, "sent"),
+        (400, None, "sent"),
+        (500, "500", "sent"),
+        (504, "answer", "sent"),
+    ]
     assert [e["created"] is not None for e in listing] == [True, False, False, True]
     assert listing[0]["created"] == ok and {e["key"] for e in listing} == {KEY}
     assert len(app.state.simulator.tasks) == 2
@@ -588,15 +627,24 @@ async def test_a_key_fault_wins_over_an_every_key_fault():
         assert (await create(c)).status_code == 500
 
 
-@pytest.mark.parametrize("spec", [
-    {"key": KEY, "mode": "fixed_id"}, {"key": KEY, "mode": "500", "id": "cgt-x"},
-    {"key": KEY, "mode": "fixed_id", "id": "cgt-x", "routes": ["poll"]},
-    {"key": KEY, "mode": "answer", "body": 1, "patch": {}}, {"key": KEY, "mode": "answer", "status": 99},
-    {"key": KEY, "mode": "answer", "patch": [1]}, {"key": KEY, "mode": "answer", "raw": 5},
-    {"key": KEY, "mode": "500", "status": 502}, {"key": KEY, "mode": "500", "body": {}},
-    {"key": KEY, "mode": "answer", "task_id": "cgt-x", "routes": ["create"]},
-    {"key": KEY, "mode": "500", "routes": ["media"]}, {"key": "*", "mode": "answer", "routes": ["media"], "patch": {}},
-    {"key": KEY, "mode": "answer", "task_id": ""}])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"key": KEY, "mode": "fixed_id"},
+        {"key": KEY, "mode": "500", "id": "cgt-x"},
+        {"key": KEY, "mode": "fixed_id", "id": "cgt-x", "routes": ["poll"]},
+        {"key": KEY, "mode": "answer", "body": 1, "patch": {}},
+        {"key": KEY, "mode": "answer", "status": 99},
+        {"key": KEY, "mode": "answer", "patch": [1]},
+        {"key": KEY, "mode": "answer", "raw": 5},
+        {"key": KEY, "mode": "500", "status": 502},
+        {"key": KEY, "mode": "500", "body": {}},
+        {"key": KEY, "mode": "answer", "task_id": "cgt-x", "routes": ["create"]},
+        {"key": KEY, "mode": "500", "routes": ["media"]},
+        {"key": "*", "mode": "answer", "routes": ["media"], "patch": {}},
+        {"key": KEY, "mode": "answer", "task_id": ""},
+    ],
+)
 def test_bad_knob_specs_are_refused(spec):
     with pytest.raises(ValueError):
         parse_fault(spec)
@@ -609,6 +657,7 @@ def test_task_id_defaults_to_its_polls_and_cancels():
 
 
 # --- the same knobs through the e2e harness, against a real simulator process ----------------
+
 
 def test_harness_knobs_against_a_simulator_process(tmp_path):
     proc = Simulator(tmp_path, task_seconds=0.0, video_size=4096)

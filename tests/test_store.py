@@ -64,21 +64,46 @@ async def replicas(redis_url):
         await s.close()
 
 
-def subjects(now: float, team: Limits = Limits(), user: Limits = Limits(),
-             team_name: str = "marketing", user_name: str = "alice") -> tuple[Subject, Subject]:
-    return (Subject("user", user_name, period_key(user.period, now), user),
-            Subject("team", team_name, period_key(team.period, now), team))
+def subjects(
+    now: float, team: Limits = Limits(), user: Limits = Limits(), team_name: str = "marketing", user_name: str = "alice"
+) -> tuple[Subject, Subject]:
+    return (
+        Subject("user", user_name, period_key(user.period, now), user),
+        Subject("team", team_name, period_key(team.period, now), team),
+    )
 
 
-def admission(now: float, team: Limits = Limits(), user: Limits = Limits(), *,
-              team_name: str = "marketing", user_name: str = "alice", idem: str | None = None,
-              body_hash: str | None = None, created_at: float | None = None, **task_fields) -> Admission:
+def admission(
+    now: float,
+    team: Limits = Limits(),
+    user: Limits = Limits(),
+    *,
+    team_name: str = "marketing",
+    user_name: str = "alice",
+    idem: str | None = None,
+    body_hash: str | None = None,
+    created_at: float | None = None,
+    **task_fields,
+) -> Admission:
     subs = subjects(now, team, user, team_name, user_name)
-    task = Task(rid=uuid.uuid4().hex, team=team_name, user=user_name, model="doubao-seedance-2.0",
-                resolution="720p", duration_s=10, input_ms=5000, input_estimated=False,
-                estimate_ms=EST_MS, estimate_micros=EST_MICROS, team_period=subs[1].period,
-                user_period=subs[0].period, created_at=created_at or now, updated_at=now,
-                idem_key=idem, next_poll_at=now + 15)
+    task = Task(
+        rid=uuid.uuid4().hex,
+        team=team_name,
+        user=user_name,
+        model="doubao-seedance-2.0",
+        resolution="720p",
+        duration_s=10,
+        input_ms=5000,
+        input_estimated=False,
+        estimate_ms=EST_MS,
+        estimate_micros=EST_MICROS,
+        team_period=subs[1].period,
+        user_period=subs[0].period,
+        created_at=created_at or now,
+        updated_at=now,
+        idem_key=idem,
+        next_poll_at=now + 15,
+    )
     return Admission(replace(task, **task_fields), subs, body_hash or ("h" if idem else None))
 
 
@@ -104,6 +129,7 @@ async def figures(store, now: float, **kw) -> tuple:
 
 # admission
 
+
 async def test_admit_reserves_and_counts(store):
     now = await store.now()
     task = await admitted(store, now)
@@ -123,13 +149,16 @@ async def test_task_round_trips_every_field(store):
     assert stored == task
 
 
-@pytest.mark.parametrize(("scope", "limits", "reason", "error"), [
-    ("team", Limits(budget_micros=4 * DOLLAR), "budget_usd", QuotaError),
-    ("user", Limits(budget_micros=4 * DOLLAR), "budget_usd", QuotaError),
-    ("team", Limits(video_seconds=20), "video_seconds", QuotaError),
-    ("user", Limits(max_concurrent_tasks=1), "concurrency", RateLimited),
-    ("team", Limits(requests_per_minute=1), "rate_limit", RateLimited),
-])
+@pytest.mark.parametrize(
+    ("scope", "limits", "reason", "error"),
+    [
+        ("team", Limits(budget_micros=4 * DOLLAR), "budget_usd", QuotaError),
+        ("user", Limits(budget_micros=4 * DOLLAR), "budget_usd", QuotaError),
+        ("team", Limits(video_seconds=20), "video_seconds", QuotaError),
+        ("user", Limits(max_concurrent_tasks=1), "concurrency", RateLimited),
+        ("team", Limits(requests_per_minute=1), "rate_limit", RateLimited),
+    ],
+)
 async def test_each_limit_rejects_the_second_create(store, scope, limits, reason, error):
     now = await store.now()
     kw = {scope: limits}
@@ -169,8 +198,7 @@ async def test_concurrent_admits_admit_exactly_what_fits(store):
 async def test_two_replicas_admit_exactly_what_fits(replicas):
     now = await replicas[0].now()
     team = Limits(budget_micros=7 * EST_MICROS, requests_per_minute=1000, max_concurrent_tasks=1000)
-    results = await asyncio.gather(*(replicas[i % 2].admit(admission(now, team=team), now)
-                                     for i in range(50)))
+    results = await asyncio.gather(*(replicas[i % 2].admit(admission(now, team=team), now) for i in range(50)))
     assert sum(r is None for r in results) == 7
     for s in replicas:
         _, team_usage = await figures(s, now, team=team)
@@ -217,6 +245,7 @@ async def test_raised_rate_limit_takes_effect(store):
 
 # upstream keys
 
+
 async def test_acquire_key_respects_the_limit_under_concurrency(store):
     now = await store.now()
     tasks = [await admitted(store, now) for _ in range(10)]
@@ -239,6 +268,7 @@ async def test_key_health_round_trip(store):
 
 
 # recorded tasks
+
 
 async def test_record_created_then_get_and_list(store):
     now = await store.now()
@@ -273,16 +303,23 @@ async def test_settle_exactly_once(store):
     now = await store.now()
     task = await created(store, now)
     cost, billed = 2_400_000, 12_000
-    results = await asyncio.gather(*(store.settle(task.task_id, "succeeded", billed, cost, False,
-                                                  b'{"status": "succeeded"}', now + 5) for _ in range(20)))
+    results = await asyncio.gather(
+        *(
+            store.settle(task.task_id, "succeeded", billed, cost, False, b'{"status": "succeeded"}', now + 5)
+            for _ in range(20)
+        )
+    )
     done = [r for r in results if r is not None]
     assert len(done) == 1
-    assert (done[0].status, done[0].cost_micros, done[0].billed_ms, done[0].settled_at) == \
-        ("succeeded", cost, billed, now + 5)
+    assert (done[0].status, done[0].cost_micros, done[0].billed_ms, done[0].settled_at) == (
+        "succeeded",
+        cost,
+        billed,
+        now + 5,
+    )
     for u in await figures(store, now):
         c = u.counters
-        assert (c.reserved_micros, c.reserved_ms, c.spent_micros, c.spent_ms, u.in_flight) == \
-            (0, 0, cost, billed, 0)
+        assert (c.reserved_micros, c.reserved_ms, c.spent_micros, c.spent_ms, u.in_flight) == (0, 0, cost, billed, 0)
     assert (await store.key_in_flight())["primary"] == 0
     assert await store.backlog() == 0
     stored = await store.get_task(task.task_id)
@@ -346,6 +383,7 @@ async def test_idempotency_claim_conflict_then_done(store):
 
 # background polling
 
+
 async def test_due_tasks_are_leased(store):
     now = await store.now()
     tasks = [await admitted(store, now, next_poll_at=now - 1) for _ in range(3)]
@@ -362,6 +400,7 @@ async def test_due_tasks_are_leased(store):
 
 
 # figures
+
 
 async def test_ledger_filters(store):
     now = await store.now()
@@ -402,8 +441,8 @@ async def test_now_is_close_to_this_clock(store):
     assert abs(await store.now() - time.time()) < 5
 
 
-
 # what the store does not take on trust
+
 
 async def books(store, now: float, rid: str | None = None) -> tuple:
     """Everything a settlement may change: both subjects' figures, key slots, backlog and the row."""
@@ -411,10 +450,21 @@ async def books(store, now: float, rid: str | None = None) -> tuple:
     return (await figures(store, now), dict(await store.key_in_flight()), await store.backlog(), row)
 
 
-@pytest.mark.parametrize(("billed", "cost"), [
-    (MAX_FIGURE + 1, 1), (1, MAX_FIGURE + 1), (-1, 0), (0, -5), (1e14, 0), (0, 2.5), (True, 0), (0, 2**63),
-    (0, "12"), (None, 0),
-])
+@pytest.mark.parametrize(
+    ("billed", "cost"),
+    [
+        (MAX_FIGURE + 1, 1),
+        (1, MAX_FIGURE + 1),
+        (-1, 0),
+        (0, -5),
+        (1e14, 0),
+        (0, 2.5),
+        (True, 0),
+        (0, 2**63),
+        (0, "12"),
+        (None, 0),
+    ],
+)
 async def test_settle_with_a_bad_figure_changes_nothing(store, billed, cost):
     now = await store.now()
     task = await created(store, now)
@@ -455,9 +505,13 @@ async def test_settle_refuses_a_status_that_is_not_terminal(store):
 async def _preload_spent(store, scope: str, name: str, period: str, micros: int) -> None:
     """Put a subject's spent counter where no test could settle its way to."""
     if isinstance(store, SQLiteStore):
-        await store._do(lambda c: c.execute(
-            "INSERT INTO counters (scope, name, period, spent_micros) VALUES (?, ?, ?, ?) ON CONFLICT "
-            "(scope, name, period) DO UPDATE SET spent_micros=excluded.spent_micros", (scope, name, period, micros)))
+        await store._do(
+            lambda c: c.execute(
+                "INSERT INTO counters (scope, name, period, spent_micros) VALUES (?, ?, ?, ?) ON CONFLICT "
+                "(scope, name, period) DO UPDATE SET spent_micros=excluded.spent_micros",
+                (scope, name, period, micros),
+            )
+        )
         store._books.clear()
     else:
         await store._r.hset(f"{store.prefix}c:{scope}:{name}:{period}", "spent_micros", micros)
@@ -517,6 +571,7 @@ async def test_record_created_never_reopens_a_settled_row(store):
 
 # unknown outcomes
 
+
 async def test_unknown_is_terminal():
     assert UNKNOWN in TERMINAL
 
@@ -532,8 +587,13 @@ async def test_mark_unknown_charges_the_estimate_and_frees_the_slots(store):
     assert (row.billed_ms, row.cost_micros, row.cost_estimated, row.settled_at) == (EST_MS, EST_MICROS, True, now + 2)
     for u in await figures(store, now, team=limits):
         c = u.counters
-        assert (c.reserved_micros, c.reserved_ms, c.spent_micros, c.spent_ms, u.in_flight) == \
-            (0, 0, EST_MICROS, EST_MS, 0)
+        assert (c.reserved_micros, c.reserved_ms, c.spent_micros, c.spent_ms, u.in_flight) == (
+            0,
+            0,
+            EST_MICROS,
+            EST_MS,
+            0,
+        )
     assert (await store.key_in_flight())["primary"] == 0
     assert await store.backlog() == 0
     assert await store.due_tasks(now + 10_000, 10, 30) == []
@@ -583,8 +643,12 @@ async def test_resolve_unknown_void_then_settle(store):
     assert await store.resolve_unknown(task.rid, 0, 0, now + 20) == void  # idempotent: the same row
     assert await store.get_record(task.rid) == void
     billed = await store.resolve_unknown(task.rid, 12_000, 2_400_000, now + 30)
-    assert (billed.status, billed.billed_ms, billed.cost_micros, billed.cost_estimated) == \
-        (UNKNOWN, 12_000, 2_400_000, False)
+    assert (billed.status, billed.billed_ms, billed.cost_micros, billed.cost_estimated) == (
+        UNKNOWN,
+        12_000,
+        2_400_000,
+        False,
+    )
     assert await store.resolve_unknown(task.rid, 12_000, 2_400_000, now + 40) == billed
     for u in await figures(store, now):
         assert (u.counters.spent_micros, u.counters.spent_ms, u.in_flight) == (2_400_000, 12_000, 0)
@@ -631,8 +695,8 @@ async def test_get_record_by_task_id_or_rid(store):
     assert await store.get_record("nothing") is None
 
 
-
 # what the OpenAI shape keeps: meta, deletion, order
+
 
 async def test_meta_and_deletion_round_trip(store):
     now = await store.now()
@@ -699,8 +763,9 @@ async def test_sqlite_schema_migrates_forward(tmp_path):
     now = time.time()
     task = admission(now).task
     v1 = [f for f in TASK_FIELDS if f not in ("meta", "deleted_at")]
-    old.execute(f"INSERT INTO tasks ({', '.join(v1)}) VALUES ({', '.join('?' * len(v1))})",
-                [getattr(task, f) for f in v1])
+    old.execute(
+        f"INSERT INTO tasks ({', '.join(v1)}) VALUES ({', '.join('?' * len(v1))})", [getattr(task, f) for f in v1]
+    )
     old.close()
     store = SQLiteStore(str(path))
     await store.open()
@@ -730,7 +795,9 @@ async def test_sqlite_refuses_a_newer_schema(tmp_path):
         await store.open()
     await store.close()
 
+
 # a Redis script checks everything before its first write
+
 
 @pytest.fixture
 async def redis_store(redis_url):
@@ -740,10 +807,18 @@ async def redis_store(redis_url):
     await s.close()
 
 
-@pytest.mark.parametrize(("billed", "cost", "estimated", "now"), [
-    ("1e14", "0", "0", "1.0"), ("0", "100000000000000000000", "0", "1.0"), ("-1", "0", "0", "1.0"),
-    ("01", "0", "0", "1.0"), ("0", "", "0", "1.0"), ("0", "0", "yes", "1.0"), ("0", "0", "0", "soon"),
-])
+@pytest.mark.parametrize(
+    ("billed", "cost", "estimated", "now"),
+    [
+        ("1e14", "0", "0", "1.0"),
+        ("0", "100000000000000000000", "0", "1.0"),
+        ("-1", "0", "0", "1.0"),
+        ("01", "0", "0", "1.0"),
+        ("0", "", "0", "1.0"),
+        ("0", "0", "yes", "1.0"),
+        ("0", "0", "0", "soon"),
+    ],
+)
 async def test_redis_settle_script_refuses_before_writing(redis_store, billed, cost, estimated, now):
     store = redis_store
     t = await store.now()
@@ -756,10 +831,13 @@ async def test_redis_settle_script_refuses_before_writing(redis_store, billed, c
 
 async def test_redis_script_errors_are_record_rejected_not_unavailable(redis_store):
     with pytest.raises(RecordRejected):
-        await redis_store._do(redis_store._r.eval("return redis.call('HINCRBY', KEYS[1], 'x', 'y')", 1,
-                                                  redis_store.prefix + "scratch"))
+        await redis_store._do(
+            redis_store._r.eval("return redis.call('HINCRBY', KEYS[1], 'x', 'y')", 1, redis_store.prefix + "scratch")
+        )
+
 
 # Redis outages
+
 
 async def test_redis_down_is_store_unavailable_and_recovers():
     server = RedisServer()

@@ -42,6 +42,7 @@ def _raise(exc: BaseException):
     def op(c: sqlite3.Connection):
         c.execute("INSERT INTO in_flight VALUES ('team', 'scratch', 1)")  # written, then rolled back
         raise exc
+
     return op
 
 
@@ -49,9 +50,12 @@ async def test_a_refusal_leaves_the_others_standing(store, tmp_path):
     now = await store.now()
     await admitted(store, now, idem="k1", body_hash="abc")
     first, second = admission(now), admission(now)
-    results = await _one_batch(store, store.admit(first, now),
-                               store.admit(admission(now, idem="k1", body_hash="abc"), now),
-                               store.admit(second, now))
+    results = await _one_batch(
+        store,
+        store.admit(first, now),
+        store.admit(admission(now, idem="k1", body_hash="abc"), now),
+        store.admit(second, now),
+    )
     assert results[0] is None and results[2] is None
     assert isinstance(results[1], IdempotencyConflict)
     user, team = await figures(store, now)
@@ -66,11 +70,14 @@ async def test_a_refusal_leaves_the_others_standing(store, tmp_path):
         await reopened.close()
 
 
-@pytest.mark.parametrize("fault", [
-    lambda c: c.execute("INSERT INTO no_such_table VALUES (1)"),
-    lambda c: c.execute("SELECT ?", (2**70,)),  # an int SQLite cannot hold
-    _raise(ValueError("a bug")),
-])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        lambda c: c.execute("INSERT INTO no_such_table VALUES (1)"),
+        lambda c: c.execute("SELECT ?", (2**70,)),  # an int SQLite cannot hold
+        _raise(ValueError("a bug")),
+    ],
+)
 async def test_one_bad_operation_fails_only_itself(store, fault):
     now = await store.now()
     kept = await created(store, now, team=RPM)
@@ -78,20 +85,27 @@ async def test_one_bad_operation_fails_only_itself(store, fault):
     dropped = await admitted(store, now, team=RPM)
     fresh = [admission(now, team=RPM) for _ in range(3)]
     results = await _one_batch(
-        store, store.admit(fresh[0], now), store._do(fault), store.admit(fresh[1], now),
+        store,
+        store.admit(fresh[0], now),
+        store._do(fault),
+        store.admit(fresh[1], now),
         store.settle(settling.task_id, "succeeded", 1000, 200_000, False, None, now),
-        store.cancel_admission(dropped.rid), store.admit(fresh[2], now))
+        store.cancel_admission(dropped.rid),
+        store.admit(fresh[2], now),
+    )
     assert isinstance(results[1], RecordRejected)
     assert (results[1].status, results[1].code) == (500, "record_rejected")
     assert [results[i] for i in (0, 2, 4, 5)] == [None] * 4 and results[3].status == "succeeded"
     user, team = await figures(store, now, team=RPM)
-    assert (team.in_flight, team.counters.reserved_micros, team.counters.spent_micros) == \
-        (4, 4 * EST_MICROS, 200_000)
+    assert (team.in_flight, team.counters.reserved_micros, team.counters.spent_micros) == (4, 4 * EST_MICROS, 200_000)
     # each admission counted once in the rate window, the cancelled one not at all
     assert (await store.rate_state("team", "marketing", 10, now)).remaining == 10 - 5
     assert (await store.get_task(kept.task_id)).status == "queued"
-    assert {t.rid for t in await store.ledger(None, None, None, None, None)} == \
-        {kept.rid, settling.rid, *(a.task.rid for a in fresh)}
+    assert {t.rid for t in await store.ledger(None, None, None, None, None)} == {
+        kept.rid,
+        settling.rid,
+        *(a.task.rid for a in fresh),
+    }
     assert await store._do(lambda c: c.execute("SELECT n FROM in_flight WHERE name='scratch'").fetchall()) == []
 
 
@@ -99,8 +113,11 @@ async def test_a_duplicate_id_in_a_batch_fails_only_its_record(store):
     now = await store.now()
     await created(store, now, task_id="cgt-1")
     a, b = await admitted(store, now), await admitted(store, now)
-    results = await _one_batch(store, store.record_created(a.rid, "cgt-2", "queued", now, (200, b"{}")),
-                               store.record_created(b.rid, "cgt-1", "queued", now, (200, b"{}")))
+    results = await _one_batch(
+        store,
+        store.record_created(a.rid, "cgt-2", "queued", now, (200, b"{}")),
+        store.record_created(b.rid, "cgt-1", "queued", now, (200, b"{}")),
+    )
     assert results[0] is None and isinstance(results[1], DuplicateTaskId)
     assert (await store.get_task("cgt-2")).rid == a.rid
 
@@ -108,9 +125,13 @@ async def test_a_duplicate_id_in_a_batch_fails_only_its_record(store):
 async def test_unavailability_fails_the_batch_and_undoes_memory(store):
     now = await store.now()
     cancelled = await admitted(store, now, team=RPM)
-    results = await _one_batch(store, store.admit(admission(now, team=RPM), now),
-                               store.admit(admission(now, team=RPM), now), store.cancel_admission(cancelled.rid),
-                               store._do(_raise(sqlite3.OperationalError("disk I/O error"))))
+    results = await _one_batch(
+        store,
+        store.admit(admission(now, team=RPM), now),
+        store.admit(admission(now, team=RPM), now),
+        store.cancel_admission(cancelled.rid),
+        store._do(_raise(sqlite3.OperationalError("disk I/O error"))),
+    )
     assert all(isinstance(r, StoreUnavailable) for r in results)
     user, team = await figures(store, now, team=RPM)  # the books are read again from the tables
     assert (team.in_flight, team.counters.reserved_micros) == (1, EST_MICROS)
@@ -136,19 +157,22 @@ def _error(cls, code: int | None):
     return exc
 
 
-@pytest.mark.parametrize(("exc", "expected"), [
-    (_error(sqlite3.OperationalError, sqlite3.SQLITE_IOERR | (12 << 8)), True),  # an extended I/O code
-    (_error(sqlite3.OperationalError, sqlite3.SQLITE_BUSY), True),
-    (_error(sqlite3.OperationalError, sqlite3.SQLITE_READONLY), True),
-    (_error(sqlite3.OperationalError, sqlite3.SQLITE_FULL), True),
-    (_error(sqlite3.OperationalError, None), True),
-    (_error(sqlite3.DatabaseError, sqlite3.SQLITE_CORRUPT), True),
-    (sqlite3.ProgrammingError("Cannot operate on a closed database."), True),
-    (_error(sqlite3.OperationalError, sqlite3.SQLITE_ERROR), False),  # no such table, a syntax error
-    (_error(sqlite3.IntegrityError, sqlite3.SQLITE_CONSTRAINT), False),
-    (OverflowError("Python int too large to convert to SQLite INTEGER"), False),
-    (ValueError("a bug"), False),
-])
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (_error(sqlite3.OperationalError, sqlite3.SQLITE_IOERR | (12 << 8)), True),  # an extended I/O code
+        (_error(sqlite3.OperationalError, sqlite3.SQLITE_BUSY), True),
+        (_error(sqlite3.OperationalError, sqlite3.SQLITE_READONLY), True),
+        (_error(sqlite3.OperationalError, sqlite3.SQLITE_FULL), True),
+        (_error(sqlite3.OperationalError, None), True),
+        (_error(sqlite3.DatabaseError, sqlite3.SQLITE_CORRUPT), True),
+        (sqlite3.ProgrammingError("Cannot operate on a closed database."), True),
+        (_error(sqlite3.OperationalError, sqlite3.SQLITE_ERROR), False),  # no such table, a syntax error
+        (_error(sqlite3.IntegrityError, sqlite3.SQLITE_CONSTRAINT), False),
+        (OverflowError("Python int too large to convert to SQLite INTEGER"), False),
+        (ValueError("a bug"), False),
+    ],
+)
 def test_what_counts_as_unavailable(exc, expected):
     assert unavailable(exc) is expected
 
@@ -156,11 +180,11 @@ def test_what_counts_as_unavailable(exc, expected):
 async def test_an_insert_that_breaks_a_constraint_in_a_batch_fails_alone(store):
     now = await store.now()
     twin = await admitted(store, now)
-    results = await _one_batch(store, store._do(lambda c: c.execute(INSERT_TASK, task_values(twin))),
-                               store.admit(admission(now), now))
+    results = await _one_batch(
+        store, store._do(lambda c: c.execute(INSERT_TASK, task_values(twin))), store.admit(admission(now), now)
+    )
     assert isinstance(results[0], RecordRejected) and results[1] is None
     assert (await figures(store, now))[1].in_flight == 2
-
 
 
 async def test_checkpoints_run_on_their_own_thread_and_bound_the_wal(store, tmp_path):

@@ -76,8 +76,12 @@ def test_a_configured_key_is_scrubbed_in_every_form(key):
     from gateway.upstream import Scrubber
 
     scrub = Scrubber([key, "th-other-key-000000"])
-    forms = [key, "".join(f"\\u{ord(c):04x}" for c in key), "".join(f"%{ord(c):02X}" for c in key),
-             key.replace("/", "\\/")]
+    forms = [
+        key,
+        "".join(f"\\u{ord(c):04x}" for c in key),
+        "".join(f"%{ord(c):02X}" for c in key),
+        key.replace("/", "\\/"),
+    ]
     for form in forms:
         out = scrub(f'{{"error": {{"message": "bad key {form} here"}}}}'.encode())
         assert out == b'{"error": {"message": "bad key th-*** here"}}', form

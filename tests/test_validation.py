@@ -34,18 +34,39 @@ def frame(role="first_frame"):
 
 
 # The seed guide's own bodies (curl, Python requests, JavaScript fetch, image-to-video).
-GUIDE_TEXT = {"model": M, "prompt": "A golden retriever running on a sunny beach, waves crashing in the "
-              "background, cinematic slow motion, 4K quality", "duration": 5, "resolution": "720p",
-              "aspect_ratio": "16:9", "watermark": False}
-GUIDE_PYTHON = {"model": M, "prompt": "A majestic eagle soaring over snow-capped mountains, golden hour "
-                "lighting, cinematic aerial shot", "duration": 5, "resolution": "720p",
-                "aspect_ratio": "16:9", "watermark": False}
-GUIDE_JS = {"model": M,
-            "prompt": "A majestic eagle soaring over snow-capped mountains, cinematic aerial shot",
-            "duration": 5, "resolution": "720p", "aspect_ratio": "16:9", "watermark": False}
-GUIDE_IMAGE = {"model": M, "prompt": "The woman in the photo turns to face the camera and smiles warmly, "
-               "her hair gently blowing in the wind", "duration": 5, "resolution": "720p",
-               "image_url": "https://your-bucket.com/portrait.jpg", "watermark": False}
+GUIDE_TEXT = {
+    "model": M,
+    "prompt": "A golden retriever running on a sunny beach, waves crashing in the "
+    "background, cinematic slow motion, 4K quality",
+    "duration": 5,
+    "resolution": "720p",
+    "aspect_ratio": "16:9",
+    "watermark": False,
+}
+GUIDE_PYTHON = {
+    "model": M,
+    "prompt": "A majestic eagle soaring over snow-capped mountains, golden hour lighting, cinematic aerial shot",
+    "duration": 5,
+    "resolution": "720p",
+    "aspect_ratio": "16:9",
+    "watermark": False,
+}
+GUIDE_JS = {
+    "model": M,
+    "prompt": "A majestic eagle soaring over snow-capped mountains, cinematic aerial shot",
+    "duration": 5,
+    "resolution": "720p",
+    "aspect_ratio": "16:9",
+    "watermark": False,
+}
+GUIDE_IMAGE = {
+    "model": M,
+    "prompt": "The woman in the photo turns to face the camera and smiles warmly, her hair gently blowing in the wind",
+    "duration": 5,
+    "resolution": "720p",
+    "image_url": "https://your-bucket.com/portrait.jpg",
+    "watermark": False,
+}
 
 GOOD = [
     ("guide curl", GUIDE_TEXT, (M, "720p", 5, Decimal(0), False, 0)),
@@ -53,50 +74,95 @@ GOOD = [
     ("guide js", GUIDE_JS, (M, "720p", 5, Decimal(0), False, 0)),
     ("guide image-to-video", GUIDE_IMAGE, (M, "720p", 5, Decimal(0), False, 0)),
     ("defaults", body(), (M, "720p", 5, Decimal(0), False, 0)),
-    ("fast 480p 15 s", body(model=FAST, resolution="480p", duration=15),
-     (FAST, "480p", 15, Decimal(0), False, 0)),
+    ("fast 480p 15 s", body(model=FAST, resolution="480p", duration=15), (FAST, "480p", 15, Decimal(0), False, 0)),
     ("duration 4", body(duration=4), (M, "720p", 4, Decimal(0), False, 0)),
-    ("nulls are absent", body(duration=None, resolution=None, aspect_ratio=None, content=None,
-                              video_durations=None, input_video_duration=None, watermark=None),
-     (M, "720p", 5, Decimal(0), False, 0)),
+    (
+        "nulls are absent",
+        body(
+            duration=None,
+            resolution=None,
+            aspect_ratio=None,
+            content=None,
+            video_durations=None,
+            input_video_duration=None,
+            watermark=None,
+        ),
+        (M, "720p", 5, Decimal(0), False, 0),
+    ),
     ("video without duration reserves 15 s", body(video_url=VID), (M, "720p", 5, Decimal(15), True, 1)),
-    ("video_durations summed", body(video_urls=[VID, VID], video_durations=[3, 5.5]),
-     (M, "720p", 5, Decimal("8.5"), False, 2)),
-    ("input_video_duration", body(video_url=VID, input_video_duration=7),
-     (M, "720p", 5, Decimal(7), False, 1)),
-    ("both durations agreeing", body(video_urls=[VID, VID], video_durations=[3, 5], input_video_duration=8.0),
-     (M, "720p", 5, Decimal(8), False, 2)),
-    ("content videos counted", body(content=[item("video", VID, "reference_video"), item("video", VID)],
-                                    video_url=VID, video_durations=[2, 5, 8]),
-     (M, "720p", 5, Decimal(15), False, 3)),
+    (
+        "video_durations summed",
+        body(video_urls=[VID, VID], video_durations=[3, 5.5]),
+        (M, "720p", 5, Decimal("8.5"), False, 2),
+    ),
+    ("input_video_duration", body(video_url=VID, input_video_duration=7), (M, "720p", 5, Decimal(7), False, 1)),
+    (
+        "both durations agreeing",
+        body(video_urls=[VID, VID], video_durations=[3, 5], input_video_duration=8.0),
+        (M, "720p", 5, Decimal(8), False, 2),
+    ),
+    (
+        "content videos counted",
+        body(
+            content=[item("video", VID, "reference_video"), item("video", VID)],
+            video_url=VID,
+            video_durations=[2, 5, 8],
+        ),
+        (M, "720p", 5, Decimal(15), False, 3),
+    ),
     ("first frame", body(content=[frame()]), (M, "720p", 5, Decimal(0), False, 0)),
-    ("first and last frame", body(content=[frame(), frame("last_frame"),
-                                           {"type": "text", "text": "slowly"}]),
-     (M, "720p", 5, Decimal(0), False, 0)),
-    ("multimodal reference", body(image_urls=[IMG] * 4, content=[item("image", IMG, "reference_image"),
-                                                                item("audio", AUD, "reference_audio")],
-                                  audio_urls=[AUD, AUD], video_urls=[VID], video_durations=[4]),
-     (M, "720p", 5, Decimal(4), False, 1)),
-    ("9 images 3 videos (12 media)", body(image_urls=[IMG] * 9, video_urls=[VID] * 3),
-     (M, "720p", 5, Decimal(15), True, 3)),
-    ("asset and data URIs", body(image_url="asset://img-123", image_urls=["data:image/png;base64,iVBORw0K"],
-                                 audio_url="DATA:audio/mpeg;base64,SUQz", video_url="ASSET://vid-9"),
-     (M, "720p", 5, Decimal(15), True, 1)),
-    ("http with port, query and userinfo", body(image_urls=["http://user@h.example:8080/x.png?a=1#f",
-                                                            "https://[::1]/x.png", "HTTPS://H.EXAMPLE"]),
-     (M, "720p", 5, Decimal(0), False, 0)),
-    ("unknown fields forwarded", body(seed=42, camera_fixed=True, callback_url="ftp://x"),
-     (M, "720p", 5, Decimal(0), False, 0)),
+    (
+        "first and last frame",
+        body(content=[frame(), frame("last_frame"), {"type": "text", "text": "slowly"}]),
+        (M, "720p", 5, Decimal(0), False, 0),
+    ),
+    (
+        "multimodal reference",
+        body(
+            image_urls=[IMG] * 4,
+            content=[item("image", IMG, "reference_image"), item("audio", AUD, "reference_audio")],
+            audio_urls=[AUD, AUD],
+            video_urls=[VID],
+            video_durations=[4],
+        ),
+        (M, "720p", 5, Decimal(4), False, 1),
+    ),
+    (
+        "9 images 3 videos (12 media)",
+        body(image_urls=[IMG] * 9, video_urls=[VID] * 3),
+        (M, "720p", 5, Decimal(15), True, 3),
+    ),
+    (
+        "asset and data URIs",
+        body(
+            image_url="asset://img-123",
+            image_urls=["data:image/png;base64,iVBORw0K"],
+            audio_url="DATA:audio/mpeg;base64,SUQz",
+            video_url="ASSET://vid-9",
+        ),
+        (M, "720p", 5, Decimal(15), True, 1),
+    ),
+    (
+        "http with port, query and userinfo",
+        body(image_urls=["http://user@h.example:8080/x.png?a=1#f", "https://[::1]/x.png", "HTTPS://H.EXAMPLE"]),
+        (M, "720p", 5, Decimal(0), False, 0),
+    ),
+    (
+        "unknown fields forwarded",
+        body(seed=42, camera_fixed=True, callback_url="ftp://x"),
+        (M, "720p", 5, Decimal(0), False, 0),
+    ),
     ("prompt of 5000 chars", body(prompt="x" * 5000), (M, "720p", 5, Decimal(0), False, 0)),
     ("booleans", body(generate_audio=False, watermark=True), (M, "720p", 5, Decimal(0), False, 0)),
     ("empty video_durations without videos", body(video_durations=[]), (M, "720p", 5, Decimal(0), False, 0)),
-    ("empty video_durations is absent", body(video_url=VID, video_durations=[]),
-     (M, "720p", 5, Decimal(15), True, 1)),
+    ("empty video_durations is absent", body(video_url=VID, video_durations=[]), (M, "720p", 5, Decimal(15), True, 1)),
     ("2 s for one video", body(video_url=VID, input_video_duration=2), (M, "720p", 5, Decimal(2), False, 1)),
-    ("6 s for three videos", body(video_urls=[VID] * 3, input_video_duration=6),
-     (M, "720p", 5, Decimal(6), False, 3)),
-    ("4.5 s for two videos", body(video_urls=[VID, VID], input_video_duration=4.5),
-     (M, "720p", 5, Decimal("4.5"), False, 2)),
+    ("6 s for three videos", body(video_urls=[VID] * 3, input_video_duration=6), (M, "720p", 5, Decimal(6), False, 3)),
+    (
+        "4.5 s for two videos",
+        body(video_urls=[VID, VID], input_video_duration=4.5),
+        (M, "720p", 5, Decimal("4.5"), False, 2),
+    ),
 ]
 
 
@@ -153,10 +219,16 @@ BAD = [
     ("asset without id", body(video_urls=["asset://"]), "video_urls[0]"),
     ("2049-char URL", body(image_url="https://h.example/" + "a" * 2031), "image_url"),
     ("data URI on a flat video", body(video_url="data:video/mp4;base64,AAAA"), "video_url"),
-    ("data URI on a content video", body(content=[item("video", "data:video/mp4;base64,AAAA")]),
-     "content[0].video_url.url"),
-    ("data:image on an audio item", body(image_url=IMG, content=[item("audio", "data:image/png;base64,AA")]),
-     "content[0].audio_url.url"),
+    (
+        "data URI on a content video",
+        body(content=[item("video", "data:video/mp4;base64,AAAA")]),
+        "content[0].video_url.url",
+    ),
+    (
+        "data:image on an audio item",
+        body(image_url=IMG, content=[item("audio", "data:image/png;base64,AA")]),
+        "content[0].audio_url.url",
+    ),
     ("data:audio on an image", body(image_url="data:audio/mpeg;base64,AA"), "image_url"),
     ("data URI not base64", body(image_url="data:image/png,rawbytes"), "image_url"),
     ("data URI without data", body(image_url="data:image/png;base64,"), "image_url"),
@@ -164,49 +236,65 @@ BAD = [
     ("content item not an object", body(content=[frame(), "x"]), "content[1]"),
     ("content item unknown type", body(content=[frame(), {"type": "draft_task"}]), "content[1].type"),
     ("content item missing type", body(content=[{"image_url": {"url": IMG}}]), "content[0].type"),
-    ("content media not an object", body(content=[{"type": "image_url", "image_url": IMG}]),
-     "content[0].image_url"),
-    ("content media missing url", body(content=[{"type": "image_url", "image_url": {}}]),
-     "content[0].image_url.url"),
-    ("content bad URL", body(content=[frame(), item("image", "ftp://x/y.png", "last_frame")]),
-     "content[1].image_url.url"),
-    ("text item with role", body(content=[{"type": "text", "text": "x", "role": "reference_image"}]),
-     "content[0].role"),
+    ("content media not an object", body(content=[{"type": "image_url", "image_url": IMG}]), "content[0].image_url"),
+    ("content media missing url", body(content=[{"type": "image_url", "image_url": {}}]), "content[0].image_url.url"),
+    (
+        "content bad URL",
+        body(content=[frame(), item("image", "ftp://x/y.png", "last_frame")]),
+        "content[1].image_url.url",
+    ),
+    (
+        "text item with role",
+        body(content=[{"type": "text", "text": "x", "role": "reference_image"}]),
+        "content[0].role",
+    ),
     ("text item without text", body(content=[{"type": "text"}]), "content[0].text"),
     ("unknown role", body(content=[frame(), item("image", IMG, "middle_frame")]), "content[1].role"),
     ("role not a string", body(content=[item("image", IMG, 1)]), "content[0].role"),
     ("video as first_frame", body(content=[item("video", VID, "first_frame")]), "content[0].role"),
     ("image as reference_video", body(content=[item("image", IMG, "reference_video")]), "content[0].role"),
-    ("audio as reference_image", body(image_url=IMG, content=[item("audio", AUD, "reference_image")]),
-     "content[0].role"),
+    (
+        "audio as reference_image",
+        body(image_url=IMG, content=[item("audio", AUD, "reference_image")]),
+        "content[0].role",
+    ),
     ("two first frames", body(content=[frame(), frame()]), "content[1].role"),
     ("two last frames", body(content=[frame(), frame("last_frame"), frame("last_frame")]), "content[2].role"),
     ("last frame alone", body(content=[frame("last_frame")]), "content[0].role"),
     ("first frame with flat reference image", body(image_url=IMG, content=[frame()]), "content[0].role"),
-    ("first frame with content reference image", body(content=[item("image", IMG), frame()]),
-     "content[1].role"),
-    ("first and last frame with reference video", body(video_url=VID, content=[frame(), frame("last_frame")]),
-     "content[0].role"),
+    ("first frame with content reference image", body(content=[item("image", IMG), frame()]), "content[1].role"),
+    (
+        "first and last frame with reference video",
+        body(video_url=VID, content=[frame(), frame("last_frame")]),
+        "content[0].role",
+    ),
     ("first frame with reference audio", body(content=[frame(), item("audio", AUD)]), "content[0].role"),
     ("10 reference images", body(image_urls=[IMG] * 10), "image_urls"),
-    ("10 reference images across flat and content", body(image_urls=[IMG] * 9, content=[item("image", IMG)]),
-     "content"),
+    (
+        "10 reference images across flat and content",
+        body(image_urls=[IMG] * 9, content=[item("image", IMG)]),
+        "content",
+    ),
     ("4 reference videos", body(video_urls=[VID] * 3, video_url=VID), "video_urls"),
     ("4 reference audios", body(image_url=IMG, audio_urls=[AUD] * 4), "audio_urls"),
     ("13 media items", body(image_urls=[IMG] * 9, video_urls=[VID] * 3, audio_url=AUD), "audio_url"),
-    ("13 media items in content", body(image_urls=[IMG] * 8, content=[item("video", VID)] * 3
-                                       + [item("audio", AUD)] * 2), "content"),
+    (
+        "13 media items in content",
+        body(image_urls=[IMG] * 8, content=[item("video", VID)] * 3 + [item("audio", AUD)] * 2),
+        "content",
+    ),
     ("audio-only flat reference", body(audio_url=AUD), "audio_url"),
-    ("audio-only content reference", body(content=[item("audio", AUD), {"type": "text", "text": "x"}]),
-     "content"),
+    ("audio-only content reference", body(content=[item("audio", AUD), {"type": "text", "text": "x"}]), "content"),
     ("video_durations not an array", body(video_url=VID, video_durations=5), "video_durations"),
     ("video_durations without videos", body(video_durations=[5]), "video_durations"),
     ("video_durations too few", body(video_urls=[VID, VID], video_durations=[5]), "video_durations"),
     ("video_durations too many", body(video_url=VID, video_durations=[5, 5]), "video_durations"),
-    ("video_durations miss content video", body(video_url=VID, content=[item("video", VID)],
-                                                video_durations=[5]), "video_durations"),
-    ("video_durations total above 15", body(video_urls=[VID] * 3, video_durations=[5, 5, 5.5]),
-     "video_durations"),
+    (
+        "video_durations miss content video",
+        body(video_url=VID, content=[item("video", VID)], video_durations=[5]),
+        "video_durations",
+    ),
+    ("video_durations total above 15", body(video_urls=[VID] * 3, video_durations=[5, 5, 5.5]), "video_durations"),
     ("video duration below 2", body(video_url=VID, video_durations=[1.5]), "video_durations[0]"),
     ("video duration above 15", body(video_urls=[VID, VID], video_durations=[3, 16]), "video_durations[1]"),
     ("video duration bool", body(video_url=VID, video_durations=[True]), "video_durations[0]"),
@@ -216,24 +304,35 @@ BAD = [
     ("input_video_duration zero", body(video_url=VID, input_video_duration=0), "input_video_duration"),
     ("input_video_duration above 15", body(video_url=VID, input_video_duration=15.5), "input_video_duration"),
     ("input_video_duration bool", body(video_url=VID, input_video_duration=True), "input_video_duration"),
-    ("input_video_duration infinite", body(video_url=VID, input_video_duration=float("inf")),
-     "input_video_duration"),
-    ("durations disagree", body(video_urls=[VID, VID], video_durations=[3, 5], input_video_duration=9),
-     "input_video_duration"),
+    ("input_video_duration infinite", body(video_url=VID, input_video_duration=float("inf")), "input_video_duration"),
+    (
+        "durations disagree",
+        body(video_urls=[VID, VID], video_durations=[3, 5], input_video_duration=9),
+        "input_video_duration",
+    ),
     # each reference video counts at least 2 s
     ("0.001 s for three videos", body(video_urls=[VID] * 3, input_video_duration=0.001), "input_video_duration"),
     ("5.9 s for three videos", body(video_urls=[VID] * 3, input_video_duration=5.9), "input_video_duration"),
     ("1.5 s for one video", body(video_url=VID, input_video_duration=1.5), "input_video_duration"),
-    ("3.9 s for a flat and a content video", body(video_url=VID, content=[item("video", VID)],
-                                                  input_video_duration=3.9), "input_video_duration"),
+    (
+        "3.9 s for a flat and a content video",
+        body(video_url=VID, content=[item("video", VID)], input_video_duration=3.9),
+        "input_video_duration",
+    ),
     # counts come before per-item checks: the error is the count, whatever the items hold
     ("10 bad image URLs", body(image_urls=["ftp://x/a.png"] * 10), "image_urls"),
     ("10 image URLs that are not strings", body(image_urls=[7] * 10), "image_urls"),
     ("4 video data: URIs", body(video_urls=["data:video/mp4;base64,AAAA"] * 4), "video_urls"),
-    ("13 content items, a bad URL first", body(content=[item("image", "ftp://x")] + [item("image", IMG)] * 12),
-     "content"),
-    ("4 audio items with image data: URIs", body(image_url=IMG, content=[item("audio", "data:image/png;base64,A")] * 4),
-     "content"),
+    (
+        "13 content items, a bad URL first",
+        body(content=[item("image", "ftp://x")] + [item("image", IMG)] * 12),
+        "content",
+    ),
+    (
+        "4 audio items with image data: URIs",
+        body(image_url=IMG, content=[item("audio", "data:image/png;base64,A")] * 4),
+        "content",
+    ),
     ("video_durations too many, bad items", body(video_url=VID, video_durations=["x", -1]), "video_durations"),
 ]
 
@@ -280,13 +379,17 @@ class Touched(list):
             yield value
 
 
-@pytest.mark.parametrize("field, entry, param", [
-    ("image_urls", IMG, "image_urls"),
-    ("image_urls", "ftp://not-checked", "image_urls"),
-    ("video_urls", "data:video/mp4;base64,AAAA", "video_urls"),
-    ("content", item("image", IMG), "content"),
-    ("content", item("image", "data:image/png;base64," + "A" * 100), "content"),
-], ids=["urls", "bad urls", "video data URIs", "content items", "content data URIs"])
+@pytest.mark.parametrize(
+    "field, entry, param",
+    [
+        ("image_urls", IMG, "image_urls"),
+        ("image_urls", "ftp://not-checked", "image_urls"),
+        ("video_urls", "data:video/mp4;base64,AAAA", "video_urls"),
+        ("content", item("image", IMG), "content"),
+        ("content", item("image", "data:image/png;base64," + "A" * 100), "content"),
+    ],
+    ids=["urls", "bad urls", "video data URIs", "content items", "content data URIs"],
+)
 def test_a_million_items_are_refused_after_reading_a_few(field, entry, param):
     items = Touched([entry] * 1_000_000)
     with pytest.raises(ValidationError) as err:
@@ -359,8 +462,12 @@ def test_body_hash_is_the_canonical_sha256_whatever_the_spelling():
     a = check(b'{"model": "doubao-seedance-2.0", "prompt": "a fox", "duration": 5}', PRICING)
     b = check(b'{"duration":5,\n "prompt":"a \\u0066ox","model":"doubao-seedance-2.0"}', PRICING)
     assert a == b
-    assert a.body_hash == hashlib.sha256(orjson.dumps({"duration": 5, "model": M, "prompt": "a fox"},
-                                                      option=orjson.OPT_SORT_KEYS)).hexdigest()
+    assert (
+        a.body_hash
+        == hashlib.sha256(
+            orjson.dumps({"duration": 5, "model": M, "prompt": "a fox"}, option=orjson.OPT_SORT_KEYS)
+        ).hexdigest()
+    )
     assert a.request == validate(body(prompt="a fox", duration=5), PRICING)
 
 

@@ -35,8 +35,11 @@ def outcome(payload):
 def bodies(seed, n):
     rng = random.Random(seed)
     for _ in range(n):
-        yield {name: rng.choice(good if rng.random() < 0.8 or not bad else bad)
-               for name, (good, bad) in VALUES.items() if rng.random() < 0.9}
+        yield {
+            name: rng.choice(good if rng.random() < 0.8 or not bad else bad)
+            for name, (good, bad) in VALUES.items()
+            if rng.random() < 0.9
+        }
 
 
 @pytest.mark.parametrize("forcing", sorted(_MEDIA_FIELDS))

@@ -46,15 +46,29 @@ def rejected(exc_type, param, fn, *args, **kw):
 
 
 SIZES = [
-    ("720x1280", "720p", "9:16"), ("1280x720", "720p", "16:9"), ("1024x1792", "720p", "9:16"),
-    ("1792x1024", "720p", "16:9"), ("1920x1080", "720p", "16:9"), ("720x720", "720p", "1:1"),
-    ("960x720", "720p", "4:3"), ("720x960", "720p", "3:4"), ("1680x720", "720p", "21:9"),
-    ("2560x1080", "720p", "21:9"), ("854x480", "480p", "16:9"), ("480x854", "480p", "9:16"),
-    ("480x480", "480p", "1:1"), ("640x480", "480p", "4:3"), ("481x481", "720p", "1:1"),
-    ("1x1", "480p", "1:1"), ("100x10000", "480p", "9:16"), ("10000x100", "480p", "21:9"),
+    ("720x1280", "720p", "9:16"),
+    ("1280x720", "720p", "16:9"),
+    ("1024x1792", "720p", "9:16"),
+    ("1792x1024", "720p", "16:9"),
+    ("1920x1080", "720p", "16:9"),
+    ("720x720", "720p", "1:1"),
+    ("960x720", "720p", "4:3"),
+    ("720x960", "720p", "3:4"),
+    ("1680x720", "720p", "21:9"),
+    ("2560x1080", "720p", "21:9"),
+    ("854x480", "480p", "16:9"),
+    ("480x854", "480p", "9:16"),
+    ("480x480", "480p", "1:1"),
+    ("640x480", "480p", "4:3"),
+    ("481x481", "720p", "1:1"),
+    ("1x1", "480p", "1:1"),
+    ("100x10000", "480p", "9:16"),
+    ("10000x100", "480p", "21:9"),
     # either side of the log-midpoints: 1:1|4:3 at 1.1547, 16:9|21:9 at 2.0367
-    ("1150x1000", "720p", "1:1"), ("1160x1000", "720p", "4:3"),
-    ("2030x1000", "720p", "16:9"), ("2040x1000", "720p", "21:9"),
+    ("1150x1000", "720p", "1:1"),
+    ("1160x1000", "720p", "4:3"),
+    ("2030x1000", "720p", "16:9"),
+    ("2040x1000", "720p", "21:9"),
 ]
 
 
@@ -65,14 +79,41 @@ def test_size_maps_to_resolution_and_nearest_ratio(size, resolution, ratio):
     assert (t.body["resolution"], t.body["aspect_ratio"], t.facts.size) == (resolution, ratio, size)
 
 
-@pytest.mark.parametrize("size", ["1280*720", "1280x", "x720", "0x720", "1280x0", "-1x5", " 1280x720",
-                                  "1280X720", "1280x720 ", "123456x1", "", "1280.0x720", 1280, ["1280x720"]])
+@pytest.mark.parametrize(
+    "size",
+    [
+        "1280*720",
+        "1280x",
+        "x720",
+        "0x720",
+        "1280x0",
+        "-1x5",
+        " 1280x720",
+        "1280X720",
+        "1280x720 ",
+        "123456x1",
+        "",
+        "1280.0x720",
+        1280,
+        ["1280x720"],
+    ],
+)
 def test_size_not_wxh_is_invalid(size):
     assert rejected(ValidationError, "size", create, size=size).code == "invalid_parameter"
 
 
-SECONDS = [(None, "4"), ("4", "4"), (4, "4"), ("8", "8"), ("12", "12"), (12, "12"), ("15", "15"),
-           (15, "15"), ("08", "8"), ("5", "5")]
+SECONDS = [
+    (None, "4"),
+    ("4", "4"),
+    (4, "4"),
+    ("8", "8"),
+    ("12", "12"),
+    (12, "12"),
+    ("15", "15"),
+    (15, "15"),
+    ("08", "8"),
+    ("5", "5"),
+]
 
 
 @pytest.mark.parametrize(("seconds", "shown"), SECONDS)
@@ -87,10 +128,13 @@ def test_seconds_out_of_range_or_not_whole_is_invalid(seconds):
 
 
 MODELS = [
-    ({}, None, "sora-2", FAST), ({}, "sora-2", "sora-2", FAST), ({}, "sora-2-pro", "sora-2-pro", PRO),
-    ({}, PRO, PRO, PRO), ({}, FAST, FAST, FAST),
-    ({"sora-2": PRO}, "sora-2", "sora-2", PRO),             # the config's entries win over the defaults
-    ({"veo-3": FAST}, "sora-2-pro", "sora-2-pro", PRO),     # ... and are merged with them
+    ({}, None, "sora-2", FAST),
+    ({}, "sora-2", "sora-2", FAST),
+    ({}, "sora-2-pro", "sora-2-pro", PRO),
+    ({}, PRO, PRO, PRO),
+    ({}, FAST, FAST, FAST),
+    ({"sora-2": PRO}, "sora-2", "sora-2", PRO),  # the config's entries win over the defaults
+    ({"veo-3": FAST}, "sora-2-pro", "sora-2-pro", PRO),  # ... and are merged with them
     ({"veo-3": FAST}, "veo-3", "veo-3", FAST),
 ]
 
@@ -138,9 +182,21 @@ def test_null_fields_count_as_absent():
 
 
 IMAGE_IDS = ["png", "jpeg", "webp", "gif", "mp4", "mov", "webm", "heic", "empty", "text", "wav", "png-cut", "jpeg-cut"]
-IMAGES = [(PNG, "image/png"), (JPEG, "image/jpeg"), (WEBP, "image/webp"), (GIF, None), (MP4, None),
-          (MOV, None), (WEBM, None), (HEIC, None), (b"", None), (b"hello", None), (b"RIFF\0\0\0\0WAVEfmt ", None),
-          (b"\x89PNG", None), (b"\xff\xd8", None)]
+IMAGES = [
+    (PNG, "image/png"),
+    (JPEG, "image/jpeg"),
+    (WEBP, "image/webp"),
+    (GIF, None),
+    (MP4, None),
+    (MOV, None),
+    (WEBM, None),
+    (HEIC, None),
+    (b"", None),
+    (b"hello", None),
+    (b"RIFF\0\0\0\0WAVEfmt ", None),
+    (b"\x89PNG", None),
+    (b"\xff\xd8", None),
+]
 
 
 @pytest.mark.parametrize(("data", "media_type"), IMAGES, ids=IMAGE_IDS)
@@ -157,9 +213,18 @@ def test_uploaded_image_becomes_a_first_frame_data_url_whatever_its_declared_typ
     assert set(t.body) == {"model", "prompt", "duration", "resolution", "aspect_ratio", "content"}
 
 
-@pytest.mark.parametrize(("data", "says"), [(MP4, "a video"), (MOV, "a video"), (WEBM, "a video"),
-                                            (GIF, "this kind"), (HEIC, "this kind"), (b"", "this kind")],
-                         ids=["mp4", "mov", "webm", "gif", "heic", "empty"])
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        (MP4, "a video"),
+        (MOV, "a video"),
+        (WEBM, "a video"),
+        (GIF, "this kind"),
+        (HEIC, "this kind"),
+        (b"", "this kind"),
+    ],
+    ids=["mp4", "mov", "webm", "gif", "heic", "empty"],
+)
 def test_other_uploads_are_unsupported(data, says):
     exc = rejected(UnsupportedParameter, "input_reference", create, upload=Upload(data, "image/png"))
     assert says in exc.message
@@ -178,35 +243,59 @@ def test_json_image_url_passes_through(url):
     assert t.body["content"] == [{"type": "image_url", "image_url": {"url": url}, "role": "first_frame"}]
 
 
-@pytest.mark.parametrize(("value", "exc_type"), [
-    ({"file_id": "file_123"}, UnsupportedParameter),
-    ({"image_url": "https://a/b.png", "file_id": "f"}, UnsupportedParameter),
-    ("file_123", UnsupportedParameter), ("https://a/b.png", UnsupportedParameter), ({}, UnsupportedParameter),
-    ({"image_url": 5}, ValidationError), ({"image_url": ""}, ValidationError),
-])
+@pytest.mark.parametrize(
+    ("value", "exc_type"),
+    [
+        ({"file_id": "file_123"}, UnsupportedParameter),
+        ({"image_url": "https://a/b.png", "file_id": "f"}, UnsupportedParameter),
+        ("file_123", UnsupportedParameter),
+        ("https://a/b.png", UnsupportedParameter),
+        ({}, UnsupportedParameter),
+        ({"image_url": 5}, ValidationError),
+        ({"image_url": ""}, ValidationError),
+    ],
+)
 def test_other_references_are_rejected(value, exc_type):
     rejected(exc_type, "input_reference", create, input_reference=value)
 
 
 def test_reference_given_twice():
-    rejected(ValidationError, "input_reference", create, upload=Upload(PNG), input_reference={"image_url": "https://a/b"})
+    rejected(
+        ValidationError, "input_reference", create, upload=Upload(PNG), input_reference={"image_url": "https://a/b"}
+    )
 
 
 def test_mapped_bodies_pass_the_tokenhub_validation():
-    for fields, upload in [({}, None), ({"size": "854x480", "seconds": 15, "model": "sora-2-pro"}, None),
-                           ({"input_reference": {"image_url": "https://cdn.example.com/a.png"}}, None),
-                           ({}, Upload(JPEG))]:
+    for fields, upload in [
+        ({}, None),
+        ({"size": "854x480", "seconds": 15, "model": "sora-2-pro"}, None),
+        ({"input_reference": {"image_url": "https://cdn.example.com/a.png"}}, None),
+        ({}, Upload(JPEG)),
+    ]:
         t = create(upload=upload, **fields)
         req = validate(t.body, PRICING)
-        assert (req.model, req.resolution, req.duration_s) == (t.body["model"], t.body["resolution"],
-                                                               t.body["duration"])
+        assert (req.model, req.resolution, req.duration_s) == (
+            t.body["model"],
+            t.body["resolution"],
+            t.body["duration"],
+        )
 
 
-@pytest.mark.parametrize(("param", "client"), [
-    ("duration", "seconds"), ("resolution", "size"), ("aspect_ratio", "size"), ("model", "model"),
-    ("prompt", "prompt"), ("content[0].image_url.url", "input_reference"), ("content", "input_reference"),
-    ("video_durations[0]", "input_reference"), (None, None), ("Idempotency-Key", "Idempotency-Key"),
-])
+@pytest.mark.parametrize(
+    ("param", "client"),
+    [
+        ("duration", "seconds"),
+        ("resolution", "size"),
+        ("aspect_ratio", "size"),
+        ("model", "model"),
+        ("prompt", "prompt"),
+        ("content[0].image_url.url", "input_reference"),
+        ("content", "input_reference"),
+        ("video_durations[0]", "input_reference"),
+        (None, None),
+        ("Idempotency-Key", "Idempotency-Key"),
+    ],
+)
 def test_client_param(param, client):
     assert client_param(param) == client
 
@@ -223,10 +312,15 @@ def remix(fields, **kw):
 
 def test_remix_keeps_the_sources_model_size_and_seconds():
     t = remix({"prompt": "now at night"})
-    assert t.body == {"model": PRO, "prompt": "now at night", "duration": 8, "resolution": "720p",
-                      "aspect_ratio": "16:9",
-                      "content": [{"type": "video_url", "video_url": {"url": SOURCE_URL}, "role": "reference_video"}],
-                      "video_durations": [8]}
+    assert t.body == {
+        "model": PRO,
+        "prompt": "now at night",
+        "duration": 8,
+        "resolution": "720p",
+        "aspect_ratio": "16:9",
+        "content": [{"type": "video_url", "video_url": {"url": SOURCE_URL}, "role": "reference_video"}],
+        "video_durations": [8],
+    }
     assert t.facts == VideoFacts("sora-2-pro", "8", "1280x720", "now at night", "vid_src")
     req = validate(t.body, PRICING)
     assert (req.input_s, req.input_estimated, req.reference_videos) == (8, False, 1)
@@ -250,34 +344,45 @@ def test_remix_of_a_tokenhub_shape_task():
     assert (t.body["model"], t.body["duration"], t.body["resolution"], t.facts.model) == (FAST, 5, "480p", FAST)
 
 
-@pytest.mark.parametrize(("fields", "param", "exc_type"), [
-    ({}, "prompt", ValidationError), ({"prompt": "p", "input_reference": {"image_url": "https://a"}},
-                                      "input_reference", UnsupportedParameter),
-    ({"prompt": "p", "seconds": "20"}, "seconds", ValidationError),
-])
+@pytest.mark.parametrize(
+    ("fields", "param", "exc_type"),
+    [
+        ({}, "prompt", ValidationError),
+        ({"prompt": "p", "input_reference": {"image_url": "https://a"}}, "input_reference", UnsupportedParameter),
+        ({"prompt": "p", "seconds": "20"}, "seconds", ValidationError),
+    ],
+)
 def test_remix_errors(fields, param, exc_type):
     rejected(exc_type, param, remix, fields)
 
 
 # multipart fields and the fingerprint
 
+
 def test_form_fields():
     up = Upload(PNG, "application/octet-stream", "upload")
     assert form_fields([("prompt", "a"), ("seconds", "8"), ("input_reference", up)]) == (
-        {"prompt": "a", "seconds": "8"}, up)
+        {"prompt": "a", "seconds": "8"},
+        up,
+    )
     assert form_fields([("prompt", "a"), ("input_reference[image_url]", "https://a/b.png")]) == (
-        {"prompt": "a", "input_reference": {"image_url": "https://a/b.png"}}, None)
+        {"prompt": "a", "input_reference": {"image_url": "https://a/b.png"}},
+        None,
+    )
 
 
-@pytest.mark.parametrize(("parts", "param"), [
-    ([("prompt", "a"), ("prompt", "b")], "prompt"),
-    ([("input_reference", Upload(PNG)), ("input_reference", Upload(PNG))], "input_reference"),
-    ([("input_reference", Upload(PNG)), ("input_reference[image_url]", "https://a")], "input_reference"),
-    ([("input_reference[image_url]", "https://a"), ("input_reference", "x")], "input_reference"),
-    ([("prompt", Upload(b"a cat"))], "prompt"),
-    ([("input_reference[image_url]", Upload(PNG))], "input_reference[image_url]"),
-    ([("y" * 500, "a"), ("y" * 500, "b")], "y" * 64),
-])
+@pytest.mark.parametrize(
+    ("parts", "param"),
+    [
+        ([("prompt", "a"), ("prompt", "b")], "prompt"),
+        ([("input_reference", Upload(PNG)), ("input_reference", Upload(PNG))], "input_reference"),
+        ([("input_reference", Upload(PNG)), ("input_reference[image_url]", "https://a")], "input_reference"),
+        ([("input_reference[image_url]", "https://a"), ("input_reference", "x")], "input_reference"),
+        ([("prompt", Upload(b"a cat"))], "prompt"),
+        ([("input_reference[image_url]", Upload(PNG))], "input_reference[image_url]"),
+        ([("y" * 500, "a"), ("y" * 500, "b")], "y" * 64),
+    ],
+)
 def test_form_fields_refused(parts, param):
     rejected(ValidationError, param, form_fields, parts)
 
@@ -291,10 +396,15 @@ def test_fingerprint_same_fields_same_print():
     assert fingerprint({**FIELDS, "size": None}) == fingerprint({k: v for k, v in FIELDS.items() if k != "size"})
 
 
-@pytest.mark.parametrize(("other", "upload", "remix_of"), [
-    ({**FIELDS, "prompt": "a dog"}, None, None), ({**FIELDS, "seconds": 8}, None, None),
-    (FIELDS, Upload(PNG), None), (FIELDS, None, "vid_1"),
-])
+@pytest.mark.parametrize(
+    ("other", "upload", "remix_of"),
+    [
+        ({**FIELDS, "prompt": "a dog"}, None, None),
+        ({**FIELDS, "seconds": 8}, None, None),
+        (FIELDS, Upload(PNG), None),
+        (FIELDS, None, "vid_1"),
+    ],
+)
 def test_fingerprint_differs(other, upload, remix_of):
     assert fingerprint(other, upload, remix_of=remix_of) != fingerprint(FIELDS)
 
@@ -306,16 +416,32 @@ def test_fingerprint_by_file_content_and_remix_source():
 
 # what the official openai SDK sends, parsed as the route will (starlette's form parser)
 
+
 def sdk_requests(*calls):
     sent = []
 
     def handler(request):
         sent.append(request)
-        return httpx2.Response(200, json={"id": "video_1", "object": "video", "status": "queued",
-                                          "progress": 0, "created_at": 1, "model": "sora-2",
-                                          "seconds": "4", "size": "720x1280"})
-    client = openai.OpenAI(base_url="http://gateway.test/v1", api_key="tgw-test", max_retries=0,
-                           http_client=httpx2.Client(transport=httpx2.MockTransport(handler)))
+        return httpx2.Response(
+            200,
+            json={
+                "id": "video_1",
+                "object": "video",
+                "status": "queued",
+                "progress": 0,
+                "created_at": 1,
+                "model": "sora-2",
+                "seconds": "4",
+                "size": "720x1280",
+            },
+        )
+
+    client = openai.OpenAI(
+        base_url="http://gateway.test/v1",
+        api_key="tgw-test",
+        max_retries=0,
+        http_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
+    )
     for call in calls:
         call(client.videos)
     return sent
@@ -326,17 +452,29 @@ async def parsed(request):
 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
-    scope = {"type": "http", "method": "POST", "path": request.url.path, "query_string": b"",
-             "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()]}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": request.url.path,
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
+    }
     form = await Request(scope, receive).form()
-    parts = [(name, Upload(await value.read(), value.content_type, value.filename)
-              if isinstance(value, UploadFile) else value) for name, value in form.multi_items()]
+    parts = [
+        (
+            name,
+            Upload(await value.read(), value.content_type, value.filename) if isinstance(value, UploadFile) else value,
+        )
+        for name, value in form.multi_items()
+    ]
     return form_fields(parts)
 
 
 async def test_sdk_create_is_multipart_with_string_fields_and_an_octet_stream_file():
-    (req,) = sdk_requests(lambda v: v.create(prompt="a cat", model="sora-2-pro", seconds="8", size="1792x1024",
-                                             input_reference=PNG))
+    (req,) = sdk_requests(
+        lambda v: v.create(prompt="a cat", model="sora-2-pro", seconds="8", size="1792x1024", input_reference=PNG)
+    )
     assert req.headers["content-type"].startswith("multipart/form-data; boundary=")
     fields, upload = await parsed(req)
     assert fields == {"prompt": "a cat", "model": "sora-2-pro", "seconds": "8", "size": "1792x1024"}
@@ -349,13 +487,15 @@ async def test_sdk_create_is_multipart_with_string_fields_and_an_octet_stream_fi
 async def test_sdk_retry_of_the_same_call_has_the_same_fingerprint_whatever_the_boundary():
     call = lambda v: v.create(prompt="a cat", seconds="4", input_reference=("cat.jpg", JPEG, "image/jpeg"))  # noqa: E731
     first, second = sdk_requests(call, call)
-    assert first.headers["content-type"] != second.headers["content-type"]   # a fresh boundary each time
+    assert first.headers["content-type"] != second.headers["content-type"]  # a fresh boundary each time
     assert fingerprint(*await parsed(first)) == fingerprint(*await parsed(second))
 
 
 async def test_sdk_create_without_a_file_and_with_extra_body():
-    plain, extra = sdk_requests(lambda v: v.create(prompt="a cat"),
-                                lambda v: v.create(prompt="a cat", seconds=8, extra_body={"watermark": "true"}))
+    plain, extra = sdk_requests(
+        lambda v: v.create(prompt="a cat"),
+        lambda v: v.create(prompt="a cat", seconds=8, extra_body={"watermark": "true"}),
+    )
     assert await parsed(plain) == ({"prompt": "a cat"}, None)
     fields, _ = await parsed(extra)
     assert fields == {"prompt": "a cat", "seconds": "8", "watermark": "true"}
@@ -365,4 +505,7 @@ async def test_sdk_create_without_a_file_and_with_extra_body():
 def test_sdk_remix_is_json_with_the_prompt_only():
     (req,) = sdk_requests(lambda v: v.remix("video_1", prompt="at night"))
     assert (req.url.path, req.headers["content-type"], req.read()) == (
-        "/v1/videos/video_1/remix", "application/json", b'{"prompt":"at night"}')
+        "/v1/videos/video_1/remix",
+        "application/json",
+        b'{"prompt":"at night"}',
+    )

@@ -20,44 +20,76 @@ from gateway.videos_bridge import (
 from gateway.videos_view import video_object
 
 T0 = 1_760_000_000.0
-SUCCEEDED = {"id": "cgt-1", "status": "succeeded", "usage": {"video_duration": 5},
-             "data": [{"video_url": "https://cdn.example/v.mp4?sig=1", "cover_image_url": "https://cdn.example/c.png"}]}
+SUCCEEDED = {
+    "id": "cgt-1",
+    "status": "succeeded",
+    "usage": {"video_duration": 5},
+    "data": [{"video_url": "https://cdn.example/v.mp4?sig=1", "cover_image_url": "https://cdn.example/c.png"}],
+}
 
 
 def task(**kw) -> Task:
-    fields = {"rid": "r1", "team": "red", "user": "alice", "model": "doubao-seedance-2.0-fast", "resolution": "720p",
-              "duration_s": 5, "input_ms": 0, "input_estimated": False, "estimate_ms": 5000,
-              "estimate_micros": 800_000, "team_period": "2026-11", "user_period": "2026-11", "created_at": T0,
-              "status": "queued", "task_id": "cgt-1"}
+    fields = {
+        "rid": "r1",
+        "team": "red",
+        "user": "alice",
+        "model": "doubao-seedance-2.0-fast",
+        "resolution": "720p",
+        "duration_s": 5,
+        "input_ms": 0,
+        "input_estimated": False,
+        "estimate_ms": 5000,
+        "estimate_micros": 800_000,
+        "team_period": "2026-11",
+        "user_period": "2026-11",
+        "created_at": T0,
+        "status": "queued",
+        "task_id": "cgt-1",
+    }
     return Task(**{**fields, **kw})
 
 
-@pytest.mark.parametrize("facts", [VideoFacts("sora-2", "8", "1280x720", "a fox"),
-                                   VideoFacts("sora-2-pro", "4", "720x1280", None, "cgt-0")])
+@pytest.mark.parametrize(
+    "facts", [VideoFacts("sora-2", "8", "1280x720", "a fox"), VideoFacts("sora-2-pro", "4", "720x1280", None, "cgt-0")]
+)
 def test_meta_round_trip(facts):
     assert decode_meta(encode_meta(facts)) == facts
 
 
-@pytest.mark.parametrize("meta", [None, b"", b"{not json", b"[1]", b'{"v": 2, "model": "m"}',
-                                  b'{"v": 1, "model": 3, "seconds": "4", "size": "1x1"}',
-                                  b'{"v": 1, "aspect_ratio": "9:16"}'])
+@pytest.mark.parametrize(
+    "meta",
+    [
+        None,
+        b"",
+        b"{not json",
+        b"[1]",
+        b'{"v": 2, "model": "m"}',
+        b'{"v": 1, "model": 3, "seconds": "4", "size": "1x1"}',
+        b'{"v": 1, "aspect_ratio": "9:16"}',
+    ],
+)
 def test_unreadable_or_foreign_meta_reads_as_none(meta):
     assert decode_meta(meta) is None
 
 
-@pytest.mark.parametrize(("body", "meta"), [({"aspect_ratio": "9:16"}, {"v": 1, "aspect_ratio": "9:16"}),
-                                            ({"aspect_ratio": "adaptive"}, None), ({}, None)])
+@pytest.mark.parametrize(
+    ("body", "meta"),
+    [({"aspect_ratio": "9:16"}, {"v": 1, "aspect_ratio": "9:16"}), ({"aspect_ratio": "adaptive"}, None), ({}, None)],
+)
 def test_a_tokenhub_shape_create_keeps_only_a_named_ratio(body, meta):
     kept = seedance_meta(body.get("aspect_ratio"))
     assert (orjson.loads(kept) if kept else None) == meta
 
 
-@pytest.mark.parametrize(("meta", "answer", "size"), [
-    (seedance_meta("9:16"), {"ratio": "1:1"}, "720x1280"),  # what the client asked for wins
-    (None, {"ratio": "1:1"}, "720x720"),
-    (None, {"aspect_ratio": "4:3"}, "960x720"),
-    (None, {}, "1280x720"),
-])
+@pytest.mark.parametrize(
+    ("meta", "answer", "size"),
+    [
+        (seedance_meta("9:16"), {"ratio": "1:1"}, "720x1280"),  # what the client asked for wins
+        (None, {"ratio": "1:1"}, "720x720"),
+        (None, {"aspect_ratio": "4:3"}, "960x720"),
+        (None, {}, "1280x720"),
+    ],
+)
 def test_the_size_of_a_tokenhub_shape_task(meta, answer, size):
     v = video_object(task_facts(task(meta=meta), answer), T0)
     assert (v["size"], v["model"], v["seconds"], v["prompt"]) == (size, "doubao-seedance-2.0-fast", "5", None)
@@ -70,7 +102,12 @@ def test_an_openai_shape_task_shows_the_clients_names_and_tokenhubs_error():
     facts = task_facts(task(meta=meta, status="failed", settled_at=T0 + 60), answer)
     v = video_object(facts, T0 + 100)
     assert (v["model"], v["seconds"], v["size"], v["remixed_from_video_id"], v["status"]) == (
-        "sora-2", "8", "1792x1024", "cgt-0", "failed")
+        "sora-2",
+        "8",
+        "1792x1024",
+        "cgt-0",
+        "failed",
+    )
     assert v["error"]["code"] == "generation_failed" and len(v["error"]["message"]) == 1000
 
 
@@ -79,19 +116,32 @@ def test_the_final_body_stands_in_for_an_answer():
     assert video_object(task_facts(settled), T0 + 100)["expires_at"] == int(T0 + 60 + 24 * 3600)
 
 
-@pytest.mark.parametrize(("answer", "variant", "url"), [
-    (SUCCEEDED, "video", "https://cdn.example/v.mp4?sig=1"),
-    (SUCCEEDED, "thumbnail", "https://cdn.example/c.png"),
-    ({"data": [{"video_url": "file:///etc/passwd"}]}, "video", None),
-    ({"data": []}, "video", None), ({"data": "x"}, "video", None), ({}, "video", None), (None, "video", None),
-])
+@pytest.mark.parametrize(
+    ("answer", "variant", "url"),
+    [
+        (SUCCEEDED, "video", "https://cdn.example/v.mp4?sig=1"),
+        (SUCCEEDED, "thumbnail", "https://cdn.example/c.png"),
+        ({"data": [{"video_url": "file:///etc/passwd"}]}, "video", None),
+        ({"data": []}, "video", None),
+        ({"data": "x"}, "video", None),
+        ({}, "video", None),
+        (None, "video", None),
+    ],
+)
 def test_result_url(answer, variant, url):
     assert result_url(answer, variant) == url
 
 
-@pytest.mark.parametrize(("answer", "seconds"), [(SUCCEEDED, 5.0), ({"usage": {"video_duration": True}}, None),
-                                                 ({"usage": {"video_duration": "5"}}, None), ({"usage": 5}, None),
-                                                 (None, None)])
+@pytest.mark.parametrize(
+    ("answer", "seconds"),
+    [
+        (SUCCEEDED, 5.0),
+        ({"usage": {"video_duration": True}}, None),
+        ({"usage": {"video_duration": "5"}}, None),
+        ({"usage": 5}, None),
+        (None, None),
+    ],
+)
 def test_output_seconds(answer, seconds):
     assert output_seconds(answer) == seconds
 

@@ -27,9 +27,22 @@ SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 
 
 def task(**kw) -> Task:
-    fields = dict(rid="r1", team="red", user="alice", model="doubao-seedance-2.0", resolution="720p",
-                  duration_s=5, input_ms=0, input_estimated=False, estimate_ms=5000, estimate_micros=1_000_000,
-                  team_period="p", user_period="p", created_at=0.0, task_id="cgt-1")
+    fields = dict(
+        rid="r1",
+        team="red",
+        user="alice",
+        model="doubao-seedance-2.0",
+        resolution="720p",
+        duration_s=5,
+        input_ms=0,
+        input_estimated=False,
+        estimate_ms=5000,
+        estimate_micros=1_000_000,
+        team_period="p",
+        user_period="p",
+        created_at=0.0,
+        task_id="cgt-1",
+    )
     return Task(**{**fields, **kw})
 
 
@@ -38,6 +51,7 @@ def endpoint(url: str = "https://hooks.example/x", **kw) -> WebhookEndpoint:
 
 
 # ---- pure parts ---------------------------------------------------------------------------------------
+
 
 def test_signature_verifies_with_standardwebhooks_and_the_openai_sdk():
     now = time.time()
@@ -53,15 +67,30 @@ def test_signature_verifies_with_standardwebhooks_and_the_openai_sdk():
 
 
 def test_events_follow_each_endpoints_teams_and_types():
-    eps = [endpoint(name="all"), endpoint(name="blue-only", teams=frozenset({"blue"})),
-           endpoint(name="failures", events=frozenset({"video.failed"}))]
+    eps = [
+        endpoint(name="all"),
+        endpoint(name="blue-only", teams=frozenset({"blue"})),
+        endpoint(name="failures", events=frozenset({"video.failed"})),
+    ]
     done = event_items(eps, task(), "succeeded", 15_000, 3_000_000, 1_800_000_000.5)
     assert [i.topic for i in done] == [webhook_topic("all")]
     body = orjson.loads(done[0].payload)
-    assert body == {"id": done[0].id, "object": "event", "type": "video.completed", "created_at": 1_800_000_000,
-                    "data": {"id": "cgt-1", "status": "completed", "tokenhub_status": "succeeded", "team": "red",
-                             "user": "alice", "model": "doubao-seedance-2.0", "cost_usd": 3.0,
-                             "video_seconds": 15.0}}
+    assert body == {
+        "id": done[0].id,
+        "object": "event",
+        "type": "video.completed",
+        "created_at": 1_800_000_000,
+        "data": {
+            "id": "cgt-1",
+            "status": "completed",
+            "tokenhub_status": "succeeded",
+            "team": "red",
+            "user": "alice",
+            "model": "doubao-seedance-2.0",
+            "cost_usd": 3.0,
+            "video_seconds": 15.0,
+        },
+    }
     for status in ("failed", "cancelled", "expired", "unresolved", "unknown"):
         got = event_items(eps, task(team="blue", task_id=None), status, 0, 0, 1.0)
         assert [i.topic for i in got] == [webhook_topic(n) for n in ("all", "blue-only", "failures")]
@@ -76,16 +105,20 @@ def test_back_off_doubles_from_the_first_delay_and_stops_at_an_hour():
     assert backoff_s(5, 11) == 3600 and backoff_s(5, 10_000) == 3600
 
 
-@pytest.mark.parametrize(("url", "shown"), [
-    ("https://render.internal/hooks/videos", "https://render.internal/hooks/videos"),
-    ("https://user:pa55@render.internal:8443/h?token=abc", "https://***@render.internal:8443/h?***"),
-    ("http://[::1]:9000/h", "http://[::1]:9000/h"),
-])
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://render.internal/hooks/videos", "https://render.internal/hooks/videos"),
+        ("https://user:pa55@render.internal:8443/h?token=abc", "https://***@render.internal:8443/h?***"),
+        ("http://[::1]:9000/h", "http://[::1]:9000/h"),
+    ],
+)
 def test_urls_are_shown_without_credentials_or_query(url, shown):
     assert redacted(url) == shown
 
 
 # ---- delivery -----------------------------------------------------------------------------------------
+
 
 class Receiver:
     """An aiohttp endpoint on loopback: answers `script` statuses in turn (then 200), after `delay_s`."""
@@ -212,8 +245,14 @@ async def test_an_endpoint_that_never_succeeds_is_given_up_after_the_window(sqli
         d = Deliverer(sqlite, metrics, time.time, (ep,), window_s=0.5)
         job = await running(d)
         topic = webhook_topic(ep.name)
-        await until(lambda: metrics.registry.get_sample_value(
-            "tokenhub_gateway_webhook_deliveries_total", {"endpoint": ep.name, "result": "gave_up"}) == 1)
+        await until(
+            lambda: (
+                metrics.registry.get_sample_value(
+                    "tokenhub_gateway_webhook_deliveries_total", {"endpoint": ep.name, "result": "gave_up"}
+                )
+                == 1
+            )
+        )
         await stopped(d, job)
     s = (await sqlite.outbox_stats([topic]))[topic]
     assert (s.backlog, s.delivered, s.gave_up) == (0, 0, 1) and s.failed == len(rx.seen) >= 2
@@ -264,41 +303,73 @@ async def test_a_reload_without_the_endpoint_gives_its_events_up(sqlite):
 
 # ---- settings -----------------------------------------------------------------------------------------
 
-BASE = {"upstream": {"base_url": "http://127.0.0.1:1/api/v1", "keys": [{"name": "a", "value_env": "K"}]},
-        "teams": {"marketing": {}}}
+BASE = {
+    "upstream": {"base_url": "http://127.0.0.1:1/api/v1", "keys": [{"name": "a", "value_env": "K"}]},
+    "teams": {"marketing": {}},
+}
 ENV = {"K": "th-test-key-0123456789", "WS": SECRET}
 
 
 def test_the_spec_example_endpoint_parses_with_its_defaults():
     from gateway.config import parse_settings
 
-    spec = {"name": "render-farm", "url": "https://render.internal/hooks/videos", "secret_env": "WS",
-            "teams": ["marketing"], "events": ["video.completed", "video.failed"], "retry_initial_s": 5,
-            "max_in_flight": 4}
+    spec = {
+        "name": "render-farm",
+        "url": "https://render.internal/hooks/videos",
+        "secret_env": "WS",
+        "teams": ["marketing"],
+        "events": ["video.completed", "video.failed"],
+        "retry_initial_s": 5,
+        "max_in_flight": 4,
+    }
     [ep] = parse_settings({**BASE, "webhooks": [spec]}, ENV).webhooks
     assert (ep.name, ep.url.reveal(), ep.secret.reveal(), ep.teams) == (
-        "render-farm", "https://render.internal/hooks/videos", SECRET, frozenset({"marketing"}))
-    [plain] = parse_settings({**BASE, "webhooks": [{"name": "x", "url": "http://h/", "secret_env": "WS"}]},
-                             ENV).webhooks
+        "render-farm",
+        "https://render.internal/hooks/videos",
+        SECRET,
+        frozenset({"marketing"}),
+    )
+    [plain] = parse_settings(
+        {**BASE, "webhooks": [{"name": "x", "url": "http://h/", "secret_env": "WS"}]}, ENV
+    ).webhooks
     assert (plain.teams, plain.events, plain.retry_initial_s, plain.max_in_flight) == (
-        None, frozenset({"video.completed", "video.failed"}), 5, 4)
+        None,
+        frozenset({"video.completed", "video.failed"}),
+        5,
+        4,
+    )
     assert parse_settings(BASE, ENV).webhooks == ()
     assert SECRET not in repr(parse_settings({**BASE, "webhooks": [spec]}, ENV))
 
 
-@pytest.mark.parametrize(("hook", "env", "location"), [
-    ({"url": "https://h/"}, ENV, "webhooks[0].name"),
-    ({"name": "x", "secret_env": "WS"}, ENV, "webhooks[0].url"),
-    ({"name": "x", "url": "ftp://h/", "secret_env": "WS"}, ENV, "webhooks[0].url"),
-    ({"name": "x", "url": "https://h/"}, ENV, "webhooks[0].secret_env"),
-    ({"name": "x", "url": "https://h/", "secret_env": "NOPE"}, ENV, "webhooks[0].secret_env"),
-    ({"name": "x", "url": "https://h/", "secret_env": "WS"}, {**ENV, "WS": "not-base64!"}, "webhooks[0].secret_env"),
-    ({"name": "x", "url": "https://h/", "secret_env": "WS"}, {**ENV, "WS": "whsec_c2hvcnQ="}, "webhooks[0].secret_env"),
-    ({"name": "x", "url": "https://h/", "secret_env": "WS", "teams": ["nobody"]}, ENV, "webhooks[0].teams"),
-    ({"name": "x", "url": "https://h/", "secret_env": "WS", "events": ["video.created"]}, ENV, "webhooks[0].events"),
-    ({"name": "x", "url": "https://h/", "secret_env": "WS", "max_in_flight": 0}, ENV, "webhooks[0].max_in_flight"),
-    ({"name": "x", "url": "https://h/", "secret_env": "WS", "retry": 1}, ENV, "webhooks[0].retry"),
-])
+@pytest.mark.parametrize(
+    ("hook", "env", "location"),
+    [
+        ({"url": "https://h/"}, ENV, "webhooks[0].name"),
+        ({"name": "x", "secret_env": "WS"}, ENV, "webhooks[0].url"),
+        ({"name": "x", "url": "ftp://h/", "secret_env": "WS"}, ENV, "webhooks[0].url"),
+        ({"name": "x", "url": "https://h/"}, ENV, "webhooks[0].secret_env"),
+        ({"name": "x", "url": "https://h/", "secret_env": "NOPE"}, ENV, "webhooks[0].secret_env"),
+        (
+            {"name": "x", "url": "https://h/", "secret_env": "WS"},
+            {**ENV, "WS": "not-base64!"},
+            "webhooks[0].secret_env",
+        ),
+        (
+            {"name": "x", "url": "https://h/", "secret_env": "WS"},
+            {**ENV, "WS": "whsec_c2hvcnQ="},
+            "webhooks[0].secret_env",
+        ),
+        ({"name": "x", "url": "https://h/", "secret_env": "WS", "teams": ["nobody"]}, ENV, "webhooks[0].teams"),
+        (
+            {"name": "x", "url": "https://h/", "secret_env": "WS", "events": ["video.created"]},
+            ENV,
+            "webhooks[0].events",
+        ),
+        ({"name": "x", "url": "https://h/", "secret_env": "WS", "max_in_flight": 0}, ENV, "webhooks[0].max_in_flight"),
+        ({"name": "x", "url": "https://h/", "secret_env": "WS", "retry": 1}, ENV, "webhooks[0].retry"),
+    ],
+)
 def test_endpoint_problems_name_their_setting_and_never_the_secret(hook, env, location):
     from gateway.config import ConfigError, parse_settings
 

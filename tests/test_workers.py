@@ -46,7 +46,10 @@ async def test_errors_come_back_with_their_code_and_param(workers):
     with pytest.raises(ValidationError) as bad_field:
         await workers.run(check, orjson.dumps(body(duration=99)), PRICING)
     assert (bad_field.value.code, bad_field.value.param, bad_field.value.status) == (
-        "invalid_parameter", "duration", 400)
+        "invalid_parameter",
+        "duration",
+        400,
+    )
 
 
 async def test_a_worker_that_dies_fails_its_call_only(workers):

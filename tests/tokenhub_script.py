@@ -19,8 +19,12 @@ from gateway.upstream import Reply
 TERMINAL = ("succeeded", "failed", "cancelled", "expired")
 # What a create answer means for the money: TokenHub may have made (and billed) a task, or certainly not.
 MAY_HAVE_CREATED = frozenset({"fresh", "duplicate", "no_id", "5xx", "timeout", "cut_off"})
-PRICE_MICROS = {("doubao-seedance-2.0", "720p"): 200_000, ("doubao-seedance-2.0", "480p"): 120_000,
-                ("doubao-seedance-2.0-fast", "720p"): 160_000, ("doubao-seedance-2.0-fast", "480p"): 100_000}
+PRICE_MICROS = {
+    ("doubao-seedance-2.0", "720p"): 200_000,
+    ("doubao-seedance-2.0", "480p"): 120_000,
+    ("doubao-seedance-2.0-fast", "720p"): 160_000,
+    ("doubao-seedance-2.0-fast", "480p"): 100_000,
+}
 ECHO = "@ECHO@"
 
 
@@ -66,9 +70,11 @@ def render(data: dict[str, Any], key: str, echo: str | None) -> bytes:
 
 
 def raised(kind: str) -> Exception:
-    return {"timeout": UpstreamTimeout("TokenHub did not answer in time."),
-            "cut_off": UpstreamError("TokenHub's answer was cut off.", code="upstream_bad_response"),
-            "connect": ConnectFailed("Cannot reach TokenHub.")}[kind]
+    return {
+        "timeout": UpstreamTimeout("TokenHub did not answer in time."),
+        "cut_off": UpstreamError("TokenHub's answer was cut off.", code="upstream_bad_response"),
+        "connect": ConnectFailed("Cannot reach TokenHub."),
+    }[kind]
 
 
 @dataclass
@@ -109,8 +115,7 @@ class ScriptedTokenHub:
             data = {"id": task_id, "object": "video.generation.task", "status": "queued", "created": 0}
             return Reply(200, render(data, key, a.echo), None, 0.001)
         if kind == "no_id":
-            return Reply(200, render({"object": "video.generation.task", "status": "queued"}, key, a.echo),
-                         None, 0.001)
+            return Reply(200, render({"object": "video.generation.task", "status": "queued"}, key, a.echo), None, 0.001)
         return self._answer(a, None, None, key)
 
     def _answer(self, a: Answer, task_id: str | None, task: FakeTask | None, key: str) -> Reply | None:
@@ -128,8 +133,13 @@ class ScriptedTokenHub:
         """A 200 about the task: once terminal, TokenHub's answer never changes."""
         if task.final is None:
             status = "cancelled" if a.kind == "cancel" else a.status if a.kind == "status" else task.status
-            data: dict[str, Any] = {"id": task_id, "object": "video.generation.task", "model": task.model,
-                                    "status": status, "created": 0}
+            data: dict[str, Any] = {
+                "id": task_id,
+                "object": "video.generation.task",
+                "model": task.model,
+                "status": status,
+                "created": 0,
+            }
             if status == "succeeded":
                 data["data"] = [{"video_url": "https://cdn.invalid/v.mp4", "cover_image_url": None}]
                 if a.usage is not None:
@@ -150,8 +160,10 @@ class ScriptedTokenHub:
 
 def strict_json(body: bytes) -> bool:
     """Whether the body is JSON without NaN or Infinity, which no JSON parser owes anyone."""
+
     def refuse(name: str) -> None:
         raise ValueError(name)
+
     try:
         json.loads(body, parse_constant=refuse)
     except ValueError:
@@ -160,8 +172,13 @@ def strict_json(body: bytes) -> bool:
 
 
 def _seconds(value: Any, high: int, low_inclusive: bool) -> Decimal | None:
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and (0 <= value if low_inclusive else 0 < value) and value <= high)
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (0 <= value if low_inclusive else 0 < value)
+        and value <= high
+    )
     return Decimal(str(value)) if ok else None
 
 

@@ -121,16 +121,16 @@ class Store(Outbox, Protocol):
 
     async def acquire_key(self, rid: str, key_name: str, limit: int) -> bool: ...
     async def release_key(self, rid: str) -> None: ...
-    async def record_created(self, rid: str, task_id: str, status: str, now: float,
-                             reply: tuple[int, bytes]) -> None:
+    async def record_created(self, rid: str, task_id: str, status: str, now: float, reply: tuple[int, bytes]) -> None:
         """The create's upstream task id, status and reply; a settled row is never reopened.
         DuplicateTaskId (nothing changed) when another row holds that task id."""
 
     async def fail_create(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> None:
         """Forwarded, but no task to track: release the reservation and slots; keep the outcome for replay."""
 
-    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None,
-                           items: Sequence[Item] = ()) -> Task:
+    async def mark_unknown(
+        self, rid: str, now: float, reply: tuple[int, bytes] | None, items: Sequence[Item] = ()
+    ) -> Task:
         """A forwarded create whose outcome is unknown: its estimate becomes its cost (spent, flagged
         estimated), its slots are freed, and the idempotency claim is completed with `reply` (left
         claimed when None, so no retry pays twice). Only a pending create changes; any other row is
@@ -142,9 +142,17 @@ class Store(Outbox, Protocol):
         """A ledger row by its upstream task id, else by its rid (a create TokenHub gave no id)."""
 
     async def set_status(self, task_id: str, status: str, now: float) -> None: ...
-    async def settle(self, task_id: str, status: str, billed_ms: int, cost_micros: int,
-                     estimated: bool, final_body: bytes | None, now: float,
-                     items: Sequence[Item] = ()) -> Task | None:
+    async def settle(
+        self,
+        task_id: str,
+        status: str,
+        billed_ms: int,
+        cost_micros: int,
+        estimated: bool,
+        final_body: bytes | None,
+        now: float,
+        items: Sequence[Item] = (),
+    ) -> Task | None:
         """Replace the reservation by the actual cost exactly once; None when already settled.
         Applies whole or not at all: a figure out of range raises RecordRejected and changes nothing.
         The outbox `items` (outbox.py) are written in the same step, only by the call that settles."""
@@ -154,8 +162,15 @@ class Store(Outbox, Protocol):
         difference and the cost is no longer an estimate; the status stays `unknown`. Idempotent.
         NotFound for no such row, TaskNotUnknown for a row of another status."""
 
-    async def list_tasks(self, team: str, limit: int, after: str | None, status: str | None,
-                         order: str = "desc", include_deleted: bool = True) -> tuple[list[Task], bool]:
+    async def list_tasks(
+        self,
+        team: str,
+        limit: int,
+        after: str | None,
+        status: str | None,
+        order: str = "desc",
+        include_deleted: bool = True,
+    ) -> tuple[list[Task], bool]:
         """A page of the team's recorded tasks by creation ("desc": newest first, or "asc"), after the
         task `after` (in that order), and whether more follow."""
 
@@ -172,8 +187,10 @@ class Store(Outbox, Protocol):
     async def usage(self, subjects: tuple[Subject, ...]) -> list[Usage]: ...
     async def rate_state(self, scope: str, name: str, limit: int, now: float) -> RateState:
         """The subject's creates-per-minute window now (for the x-ratelimit-* headers)."""
-    async def ledger(self, since: float | None, until: float | None, team: str | None,
-                     user: str | None, model: str | None) -> list[Task]: ...
+
+    async def ledger(
+        self, since: float | None, until: float | None, team: str | None, user: str | None, model: str | None
+    ) -> list[Task]: ...
     async def prune(self, before: float) -> int: ...
     async def purge_idempotency(self, now: float) -> int: ...
 

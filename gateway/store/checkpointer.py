@@ -68,8 +68,9 @@ class Checkpointer:
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
         restart = self._frames >= RESTART_PAGES
         try:  # fetchall: a statement left open would keep the WAL from starting again
-            (busy, frames, _), = conn.execute(
-                f"PRAGMA wal_checkpoint({'RESTART' if restart else 'PASSIVE'})").fetchall()
+            ((busy, frames, _),) = conn.execute(
+                f"PRAGMA wal_checkpoint({'RESTART' if restart else 'PASSIVE'})"
+            ).fetchall()
             self._frames = 0 if restart and not busy else frames
             self.runs += 1
         except sqlite3.Error:

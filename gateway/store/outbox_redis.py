@@ -133,8 +133,9 @@ class RedisOutbox:
 
     async def outbox_claim(self, topic: str, limit: int, now: float, lease_s: float) -> list[Item]:
         rows = await self._eval("outbox_claim", topic, limit, repr(float(now)), repr(float(lease_s)))
-        return [Item(i.decode(), topic, payload, float(created), int(attempts))
-                for i, payload, created, attempts in rows]
+        return [
+            Item(i.decode(), topic, payload, float(created), int(attempts)) for i, payload, created, attempts in rows
+        ]
 
     async def outbox_done(self, item: Item, now: float) -> None:
         await self._eval("outbox_end", item.id, item.topic, repr(float(now)), "delivered", "")
@@ -157,8 +158,14 @@ class RedisOutbox:
         out = {}
         for t, backlog, s in zip(topics, replies[::2], replies[1::2], strict=True):
             at = s.get(b"last_attempt_at")
-            out[t] = TopicStats(int(backlog), int(s.get(b"delivered", 0)), int(s.get(b"failed", 0)),
-                                int(s.get(b"gave_up", 0)), _text(s.get(b"last_error")), at and float(at))
+            out[t] = TopicStats(
+                int(backlog),
+                int(s.get(b"delivered", 0)),
+                int(s.get(b"failed", 0)),
+                int(s.get(b"gave_up", 0)),
+                _text(s.get(b"last_error")),
+                at and float(at),
+            )
         return out
 
     # the archive's files

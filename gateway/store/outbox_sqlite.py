@@ -25,14 +25,19 @@ CREATE INDEX archive_files_age ON archive_files (archived_at);
 
 def add_items(c: sqlite3.Connection, items: Iterable[Item]) -> None:
     """Called inside the step that settles a task: the items are written with it or not at all."""
-    c.executemany("INSERT OR IGNORE INTO outbox (id, topic, payload, created_at, next_at) VALUES (?, ?, ?, ?, ?)",
-                  [(i.id, i.topic, i.payload, i.created_at, i.created_at) for i in items])
+    c.executemany(
+        "INSERT OR IGNORE INTO outbox (id, topic, payload, created_at, next_at) VALUES (?, ?, ?, ?, ?)",
+        [(i.id, i.topic, i.payload, i.created_at, i.created_at) for i in items],
+    )
 
 
 def _count(c: sqlite3.Connection, topic: str, column: str, error: str | None, now: float) -> None:
     c.execute("INSERT INTO outbox_stats (topic) VALUES (?) ON CONFLICT (topic) DO NOTHING", (topic,))
-    c.execute(f"UPDATE outbox_stats SET {column} = {column} + 1, last_attempt_at = ?, "
-              "last_error = COALESCE(?, last_error) WHERE topic = ?", (now, error, topic))
+    c.execute(
+        f"UPDATE outbox_stats SET {column} = {column} + 1, last_attempt_at = ?, "
+        "last_error = COALESCE(?, last_error) WHERE topic = ?",
+        (now, error, topic),
+    )
 
 
 class SQLiteOutbox:
@@ -40,14 +45,20 @@ class SQLiteOutbox:
 
     async def outbox_claim(self, topic: str, limit: int, now: float, lease_s: float) -> list[Item]:
         def op(c: sqlite3.Connection) -> list[Item]:
-            leased = c.execute("SELECT COUNT(*) FROM outbox WHERE topic=? AND lease_until > ?",
-                               (topic, now)).fetchone()[0]
-            rows = c.execute("SELECT id, topic, payload, created_at, attempts FROM outbox WHERE topic=? "
-                             "AND next_at <= ? AND lease_until <= ? ORDER BY next_at LIMIT ?",
-                             (topic, now, now, max(0, limit - leased))).fetchall()
-            c.executemany("UPDATE outbox SET lease_until=?, attempts=attempts + 1 WHERE id=?",
-                          [(now + lease_s, r[0]) for r in rows])
+            leased = c.execute(
+                "SELECT COUNT(*) FROM outbox WHERE topic=? AND lease_until > ?", (topic, now)
+            ).fetchone()[0]
+            rows = c.execute(
+                "SELECT id, topic, payload, created_at, attempts FROM outbox WHERE topic=? "
+                "AND next_at <= ? AND lease_until <= ? ORDER BY next_at LIMIT ?",
+                (topic, now, now, max(0, limit - leased)),
+            ).fetchall()
+            c.executemany(
+                "UPDATE outbox SET lease_until=?, attempts=attempts + 1 WHERE id=?",
+                [(now + lease_s, r[0]) for r in rows],
+            )
             return [Item(r[0], r[1], r[2], r[3], r[4] + 1) for r in rows]
+
         return await self._do(op)
 
     async def outbox_done(self, item: Item, now: float) -> None:
@@ -62,56 +73,85 @@ class SQLiteOutbox:
                 if column == "gave_up":
                     _count(c, item.topic, "failed", error, now)
                 _count(c, item.topic, column, error, now)
+
         await self._do(op)
 
     async def outbox_retry(self, item: Item, next_at: float, error: str, now: float) -> None:
         def op(c: sqlite3.Connection) -> None:
             if c.execute("UPDATE outbox SET next_at=?, lease_until=0 WHERE id=?", (next_at, item.id)).rowcount:
                 _count(c, item.topic, "failed", clip(error), now)
+
         await self._do(op)
 
     async def outbox_drop_topics(self, prefix: str, keep: frozenset[str], now: float) -> int:
         def op(c: sqlite3.Connection) -> int:
-            gone = [t for (t,) in c.execute("SELECT DISTINCT topic FROM outbox WHERE substr(topic, 1, ?) = ?",
-                                            (len(prefix), prefix)) if t not in keep]
+            gone = [
+                t
+                for (t,) in c.execute(
+                    "SELECT DISTINCT topic FROM outbox WHERE substr(topic, 1, ?) = ?", (len(prefix), prefix)
+                )
+                if t not in keep
+            ]
             dropped = 0
             for topic in gone:
                 n = c.execute("DELETE FROM outbox WHERE topic=?", (topic,)).rowcount
                 c.execute("INSERT INTO outbox_stats (topic) VALUES (?) ON CONFLICT (topic) DO NOTHING", (topic,))
-                c.execute("UPDATE outbox_stats SET gave_up = gave_up + ?, last_error = ? WHERE topic = ?",
-                          (n, "endpoint removed from the config", topic))
+                c.execute(
+                    "UPDATE outbox_stats SET gave_up = gave_up + ?, last_error = ? WHERE topic = ?",
+                    (n, "endpoint removed from the config", topic),
+                )
                 dropped += n
             return dropped
+
         return await self._do(op)
 
     async def outbox_stats(self, topics: list[str]) -> dict[str, TopicStats]:
         def op(c: sqlite3.Connection) -> dict[str, TopicStats]:
             out = {t: TopicStats() for t in topics}
             marks = ", ".join("?" * len(topics))
-            for topic, n in c.execute(f"SELECT topic, COUNT(*) FROM outbox WHERE topic IN ({marks}) "
-                                      "GROUP BY topic", topics):
+            for topic, n in c.execute(
+                f"SELECT topic, COUNT(*) FROM outbox WHERE topic IN ({marks}) GROUP BY topic", topics
+            ):
                 out[topic].backlog = n
-            for topic, *figures in c.execute("SELECT topic, delivered, failed, gave_up, last_error, "
-                                             f"last_attempt_at FROM outbox_stats WHERE topic IN ({marks})", topics):
+            for topic, *figures in c.execute(
+                "SELECT topic, delivered, failed, gave_up, last_error, "
+                f"last_attempt_at FROM outbox_stats WHERE topic IN ({marks})",
+                topics,
+            ):
                 out[topic] = TopicStats(out[topic].backlog, *figures)
             return out
+
         return await self._do(op)
 
     # the archive's files
 
     async def archive_record(self, f: ArchivedFile) -> None:
-        await self._do(lambda c: c.execute(
-            "INSERT OR REPLACE INTO archive_files VALUES (?, ?, ?, ?, ?, ?)",
-            (f.task_id, f.variant, f.key, f.size, f.content_type, f.archived_at)))
+        await self._do(
+            lambda c: c.execute(
+                "INSERT OR REPLACE INTO archive_files VALUES (?, ?, ?, ?, ?, ?)",
+                (f.task_id, f.variant, f.key, f.size, f.content_type, f.archived_at),
+            )
+        )
 
     async def archive_files(self, task_id: str) -> list[ArchivedFile]:
-        return await self._do(lambda c: [ArchivedFile(*r) for r in c.execute(
-            "SELECT * FROM archive_files WHERE task_id=? ORDER BY variant", (task_id,))])
+        return await self._do(
+            lambda c: [
+                ArchivedFile(*r)
+                for r in c.execute("SELECT * FROM archive_files WHERE task_id=? ORDER BY variant", (task_id,))
+            ]
+        )
 
     async def archive_older(self, before: float, limit: int) -> list[ArchivedFile]:
-        return await self._do(lambda c: [ArchivedFile(*r) for r in c.execute(
-            "SELECT * FROM archive_files WHERE archived_at < ? ORDER BY archived_at LIMIT ?", (before, limit))])
+        return await self._do(
+            lambda c: [
+                ArchivedFile(*r)
+                for r in c.execute(
+                    "SELECT * FROM archive_files WHERE archived_at < ? ORDER BY archived_at LIMIT ?", (before, limit)
+                )
+            ]
+        )
 
     async def archive_forget(self, task_id: str, variant: str) -> None:
-        await self._do(lambda c: c.execute(
-            "DELETE FROM archive_files WHERE task_id=? AND variant=?", (task_id, variant)))
+        await self._do(
+            lambda c: c.execute("DELETE FROM archive_files WHERE task_id=? AND variant=?", (task_id, variant))
+        )

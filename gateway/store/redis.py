@@ -96,8 +96,7 @@ def _task(pairs: list[bytes] | None) -> Task | None:
 def _limits(s: Subject) -> list[Any]:
     lim = s.limits
     video_ms = None if lim.video_seconds is None else lim.video_seconds * 1000
-    return [s.scope, s.name, s.period, lim.requests_per_minute, lim.max_concurrent_tasks,
-            lim.budget_micros, video_ms]
+    return [s.scope, s.name, s.period, lim.requests_per_minute, lim.max_concurrent_tasks, lim.budget_micros, video_ms]
 
 
 class RedisStore(RedisOutbox):
@@ -105,9 +104,17 @@ class RedisStore(RedisOutbox):
     (`?wait_replica=`, else yes for a Sentinel deployment, whose master has replicas to fail over to).
     `connection_class` (a server URL only) lets a test see every round trip."""
 
-    def __init__(self, url: str, prefix: str = "{thg}:", *, timeout_s: float = 2.0,
-                 max_connections: int = 64, wait_replica: bool | None = None,
-                 rate_cache_s: float = RATE_CACHE_S, connection_class: type | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "{thg}:",
+        *,
+        timeout_s: float = 2.0,
+        max_connections: int = 64,
+        wait_replica: bool | None = None,
+        rate_cache_s: float = RATE_CACHE_S,
+        connection_class: type | None = None,
+    ) -> None:
         self.url, self.prefix = url, prefix
         self.target = parse_url(url)
         if self.target.mode == CLUSTER and not _HASH_TAG.search(prefix):
@@ -136,11 +143,21 @@ class RedisStore(RedisOutbox):
         return await self._calls.run(name, *args, write=name not in READS)
 
     async def open(self) -> None:
-        self._link = RedisLink(self.target, timeout_s=self._timeout, max_connections=self._max_connections,
-                               wait_replica=self.wait_replica, connection_class=self._connection_class)
+        self._link = RedisLink(
+            self.target,
+            timeout_s=self._timeout,
+            max_connections=self._max_connections,
+            wait_replica=self.wait_replica,
+            connection_class=self._connection_class,
+        )
         self._r = self._link.client
-        self._calls = RedisCalls(self._link, self.prefix, {name: PRELUDE + body for name, body in SCRIPTS.items()},
-                                 timeout_s=self._timeout, max_connections=self._max_connections)
+        self._calls = RedisCalls(
+            self._link,
+            self.prefix,
+            {name: PRELUDE + body for name, body in SCRIPTS.items()},
+            timeout_s=self._timeout,
+            max_connections=self._max_connections,
+        )
         await self._calls.load()
         await self._sync_clock()
 
@@ -175,8 +192,13 @@ class RedisStore(RedisOutbox):
         raw = await self._do(self._r.hgetall(self._idem_key(team, key)))
         if not raw:
             return None
-        return IdemRecord(raw[b"body_hash"].decode(), raw[b"done"] == b"1", int(raw[b"status"]),
-                          raw.get(b"body", b""), float(raw[b"created_at"]))
+        return IdemRecord(
+            raw[b"body_hash"].decode(),
+            raw[b"done"] == b"1",
+            int(raw[b"status"]),
+            raw.get(b"body", b""),
+            float(raw[b"created_at"]),
+        )
 
     def _idem_key(self, team: str, key: str) -> str:
         return f"{self.prefix}i:{len(team.encode())}:{team}:{key}"
@@ -187,12 +209,27 @@ class RedisStore(RedisOutbox):
         t = adm.task
         check_figures(estimate_micros=t.estimate_micros, estimate_ms=t.estimate_ms, input_ms=t.input_ms)
         fields, raw = _admitted_fields(t)
-        reply = await self._eval("admit", orjson.dumps({
-            "rid": t.rid, "team": t.team, "idem": t.idem_key or "", "hash": adm.body_hash or "",
-            "ttl": IDEM_TTL_S, "micros": str(t.estimate_micros), "ms": str(t.estimate_ms),
-            "created": repr(t.created_at), "next": repr(t.next_poll_at), "task": fields,
-            "subjects": [_limits(s) for s in adm.subjects], "draw": adm.key_draw,
-            "keys": [[k.name, k.weight, k.max_concurrent_tasks] for k in adm.keys]}), *raw)
+        reply = await self._eval(
+            "admit",
+            orjson.dumps(
+                {
+                    "rid": t.rid,
+                    "team": t.team,
+                    "idem": t.idem_key or "",
+                    "hash": adm.body_hash or "",
+                    "ttl": IDEM_TTL_S,
+                    "micros": str(t.estimate_micros),
+                    "ms": str(t.estimate_ms),
+                    "created": repr(t.created_at),
+                    "next": repr(t.next_poll_at),
+                    "task": fields,
+                    "subjects": [_limits(s) for s in adm.subjects],
+                    "draw": adm.key_draw,
+                    "keys": [[k.name, k.weight, k.max_concurrent_tasks] for k in adm.keys],
+                }
+            ),
+            *raw,
+        )
         if reply[0] == b"ok":
             self._learn(adm.subjects, *reply[2:])
             t.key_name = reply[1].decode() or None
@@ -200,15 +237,24 @@ class RedisStore(RedisOutbox):
         if reply[0] == b"gone":
             raise StoreUnavailable("This create was abandoned after a store failure; retry it.")
         if reply[0] == b"busy":
-            raise IdempotencyConflict("A request with this Idempotency-Key is still in flight.",
-                                      code="idempotency_key_in_progress")
+            raise IdempotencyConflict(
+                "A request with this Idempotency-Key is still in flight.", code="idempotency_key_in_progress"
+            )
         # Rebuild the rejection with the same rule on the figures the script decided on.
         _, server_now, i, spent, reserved, spent_ms, reserved_ms, in_flight, *window = reply
-        return check(adm.subjects[i], Counters(spent, reserved, spent_ms, reserved_ms), in_flight,
-                     [float(w) for w in window], float(server_now), t.estimate_micros, t.estimate_ms)
+        return check(
+            adm.subjects[i],
+            Counters(spent, reserved, spent_ms, reserved_ms),
+            in_flight,
+            [float(w) for w in window],
+            float(server_now),
+            t.estimate_micros,
+            t.estimate_ms,
+        )
 
-    def _learn(self, subjects: tuple[Subject, ...], server_now: bytes, health: list[bytes],
-               windows: list[list[Any]]) -> None:
+    def _learn(
+        self, subjects: tuple[Subject, ...], server_now: bytes, health: list[bytes], windows: list[list[Any]]
+    ) -> None:
         """What an admission brought back: the key health and the rate windows just after it."""
         if health != self._health_raw:
             it = iter(health)
@@ -217,8 +263,11 @@ class RedisStore(RedisOutbox):
         self._health_due = time.monotonic() + HEALTH_CACHE_S
         for s, (live, boundary) in zip(subjects, windows, strict=True):
             if s.limits.requests_per_minute:
-                self._rates[s.scope, s.name] = (s.limits.requests_per_minute, live,
-                                                float(boundary) if boundary else None)
+                self._rates[s.scope, s.name] = (
+                    s.limits.requests_per_minute,
+                    live,
+                    float(boundary) if boundary else None,
+                )
 
     async def cancel_admission(self, rid: str) -> None:
         await self._eval("cancel", rid)
@@ -230,15 +279,15 @@ class RedisStore(RedisOutbox):
     async def release_key(self, rid: str) -> None:
         await self._eval("release_key", rid)
 
-    async def record_created(self, rid: str, task_id: str, status: str, now: float,
-                             reply: tuple[int, bytes]) -> None:
+    async def record_created(self, rid: str, task_id: str, status: str, now: float, reply: tuple[int, bytes]) -> None:
         await self._eval("record_created", rid, task_id, status, repr(now), *reply)
 
     async def fail_create(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> None:
         await self._eval("fail_create", rid, repr(now), *(("1", *reply) if reply is not None else ("", 0, b"")))
 
-    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None,
-                           items: Sequence[Item] = ()) -> Task:
+    async def mark_unknown(
+        self, rid: str, now: float, reply: tuple[int, bytes] | None, items: Sequence[Item] = ()
+    ) -> Task:
         answer = ("1", *reply) if reply is not None else ("", 0, b"")
         return _task(await self._eval("mark_unknown", rid, repr(float(now)), *answer, *item_args(items)))
 
@@ -253,27 +302,54 @@ class RedisStore(RedisOutbox):
     async def set_status(self, task_id: str, status: str, now: float) -> None:
         await self._eval("set_status", task_id, status, repr(now))
 
-    async def settle(self, task_id: str, status: str, billed_ms: int, cost_micros: int,
-                     estimated: bool, final_body: bytes | None, now: float,
-                     items: Sequence[Item] = ()) -> Task | None:
+    async def settle(
+        self,
+        task_id: str,
+        status: str,
+        billed_ms: int,
+        cost_micros: int,
+        estimated: bool,
+        final_body: bytes | None,
+        now: float,
+        items: Sequence[Item] = (),
+    ) -> Task | None:
         check_status(status)
         check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
         body = ("1", final_body) if final_body is not None else ("", b"")
-        return _task(await self._eval("settle", task_id, status, billed_ms, cost_micros, int(estimated),
-                                      repr(float(now)), *body, *item_args(items)))
+        return _task(
+            await self._eval(
+                "settle",
+                task_id,
+                status,
+                billed_ms,
+                cost_micros,
+                int(estimated),
+                repr(float(now)),
+                *body,
+                *item_args(items),
+            )
+        )
 
     async def resolve_unknown(self, ref: str, billed_ms: int, cost_micros: int, now: float) -> Task:
         check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
         return _task(await self._eval("resolve", ref, billed_ms, cost_micros, repr(float(now))))
 
-    async def list_tasks(self, team: str, limit: int, after: str | None, status: str | None,
-                         order: str = "desc", include_deleted: bool = True) -> tuple[list[Task], bool]:
+    async def list_tasks(
+        self,
+        team: str,
+        limit: int,
+        after: str | None,
+        status: str | None,
+        order: str = "desc",
+        include_deleted: bool = True,
+    ) -> tuple[list[Task], bool]:
         """With a status filter or deleted tasks left out, at most LIST_SCAN_MAX tasks past the cursor
         are looked at for one page."""
         if order not in ("asc", "desc"):
             raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
-        found = await self._eval("list", team, after or "", status or "", limit, LIST_SCAN_MAX, order,
-                                 "" if include_deleted else "1")
+        found = await self._eval(
+            "list", team, after or "", status or "", limit, LIST_SCAN_MAX, order, "" if include_deleted else "1"
+        )
         tasks = [_task(pairs) for pairs in found]
         return tasks[:limit], len(tasks) > limit
 
@@ -295,12 +371,19 @@ class RedisStore(RedisOutbox):
     async def usage(self, subjects: tuple[Subject, ...]) -> list[Usage]:
         async with self._r.pipeline(transaction=False) as pipe:
             for s in subjects:
-                pipe.hmget(self._k("c", s.scope, s.name, s.period),
-                           "spent_micros", "reserved_micros", "spent_ms", "reserved_ms")
+                pipe.hmget(
+                    self._k("c", s.scope, s.name, s.period),
+                    "spent_micros",
+                    "reserved_micros",
+                    "spent_ms",
+                    "reserved_ms",
+                )
                 pipe.hget(self._k("f", s.scope), s.name)
             replies = await self._do(pipe.execute())
-        return [Usage(Counters(*(int(v or 0) for v in counters)), int(n or 0))
-                for counters, n in zip(replies[::2], replies[1::2], strict=True)]
+        return [
+            Usage(Counters(*(int(v or 0) for v in counters)), int(n or 0))
+            for counters, n in zip(replies[::2], replies[1::2], strict=True)
+        ]
 
     async def rate_state(self, scope: str, name: str, limit: int, now: float) -> RateState:
         """The window as this process's last admission (or read) left it, when that was under RATE_CACHE_S
@@ -318,22 +401,31 @@ class RedisStore(RedisOutbox):
         self._rates[scope, name] = (limit, int(live), boundary)
         return state_of(limit, int(live), boundary, now)
 
-    async def ledger(self, since: float | None, until: float | None, team: str | None,
-                     user: str | None, model: str | None) -> list[Task]:
-        rids = await self._do(self._r.zrangebyscore(
-            self._k("all"), "-inf" if since is None else repr(float(since)),
-            "+inf" if until is None else f"({float(until)!r}"))
+    async def ledger(
+        self, since: float | None, until: float | None, team: str | None, user: str | None, model: str | None
+    ) -> list[Task]:
+        rids = await self._do(
+            self._r.zrangebyscore(
+                self._k("all"),
+                "-inf" if since is None else repr(float(since)),
+                "+inf" if until is None else f"({float(until)!r}",
+            )
+        )
         tasks: list[Task] = []
         for i in range(0, len(rids), PAGE):
             async with self._r.pipeline(transaction=False) as pipe:
-                for rid in rids[i:i + PAGE]:
+                for rid in rids[i : i + PAGE]:
                     pipe.hgetall(self.prefix.encode() + b"t:" + rid)
                 replies = await self._do(pipe.execute())
             for raw in replies:
                 t = _task([x for kv in raw.items() for x in kv])
-                if t and t.status != "create_failed" and all(
-                        want is None or got == want
-                        for got, want in ((t.team, team), (t.user, user), (t.model, model))):
+                if (
+                    t
+                    and t.status != "create_failed"
+                    and all(
+                        want is None or got == want for got, want in ((t.team, team), (t.user, user), (t.model, model))
+                    )
+                ):
                     tasks.append(t)
         return tasks
 

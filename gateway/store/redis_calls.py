@@ -32,8 +32,9 @@ from .redis_url import CLUSTER, STANDALONE, RedisTarget
 
 T = TypeVar("T")
 RETRY_PAUSE_S = 0.05  # a script whose connection was lost runs once more, after this
-_BUSY_REPLIES = frozenset({"MISCONF", "BUSY", "NOREPLICAS", "LOADING", "MASTERDOWN", "CLUSTERDOWN",
-                           "TRYAGAIN"})  # the server cannot answer or write now
+_BUSY_REPLIES = frozenset(
+    {"MISCONF", "BUSY", "NOREPLICAS", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN"}
+)  # the server cannot answer or write now
 
 
 def store_error(exc: Exception) -> GatewayError:
@@ -56,32 +57,61 @@ def store_error(exc: Exception) -> GatewayError:
 class RedisLink:
     """The redis-py client for a target and, but for a Cluster, the Pipe that carries its scripts."""
 
-    def __init__(self, target: RedisTarget, *, timeout_s: float, max_connections: int, wait_replica: bool,
-                 connection_class: type | None = None) -> None:
+    def __init__(
+        self,
+        target: RedisTarget,
+        *,
+        timeout_s: float,
+        max_connections: int,
+        wait_replica: bool,
+        connection_class: type | None = None,
+    ) -> None:
         self.target = target
         # One retry after a dropped connection or a timeout: a restarted or promoted Redis is reconnected to.
-        common: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
-                                  "retry": Retry(EqualJitterBackoff(cap=0.5, base=0.05), 1)}
+        common: dict[str, Any] = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "retry": Retry(EqualJitterBackoff(cap=0.5, base=0.05), 1),
+        }
         self._sentinel: Sentinel | None = None
         self.pipe: Pipe | None = None
         if target.mode == CLUSTER:
             self.client: Any = RedisCluster(
-                startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], username=target.username,
-                password=target.password, ssl=target.ssl, max_connections=max_connections, **common)
+                startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
+                username=target.username,
+                password=target.password,
+                ssl=target.ssl,
+                max_connections=max_connections,
+                **common,
+            )
             return
         if target.mode == STANDALONE:
             extra = {"connection_class": connection_class} if connection_class else {}
-            pool = aioredis.ConnectionPool.from_url(target.url, max_connections=max_connections + 1, **common,
-                                                    **extra)  # + the Pipe's
+            pool = aioredis.ConnectionPool.from_url(
+                target.url, max_connections=max_connections + 1, **common, **extra
+            )  # + the Pipe's
             self.client = aioredis.Redis.from_pool(pool)
         else:
             user, password = target.sentinel_auth
-            self._sentinel = Sentinel(target.nodes, sentinel_kwargs={
-                "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "ssl": target.ssl,
-                "username": user, "password": password})
+            self._sentinel = Sentinel(
+                target.nodes,
+                sentinel_kwargs={
+                    "socket_timeout": timeout_s,
+                    "socket_connect_timeout": timeout_s,
+                    "ssl": target.ssl,
+                    "username": user,
+                    "password": password,
+                },
+            )
             self.client = self._sentinel.master_for(
-                target.master, db=target.db, username=target.username, password=target.password,
-                ssl=target.ssl, max_connections=max_connections + 1, **common)
+                target.master,
+                db=target.db,
+                username=target.username,
+                password=target.password,
+                ssl=target.ssl,
+                max_connections=max_connections + 1,
+                **common,
+            )
         self.pipe = Pipe(self.client.connection_pool, timeout_s=timeout_s, wait_replica=wait_replica)
 
     async def aclose(self) -> None:
@@ -103,8 +133,9 @@ class RedisCalls:
     is the key prefix: on a Cluster it routes the script to the slot of the prefix's hash tag, which holds
     every key the script touches."""
 
-    def __init__(self, link: RedisLink, prefix: str, scripts: dict[str, str], *, timeout_s: float,
-                 max_connections: int) -> None:
+    def __init__(
+        self, link: RedisLink, prefix: str, scripts: dict[str, str], *, timeout_s: float, max_connections: int
+    ) -> None:
         self.link, self.prefix, self._timeout = link, prefix, timeout_s
         self.scripts = {name: Script(body) for name, body in scripts.items()}
         self._gate = asyncio.Semaphore(max_connections)

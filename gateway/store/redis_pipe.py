@@ -66,7 +66,7 @@ class Pipe:
         try:
             conn = await self._connection()
             await conn.send_packed_command([pack(c) for c in commands], check_health=False)
-            for (_, future, write) in batch:
+            for _, future, write in batch:
                 replies.append(await _reply(conn))
                 if not (write and waits):
                     _settle(future, replies[-1])

@@ -13,7 +13,9 @@ from .outbox_redis import OUTBOX_LUA, OUTBOX_SCRIPTS
 # A script that errors is not rolled back: each checks everything it is given before its first write,
 # and refuses with an error reply whose first word redis_calls.py maps to an error (REJECTED, DUPLICATE,
 # NOTFOUND, NOTUNKNOWN).
-PRELUDE = f"local WINDOW_S, MAX_FIGURE, MAX_COUNTER = {WINDOW_S}, {MAX_FIGURE}, {MAX_COUNTER}\n" + """
+PRELUDE = (
+    f"local WINDOW_S, MAX_FIGURE, MAX_COUNTER = {WINDOW_S}, {MAX_FIGURE}, {MAX_COUNTER}\n"
+    + """
 local P = ARGV[1]
 local LIVE = {pending = true, queued = true, running = true}
 local CORE = {'team', 'user', 'team_period', 'user_period', 'estimate_micros', 'estimate_ms',
@@ -99,7 +101,9 @@ local function finish_idem(t, status, body)
   local k = ikey(t.team, t.idem_key)
   if redis.call('EXISTS', k) == 1 then redis.call('HSET', k, 'done', 1, 'status', status, 'body', body) end
 end
-""" + OUTBOX_LUA
+"""
+    + OUTBOX_LUA
+)
 
 # ARGV: the admission as JSON (RedisStore.admit: figures and times as strings), then the task's bytes
 #   fields as name/value pairs (they may hold any byte, which JSON cannot carry).
@@ -423,8 +427,24 @@ local t = redis.call('TIME')
 return {tonumber(t[1]), tonumber(t[2])}
 """
 
-SCRIPTS = {"clock": CLOCK, "admit": ADMIT, "cancel": CANCEL, "acquire_key": ACQUIRE_KEY, "release_key": RELEASE_KEY,
-           "record_created": RECORD_CREATED, "fail_create": FAIL_CREATE, "get": GET,
-           "get_record": GET_RECORD, "set_status": SET_STATUS, "settle": SETTLE, "mark_unknown": MARK_UNKNOWN,
-           "resolve": RESOLVE, "list": LIST, "mark_deleted": MARK_DELETED, "due": DUE, "defer": DEFER,
-           "prune": PRUNE, **OUTBOX_SCRIPTS}
+SCRIPTS = {
+    "clock": CLOCK,
+    "admit": ADMIT,
+    "cancel": CANCEL,
+    "acquire_key": ACQUIRE_KEY,
+    "release_key": RELEASE_KEY,
+    "record_created": RECORD_CREATED,
+    "fail_create": FAIL_CREATE,
+    "get": GET,
+    "get_record": GET_RECORD,
+    "set_status": SET_STATUS,
+    "settle": SETTLE,
+    "mark_unknown": MARK_UNKNOWN,
+    "resolve": RESOLVE,
+    "list": LIST,
+    "mark_deleted": MARK_DELETED,
+    "due": DUE,
+    "defer": DEFER,
+    "prune": PRUNE,
+    **OUTBOX_SCRIPTS,
+}

@@ -16,9 +16,14 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote
 
 STANDALONE, SENTINEL, CLUSTER = "standalone", "sentinel", "cluster"
-_SCHEMES = {"redis": (STANDALONE, False), "rediss": (STANDALONE, True),
-            "redis+sentinel": (SENTINEL, False), "rediss+sentinel": (SENTINEL, True),
-            "redis+cluster": (CLUSTER, False), "rediss+cluster": (CLUSTER, True)}
+_SCHEMES = {
+    "redis": (STANDALONE, False),
+    "rediss": (STANDALONE, True),
+    "redis+sentinel": (SENTINEL, False),
+    "rediss+sentinel": (SENTINEL, True),
+    "redis+cluster": (CLUSTER, False),
+    "rediss+cluster": (CLUSTER, True),
+}
 _DEFAULT_PORT = {STANDALONE: 6379, SENTINEL: 26379, CLUSTER: 6379}
 
 
@@ -73,9 +78,18 @@ def parse_url(url: str) -> RedisTarget:
     parts = [p for p in path.split("/") if p]
     master, db = _path(mode, parts)
     options = {k: v[-1] for k, v in parse_qs(query).items()}
-    return RedisTarget(mode, url, nodes, master, db, unquote(username) or None, unquote(password) or None,
-                       ssl, (options.get("sentinel_username"), options.get("sentinel_password")),
-                       mode == SENTINEL if wait is None else wait)
+    return RedisTarget(
+        mode,
+        url,
+        nodes,
+        master,
+        db,
+        unquote(username) or None,
+        unquote(password) or None,
+        ssl,
+        (options.get("sentinel_username"), options.get("sentinel_password")),
+        mode == SENTINEL if wait is None else wait,
+    )
 
 
 def _wait_option(url: str) -> tuple[bool | None, str]:

@@ -27,15 +27,19 @@ _ORDERS = {"desc": ("<", "DESC"), "asc": (">", "ASC")}  # order → (after the a
 
 
 class SQLiteStore(SQLiteOutbox):
-    def __init__(self, path: str, synchronous: str = "NORMAL",
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: str, synchronous: str = "NORMAL", clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._clock = clock
         self._books = Books()
         # Rate windows and key health live in this process: SQLite serves one gateway process.
         self._windows = Windows()
-        self._writer = Writer(path, synchronous, on_commit=self._windows.commit, on_rollback=self._rolled_back,
-                              before_commit=self._books.flush)
+        self._writer = Writer(
+            path,
+            synchronous,
+            on_commit=self._windows.commit,
+            on_rollback=self._rolled_back,
+            before_commit=self._books.flush,
+        )
         self._health: dict[str, KeyHealth] = {}
         self._key_slots: dict[str, int] = {}  # key name → tasks in flight on it
         self._slot_of: dict[str, str] = {}  # rid → key name, for live tasks only
@@ -58,8 +62,12 @@ class SQLiteStore(SQLiteOutbox):
 
     def _load_windows(self, c: sqlite3.Connection) -> None:
         """Rebuild the last minute's rate windows from the ledger: a restart must not reopen them."""
-        self._windows.load(c.execute("SELECT team, user, created_at FROM tasks WHERE created_at > ? "
-                                     "ORDER BY created_at", (self._clock() - WINDOW_S,)))
+        self._windows.load(
+            c.execute(
+                "SELECT team, user, created_at FROM tasks WHERE created_at > ? ORDER BY created_at",
+                (self._clock() - WINDOW_S,),
+            )
+        )
 
     async def close(self) -> None:
         await asyncio.to_thread(self._writer.stop)
@@ -74,11 +82,13 @@ class SQLiteStore(SQLiteOutbox):
 
     async def idem_get(self, team: str, key: str) -> IdemRecord | None:
         def op(c: sqlite3.Connection) -> IdemRecord | None:
-            row = c.execute("SELECT body_hash, done, status, body, created_at FROM idempotency "
-                            "WHERE team=? AND key=?", (team, key)).fetchone()
+            row = c.execute(
+                "SELECT body_hash, done, status, body, created_at FROM idempotency WHERE team=? AND key=?", (team, key)
+            ).fetchone()
             if row is None or row[4] < self._clock() - IDEM_TTL_S:
                 return None
             return IdemRecord(row[0], bool(row[1]), row[2], row[3] or b"", row[4])
+
         return await self._do(op)
 
     async def admit(self, adm: Admission, now: float) -> Rejection | None:
@@ -96,8 +106,15 @@ class SQLiteStore(SQLiteOutbox):
             counters, in_flight = b.counters(c, s.scope, s.name, s.period), b.in_flight(c, s.scope, s.name)
             if s.limits.requests_per_minute:
                 with windows.lock:
-                    rejection = check(s, counters, in_flight, windows.live(s.scope, s.name, now), now,
-                                      t.estimate_micros, t.estimate_ms)
+                    rejection = check(
+                        s,
+                        counters,
+                        in_flight,
+                        windows.live(s.scope, s.name, now),
+                        now,
+                        t.estimate_micros,
+                        t.estimate_ms,
+                    )
             else:
                 rejection = check(s, counters, in_flight, None, now, t.estimate_micros, t.estimate_ms)
             if rejection:
@@ -107,10 +124,12 @@ class SQLiteStore(SQLiteOutbox):
                 "INSERT INTO idempotency (team, key, body_hash, done, created_at) VALUES (?, ?, ?, 0, ?) "
                 "ON CONFLICT (team, key) DO UPDATE SET body_hash=excluded.body_hash, done=0, status=0, "
                 "body=NULL, created_at=excluded.created_at WHERE idempotency.created_at < ?",
-                (t.team, t.idem_key, adm.body_hash, now, now - IDEM_TTL_S))
+                (t.team, t.idem_key, adm.body_hash, now, now - IDEM_TTL_S),
+            )
             if claimed.rowcount == 0:
-                raise IdempotencyConflict("A request with this Idempotency-Key is still in flight.",
-                                          code="idempotency_key_in_progress")
+                raise IdempotencyConflict(
+                    "A request with this Idempotency-Key is still in flight.", code="idempotency_key_in_progress"
+                )
         c.execute(INSERT_TASK, task_values(t))
         for s in adm.subjects:
             b.add(c, s.scope, s.name, s.period, reserved_micros=t.estimate_micros, reserved_ms=t.estimate_ms)
@@ -131,6 +150,7 @@ class SQLiteStore(SQLiteOutbox):
                 c.execute("DELETE FROM idempotency WHERE team=? AND key=?", (t.team, t.idem_key))
             self._windows.remove("team", t.team, t.created_at)
             self._windows.remove("user", t.user, t.created_at)
+
         await self._do(op)
         await self.release_key(rid)
 
@@ -155,24 +175,27 @@ class SQLiteStore(SQLiteOutbox):
         return self._key_slots
 
     def _load_key_slots(self, c: sqlite3.Connection) -> None:
-        for rid, key_name in c.execute("SELECT rid, key_name FROM tasks WHERE settled_at IS NULL "
-                                       "AND key_name IS NOT NULL"):
+        for rid, key_name in c.execute(
+            "SELECT rid, key_name FROM tasks WHERE settled_at IS NULL AND key_name IS NOT NULL"
+        ):
             self._slot_of[rid] = key_name
             self._key_slots[key_name] = self._key_slots.get(key_name, 0) + 1
 
-    async def record_created(self, rid: str, task_id: str, status: str, now: float,
-                             reply: tuple[int, bytes]) -> None:
+    async def record_created(self, rid: str, task_id: str, status: str, now: float, reply: tuple[int, bytes]) -> None:
         key_name = self._slot_of.get(rid)
 
         def op(c: sqlite3.Connection) -> None:
             try:  # the unique index refuses the statement alone: nothing is written
-                row = c.execute("UPDATE tasks SET task_id=?, key_name=?, status=?, updated_at=? "
-                                "WHERE rid=? AND settled_at IS NULL RETURNING idem_key",
-                                (task_id, key_name, status, now, rid)).fetchone()
+                row = c.execute(
+                    "UPDATE tasks SET task_id=?, key_name=?, status=?, updated_at=? "
+                    "WHERE rid=? AND settled_at IS NULL RETURNING idem_key",
+                    (task_id, key_name, status, now, rid),
+                ).fetchone()
             except sqlite3.IntegrityError:
                 raise DuplicateTaskId("TokenHub answered the create with a task id already in use.") from None
             if row and row[0]:
                 finish_idem(c, rid, reply)
+
         await self._do(op)
 
     async def fail_create(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> None:
@@ -181,17 +204,22 @@ class SQLiteStore(SQLiteOutbox):
             if t is None or t.settled:
                 return
             self._books.release(c, t)
-            c.execute("UPDATE tasks SET status='create_failed', billed_ms=0, cost_micros=0, "
-                      "settled_at=?, updated_at=? WHERE rid=?", (now, now, rid))
+            c.execute(
+                "UPDATE tasks SET status='create_failed', billed_ms=0, cost_micros=0, "
+                "settled_at=?, updated_at=? WHERE rid=?",
+                (now, now, rid),
+            )
             if reply is not None:
                 finish_idem(c, rid, reply)
             elif t.idem_key:
                 c.execute("DELETE FROM idempotency WHERE team=? AND key=?", (t.team, t.idem_key))
+
         await self._do(op)
         await self.release_key(rid)
 
-    async def mark_unknown(self, rid: str, now: float, reply: tuple[int, bytes] | None,
-                           items: Sequence[Item] = ()) -> Task:
+    async def mark_unknown(
+        self, rid: str, now: float, reply: tuple[int, bytes] | None, items: Sequence[Item] = ()
+    ) -> Task:
         def op(c: sqlite3.Connection) -> tuple[Task, bool]:
             t = task_by_rid(c, rid)
             if t is None:
@@ -201,14 +229,18 @@ class SQLiteStore(SQLiteOutbox):
             self._books.check_spend(c, t, t.estimate_micros, t.estimate_ms)
             self._books.release(c, t)
             self._books.spend(c, t, t.estimate_micros, t.estimate_ms)
-            c.execute("UPDATE tasks SET status=?, billed_ms=?, cost_micros=?, cost_estimated=1, settled_at=?, "
-                      "updated_at=? WHERE rid=?", (UNKNOWN, t.estimate_ms, t.estimate_micros, now, now, rid))
+            c.execute(
+                "UPDATE tasks SET status=?, billed_ms=?, cost_micros=?, cost_estimated=1, settled_at=?, "
+                "updated_at=? WHERE rid=?",
+                (UNKNOWN, t.estimate_ms, t.estimate_micros, now, now, rid),
+            )
             if reply is not None:
                 finish_idem(c, rid, reply)
             add_items(c, items)
             t.status, t.billed_ms, t.cost_micros, t.cost_estimated = UNKNOWN, t.estimate_ms, t.estimate_micros, True
             t.settled_at = t.updated_at = now
             return t, True
+
         task, changed = await self._do(op)
         if changed:
             await self.release_key(rid)
@@ -220,25 +252,35 @@ class SQLiteStore(SQLiteOutbox):
         def op(c: sqlite3.Connection) -> Task | None:
             row = c.execute(f"SELECT {COLS} FROM tasks WHERE task_id=?", (task_id,)).fetchone()
             return row_to_task(row) if row else None
+
         return await self._do(op)
 
     async def get_record(self, ref: str) -> Task | None:
         return await self._do(lambda c: task_by_ref(c, ref))
 
     async def set_status(self, task_id: str, status: str, now: float) -> None:
-        await self._do(lambda c: c.execute(
-            "UPDATE tasks SET status=?, updated_at=? WHERE task_id=? AND settled_at IS NULL",
-            (status, now, task_id)))
+        await self._do(
+            lambda c: c.execute(
+                "UPDATE tasks SET status=?, updated_at=? WHERE task_id=? AND settled_at IS NULL", (status, now, task_id)
+            )
+        )
 
-    async def settle(self, task_id: str, status: str, billed_ms: int, cost_micros: int,
-                     estimated: bool, final_body: bytes | None, now: float,
-                     items: Sequence[Item] = ()) -> Task | None:
+    async def settle(
+        self,
+        task_id: str,
+        status: str,
+        billed_ms: int,
+        cost_micros: int,
+        estimated: bool,
+        final_body: bytes | None,
+        now: float,
+        items: Sequence[Item] = (),
+    ) -> Task | None:
         check_status(status)
         check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
 
         def op(c: sqlite3.Connection) -> Task | None:
-            row = c.execute(f"SELECT {COLS} FROM tasks WHERE task_id=? OR rid=?",
-                            (task_id, task_id)).fetchone()
+            row = c.execute(f"SELECT {COLS} FROM tasks WHERE task_id=? OR rid=?", (task_id, task_id)).fetchone()
             if row is None:
                 return None
             t = row_to_task(row)
@@ -247,14 +289,17 @@ class SQLiteStore(SQLiteOutbox):
             self._books.check_spend(c, t, cost_micros, billed_ms)
             self._books.release(c, t)
             self._books.spend(c, t, cost_micros, billed_ms)
-            c.execute("UPDATE tasks SET status=?, billed_ms=?, cost_micros=?, cost_estimated=?, "
-                      "settled_at=?, updated_at=?, final_body=? WHERE rid=?",
-                      (status, billed_ms, cost_micros, int(estimated), now, now, final_body, t.rid))
+            c.execute(
+                "UPDATE tasks SET status=?, billed_ms=?, cost_micros=?, cost_estimated=?, "
+                "settled_at=?, updated_at=?, final_body=? WHERE rid=?",
+                (status, billed_ms, cost_micros, int(estimated), now, now, final_body, t.rid),
+            )
             add_items(c, items)
             t.status, t.billed_ms, t.cost_micros, t.cost_estimated = status, billed_ms, cost_micros, estimated
             t.settled_at = t.updated_at = now
             t.final_body = final_body
             return t
+
         done = await self._do(op)
         if done is not None:
             await self.release_key(done.rid)
@@ -274,14 +319,24 @@ class SQLiteStore(SQLiteOutbox):
             d_micros, d_ms = cost_micros - (t.cost_micros or 0), billed_ms - (t.billed_ms or 0)
             self._books.check_spend(c, t, d_micros, d_ms)
             self._books.spend(c, t, d_micros, d_ms)
-            c.execute("UPDATE tasks SET billed_ms=?, cost_micros=?, cost_estimated=0, updated_at=? WHERE rid=?",
-                      (billed_ms, cost_micros, now, t.rid))
+            c.execute(
+                "UPDATE tasks SET billed_ms=?, cost_micros=?, cost_estimated=0, updated_at=? WHERE rid=?",
+                (billed_ms, cost_micros, now, t.rid),
+            )
             t.billed_ms, t.cost_micros, t.cost_estimated, t.updated_at = billed_ms, cost_micros, False, now
             return t
+
         return await self._do(op)
 
-    async def list_tasks(self, team: str, limit: int, after: str | None, status: str | None,
-                         order: str = "desc", include_deleted: bool = True) -> tuple[list[Task], bool]:
+    async def list_tasks(
+        self,
+        team: str,
+        limit: int,
+        after: str | None,
+        status: str | None,
+        order: str = "desc",
+        include_deleted: bool = True,
+    ) -> tuple[list[Task], bool]:
         if order not in _ORDERS:
             raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
         past, direction = _ORDERS[order]
@@ -289,8 +344,9 @@ class SQLiteStore(SQLiteOutbox):
         def op(c: sqlite3.Connection) -> tuple[list[Task], bool]:
             sql, args = f"SELECT {COLS} FROM tasks WHERE team=? AND task_id IS NOT NULL", [team]
             if after:
-                anchor = c.execute("SELECT created_at, rid FROM tasks WHERE task_id=? AND team=?",
-                                   (after, team)).fetchone()
+                anchor = c.execute(
+                    "SELECT created_at, rid FROM tasks WHERE task_id=? AND team=?", (after, team)
+                ).fetchone()
                 if anchor is None:
                     return [], False
                 sql += f" AND (created_at {past} ? OR (created_at = ? AND rid {past} ?))"
@@ -303,6 +359,7 @@ class SQLiteStore(SQLiteOutbox):
             rows = c.execute(sql + f" ORDER BY created_at {direction}, rid {direction} LIMIT ?", (*args, limit + 1))
             tasks = [row_to_task(r) for r in rows]
             return tasks[:limit], len(tasks) > limit
+
         return await self._do(op)
 
     async def mark_deleted(self, task_id: str, now: float) -> Task | None:
@@ -310,15 +367,20 @@ class SQLiteStore(SQLiteOutbox):
             c.execute("UPDATE tasks SET deleted_at=? WHERE task_id=? AND deleted_at IS NULL", (now, task_id))
             row = c.execute(f"SELECT {COLS} FROM tasks WHERE task_id=?", (task_id,)).fetchone()
             return row_to_task(row) if row else None
+
         return await self._do(op)
 
     async def due_tasks(self, now: float, limit: int, lease_s: float) -> list[Task]:
         def op(c: sqlite3.Connection) -> list[Task]:
-            rows = c.execute(f"SELECT {COLS} FROM tasks WHERE settled_at IS NULL AND next_poll_at <= ? "
-                             "ORDER BY next_poll_at LIMIT ?", (now, limit)).fetchall()
+            rows = c.execute(
+                f"SELECT {COLS} FROM tasks WHERE settled_at IS NULL AND next_poll_at <= ? "
+                "ORDER BY next_poll_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
             leased = [(now + lease_s, r[0]) for r in rows]
             c.executemany("UPDATE tasks SET next_poll_at=? WHERE rid=?", leased)
             return [row_to_task(r) for r in rows]
+
         return await self._do(op)
 
     async def defer_poll(self, rid: str, next_at: float) -> None:
@@ -328,24 +390,37 @@ class SQLiteStore(SQLiteOutbox):
         def op(c: sqlite3.Connection) -> int:
             self._books.flush(c)  # this batch's changes too
             return c.execute("SELECT COALESCE(SUM(n), 0) FROM in_flight WHERE scope='team'").fetchone()[0]
+
         return await self._do(op)
 
     # figures
 
     async def usage(self, subjects: tuple[Subject, ...]) -> list[Usage]:
-        return await self._do(lambda c: [
-            Usage(replace(self._books.counters(c, s.scope, s.name, s.period)),
-                  self._books.in_flight(c, s.scope, s.name)) for s in subjects])
+        return await self._do(
+            lambda c: [
+                Usage(
+                    replace(self._books.counters(c, s.scope, s.name, s.period)),
+                    self._books.in_flight(c, s.scope, s.name),
+                )
+                for s in subjects
+            ]
+        )
 
     async def rate_state(self, scope: str, name: str, limit: int, now: float) -> RateState:
         with self._windows.lock:  # in memory: no trip to the writer thread
             return rate_state(limit, self._windows.live(scope, name, now), now)
 
-    async def ledger(self, since: float | None, until: float | None, team: str | None,
-                     user: str | None, model: str | None) -> list[Task]:
+    async def ledger(
+        self, since: float | None, until: float | None, team: str | None, user: str | None, model: str | None
+    ) -> list[Task]:
         where, args = ["status != 'create_failed'"], []
-        for clause, value in (("created_at >= ?", since), ("created_at < ?", until), ("team = ?", team),
-                              ("user = ?", user), ("model = ?", model)):
+        for clause, value in (
+            ("created_at >= ?", since),
+            ("created_at < ?", until),
+            ("team = ?", team),
+            ("user = ?", user),
+            ("model = ?", model),
+        ):
             if value is not None:
                 where.append(clause)
                 args.append(value)
@@ -353,12 +428,14 @@ class SQLiteStore(SQLiteOutbox):
         return await self._do(lambda c: [row_to_task(r) for r in c.execute(sql, args)])
 
     async def prune(self, before: float) -> int:
-        return await self._do(lambda c: c.execute(
-            "DELETE FROM tasks WHERE created_at < ? AND settled_at IS NOT NULL", (before,)).rowcount)
+        return await self._do(
+            lambda c: c.execute("DELETE FROM tasks WHERE created_at < ? AND settled_at IS NOT NULL", (before,)).rowcount
+        )
 
     async def purge_idempotency(self, now: float) -> int:
-        return await self._do(lambda c: c.execute(
-            "DELETE FROM idempotency WHERE created_at < ?", (now - IDEM_TTL_S,)).rowcount)
+        return await self._do(
+            lambda c: c.execute("DELETE FROM idempotency WHERE created_at < ?", (now - IDEM_TTL_S,)).rowcount
+        )
 
     # key pool
 

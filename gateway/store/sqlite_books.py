@@ -16,9 +16,11 @@ from .base import LIVE, MAX_COUNTER, Task
 BOOKS_MAX = 100_000  # cached figures; past this the cache starts again from the tables
 
 
-_WRITE_COUNTERS = ("INSERT INTO counters VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, name, period) DO UPDATE "
-                   "SET spent_micros=excluded.spent_micros, reserved_micros=excluded.reserved_micros, "
-                   "spent_ms=excluded.spent_ms, reserved_ms=excluded.reserved_ms")
+_WRITE_COUNTERS = (
+    "INSERT INTO counters VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, name, period) DO UPDATE "
+    "SET spent_micros=excluded.spent_micros, reserved_micros=excluded.reserved_micros, "
+    "spent_ms=excluded.spent_ms, reserved_ms=excluded.reserved_ms"
+)
 _WRITE_IN_FLIGHT = "INSERT INTO in_flight VALUES (?, ?, ?) ON CONFLICT (scope, name) DO UPDATE SET n=excluded.n"
 
 
@@ -44,8 +46,14 @@ class Books:
     def flush(self, c: sqlite3.Connection) -> None:
         """Write what changed since the last flush (inside the transaction, before its COMMIT)."""
         if self._changed_counters:
-            c.executemany(_WRITE_COUNTERS, [(*key, n.spent_micros, n.reserved_micros, n.spent_ms, n.reserved_ms)
-                                            for key in self._changed_counters for n in (self._counters[key],)])
+            c.executemany(
+                _WRITE_COUNTERS,
+                [
+                    (*key, n.spent_micros, n.reserved_micros, n.spent_ms, n.reserved_ms)
+                    for key in self._changed_counters
+                    for n in (self._counters[key],)
+                ],
+            )
             self._changed_counters.clear()
         if self._changed_in_flight:
             c.executemany(_WRITE_IN_FLIGHT, [(*key, self._in_flight[key]) for key in self._changed_in_flight])
@@ -55,8 +63,11 @@ class Books:
         key = (scope, name, period)
         got = self._counters.get(key)
         if got is None:
-            row = c.execute("SELECT spent_micros, reserved_micros, spent_ms, reserved_ms FROM counters "
-                            "WHERE scope=? AND name=? AND period=?", key).fetchone()
+            row = c.execute(
+                "SELECT spent_micros, reserved_micros, spent_ms, reserved_ms FROM counters "
+                "WHERE scope=? AND name=? AND period=?",
+                key,
+            ).fetchone()
             if len(self._counters) >= BOOKS_MAX:
                 self.flush(c)
                 self._counters.clear()
@@ -73,8 +84,17 @@ class Books:
             got = self._in_flight[(scope, name)] = row[0] if row else 0
         return got
 
-    def add(self, c: sqlite3.Connection, scope: str, name: str, period: str, spent_micros: int = 0,
-            reserved_micros: int = 0, spent_ms: int = 0, reserved_ms: int = 0) -> None:
+    def add(
+        self,
+        c: sqlite3.Connection,
+        scope: str,
+        name: str,
+        period: str,
+        spent_micros: int = 0,
+        reserved_micros: int = 0,
+        spent_ms: int = 0,
+        reserved_ms: int = 0,
+    ) -> None:
         n = self.counters(c, scope, name, period)
         self._changed_counters.add((scope, name, period))
         n.spent_micros += spent_micros

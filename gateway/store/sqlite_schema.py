@@ -77,6 +77,8 @@ def task_by_ref(c: sqlite3.Connection, ref: str) -> Task | None:
 
 
 def finish_idem(c: sqlite3.Connection, rid: str, reply: tuple[int, bytes]) -> None:
-    c.execute("UPDATE idempotency SET done=1, status=?, body=? WHERE (team, key) IN "
-              "(SELECT team, idem_key FROM tasks WHERE rid=? AND idem_key IS NOT NULL)", (*reply, rid))
-
+    c.execute(
+        "UPDATE idempotency SET done=1, status=?, body=? WHERE (team, key) IN "
+        "(SELECT team, idem_key FROM tasks WHERE rid=? AND idem_key IS NOT NULL)",
+        (*reply, rid),
+    )

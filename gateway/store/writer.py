@@ -30,9 +30,14 @@ class Writer:
     operations kept in memory; after it `on_commit` or `on_rollback` is called (on this thread): what
     operations keep in memory must follow what the tables keep."""
 
-    def __init__(self, path: str, synchronous: str, on_commit: Callable[[], None],
-                 on_rollback: Callable[[], None],
-                 before_commit: Callable[[sqlite3.Connection], None] = lambda c: None) -> None:
+    def __init__(
+        self,
+        path: str,
+        synchronous: str,
+        on_commit: Callable[[], None],
+        on_rollback: Callable[[], None],
+        before_commit: Callable[[sqlite3.Connection], None] = lambda c: None,
+    ) -> None:
         self._path, self._sync = path, synchronous
         self._on_commit, self._on_rollback, self._before_commit = on_commit, on_rollback, before_commit
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -131,9 +136,21 @@ class Writer:
         self._on_rollback()
 
 
-_UNAVAILABLE = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY,
-                          sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_CORRUPT,
-                          sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_PERM})
+_UNAVAILABLE = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_NOTADB,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_PERM,
+    }
+)
 
 
 def unavailable(exc: BaseException) -> bool:

@@ -27,10 +27,13 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 # The equivalent of python:3.11-slim: Debian 12's Python 3.11 with venv, useradd, and the host's CA
 # bundle (so pip inside a build trusts what the host trusts). Changing any of it changes the cache key.
 SUITE = "bookworm"
-MMDEBSTRAP = ["--variant=essential", "--include=python3,python3-venv,passwd",
-              "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
-              *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "info", "locale")),
-              f"--customize-hook=mkdir -p \"$1{HOST_CA.parent}\" && cp {HOST_CA} \"$1{HOST_CA}\""]
+MMDEBSTRAP = [
+    "--variant=essential",
+    "--include=python3,python3-venv,passwd",
+    "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
+    *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "info", "locale")),
+    f'--customize-hook=mkdir -p "$1{HOST_CA.parent}" && cp {HOST_CA} "$1{HOST_CA}"',
+]
 IMPORT_CHANGES = ["ENV LANG=C.UTF-8", 'CMD ["python3"]']
 
 
@@ -54,8 +57,12 @@ class Engine:
             missing("a private dockerd needs root")
         self.dockerd, self.client, self.mmdebstrap = (_program(n) for n in ("dockerd", "docker", "mmdebstrap"))
         self.run_dir = Path(tempfile.mkdtemp(prefix="thg-dockerd-", dir="/tmp"))  # short: a socket lives here
-        self.env = {**os.environ, "DOCKER_HOST": f"unix://{self.run_dir / 'docker.sock'}",
-                    "DOCKER_CONFIG": str(self.run_dir / "client"), "DOCKER_BUILDKIT": "0"}
+        self.env = {
+            **os.environ,
+            "DOCKER_HOST": f"unix://{self.run_dir / 'docker.sock'}",
+            "DOCKER_CONFIG": str(self.run_dir / "client"),
+            "DOCKER_BUILDKIT": "0",
+        }
         self.proc: subprocess.Popen | None = None
         self.data_root, self.shared = self._claim_data_root()
 
@@ -70,15 +77,28 @@ class Engine:
 
     def start(self, timeout: float = 60.0) -> None:
         self.log = self.run_dir / "dockerd.log"
-        args = [self.dockerd, "--host", self.env["DOCKER_HOST"], "--data-root", str(self.data_root),
-                "--exec-root", str(self.run_dir / "exec"), "--pidfile", str(self.run_dir / "dockerd.pid"),
-                "--iptables=false", "--ip6tables=false", "--bridge=none", "--log-level=warn",
-                # Should it find a system containerd, its containers stay apart from the system engine's.
-                "--containerd-namespace=tokenhub-gateway-test",
-                "--containerd-plugins-namespace=tokenhub-gateway-test-plugins"]
+        args = [
+            self.dockerd,
+            "--host",
+            self.env["DOCKER_HOST"],
+            "--data-root",
+            str(self.data_root),
+            "--exec-root",
+            str(self.run_dir / "exec"),
+            "--pidfile",
+            str(self.run_dir / "dockerd.pid"),
+            "--iptables=false",
+            "--ip6tables=false",
+            "--bridge=none",
+            "--log-level=warn",
+            # Should it find a system containerd, its containers stay apart from the system engine's.
+            "--containerd-namespace=tokenhub-gateway-test",
+            "--containerd-plugins-namespace=tokenhub-gateway-test-plugins",
+        ]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while self.docker("version", check=False, timeout=10).returncode != 0:
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -87,11 +107,18 @@ class Engine:
             time.sleep(0.2)
 
     def docker(self, *args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess:
-        result = subprocess.run([self.client, *args], env=self.env, capture_output=True, text=True,
-                                stdin=subprocess.DEVNULL, timeout=timeout)
+        result = subprocess.run(
+            [self.client, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+        )
         if check and result.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)} exited {result.returncode}:\n"
-                                 f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+            raise AssertionError(
+                f"docker {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
         return result
 
     def inspect(self, name: str, template: str) -> str:
@@ -131,8 +158,13 @@ class Engine:
 
     def _debootstrap(self, tarball: Path) -> None:
         partial = tarball.with_name(f"partial-{os.getpid()}-{tarball.name}")
-        result = subprocess.run([self.mmdebstrap, "--format=tar", *MMDEBSTRAP, SUITE, str(partial)],
-                                capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+        result = subprocess.run(
+            [self.mmdebstrap, "--format=tar", *MMDEBSTRAP, SUITE, str(partial)],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=600,
+        )
         assert result.returncode == 0, f"mmdebstrap failed:\n{result.stderr[-3000:]}"
         for old in CACHE.glob("base-*.tar"):
             old.unlink()  # a superseded recipe's tarball

@@ -38,14 +38,28 @@ class Process(procs.Process):
 class Simulator(Process):
     """A `python -m gateway.simulator` process, and its control API (SPEC §7; gateway/simulator.py)."""
 
-    def __init__(self, tmp: Path, task_seconds: float = 2.0, media_ttl_s: float | None = None,
-                 video_size: int | None = None) -> None:
+    def __init__(
+        self, tmp: Path, task_seconds: float = 2.0, media_ttl_s: float | None = None, video_size: int | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        flags = [*(["--media-ttl-s", str(media_ttl_s)] if media_ttl_s is not None else []),
-                 *(["--video-size", str(video_size)] if video_size is not None else [])]
-        super().__init__([sys.executable, "-m", "gateway.simulator", "--port", str(self.port),
-                          "--task-seconds", str(task_seconds), *flags], tmp / f"simulator-{self.port}.log")
+        flags = [
+            *(["--media-ttl-s", str(media_ttl_s)] if media_ttl_s is not None else []),
+            *(["--video-size", str(video_size)] if video_size is not None else []),
+        ]
+        super().__init__(
+            [
+                sys.executable,
+                "-m",
+                "gateway.simulator",
+                "--port",
+                str(self.port),
+                "--task-seconds",
+                str(task_seconds),
+                *flags,
+            ],
+            tmp / f"simulator-{self.port}.log",
+        )
 
     def start(self) -> None:
         super().start()
@@ -148,21 +162,47 @@ class Gateway(Process):
         env = {f"TEST_KEY_{n.upper().replace('-', '_')}": v for n, v in KEYS.items()}
         env.update(GATEWAY_ADMIN_TOKEN=ADMIN_TOKEN)
         self.write_config()
-        Process.__init__(self, [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path),
-                                "--host", "127.0.0.1", "--port", str(self.port)],
-                         self.tmp / f"{self.name}-{self.port}.log", env)
+        Process.__init__(
+            self,
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            self.tmp / f"{self.name}-{self.port}.log",
+            env,
+        )
 
     def config(self) -> dict[str, Any]:
         keys = self.keys or [{"name": "key-a"}]
-        upstream = {"base_url": self.upstream_url + "/api/v1", "timeout_s": 5, "connect_timeout_s": 1,
-                    "cooldown_s": 1, "breaker_open_s": 1,
-                    "keys": [{"value_env": f"TEST_KEY_{k['name'].upper().replace('-', '_')}", **k} for k in keys]}
-        users = {u: {**spec, "key_sha256": hashlib.sha256(self.user_keys[u].encode()).hexdigest()}
-                 for u, spec in self.users.items()}
+        upstream = {
+            "base_url": self.upstream_url + "/api/v1",
+            "timeout_s": 5,
+            "connect_timeout_s": 1,
+            "cooldown_s": 1,
+            "breaker_open_s": 1,
+            "keys": [{"value_env": f"TEST_KEY_{k['name'].upper().replace('-', '_')}", **k} for k in keys],
+        }
+        users = {
+            u: {**spec, "key_sha256": hashlib.sha256(self.user_keys[u].encode()).hexdigest()}
+            for u, spec in self.users.items()
+        }
         store = self.store_url or f"sqlite:///{self.tmp / (self.name + '.db')}"
-        data: dict[str, Any] = {"server": {"admin_token_env": "GATEWAY_ADMIN_TOKEN", "shutdown_grace_s": 5},
-                                "upstream": upstream, "store": {"url": store},
-                                "poller": {"interval_s": 1}, "teams": self.teams, "users": users}
+        data: dict[str, Any] = {
+            "server": {"admin_token_env": "GATEWAY_ADMIN_TOKEN", "shutdown_grace_s": 5},
+            "upstream": upstream,
+            "store": {"url": store},
+            "poller": {"interval_s": 1},
+            "teams": self.teams,
+            "users": users,
+        }
         for section, values in self.extra.items():
             data[section] = values if isinstance(values, list) else {**data.get(section, {}), **values}
         return data
@@ -179,17 +219,27 @@ class Gateway(Process):
         self.start()
 
     def client(self, user: str, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.api, headers={"Authorization": f"Bearer {self.user_keys[user]}"},
-                            timeout=kw.pop("timeout", 15.0), **kw)
+        return httpx.Client(
+            base_url=self.api,
+            headers={"Authorization": f"Bearer {self.user_keys[user]}"},
+            timeout=kw.pop("timeout", 15.0),
+            **kw,
+        )
 
     def aclient(self, user: str, **kw: Any) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=kw.pop("max_connections", 200))
-        return httpx.AsyncClient(base_url=self.api, headers={"Authorization": f"Bearer {self.user_keys[user]}"},
-                                 timeout=kw.pop("timeout", 30.0), limits=limits, **kw)
+        return httpx.AsyncClient(
+            base_url=self.api,
+            headers={"Authorization": f"Bearer {self.user_keys[user]}"},
+            timeout=kw.pop("timeout", 30.0),
+            limits=limits,
+            **kw,
+        )
 
     def admin(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        return httpx.request(method, self.url + path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-                             timeout=15.0, **kw)
+        return httpx.request(
+            method, self.url + path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=15.0, **kw
+        )
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of one metric whose labels include the given ones."""

@@ -15,10 +15,21 @@ PNG = cover_bytes("reference")  # a real PNG, whatever name and type the upload 
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)) * 4
 MP4 = video_bytes("a-clip", 4096)
 MAX_BODY = 16 * 1024 * 1024
-TEAMS = {"red": {}, "blue": {}, "poor": {"budget_usd": 0.5}, "slow": {"requests_per_minute": 1},
-         "pro": {"models": ["doubao-seedance-2.0"]}}
-USERS = {"alice": {"team": "red"}, "amy": {"team": "red"}, "bob": {"team": "blue"}, "carol": {"team": "poor"},
-         "dave": {"team": "slow"}, "erin": {"team": "pro"}}
+TEAMS = {
+    "red": {},
+    "blue": {},
+    "poor": {"budget_usd": 0.5},
+    "slow": {"requests_per_minute": 1},
+    "pro": {"models": ["doubao-seedance-2.0"]},
+}
+USERS = {
+    "alice": {"team": "red"},
+    "amy": {"team": "red"},
+    "bob": {"team": "blue"},
+    "carol": {"team": "poor"},
+    "dave": {"team": "slow"},
+    "erin": {"team": "pro"},
+}
 FAST = "sim:seconds=0.5"
 
 
@@ -33,13 +44,15 @@ def http(gw: Gateway, user: str) -> httpx.Client:
 
 def requests_to(gw: Gateway, method: str, route: str) -> int:
     """Requests the gateway logged for one route template (what the SDK sent, retries included)."""
-    return sum(1 for line in gw.lines() if line.get("event") == "request" and line["method"] == method
-               and line["route"] == route)
+    return sum(
+        1
+        for line in gw.lines()
+        if line.get("event") == "request" and line["method"] == method and line["route"] == route
+    )
 
 
 def wait_status(c: openai.OpenAI, video_id: str, status: str, timeout: float = 15) -> Any:
-    return wait_until(lambda: (v := c.videos.retrieve(video_id)).status == status and v, timeout=timeout,
-                      interval=0.1)
+    return wait_until(lambda: (v := c.videos.retrieve(video_id)).status == status and v, timeout=timeout, interval=0.1)
 
 
 def data_url(data: bytes, media_type: str) -> str:

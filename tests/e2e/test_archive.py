@@ -27,9 +27,11 @@ def create(gw: Gateway, prompt: str = "sim:seconds=0.3 a lighthouse") -> str:
 
 def succeeded_at(gw: Gateway, task_id: str) -> float:
     """Polls until TokenHub's answer is terminal; the time the gateway saw it succeed."""
+
     def done() -> bool:
         with gw.client("alice") as c:
             return c.get(f"{CREATE}/{task_id}").json()["status"] == "succeeded"
+
     wait_until(done, 20, 0.05)
     return time.monotonic()
 
@@ -53,6 +55,7 @@ def test_succeeded_videos_land_in_the_directory_within_a_poller_interval(make_ga
 
     def read(key: str) -> bytes | None:
         return (root / key).read_bytes() if (root / key).exists() else None
+
     wait_until(lambda: read(f"red/{unpolled}/video.mp4") and read(f"red/{too_big}/cover.png"), 15)
     for tid in (polled, unpolled):
         archived(sim, tid, read)
@@ -76,6 +79,7 @@ def test_succeeded_videos_land_in_s3(make_gateway, sim, moto):
     def get(key: str) -> bytes | None:
         r = httpx.get(f"{moto.url}/{bucket}/gateway/{key}", timeout=5)  # moto checks no signature
         return r.content if r.status_code == 200 else None
+
     wait_until(lambda: get(f"red/{tid}/video.mp4") and get(f"red/{tid}/cover.png"), 10)
     archived(sim, tid, get)
 
@@ -91,17 +95,28 @@ def redis_server():
 
 def test_two_replicas_copy_each_video_once(make_gateway, sim, tmp_path, redis_server):
     root = tmp_path / "shared-videos"
-    gws = [make_gateway(store_url=redis_server.url, name=f"r{i}", start=False,
-                        keys=[{"name": "key-a", "max_concurrent_tasks": 100}],
-                        extra={"archive": {"dir": str(root)}}) for i in (1, 2)]
+    gws = [
+        make_gateway(
+            store_url=redis_server.url,
+            name=f"r{i}",
+            start=False,
+            keys=[{"name": "key-a", "max_concurrent_tasks": 100}],
+            extra={"archive": {"dir": str(root)}},
+        )
+        for i in (1, 2)
+    ]
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(Gateway.start, gws))
     tids = [create(gws[i % 2]) for i in range(6)]
     for i, tid in enumerate(tids):  # each replica sees every task succeed
         succeeded_at(gws[i % 2], tid)
         succeeded_at(gws[(i + 1) % 2], tid)
-    wait_until(lambda: all((root / "red" / t / "cover.png").exists() and (root / "red" / t / "video.mp4").exists()
-                           for t in tids), 15)
+    wait_until(
+        lambda: all(
+            (root / "red" / t / "cover.png").exists() and (root / "red" / t / "video.mp4").exists() for t in tids
+        ),
+        15,
+    )
     time.sleep(1.5)  # time for a second copy to show up, if there were one
     fetched = [d["path"] for d in sim.downloads() if d["status"] == 200]
     for tid in tids:
@@ -117,8 +132,9 @@ def test_content_is_served_from_the_archive_after_tokenhub_url_expired(make_gate
     gw = make_gateway(extra={"archive": {"dir": str(root), "retention_days": 30}})
     tid = create(gw)
     succeeded_at(gw, tid)
-    wait_until(lambda: (root / "red" / tid / "video.mp4").exists() and (root / "red" / tid / "cover.png").exists(),
-               10, 0.05)
+    wait_until(
+        lambda: (root / "red" / tid / "video.mp4").exists() and (root / "red" / tid / "cover.png").exists(), 10, 0.05
+    )
     sim.media(ttl_s=0)  # every TokenHub result URL now answers 403
     video, cover = sim.expected_bytes(tid), sim.expected_bytes(tid, "cover")
     with gw.client("alice") as c:
@@ -127,7 +143,10 @@ def test_content_is_served_from_the_archive_after_tokenhub_url_expired(make_gate
         assert (whole.status_code, whole.content) == (200, video)
         part = c.get(f"/videos/{tid}/content", headers={"Range": "bytes=10-19"})
         assert (part.status_code, part.content, part.headers["content-range"]) == (
-            206, video[10:20], f"bytes 10-19/{len(video)}")
+            206,
+            video[10:20],
+            f"bytes 10-19/{len(video)}",
+        )
         thumb = c.get(f"/videos/{tid}/content", params={"variant": "thumbnail"})
         assert (thumb.status_code, thumb.content) == (200, cover)
         bad = c.get(f"/videos/{tid}/content", headers={"Range": f"bytes={len(video) + 5}-"})

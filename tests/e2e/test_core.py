@@ -26,29 +26,51 @@ MODELS = {"doubao-seedance-2.0", "doubao-seedance-2.0-fast"}
 CLIENTS = Path(__file__).parent / "clients"
 TEST_BUDGET_S = 30
 pytestmark = pytest.mark.timeout(TEST_BUDGET_S)  # no test may hang the suite
-LOG_FIELDS = ("timestamp", "level", "event", "request_id", "method", "route", "status", "duration_ms", "team",
-              "user", "model", "resolution", "duration_s", "task_id", "upstream_key", "upstream_status",
-              "upstream_ms", "cost_usd", "error_code")
+LOG_FIELDS = (
+    "timestamp",
+    "level",
+    "event",
+    "request_id",
+    "method",
+    "route",
+    "status",
+    "duration_ms",
+    "team",
+    "user",
+    "model",
+    "resolution",
+    "duration_s",
+    "task_id",
+    "upstream_key",
+    "upstream_status",
+    "upstream_ms",
+    "cost_usd",
+    "error_code",
+)
 SETTLED_FIELDS = ("task_id", "team", "user", "model", "resolution", "status", "billed_seconds", "cost_usd")
 QUIET_POLLER = {"poller": {"interval_s": 30}}  # only client polls reach upstream
 TWO_KEYS = [{"name": "key-a"}, {"name": "key-b"}]
 
 
-
-
 @pytest.fixture(scope="module")
 def shared_gw(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """One gateway for the tests that never create a task upstream (validation, auth, request ids)."""
-    gw = Gateway(tmp=tmp_path_factory.mktemp("core"), upstream_url=simulator.url, name="shared",
-                 teams={"red": {}, "blue": {}}, users={"alice": {"team": "red"}, "bob": {"team": "blue"}})
+    gw = Gateway(
+        tmp=tmp_path_factory.mktemp("core"),
+        upstream_url=simulator.url,
+        name="shared",
+        teams={"red": {}, "blue": {}},
+        users={"alice": {"team": "red"}, "bob": {"team": "blue"}},
+    )
     gw.start()
     yield gw
     gw.stop()
 
 
 def prefixed(gw: Gateway, user: str, prefix: str = "/api/v1") -> httpx.Client:
-    return httpx.Client(base_url=gw.url + prefix, headers={"Authorization": f"Bearer {gw.user_keys[user]}"},
-                        timeout=15.0)
+    return httpx.Client(
+        base_url=gw.url + prefix, headers={"Authorization": f"Bearer {gw.user_keys[user]}"}, timeout=15.0
+    )
 
 
 def error_of(r: httpx.Response, status: int, type_: str, code: str) -> dict[str, Any]:
@@ -81,6 +103,7 @@ def poll_until(c: httpx.Client, task_id: str, status: str = "succeeded", timeout
         r = c.get(f"{CREATE}/{task_id}")
         assert r.status_code == 200, r.text
         return r.json() if r.json()["status"] == status else None
+
     return wait_until(done, timeout=timeout, interval=0.2)
 
 
@@ -97,6 +120,7 @@ def assert_nothing_charged(c: httpx.Client) -> None:
 
 
 # --- both prefixes --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("prefix", ["/api/v1", "/v1"])
 def test_every_client_route_under_both_prefixes(make_gateway, sim, prefix):
@@ -115,7 +139,9 @@ def test_every_client_route_under_both_prefixes(make_gateway, sim, prefix):
         models = c.get("/models").json()
         assert models["object"] == "list" and {m["id"] for m in models["data"]} == MODELS
         assert next(m for m in models["data"] if m["id"] == "doubao-seedance-2.0")["pricing"] == {
-            "720p": 0.2, "480p": 0.12}
+            "720p": 0.2,
+            "480p": 0.12,
+        }
         u = usage_of(c)
         assert set(u) >= {"period", "user", "team"} and u["user"]["name"] == "alice"
         assert u["user"]["spent_usd"] == 1.0 and u["team"]["spent_usd"] == 1.0
@@ -135,18 +161,33 @@ BAD_BODIES = [
     ("duration-string", body(duration="5"), "invalid_parameter", "duration"),
     ("resolution", body(resolution="1080p"), "invalid_parameter", "resolution"),
     ("aspect-ratio", body(aspect_ratio="2:1"), "invalid_parameter", "aspect_ratio"),
-    ("frame-with-reference", body(content=[
-        {"type": "image_url", "image_url": {"url": IMG}, "role": "first_frame"},
-        {"type": "image_url", "image_url": {"url": IMG}, "role": "reference_image"}]),
-     "invalid_parameter", "content[0].role"),
+    (
+        "frame-with-reference",
+        body(
+            content=[
+                {"type": "image_url", "image_url": {"url": IMG}, "role": "first_frame"},
+                {"type": "image_url", "image_url": {"url": IMG}, "role": "reference_image"},
+            ]
+        ),
+        "invalid_parameter",
+        "content[0].role",
+    ),
     ("four-reference-videos", body(video_urls=[VID] * 4), "invalid_parameter", "video_urls"),
     ("audio-only", body(audio_url="https://cdn.example.com/a.mp3"), "invalid_parameter", "audio_url"),
     ("file-url", body(image_url="file:///etc/passwd"), "invalid_parameter", "image_url"),
     ("data-uri-video", body(video_url="data:video/mp4;base64,AAAA"), "invalid_parameter", "video_url"),
-    ("video-durations-mismatch", body(video_urls=[VID, VID], video_durations=[5]),
-     "invalid_parameter", "video_durations"),
-    ("text-item-with-role", body(content=[{"type": "text", "text": "hi", "role": "first_frame"}]),
-     "invalid_parameter", "content[0].role"),
+    (
+        "video-durations-mismatch",
+        body(video_urls=[VID, VID], video_durations=[5]),
+        "invalid_parameter",
+        "video_durations",
+    ),
+    (
+        "text-item-with-role",
+        body(content=[{"type": "text", "text": "hi", "role": "first_frame"}]),
+        "invalid_parameter",
+        "content[0].role",
+    ),
     ("non-object", [body()], "invalid_parameter", None),
     ("invalid-json", b'{"model": "doubao-seedance-2.0", "prompt": ', "invalid_json", None),
 ]
@@ -176,17 +217,30 @@ def test_body_over_max_body_bytes_is_413(make_gateway, sim):
 
 # --- forwarding -------------------------------------------------------------------------------
 
+
 def test_client_json_is_forwarded_unchanged(make_gateway, sim):
     gw = make_gateway(extra=QUIET_POLLER)
-    sent = {"prompt": "Ein Fuchs läuft durch den Schnee 🦊", "x_trace": {"b": [1, 2.5, None, True], "a": "ñ"},
-            "watermark": False, "model": "doubao-seedance-2.0", "duration": 6, "seed": -1}
+    sent = {
+        "prompt": "Ein Fuchs läuft durch den Schnee 🦊",
+        "x_trace": {"b": [1, 2.5, None, True], "a": "ñ"},
+        "watermark": False,
+        "model": "doubao-seedance-2.0",
+        "duration": 6,
+        "seed": -1,
+    }
     with gw.client("alice") as c:
-        r = c.post(CREATE, content=json.dumps(sent, ensure_ascii=False).encode(),
-                   headers={"Content-Type": "application/json"})
+        r = c.post(
+            CREATE, content=json.dumps(sent, ensure_ascii=False).encode(), headers={"Content-Type": "application/json"}
+        )
         assert r.status_code == 200, r.text
         record = sim.task(r.json()["id"])
-        assert r.json() == {"id": record["id"], "object": "video.generation.task", "model": "doubao-seedance-2.0",
-                            "status": "queued", "created": int(record["created"])}
+        assert r.json() == {
+            "id": record["id"],
+            "object": "video.generation.task",
+            "model": "doubao-seedance-2.0",
+            "status": "queued",
+            "created": int(record["created"]),
+        }
         polled = c.get(f"{CREATE}/{record['id']}").json()
     assert list(record["request"].items()) == list(sent.items())  # same keys, order and values
     assert "resolution" not in record["request"] and "aspect_ratio" not in record["request"]  # no defaults
@@ -196,15 +250,23 @@ def test_client_json_is_forwarded_unchanged(make_gateway, sim):
 
 # --- auth and ownership ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("authorization", [None, "Basic YWxpY2U6c2VjcmV0", "Bearer", "Bearer tgw-unknown-0000",
-                                           "alice-key-without-scheme"])
+
+@pytest.mark.parametrize(
+    "authorization", [None, "Basic YWxpY2U6c2VjcmV0", "Bearer", "Bearer tgw-unknown-0000", "alice-key-without-scheme"]
+)
 def test_bad_gateway_key_is_401_on_every_route(shared_gw, sim, authorization):
     if authorization == "alice-key-without-scheme":
         authorization = shared_gw.user_keys["alice"]
     headers = {} if authorization is None else {"Authorization": authorization}
     with httpx.Client(base_url=shared_gw.api, headers=headers, timeout=15) as c:
-        for r in (c.post(CREATE, json=body()), c.get(CREATE), c.get(f"{CREATE}/cgt-123"),
-                  c.delete(f"{CREATE}/cgt-123"), c.get("/models"), c.get("/usage")):
+        for r in (
+            c.post(CREATE, json=body()),
+            c.get(CREATE),
+            c.get(f"{CREATE}/cgt-123"),
+            c.delete(f"{CREATE}/cgt-123"),
+            c.get("/models"),
+            c.get("/usage"),
+        ):
             assert error_of(r, 401, "authentication_error", "invalid_api_key")["param"] is None
     assert sim.requests() == []
 
@@ -226,9 +288,9 @@ def test_other_teams_task_is_404(make_gateway, sim):
 
 # --- key affinity and poll coalescing -------------------------------------------------------
 
+
 def test_every_poll_uses_the_key_that_created_the_task(make_gateway, sim):
-    gw = make_gateway(keys=[{"name": "key-a", "max_concurrent_tasks": 5},
-                            {"name": "key-b", "max_concurrent_tasks": 5}])
+    gw = make_gateway(keys=[{"name": "key-a", "max_concurrent_tasks": 5}, {"name": "key-b", "max_concurrent_tasks": 5}])
     with gw.client("alice") as c:
         tids = [create_ok(c, prompt="sim:seconds=1 a fox") for _ in range(8)]
         for tid in tids:
@@ -275,6 +337,7 @@ def test_terminal_task_is_answered_without_upstream(make_gateway, sim):
 
 # --- durability -----------------------------------------------------------------------------
 
+
 def test_acknowledged_task_survives_kill_9(make_gateway, sim):
     gw = make_gateway(keys=TWO_KEYS)
     with gw.client("alice") as c:
@@ -295,14 +358,20 @@ def test_acknowledged_task_survives_kill_9(make_gateway, sim):
 
 # --- upstream failures ------------------------------------------------------------------------
 
+
 def test_upstream_4xx_is_passed_through_scrubbed(make_gateway, sim):
     gw = make_gateway()
     with gw.client("alice") as c:
         r = c.post(CREATE, json=body(prompt="sim:moderation something"))
         assert r.status_code == 400, r.text
-        assert r.json() == {"error": {"code": "content_moderation", "type": "invalid_request_error",
-                                      "param": "prompt", "message": "The request was rejected by content "
-                                      "moderation: the prompt may contain sensitive content."}}
+        assert r.json() == {
+            "error": {
+                "code": "content_moderation",
+                "type": "invalid_request_error",
+                "param": "prompt",
+                "message": "The request was rejected by content moderation: the prompt may contain sensitive content.",
+            }
+        }
         assert not any(v in r.text for v in KEYS.values()) and "th-" not in r.text
         assert_nothing_charged(c)
         assert c.get(CREATE).json()["data"] == []
@@ -318,11 +387,14 @@ def test_unreachable_upstream_is_502_and_charges_nothing(make_gateway, sim):
         assert c.get(CREATE).json()["data"] == []
 
 
-@pytest.mark.parametrize(("mode", "status", "code"), [
-    ("hang", 504, "upstream_timeout"),
-    ("garbage", 502, "upstream_bad_response"),
-    ("500", 502, "upstream_server_error"),
-])
+@pytest.mark.parametrize(
+    ("mode", "status", "code"),
+    [
+        ("hang", 504, "upstream_timeout"),
+        ("garbage", 502, "upstream_bad_response"),
+        ("500", 502, "upstream_server_error"),
+    ],
+)
 def test_create_that_may_have_reached_upstream_is_not_retried(make_gateway, sim, mode, status, code):
     gw = make_gateway(keys=TWO_KEYS, extra={"upstream": {"timeout_s": 1}})
     for key in ("key-a", "key-b"):  # whichever key is tried, a retry on the other would show up
@@ -350,15 +422,20 @@ def test_upstream_rejecting_the_only_key_is_503_no_upstream_key(make_gateway, si
 
 # --- request ids and logs -------------------------------------------------------------------
 
+
 def test_request_id_is_echoed_when_safe_and_replaced_otherwise(shared_gw, sim):
     safe = "client-42_abc.DEF:7"
     with shared_gw.client("alice") as c:
         assert c.get("/models", headers={"X-Request-Id": safe}).headers["x-request-id"] == safe
-        for unsafe in ("has spaces in it", "a" * 300, "semi;colon", "quote\"d"):
+        for unsafe in ("has spaces in it", "a" * 300, "semi;colon", 'quote"d'):
             rid = c.get("/models", headers={"X-Request-Id": unsafe}).headers["x-request-id"]
             assert rid and rid != unsafe and len(rid) <= 128 and " " not in rid
-        errors = [c.get(f"{CREATE}/cgt-nope"), c.post(CREATE, json=body(duration=3)),
-                  httpx.get(shared_gw.api + "/models"), c.get("/no-such-route")]
+        errors = [
+            c.get(f"{CREATE}/cgt-nope"),
+            c.post(CREATE, json=body(duration=3)),
+            httpx.get(shared_gw.api + "/models"),
+            c.get("/no-such-route"),
+        ]
         fresh = [c.get("/models").headers["x-request-id"] for _ in range(2)]
     assert [r.status_code for r in errors] == [404, 400, 401, 404]
     assert all(r.headers.get("x-request-id") for r in errors)
@@ -380,20 +457,50 @@ def test_log_lines_are_json_one_per_request_and_leak_nothing(make_gateway, sim):
     with gw.client("alice") as c:
         r = call(c, "POST", CREATE, {}, json=body(prompt=f"sim:seconds=0.3 {secret_prompt}"))
         tid = r.json()["id"]
-        sent["log-0"] = {"status": 200, "method": "POST", "route": CREATE, "team": "red", "user": "alice",
-                         "model": "doubao-seedance-2.0", "resolution": "720p", "duration_s": 5, "task_id": tid,
-                         "upstream_key": "key-a", "upstream_status": 200, "cost_usd": 1.0, "error_code": None}
+        sent["log-0"] = {
+            "status": 200,
+            "method": "POST",
+            "route": CREATE,
+            "team": "red",
+            "user": "alice",
+            "model": "doubao-seedance-2.0",
+            "resolution": "720p",
+            "duration_s": 5,
+            "task_id": tid,
+            "upstream_key": "key-a",
+            "upstream_status": 200,
+            "cost_usd": 1.0,
+            "error_code": None,
+        }
         time.sleep(0.5)
-        poll = {"status": 200, "method": "GET", "route": CREATE + "/{task_id}", "task_id": tid,
-                "upstream_key": "key-a", "upstream_status": 200, "team": "red", "user": "alice"}
+        poll = {
+            "status": 200,
+            "method": "GET",
+            "route": CREATE + "/{task_id}",
+            "task_id": tid,
+            "upstream_key": "key-a",
+            "upstream_status": 200,
+            "team": "red",
+            "user": "alice",
+        }
         assert call(c, "GET", f"{CREATE}/{tid}", poll).json()["status"] == "succeeded"
         call(c, "GET", CREATE, {"status": 200, "route": CREATE, "team": "red"})
         call(c, "GET", "/models", {"status": 200, "route": "/models"})
         call(c, "GET", "/usage", {"status": 200, "route": "/usage", "user": "alice"})
-        call(c, "POST", CREATE, {"status": 400, "error_code": "invalid_parameter", "upstream_key": None},
-             json=body(prompt=secret_prompt, duration=3))
-        call(c, "POST", CREATE, {"status": 400, "upstream_status": 400, "upstream_key": "key-a"},
-             json=body(prompt=f"sim:moderation {secret_prompt}"))
+        call(
+            c,
+            "POST",
+            CREATE,
+            {"status": 400, "error_code": "invalid_parameter", "upstream_key": None},
+            json=body(prompt=secret_prompt, duration=3),
+        )
+        call(
+            c,
+            "POST",
+            CREATE,
+            {"status": 400, "upstream_status": 400, "upstream_key": "key-a"},
+            json=body(prompt=f"sim:moderation {secret_prompt}"),
+        )
         call(c, "GET", f"{CREATE}/cgt-nope", {"status": 404, "error_code": "task_not_found"})
     with httpx.Client(base_url=gw.api, headers={"Authorization": "Bearer tgw-wrong-key-0123456789"}) as anon:
         call(anon, "GET", "/models", {"status": 401, "error_code": "invalid_api_key", "team": None})
@@ -410,14 +517,22 @@ def test_log_lines_are_json_one_per_request_and_leak_nothing(make_gateway, sim):
     assert isinstance(create_line["upstream_ms"], (int, float))
     settled = [x for x in lines if x["event"] == "task.settled"]
     assert len(settled) == 1 and {k: settled[0][k] for k in SETTLED_FIELDS} == {
-        "task_id": tid, "team": "red", "user": "alice", "model": "doubao-seedance-2.0", "resolution": "720p",
-        "status": "succeeded", "billed_seconds": 5, "cost_usd": 1.0}
+        "task_id": tid,
+        "team": "red",
+        "user": "alice",
+        "model": "doubao-seedance-2.0",
+        "resolution": "720p",
+        "status": "succeeded",
+        "billed_seconds": 5,
+        "cost_usd": 1.0,
+    }
     text = gw.text()
     forbidden = [*KEYS.values(), *gw.user_keys.values(), "tgw-wrong-key-0123456789", "Bearer", secret_prompt]
     assert [s for s in forbidden if s in text] == []
 
 
 # --- shutdown -------------------------------------------------------------------------------
+
 
 def test_sigterm_finishes_the_in_flight_create_and_exits_0(make_gateway, sim):
     gw = make_gateway()
@@ -458,14 +573,17 @@ def _refused(url: str) -> bool:
 # --- the seed guide's clients -----------------------------------------------------------------
 
 
-
 def test_guide_clients_work_with_only_base_url_and_key_changed(make_gateway, sim):
     node = require_binary("node")
     gw = make_gateway()
     env = {**os.environ, "API_BASE": gw.api, "API_KEY": gw.user_keys["alice"]}
-    runs = {name: subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for name, cmd in (("python", [sys.executable, str(CLIENTS / "guide_requests.py")]),
-                              ("node", [node, str(CLIENTS / "guide_fetch.mjs")]))}
+    runs = {
+        name: subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, cmd in (
+            ("python", [sys.executable, str(CLIENTS / "guide_requests.py")]),
+            ("node", [node, str(CLIENTS / "guide_fetch.mjs")]),
+        )
+    }
     out = {}
     for name, proc in runs.items():
         try:

@@ -64,14 +64,26 @@ class Container:
 
     def write_config(self) -> None:
         """Replace gateway.toml as an editor or `git checkout` does: a new file renamed over the old one."""
-        users = {u: {"team": t, "key_sha256": hashlib.sha256(self.user_keys[u].encode()).hexdigest()}
-                 for u, t in self.users.items()}
-        config = {"server": {"host": "127.0.0.1", "port": self.port, "admin_token_env": "GATEWAY_ADMIN_TOKEN",
-                             "shutdown_grace_s": GRACE_S},
-                  "upstream": {"base_url": self.upstream + "/api/v1", "timeout_s": 5,
-                               "keys": [{"name": "key-a", "value_env": "TOKENHUB_KEY_A"}]},
-                  "poller": {"interval_s": 1},
-                  "teams": {t: {} for t in set(self.users.values())}, "users": users}
+        users = {
+            u: {"team": t, "key_sha256": hashlib.sha256(self.user_keys[u].encode()).hexdigest()}
+            for u, t in self.users.items()
+        }
+        config = {
+            "server": {
+                "host": "127.0.0.1",
+                "port": self.port,
+                "admin_token_env": "GATEWAY_ADMIN_TOKEN",
+                "shutdown_grace_s": GRACE_S,
+            },
+            "upstream": {
+                "base_url": self.upstream + "/api/v1",
+                "timeout_s": 5,
+                "keys": [{"name": "key-a", "value_env": "TOKENHUB_KEY_A"}],
+            },
+            "poller": {"interval_s": 1},
+            "teams": {t: {} for t in set(self.users.values())},
+            "users": users,
+        }
         partial = self.config_dir / "gateway.toml.partial"
         partial.write_text(tomli_w.dumps(config))
         partial.chmod(0o644)
@@ -79,22 +91,45 @@ class Container:
 
     def run(self, image: str) -> None:
         self.engine.docker(
-            "run", "--detach", "--name", self.name, "--network", "host",
-            "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-            "--tmpfs", "/tmp", "--tmpfs", f"{STATE_DIR}:uid=10001,gid=10001,mode=0700",
-            "--volume", f"{self.config_dir}:/etc/tokenhub-gateway:ro",
-            "--env", f"TOKENHUB_KEY_A={KEYS['key-a']}", "--env", f"GATEWAY_ADMIN_TOKEN={ADMIN_TOKEN}",
+            "run",
+            "--detach",
+            "--name",
+            self.name,
+            "--network",
+            "host",
+            "--read-only",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            "--tmpfs",
+            "/tmp",
+            "--tmpfs",
+            f"{STATE_DIR}:uid=10001,gid=10001,mode=0700",
+            "--volume",
+            f"{self.config_dir}:/etc/tokenhub-gateway:ro",
+            "--env",
+            f"TOKENHUB_KEY_A={KEYS['key-a']}",
+            "--env",
+            f"GATEWAY_ADMIN_TOKEN={ADMIN_TOKEN}",
             # The image's own HEALTHCHECK command, asked every second instead of every 15 s.
-            "--health-interval", "1s", "--health-start-period", "0s",
-            "--stop-timeout", str(GRACE_S * 4), image)
+            "--health-interval",
+            "1s",
+            "--health-start-period",
+            "0s",
+            "--stop-timeout",
+            str(GRACE_S * 4),
+            image,
+        )
         try:
             wait_http(self.url + "/healthz", timeout=30)
         except TimeoutError:
             raise AssertionError(f"the container did not answer:\n{self.logs()}") from None
 
     def client(self, user: str) -> httpx.Client:
-        return httpx.Client(base_url=self.url + "/api/v1", timeout=15.0,
-                            headers={"Authorization": f"Bearer {self.user_keys[user]}"})
+        return httpx.Client(
+            base_url=self.url + "/api/v1", timeout=15.0, headers={"Authorization": f"Bearer {self.user_keys[user]}"}
+        )
 
     def logs(self) -> str:
         result = self.engine.docker("logs", self.name, check=False)
@@ -102,8 +137,9 @@ class Container:
 
 
 @pytest.fixture(scope="module")
-def container(engine: Engine, image: str, simulator: Simulator,
-              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+def container(
+    engine: Engine, image: str, simulator: Simulator, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Container]:
     config_dir = tmp_path_factory.mktemp("docker-config")
     config_dir.chmod(0o755)  # read by the container's uid 10001
     c = Container(engine, config_dir, simulator.url)
@@ -115,16 +151,20 @@ def container(engine: Engine, image: str, simulator: Simulator,
 
 
 def test_the_image_holds_no_pip_setuptools_or_compiler(engine, image):
-    python = engine.docker("run", "--rm", "--network", "none", "--entrypoint", "python", image,
-                           "-m", "pip", "--version", check=False)
+    python = engine.docker(
+        "run", "--rm", "--network", "none", "--entrypoint", "python", image, "-m", "pip", "--version", check=False
+    )
     assert python.returncode != 0 and "No module named pip" in python.stderr, python.stdout
-    script = ("import importlib.util as u, os; "
-              "print([m for m in ('pip', 'setuptools', 'wheel') if u.find_spec(m)], "
-              "os.access('/etc/tokenhub-gateway', os.W_OK))")
+    script = (
+        "import importlib.util as u, os; "
+        "print([m for m in ('pip', 'setuptools', 'wheel') if u.find_spec(m)], "
+        "os.access('/etc/tokenhub-gateway', os.W_OK))"
+    )
     found = engine.docker("run", "--rm", "--network", "none", "--entrypoint", "python3", image, "-c", script)
     assert found.stdout.strip() == "[] False"  # nor may the service user change its config
-    tools = engine.docker("run", "--rm", "--network", "none", "--entrypoint", "sh", image, "-c",
-                          "command -v pip pip3 gcc cc c++ || true")
+    tools = engine.docker(
+        "run", "--rm", "--network", "none", "--entrypoint", "sh", image, "-c", "command -v pip pip3 gcc cc c++ || true"
+    )
     assert tools.stdout.strip() == ""
 
 
@@ -142,13 +182,14 @@ def test_a_create_polled_to_succeeded_and_metrics(container, sim):
         created = c.post("/videos/generations", json=body(prompt="sim:seconds=0.5 a fox"))
         assert created.status_code == 200, created.text
         tid = created.json()["id"]
-        done = wait_until(lambda: c.get(f"/videos/generations/{tid}").json()["status"] == "succeeded",
-                          timeout=15, interval=0.3)
+        done = wait_until(
+            lambda: c.get(f"/videos/generations/{tid}").json()["status"] == "succeeded", timeout=15, interval=0.3
+        )
         assert done
     assert len(sim.requests()) >= 2  # the create and at least one poll reached the simulator
     metrics = httpx.get(container.url + "/metrics", timeout=10)
     assert metrics.status_code == 200
-    assert 'tokenhub_gateway_requests_total{' in metrics.text
+    assert "tokenhub_gateway_requests_total{" in metrics.text
 
 
 def test_the_healthcheck_follows_the_configured_port(engine, container):
@@ -168,8 +209,9 @@ def test_a_replaced_config_file_is_what_a_reload_reads(container):
     with container.client("carol") as c:
         assert c.get("/usage").status_code == 401
         container.write_config()
-        reload = httpx.post(container.url + "/admin/reload", timeout=15,
-                            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        reload = httpx.post(
+            container.url + "/admin/reload", timeout=15, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
         assert reload.status_code == 200, reload.text
         assert reload.json()["users"] == 2
         created = c.post("/videos/generations", json=body(prompt="sim:seconds=0.5 a heron"))

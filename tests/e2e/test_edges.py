@@ -52,8 +52,9 @@ print(json.dumps(took))
 def test_a_million_urls_are_refused_without_holding_the_event_loop(make_gateway, sim):
     gw = make_gateway()
     raw = orjson.dumps(body(image_urls=["https://cdn.example.com/a.png"] * 1_000_000))
-    sampler = subprocess.Popen([sys.executable, "-c", SAMPLER, str(gw.port)], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)
+    sampler = subprocess.Popen(
+        [sys.executable, "-c", SAMPLER, str(gw.port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         with gw.client("alice", timeout=30) as c:
             time.sleep(0.3)  # samples before the bodies arrive
@@ -68,9 +69,11 @@ def test_a_million_urls_are_refused_without_holding_the_event_loop(make_gateway,
         out, _ = sampler.communicate("", timeout=20)
     lat = sorted(json.loads(out))
     slow = [x for x in lat if x >= 0.050]
-    print(f"\n{len(raw) / 1e6:.0f} MB body refused in {min(refused_in) * 1000:.0f}-{max(refused_in) * 1000:.0f} ms; "
-          f"/healthz meanwhile: {len(lat)} samples, p50 {statistics.median(lat) * 1000:.1f} ms, "
-          f"p99 {lat[len(lat) * 99 // 100] * 1000:.1f} ms, max {lat[-1] * 1000:.1f} ms, {len(slow)} at 50 ms or more")
+    print(
+        f"\n{len(raw) / 1e6:.0f} MB body refused in {min(refused_in) * 1000:.0f}-{max(refused_in) * 1000:.0f} ms; "
+        f"/healthz meanwhile: {len(lat)} samples, p50 {statistics.median(lat) * 1000:.1f} ms, "
+        f"p99 {lat[len(lat) * 99 // 100] * 1000:.1f} ms, max {lat[-1] * 1000:.1f} ms, {len(slow)} at 50 ms or more"
+    )
     assert len(lat) >= 50
     assert len(slow) <= max(1, len(lat) // 100), lat[-5:]  # a rare outlier at most
     assert sim.requests("create") == []
@@ -139,8 +142,10 @@ class SlowClients(threading.Thread):
             s = socket.create_connection(("127.0.0.1", gw.port))
             if i % 2:
                 self.kind[s] = "body"
-                s.sendall(f"POST /api/v1{CREATE} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
-                          "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode())
+                s.sendall(
+                    f"POST /api/v1{CREATE} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode()
+                )
             else:
                 self.kind[s] = "headers"
                 s.sendall(f"POST /api/v1{CREATE} HTTP/1.1\r\nHost: gw\r\n".encode())
@@ -186,8 +191,10 @@ def answer_of(raw: bytes) -> tuple[int, dict[str, Any]]:
 
 
 def test_slow_clients_are_cut_off_and_do_not_slow_the_others(make_gateway, sim: Simulator):
-    gw = make_gateway(keys=[{"name": "key-a", "max_concurrent_tasks": 1000}],
-                      extra={"server": {"header_timeout_s": HEADER_TIMEOUT_S, "body_timeout_s": BODY_TIMEOUT_S}})
+    gw = make_gateway(
+        keys=[{"name": "key-a", "max_concurrent_tasks": 1000}],
+        extra={"server": {"header_timeout_s": HEADER_TIMEOUT_S, "body_timeout_s": BODY_TIMEOUT_S}},
+    )
     with gw.client("alice") as c:
         p50_of_creates(c, 5)  # warm
         alone = p50_of_creates(c)
@@ -197,8 +204,10 @@ def test_slow_clients_are_cut_off_and_do_not_slow_the_others(make_gateway, sim: 
         still_open = slow.open_count()
         assert time.monotonic() - slow.started < TRICKLE_UNTIL_S, "creates too slow to overlap the slow clients"
     slow.join(25)
-    print(f"\np50 of 50 creates: {alone * 1000:.1f} ms alone, {crowded * 1000:.1f} ms beside "
-          f"{2 * SLOW_EACH} slow connections")
+    print(
+        f"\np50 of 50 creates: {alone * 1000:.1f} ms alone, {crowded * 1000:.1f} ms beside "
+        f"{2 * SLOW_EACH} slow connections"
+    )
     assert still_open == 2 * SLOW_EACH
     assert crowded < max(3 * alone, alone + 0.050)
     assert len(slow.closed_after) == 2 * SLOW_EACH

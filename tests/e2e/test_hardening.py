@@ -37,6 +37,7 @@ def gateway(make_gateway: Callable[..., Gateway], store_url: str | None) -> Call
     def make(**kw: Any) -> Gateway:
         kw.setdefault("teams", {"red": {"budget_usd": 10.0}, "blue": {}})
         return make_gateway(store_url=store_url, **kw)
+
     return make
 
 
@@ -63,14 +64,24 @@ def poll_until_settled(c: httpx.Client, task_id: str) -> dict[str, Any]:
     def settled() -> dict[str, Any] | None:
         data = c.get(f"{CREATE}/{task_id}").json()
         return data if data.get("status") in ("succeeded", "failed") else None
+
     return wait_until(settled, timeout=20, interval=0.2)
 
 
 # --- figures from TokenHub --------------------------------------------------------------------
 
-@pytest.mark.parametrize("usage_patch", [
-    {"video_duration": 1e14}, {"video_duration": "5"}, {"video_duration": -1}, {"video_duration": None},
-    {"video_duration": 0}, {"video_duration": 5, "input_video_duration": 1e300}])
+
+@pytest.mark.parametrize(
+    "usage_patch",
+    [
+        {"video_duration": 1e14},
+        {"video_duration": "5"},
+        {"video_duration": -1},
+        {"video_duration": None},
+        {"video_duration": 0},
+        {"video_duration": 5, "input_video_duration": 1e300},
+    ],
+)
 def test_absurd_usage_settles_at_the_estimate_once(gateway, sim: Simulator, usage_patch):
     """Out-of-range figures settle at the estimate, flagged and counted; later polls change nothing,
     and the $10 team is never admitted more than $10 of work afterwards."""
@@ -85,8 +96,9 @@ def test_absurd_usage_settles_at_the_estimate_once(gateway, sim: Simulator, usag
         team = usage(c)
         assert (team["spent_usd"], team["reserved_usd"], team["tasks_in_flight"]) == (1.0, 0.0, 0), team
         assert gw.metric("tokenhub_gateway_settlement_anomalies_total") >= 1
-        admitted = sum(c.post(CREATE, json=body(prompt="sim:never x", duration=5)).status_code == 200
-                       for _ in range(12))
+        admitted = sum(
+            c.post(CREATE, json=body(prompt="sim:never x", duration=5)).status_code == 200 for _ in range(12)
+        )
         assert admitted == 9  # $1 spent + 9 × $1 reserved = the $10 budget, never more
         books_balance(gw, c)
 
@@ -94,11 +106,16 @@ def test_absurd_usage_settles_at_the_estimate_once(gateway, sim: Simulator, usag
 def test_tokenhub_input_seconds_win_over_the_clients(gateway, sim: Simulator):
     gw = gateway(extra=QUIET_POLLER)
     with gw.client("alice") as c:
-        r = c.post(CREATE, json=body(prompt="sim:seconds=0.3 edit", duration=5,
-                                     video_urls=["https://v.example/a.mp4"], video_durations=[2]))
+        r = c.post(
+            CREATE,
+            json=body(
+                prompt="sim:seconds=0.3 edit", duration=5, video_urls=["https://v.example/a.mp4"], video_durations=[2]
+            ),
+        )
         tid = r.json()["id"]
-        sim.script_poll(tid, count=None, patch={"status": "succeeded",
-                                                "usage": {"video_duration": 5, "input_video_duration": 10}})
+        sim.script_poll(
+            tid, count=None, patch={"status": "succeeded", "usage": {"video_duration": 5, "input_video_duration": 10}}
+        )
         c.get(f"{CREATE}/{tid}")
         row = next(r for r in ledger(gw) if r["task_id"] == tid)
         assert (row["cost_usd"], row["billed_seconds"], row["cost_estimated"]) == (3.0, 15.0, False), row
@@ -106,13 +123,16 @@ def test_tokenhub_input_seconds_win_over_the_clients(gateway, sim: Simulator):
 
 # --- creates whose outcome is unknown --------------------------------------------------------
 
-@pytest.mark.parametrize(("fault", "status", "code", "reason"), [
-    ("late", 504, "upstream_timeout", "timeout"),
-    ("fail", 502, "upstream_server_error", "server_error"),
-    ("cut", 502, "upstream_bad_response", "cut_off"),
-])
-def test_a_create_with_an_unknown_outcome_is_charged_and_listed(gateway, sim: Simulator, fault, status, code,
-                                                                reason):
+
+@pytest.mark.parametrize(
+    ("fault", "status", "code", "reason"),
+    [
+        ("late", 504, "upstream_timeout", "timeout"),
+        ("fail", 502, "upstream_server_error", "server_error"),
+        ("cut", 502, "upstream_bad_response", "cut_off"),
+    ],
+)
+def test_a_create_with_an_unknown_outcome_is_charged_and_listed(gateway, sim: Simulator, fault, status, code, reason):
     gw = gateway(extra={"upstream": {"timeout_s": 1}})
     if fault == "late":
         sim.late_create("key-a", delay_s=3)
@@ -178,11 +198,16 @@ def test_a_duplicate_task_id_is_an_upstream_fault_that_opens_nothing(gateway, si
 
 # --- what reaches the client -----------------------------------------------------------------
 
+
 def test_key_values_are_scrubbed_in_every_form(gateway, sim: Simulator):
     key = KEYS["key-a"]
     escaped = "".join(f"\\u{ord(ch):04x}" for ch in key)
-    echoed = {"error": {"message": f"bad key {key} / {escaped} / "
-                                   f"{''.join(f'%{ord(ch):02X}' for ch in key)} / th\\u002dsomething-secret"}}
+    echoed = {
+        "error": {
+            "message": f"bad key {key} / {escaped} / "
+            f"{''.join(f'%{ord(ch):02X}' for ch in key)} / th\\u002dsomething-secret"
+        }
+    }
     gw = gateway()
     sim.fault("key-a", "answer", routes=["create"], status=400, raw=json.dumps(echoed).replace("\\\\", "\\"))
     with gw.client("alice") as c:
@@ -201,10 +226,11 @@ def test_numeric_query_parameters_take_ascii_digits_only(gateway, sim: Simulator
 
 # --- shutdown --------------------------------------------------------------------------------
 
+
 def test_sigterm_during_slow_creates_records_each_outcome_and_exits_in_time(make_gateway, sim: Simulator):
     grace = 2
     gw = make_gateway(extra={"server": {"shutdown_grace_s": grace}, "upstream": {"timeout_s": 30}})
-    sim.late_create("key-a", delay_s=0.8)   # answers within the grace period: a task
+    sim.late_create("key-a", delay_s=0.8)  # answers within the grace period: a task
     answers: list[httpx.Response] = []
 
     def create(prompt: str) -> None:
@@ -217,7 +243,7 @@ def test_sigterm_during_slow_creates_records_each_outcome_and_exits_in_time(make
     threads = [threading.Thread(target=create, args=("sim:never quick",))]
     threads[0].start()
     wait_until(lambda: len(sim.creates()) == 1, timeout=5, interval=0.02)
-    sim.late_create("key-a", delay_s=10)    # still waiting at the deadline: unknown
+    sim.late_create("key-a", delay_s=10)  # still waiting at the deadline: unknown
     threads.append(threading.Thread(target=create, args=("sim:never slow",)))
     threads[1].start()
     wait_until(lambda: len(sim.creates()) == 2, timeout=5, interval=0.02)

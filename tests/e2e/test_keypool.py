@@ -27,8 +27,11 @@ def roomy(*names: str, **extra: Any) -> list[dict[str, Any]]:
 
 def creates(sim: Any, key: str | None = None, status: int | None = None) -> list[dict[str, Any]]:
     """The simulator's create log, optionally for one key name and one answered status."""
-    return [r for r in sim.requests("create")
-            if (key is None or r["key"] == KEYS[key]) and (status is None or r["status"] == status)]
+    return [
+        r
+        for r in sim.requests("create")
+        if (key is None or r["key"] == KEYS[key]) and (status is None or r["status"] == status)
+    ]
 
 
 def key_states(gw: Any) -> dict[str, dict[str, Any]]:
@@ -44,8 +47,9 @@ def create(c: httpx.Client, prompt: str = SHORT, expect: int | None = 200) -> ht
     return r
 
 
-def create_until(c: httpx.Client, done: Any, prompt: str = SHORT, limit: int = 80,
-                 pause: float = 0.02) -> list[httpx.Response]:
+def create_until(
+    c: httpx.Client, done: Any, prompt: str = SHORT, limit: int = 80, pause: float = 0.02
+) -> list[httpx.Response]:
     """Successful creates, paced, until `done()` holds; the pool chooses keys at random."""
     made = []
     for _ in range(limit):
@@ -92,10 +96,15 @@ def test_throttled_key_cools_down_for_retry_after_then_recovers(make_gateway, si
     for key in ("key-a", "key-b"):
         for code in (200, 429):
             seen = len(creates(sim, key, code))
-            assert gw.metric("tokenhub_gateway_upstream_requests_total", key=key, route="/videos/generations",
-                             code=str(code)) == seen, (key, code)
-    assert gw.metric("tokenhub_gateway_upstream_requests_total", key="key-a", route="/videos/generations",
-                     code="429") >= 1
+            assert (
+                gw.metric(
+                    "tokenhub_gateway_upstream_requests_total", key=key, route="/videos/generations", code=str(code)
+                )
+                == seen
+            ), (key, code)
+    assert (
+        gw.metric("tokenhub_gateway_upstream_requests_total", key="key-a", route="/videos/generations", code="429") >= 1
+    )
 
 
 def test_throttle_without_retry_after_backs_off_exponentially(make_gateway, sim):
@@ -216,11 +225,14 @@ def test_all_keys_revoked_makes_gateway_unready(make_gateway, sim):
 # not retried when the upstream may have created something
 
 
-@pytest.mark.parametrize(("mode", "upstream", "status", "code"), [
-    ("500", {}, 502, "upstream_server_error"),
-    ("hang", {"timeout_s": 1}, 504, "upstream_timeout"),
-    ("reset", {}, 502, None),  # the request was read: TokenHub may have created the task
-])
+@pytest.mark.parametrize(
+    ("mode", "upstream", "status", "code"),
+    [
+        ("500", {}, 502, "upstream_server_error"),
+        ("hang", {"timeout_s": 1}, 504, "upstream_timeout"),
+        ("reset", {}, 502, None),  # the request was read: TokenHub may have created the task
+    ],
+)
 def test_create_that_may_have_reached_upstream_is_not_retried(make_gateway, sim, mode, upstream, status, code):
     """Every key faulty; a 5xx, a read timeout or a connection dropped after the request was read is sent
     upstream exactly once (a retry could pay for the same video twice), and the client gets 502/504."""
@@ -239,8 +251,9 @@ def test_create_that_may_have_reached_upstream_is_not_retried(make_gateway, sim,
 def test_connect_failure_is_retried_on_every_key(make_gateway, sim):
     """Nothing listens upstream: a connect failure created nothing, so each key is tried once before
     the client gets 502 upstream_unreachable (counted by the upstream request metric per key)."""
-    gw = make_gateway(keys=[{"name": "key-a"}, {"name": "key-b"}, {"name": "key-c"}],
-                      upstream_url=f"http://127.0.0.1:{free_port()}")
+    gw = make_gateway(
+        keys=[{"name": "key-a"}, {"name": "key-b"}, {"name": "key-c"}], upstream_url=f"http://127.0.0.1:{free_port()}"
+    )
     with gw.client("alice") as c:
         r = create(c, expect=502)
         assert error_of(r) == ("upstream_error", "upstream_unreachable")
@@ -256,8 +269,7 @@ def test_connect_failure_is_retried_on_every_key(make_gateway, sim):
 def test_breaker_opens_and_gateway_probes_before_clients_use_key(make_gateway, sim):
     """Three consecutive 500s on key-a open its circuit; creates go to key-b; after breaker_open_s the
     gateway polls an unknown task id with key-a itself (404 = healthy) and only then do creates use key-a."""
-    gw = make_gateway(keys=roomy("key-a", "key-b"),
-                      extra={"upstream": {"breaker_failures": 3, "breaker_open_s": 1}})
+    gw = make_gateway(keys=roomy("key-a", "key-b"), extra={"upstream": {"breaker_failures": 3, "breaker_open_s": 1}})
     sim.fault("key-a", "500", routes=["create"], count=3)
     created: set[str] = set()
     with gw.client("alice") as c:
@@ -315,8 +327,12 @@ def test_polls_use_the_creating_key(make_gateway, sim):
 def test_creates_only_use_keys_that_allow_the_model(make_gateway, sim):
     """key-a only allows the fast model: full-model creates never reach it, fast ones may;
     a model no key allows is 503 no_upstream_key."""
-    gw = make_gateway(keys=[{"name": "key-a", "models": ["doubao-seedance-2.0-fast"]},
-                            {"name": "key-b", "models": ["doubao-seedance-2.0"]}])
+    gw = make_gateway(
+        keys=[
+            {"name": "key-a", "models": ["doubao-seedance-2.0-fast"]},
+            {"name": "key-b", "models": ["doubao-seedance-2.0"]},
+        ]
+    )
     with gw.client("alice") as c:
         for _ in range(10):
             create(c)
@@ -344,8 +360,7 @@ def test_concurrent_creates_never_exceed_key_slots(make_gateway, sim):
 
     async def burst() -> list[httpx.Response]:
         async with gw.aclient("alice") as c:
-            return await asyncio.gather(*(c.post("/videos/generations", json=body(prompt=NEVER))
-                                          for _ in range(200)))
+            return await asyncio.gather(*(c.post("/videos/generations", json=body(prompt=NEVER)) for _ in range(200)))
 
     replies = asyncio.run(burst())
     codes = collections.Counter(r.status_code for r in replies)
@@ -359,17 +374,24 @@ def test_concurrent_creates_never_exceed_key_slots(make_gateway, sim):
 def test_creates_follow_key_weights(make_gateway, sim):
     """Weights 1, 2, 3 and slots far beyond the load (so only the weight matters): 600 short creates,
     8 at a time, split 1/6, 2/6, 3/6 within ±0.07 each (≥ 3.2 standard deviations at n = 600)."""
-    gw = make_gateway(keys=[{"name": n, "weight": w, "max_concurrent_tasks": 100_000}
-                            for n, w in (("key-a", 1), ("key-b", 2), ("key-c", 3))])
+    gw = make_gateway(
+        keys=[
+            {"name": n, "weight": w, "max_concurrent_tasks": 100_000}
+            for n, w in (("key-a", 1), ("key-b", 2), ("key-c", 3))
+        ]
+    )
     total = 600
 
     async def run() -> None:
         gate = asyncio.Semaphore(8)
         async with gw.aclient("alice") as c:
+
             async def one() -> int:
                 async with gate:
-                    return (await c.post("/videos/generations",
-                                         json=body(prompt="sim:seconds=0.1 a quick fox"))).status_code
+                    return (
+                        await c.post("/videos/generations", json=body(prompt="sim:seconds=0.1 a quick fox"))
+                    ).status_code
+
             assert set(await asyncio.gather(*(one() for _ in range(total)))) == {200}
 
     asyncio.run(run())

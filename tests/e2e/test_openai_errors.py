@@ -20,16 +20,22 @@ from tests.e2e.openai_helpers import FAST, JPEG, MAX_BODY, MP4, PNG, http, reque
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.mark.parametrize(("kw", "code", "param"), [
-    ({"size": "1280*720"}, "invalid_parameter", "size"),
-    ({"seconds": "20"}, "invalid_parameter", "seconds"),
-    ({"model": "sora-3"}, "invalid_parameter", "model"),
-    ({"prompt": "x" * 5001}, "invalid_parameter", "prompt"),
-    ({"extra_body": {"style": "noir"}}, "unsupported_parameter", "style"),
-    ({"input_reference": ("clip.mp4", MP4, "video/mp4")}, "unsupported_parameter", "input_reference"),
-    ({"input_reference": ("big.jpg", JPEG + bytes(10 * 1024 * 1024), "image/jpeg")}, "invalid_parameter",
-     "input_reference"),
-])
+@pytest.mark.parametrize(
+    ("kw", "code", "param"),
+    [
+        ({"size": "1280*720"}, "invalid_parameter", "size"),
+        ({"seconds": "20"}, "invalid_parameter", "seconds"),
+        ({"model": "sora-3"}, "invalid_parameter", "model"),
+        ({"prompt": "x" * 5001}, "invalid_parameter", "prompt"),
+        ({"extra_body": {"style": "noir"}}, "unsupported_parameter", "style"),
+        ({"input_reference": ("clip.mp4", MP4, "video/mp4")}, "unsupported_parameter", "input_reference"),
+        (
+            {"input_reference": ("big.jpg", JPEG + bytes(10 * 1024 * 1024), "image/jpeg")},
+            "invalid_parameter",
+            "input_reference",
+        ),
+    ],
+)
 def test_mapping_errors_name_the_clients_field_and_cost_nothing(openai_gw: Gateway, sim: Simulator, kw, code, param):
     c = sdk(openai_gw, "alice", max_retries=2)
     with pytest.raises(openai.BadRequestError) as info:
@@ -45,8 +51,12 @@ def test_spritesheet_is_unsupported_and_other_teams_videos_are_not_found(openai_
     with pytest.raises(openai.BadRequestError) as info:
         c.videos.download_content(video.id, variant="spritesheet")
     assert (info.value.code, info.value.param) == ("unsupported_parameter", "variant")
-    for call in (lambda: other.videos.retrieve(video.id), lambda: other.videos.download_content(video.id),
-                 lambda: other.videos.delete(video.id), lambda: other.videos.remix(video.id, prompt="mine now")):
+    for call in (
+        lambda: other.videos.retrieve(video.id),
+        lambda: other.videos.download_content(video.id),
+        lambda: other.videos.delete(video.id),
+        lambda: other.videos.remix(video.id, prompt="mine now"),
+    ):
         with pytest.raises(openai.NotFoundError) as info:
             call()
         assert info.value.code == "task_not_found"
@@ -56,10 +66,12 @@ def test_spritesheet_is_unsupported_and_other_teams_videos_are_not_found(openai_
 def test_features_seedance_lacks_are_routes_not_found(openai_gw: Gateway, sim: Simulator):
     c = sdk(openai_gw, "alice")
     clip = ("c.mp4", MP4, "video/mp4")
-    for call in (lambda: c.videos.edit(prompt="p", video=clip),
-                 lambda: c.videos.extend(prompt="p", seconds="4", video=clip),
-                 lambda: c.videos.create_character(name="n", video=clip),
-                 lambda: c.videos.get_character("char_1")):
+    for call in (
+        lambda: c.videos.edit(prompt="p", video=clip),
+        lambda: c.videos.extend(prompt="p", seconds="4", video=clip),
+        lambda: c.videos.create_character(name="n", video=clip),
+        lambda: c.videos.get_character("char_1"),
+    ):
         with pytest.raises(openai.NotFoundError) as info:
             call()
         assert info.value.code == "route_not_found" and "Seedance" in info.value.message
@@ -114,14 +126,18 @@ def test_budget_and_rate_limits(openai_gw: Gateway, sim: Simulator):
     assert "x-should-retry" not in headers  # a retry after Retry-After is safe
 
 
-def test_an_idempotent_retry_through_extra_headers_compares_fields_not_boundaries(openai_gw: Gateway,
-                                                                                  sim: Simulator):
+def test_an_idempotent_retry_through_extra_headers_compares_fields_not_boundaries(openai_gw: Gateway, sim: Simulator):
     c = sdk(openai_gw, "alice")
     key = {"Idempotency-Key": f"render-{time.time_ns()}"}
-    first = c.videos.create(prompt=f"{FAST} once", seconds="8", input_reference=("a.png", PNG, "image/png"),
-                            extra_headers=key)
-    again = c.videos.with_raw_response.create(prompt=f"{FAST} once", seconds="8", extra_headers=key,
-                                              input_reference=("other-name", PNG, "application/octet-stream"))
+    first = c.videos.create(
+        prompt=f"{FAST} once", seconds="8", input_reference=("a.png", PNG, "image/png"), extra_headers=key
+    )
+    again = c.videos.with_raw_response.create(
+        prompt=f"{FAST} once",
+        seconds="8",
+        extra_headers=key,
+        input_reference=("other-name", PNG, "application/octet-stream"),
+    )
     assert again.headers["idempotent-replayed"] == "true"
     assert again.parse().model_dump() == {**first.model_dump(), "progress": 0}
     assert len(sim.creates()) == 1
@@ -129,8 +145,11 @@ def test_an_idempotent_retry_through_extra_headers_compares_fields_not_boundarie
         c.videos.create(prompt=f"{FAST} once", seconds="4", extra_headers=key)
     assert info.value.code == "idempotency_key_reused"
     with http(openai_gw, "alice") as h:
-        r = h.post("/videos/generations", headers=key, json={"model": "doubao-seedance-2.0-fast",
-                                                              "prompt": f"{FAST} once", "duration": 8})
+        r = h.post(
+            "/videos/generations",
+            headers=key,
+            json={"model": "doubao-seedance-2.0-fast", "prompt": f"{FAST} once", "duration": 8},
+        )
     assert (r.status_code, r.json()["error"]["code"]) == (409, "idempotency_key_reused")
     assert len(sim.creates()) == 1 and wait_status(c, first.id, "completed")
 
@@ -138,15 +157,21 @@ def test_an_idempotent_retry_through_extra_headers_compares_fields_not_boundarie
 def test_multipart_limits(openai_gw: Gateway, sim: Simulator):
     auth = {"Authorization": f"Bearer {openai_gw.user_keys['alice']}"}
     with httpx.Client(base_url=openai_gw.url + "/v1", headers=auth, timeout=30) as h:
-        two = h.post("/videos", data={"prompt": "p"}, files=[("input_reference", ("a.png", PNG)),
-                                                             ("input_reference", ("b.png", PNG))])
+        two = h.post(
+            "/videos",
+            data={"prompt": "p"},
+            files=[("input_reference", ("a.png", PNG)), ("input_reference", ("b.png", PNG))],
+        )
         many = h.post("/videos", data={f"f{i}": "x" for i in range(40)}, files={"input_reference": ("a", PNG)})
         wrong = h.post("/videos", data={"prompt": "p"}, files={"poster": ("a.png", PNG)})
         large = h.post("/videos", data={"prompt": "p"}, files={"input_reference": ("a", bytes(MAX_BODY))})
         junk = h.post("/videos", content=b"{not json", headers={"Content-Type": "application/json"})
     assert [r.status_code for r in (two, many, wrong, large, junk)] == [400, 400, 400, 413, 400]
     assert (wrong.json()["error"]["param"], large.json()["error"]["code"], junk.json()["error"]["code"]) == (
-        "poster", "body_too_large", "invalid_json")
+        "poster",
+        "body_too_large",
+        "invalid_json",
+    )
     assert sim.creates() == []
 
 
@@ -156,12 +181,17 @@ def test_a_large_upload_never_holds_the_event_loop(openai_gw: Gateway, sim: Simu
 
     def upload() -> None:
         try:
-            r = httpx.post(openai_gw.url + "/v1/videos", data={"prompt": "p"}, timeout=30,
-                           files={"input_reference": ("a.jpg", image)},
-                           headers={"Authorization": f"Bearer {openai_gw.user_keys['alice']}"})
+            r = httpx.post(
+                openai_gw.url + "/v1/videos",
+                data={"prompt": "p"},
+                timeout=30,
+                files={"input_reference": ("a.jpg", image)},
+                headers={"Authorization": f"Bearer {openai_gw.user_keys['alice']}"},
+            )
             assert r.status_code == 400 and r.json()["error"]["param"] == "input_reference"
         finally:
             done.set()
+
     latencies = []
     thread = threading.Thread(target=upload)
     with httpx.Client(timeout=5) as probe:
@@ -177,9 +207,25 @@ def test_a_large_upload_never_holds_the_event_loop(openai_gw: Gateway, sim: Simu
 
 def test_the_demo_serves_an_sdk_app_that_changed_only_its_base_url_and_key(tmp_path):
     port, sim_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "demo", "--port", str(port), "--sim-port",
-                             str(sim_port), "--task-seconds", "0.5", "--data-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "demo",
+            "--port",
+            str(port),
+            "--sim-port",
+            str(sim_port),
+            "--task-seconds",
+            "0.5",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         ready = json.loads(proc.stdout.readline())
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
@@ -193,8 +239,7 @@ def test_the_demo_serves_an_sdk_app_that_changed_only_its_base_url_and_key(tmp_p
         assert proc.wait(15) == 0
 
 
-def test_a_download_cut_upstream_is_cut_for_the_client_and_an_oversized_one_refused(openai_gw: Gateway,
-                                                                                     sim: Simulator):
+def test_a_download_cut_upstream_is_cut_for_the_client_and_an_oversized_one_refused(openai_gw: Gateway, sim: Simulator):
     c = sdk(openai_gw, "alice")
     video = c.videos.create_and_poll(prompt=f"{FAST} cut short")
     sim.cut("*", routes=("media",))

@@ -23,8 +23,9 @@ def redis_url() -> Iterator[str]:
 
 
 def test_one_video_across_replicas(make_gateway, sim: Simulator, redis_url: str):
-    a, b = (make_gateway(store_url=redis_url, name=name, extra={"openai": {"poll_after_ms": 100}})
-            for name in ("a", "b"))
+    a, b = (
+        make_gateway(store_url=redis_url, name=name, extra={"openai": {"poll_after_ms": 100}}) for name in ("a", "b")
+    )
     on_a, on_b = sdk(a, "alice"), sdk(b, "alice")
     first = on_a.videos.create_and_poll(prompt=f"{FAST} made on a", seconds="5", size="1280x720")
     second = on_b.videos.create(prompt=f"{FAST} made on b")

@@ -16,41 +16,77 @@ pytestmark = pytest.mark.timeout(60)
 
 def test_create_maps_size_seconds_model_and_an_uploaded_image(openai_gw: Gateway, sim: Simulator):
     c = sdk(openai_gw, "alice")
-    raw = c.videos.with_raw_response.create(prompt=f"{FAST} a fox", model="sora-2-pro", seconds="12",
-                                            size="1792x1024", input_reference=("ref.bin", PNG,
-                                                                               "application/octet-stream"))
+    raw = c.videos.with_raw_response.create(
+        prompt=f"{FAST} a fox",
+        model="sora-2-pro",
+        seconds="12",
+        size="1792x1024",
+        input_reference=("ref.bin", PNG, "application/octet-stream"),
+    )
     video = raw.parse()
     assert raw.headers["openai-poll-after-ms"] == "100"
     assert (video.object, video.status, video.progress, video.model, video.seconds, video.size, video.prompt) == (
-        "video", "queued", 0, "sora-2-pro", "12", "1792x1024", f"{FAST} a fox")
+        "video",
+        "queued",
+        0,
+        "sora-2-pro",
+        "12",
+        "1792x1024",
+        f"{FAST} a fox",
+    )
     assert video.completed_at is None and video.expires_at is None and video.remixed_from_video_id is None
     sent = sim.task(video.id)["request"]
-    assert sent == {"model": "doubao-seedance-2.0", "prompt": f"{FAST} a fox", "duration": 12, "resolution": "720p",
-                    "aspect_ratio": "16:9", "content": [{"type": "image_url", "role": "first_frame",
-                                                         "image_url": {"url": data_url(PNG, "image/png")}}]}
+    assert sent == {
+        "model": "doubao-seedance-2.0",
+        "prompt": f"{FAST} a fox",
+        "duration": 12,
+        "resolution": "720p",
+        "aspect_ratio": "16:9",
+        "content": [{"type": "image_url", "role": "first_frame", "image_url": {"url": data_url(PNG, "image/png")}}],
+    }
     row = next(r for r in openai_gw.admin("GET", "/admin/usage").json()["data"] if r["task_id"] == video.id)
     assert (row["model"], row["resolution"], row["duration_s"], row["estimate_usd"]) == (
-        "doubao-seedance-2.0", "720p", 12, 2.4)
+        "doubao-seedance-2.0",
+        "720p",
+        12,
+        2.4,
+    )
 
 
 def test_defaults_and_a_json_body(openai_gw: Gateway, sim: Simulator):
     c = sdk(openai_gw, "alice")
     video = c.videos.create(prompt=f"{FAST} defaults")
     assert (video.model, video.seconds, video.size) == ("sora-2", "4", "720x1280")
-    assert sim.task(video.id)["request"] == {"model": "doubao-seedance-2.0-fast", "prompt": f"{FAST} defaults",
-                                             "duration": 4, "resolution": "720p", "aspect_ratio": "9:16"}
-    with httpx.Client(base_url=openai_gw.url + "/v1", timeout=15,
-                      headers={"Authorization": f"Bearer {openai_gw.user_keys['alice']}"}) as h:
-        r = h.post("/videos", json={"prompt": f"{FAST} json", "seconds": 8, "size": "640x480",
-                                    "input_reference": {"image_url": "https://cdn.example.com/a.jpg"}})
+    assert sim.task(video.id)["request"] == {
+        "model": "doubao-seedance-2.0-fast",
+        "prompt": f"{FAST} defaults",
+        "duration": 4,
+        "resolution": "720p",
+        "aspect_ratio": "9:16",
+    }
+    with httpx.Client(
+        base_url=openai_gw.url + "/v1", timeout=15, headers={"Authorization": f"Bearer {openai_gw.user_keys['alice']}"}
+    ) as h:
+        r = h.post(
+            "/videos",
+            json={
+                "prompt": f"{FAST} json",
+                "seconds": 8,
+                "size": "640x480",
+                "input_reference": {"image_url": "https://cdn.example.com/a.jpg"},
+            },
+        )
     assert r.status_code == 200, r.text
     assert (r.json()["seconds"], r.json()["size"]) == ("8", "640x480")
     assert sim.task(r.json()["id"])["request"]["content"][0]["image_url"] == {"url": "https://cdn.example.com/a.jpg"}
     assert sim.task(r.json()["id"])["request"]["resolution"] == "480p"
-    linked = c.videos.create(prompt=f"{FAST} linked",  # as form field input_reference[image_url]
-                             extra_body={"input_reference": {"image_url": "https://cdn.example.com/b.png"}})
+    linked = c.videos.create(
+        prompt=f"{FAST} linked",  # as form field input_reference[image_url]
+        extra_body={"input_reference": {"image_url": "https://cdn.example.com/b.png"}},
+    )
     assert sim.task(linked.id)["request"]["content"] == [
-        {"type": "image_url", "role": "first_frame", "image_url": {"url": "https://cdn.example.com/b.png"}}]
+        {"type": "image_url", "role": "first_frame", "image_url": {"url": "https://cdn.example.com/b.png"}}
+    ]
 
 
 def test_retrieve_through_every_status_with_progress_that_never_goes_back(openai_gw: Gateway, sim: Simulator):
@@ -72,7 +108,11 @@ def test_retrieve_through_every_status_with_progress_that_never_goes_back(openai
     assert v.completed_at >= v.created_at and v.expires_at - v.completed_at == pytest.approx(24 * 3600, abs=2)
     failed = c.videos.create_and_poll(prompt=f"{FAST} sim:fail")
     assert (failed.status, failed.progress, failed.error.code, failed.expires_at) == (
-        "failed", 100, "generation_failed", None)
+        "failed",
+        100,
+        "generation_failed",
+        None,
+    )
     assert failed.error.message == "The video could not be generated (simulated failure)."
 
 
@@ -91,19 +131,26 @@ def test_create_and_poll_then_download_both_variants_and_a_range(openai_gw: Gate
     assert (part.status_code, part.headers["content-range"]) == (206, f"bytes 100-1099/{size}")
     assert part.content == sim.expected_bytes(video.id)[100:1100]
     assert [d["range"] for d in sim.downloads()][-1] == "bytes=100-1099"
-    with httpx.Client(base_url=openai_gw.url + "/api/v1", timeout=15,
-                      headers={"Authorization": f"Bearer {openai_gw.user_keys['alice']}"}) as h:
+    with httpx.Client(
+        base_url=openai_gw.url + "/api/v1",
+        timeout=15,
+        headers={"Authorization": f"Bearer {openai_gw.user_keys['alice']}"},
+    ) as h:
         r = h.get(f"/videos/{video.id}/content", headers={"Range": f"bytes={size}-"})
     assert (r.status_code, r.headers["content-range"], r.json()["error"]["code"]) == (
-        416, f"bytes */{size}", "range_not_satisfiable")
+        416,
+        f"bytes */{size}",
+        "range_not_satisfiable",
+    )
 
 
 def test_list_pages_both_orders_and_shows_only_the_teams_undeleted_videos(openai_gw: Gateway, sim: Simulator):
     c, other = sdk(openai_gw, "amy"), sdk(openai_gw, "bob")
     ids = [c.videos.create(prompt=f"{FAST} video {i}").id for i in range(3)]
     with http(openai_gw, "amy") as h:
-        ids.append(h.post("/videos/generations", json={"model": "doubao-seedance-2.0", "prompt": "tokenhub"}
-                          ).json()["id"])
+        ids.append(
+            h.post("/videos/generations", json={"model": "doubao-seedance-2.0", "prompt": "tokenhub"}).json()["id"]
+        )
     theirs = other.videos.create(prompt=f"{FAST} not yours").id
     mine = [v.id for v in c.videos.list(limit=2)]
     assert theirs not in mine
@@ -130,8 +177,12 @@ def test_delete_queued_running_and_completed(openai_gw: Gateway, sim: Simulator)
     assert requests_to(openai_gw, "DELETE", "/videos/{video_id}") == before + 1  # the SDK did not retry
     done = c.videos.create_and_poll(prompt=f"{FAST} done")
     c.videos.delete(done.id)
-    for call in (lambda: c.videos.retrieve(done.id), lambda: c.videos.download_content(done.id),
-                 lambda: c.videos.remix(done.id, prompt="again"), lambda: c.videos.delete(done.id)):
+    for call in (
+        lambda: c.videos.retrieve(done.id),
+        lambda: c.videos.download_content(done.id),
+        lambda: c.videos.remix(done.id, prompt="again"),
+        lambda: c.videos.delete(done.id),
+    ):
         with pytest.raises(openai.NotFoundError):
             call()
     with http(openai_gw, "alice") as h:  # the TokenHub shape and the ledger keep it
@@ -145,7 +196,12 @@ def test_remix_references_the_original_output_and_bills_its_seconds(openai_gw: G
     source = c.videos.create_and_poll(prompt=f"{FAST} source", seconds="8", size="1280x720")
     remix = c.videos.remix(source.id, prompt=f"{FAST} the same, at night")
     assert (remix.remixed_from_video_id, remix.seconds, remix.size, remix.model, remix.prompt) == (
-        source.id, "8", "1280x720", "sora-2", f"{FAST} the same, at night")
+        source.id,
+        "8",
+        "1280x720",
+        "sora-2",
+        f"{FAST} the same, at night",
+    )
     sent = sim.task(remix.id)["request"]
     reference = sent["content"][0]
     assert reference["role"] == "reference_video" and f"/media/{source.id}.mp4?" in reference["video_url"]["url"]
@@ -158,12 +214,23 @@ def test_remix_references_the_original_output_and_bills_its_seconds(openai_gw: G
 def test_one_task_two_shapes(openai_gw: Gateway, sim: Simulator):
     c = sdk(openai_gw, "alice", prefix="/api/v1")
     with http(openai_gw, "alice") as h:
-        tid = h.post("/videos/generations", json={"model": "doubao-seedance-2.0", "prompt": f"{FAST} guide",
-                                                  "duration": 6, "resolution": "480p", "aspect_ratio": "9:16"}
-                     ).json()["id"]
+        tid = h.post(
+            "/videos/generations",
+            json={
+                "model": "doubao-seedance-2.0",
+                "prompt": f"{FAST} guide",
+                "duration": 6,
+                "resolution": "480p",
+                "aspect_ratio": "9:16",
+            },
+        ).json()["id"]
         video = c.videos.poll(tid)
         assert (video.model, video.seconds, video.size, video.status) == (
-            "doubao-seedance-2.0", "6", "480x854", "completed")
+            "doubao-seedance-2.0",
+            "6",
+            "480x854",
+            "completed",
+        )
         assert c.videos.download_content(tid).read() == sim.expected_bytes(tid)
         vid = c.videos.create_and_poll(prompt=f"{FAST} sdk").id
         task = h.get(f"/videos/generations/{vid}").json()
@@ -176,13 +243,23 @@ def test_the_cost_shows_in_usage_metrics_and_logs(openai_gw: Gateway, sim: Simul
         spent = h.get("/usage").json()["user"]["spent_usd"]
         video = c.videos.create_and_poll(prompt=f"{FAST} priced", seconds="5", size="720x1280")
         assert h.get("/usage").json()["user"]["spent_usd"] == pytest.approx(spent + 0.8)  # 5 s × $0.16
-    assert openai_gw.metric("tokenhub_gateway_requests_total", route="/videos/{video_id}", method="GET",
-                            code="200", team="blue") >= 1
-    assert openai_gw.metric("tokenhub_gateway_tasks_created_total", team="blue",
-                            model="doubao-seedance-2.0-fast") >= 1
-    line = next(x for x in openai_gw.lines() if x.get("event") == "request" and x["route"] == "/videos"
-                and x["task_id"] == video.id)
+    assert (
+        openai_gw.metric(
+            "tokenhub_gateway_requests_total", route="/videos/{video_id}", method="GET", code="200", team="blue"
+        )
+        >= 1
+    )
+    assert openai_gw.metric("tokenhub_gateway_tasks_created_total", team="blue", model="doubao-seedance-2.0-fast") >= 1
+    line = next(
+        x
+        for x in openai_gw.lines()
+        if x.get("event") == "request" and x["route"] == "/videos" and x["task_id"] == video.id
+    )
     assert (line["model"], line["resolution"], line["duration_s"], line["cost_usd"], line["upstream_key"]) == (
-        "doubao-seedance-2.0-fast", "720p", 5, 0.8, "key-a")
+        "doubao-seedance-2.0-fast",
+        "720p",
+        5,
+        0.8,
+        "key-a",
+    )
     assert "priced" not in str(line)
-

@@ -41,16 +41,36 @@ TERMINAL = ("succeeded", "failed", "cancelled", "expired", "unresolved")
 SCRAPE_S = 1
 UPSTREAM_ROUTES = {"create", "poll", "delete"}  # the `route` label of the upstream metrics
 # Every metric of SPEC §8, as the sample names a scrape must show after the workload.
-SAMPLES = [f"tokenhub_gateway_{n}" for n in (
-    "requests_total", "request_duration_seconds_bucket", "upstream_requests_total",
-    "upstream_duration_seconds_bucket", "tasks_created_total", "tasks_finished_total",
-    "task_duration_seconds_bucket", "tasks_in_flight", "video_seconds_total", "spend_usd_total", "budget_usd",
-    "budget_remaining_usd", "quota_rejections_total", "validation_errors_total", "upstream_key_state",
-    "overhead_seconds_bucket", "poller_backlog", "webhook_deliveries_total", "webhook_backlog",
-    "archive_bytes_total", "archive_failures_total")]
+SAMPLES = [
+    f"tokenhub_gateway_{n}"
+    for n in (
+        "requests_total",
+        "request_duration_seconds_bucket",
+        "upstream_requests_total",
+        "upstream_duration_seconds_bucket",
+        "tasks_created_total",
+        "tasks_finished_total",
+        "task_duration_seconds_bucket",
+        "tasks_in_flight",
+        "video_seconds_total",
+        "spend_usd_total",
+        "budget_usd",
+        "budget_remaining_usd",
+        "quota_rejections_total",
+        "validation_errors_total",
+        "upstream_key_state",
+        "overhead_seconds_bucket",
+        "poller_backlog",
+        "webhook_deliveries_total",
+        "webhook_backlog",
+        "archive_bytes_total",
+        "archive_failures_total",
+    )
+]
 
 
 # ---- Prometheus -------------------------------------------------------------------------------------------
+
 
 class Prometheus(Process):
     """`prometheus` on a loopback port, scraping one gateway with a bearer token read from a file."""
@@ -62,21 +82,33 @@ class Prometheus(Process):
         token_file.write_text(token)
         token_file.chmod(0o600)
         config = {
-            "global": {"scrape_interval": f"{SCRAPE_S}s", "scrape_timeout": f"{SCRAPE_S}s",
-                       "evaluation_interval": f"{SCRAPE_S}s"},
-            "scrape_configs": [{
-                "job_name": "tokenhub-gateway", "metrics_path": "/metrics",
-                "authorization": {"type": "Bearer", "credentials_file": str(token_file)},
-                "static_configs": [{"targets": [target]}],
-            }],
+            "global": {
+                "scrape_interval": f"{SCRAPE_S}s",
+                "scrape_timeout": f"{SCRAPE_S}s",
+                "evaluation_interval": f"{SCRAPE_S}s",
+            },
+            "scrape_configs": [
+                {
+                    "job_name": "tokenhub-gateway",
+                    "metrics_path": "/metrics",
+                    "authorization": {"type": "Bearer", "credentials_file": str(token_file)},
+                    "static_configs": [{"targets": [target]}],
+                }
+            ],
         }
         self.config_path = tmp / "prometheus.yml"
         self.config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
         (tmp / "prometheus-data").mkdir()
-        super().__init__([binary, f"--config.file={self.config_path}",
-                          f"--storage.tsdb.path={tmp / 'prometheus-data'}",
-                          f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                         tmp / "prometheus.log")
+        super().__init__(
+            [
+                binary,
+                f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={tmp / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            tmp / "prometheus.log",
+        )
 
     def start(self) -> None:
         super().start()
@@ -98,8 +130,11 @@ class Prometheus(Process):
 
     def query(self, expr: str) -> dict[str, Any]:
         r = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10)
-        return r.json() if r.headers.get("content-type", "").startswith("application/json") else {
-            "status": "error", "error": f"HTTP {r.status_code}: {r.text[:200]}"}
+        return (
+            r.json()
+            if r.headers.get("content-type", "").startswith("application/json")
+            else {"status": "error", "error": f"HTTP {r.status_code}: {r.text[:200]}"}
+        )
 
     def vector(self, expr: str) -> list[dict[str, Any]]:
         out = self.query(expr)
@@ -112,6 +147,7 @@ class Prometheus(Process):
 
 
 # ---- workload ---------------------------------------------------------------------------------------------
+
 
 class Workload:
     """What the test sent, so it can be looked for (and must not be found) in label values."""
@@ -128,8 +164,7 @@ class Workload:
         self.prompts.append(p)
         return p
 
-    def create(self, user: str, marks: str = "sim:seconds=0.5", expect: int | None = 200,
-               **kw: Any) -> httpx.Response:
+    def create(self, user: str, marks: str = "sim:seconds=0.5", expect: int | None = 200, **kw: Any) -> httpx.Response:
         with self.gw.client(user) as c:
             r = c.post(CREATE, json=body(prompt=self.prompt(marks), **kw))
         if expect is not None:
@@ -215,6 +250,7 @@ def keep_busy(gw: Gateway, w: Workload, seconds: float) -> None:
 
 # ---- checks -----------------------------------------------------------------------------------------------
 
+
 def label_values(text: str) -> tuple[set[str], dict[str, set[str]]]:
     """The sample names of a scrape, and every label's values."""
     names: set[str] = set()
@@ -240,10 +276,13 @@ def test_dashboards_against_real_prometheus(make_gateway, sim, tmp_path):
         teams={"red": {"budget_usd": 100}, "blue": {"budget_usd": 1.5}},
         users={"alice": {"team": "red"}, "bob": {"team": "blue"}},
         keys=[{"name": "key-a"}, {"name": "key-b"}],
-        extra={"server": {"metrics_token_env": "GATEWAY_METRICS_TOKEN"},
-               "webhooks": [{"name": "render-farm", "url": receiver.url, "secret_env": "WEBHOOK_SECRET"}],
-               "archive": {"dir": str(tmp_path / "videos"), "max_bytes_per_video": 200_000}},
-        start=False)
+        extra={
+            "server": {"metrics_token_env": "GATEWAY_METRICS_TOKEN"},
+            "webhooks": [{"name": "render-farm", "url": receiver.url, "secret_env": "WEBHOOK_SECRET"}],
+            "archive": {"dir": str(tmp_path / "videos"), "max_bytes_per_video": 200_000},
+        },
+        start=False,
+    )
     gw.env.update(GATEWAY_METRICS_TOKEN=METRICS_TOKEN, WEBHOOK_SECRET=secret)
     gw.start()
 
@@ -264,8 +303,13 @@ def test_dashboards_against_real_prometheus(make_gateway, sim, tmp_path):
         assert list(final.values()).count("succeeded") >= 5, final
         assert {"failed", "cancelled"} <= set(final.values()), final
         wait_until(lambda: len(receiver.delivered()) >= len(final), 15)
-        wait_until(lambda: 'tokenhub_gateway_archive_failures_total{reason="too_large"} 1.0' in httpx.get(
-            gw.url + "/metrics", headers=auth, timeout=5).text, 10)
+        wait_until(
+            lambda: (
+                'tokenhub_gateway_archive_failures_total{reason="too_large"} 1.0'
+                in httpx.get(gw.url + "/metrics", headers=auth, timeout=5).text
+            ),
+            10,
+        )
 
         # the ledger, once every task is settled
         rows = gw.admin("GET", "/admin/usage").json()["data"]
@@ -281,8 +325,9 @@ def test_dashboards_against_real_prometheus(make_gateway, sim, tmp_path):
         try:
             wait_until(lambda: abs(prom.scalar_sum(spend_expr) - ledger_total) < 0.005, 10, 0.25)
         except TimeoutError:
-            raise AssertionError(f"Prometheus spend {prom.scalar_sum(spend_expr)} never reached the ledger's "
-                                 f"{ledger_total}") from None
+            raise AssertionError(
+                f"Prometheus spend {prom.scalar_sum(spend_expr)} never reached the ledger's {ledger_total}"
+            ) from None
         keep_busy(gw, w, 3.5 * SCRAPE_S)
 
         # every query of every panel returns at least one series
@@ -299,13 +344,19 @@ def test_dashboards_against_real_prometheus(make_gateway, sim, tmp_path):
 
         # the spend query agrees with the ledger, in total and per team (and with /usage)
         assert round(prom.scalar_sum(spend_expr), 2) == round(ledger_total, 2)
-        prom_by_team = {s["metric"]["team"]: float(s["value"][1])
-                        for s in prom.vector("sum by (team) (tokenhub_gateway_spend_usd_total)")}
+        prom_by_team = {
+            s["metric"]["team"]: float(s["value"][1])
+            for s in prom.vector("sum by (team) (tokenhub_gateway_spend_usd_total)")
+        }
         for user, team in (("alice", "red"), ("bob", "blue")):
             with gw.client(user) as c:
                 spent = c.get("/usage").json()["team"]["spent_usd"]
             assert round(prom_by_team.get(team, 0.0), 2) == round(spent, 2) == round(ledger_by_team[team], 2), (
-                team, prom_by_team, spent, ledger_by_team)
+                team,
+                prom_by_team,
+                spent,
+                ledger_by_team,
+            )
 
         # what the dashboards should show of this workload
         cooling = prom.vector('tokenhub_gateway_upstream_key_state{key="key-a", state="cooldown"} == 1')
@@ -322,14 +373,28 @@ def test_dashboards_against_real_prometheus(make_gateway, sim, tmp_path):
         names, values = label_values(r.text)
         missing = [n for n in SAMPLES if n not in names]
         assert not missing, f"metrics with no sample after the workload: {missing}"
-        secrets_ = {**{f"upstream key {n}": v for n, v in KEYS.items()},
-                    **{f"gateway key of {u}": v for u, v in gw.user_keys.items()},
-                    "metrics token": METRICS_TOKEN, "admin token": ADMIN_TOKEN}
-        forbidden = {**{f"task id {t}": t for t in w.task_ids},
-                     **{f"prompt {p!r}": p for p in w.prompts},
-                     "prompt canary": w.canary, "task-id prefix": "cgt-", **secrets_}
-        leaks = sorted({f"{label}={v!r} holds {what}" for label, vs in values.items() for v in vs
-                        for what, bad in forbidden.items() if bad in v})
+        secrets_ = {
+            **{f"upstream key {n}": v for n, v in KEYS.items()},
+            **{f"gateway key of {u}": v for u, v in gw.user_keys.items()},
+            "metrics token": METRICS_TOKEN,
+            "admin token": ADMIN_TOKEN,
+        }
+        forbidden = {
+            **{f"task id {t}": t for t in w.task_ids},
+            **{f"prompt {p!r}": p for p in w.prompts},
+            "prompt canary": w.canary,
+            "task-id prefix": "cgt-",
+            **secrets_,
+        }
+        leaks = sorted(
+            {
+                f"{label}={v!r} holds {what}"
+                for label, vs in values.items()
+                for v in vs
+                for what, bad in forbidden.items()
+                if bad in v
+            }
+        )
         assert not leaks, "\n".join(leaks)
         routes = allowed_routes()
         assert routes >= {"/videos/generations", "/videos/generations/{task_id}", "/metrics"}, routes

@@ -35,11 +35,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 # helpers
 
+
 def burst(gw: Gateway, user: str, bodies: list[dict], headers: dict[str, str] | None = None) -> list[httpx.Response]:
     """All creates at once, on one connection pool."""
+
     async def go() -> list[httpx.Response]:
         async with gw.aclient(user) as c:
             return await asyncio.gather(*(c.post(CREATE, json=b, headers=headers) for b in bodies))
+
     return asyncio.run(go())
 
 
@@ -49,8 +52,9 @@ def error_of(r: httpx.Response) -> tuple[str, str]:
 
 
 def settled_lines(gw: Gateway, task_id: str | None = None) -> list[dict[str, Any]]:
-    return [line for line in gw.lines()
-            if line.get("event") == "task.settled" and task_id in (None, line.get("task_id"))]
+    return [
+        line for line in gw.lines() if line.get("event") == "task.settled" and task_id in (None, line.get("task_id"))
+    ]
 
 
 def wait_settled(gw: Gateway, task_id: str, timeout: float = 10.0) -> dict[str, Any]:
@@ -62,6 +66,7 @@ def poll_terminal(c: httpx.Client, task_id: str, timeout: float = 10.0) -> dict[
         r = c.get(f"{CREATE}/{task_id}")
         assert r.status_code == 200, r.text
         return r.json() if r.json()["status"] in TERMINAL else None
+
     return wait_until(done, timeout, 0.2)
 
 
@@ -107,14 +112,34 @@ def create_ok(c: httpx.Client, **kw: Any) -> str:
 # exact admission under concurrency
 
 EXACT_FIT = {
-    "team_budget_usd": ({"red": {"budget_usd": 7.0}}, {"alice": {"team": "red"}},
-                       "team", "insufficient_quota", "budget_exceeded"),
-    "team_video_seconds": ({"red": {"video_seconds": 35}}, {"alice": {"team": "red"}},
-                           "team", "insufficient_quota", "budget_exceeded"),
-    "team_max_concurrent_tasks": ({"red": {"max_concurrent_tasks": 7}}, {"alice": {"team": "red"}},
-                                  "team", "rate_limit_exceeded", "concurrency_limit_exceeded"),
-    "user_budget_usd": ({"red": {}}, {"alice": {"team": "red", "budget_usd": 7.0}},
-                        "user", "insufficient_quota", "budget_exceeded"),
+    "team_budget_usd": (
+        {"red": {"budget_usd": 7.0}},
+        {"alice": {"team": "red"}},
+        "team",
+        "insufficient_quota",
+        "budget_exceeded",
+    ),
+    "team_video_seconds": (
+        {"red": {"video_seconds": 35}},
+        {"alice": {"team": "red"}},
+        "team",
+        "insufficient_quota",
+        "budget_exceeded",
+    ),
+    "team_max_concurrent_tasks": (
+        {"red": {"max_concurrent_tasks": 7}},
+        {"alice": {"team": "red"}},
+        "team",
+        "rate_limit_exceeded",
+        "concurrency_limit_exceeded",
+    ),
+    "user_budget_usd": (
+        {"red": {}},
+        {"alice": {"team": "red", "budget_usd": 7.0}},
+        "user",
+        "insufficient_quota",
+        "budget_exceeded",
+    ),
 }
 
 
@@ -145,6 +170,7 @@ def test_concurrent_creates_admit_exactly_what_fits(make_gateway, sim, case):
 
 
 # request rate
+
 
 def test_requests_per_minute_sliding_window_and_headers(make_gateway, sim):
     gw = make_gateway(teams={"red": {"requests_per_minute": 5}}, users={"alice": {"team": "red"}})
@@ -205,8 +231,7 @@ def test_rate_window_survives_restart(make_gateway, sim):
 
 
 def test_budget_rejection_does_not_consume_rate(make_gateway, sim):
-    gw = make_gateway(teams={"red": {"requests_per_minute": 3, "budget_usd": 2.0}},
-                      users={"alice": {"team": "red"}})
+    gw = make_gateway(teams={"red": {"requests_per_minute": 3, "budget_usd": 2.0}}, users={"alice": {"team": "red"}})
     with gw.client("alice") as c:
         big = [c.post(CREATE, json=body(prompt="sim:never big", duration=15)) for _ in range(2)]  # $3.00
         small = [c.post(CREATE, json=body(prompt="sim:never small", **FAST_480_4S)) for _ in range(4)]
@@ -219,14 +244,23 @@ def test_budget_rejection_does_not_consume_rate(make_gateway, sim):
 
 # exact costs
 
+
 def test_exact_costs_agree_everywhere(make_gateway, sim):
-    gw = make_gateway(teams={"red": {"budget_usd": 50.0}}, users={"alice": {"team": "red"}},
-                      extra={"poller": {"interval_s": 60}})  # the reserved figures below must not move
+    gw = make_gateway(
+        teams={"red": {"budget_usd": 50.0}}, users={"alice": {"team": "red"}}, extra={"poller": {"interval_s": 60}}
+    )  # the reserved figures below must not move
     expected = {}  # task id → (status, cost, billed seconds)
     with gw.client("alice") as c:
         expected[create_ok(c, prompt="sim:seconds=0.5 plain")] = ("succeeded", 1.0, 5.0)
-        expected[create_ok(c, prompt="sim:seconds=0.5 with a reference video", video_urls=[REF_VIDEO],
-                           video_durations=[5], duration=10)] = ("succeeded", 3.0, 15.0)
+        expected[
+            create_ok(
+                c,
+                prompt="sim:seconds=0.5 with a reference video",
+                video_urls=[REF_VIDEO],
+                video_durations=[5],
+                duration=10,
+            )
+        ] = ("succeeded", 3.0, 15.0)
         expected[create_ok(c, prompt="sim:seconds=0.5 fast", **FAST_480_4S)] = ("succeeded", 0.4, 4.0)
         expected[create_ok(c, prompt="sim:seconds=0.5 sim:fail")] = ("failed", 0.0, 0.0)
         queued = create_ok(c, prompt="sim:seconds=30 to be cancelled")
@@ -266,12 +300,14 @@ def test_reference_video_without_durations_reserves_15_s(make_gateway, sim):
         assert figures[scope]["tasks_in_flight"] == 1
     (row,) = ledger_rows(gw)
     assert (row["task_id"], row["estimate_usd"], row["input_seconds"], row["cost_usd"]) == (tid, 4.0, 15.0, None)
-    (line,) = [x for x in gw.lines() if x.get("event") == "request" and x.get("method") == "POST"
-               and x.get("task_id") == tid]
+    (line,) = [
+        x for x in gw.lines() if x.get("event") == "request" and x.get("method") == "POST" and x.get("task_id") == tid
+    ]
     assert (line["cost_usd"], line["duration_s"], line["team"], line["user"]) == (4.0, 5, "red", "alice")
 
 
 # settlement exactly once, from any path
+
 
 def test_concurrent_polls_settle_once(make_gateway, sim):
     gw = make_gateway(teams={"red": {}}, users={"alice": {"team": "red"}}, extra={"poller": {"interval_s": 60}})
@@ -282,6 +318,7 @@ def test_concurrent_polls_settle_once(make_gateway, sim):
     async def polls() -> list[httpx.Response]:
         async with gw.aclient("alice") as c:
             return await asyncio.gather(*(c.get(f"{CREATE}/{tid}") for _ in range(20)))
+
     responses = asyncio.run(polls())
     assert {r.status_code for r in responses} == {200}
     assert {r.json()["status"] for r in responses} == {"succeeded"}
@@ -305,21 +342,29 @@ def test_background_poller_settles_unpolled_task(make_gateway, sim):
     team = usage(gw, "alice")["team"]
     assert (team["spent_usd"], team["reserved_usd"], team["tasks_in_flight"]) == (1.0, 0.0, 0)
     assert {r["task_id"] for r in sim.requests("poll")} == {tid}
-    assert not [x for x in gw.lines() if x.get("event") == "request" and x.get("method") == "GET"
-                and x.get("task_id") == tid]  # no client poll: the background poller settled it
+    assert not [
+        x for x in gw.lines() if x.get("event") == "request" and x.get("method") == "GET" and x.get("task_id") == tid
+    ]  # no client poll: the background poller settled it
 
 
 def test_never_finishing_task_becomes_unresolved(make_gateway, sim):
-    gw = make_gateway(teams={"red": {"max_concurrent_tasks": 1}}, users={"alice": {"team": "red"}},
-                      extra={"poller": {"interval_s": 1, "expire_after_s": 3}})
+    gw = make_gateway(
+        teams={"red": {"max_concurrent_tasks": 1}},
+        users={"alice": {"team": "red"}},
+        extra={"poller": {"interval_s": 1, "expire_after_s": 3}},
+    )
     with gw.client("alice") as c:
         tid = create_ok(c, prompt="sim:never stuck")
         blocked = c.post(CREATE, json=body(prompt="sim:never second"))
         assert error_of(blocked) == ("rate_limit_exceeded", "concurrency_limit_exceeded")
 
         line = wait_settled(gw, tid, timeout=12)
-        assert (line["status"], line["cost_usd"], line["billed_seconds"], line["estimated"]) == \
-            ("unresolved", 1.0, 5.0, True), line
+        assert (line["status"], line["cost_usd"], line["billed_seconds"], line["estimated"]) == (
+            "unresolved",
+            1.0,
+            5.0,
+            True,
+        ), line
         assert any(x.get("level") == "warning" and x.get("task_id") == tid for x in gw.lines())
         listed = c.get(CREATE).json()["data"]
         assert [(t["id"], t["status"]) for t in listed] == [(tid, "unresolved")]
@@ -349,9 +394,12 @@ def test_budget_exactly_consumed_blocks_next_create(make_gateway, sim):
 
 # idempotency
 
+
 def test_idempotency_replay_reuse_and_scope(make_gateway, sim):
-    gw = make_gateway(teams={"red": {}, "blue": {}},
-                      users={"alice": {"team": "red"}, "carol": {"team": "red"}, "bob": {"team": "blue"}})
+    gw = make_gateway(
+        teams={"red": {}, "blue": {}},
+        users={"alice": {"team": "red"}, "carol": {"team": "red"}, "bob": {"team": "blue"}},
+    )
     key = {"Idempotency-Key": "order-42"}
     payload = body(prompt="sim:never idempotent", duration=5)
     with gw.client("alice") as c:
@@ -430,14 +478,17 @@ def test_idempotency_replays_a_502(make_gateway, sim):
 
 # figures: /usage, /admin/usage, /admin/teams, the usage CLI
 
+
 def _decimals(value: Any) -> int:
     text = repr(value)
     return len(text.split(".")[1]) if "." in text and "e" not in text else 0
 
 
 def test_usage_shape_and_exact_money(make_gateway, sim):
-    gw = make_gateway(teams={"red": {"budget_usd": 10.0, "video_seconds": 100}, "blue": {}},
-                      users={"alice": {"team": "red", "budget_usd": 5.0}, "bob": {"team": "blue"}})
+    gw = make_gateway(
+        teams={"red": {"budget_usd": 10.0, "video_seconds": 100}, "blue": {}},
+        users={"alice": {"team": "red", "budget_usd": 5.0}, "bob": {"team": "blue"}},
+    )
     with gw.client("alice") as c:
         tids = [create_ok(c, prompt=f"sim:seconds=0.3 cheap {i}", **FAST_480_4S) for i in range(3)]
         for tid in tids:
@@ -448,8 +499,10 @@ def test_usage_shape_and_exact_money(make_gateway, sim):
     assert data["period"]["kind"] == "month"
     start, end = (datetime.fromisoformat(data["period"][k]) for k in ("start", "end"))
     assert start <= datetime.now(UTC) < end
-    for scope, name, budget, remaining, seconds_budget in (("user", "alice", 5.0, 3.8, None),
-                                                           ("team", "red", 10.0, 8.8, 100)):
+    for scope, name, budget, remaining, seconds_budget in (
+        ("user", "alice", 5.0, 3.8, None),
+        ("team", "red", 10.0, 8.8, 100),
+    ):
         f = data[scope]
         assert f["name"] == name
         assert (f["spent_usd"], f["reserved_usd"], f["budget_usd"], f["remaining_usd"]) == (1.2, 0.0, budget, remaining)
@@ -462,15 +515,23 @@ def test_usage_shape_and_exact_money(make_gateway, sim):
 
 
 def _run_usage_cli(gw: Gateway, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "gateway.cli", "usage", "--config", str(gw.config_path), *args],
-                          capture_output=True, text=True, timeout=30, cwd=REPO, env={**os.environ, **gw.env})
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "usage", "--config", str(gw.config_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        env={**os.environ, **gw.env},
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
 def test_admin_usage_ledger_filters_groups_csv_and_cli(make_gateway, sim):
-    gw = make_gateway(teams={"red": {"budget_usd": 10.0}, "blue": {}},
-                      users={"alice": {"team": "red"}, "carol": {"team": "red"}, "bob": {"team": "blue"}})
+    gw = make_gateway(
+        teams={"red": {"budget_usd": 10.0}, "blue": {}},
+        users={"alice": {"team": "red"}, "carol": {"team": "red"}, "bob": {"team": "blue"}},
+    )
     plan = [("alice", {}), ("alice", FAST_480_4S), ("carol", FAST_480_4S), ("bob", {})]
     for user, extra in plan:
         with gw.client(user) as c:
@@ -488,14 +549,16 @@ def test_admin_usage_ledger_filters_groups_csv_and_cli(make_gateway, sim):
 
     def grouped(by: str) -> dict[str, tuple[int, float]]:
         return {g[by]: (g["tasks"], g["cost_usd"]) for g in ledger_rows(gw, group_by=by)}
+
     assert grouped("team") == {"red": (3, 1.8), "blue": (1, 1.0)}
     assert grouped("user") == {"alice": (2, 1.4), "carol": (1, 0.4), "bob": (1, 1.0)}
     assert grouped("model") == {"doubao-seedance-2.0": (2, 2.0), FAST: (2, 0.8)}
     assert grouped("day") == {datetime.now(UTC).date().isoformat(): (4, 2.8)}
 
     by_query = gw.admin("GET", "/admin/usage", params={"format": "csv"})
-    by_accept = httpx.get(gw.url + "/admin/usage", timeout=15,
-                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Accept": "text/csv"})
+    by_accept = httpx.get(
+        gw.url + "/admin/usage", timeout=15, headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Accept": "text/csv"}
+    )
     for r in (by_query, by_accept):
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
         parsed = list(csv.DictReader(io.StringIO(r.text)))
@@ -524,9 +587,11 @@ def test_admin_usage_ledger_filters_groups_csv_and_cli(make_gateway, sim):
 
 # model allow-list
 
+
 def test_model_allow_list(make_gateway, sim):
-    gw = make_gateway(teams={"red": {"models": [FAST]}, "blue": {}},
-                      users={"alice": {"team": "red"}, "bob": {"team": "blue"}})
+    gw = make_gateway(
+        teams={"red": {"models": [FAST]}, "blue": {}}, users={"alice": {"team": "red"}, "bob": {"team": "blue"}}
+    )
     with gw.client("alice") as c:
         denied = c.post(CREATE, json=body(prompt="sim:never not allowed"))
         assert denied.status_code == 403, denied.text
@@ -535,8 +600,9 @@ def test_model_allow_list(make_gateway, sim):
         models = c.get("/models").json()
         create_ok(c, prompt="sim:never allowed", model=FAST)
     assert models["object"] == "list"
-    assert [(m["id"], m["object"], m["pricing"]) for m in models["data"]] == \
-        [(FAST, "model", {"720p": 0.16, "480p": 0.1})]
+    assert [(m["id"], m["object"], m["pricing"]) for m in models["data"]] == [
+        (FAST, "model", {"720p": 0.16, "480p": 0.1})
+    ]
     with gw.client("bob") as c:
         pricing = {m["id"]: m["pricing"] for m in c.get("/models").json()["data"]}
     assert pricing == {"doubao-seedance-2.0": {"720p": 0.2, "480p": 0.12}, FAST: {"720p": 0.16, "480p": 0.1}}
@@ -545,8 +611,7 @@ def test_model_allow_list(make_gateway, sim):
 
 
 def test_quota_rejection_metrics_by_reason(make_gateway, sim):
-    gw = make_gateway(teams={"red": {"budget_usd": 1.5, "max_concurrent_tasks": 2}},
-                      users={"alice": {"team": "red"}})
+    gw = make_gateway(teams={"red": {"budget_usd": 1.5, "max_concurrent_tasks": 2}}, users={"alice": {"team": "red"}})
     with gw.client("alice") as c:
         create_ok(c, prompt="sim:never $1.00")
         over_budget = c.post(CREATE, json=body(prompt="sim:never another $1.00"))
@@ -554,12 +619,19 @@ def test_quota_rejection_metrics_by_reason(make_gateway, sim):
         too_many = c.post(CREATE, json=body(prompt="sim:never a third task", **FAST_480_4S))
     assert error_of(over_budget) == ("insufficient_quota", "budget_exceeded")
     assert error_of(too_many) == ("rate_limit_exceeded", "concurrency_limit_exceeded")
-    reasons = {labels["reason"]: value for labels, value in samples(gw, "tokenhub_gateway_quota_rejections_total")
-               if labels.get("team") == "red" and value}
+    reasons = {
+        labels["reason"]: value
+        for labels, value in samples(gw, "tokenhub_gateway_quota_rejections_total")
+        if labels.get("team") == "red" and value
+    }
     assert sorted(reasons.values()) == [1.0, 1.0], reasons  # one budget, one concurrency: two reasons
     team = admin_team(gw, "red")
-    assert (team["spent_usd"], team["reserved_usd"], team["remaining_usd"], team["tasks_in_flight"]) == \
-        (0.0, 1.4, 0.1, 2)
+    assert (team["spent_usd"], team["reserved_usd"], team["remaining_usd"], team["tasks_in_flight"]) == (
+        0.0,
+        1.4,
+        0.1,
+        2,
+    )
     assert gw.metric("tokenhub_gateway_budget_usd", team="red") == team["budget_usd"] == 1.5
     assert gw.metric("tokenhub_gateway_budget_remaining_usd", team="red") == team["remaining_usd"]
     assert gw.metric("tokenhub_gateway_tasks_in_flight", team="red") == 2

@@ -46,9 +46,26 @@ class DurableRedisServer(RedisServer):
         binary = require_redis_server()
         self._dir.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self._dir), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--logfile", str(self._dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self._dir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--logfile",
+                str(self._dir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + timeout_s
         while not self.answers():
             if self._proc.poll() is not None or time.monotonic() > deadline:
@@ -59,8 +76,6 @@ class DurableRedisServer(RedisServer):
 
 
 # fixtures
-
-
 
 
 @pytest.fixture
@@ -85,12 +100,14 @@ def durable_redis() -> Iterator[DurableRedisServer]:
 @pytest.fixture
 def replicas(make_gateway: Callable[..., Gateway]) -> Callable[..., list[Gateway]]:
     """replicas(server, n=2, **gateway kw) → n gateways on one Redis, started side by side."""
+
     def make(server: RedisServer, n: int = 2, **kw: Any) -> list[Gateway]:
         kw.setdefault("keys", roomy("key-a", "key-b"))
         gws = [make_gateway(store_url=server.url, name=f"r{i + 1}", start=False, **kw) for i in range(n)]
         with ThreadPoolExecutor(n) as pool:
             list(pool.map(Gateway.start, gws))
         return gws
+
     return make
 
 
@@ -122,8 +139,11 @@ def store_unavailable(r: httpx.Response) -> None:
 
 
 def sim_creates(sim: Simulator, key: str | None = None, status: int | None = None) -> list[dict[str, Any]]:
-    return [r for r in sim.requests("create")
-            if (key is None or r["key"] == KEYS[key]) and (status is None or r["status"] == status)]
+    return [
+        r
+        for r in sim.requests("create")
+        if (key is None or r["key"] == KEYS[key]) and (status is None or r["status"] == status)
+    ]
 
 
 def sim_polls(sim: Simulator, task_id: str) -> list[dict[str, Any]]:
@@ -192,8 +212,7 @@ def test_concurrent_creates_across_replicas_admit_exactly_the_budget(replicas, r
 
     async def burst() -> list[httpx.Response]:
         async with r1.aclient("alice") as c1, r2.aclient("alice") as c2:
-            return await asyncio.gather(*(c.post(CREATE, json=body(prompt=NEVER))
-                                          for _ in range(30) for c in (c1, c2)))
+            return await asyncio.gather(*(c.post(CREATE, json=body(prompt=NEVER)) for _ in range(30) for c in (c1, c2)))
 
     replies = asyncio.run(burst())
     codes = Counter(r.status_code for r in replies)
@@ -449,10 +468,16 @@ def test_hung_redis_fails_creates_closed_and_nothing_is_left_behind(replicas, re
         redis_server.pause()
         try:
             with ThreadPoolExecutor(5) as pool:
-                timed = [pool.submit(_timed, call) for call in (
-                    lambda: _post_once(r1, body(), {"Idempotency-Key": "frozen-1"}),
-                    lambda: _post_once(r1, body()), lambda: _post_once(r1, body()),
-                    lambda: _get_once(r1, f"{CREATE}/{running}"), lambda: ready(r1))]
+                timed = [
+                    pool.submit(_timed, call)
+                    for call in (
+                        lambda: _post_once(r1, body(), {"Idempotency-Key": "frozen-1"}),
+                        lambda: _post_once(r1, body()),
+                        lambda: _post_once(r1, body()),
+                        lambda: _get_once(r1, f"{CREATE}/{running}"),
+                        lambda: ready(r1),
+                    )
+                ]
                 *made, (polled, polled_s), (readiness, _) = (f.result() for f in timed)
         finally:
             redis_server.resume()

@@ -21,8 +21,13 @@ from tests.e2e.harness import body
 from tests.redis_server import RedisClusterServers, command, require_redis_server
 
 # Every contract test that runs on a store (or on two replicas of one), with the fixtures below.
-CONTRACT = [name for name, fn in vars(contract).items() if name.startswith("test_") and inspect.isfunction(fn)
-            and {"store", "replicas"} & set(inspect.signature(fn).parameters)]
+CONTRACT = [
+    name
+    for name, fn in vars(contract).items()
+    if name.startswith("test_")
+    and inspect.isfunction(fn)
+    and {"store", "replicas"} & set(inspect.signature(fn).parameters)
+]
 globals().update({name: getattr(contract, name) for name in CONTRACT})
 
 
@@ -85,14 +90,22 @@ def test_two_gateways_on_the_cluster_admit_exactly_the_budget(make_gateway, clus
     9 are admitted and sent upstream, 51 are 429 budget_exceeded; both report the same reservation."""
     for node in cluster.nodes:
         command(node.port, "flushall")  # the gateways use the default prefix
-    gws = [make_gateway(teams={"red": {"budget_usd": 9.0}}, users={"alice": {"team": "red"}},
-                        store_url=cluster.url, keys=on_redis.roomy("key-a", "key-b"), name=f"c{i}")
-           for i in (1, 2)]
+    gws = [
+        make_gateway(
+            teams={"red": {"budget_usd": 9.0}},
+            users={"alice": {"team": "red"}},
+            store_url=cluster.url,
+            keys=on_redis.roomy("key-a", "key-b"),
+            name=f"c{i}",
+        )
+        for i in (1, 2)
+    ]
 
     async def burst() -> list[httpx.Response]:
         async with gws[0].aclient("alice") as c1, gws[1].aclient("alice") as c2:
-            return await asyncio.gather(*(c.post(on_redis.CREATE, json=body(prompt=on_redis.NEVER))
-                                          for _ in range(30) for c in (c1, c2)))
+            return await asyncio.gather(
+                *(c.post(on_redis.CREATE, json=body(prompt=on_redis.NEVER)) for _ in range(30) for c in (c1, c2))
+            )
 
     replies = asyncio.run(burst())
     assert Counter(r.status_code for r in replies) == {200: 9, 429: 51}

@@ -46,13 +46,18 @@ def counting(sent: list[str]) -> type[Connection]:
 
 def settings(url: str) -> Any:
     limits = {"budget_usd": 1000.0, "requests_per_minute": RPM, "max_concurrent_tasks": 100}
-    return parse_settings({
-        "upstream": {"base_url": "http://upstream.invalid/api/v1",
-                     "keys": [{"name": "a", "value_env": "KA"}, {"name": "b", "value_env": "KB"}]},
-        "store": {"url": url}, "teams": {"red": limits},
-        "users": {"alice": {"team": "red", "key_sha256": hashlib.sha256(USER_KEY.encode()).hexdigest(),
-                            **limits}},
-    }, env={"KA": "th-unit-upstream-key-000a", "KB": "th-unit-upstream-key-000b"})
+    return parse_settings(
+        {
+            "upstream": {
+                "base_url": "http://upstream.invalid/api/v1",
+                "keys": [{"name": "a", "value_env": "KA"}, {"name": "b", "value_env": "KB"}],
+            },
+            "store": {"url": url},
+            "teams": {"red": limits},
+            "users": {"alice": {"team": "red", "key_sha256": hashlib.sha256(USER_KEY.encode()).hexdigest(), **limits}},
+        },
+        env={"KA": "th-unit-upstream-key-000a", "KB": "th-unit-upstream-key-000b"},
+    )
 
 
 def gateway(url: str, prefix: str, upstream: FakeUpstream, sent: list[str]) -> TestClient:
@@ -117,8 +122,7 @@ def test_a_failed_first_key_costs_the_fallback_its_own_round_trips(redis_url):
         r = c.post(CREATE, json={"model": "doubao-seedance-2.0", "prompt": "a fox"})
         assert r.status_code == 200, r.text
         # the 429 saved as the key's health, its slot given back, the pool's load read, the other key's slot
-        assert without_clock(sent) == ["admit", "HSET", "release_key", "HGETALL", "acquire_key",
-                                       "record_created"], sent
+        assert without_clock(sent) == ["admit", "HSET", "release_key", "HGETALL", "acquire_key", "record_created"], sent
     assert len({key for method, _, key in upstream.calls if method == "POST"}) == 2
 
 

@@ -92,8 +92,17 @@ def test_master_killed_under_traffic_fails_over_and_loses_nothing_acknowledged(m
     second before the sentinels may act are 503 store_unavailable with Retry-After; once the replica is
     promoted, creates succeed again; and every task acknowledged is in the books on the new master: its
     $1 reserved, its slot counted, its ledger row, and nothing created upstream that was not acknowledged."""
-    gws = [make_gateway(teams={"red": {}}, users={"alice": {"team": "red"}}, store_url=sentinel.url,
-                        keys=roomy("key-a", "key-b"), name=f"s{i}", start=False) for i in (1, 2)]
+    gws = [
+        make_gateway(
+            teams={"red": {}},
+            users={"alice": {"team": "red"}},
+            store_url=sentinel.url,
+            keys=roomy("key-a", "key-b"),
+            name=f"s{i}",
+            start=False,
+        )
+        for i in (1, 2)
+    ]
     for gw in gws:
         gw.start()
     log: list[dict[str, Any]] = []
@@ -153,8 +162,7 @@ def _traffic(gw: Gateway, log: list[dict[str, Any]], acked: list[str], stop: thr
 
 
 def _record(log: list[dict[str, Any]], kind: str, call: Callable[[], httpx.Response], acked: list[str]) -> None:
-    entry: dict[str, Any] = {"kind": kind, "start": time.monotonic(), "status": None, "code": None,
-                             "retry_after": None}
+    entry: dict[str, Any] = {"kind": kind, "start": time.monotonic(), "status": None, "code": None, "retry_after": None}
     try:
         r = call()
     except httpx.HTTPError as exc:

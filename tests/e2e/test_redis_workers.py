@@ -63,13 +63,18 @@ def make_gateway(tmp_path: Path, sim: Simulator, redis_url: str) -> Iterator[Cal
     command(int(redis_url.rsplit(":", 1)[1].split("/")[0]), "flushall")
     started: list[Workers] = []
 
-    def make(teams: dict[str, Any] | None = None, users: dict[str, Any] | None = None,
-             start: bool = True, **kw: Any) -> Workers:
+    def make(
+        teams: dict[str, Any] | None = None, users: dict[str, Any] | None = None, start: bool = True, **kw: Any
+    ) -> Workers:
         kw.setdefault("upstream_url", sim.url)
         kw.setdefault("name", f"gw{len(started)}")
         kw.setdefault("store_url", redis_url)
-        gw = Workers(tmp=tmp_path, teams=teams or {"red": {}, "blue": {}},
-                     users=users or {"alice": {"team": "red"}, "bob": {"team": "blue"}}, **kw)
+        gw = Workers(
+            tmp=tmp_path,
+            teams=teams or {"red": {}, "blue": {}},
+            users=users or {"alice": {"team": "red"}, "bob": {"team": "blue"}},
+            **kw,
+        )
         if start:
             gw.start()
         started.append(gw)
@@ -83,15 +88,28 @@ def make_gateway(tmp_path: Path, sim: Simulator, redis_url: str) -> Iterator[Cal
 def test_two_replicas_of_two_workers_admit_exactly_the_budget(make_gateway, sim):
     """Budget $9, 60 creates of $1 at once, 15 through each of four processes (two gateways of two workers):
     exactly 9 are admitted and sent upstream, 51 are 429 budget_exceeded."""
-    gws = [make_gateway(teams={"red": {"budget_usd": 9.0}}, users={"alice": {"team": "red"}},
-                        keys=test_keypool.roomy("key-a", "key-b"), name=f"w{i}", start=False) for i in (1, 2)]
+    gws = [
+        make_gateway(
+            teams={"red": {"budget_usd": 9.0}},
+            users={"alice": {"team": "red"}},
+            keys=test_keypool.roomy("key-a", "key-b"),
+            name=f"w{i}",
+            start=False,
+        )
+        for i in (1, 2)
+    ]
     for gw in gws:
         gw.start()
 
     async def burst() -> list[httpx.Response]:
         async with gws[0].aclient("alice") as c1, gws[1].aclient("alice") as c2:
-            return await asyncio.gather(*(c.post("/videos/generations", json=body(prompt=test_keypool.NEVER))
-                                          for _ in range(30) for c in (c1, c2)))
+            return await asyncio.gather(
+                *(
+                    c.post("/videos/generations", json=body(prompt=test_keypool.NEVER))
+                    for _ in range(30)
+                    for c in (c1, c2)
+                )
+            )
 
     replies = asyncio.run(burst())
     assert collections.Counter(r.status_code for r in replies) == {200: 9, 429: 51}
@@ -115,8 +133,10 @@ def test_both_workers_serve_and_metrics_count_them_all(make_gateway, sim):
 
     async def burst() -> list[int]:
         async with gw.aclient("alice") as c:
-            return [r.status_code for r in await asyncio.gather(*(c.post("/videos/generations", json=body())
-                                                                  for _ in range(120)))]
+            return [
+                r.status_code
+                for r in await asyncio.gather(*(c.post("/videos/generations", json=body()) for _ in range(120)))
+            ]
 
     assert asyncio.run(burst()) == [200] * 120
     assert all(cpu_ticks(pid) > before[pid] for pid in pids), (before, {p: cpu_ticks(p) for p in pids})

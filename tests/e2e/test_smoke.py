@@ -8,6 +8,7 @@ def test_create_poll_settle(make_gateway, sim):
         assert r.status_code == 200, r.text
         tid = r.json()["id"]
         import time
+
         time.sleep(0.8)
         r = c.get(f"/videos/generations/{tid}")
         assert r.json()["status"] == "succeeded"

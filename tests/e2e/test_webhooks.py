@@ -42,6 +42,7 @@ def settle(gw: Gateway, task_id: str, user: str = "alice") -> dict[str, Any]:
         with gw.client(user) as c:
             data = c.get(f"{CREATE}/{task_id}").json()
         return data if data["status"] in ("succeeded", "failed", "cancelled") else None
+
     return wait_until(terminal, 20, 0.1)
 
 
@@ -72,16 +73,28 @@ def test_terminal_tasks_are_announced_signed_to_the_configured_endpoint(make_gat
         wid, ev = events[done]
         assert ev["id"] == wid and wid.startswith("evt_") and ev["object"] == "event"
         assert ev["type"] == "video.completed" and isinstance(ev["created_at"], int)
-        assert ev["data"] == {"id": done, "status": "completed", "tokenhub_status": "succeeded", "team": "red",
-                              "user": "alice", "model": "doubao-seedance-2.0", "cost_usd": 1.0,
-                              "video_seconds": 5.0}
+        assert ev["data"] == {
+            "id": done,
+            "status": "completed",
+            "tokenhub_status": "succeeded",
+            "team": "red",
+            "user": "alice",
+            "model": "doubao-seedance-2.0",
+            "cost_usd": 1.0,
+            "video_seconds": 5.0,
+        }
         assert (events[failed][1]["type"], events[failed][1]["data"]["tokenhub_status"]) == ("video.failed", "failed")
         assert events[queued][1]["data"]["tokenhub_status"] == "cancelled"
         assert events[failed][1]["data"]["cost_usd"] == 0
         state = endpoint_state(gw)
         assert state["url"] == rx.url.replace("http://", "http://***@") + "?***"
         assert (state["name"], state["backlog"], state["delivered"], state["failed"], state["gave_up"]) == (
-            "render-farm", 0, 3, 0, 0)
+            "render-farm",
+            0,
+            3,
+            0,
+            0,
+        )
         assert state["last_attempt_at"] > 0 and state["last_error"] is None
         raw = gw.admin("GET", "/admin/webhooks").text
         assert secret not in raw and secret.removeprefix("whsec_") not in raw and "hook-pass" not in raw
@@ -100,7 +113,10 @@ def test_a_create_whose_outcome_is_unknown_is_announced_as_failed(make_gateway, 
         [event] = rx.delivered().values()
         [row] = gw.admin("GET", "/admin/usage").json()["data"]
         assert (event["type"], event["data"]["tokenhub_status"], event["data"]["id"]) == (
-            "video.failed", "unknown", row["task_id"])
+            "video.failed",
+            "unknown",
+            row["task_id"],
+        )
         assert event["data"]["cost_usd"] == row["cost_usd"] == 1.0  # charged at its estimate
 
 
@@ -155,9 +171,20 @@ def redis_server():
 def test_two_replicas_on_one_redis_deliver_each_event_once(make_gateway, sim, redis_server):
     secret = new_secret()
     with Receiver(secret) as rx:
-        gws = [hooked(make_gateway, secret, rx.url, max_in_flight=2,
-                      gw={"store_url": redis_server.url, "name": f"r{i}",
-                          "keys": [{"name": "key-a", "max_concurrent_tasks": 100}]}) for i in (1, 2)]
+        gws = [
+            hooked(
+                make_gateway,
+                secret,
+                rx.url,
+                max_in_flight=2,
+                gw={
+                    "store_url": redis_server.url,
+                    "name": f"r{i}",
+                    "keys": [{"name": "key-a", "max_concurrent_tasks": 100}],
+                },
+            )
+            for i in (1, 2)
+        ]
         tids = [create(gws[i % 2]) for i in range(12)]
         for i, tid in enumerate(tids):  # both replicas poll every task, and both pollers run
             settle(gws[i % 2], tid)
@@ -167,8 +194,9 @@ def test_two_replicas_on_one_redis_deliver_each_event_once(make_gateway, sim, re
         counts = Counter(rx.ids())
         assert len(counts) == 12 and set(counts.values()) == {1}, counts
         assert {e["data"]["id"] for e in rx.delivered().values()} == set(tids)
-        both = [gw.metric("tokenhub_gateway_webhook_deliveries_total", endpoint="render-farm", result="ok")
-                for gw in gws]
+        both = [
+            gw.metric("tokenhub_gateway_webhook_deliveries_total", endpoint="render-farm", result="ok") for gw in gws
+        ]
         assert sum(both) == 12, both
         assert endpoint_state(gws[0])["delivered"] == endpoint_state(gws[1])["delivered"] == 12
 
@@ -218,10 +246,27 @@ def test_the_demo_announces_a_finished_video_to_the_url_it_is_given(tmp_path):
 
     port, sim_port = free_port(), free_port()
     with Receiver("whsec_" + "A" * 44) as rx:  # the real secret is the demo's: set below from its output
-        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "demo", "--port", str(port), "--sim-port",
-                                 str(sim_port), "--task-seconds", "0.3", "--data-dir", str(tmp_path),
-                                 "--webhook-url", rx.url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "demo",
+                "--port",
+                str(port),
+                "--sim-port",
+                str(sim_port),
+                "--task-seconds",
+                "0.3",
+                "--data-dir",
+                str(tmp_path),
+                "--webhook-url",
+                rx.url,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             ready = json.loads(proc.stdout.readline())
             rx.use_secret(ready["webhook_secret"])

@@ -61,8 +61,11 @@ class Receiver:
             try:
                 event = Webhook(self.secret).verify(body, headers)
                 unwrapped = self._openai.webhooks.unwrap(body, headers)
-                assert (unwrapped.id, unwrapped.type) == (event["id"], event["type"]) == (
-                    headers["webhook-id"], orjson.loads(body)["type"])
+                assert (
+                    (unwrapped.id, unwrapped.type)
+                    == (event["id"], event["type"])
+                    == (headers["webhook-id"], orjson.loads(body)["type"])
+                )
             except Exception as exc:  # noqa: BLE001 - recorded for the test to see
                 self.rejected.append(f"{headers.get('webhook-id')}: {exc!r}")
                 return 400

@@ -8,10 +8,7 @@ import requests
 API_BASE = os.environ["API_BASE"]
 API_KEY = os.environ["API_KEY"]
 
-headers = {
-    "Authorization": f"Bearer {API_KEY}",
-    "Content-Type": "application/json"
-}
+headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 
 # Step 1: Create video generation task
 payload = {
@@ -20,7 +17,7 @@ payload = {
     "duration": 5,
     "resolution": "720p",
     "aspect_ratio": "16:9",
-    "watermark": False
+    "watermark": False,
 }
 
 resp = requests.post(f"{API_BASE}/videos/generations", json=payload, headers=headers)
