@@ -19,13 +19,13 @@ from gateway.app import create_app
 from gateway.cli import uvicorn_config
 from gateway.config import ConfigError, UpstreamSettings, load_settings
 from gateway.errors import UpstreamError, UpstreamTimeout
-from gateway.upstream import ConnectFailed, Reply
+from gateway.upstream.client import ConnectFailed, Reply
 
 HTTPX_POOL = 256  # as in bench/passthrough.py
 
 
 class HttpxUpstream:
-    """gateway.upstream.Upstream over one httpx.AsyncClient, with the same error mapping as HttpUpstream."""
+    """gateway.upstream.client.Upstream over one httpx.AsyncClient, with the same error mapping as HttpUpstream."""
 
     def __init__(self, settings: UpstreamSettings, on_aiohttp: bool) -> None:
         self._base = settings.base_url

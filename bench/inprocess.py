@@ -26,7 +26,7 @@ from gateway import logs  # noqa: E402
 from gateway.app import create_app  # noqa: E402
 from gateway.cli import tune_gc  # noqa: E402
 from gateway.config import load_settings  # noqa: E402
-from gateway.upstream import Reply  # noqa: E402
+from gateway.upstream.client import Reply  # noqa: E402
 
 BODY = (
     b'{"model": "doubao-seedance-2.0-fast", "prompt": "A red fox running through fresh snow", '

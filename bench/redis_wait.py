@@ -21,9 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.config import Limits, Secret, UpstreamKey  # noqa: E402
-from gateway.quota import Subject  # noqa: E402
+from gateway.policy.quota import Subject  # noqa: E402
 from gateway.store.base import Admission, Task  # noqa: E402
-from gateway.store.redis import RedisStore  # noqa: E402
+from gateway.store.redis.store import RedisStore  # noqa: E402
 from tests.procs import free_port, spawn, stop, wait_port  # noqa: E402
 
 LIMITS = Limits(budget_micros=10**15, requests_per_minute=10**7, max_concurrent_tasks=10**8)

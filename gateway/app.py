@@ -21,28 +21,28 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import admin, routes
-from . import videos_routes as videos
-from .archive import make_archive
-from .auth import Authenticator
-from .calls import UpstreamCalls
-from .config import ConfigError, Settings, load_settings
-from .content import MediaFetcher
-from .errors import GatewayError, NotFound
-from .keypool import KeyPool
-from .metrics import Metrics
-from .middleware import PREFIXES, RequestMiddleware
-from .poller import Poller
-from .polls import Polls
-from .pricing import micros_to_usd
-from .quota import team_subjects
-from .settlement import Settlement
-from .store import open_store
-from .store.base import Store, Task
-from .tasks import Tasks
-from .upstream import HttpUpstream, Upstream
-from .webhooks import Deliverer
-from .workers import BodyWorkers
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.delivery.archive import make_archive
+from gateway.delivery.content import MediaFetcher
+from gateway.delivery.webhooks import Deliverer
+from gateway.errors import GatewayError, NotFound
+from gateway.flow.creates import Tasks
+from gateway.flow.poller import Poller
+from gateway.flow.polls import Polls
+from gateway.flow.settlement import Settlement
+from gateway.http.middleware import PREFIXES, RequestMiddleware
+from gateway.http.workers import BodyWorkers
+from gateway.metrics import Metrics
+from gateway.policy.auth import Authenticator
+from gateway.policy.pricing import micros_to_usd
+from gateway.policy.quota import team_subjects
+from gateway.routes import admin, videos
+from gateway.routes import generations as routes
+from gateway.store import open_store
+from gateway.store.base import Store, Task
+from gateway.upstream.calls import UpstreamCalls
+from gateway.upstream.client import HttpUpstream, Upstream
+from gateway.upstream.keypool import KeyPool
 
 MAX_LARGE_BODIES = 4
 

@@ -20,10 +20,11 @@ from types import FrameType
 
 import uvicorn
 
-from . import ledger, logs
-from .auth import key_sha256, new_key
-from .config import ConfigError, ServerSettings, Settings, load_settings, parse_settings
-from .server import http_protocol
+from gateway import logs
+from gateway.config import ConfigError, ServerSettings, Settings, load_settings, parse_settings
+from gateway.http.protocol import http_protocol
+from gateway.policy.auth import key_sha256, new_key
+from gateway.routes import ledger
 
 DEMO_TEAM, DEMO_USER = "demo", "demo-user"
 
@@ -49,7 +50,7 @@ def uvicorn_config(
 
 
 def serve_settings(settings: Settings, host: str | None = None, port: int | None = None) -> None:
-    from .app import create_app
+    from gateway.app import create_app
 
     logs.configure()
     app = create_app(settings)
@@ -103,8 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     if args.workers > 1:
-        from .store.redis_url import is_redis_url
-        from .supervisor import Supervisor
+        from gateway.store.redis.url import is_redis_url
+        from gateway.supervisor import Supervisor
 
         if not is_redis_url(settings.store.url.reveal()):
             print(
@@ -152,8 +153,8 @@ def demo_settings(
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .simulator import create_simulator
-    from .simulator import uvicorn_config as sim_config
+    from gateway.simulator.app import create_simulator
+    from gateway.simulator.app import uvicorn_config as sim_config
 
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="tokenhub-gateway-demo-"))
     user_key = new_key()
@@ -193,7 +194,7 @@ def _demo_curl(base: str, key: str) -> str:
 
 
 def cmd_simulator(args: argparse.Namespace) -> int:
-    from .simulator import run_simulator
+    from gateway.simulator.app import run_simulator
 
     run_simulator(args.host, args.port, task_seconds=args.task_seconds, keys=args.key)
     return 0
@@ -223,7 +224,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from .store import open_store
+    from gateway.store import open_store
 
     settings = _load(args.config)
     if settings is None:

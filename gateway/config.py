@@ -14,8 +14,8 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from .pricing import usd_to_micros
-from .readers import Reader, is_num, shown
+from gateway.policy.pricing import usd_to_micros
+from gateway.readers import Reader, is_num, shown
 
 PERIODS = ("day", "week", "month", "total")
 DEFAULT_PRICING = {
@@ -290,7 +290,7 @@ def _upstream(r: Reader, data: Any, env: Mapping[str, str], base: Path, models: 
 
 
 def _store(r: Reader, data: Any, env: Mapping[str, str]) -> StoreSettings:
-    from .store.redis_url import is_redis_url, url_problem  # here: the store package imports this module
+    from gateway.store.redis.url import is_redis_url, url_problem  # here: the store package imports this module
 
     st = r.table(data, "store", {"url", "url_env", "synchronous"})
     url = r.get(st, "url", "store", "str")

@@ -145,6 +145,8 @@ def configure(level: str = "INFO", stream: TextIO | None = None) -> None:
         lg = logging.getLogger(name)
         lg.handlers[:] = []
         lg.propagate = True
+        lg.setLevel(logging.NOTSET)  # follow the root's level, whatever an earlier uvicorn config set
+        lg.disabled = False
     logging.getLogger("uvicorn.access").disabled = True  # the gateway writes its own request line
 
 

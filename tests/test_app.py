@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 from gateway.app import create_app
 from gateway.config import parse_settings
 from gateway.metrics import Metrics
-from gateway.upstream import Reply
+from gateway.upstream.client import Reply
 
 USER_KEY = "tgw-unit-test-key"
 NOV_30_23H = 1796079600.0  # 2026-11-30T23:00:00Z

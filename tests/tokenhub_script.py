@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 from gateway.errors import ConnectFailed, UpstreamError, UpstreamTimeout
-from gateway.upstream import Reply
+from gateway.upstream.client import Reply
 
 TERMINAL = ("succeeded", "failed", "cancelled", "expired")
 # What a create answer means for the money: TokenHub may have made (and billed) a task, or certainly not.

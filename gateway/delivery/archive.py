@@ -19,12 +19,12 @@ import aiohttp
 import orjson
 import structlog
 
-from .archive_store import Backend, StoreFailed, open_backend
-from .config import ArchiveSettings
-from .errors import GatewayError
-from .metrics import Metrics
-from .store.base import Store, Task
-from .store.outbox import ARCHIVE_TOPIC, ArchivedFile, Item
+from gateway.config import ArchiveSettings
+from gateway.delivery.storage import Backend, StoreFailed, open_backend
+from gateway.errors import GatewayError
+from gateway.metrics import Metrics
+from gateway.store.base import Store, Task
+from gateway.store.outbox import ARCHIVE_TOPIC, ArchivedFile, Item
 
 FIRST_RETRY_S, MAX_RETRY_S = 5.0, 600.0
 WINDOW_S = 24 * 3600.0

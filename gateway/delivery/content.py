@@ -18,9 +18,9 @@ import structlog
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from .config import UpstreamSettings
-from .context import RequestContext
-from .errors import ConnectFailed, RangeNotSatisfiable, UpstreamError, UpstreamTimeout, VideoExpired
+from gateway.config import UpstreamSettings
+from gateway.context import RequestContext
+from gateway.errors import ConnectFailed, RangeNotSatisfiable, UpstreamError, UpstreamTimeout, VideoExpired
 
 CHUNK = 64 * 1024
 MAX_BYTES = 512 * 1024 * 1024  # per file, as the archive's default max_bytes_per_video (SPEC §12)

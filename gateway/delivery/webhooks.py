@@ -20,12 +20,12 @@ import aiohttp
 import orjson
 import structlog
 
-from .config import WebhookEndpoint
-from .errors import GatewayError
-from .metrics import Metrics
-from .pricing import micros_to_usd
-from .store.base import Store, Task
-from .store.outbox import WEBHOOK_TOPIC, Item, webhook_topic
+from gateway.config import WebhookEndpoint
+from gateway.errors import GatewayError
+from gateway.metrics import Metrics
+from gateway.policy.pricing import micros_to_usd
+from gateway.store.base import Store, Task
+from gateway.store.outbox import WEBHOOK_TOPIC, Item, webhook_topic
 
 TIMEOUT_S = 10.0  # a 2xx within this is a delivery
 LEASE_S = 2 * TIMEOUT_S  # an attempt's hold on its event; past it, another replica may try

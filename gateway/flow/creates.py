@@ -13,13 +13,9 @@ import orjson
 import structlog
 from cachetools import LRUCache
 
-from . import pricing
-from . import upstream as tokenhub
-from .auth import model_allowed
-from .calls import UpstreamCalls
-from .config import Settings, Team, UpstreamKey, User
-from .context import Outcome, RequestContext
-from .errors import (
+from gateway.config import Settings, Team, UpstreamKey, User
+from gateway.context import Outcome, RequestContext
+from gateway.errors import (
     ConnectFailed,
     DuplicateTaskId,
     GatewayError,
@@ -29,15 +25,19 @@ from .errors import (
     StoreUnavailable,
     UpstreamError,
 )
-from .ids import new_id
-from .keypool import KeyPool
-from .metrics import Metrics
-from .pricing import micros_to_usd
-from .quota import Subject, period_key, subjects_for
-from .settlement import Settlement
-from .store.base import Admission, Store, Task
-from .upstream import Reply
-from .validation import VideoRequest
+from gateway.flow.settlement import Settlement
+from gateway.ids import new_id
+from gateway.metrics import Metrics
+from gateway.policy import pricing
+from gateway.policy.auth import model_allowed
+from gateway.policy.pricing import micros_to_usd
+from gateway.policy.quota import Subject, period_key, subjects_for
+from gateway.policy.validation import VideoRequest
+from gateway.store.base import Admission, Store, Task
+from gateway.upstream import client as tokenhub
+from gateway.upstream.calls import UpstreamCalls
+from gateway.upstream.client import Reply
+from gateway.upstream.keypool import KeyPool
 
 T = TypeVar("T")
 MAX_TASK_ID = 256

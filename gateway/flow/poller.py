@@ -9,15 +9,15 @@ from collections.abc import Callable
 
 import structlog
 
-from .config import Settings
-from .errors import GatewayError
-from .keypool import KeyPool
-from .metrics import Metrics
-from .polls import Polls
-from .settlement import Settlement
-from .store.base import PENDING, TERMINAL, Store, Task
-from .tasks import Tasks
-from .upstream import Upstream
+from gateway.config import Settings
+from gateway.errors import GatewayError
+from gateway.flow.creates import Tasks
+from gateway.flow.polls import Polls
+from gateway.flow.settlement import Settlement
+from gateway.metrics import Metrics
+from gateway.store.base import PENDING, TERMINAL, Store, Task
+from gateway.upstream.client import Upstream
+from gateway.upstream.keypool import KeyPool
 
 TICK_S = 1.0
 PURGE_EVERY_S = 600

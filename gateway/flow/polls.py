@@ -11,14 +11,14 @@ import orjson
 import structlog
 from cachetools import LRUCache, TTLCache
 
-from . import upstream as tokenhub
-from .calls import UpstreamCalls
-from .context import Outcome, RequestContext
-from .errors import NotFound, RateLimited, StoreUnavailable, UpstreamError
-from .keypool import KeyPool
-from .settlement import Settlement
-from .store.base import PENDING, Store, Task
-from .upstream import Reply
+from gateway.context import Outcome, RequestContext
+from gateway.errors import NotFound, RateLimited, StoreUnavailable, UpstreamError
+from gateway.flow.settlement import Settlement
+from gateway.store.base import PENDING, Store, Task
+from gateway.upstream import client as tokenhub
+from gateway.upstream.calls import UpstreamCalls
+from gateway.upstream.client import Reply
+from gateway.upstream.keypool import KeyPool
 
 POLL_COALESCE_S = 1.0
 

@@ -11,14 +11,14 @@ from typing import Any
 
 import structlog
 
-from . import pricing
-from .archive import archive_item
-from .config import Settings
-from .errors import NotFound, ValidationError
-from .metrics import Metrics
-from .pricing import micros_to_usd
-from .store.base import Store, Task
-from .webhooks import event_items
+from gateway.config import Settings
+from gateway.delivery.archive import archive_item
+from gateway.delivery.webhooks import event_items
+from gateway.errors import NotFound, ValidationError
+from gateway.metrics import Metrics
+from gateway.policy import pricing
+from gateway.policy.pricing import micros_to_usd
+from gateway.store.base import Store, Task
 
 MAX_OUTPUT_S = 60  # TokenHub's figures outside these bounds are not believed (SPEC §4)
 MAX_INPUT_S = 45

@@ -18,10 +18,10 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from .errors import InvalidJSON
-from .pricing import Pricing
-from .validation import VideoRequest, validate
-from .workers import BodyWorkers
+from gateway.errors import InvalidJSON
+from gateway.http.workers import BodyWorkers
+from gateway.policy.pricing import Pricing
+from gateway.policy.validation import VideoRequest, validate
 
 INLINE_MAX_BYTES = 64 * 1024  # the worst body this size (all `[]` or `\\u` escapes) costs the loop < 4 ms
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)

@@ -9,11 +9,11 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.contextvars import bind_contextvars
 
-from . import logs
-from .context import RequestContext
-from .errors import GatewayError, ShuttingDown
-from .ids import new_id
-from .metrics import Metrics
+from gateway import logs
+from gateway.context import RequestContext
+from gateway.errors import GatewayError, ShuttingDown
+from gateway.ids import new_id
+from gateway.metrics import Metrics
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 PREFIXES = ("/api/v1", "/v1")

@@ -19,7 +19,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .errors import RequestTimeout
+from gateway.errors import RequestTimeout
 
 BODY_GRACE_S = 1.0
 

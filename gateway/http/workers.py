@@ -21,7 +21,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
-from .errors import GatewayError
+from gateway.errors import GatewayError
 
 WORKER_NICENESS = 10  # a busy worker yields the CPU to the event loop's process
 T = TypeVar("T")
@@ -90,7 +90,7 @@ class _Worker:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         with theirs:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway.workers", str(theirs.fileno())],
+                [sys.executable, "-m", "gateway.http.workers", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 env=env,
@@ -123,6 +123,6 @@ def serve(fd: int) -> None:
 
 
 if __name__ == "__main__":
-    from gateway.workers import serve as serve_calls  # by the package's name, as pickled calls refer to it
+    from gateway.http.workers import serve as serve_calls  # by the package's name, as pickled calls refer to it
 
     serve_calls(int(sys.argv[1]))

@@ -15,9 +15,9 @@ from typing import Any
 
 import orjson
 
-from .store.base import Task
-from .videos import VideoFacts
-from .videos_view import TaskFacts, facts_of_seedance
+from gateway.openai.translate import VideoFacts
+from gateway.openai.view import TaskFacts, facts_of_seedance
+from gateway.store.base import Task
 
 META_VERSION = 1
 MAX_ERROR_CHARS = 1_000

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import UnsupportedParameter, ValidationError
-from gateway.videos import RATIOS, VideoFacts
+from gateway.openai.translate import RATIOS, VideoFacts
 
 STATUS = {
     "pending": "queued",

@@ -6,8 +6,8 @@ import hashlib
 import hmac
 import secrets
 
-from .config import Secret, Settings, Team, User
-from .errors import AuthError, NotFound
+from gateway.config import Secret, Settings, Team, User
+from gateway.errors import AuthError, NotFound
 
 KEY_PREFIX = "tgw-"
 

@@ -28,7 +28,7 @@ from itertools import chain
 from typing import Any, NamedTuple
 
 from gateway.errors import ValidationError
-from gateway.pricing import MAX_INPUT_VIDEO_S
+from gateway.policy.pricing import MAX_INPUT_VIDEO_S
 
 MAX_PROMPT_CHARS = 5_000
 MAX_URL_CHARS = 2_048

@@ -8,14 +8,14 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import ledger
-from .auth import check_token
-from .errors import InvalidJSON, ValidationError
-from .keypool import KeyHealth
-from .quota import team_subjects
-from .routes import gw, json_response, usage_figures
-from .store.outbox import webhook_topic
-from .webhooks import redacted
+from gateway.delivery.webhooks import redacted
+from gateway.errors import InvalidJSON, ValidationError
+from gateway.policy.auth import check_token
+from gateway.policy.quota import team_subjects
+from gateway.routes import ledger
+from gateway.routes.generations import gw, json_response, usage_figures
+from gateway.store.outbox import webhook_topic
+from gateway.upstream.keypool import KeyHealth
 
 
 def admin(request: Request) -> Any:

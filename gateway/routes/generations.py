@@ -11,15 +11,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from .auth import allowed_models, check_token
-from .bodies import INLINE_MAX_BYTES, loads_strict, parse_and_validate
-from .context import Outcome, RequestContext
-from .errors import BodyTooLarge, GatewayError, InvalidJSON, RequestTimeout, StoreUnavailable, ValidationError
-from .pricing import micros_to_usd
-from .quota import period_bounds, subjects_for
-from .store.base import Task
-from .videos_bridge import seedance_meta
-from .workers import BodyWorkers
+from gateway.context import Outcome, RequestContext
+from gateway.errors import BodyTooLarge, GatewayError, InvalidJSON, RequestTimeout, StoreUnavailable, ValidationError
+from gateway.http.bodies import INLINE_MAX_BYTES, loads_strict, parse_and_validate
+from gateway.http.workers import BodyWorkers
+from gateway.openai.bridge import seedance_meta
+from gateway.policy.auth import allowed_models, check_token
+from gateway.policy.pricing import micros_to_usd
+from gateway.policy.quota import period_bounds, subjects_for
+from gateway.store.base import Task
 
 JSON = "application/json"
 _JSON_TYPE = (b"content-type", JSON.encode())

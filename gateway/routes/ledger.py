@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from .pricing import micros_to_usd
-from .store.base import Task
+from gateway.policy.pricing import micros_to_usd
+from gateway.store.base import Task
 
 GROUPS = ("team", "user", "model", "day")
 FIELDS = (

@@ -22,18 +22,34 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from .archive import Served
-from .content import DownloadResponse
-from .context import Outcome, RequestContext
-from .errors import NotFound, RangeNotSatisfiable, UnsupportedParameter, UpstreamError, ValidationError, VideoNotReady
-from .quota import subjects_for
-from .routes import authenticate, ctx_of, gw, int_param, json_response, outcome_response
-from .store.base import TERMINAL, Task
-from .validation import VideoRequest, validate
-from .videos import CREATE_FIELDS, INPUT, Translation, VideoFacts, client_param, fingerprint, remix_body, to_seedance
-from .videos_bridge import answer_of, encode_meta, facts_of, output_seconds, result_url, task_facts
-from .videos_input import read_fields
-from .videos_view import STATUS, content_variant, deleted_object, poll_after_headers, video_list, video_object
+from gateway.context import Outcome, RequestContext
+from gateway.delivery.archive import Served
+from gateway.delivery.content import DownloadResponse
+from gateway.errors import (
+    NotFound,
+    RangeNotSatisfiable,
+    UnsupportedParameter,
+    UpstreamError,
+    ValidationError,
+    VideoNotReady,
+)
+from gateway.openai.bridge import answer_of, encode_meta, facts_of, output_seconds, result_url, task_facts
+from gateway.openai.translate import (
+    CREATE_FIELDS,
+    INPUT,
+    Translation,
+    VideoFacts,
+    client_param,
+    fingerprint,
+    remix_body,
+    to_seedance,
+)
+from gateway.openai.view import STATUS, content_variant, deleted_object, poll_after_headers, video_list, video_object
+from gateway.policy.quota import subjects_for
+from gateway.policy.validation import VideoRequest, validate
+from gateway.routes.generations import authenticate, ctx_of, gw, int_param, json_response, outcome_response
+from gateway.routes.videos_input import read_fields
+from gateway.store.base import TERMINAL, Task
 
 ARCHIVE_VARIANTS = {"video": "video", "thumbnail": "cover"}  # the OpenAI variant → the archive's file
 LARGE_UPLOAD = 1 << 20  # an upload this large is translated and checked off the event loop

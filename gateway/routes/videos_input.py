@@ -16,10 +16,10 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from .errors import BodyTooLarge, ValidationError
-from .routes import parse_json, read_body
-from .videos import MAX_IMAGE_BYTES, Upload, form_fields
-from .workers import BodyWorkers
+from gateway.errors import BodyTooLarge, ValidationError
+from gateway.http.workers import BodyWorkers
+from gateway.openai.translate import MAX_IMAGE_BYTES, Upload, form_fields
+from gateway.routes.generations import parse_json, read_body
 
 MAX_FIELDS = 16  # the SDK sends at most five; more is room to name a field the gateway does not take
 MAX_FIELD_BYTES = 64 * 1024  # a text field (a 5,000-character prompt is at most 20,000 bytes of UTF-8)

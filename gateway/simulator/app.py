@@ -39,15 +39,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway import sim_media
 from gateway.config import DEFAULT_PRICING
 from gateway.errors import ValidationError
-from gateway.pricing import usd_to_micros
-from gateway.sim_faults import BEFORE, MEDIA, CutOff, Faults, NoAnswer, after_handler, fault_response, parse_fault
-from gateway.sim_faults import error_response as _error
-from gateway.sim_faults import json_response as _json
-from gateway.sim_media import DEFAULT_TTL_S, DEFAULT_VIDEO_SIZE, MediaSettings, Signer, cover_bytes, video_bytes
-from gateway.validation import validate
+from gateway.policy.pricing import usd_to_micros
+from gateway.policy.validation import validate
+from gateway.simulator import media as sim_media
+from gateway.simulator.faults import BEFORE, MEDIA, CutOff, Faults, NoAnswer, after_handler, fault_response, parse_fault
+from gateway.simulator.faults import error_response as _error
+from gateway.simulator.faults import json_response as _json
+from gateway.simulator.media import DEFAULT_TTL_S, DEFAULT_VIDEO_SIZE, MediaSettings, Signer, cover_bytes, video_bytes
 
 __all__ = ["create_simulator", "parse_fault", "video_bytes", "cover_bytes", "uvicorn_config", "run_simulator"]
 
@@ -448,7 +448,3 @@ def main(argv: list[str] | None = None) -> None:
         media_ttl_s=args.media_ttl_s,
         video_size=args.video_size,
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -1,22 +1,30 @@
-"""The store: one protocol (base.py), an embedded SQLite and a shared Redis implementation."""
+"""The store: one protocol and its two implementations, which pass one contract suite.
+
+    base     the Store protocol, Task, Admission and the figures' bounds
+    outbox   the outbox's items and topics (archive copies, webhook deliveries)
+    sqlite/  the embedded store (one process)
+    redis/   the shared store (several replicas)
+
+May import: policy and the shared nouns.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 
-from ..config import StoreSettings
-from .base import Admission, IdemRecord, Store, Task
+from gateway.config import StoreSettings
+from gateway.store.base import Admission, IdemRecord, Store, Task
 
 
 def open_store(settings: StoreSettings, clock: Callable[[], float] = time.time) -> Store:
     """The store a URL names; SQLite serves one process and takes that process's clock."""
     url = settings.url.reveal()
     if url.startswith(("redis://", "rediss://", "redis+", "rediss+")):
-        from .redis import RedisStore
+        from gateway.store.redis.store import RedisStore
 
         return RedisStore(url)
-    from .sqlite import SQLiteStore
+    from gateway.store.sqlite.store import SQLiteStore
 
     return SQLiteStore(url.removeprefix("sqlite:///") or "gateway.db", settings.synchronous, clock)
 

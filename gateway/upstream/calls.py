@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .config import UpstreamKey
-from .context import RequestContext
-from .errors import GatewayError, StoreUnavailable
-from .keypool import KeyPool
-from .metrics import Metrics
-from .upstream import Reply, Upstream
+from gateway.config import UpstreamKey
+from gateway.context import RequestContext
+from gateway.errors import GatewayError, StoreUnavailable
+from gateway.metrics import Metrics
+from gateway.upstream.client import Reply, Upstream
+from gateway.upstream.keypool import KeyPool
 
 
 class UpstreamCalls:

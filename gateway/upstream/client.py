@@ -15,8 +15,8 @@ from typing import Protocol
 
 import aiohttp
 
-from .config import UpstreamSettings
-from .errors import ConnectFailed, UpstreamError, UpstreamTimeout
+from gateway.config import UpstreamSettings
+from gateway.errors import ConnectFailed, UpstreamError, UpstreamTimeout
 
 # TokenHub's two routes; the path templates are also the `route` label of the upstream metrics.
 CREATE_ROUTE = "/videos/generations"

@@ -14,13 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from . import upstream as tokenhub
-from .config import UpstreamKey, UpstreamSettings
-from .errors import GatewayError, NoUpstreamKey
-from .upstream import Scrubber, Upstream, parse_retry_after
+from gateway.config import UpstreamKey, UpstreamSettings
+from gateway.errors import GatewayError, NoUpstreamKey
+from gateway.upstream import client as tokenhub
+from gateway.upstream.client import Scrubber, Upstream, parse_retry_after
 
 if TYPE_CHECKING:
-    from .store.base import Store
+    from gateway.store.base import Store
 
 OK, COOLDOWN, DISABLED, OPEN = "ok", "cooldown", "disabled", "open"
 

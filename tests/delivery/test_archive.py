@@ -12,15 +12,15 @@ import aiohttp
 import httpx
 import pytest
 
-from gateway.archive import Archive, archive_item, byte_range, file_key, retry_in_s, segment
-from gateway.archive_store import LocalBackend, S3Backend
 from gateway.config import ArchiveSettings
+from gateway.delivery.archive import Archive, archive_item, byte_range, file_key, retry_in_s, segment
+from gateway.delivery.storage import LocalBackend, S3Backend
 from gateway.metrics import Metrics
 from gateway.store.outbox import ARCHIVE_TOPIC
-from gateway.store.sqlite import SQLiteStore
+from gateway.store.sqlite.store import SQLiteStore
 from tests.e2e.harness import KEYS
 from tests.moto_server import CREDENTIALS
-from tests.test_store import created
+from tests.store.test_store import created
 
 SIM_KEY = KEYS["key-a"]
 

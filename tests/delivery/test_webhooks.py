@@ -16,12 +16,12 @@ from openai import OpenAI
 from standardwebhooks.webhooks import Webhook
 
 from gateway.config import Secret, WebhookEndpoint
+from gateway.delivery.webhooks import Deliverer, backoff_s, event_items, headers, redacted, sign
 from gateway.metrics import Metrics
 from gateway.store.base import Task
 from gateway.store.outbox import Item, webhook_topic
-from gateway.store.sqlite import SQLiteStore
-from gateway.webhooks import Deliverer, backoff_s, event_items, headers, redacted, sign
-from tests.test_store import created
+from gateway.store.sqlite.store import SQLiteStore
+from tests.store.test_store import created
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 

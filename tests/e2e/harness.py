@@ -128,7 +128,7 @@ class Simulator(Process):
 
     def expected_bytes(self, task_id: str, variant: str = "video") -> bytes:
         """The exact bytes of a task's video or cover (variant "cover")."""
-        from gateway.simulator import cover_bytes, video_bytes
+        from gateway.simulator.app import cover_bytes, video_bytes
 
         return cover_bytes(task_id) if variant == "cover" else video_bytes(task_id, self.task(task_id)["video_size"])
 

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import openai
 
-from gateway.sim_media import cover_bytes, video_bytes
+from gateway.simulator.media import cover_bytes, video_bytes
 from tests.e2e.harness import Gateway, wait_until
 
 PNG = cover_bytes("reference")  # a real PNG, whatever name and type the upload declares

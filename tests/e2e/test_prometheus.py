@@ -19,20 +19,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import route_table
-from gateway.middleware import route_label
+from gateway.http.middleware import route_label
 from grafana.generate import panel_queries
 from tests.conftest import require_binary
-from tests.e2e.harness import (
-    ADMIN_TOKEN,
-    KEYS,
-    METRICS_TOKEN,
-    Gateway,
-    Process,
-    body,
-    free_port,
-    wait_http,
-    wait_until,
-)
+from tests.e2e.harness import ADMIN_TOKEN, KEYS, METRICS_TOKEN, Gateway, Process, body, free_port, wait_http, wait_until
 from tests.e2e.webhook_receiver import Receiver, new_secret
 
 CREATE = "/videos/generations"

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis as redis_sync
 
-from gateway.store.redis import RedisStore
+from gateway.store.redis.store import RedisStore
 from tests.e2e.harness import KEYS, Gateway, Simulator, body, wait_until
 from tests.redis_server import RedisServer, require_redis_server
 

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-import tests.test_store as contract
-from gateway.store.redis import RedisStore
+import tests.store.test_store as contract
+from gateway.store.redis.store import RedisStore
 from tests.e2e import test_redis as on_redis
 from tests.e2e.harness import body
 from tests.redis_server import RedisClusterServers, command, require_redis_server

@@ -15,9 +15,9 @@ from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.config import parse_settings
-from gateway.store.redis import RedisStore
-from gateway.store.redis_scripts import PRELUDE, SCRIPTS
-from gateway.upstream import Reply
+from gateway.store.redis.scripts import PRELUDE, SCRIPTS
+from gateway.store.redis.store import RedisStore
+from gateway.upstream.client import Reply
 from tests.test_app import USER_KEY, FakeUpstream
 
 SCRIPT_OF = {hashlib.sha1((PRELUDE + body).encode()).hexdigest().encode(): name for name, body in SCRIPTS.items()}

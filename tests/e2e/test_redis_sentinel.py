@@ -17,12 +17,12 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.store.redis import RedisStore
-from gateway.store.redis_pipe import WAIT_MS
+from gateway.store.redis.pipe import WAIT_MS
+from gateway.store.redis.store import RedisStore
 from tests.e2e.harness import Gateway, body, wait_until
 from tests.e2e.test_redis import CREATE, NEVER, assert_settled_books, ledger, roomy, sim_creates
 from tests.redis_server import SentinelServers, command, info, require_redis_sentinel, require_redis_server
-from tests.test_store import admission
+from tests.store.test_store import admission
 
 pytestmark = pytest.mark.timeout(90)
 

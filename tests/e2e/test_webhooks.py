@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.webhooks import LEASE_S
+from gateway.delivery.webhooks import LEASE_S
 from tests.e2e.harness import Gateway, body, wait_until
 from tests.e2e.webhook_receiver import Receiver, new_secret
 from tests.redis_server import RedisServer, require_redis_server

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.cli import uvicorn_config
-from gateway.server import BODY_GRACE_S
+from gateway.http.protocol import BODY_GRACE_S
 
 HEADERS_S, BODY_S = 0.5, 0.8
 pytestmark = pytest.mark.timeout(30)

@@ -10,10 +10,10 @@ import time
 import orjson
 import pytest
 
-from gateway.bodies import INLINE_MAX_BYTES, check, loads_strict, parse_and_validate
 from gateway.errors import GatewayError, InvalidJSON, ValidationError
-from gateway.workers import BodyWorkers
-from tests.test_validation import PRICING, body
+from gateway.http.bodies import INLINE_MAX_BYTES, check, loads_strict, parse_and_validate
+from gateway.http.workers import BodyWorkers
+from tests.policy.test_validation import PRICING, body
 
 pytestmark = pytest.mark.timeout(60)
 

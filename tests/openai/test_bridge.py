@@ -5,9 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.store.base import Task
-from gateway.videos import VideoFacts
-from gateway.videos_bridge import (
+from gateway.openai.bridge import (
     answer_of,
     decode_meta,
     encode_meta,
@@ -17,7 +15,9 @@ from gateway.videos_bridge import (
     seedance_meta,
     task_facts,
 )
-from gateway.videos_view import video_object
+from gateway.openai.translate import VideoFacts
+from gateway.openai.view import video_object
+from gateway.store.base import Task
 
 T0 = 1_760_000_000.0
 SUCCEEDED = {

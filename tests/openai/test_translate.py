@@ -8,8 +8,7 @@ from starlette.requests import Request
 
 from gateway.config import DEFAULT_PRICING, usd_to_micros
 from gateway.errors import UnsupportedParameter, ValidationError
-from gateway.validation import validate
-from gateway.videos import (
+from gateway.openai.translate import (
     MAX_IMAGE_BYTES,
     Upload,
     VideoFacts,
@@ -21,6 +20,7 @@ from gateway.videos import (
     sniff_image,
     to_seedance,
 )
+from gateway.policy.validation import validate
 
 PRICING = {model: {res: usd_to_micros(p) for res, p in row.items()} for model, row in DEFAULT_PRICING.items()}
 FAST, PRO = "doubao-seedance-2.0-fast", "doubao-seedance-2.0"

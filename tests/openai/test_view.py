@@ -5,8 +5,8 @@ import openai
 import pytest
 
 from gateway.errors import GatewayError, UnsupportedParameter, ValidationError
-from gateway.videos import VideoFacts
-from gateway.videos_view import (
+from gateway.openai.translate import VideoFacts
+from gateway.openai.view import (
     TaskFacts,
     content_variant,
     deleted_object,

@@ -3,9 +3,9 @@ from dataclasses import replace
 
 import pytest
 
-from gateway.auth import Authenticator, key_sha256, new_key
 from gateway.config import parse_settings
 from gateway.errors import AuthError
+from gateway.policy.auth import Authenticator, key_sha256, new_key
 
 ALICE_KEY = new_key()
 BOB_KEY = new_key()

@@ -3,7 +3,7 @@ from decimal import Decimal
 import pytest
 
 from gateway.config import DEFAULT_PRICING
-from gateway.pricing import actual, cost_micros, estimate, micros_to_usd, seconds_to_ms, usd_to_micros
+from gateway.policy.pricing import actual, cost_micros, estimate, micros_to_usd, seconds_to_ms, usd_to_micros
 
 PRICING = {model: {res: usd_to_micros(p) for res, p in row.items()} for model, row in DEFAULT_PRICING.items()}
 M = "doubao-seedance-2.0"

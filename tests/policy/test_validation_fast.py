@@ -9,8 +9,8 @@ import random
 import pytest
 
 from gateway.errors import ValidationError
-from gateway.validation import _MEDIA_FIELDS, validate
-from tests.test_validation import FAST, PRICING, M
+from gateway.policy.validation import _MEDIA_FIELDS, validate
+from tests.policy.test_validation import FAST, PRICING, M
 
 # field → (accepted values, refused values)
 VALUES = {

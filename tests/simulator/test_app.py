@@ -16,7 +16,7 @@ import orjson
 import pytest
 import uvicorn
 
-from gateway.simulator import create_simulator, parse_fault, uvicorn_config
+from gateway.simulator.app import create_simulator, parse_fault, uvicorn_config
 from tests.e2e.harness import Simulator
 
 KEY, OTHER = "th-alice-0001", "th-bob-0002"

@@ -10,9 +10,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from gateway.sim_media import CHUNK, DEFAULT_VIDEO_SIZE, parse_range, video_chunks
-from gateway.simulator import cover_bytes, video_bytes
-from tests.test_simulator import AUTH, KEY, FakeClock, client, control, create, fault, served, sim
+from gateway.simulator.app import cover_bytes, video_bytes
+from gateway.simulator.media import CHUNK, DEFAULT_VIDEO_SIZE, parse_range, video_chunks
+from tests.simulator.test_app import AUTH, KEY, FakeClock, client, control, create, fault, served, sim
 
 T0 = 1_750_000_000.0
 

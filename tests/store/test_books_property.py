@@ -29,7 +29,7 @@ from hypothesis.stateful import (
 
 from gateway.app import create_app
 from gateway.config import parse_settings
-from gateway.store.redis import RedisStore
+from gateway.store.redis.store import RedisStore
 from tests.tokenhub_script import MAY_HAVE_CREATED, Answer, ScriptedTokenHub, expected_cost, micros
 
 T = TypeVar("T")

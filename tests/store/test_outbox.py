@@ -9,7 +9,7 @@ import pytest
 from gateway.errors import RecordRejected
 from gateway.store.base import MAX_COUNTER
 from gateway.store.outbox import ArchivedFile, Item, webhook_topic
-from tests.test_store import _preload_spent, admitted, created, redis_url, replicas, store  # noqa: F401
+from tests.store.test_store import _preload_spent, admitted, created, redis_url, replicas, store  # noqa: F401
 
 TOPIC = webhook_topic("render-farm")
 

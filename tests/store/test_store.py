@@ -21,12 +21,12 @@ from gateway.errors import (
     StoreUnavailable,
     TaskNotUnknown,
 )
-from gateway.keypool import KeyHealth
-from gateway.quota import Subject, period_key
+from gateway.policy.quota import Subject, period_key
 from gateway.store.base import MAX_COUNTER, MAX_FIGURE, TASK_FIELDS, TERMINAL, UNKNOWN, Admission, Task
-from gateway.store.redis import RedisStore
-from gateway.store.sqlite import SQLiteStore
-from gateway.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
+from gateway.store.redis.store import RedisStore
+from gateway.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
+from gateway.store.sqlite.store import SQLiteStore
+from gateway.upstream.keypool import KeyHealth
 from tests.redis_server import RedisServer, require_redis_server
 
 DOLLAR = 1_000_000

@@ -7,7 +7,7 @@ from aiohttp import web
 
 from gateway.config import UpstreamSettings
 from gateway.errors import ConnectFailed, UpstreamTimeout
-from gateway.upstream import HttpUpstream
+from gateway.upstream.client import HttpUpstream
 
 
 async def serve(handler):
@@ -73,7 +73,7 @@ async def test_connect_failure_and_timeout_are_told_apart():
 
 @pytest.mark.parametrize("key", ["th-abc.DEF+/x=yz123", "th-secondkey_456789", "plain-key-without-prefix"])
 def test_a_configured_key_is_scrubbed_in_every_form(key):
-    from gateway.upstream import Scrubber
+    from gateway.upstream.client import Scrubber
 
     scrub = Scrubber([key, "th-other-key-000000"])
     forms = [

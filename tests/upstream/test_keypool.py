@@ -8,7 +8,9 @@ from prometheus_client import CollectorRegistry
 
 from gateway.config import Secret, UpstreamKey, UpstreamSettings
 from gateway.errors import ConnectFailed, NoUpstreamKey, UpstreamError, UpstreamTimeout
-from gateway.keypool import (
+from gateway.metrics import Metrics
+from gateway.upstream.client import PROBE_TASK_ID, Reply, parse_retry_after, task_path
+from gateway.upstream.keypool import (
     COOLDOWN,
     DISABLED,
     OK,
@@ -23,8 +25,6 @@ from gateway.keypool import (
     on_success,
     on_throttled,
 )
-from gateway.metrics import Metrics
-from gateway.upstream import PROBE_TASK_ID, Reply, parse_retry_after, task_path
 
 M = "doubao-seedance-2.0"
 FAST = "doubao-seedance-2.0-fast"

@@ -19,16 +19,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..errors import (
-    DuplicateTaskId,
-    GatewayError,
-    NotFound,
-    RecordRejected,
-    StoreUnavailable,
-    TaskNotUnknown,
-)
-from .redis_pipe import Pipe
-from .redis_url import CLUSTER, STANDALONE, RedisTarget
+from gateway.errors import DuplicateTaskId, GatewayError, NotFound, RecordRejected, StoreUnavailable, TaskNotUnknown
+from gateway.store.redis.pipe import Pipe
+from gateway.store.redis.url import CLUSTER, STANDALONE, RedisTarget
 
 T = TypeVar("T")
 RETRY_PAUSE_S = 0.05  # a script whose connection was lost runs once more, after this

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from .outbox import ArchivedFile, Item, TopicStats, clip
+from gateway.store.outbox import ArchivedFile, Item, TopicStats, clip
 
 # Helpers for SETTLE: its items follow its own arguments as n, then n × (id, topic, payload, created_at).
 OUTBOX_LUA = """

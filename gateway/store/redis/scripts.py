@@ -5,9 +5,9 @@ Key layout: see redis.py."""
 
 from __future__ import annotations
 
-from ..quota import WINDOW_S
-from .base import MAX_COUNTER, MAX_FIGURE
-from .outbox_redis import OUTBOX_LUA, OUTBOX_SCRIPTS
+from gateway.policy.quota import WINDOW_S
+from gateway.store.base import MAX_COUNTER, MAX_FIGURE
+from gateway.store.redis.outbox import OUTBOX_LUA, OUTBOX_SCRIPTS
 
 # Shared by every script. ARGV[1] is the key prefix; the scripts' own arguments follow it.
 # A script that errors is not rolled back: each checks everything it is given before its first write,

@@ -35,15 +35,15 @@ from typing import Any, TypeVar, get_args, get_type_hints
 import orjson
 from cachetools import TTLCache
 
-from ..errors import IdempotencyConflict, StoreUnavailable
-from ..keypool import KeyHealth
-from ..quota import WINDOW_S, Counters, RateState, Rejection, Subject, check, state_of
-from .base import IDEM_TTL_S, TASK_FIELDS, Admission, IdemRecord, Task, Usage, check_figures, check_status
-from .outbox import Item
-from .outbox_redis import RedisOutbox, item_args
-from .redis_calls import RedisCalls, RedisLink
-from .redis_scripts import PRELUDE, SCRIPTS
-from .redis_url import CLUSTER, parse_url
+from gateway.errors import IdempotencyConflict, StoreUnavailable
+from gateway.policy.quota import WINDOW_S, Counters, RateState, Rejection, Subject, check, state_of
+from gateway.store.base import IDEM_TTL_S, TASK_FIELDS, Admission, IdemRecord, Task, Usage, check_figures, check_status
+from gateway.store.outbox import Item
+from gateway.store.redis.calls import RedisCalls, RedisLink
+from gateway.store.redis.outbox import RedisOutbox, item_args
+from gateway.store.redis.scripts import PRELUDE, SCRIPTS
+from gateway.store.redis.url import CLUSTER, parse_url
+from gateway.upstream.keypool import KeyHealth
 
 T = TypeVar("T")
 CLOCK_REFRESH_S = 5.0

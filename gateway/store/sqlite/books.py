@@ -9,9 +9,9 @@ import threading
 from collections import deque
 from collections.abc import Iterable
 
-from ..errors import RecordRejected
-from ..quota import WINDOW_S, Counters
-from .base import LIVE, MAX_COUNTER, Task
+from gateway.errors import RecordRejected
+from gateway.policy.quota import WINDOW_S, Counters
+from gateway.store.base import LIVE, MAX_COUNTER, Task
 
 BOOKS_MAX = 100_000  # cached figures; past this the cache starts again from the tables
 

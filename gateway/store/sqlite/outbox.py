@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 
-from .outbox import ArchivedFile, Item, TopicStats, clip
+from gateway.store.outbox import ArchivedFile, Item, TopicStats, clip
 
 SCHEMA = """
 CREATE TABLE outbox (

@@ -5,9 +5,9 @@ from __future__ import annotations
 import operator
 import sqlite3
 
-from ..errors import StoreUnavailable
-from .base import TASK_FIELDS, Task
-from .outbox_sqlite import SCHEMA as OUTBOX_SCHEMA
+from gateway.errors import StoreUnavailable
+from gateway.store.base import TASK_FIELDS, Task
+from gateway.store.sqlite.outbox import SCHEMA as OUTBOX_SCHEMA
 
 SCHEMA_VERSION = 3
 MIGRATIONS = {

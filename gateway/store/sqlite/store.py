@@ -13,15 +13,34 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..errors import DuplicateTaskId, IdempotencyConflict, NotFound, StoreUnavailable, TaskNotUnknown
-from ..keypool import KeyHealth
-from ..quota import WINDOW_S, RateState, Rejection, Subject, check, rate_state
-from .base import IDEM_TTL_S, PENDING, UNKNOWN, Admission, IdemRecord, Task, Usage, check_figures, check_status
-from .outbox import Item
-from .outbox_sqlite import SQLiteOutbox, add_items
-from .sqlite_books import Books, Windows
-from .sqlite_schema import COLS, INSERT_TASK, finish_idem, migrate, row_to_task, task_by_ref, task_by_rid, task_values
-from .writer import Writer
+from gateway.errors import DuplicateTaskId, IdempotencyConflict, NotFound, StoreUnavailable, TaskNotUnknown
+from gateway.policy.quota import WINDOW_S, RateState, Rejection, Subject, check, rate_state
+from gateway.store.base import (
+    IDEM_TTL_S,
+    PENDING,
+    UNKNOWN,
+    Admission,
+    IdemRecord,
+    Task,
+    Usage,
+    check_figures,
+    check_status,
+)
+from gateway.store.outbox import Item
+from gateway.store.sqlite.books import Books, Windows
+from gateway.store.sqlite.outbox import SQLiteOutbox, add_items
+from gateway.store.sqlite.schema import (
+    COLS,
+    INSERT_TASK,
+    finish_idem,
+    migrate,
+    row_to_task,
+    task_by_ref,
+    task_by_rid,
+    task_values,
+)
+from gateway.store.sqlite.writer import Writer
+from gateway.upstream.keypool import KeyHealth
 
 _ORDERS = {"desc": ("<", "DESC"), "asc": (">", "ASC")}  # order → (after the anchor, ORDER BY direction)
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import GatewayError, RecordRejected, StoreUnavailable
-from .checkpointer import Checkpointer
+from gateway.errors import GatewayError, RecordRejected, StoreUnavailable
+from gateway.store.sqlite.checkpointer import Checkpointer
 
 BATCH_MAX = 256
 

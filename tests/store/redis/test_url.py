@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import ConfigError, parse_settings
-from gateway.store.redis_url import CLUSTER, SENTINEL, STANDALONE, parse_url
+from gateway.store.redis.url import CLUSTER, SENTINEL, STANDALONE, parse_url
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,11 @@ import pytest
 
 from gateway.config import Limits
 from gateway.errors import DuplicateTaskId, IdempotencyConflict, RecordRejected, StoreUnavailable
-from gateway.store.checkpointer import RESTART_PAGES
-from gateway.store.sqlite import SQLiteStore
-from gateway.store.sqlite_schema import INSERT_TASK, task_values
-from gateway.store.writer import unavailable
-from tests.test_store import EST_MICROS, EST_MS, admission, admitted, created, figures
+from gateway.store.sqlite.checkpointer import RESTART_PAGES
+from gateway.store.sqlite.schema import INSERT_TASK, task_values
+from gateway.store.sqlite.store import SQLiteStore
+from gateway.store.sqlite.writer import unavailable
+from tests.store.test_store import EST_MICROS, EST_MS, admission, admitted, created, figures
 
 RPM = Limits(requests_per_minute=10)
 

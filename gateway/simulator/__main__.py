@@ -1,0 +1,3 @@
+from gateway.simulator.app import main
+
+main()
