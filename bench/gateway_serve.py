@@ -16,9 +16,10 @@ import uvicorn
 
 from gateway import logs
 from gateway.app import create_app
-from gateway.cli import uvicorn_config
-from gateway.config import ConfigError, UpstreamSettings, load_settings
+from gateway.config import ConfigError, load_settings
 from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.serve import uvicorn_config
+from gateway.settings import UpstreamSettings
 from gateway.upstream.client import ConnectFailed, Reply
 
 HTTPX_POOL = 256  # as in bench/passthrough.py

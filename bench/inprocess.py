@@ -24,8 +24,8 @@ from gateway_config import CREATE_PATH, USER_KEY, gateway_toml, upstream_key_env
 
 from gateway import logs  # noqa: E402
 from gateway.app import create_app  # noqa: E402
-from gateway.cli import tune_gc  # noqa: E402
 from gateway.config import load_settings  # noqa: E402
+from gateway.serve import tune_gc  # noqa: E402
 from gateway.upstream.client import Reply  # noqa: E402
 
 BODY = (

@@ -112,7 +112,7 @@ def main() -> None:
     p.add_argument("--upstream", required=True, help="the fake upstream's base URL, e.g. http://127.0.0.1:9001")
     args = p.parse_args()
     app = create_app(args.client, args.upstream.rstrip("/"))
-    # The gateway's uvicorn settings (gateway/cli.py uvicorn_config), with loop and parser spelled out.
+    # The gateway's uvicorn settings (gateway/serve.py uvicorn_config), with loop and parser spelled out.
     uvicorn.Server(
         uvicorn.Config(
             app,

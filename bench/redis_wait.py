@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.config import Limits, Secret, UpstreamKey  # noqa: E402
 from gateway.policy.quota import Subject  # noqa: E402
+from gateway.settings import Limits, Secret, UpstreamKey  # noqa: E402
 from gateway.store.base import Admission, Task  # noqa: E402
 from gateway.store.redis.store import RedisStore  # noqa: E402
 from tests.procs import free_port, spawn, stop, wait_port  # noqa: E402

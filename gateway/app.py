@@ -7,37 +7,31 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 import prometheus_client
 import structlog
 from cachetools import LRUCache
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware.exceptions import ExceptionMiddleware
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.config import ConfigError, load_settings
 from gateway.delivery.archive import make_archive
 from gateway.delivery.content import MediaFetcher
 from gateway.delivery.webhooks import Deliverer
-from gateway.errors import GatewayError, NotFound
+from gateway.errors import GatewayError
 from gateway.flow.creates import Tasks
 from gateway.flow.poller import Poller
 from gateway.flow.polls import Polls
 from gateway.flow.settlement import Settlement
-from gateway.http.middleware import PREFIXES, RequestMiddleware
+from gateway.http.asgi import GatewayApp, on_gateway_error, on_http_error
 from gateway.http.workers import BodyWorkers
 from gateway.metrics import Metrics
+from gateway.money import micros_to_usd
 from gateway.policy.auth import Authenticator
-from gateway.policy.pricing import micros_to_usd
 from gateway.policy.quota import team_subjects
-from gateway.routes import admin, videos
-from gateway.routes import generations as routes
+from gateway.routes.table import route_table
+from gateway.settings import Settings
 from gateway.store import open_store
 from gateway.store.base import Store, Task
 from gateway.upstream.calls import UpstreamCalls
@@ -116,133 +110,6 @@ class Gateway:
         await self.pool.refresh_gauges()
         self.metrics.poller_backlog.set(await self.store.backlog())
         await self.webhooks.refresh_backlog()
-
-
-def error_response(exc: GatewayError) -> Response:
-    return Response(exc.json(), exc.status, exc.headers(), media_type="application/json")
-
-
-async def on_gateway_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, GatewayError)
-    ctx = request.scope.get("state", {}).get("ctx")
-    if ctx is not None:
-        ctx.error_code = exc.code
-    return error_response(exc)
-
-
-async def on_http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 405:
-        err = GatewayError("Method not allowed on this route.", code="method_not_allowed")
-        err.status, err.type = 405, "invalid_request_error"
-    else:
-        err = NotFound(f"No route {request.url.path}.", code="route_not_found")
-    return await on_gateway_error(request, err)
-
-
-def route_table() -> list[Route]:
-    client = [
-        ("/videos/generations", routes.create_task, ["POST"]),
-        ("/videos/generations", routes.list_tasks, ["GET"]),
-        ("/videos/generations/{task_id}", routes.get_task, ["GET"]),
-        ("/videos/generations/{task_id}", routes.cancel_task, ["DELETE"]),
-        ("/videos", videos.create_video, ["POST"]),
-        ("/videos", videos.list_videos, ["GET"]),
-        *((f"/videos/{feature}", videos.not_offered(feature), ["POST"]) for feature in videos.NOT_OFFERED),
-        ("/videos/characters/{character_id}", videos.not_offered("characters"), ["GET"]),
-        ("/videos/{video_id}", videos.get_video, ["GET"]),
-        ("/videos/{video_id}", videos.delete_video, ["DELETE"]),
-        ("/videos/{video_id}/content", videos.video_content, ["GET"]),
-        ("/videos/{video_id}/remix", videos.remix_video, ["POST"]),
-        ("/models", routes.list_models, ["GET"]),
-        ("/usage", routes.usage, ["GET"]),
-    ]
-    table = [Route(prefix + path, fn, methods=methods) for prefix in PREFIXES for path, fn, methods in client]
-    return table + [
-        Route("/healthz", routes.healthz, methods=["GET"]),
-        Route("/readyz", routes.readyz, methods=["GET"]),
-        Route("/metrics", routes.metrics, methods=["GET"]),
-        Route("/admin/usage", admin.admin_usage, methods=["GET"]),
-        Route("/admin/keys", admin.admin_keys, methods=["GET"]),
-        Route("/admin/teams", admin.admin_teams, methods=["GET"]),
-        Route("/admin/reload", admin.admin_reload, methods=["POST"]),
-        Route("/admin/webhooks", admin.admin_webhooks, methods=["GET"]),
-        Route("/admin/tasks/{task_id}/void", admin.admin_void_task, methods=["POST"]),
-        Route("/admin/tasks/{task_id}/settle", admin.admin_settle_task, methods=["POST"]),
-    ]
-
-
-class HotRoutes:
-    """Creates and polls, the two routes every app calls most, dispatched straight to their handlers;
-    every other request (and any other method on these paths) goes on to starlette's router."""
-
-    def __init__(self, app: ASGIApp, table: list[Any], handlers: Mapping[Any, Callable]) -> None:
-        self.app, self.handlers = app, handlers
-        self.creates = {r.path: r for r in table if getattr(r, "endpoint", None) is routes.create_task}
-        self.polls = [
-            (r.path.removesuffix("{task_id}"), r) for r in table if getattr(r, "endpoint", None) is routes.get_task
-        ]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope.get("root_path"):
-            method, path = scope["method"], scope["path"]
-            if method == "POST":
-                route = self.creates.get(path)
-                if route is not None:
-                    await self._handle(route, scope, receive, send)
-                    return
-            elif method == "GET":
-                for prefix, route in self.polls:
-                    if path.startswith(prefix):
-                        task_id = path[len(prefix) :]
-                        if task_id and "/" not in task_id:
-                            scope["path_params"] = {"task_id": task_id}
-                            await self._handle(route, scope, receive, send)
-                            return
-                        break
-        await self.app(scope, receive, send)
-
-    async def _handle(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
-        scope["route"] = route
-        request = Request(scope, receive)
-        try:
-            response = await route.endpoint(request)
-        except Exception as exc:
-            handler = handler_for(self.handlers, exc)
-            if handler is None:
-                raise
-            response = await handler(request, exc)
-        await response(scope, receive, send)
-
-
-def handler_for(handlers: Mapping[Any, Callable], exc: Exception) -> Callable | None:
-    """The registered handler for an exception's class or its nearest base, as starlette looks it up."""
-    for cls in type(exc).__mro__:
-        if cls in handlers:
-            return handlers[cls]
-    return None
-
-
-class GatewayApp(Starlette):
-    """Starlette with the gateway's own outer layers: the request middleware (ids, log line, metrics,
-    an OpenAI-shaped 500), then any `middleware=` given, then the hot routes (errors rendered by the
-    same handler table as every route), then starlette's exception handling and router."""
-
-    # The Gateway, as a plain attribute rather than in app.state: every read of app.state costs a failed
-    # attribute lookup (an AttributeError made and dropped) before State.__getattr__ finds it.
-    gateway: Gateway
-
-    def __init__(self, *, metrics: Metrics, draining: Callable[[], bool] = lambda: False, **kw: Any) -> None:
-        self.metrics, self.draining = metrics, draining
-        super().__init__(**kw)
-
-    def build_middleware_stack(self) -> ASGIApp:
-        handlers = dict(self.exception_handlers)
-        inner = ExceptionMiddleware(self.router, handlers=handlers, debug=self.debug)
-        app: ASGIApp = HotRoutes(inner, self.routes, handlers)
-        for cls, args, kwargs in reversed(self.user_middleware):
-            app = cls(app, *args, **kwargs)
-        return RequestMiddleware(app, metrics=self.metrics, draining=self.draining)
 
 
 def create_app(

@@ -5,98 +5,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import gc
 import json
 import os
-import signal
 import sys
 import tempfile
 import threading
 import tomllib
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 
 import uvicorn
 
 from gateway import logs
-from gateway.config import ConfigError, ServerSettings, Settings, load_settings, parse_settings
-from gateway.http.protocol import http_protocol
+from gateway.config import ConfigError, load_settings, parse_settings
 from gateway.policy.auth import key_sha256, new_key
 from gateway.routes import ledger
+from gateway.serve import serve_settings
+from gateway.settings import ServerSettings, Settings
 
 DEMO_TEAM, DEMO_USER = "demo", "demo-user"
-
-
-def uvicorn_config(
-    app: object, host: str, port: int, grace: float, header_timeout_s: float = 10.0, body_timeout_s: float = 30.0
-) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        loop="auto",
-        lifespan="on",
-        ws="none",
-        http=http_protocol(header_timeout_s, body_timeout_s),
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,
-        log_config=logs.uvicorn_log_config(),
-        timeout_graceful_shutdown=grace,
-        timeout_keep_alive=30,
-    )
-
-
-def serve_settings(settings: Settings, host: str | None = None, port: int | None = None) -> None:
-    from gateway.app import create_app
-
-    logs.configure()
-    app = create_app(settings)
-    cfg = uvicorn_config(
-        app,
-        host or settings.server.host,
-        port or settings.server.port,
-        settings.server.shutdown_grace_s,
-        settings.server.header_timeout_s,
-        settings.server.body_timeout_s,
-    )
-    tune_gc()
-    run_until_signalled(GatewayServer(cfg, app.gateway.begin_drain))
-
-
-class GatewayServer(uvicorn.Server):
-    """uvicorn's server, telling the gateway the moment a shutdown signal arrives: from then on new
-    requests are answered 503 shutting_down and the grace period runs (uvicorn waits for requests in
-    flight within it; the gateway then records what is left and exits)."""
-
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_exit = on_exit
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._on_exit()
-        super().handle_exit(sig, frame)
-
-
-def tune_gc() -> None:
-    """Long-lived start-up objects leave the collector's view, and young collections run less often:
-    measured, this halves the p99/p50 ratio under load without growing the heap."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
-def run_until_signalled(server: uvicorn.Server, sockets: list | None = None) -> None:
-    """Serve (on `sockets` already bound, when given); a SIGTERM or SIGINT that drained cleanly ends the
-    process with exit code 0.
-
-    uvicorn drains, then re-raises the signal it caught under the handler it found installed;
-    this handler makes that re-raise a normal exit instead of a death by signal."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: sys.exit(0))
-    server.run(sockets=sockets)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -27,7 +27,8 @@ import structlog
 from prometheus_client import multiprocess
 
 from gateway import logs
-from gateway.config import Settings, load_settings
+from gateway.config import load_settings
+from gateway.settings import Settings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 RESTART_PAUSE_S = 1.0  # a worker that keeps dying is restarted at most this often
@@ -37,7 +38,7 @@ STOP_MARGIN_S = 5.0  # beyond the grace period, before a worker that has not exi
 
 class Supervisor:
     def __init__(self, settings: Settings, n: int, host: str, port: int) -> None:
-        from gateway.cli import uvicorn_config
+        from gateway.serve import uvicorn_config
 
         self.settings, self.n, self.host, self.port = settings, n, host, port
         self.sock = uvicorn_config(None, host, port, settings.server.shutdown_grace_s).bind_socket()
@@ -230,7 +231,7 @@ class ReloadEverywhere:
 def run_worker(source: str, sock: socket.socket, host: str, port: int, conn: Connection) -> None:
     """One worker: the config the parent checked, read again here; the parent's socket."""
     from gateway.app import create_app
-    from gateway.cli import GatewayServer, run_until_signalled, tune_gc, uvicorn_config
+    from gateway.serve import GatewayServer, run_until_signalled, tune_gc, uvicorn_config
 
     settings = load_settings(source)
     logs.configure()

@@ -229,7 +229,7 @@ class Teapot(Exception):
 def test_a_registered_handler_answers_on_hot_routes_as_on_every_route(tmp_path):
     from starlette.responses import JSONResponse
 
-    from gateway.app import handler_for
+    from gateway.http.asgi import handler_for
 
     async def on_teapot(request: Any, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": {"code": "teapot"}}, 418)

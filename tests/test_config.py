@@ -5,8 +5,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gateway.config import (
-    ConfigError,
+from gateway.config import ConfigError, load_settings, parse_settings
+from gateway.settings import (
     Limits,
     PollerSettings,
     Secret,
@@ -16,8 +16,6 @@ from gateway.config import (
     UpstreamKey,
     UpstreamSettings,
     User,
-    load_settings,
-    parse_settings,
 )
 
 M = "doubao-seedance-2.0"

@@ -19,10 +19,10 @@ import aiohttp
 import orjson
 import structlog
 
-from gateway.config import ArchiveSettings
 from gateway.delivery.storage import Backend, StoreFailed, open_backend
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
+from gateway.settings import ArchiveSettings
 from gateway.store.base import Store, Task
 from gateway.store.outbox import ARCHIVE_TOPIC, ArchivedFile, Item
 

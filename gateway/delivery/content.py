@@ -18,9 +18,9 @@ import structlog
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from gateway.config import UpstreamSettings
 from gateway.context import RequestContext
 from gateway.errors import ConnectFailed, RangeNotSatisfiable, UpstreamError, UpstreamTimeout, VideoExpired
+from gateway.settings import UpstreamSettings
 
 CHUNK = 64 * 1024
 MAX_BYTES = 512 * 1024 * 1024  # per file, as the archive's default max_bytes_per_video (SPEC §12)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from gateway.config import ArchiveSettings
+from gateway.settings import ArchiveSettings
 
 READ_CHUNK = 256 * 1024
 PART_BYTES = 8 * 1024 * 1024  # an S3 upload holds at most UPLOAD_PARTS parts of this in memory

@@ -20,10 +20,10 @@ import aiohttp
 import orjson
 import structlog
 
-from gateway.config import WebhookEndpoint
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
-from gateway.policy.pricing import micros_to_usd
+from gateway.money import micros_to_usd
+from gateway.settings import WebhookEndpoint
 from gateway.store.base import Store, Task
 from gateway.store.outbox import WEBHOOK_TOPIC, Item, webhook_topic
 

@@ -13,7 +13,7 @@ import orjson
 import structlog
 from cachetools import LRUCache
 
-from gateway.config import Settings, Team, UpstreamKey, User
+from gateway import tokenhub
 from gateway.context import Outcome, RequestContext
 from gateway.errors import (
     ConnectFailed,
@@ -28,13 +28,13 @@ from gateway.errors import (
 from gateway.flow.settlement import Settlement
 from gateway.ids import new_id
 from gateway.metrics import Metrics
+from gateway.money import micros_to_usd, seconds_to_ms
 from gateway.policy import pricing
 from gateway.policy.auth import model_allowed
-from gateway.policy.pricing import micros_to_usd
 from gateway.policy.quota import Subject, period_key, subjects_for
 from gateway.policy.validation import VideoRequest
+from gateway.settings import Settings, Team, UpstreamKey, User
 from gateway.store.base import Admission, Store, Task
-from gateway.upstream import client as tokenhub
 from gateway.upstream.calls import UpstreamCalls
 from gateway.upstream.client import Reply
 from gateway.upstream.keypool import KeyPool
@@ -117,7 +117,7 @@ class Tasks:
             model=req.model,
             resolution=req.resolution,
             duration_s=req.duration_s,
-            input_ms=pricing.seconds_to_ms(req.input_s),
+            input_ms=seconds_to_ms(req.input_s),
             input_estimated=req.input_estimated,
             estimate_ms=est_ms,
             estimate_micros=est_micros,

@@ -9,12 +9,12 @@ from collections.abc import Callable
 
 import structlog
 
-from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.flow.creates import Tasks
 from gateway.flow.polls import Polls
 from gateway.flow.settlement import Settlement
 from gateway.metrics import Metrics
+from gateway.settings import Settings
 from gateway.store.base import PENDING, TERMINAL, Store, Task
 from gateway.upstream.client import Upstream
 from gateway.upstream.keypool import KeyPool

@@ -11,11 +11,11 @@ import orjson
 import structlog
 from cachetools import LRUCache, TTLCache
 
+from gateway import tokenhub
 from gateway.context import Outcome, RequestContext
 from gateway.errors import NotFound, RateLimited, StoreUnavailable, UpstreamError
 from gateway.flow.settlement import Settlement
 from gateway.store.base import PENDING, Store, Task
-from gateway.upstream import client as tokenhub
 from gateway.upstream.calls import UpstreamCalls
 from gateway.upstream.client import Reply
 from gateway.upstream.keypool import KeyPool

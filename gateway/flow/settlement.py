@@ -11,13 +11,13 @@ from typing import Any
 
 import structlog
 
-from gateway.config import Settings
 from gateway.delivery.archive import archive_item
 from gateway.delivery.webhooks import event_items
 from gateway.errors import NotFound, ValidationError
 from gateway.metrics import Metrics
+from gateway.money import micros_to_usd
 from gateway.policy import pricing
-from gateway.policy.pricing import micros_to_usd
+from gateway.settings import Settings
 from gateway.store.base import Store, Task
 
 MAX_OUTPUT_S = 60  # TokenHub's figures outside these bounds are not believed (SPEC §4)

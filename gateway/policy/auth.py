@@ -6,8 +6,8 @@ import hashlib
 import hmac
 import secrets
 
-from gateway.config import Secret, Settings, Team, User
 from gateway.errors import AuthError, NotFound
+from gateway.settings import Secret, Settings, Team, User
 
 KEY_PREFIX = "tgw-"
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
-from gateway.config import Limits, Settings, Team, User
 from gateway.errors import GatewayError, QuotaError, RateLimited
+from gateway.settings import Limits, Settings, Team, User
 
 WINDOW_S = 60
 # period → the UTC day last asked for, [start, end), and its key: a create asks four times, nearly always that day

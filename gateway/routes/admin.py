@@ -10,12 +10,13 @@ from starlette.responses import Response
 
 from gateway.delivery.webhooks import redacted
 from gateway.errors import InvalidJSON, ValidationError
+from gateway.http.request import gw, json_response
 from gateway.policy.auth import check_token
+from gateway.policy.keyhealth import KeyHealth
 from gateway.policy.quota import team_subjects
 from gateway.routes import ledger
-from gateway.routes.generations import gw, json_response, usage_figures
+from gateway.routes.generations import usage_figures
 from gateway.store.outbox import webhook_topic
-from gateway.upstream.keypool import KeyHealth
 
 
 def admin(request: Request) -> Any:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.policy.pricing import micros_to_usd
+from gateway.money import micros_to_usd
 from gateway.store.base import Task
 
 GROUPS = ("team", "user", "model", "day")

@@ -33,6 +33,7 @@ from gateway.errors import (
     ValidationError,
     VideoNotReady,
 )
+from gateway.http.request import authenticate, ctx_of, gw, int_param, json_response, outcome_response
 from gateway.openai.bridge import answer_of, encode_meta, facts_of, output_seconds, result_url, task_facts
 from gateway.openai.translate import (
     CREATE_FIELDS,
@@ -47,7 +48,6 @@ from gateway.openai.translate import (
 from gateway.openai.view import STATUS, content_variant, deleted_object, poll_after_headers, video_list, video_object
 from gateway.policy.quota import subjects_for
 from gateway.policy.validation import VideoRequest, validate
-from gateway.routes.generations import authenticate, ctx_of, gw, int_param, json_response, outcome_response
 from gateway.routes.videos_input import read_fields
 from gateway.store.base import TERMINAL, Task
 

@@ -17,9 +17,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from gateway.errors import BodyTooLarge, ValidationError
+from gateway.http.request import parse_json, read_body
 from gateway.http.workers import BodyWorkers
 from gateway.openai.translate import MAX_IMAGE_BYTES, Upload, form_fields
-from gateway.routes.generations import parse_json, read_body
 
 MAX_FIELDS = 16  # the SDK sends at most five; more is room to name a field the gateway does not take
 MAX_FIELD_BYTES = 64 * 1024  # a text field (a 5,000-character prompt is at most 20,000 bytes of UTF-8)

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import orjson
@@ -39,82 +38,23 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.config import DEFAULT_PRICING
 from gateway.errors import ValidationError
-from gateway.policy.pricing import usd_to_micros
+from gateway.money import usd_to_micros
 from gateway.policy.validation import validate
+from gateway.settings import DEFAULT_PRICING
 from gateway.simulator import media as sim_media
 from gateway.simulator.faults import BEFORE, MEDIA, CutOff, Faults, NoAnswer, after_handler, fault_response, parse_fault
 from gateway.simulator.faults import error_response as _error
 from gateway.simulator.faults import json_response as _json
 from gateway.simulator.media import DEFAULT_TTL_S, DEFAULT_VIDEO_SIZE, MediaSettings, Signer, cover_bytes, video_bytes
+from gateway.simulator.tasks import SECONDS_MARK, SimTask, outcome_of, prompt_text, video_size
 
 __all__ = ["create_simulator", "parse_fault", "video_bytes", "cover_bytes", "uvicorn_config", "run_simulator"]
 
 PREFIXES = ("/api/v1", "/v1")
-QUEUED_SHARE = 0.2  # share of a task's run time spent queued
 LOG_SIZE = 10_000
-_SECONDS_MARK = re.compile(r"sim:seconds=(\d+(?:\.\d*)?|\.\d+)")
-_BYTES_MARK = re.compile(r"sim:bytes=(\d+)")
 
 Handler = Callable[[Request, str | None, dict], Awaitable[Response]]
-
-
-@dataclass
-class SimTask:
-    id: str
-    key: str
-    model: str
-    resolution: str
-    duration: int
-    input_s: float
-    created: float
-    seconds: float
-    outcome: str  # "succeeded", "failed" or "never"
-    request: dict[str, Any]
-    video_size: int = DEFAULT_VIDEO_SIZE
-    cancelled_at: float | None = None
-
-    def status(self, now: float) -> str:
-        if self.cancelled_at is not None:
-            return "cancelled"
-        elapsed = now - self.created
-        if elapsed < self.seconds * QUEUED_SHARE:
-            return "queued"
-        if elapsed < self.seconds or self.outcome == "never":
-            return "running"
-        return self.outcome
-
-    def updated(self, status: str) -> float:
-        if status == "queued":
-            return self.created
-        if status == "running":
-            return self.created + self.seconds * QUEUED_SHARE
-        if status == "cancelled":
-            return self.cancelled_at or self.created
-        return self.created + self.seconds
-
-    def body(self, now: float, links: Callable[[], dict[str, str]]) -> dict[str, Any]:
-        status = self.status(now)
-        body = {
-            "id": self.id,
-            "object": "video.generation.task",
-            "model": self.model,
-            "status": status,
-            "created": int(self.created),
-            "updated": int(self.updated(status)),
-            "resolution": self.resolution,
-            "duration": self.duration,
-        }
-        if status == "succeeded":
-            body["data"] = [links()]
-            body["usage"] = {"video_duration": self.duration}
-        elif status == "failed":
-            body["error"] = {
-                "code": "generation_failed",
-                "message": "The video could not be generated (simulated failure).",
-            }
-        return body
 
 
 def _bearer(request: Request) -> str | None:
@@ -122,22 +62,6 @@ def _bearer(request: Request) -> str | None:
     if scheme.lower() != "bearer":
         return None
     return token.strip() or None
-
-
-def _prompt_text(body: dict[str, Any]) -> str:
-    content = body.get("content")
-    items = content if isinstance(content, list) else []
-    parts = [body.get("prompt"), *(item.get("text") for item in items if isinstance(item, dict))]
-    return " ".join(part for part in parts if isinstance(part, str))
-
-
-def _outcome(text: str) -> str:
-    return "failed" if "sim:fail" in text else "never" if "sim:never" in text else "succeeded"
-
-
-def _video_size(text: str, default: int) -> int:
-    mark = _BYTES_MARK.search(text)
-    return min(max(int(mark[1]), sim_media.MIN_VIDEO_SIZE), sim_media.MAX_VIDEO_SIZE) if mark else default
 
 
 def _answer_kind(response: Response) -> str:
@@ -230,7 +154,7 @@ class Simulator:
             req = validate(body, self.pricing)
         except ValidationError as exc:
             return _error(400, "InvalidParameter", exc.message, param=exc.param)
-        text = _prompt_text(body)
+        text = prompt_text(body)
         if "sim:moderation" in text:
             return _error(
                 400,
@@ -240,7 +164,7 @@ class Simulator:
             )
         # A fixed id already taken is answered anyway (a duplicate), but must not replace the task holding it.
         stored_id = answer_id if answer_id and answer_id not in self.tasks else f"cgt-{secrets.token_hex(12)}"
-        seconds = _SECONDS_MARK.search(text)
+        seconds = SECONDS_MARK.search(text)
         task = SimTask(
             id=stored_id,
             key=str(key),
@@ -250,9 +174,9 @@ class Simulator:
             input_s=float(req.input_s),
             created=self.clock(),
             seconds=float(seconds[1]) if seconds else self.task_seconds,
-            outcome=_outcome(text),
+            outcome=outcome_of(text),
             request=body,
-            video_size=_video_size(text, self.media.video_size),
+            video_size=video_size(text, self.media.video_size),
         )
         self.tasks[task.id] = task
         entry["task_id"], entry["created"] = answer_id or task.id, task.id

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from gateway.config import StoreSettings
+from gateway.settings import StoreSettings
 from gateway.store.base import Admission, IdemRecord, Store, Task
 
 

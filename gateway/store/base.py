@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
-from gateway.config import UpstreamKey
 from gateway.errors import RecordRejected
+from gateway.policy.keyhealth import KeyHealth
 from gateway.policy.quota import Counters, RateState, Rejection, Subject
+from gateway.settings import UpstreamKey
 from gateway.store.outbox import Item, Outbox
-from gateway.upstream.keypool import KeyHealth
 
 PENDING = "pending"
 UNKNOWN = "unknown"  # forwarded, outcome unknown: charged at its estimate until an operator resolves it

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from gateway.config import UpstreamKey
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, StoreUnavailable
 from gateway.metrics import Metrics
+from gateway.settings import UpstreamKey
 from gateway.upstream.client import Reply, Upstream
 from gateway.upstream.keypool import KeyPool
 

@@ -1,149 +1,34 @@
-"""Upstream key choice and health: a pure, clock-injected state machine (SPEC §5).
+"""The key pool: the configured upstream keys, their health shared through the store, probes of open keys.
 
-ok ──429──▶ cooldown ──time──▶ ok
-ok ──401/403──▶ disabled (until a reload)
-ok ──N consecutive 5xx/connect errors/timeouts──▶ open ──time──▶ probe ──404──▶ ok
-"""
+The health arithmetic itself is pure and lives in gateway.policy.keyhealth."""
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from gateway.config import UpstreamKey, UpstreamSettings
+from gateway import tokenhub
 from gateway.errors import GatewayError, NoUpstreamKey
-from gateway.upstream import client as tokenhub
-from gateway.upstream.client import Scrubber, Upstream, parse_retry_after
+from gateway.policy.keyhealth import (
+    DISABLED,
+    HEALTHY,
+    OK,
+    KeyHealth,
+    choose,
+    earliest_retry,
+    on_probe,
+    on_rejected,
+    on_reply,
+)
+from gateway.settings import UpstreamKey, UpstreamSettings
+from gateway.tokenhub import parse_retry_after
+from gateway.upstream.client import Scrubber, Upstream
 
 if TYPE_CHECKING:
     from gateway.store.base import Store
-
-OK, COOLDOWN, DISABLED, OPEN = "ok", "cooldown", "disabled", "open"
-
-
-@dataclass(frozen=True, slots=True)
-class KeyHealth:
-    state: str = OK
-    until: float = 0.0  # end of a cooldown or of an open circuit
-    failures: int = 0  # consecutive 5xx / connect errors / timeouts
-    throttles: int = 0  # consecutive 429s, for the back-off
-    last_error: str | None = None
-    last_error_at: float | None = None
-    errors: int = 0
-
-    def current(self, now: float) -> str:
-        """The state clients see: a cooldown ends by itself; an open circuit waits for its probe."""
-        return OK if self.state == COOLDOWN and now >= self.until else self.state
-
-    def usable(self, now: float) -> bool:
-        return self.current(now) == OK
-
-    def needs_probe(self, now: float) -> bool:
-        return self.state == OPEN and now >= self.until
-
-
-HEALTHY = KeyHealth()  # a key with no record yet (made once: a frozen dataclass's __init__ is not cheap)
-
-
-def on_success(h: KeyHealth, now: float) -> KeyHealth:
-    """Unchanged (the same object) when there is nothing to reset; disabled or open stays so until a
-    reload or a probe. Successes are counted by the pool, not here, so a healthy key costs no write."""
-    if h.current(now) == OK and (h.state, h.failures, h.throttles) != (OK, 0, 0):
-        return replace(h, state=OK, failures=0, throttles=0)
-    return h
-
-
-def on_throttled(
-    h: KeyHealth, now: float, retry_after: float | None, cfg: UpstreamSettings, rng: random.Random
-) -> KeyHealth:
-    if retry_after is None:
-        base = cfg.cooldown_s * (2 ** min(h.throttles, 10)) * rng.uniform(0.8, 1.2)
-        retry_after = min(base, cfg.cooldown_s * 10)
-    state = h.state if h.state in (DISABLED, OPEN) else COOLDOWN
-    return replace(
-        h,
-        state=state,
-        until=max(h.until, now + retry_after) if state == COOLDOWN else h.until,
-        throttles=h.throttles + 1,
-        last_error="429",
-        last_error_at=now,
-        errors=h.errors + 1,
-    )
-
-
-def on_rejected(h: KeyHealth, now: float, code: int) -> KeyHealth:
-    return replace(h, state=DISABLED, last_error=str(code), last_error_at=now, errors=h.errors + 1)
-
-
-def on_failure(h: KeyHealth, now: float, error: str, cfg: UpstreamSettings) -> KeyHealth:
-    failures = h.failures + 1
-    h = replace(h, failures=failures, last_error=error, last_error_at=now, errors=h.errors + 1)
-    if h.state == OPEN or (failures >= cfg.breaker_failures and h.state != DISABLED):
-        return replace(h, state=OPEN, until=now + cfg.breaker_open_s)
-    return h
-
-
-def on_reply(
-    h: KeyHealth,
-    now: float,
-    status: int | None,
-    error: str | None,
-    retry_after_s: float | None,
-    cfg: UpstreamSettings,
-    rng: random.Random,
-) -> KeyHealth:
-    """One upstream outcome: a status (4xx other than 401/403/429 means the key is fine) or an error."""
-    outcome = tokenhub.outcome_of(status) if status is not None else tokenhub.FAILED
-    if outcome == tokenhub.KEY_REJECTED:
-        return on_rejected(h, now, status)
-    if outcome == tokenhub.THROTTLED:
-        return on_throttled(h, now, retry_after_s, cfg, rng)
-    if outcome != tokenhub.FAILED:
-        return on_success(h, now)
-    return on_failure(h, now, error or str(status), cfg)
-
-
-def on_probe(h: KeyHealth, now: float, healthy: bool, error: str, cfg: UpstreamSettings) -> KeyHealth:
-    if healthy:
-        return replace(h, state=OK, failures=0, until=0.0)
-    return replace(h, until=now + cfg.breaker_open_s, last_error=error, last_error_at=now)
-
-
-def choose(
-    keys: tuple[UpstreamKey, ...],
-    health: dict[str, KeyHealth],
-    in_flight: dict[str, int],
-    model: str,
-    now: float,
-    rng: random.Random,
-) -> list[UpstreamKey]:
-    """Usable keys that allow the model and have a free slot, in the order to try them.
-
-    Drawn at random with odds ∝ weight × free share of the key's slots, so idle keys share creates
-    by weight and a loaded key is chosen less; every later key is the fallback of the ones before."""
-    pool = [
-        k
-        for k in keys
-        if k.allows(model)
-        and health.get(k.name, HEALTHY).usable(now)
-        and in_flight.get(k.name, 0) < k.max_concurrent_tasks
-    ]
-    order = []
-    while len(pool) > 1:  # the last one left needs no draw
-        odds = [k.weight * (1 - in_flight.get(k.name, 0) / k.max_concurrent_tasks) for k in pool]
-        pick = rng.choices(range(len(pool)), weights=odds)[0] if sum(odds) > 0 else 0
-        order.append(pool.pop(pick))
-    return order + pool
-
-
-def earliest_retry(keys: tuple[UpstreamKey, ...], health: dict[str, KeyHealth], now: float) -> int:
-    """Seconds until some key may be usable again (for Retry-After on 503 no_upstream_key)."""
-    ends = [h.until - now for k in keys if (h := health.get(k.name)) and h.state in (COOLDOWN, OPEN)]
-    return max(1, math.ceil(min(ends))) if ends else 1
 
 
 class KeyPool:

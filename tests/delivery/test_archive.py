@@ -12,10 +12,10 @@ import aiohttp
 import httpx
 import pytest
 
-from gateway.config import ArchiveSettings
 from gateway.delivery.archive import Archive, archive_item, byte_range, file_key, retry_in_s, segment
 from gateway.delivery.storage import LocalBackend, S3Backend
 from gateway.metrics import Metrics
+from gateway.settings import ArchiveSettings
 from gateway.store.outbox import ARCHIVE_TOPIC
 from gateway.store.sqlite.store import SQLiteStore
 from tests.e2e.harness import KEYS

@@ -15,9 +15,9 @@ from aiohttp import web
 from openai import OpenAI
 from standardwebhooks.webhooks import Webhook
 
-from gateway.config import Secret, WebhookEndpoint
 from gateway.delivery.webhooks import Deliverer, backoff_s, event_items, headers, redacted, sign
 from gateway.metrics import Metrics
+from gateway.settings import Secret, WebhookEndpoint
 from gateway.store.base import Task
 from gateway.store.outbox import Item, webhook_topic
 from gateway.store.sqlite.store import SQLiteStore

@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.app import route_table
 from gateway.http.middleware import route_label
+from gateway.routes.table import route_table
 from grafana.generate import panel_queries
 from tests.conftest import require_binary
 from tests.e2e.harness import ADMIN_TOKEN, KEYS, METRICS_TOKEN, Gateway, Process, body, free_port, wait_http, wait_until

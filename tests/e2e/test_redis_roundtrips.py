@@ -15,7 +15,8 @@ from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.config import parse_settings
-from gateway.store.redis.scripts import PRELUDE, SCRIPTS
+from gateway.store.redis.prelude import PRELUDE
+from gateway.store.redis.scripts import SCRIPTS
 from gateway.store.redis.store import RedisStore
 from gateway.upstream.client import Reply
 from tests.test_app import USER_KEY, FakeUpstream

@@ -17,8 +17,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.cli import uvicorn_config
 from gateway.http.protocol import BODY_GRACE_S
+from gateway.serve import uvicorn_config
 
 HEADERS_S, BODY_S = 0.5, 0.8
 pytestmark = pytest.mark.timeout(30)

@@ -6,7 +6,7 @@ import pytest
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from gateway.config import DEFAULT_PRICING, usd_to_micros
+from gateway.config import usd_to_micros
 from gateway.errors import UnsupportedParameter, ValidationError
 from gateway.openai.translate import (
     MAX_IMAGE_BYTES,
@@ -21,6 +21,7 @@ from gateway.openai.translate import (
     to_seedance,
 )
 from gateway.policy.validation import validate
+from gateway.settings import DEFAULT_PRICING
 
 PRICING = {model: {res: usd_to_micros(p) for res, p in row.items()} for model, row in DEFAULT_PRICING.items()}
 FAST, PRO = "doubao-seedance-2.0-fast", "doubao-seedance-2.0"

@@ -2,8 +2,9 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.config import DEFAULT_PRICING
-from gateway.policy.pricing import actual, cost_micros, estimate, micros_to_usd, seconds_to_ms, usd_to_micros
+from gateway.money import cost_micros, micros_to_usd, seconds_to_ms, usd_to_micros
+from gateway.policy.pricing import actual, estimate
+from gateway.settings import DEFAULT_PRICING
 
 PRICING = {model: {res: usd_to_micros(p) for res, p in row.items()} for model, row in DEFAULT_PRICING.items()}
 M = "doubao-seedance-2.0"

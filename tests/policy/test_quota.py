@@ -3,10 +3,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from gateway.config import Limits
 from gateway.errors import QuotaError, RateLimited
 from gateway.policy import quota
 from gateway.policy.quota import Counters, RateState, Subject, check, period_bounds, period_key, rate_state, retry_after
+from gateway.settings import Limits
 
 
 def ts(text):

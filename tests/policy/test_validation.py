@@ -4,11 +4,11 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from gateway.config import DEFAULT_PRICING
 from gateway.errors import InvalidJSON, ValidationError
 from gateway.http.bodies import check, loads_strict
-from gateway.policy.pricing import usd_to_micros
+from gateway.money import usd_to_micros
 from gateway.policy.validation import MAX_MEDIA_ITEMS, VideoRequest, validate
+from gateway.settings import DEFAULT_PRICING
 
 PRICING = {model: {res: usd_to_micros(p) for res, p in row.items()} for model, row in DEFAULT_PRICING.items()}
 CUSTOM_PRICING = {**PRICING, "seedance-lite": {"1080p": 300_000}}

@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from gateway.context import Outcome
 from gateway.errors import BodyTooLarge, RequestTimeout
-from gateway.routes.generations import JSON, outcome_response, read_body
+from gateway.http.request import JSON, outcome_response, read_body
 
 
 def request_of(*messages: dict, headers: list[tuple[bytes, bytes]] | None = None) -> Request:

@@ -10,7 +10,6 @@ from dataclasses import replace
 
 import pytest
 
-from gateway.config import Limits
 from gateway.errors import (
     DuplicateTaskId,
     IdempotencyConflict,
@@ -21,12 +20,13 @@ from gateway.errors import (
     StoreUnavailable,
     TaskNotUnknown,
 )
+from gateway.policy.keyhealth import KeyHealth
 from gateway.policy.quota import Subject, period_key
+from gateway.settings import Limits
 from gateway.store.base import MAX_COUNTER, MAX_FIGURE, TASK_FIELDS, TERMINAL, UNKNOWN, Admission, Task
 from gateway.store.redis.store import RedisStore
 from gateway.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
 from gateway.store.sqlite.store import SQLiteStore
-from gateway.upstream.keypool import KeyHealth
 from tests.redis_server import RedisServer, require_redis_server
 
 DOLLAR = 1_000_000

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from aiohttp import web
 
-from gateway.config import UpstreamSettings
 from gateway.errors import ConnectFailed, UpstreamTimeout
+from gateway.settings import UpstreamSettings
 from gateway.upstream.client import HttpUpstream
 
 

@@ -6,17 +6,14 @@ from email.utils import format_datetime
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.config import Secret, UpstreamKey, UpstreamSettings
 from gateway.errors import ConnectFailed, NoUpstreamKey, UpstreamError, UpstreamTimeout
 from gateway.metrics import Metrics
-from gateway.upstream.client import PROBE_TASK_ID, Reply, parse_retry_after, task_path
-from gateway.upstream.keypool import (
+from gateway.policy.keyhealth import (
     COOLDOWN,
     DISABLED,
     OK,
     OPEN,
     KeyHealth,
-    KeyPool,
     choose,
     earliest_retry,
     on_failure,
@@ -25,6 +22,10 @@ from gateway.upstream.keypool import (
     on_success,
     on_throttled,
 )
+from gateway.settings import Secret, UpstreamKey, UpstreamSettings
+from gateway.tokenhub import PROBE_TASK_ID, parse_retry_after, task_path
+from gateway.upstream.client import Reply
+from gateway.upstream.keypool import KeyPool
 
 M = "doubao-seedance-2.0"
 FAST = "doubao-seedance-2.0-fast"

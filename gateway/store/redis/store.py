@@ -30,67 +30,30 @@ import re
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import asdict
-from typing import Any, TypeVar, get_args, get_type_hints
+from typing import Any, TypeVar
 
 import orjson
 from cachetools import TTLCache
 
 from gateway.errors import IdempotencyConflict, StoreUnavailable
+from gateway.policy.keyhealth import KeyHealth
 from gateway.policy.quota import WINDOW_S, Counters, RateState, Rejection, Subject, check, state_of
-from gateway.store.base import IDEM_TTL_S, TASK_FIELDS, Admission, IdemRecord, Task, Usage, check_figures, check_status
+from gateway.store.base import IDEM_TTL_S, Admission, IdemRecord, Task, Usage, check_figures, check_status
 from gateway.store.outbox import Item
 from gateway.store.redis.calls import RedisCalls, RedisLink
+from gateway.store.redis.codec import admitted_fields, decode_task
+from gateway.store.redis.ledger import RedisLedger
 from gateway.store.redis.outbox import RedisOutbox, item_args
-from gateway.store.redis.scripts import PRELUDE, SCRIPTS
+from gateway.store.redis.prelude import PRELUDE
+from gateway.store.redis.scripts import SCRIPTS
 from gateway.store.redis.url import CLUSTER, parse_url
-from gateway.upstream.keypool import KeyHealth
 
 T = TypeVar("T")
 CLOCK_REFRESH_S = 5.0
 HEALTH_CACHE_S = 0.2  # key health is read with every admission, else at most this often
 RATE_CACHE_S = 1.0  # a rate window seen this recently answers the x-ratelimit headers of a poll
-LIST_SCAN_MAX = 10_000  # list_tasks with a filter looks at most this many tasks for one page
-PAGE = 500
 READS = frozenset({"clock", "get", "get_record", "list"})  # every other script writes
 _HASH_TAG = re.compile(r"\{[^{}]+\}")
-
-
-def _decoder(hint: Any) -> Any:
-    base = next((a for a in get_args(hint) if a is not type(None)), hint)
-    return {bool: lambda b: b == b"1", int: int, float: float, bytes: bytes}.get(base, bytes.decode)
-
-
-_DECODE = {name: _decoder(hint) for name, hint in get_type_hints(Task).items()}
-
-
-def _encode(t: Task) -> list[Any]:
-    """A task as hash field/value pairs; None fields are left out, booleans are 0/1."""
-    pairs: list[Any] = []
-    for name in TASK_FIELDS:
-        value = getattr(t, name)
-        if value is not None:
-            pairs += [name, int(value) if isinstance(value, bool) else value]
-    return pairs
-
-
-def _admitted_fields(t: Task) -> tuple[list[str], list[Any]]:
-    """A new task's fields as strings (for the admission's JSON) and its bytes fields as pairs (any byte)."""
-    text: list[str] = []
-    raw: list[Any] = []
-    pairs = _encode(t)
-    for name, value in zip(pairs[::2], pairs[1::2], strict=True):
-        if isinstance(value, bytes):
-            raw += [name, value]
-        else:
-            text += [name, value if isinstance(value, str) else repr(value)]
-    return text, raw
-
-
-def _task(pairs: list[bytes] | None) -> Task | None:
-    if not pairs:
-        return None
-    it = iter(pairs)
-    return Task(**{(name := k.decode()): _DECODE[name](v) for k, v in zip(it, it, strict=True)})
 
 
 def _limits(s: Subject) -> list[Any]:
@@ -99,7 +62,7 @@ def _limits(s: Subject) -> list[Any]:
     return [s.scope, s.name, s.period, lim.requests_per_minute, lim.max_concurrent_tasks, lim.budget_micros, video_ms]
 
 
-class RedisStore(RedisOutbox):
+class RedisStore(RedisLedger, RedisOutbox):
     """`wait_replica`: acknowledge writes only once a replica has them (WAIT 1); None: as the URL says
     (`?wait_replica=`, else yes for a Sentinel deployment, whose master has replicas to fail over to).
     `connection_class` (a server URL only) lets a test see every round trip."""
@@ -208,7 +171,7 @@ class RedisStore(RedisOutbox):
         `adm.keys`, the admission also takes a slot on one of them (task.key_name)."""
         t = adm.task
         check_figures(estimate_micros=t.estimate_micros, estimate_ms=t.estimate_ms, input_ms=t.input_ms)
-        fields, raw = _admitted_fields(t)
+        fields, raw = admitted_fields(t)
         reply = await self._eval(
             "admit",
             orjson.dumps(
@@ -289,15 +252,15 @@ class RedisStore(RedisOutbox):
         self, rid: str, now: float, reply: tuple[int, bytes] | None, items: Sequence[Item] = ()
     ) -> Task:
         answer = ("1", *reply) if reply is not None else ("", 0, b"")
-        return _task(await self._eval("mark_unknown", rid, repr(float(now)), *answer, *item_args(items)))
+        return decode_task(await self._eval("mark_unknown", rid, repr(float(now)), *answer, *item_args(items)))
 
     # tasks
 
     async def get_task(self, task_id: str) -> Task | None:
-        return _task(await self._eval("get", task_id))
+        return decode_task(await self._eval("get", task_id))
 
     async def get_record(self, ref: str) -> Task | None:
-        return _task(await self._eval("get_record", ref))
+        return decode_task(await self._eval("get_record", ref))
 
     async def set_status(self, task_id: str, status: str, now: float) -> None:
         await self._eval("set_status", task_id, status, repr(now))
@@ -316,7 +279,7 @@ class RedisStore(RedisOutbox):
         check_status(status)
         check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
         body = ("1", final_body) if final_body is not None else ("", b"")
-        return _task(
+        return decode_task(
             await self._eval(
                 "settle",
                 task_id,
@@ -332,33 +295,11 @@ class RedisStore(RedisOutbox):
 
     async def resolve_unknown(self, ref: str, billed_ms: int, cost_micros: int, now: float) -> Task:
         check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
-        return _task(await self._eval("resolve", ref, billed_ms, cost_micros, repr(float(now))))
-
-    async def list_tasks(
-        self,
-        team: str,
-        limit: int,
-        after: str | None,
-        status: str | None,
-        order: str = "desc",
-        include_deleted: bool = True,
-    ) -> tuple[list[Task], bool]:
-        """With a status filter or deleted tasks left out, at most LIST_SCAN_MAX tasks past the cursor
-        are looked at for one page."""
-        if order not in ("asc", "desc"):
-            raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
-        found = await self._eval(
-            "list", team, after or "", status or "", limit, LIST_SCAN_MAX, order, "" if include_deleted else "1"
-        )
-        tasks = [_task(pairs) for pairs in found]
-        return tasks[:limit], len(tasks) > limit
-
-    async def mark_deleted(self, task_id: str, now: float) -> Task | None:
-        return _task(await self._eval("mark_deleted", task_id, repr(float(now))))
+        return decode_task(await self._eval("resolve", ref, billed_ms, cost_micros, repr(float(now))))
 
     async def due_tasks(self, now: float, limit: int, lease_s: float) -> list[Task]:
         """Due and lease end are judged by Redis's clock (`now` is not used), the same for every replica."""
-        return [_task(pairs) for pairs in await self._eval("due", limit, repr(float(lease_s)))]
+        return [decode_task(pairs) for pairs in await self._eval("due", limit, repr(float(lease_s)))]
 
     async def defer_poll(self, rid: str, next_at: float) -> None:
         await self._eval("defer", rid, repr(float(next_at)))
@@ -400,46 +341,6 @@ class RedisStore(RedisOutbox):
         boundary = boundary[0][1] if boundary else None
         self._rates[scope, name] = (limit, int(live), boundary)
         return state_of(limit, int(live), boundary, now)
-
-    async def ledger(
-        self, since: float | None, until: float | None, team: str | None, user: str | None, model: str | None
-    ) -> list[Task]:
-        rids = await self._do(
-            self._r.zrangebyscore(
-                self._k("all"),
-                "-inf" if since is None else repr(float(since)),
-                "+inf" if until is None else f"({float(until)!r}",
-            )
-        )
-        tasks: list[Task] = []
-        for i in range(0, len(rids), PAGE):
-            async with self._r.pipeline(transaction=False) as pipe:
-                for rid in rids[i : i + PAGE]:
-                    pipe.hgetall(self.prefix.encode() + b"t:" + rid)
-                replies = await self._do(pipe.execute())
-            for raw in replies:
-                t = _task([x for kv in raw.items() for x in kv])
-                if (
-                    t
-                    and t.status != "create_failed"
-                    and all(
-                        want is None or got == want for got, want in ((t.team, team), (t.user, user), (t.model, model))
-                    )
-                ):
-                    tasks.append(t)
-        return tasks
-
-    async def prune(self, before: float) -> int:
-        deleted = offset = 0
-        while True:
-            done, scanned = await self._eval("prune", f"({float(before)!r}", offset, PAGE)
-            deleted, offset = deleted + done, offset + scanned - done
-            if scanned < PAGE:
-                return deleted
-
-    async def purge_idempotency(self, now: float) -> int:
-        """Nothing to do: every idempotency record carries a 24 h TTL and Redis removes it."""
-        return 0
 
     # key pool
 

@@ -6,6 +6,7 @@
     writer        the writer thread that batches operations into transactions
     checkpointer  a thread of its own that keeps the WAL bounded
     outbox        the outbox's tables
+    ledger        listings, ledger rows and pruning (mixed into SQLiteStore)
 
 May import: store.base, store.outbox, policy and the shared nouns.
 """

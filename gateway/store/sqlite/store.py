@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from gateway.errors import DuplicateTaskId, IdempotencyConflict, NotFound, StoreUnavailable, TaskNotUnknown
+from gateway.policy.keyhealth import KeyHealth
 from gateway.policy.quota import WINDOW_S, RateState, Rejection, Subject, check, rate_state
 from gateway.store.base import (
     IDEM_TTL_S,
@@ -28,6 +29,7 @@ from gateway.store.base import (
 )
 from gateway.store.outbox import Item
 from gateway.store.sqlite.books import Books, Windows
+from gateway.store.sqlite.ledger import SQLiteLedger
 from gateway.store.sqlite.outbox import SQLiteOutbox, add_items
 from gateway.store.sqlite.schema import (
     COLS,
@@ -40,12 +42,9 @@ from gateway.store.sqlite.schema import (
     task_values,
 )
 from gateway.store.sqlite.writer import Writer
-from gateway.upstream.keypool import KeyHealth
-
-_ORDERS = {"desc": ("<", "DESC"), "asc": (">", "ASC")}  # order → (after the anchor, ORDER BY direction)
 
 
-class SQLiteStore(SQLiteOutbox):
+class SQLiteStore(SQLiteLedger, SQLiteOutbox):
     def __init__(self, path: str, synchronous: str = "NORMAL", clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._clock = clock
@@ -347,48 +346,6 @@ class SQLiteStore(SQLiteOutbox):
 
         return await self._do(op)
 
-    async def list_tasks(
-        self,
-        team: str,
-        limit: int,
-        after: str | None,
-        status: str | None,
-        order: str = "desc",
-        include_deleted: bool = True,
-    ) -> tuple[list[Task], bool]:
-        if order not in _ORDERS:
-            raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
-        past, direction = _ORDERS[order]
-
-        def op(c: sqlite3.Connection) -> tuple[list[Task], bool]:
-            sql, args = f"SELECT {COLS} FROM tasks WHERE team=? AND task_id IS NOT NULL", [team]
-            if after:
-                anchor = c.execute(
-                    "SELECT created_at, rid FROM tasks WHERE task_id=? AND team=?", (after, team)
-                ).fetchone()
-                if anchor is None:
-                    return [], False
-                sql += f" AND (created_at {past} ? OR (created_at = ? AND rid {past} ?))"
-                args += [anchor[0], anchor[0], anchor[1]]
-            if status:
-                sql += " AND status=?"
-                args.append(status)
-            if not include_deleted:
-                sql += " AND deleted_at IS NULL"
-            rows = c.execute(sql + f" ORDER BY created_at {direction}, rid {direction} LIMIT ?", (*args, limit + 1))
-            tasks = [row_to_task(r) for r in rows]
-            return tasks[:limit], len(tasks) > limit
-
-        return await self._do(op)
-
-    async def mark_deleted(self, task_id: str, now: float) -> Task | None:
-        def op(c: sqlite3.Connection) -> Task | None:
-            c.execute("UPDATE tasks SET deleted_at=? WHERE task_id=? AND deleted_at IS NULL", (now, task_id))
-            row = c.execute(f"SELECT {COLS} FROM tasks WHERE task_id=?", (task_id,)).fetchone()
-            return row_to_task(row) if row else None
-
-        return await self._do(op)
-
     async def due_tasks(self, now: float, limit: int, lease_s: float) -> list[Task]:
         def op(c: sqlite3.Connection) -> list[Task]:
             rows = c.execute(
@@ -428,33 +385,6 @@ class SQLiteStore(SQLiteOutbox):
     async def rate_state(self, scope: str, name: str, limit: int, now: float) -> RateState:
         with self._windows.lock:  # in memory: no trip to the writer thread
             return rate_state(limit, self._windows.live(scope, name, now), now)
-
-    async def ledger(
-        self, since: float | None, until: float | None, team: str | None, user: str | None, model: str | None
-    ) -> list[Task]:
-        where, args = ["status != 'create_failed'"], []
-        for clause, value in (
-            ("created_at >= ?", since),
-            ("created_at < ?", until),
-            ("team = ?", team),
-            ("user = ?", user),
-            ("model = ?", model),
-        ):
-            if value is not None:
-                where.append(clause)
-                args.append(value)
-        sql = f"SELECT {COLS} FROM tasks WHERE {' AND '.join(where)} ORDER BY created_at"
-        return await self._do(lambda c: [row_to_task(r) for r in c.execute(sql, args)])
-
-    async def prune(self, before: float) -> int:
-        return await self._do(
-            lambda c: c.execute("DELETE FROM tasks WHERE created_at < ? AND settled_at IS NOT NULL", (before,)).rowcount
-        )
-
-    async def purge_idempotency(self, now: float) -> int:
-        return await self._do(
-            lambda c: c.execute("DELETE FROM idempotency WHERE created_at < ?", (now - IDEM_TTL_S,)).rowcount
-        )
 
     # key pool
 

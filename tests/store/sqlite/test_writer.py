@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from gateway.config import Limits
 from gateway.errors import DuplicateTaskId, IdempotencyConflict, RecordRejected, StoreUnavailable
+from gateway.settings import Limits
 from gateway.store.sqlite.checkpointer import RESTART_PAGES
 from gateway.store.sqlite.schema import INSERT_TASK, task_values
 from gateway.store.sqlite.store import SQLiteStore

@@ -1,0 +1,167 @@
+"""Settings: one frozen dataclass tree, built once at start-up by gateway.config from TOML and the environment."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from types import MappingProxyType
+
+PERIODS = ("day", "week", "month", "total")
+DEFAULT_PRICING = {
+    "doubao-seedance-2.0": {"720p": Decimal("0.20"), "480p": Decimal("0.12")},
+    "doubao-seedance-2.0-fast": {"720p": Decimal("0.16"), "480p": Decimal("0.10")},
+}
+DEFAULT_MODEL_ALIASES = {"sora-2": "doubao-seedance-2.0-fast", "sora-2-pro": "doubao-seedance-2.0"}
+
+
+class Secret:
+    """A string whose repr and str never show the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def masked(self) -> str:
+        v = self._value
+        prefix = v.split("-", 1)[0] + "-" if "-" in v[:6] else ""
+        return f"{prefix}…{v[-4:]}" if len(v) >= 12 else "…"
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Limits:
+    budget_micros: int | None = None
+    video_seconds: int | None = None
+    period: str = "month"
+    requests_per_minute: int | None = None
+    max_concurrent_tasks: int | None = None
+    models: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class Team:
+    name: str
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    team: str
+    key_sha256: str
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class UpstreamKey:
+    name: str
+    value: Secret
+    weight: int = 1
+    max_concurrent_tasks: int = 10
+    models: frozenset[str] | None = None
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    admin_token: Secret | None = None
+    metrics_token: Secret | None = None
+    shutdown_grace_s: float = 10
+    max_body_bytes: int = 64 * 1024 * 1024
+    log_prompts: bool = False
+    header_timeout_s: float = 10  # a client that has not sent its headers by then is disconnected
+    body_timeout_s: float = 30
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    base_url: str
+    keys: tuple[UpstreamKey, ...]
+    connect_timeout_s: float = 5
+    timeout_s: float = 60
+    cooldown_s: float = 30
+    breaker_failures: int = 5
+    breaker_open_s: float = 30
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    url: Secret = field(default_factory=lambda: Secret("sqlite:///" + str(Path.cwd() / "gateway.db")))
+    synchronous: str = "NORMAL"
+
+
+@dataclass(frozen=True)
+class PollerSettings:
+    interval_s: float = 15
+    expire_after_s: float = 172800
+    concurrency: int = 8
+
+
+@dataclass(frozen=True)
+class OpenAISettings:
+    poll_after_ms: int = 2000
+    model_aliases: Mapping[str, str] = field(  # alias → Seedance model of the pricing table
+        default_factory=lambda: MappingProxyType(dict(DEFAULT_MODEL_ALIASES))
+    )
+
+
+WEBHOOK_EVENTS = ("video.completed", "video.failed")
+
+
+@dataclass(frozen=True)
+class WebhookEndpoint:
+    name: str
+    url: Secret  # may carry credentials: shown redacted only
+    secret: Secret  # the "whsec_…" string as configured
+    teams: frozenset[str] | None = None  # None: every team
+    events: frozenset[str] = frozenset(WEBHOOK_EVENTS)
+    retry_initial_s: float = 5
+    max_in_flight: int = 4
+
+    def wants(self, event_type: str, team: str) -> bool:
+        return event_type in self.events and (self.teams is None or team in self.teams)
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    dir: str | None = None  # a local directory, or
+    url: str | None = None  # s3://bucket/prefix
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    retention_days: float = 30
+    max_bytes_per_video: int = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings
+    upstream: UpstreamSettings
+    store: StoreSettings
+    poller: PollerSettings
+    pricing: Mapping[str, Mapping[str, int]]  # model → resolution → micro-dollars per second
+    teams: Mapping[str, Team]
+    users: Mapping[str, User]
+    openai: OpenAISettings = field(default_factory=OpenAISettings)
+    webhooks: tuple[WebhookEndpoint, ...] = ()
+    archive: ArchiveSettings | None = None  # None: no archive
+    source: str = ""
