@@ -47,7 +47,11 @@ class Gateway:
     def __init__(
         self, settings: Settings, store: Store, upstream: Upstream, metrics: Metrics, clock: Callable[[], float]
     ) -> None:
-        self.settings, self.store, self.upstream, self.metrics, self.clock = (settings, store, upstream, metrics, clock)
+        self.settings = settings
+        self.store = store
+        self.upstream = upstream
+        self.metrics = metrics
+        self.clock = clock
         self.auth = Authenticator(settings)
         self.pool = KeyPool(settings.upstream, store, metrics, clock)
         calls = UpstreamCalls(upstream, self.pool, metrics)
@@ -61,13 +65,18 @@ class Gateway:
         self.webhooks = Deliverer(store, metrics, clock, settings.webhooks)
         self.archive = make_archive(settings.archive, store, metrics, clock)  # a change needs a restart
         self.settlement.archiving = self.archive is not None
-        self.settlement.on_outbox = lambda: (self.webhooks.wake(), self.archive and self.archive.wake())
+        self.settlement.on_outbox = self._wake_outbox
         self.large_bodies = BodyWorkers(MAX_LARGE_BODIES)  # parsed and checked in worker processes
         self.large_uploads = asyncio.Semaphore(MAX_LARGE_BODIES)  # OpenAI-shape uploads, checked in threads
         self.media = MediaFetcher(settings.upstream)  # result files, for the OpenAI shape's /content
         self.draining = False
         self.drain_deadline = math.inf  # time.monotonic() by which a shutdown must be done
         self.log = structlog.get_logger("gateway")
+
+    def _wake_outbox(self) -> None:
+        self.webhooks.wake()
+        if self.archive:
+            self.archive.wake()
 
     def begin_drain(self) -> None:
         """A shutdown starts (SIGTERM): new requests are refused, the grace period runs from now."""
@@ -87,7 +96,10 @@ class Gateway:
             return exc.problems
         if new.store.url != self.settings.store.url:
             self.log.warning("config.store_change_ignored", reason="a store change needs a restart")
-        self.settings = self.tasks.settings = self.settlement.settings = self.poller.settings = new
+        self.settings = new
+        self.tasks.settings = new
+        self.settlement.settings = new
+        self.poller.settings = new
         self.auth = Authenticator(new)
         self.pool.apply(new.upstream)
         await self.pool.reenable()
@@ -99,13 +111,14 @@ class Gateway:
         """Gauges that read shared state, refreshed per scrape: O(teams + keys), never O(ledger)."""
         now = self.clock()
         subjects = team_subjects(self.settings, now)
-        for s, u in zip(subjects, await self.store.usage(subjects), strict=True):
-            self.metrics.tasks_in_flight.labels(s.name).set(u.in_flight)
-            if s.limits.budget_micros is not None:
-                c = u.counters
-                self.metrics.budget_usd.labels(s.name).set(micros_to_usd(s.limits.budget_micros))
-                self.metrics.budget_remaining_usd.labels(s.name).set(
-                    micros_to_usd(s.limits.budget_micros - c.spent_micros - c.reserved_micros)
+        for subject, usage in zip(subjects, await self.store.usage(subjects), strict=True):
+            self.metrics.tasks_in_flight.labels(subject.name).set(usage.in_flight)
+            budget = subject.limits.budget_micros
+            if budget is not None:
+                counters = usage.counters
+                self.metrics.budget_usd.labels(subject.name).set(micros_to_usd(budget))
+                self.metrics.budget_remaining_usd.labels(subject.name).set(
+                    micros_to_usd(budget - counters.spent_micros - counters.reserved_micros)
                 )
         await self.pool.refresh_gauges()
         self.metrics.poller_backlog.set(await self.store.backlog())
@@ -121,7 +134,7 @@ def create_app(
     clock: Callable[[], float] = time.time,
     run_poller: bool = True,
 ) -> GatewayApp:
-    prometheus_client.disable_created_metrics()
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
     metrics = metrics or Metrics()
     store = store if store is not None else open_store(settings.store, clock)
     upstream = upstream or HttpUpstream(settings.upstream)
@@ -174,7 +187,7 @@ def create_app(
 
 def _on_sighup(gateway: Gateway) -> None:
     loop = asyncio.get_running_loop()
-    background: set[asyncio.Task] = set()
+    background: set[asyncio.Task[list[str]]] = set()
 
     def reload() -> None:
         job = loop.create_task(gateway.reload())

@@ -13,6 +13,7 @@ import threading
 import tomllib
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -52,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def demo_settings(
     sim_port: int, db: Path, user_key: str, webhook_url: str | None = None, webhook_secret: str = ""
 ) -> Settings:
-    data: dict = {
+    data: dict[str, Any] = {
         "archive": {"dir": str(db.parent / "videos")},  # the videos outlive the simulator's URLs
         "server": {"admin_token_env": "GATEWAY_ADMIN_TOKEN"},
         "upstream": {
@@ -162,8 +163,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
         await store.open()
         try:
             if args.prune_before:
-                n = await store.prune(ledger.parse_time(args.prune_before))
-                return f"pruned {n} settled tasks created before {args.prune_before}\n"
+                pruned = await store.prune(ledger.parse_time(args.prune_before))
+                return f"pruned {pruned} settled tasks created before {args.prune_before}\n"
             since = ledger.parse_time(args.since) if args.since else None
             until = ledger.parse_time(args.until) if args.until else None
             tasks = await store.ledger(since, until, args.team, args.user, args.model)
@@ -210,58 +211,58 @@ def _load(path: str) -> Settings | None:
         return load_settings(path)
     except ConfigError as exc:
         print(f"{path}: {len(exc.problems)} problem(s):", file=sys.stderr)
-        for p in exc.problems:
-            print(f"  {p}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
         return None
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tokenhub-gateway", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="run the gateway")
-    s.add_argument("--config", required=True)
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--workers", type=int, default=1, help="processes on the one port (needs a Redis store)")
-    s.set_defaults(func=cmd_serve)
-    d = sub.add_parser("demo", help="run the gateway with the built-in TokenHub simulator")
-    d.add_argument("--port", type=int, default=8080)
-    d.add_argument("--sim-port", type=int, default=8090)
-    d.add_argument("--task-seconds", type=float, default=8.0)
-    d.add_argument("--data-dir")
-    d.add_argument("--webhook-url", help="send signed video.completed / video.failed events here")
-    d.set_defaults(func=cmd_demo)
-    m = sub.add_parser("simulator", help="run only the TokenHub simulator")
-    m.add_argument("--host", default="127.0.0.1")
-    m.add_argument("--port", type=int, required=True)
-    m.add_argument("--task-seconds", type=float, default=3.0)
-    m.add_argument("--key", action="append", help="an accepted th- key (default: any)")
-    m.set_defaults(func=cmd_simulator)
-    k = sub.add_parser("keys", help="gateway keys")
-    ksub = k.add_subparsers(dest="keys_command", required=True)
-    kn = ksub.add_parser("new", help="issue a new gateway key")
-    kn.add_argument("--user", required=True)
-    kn.add_argument("--team", required=True)
-    kn.set_defaults(func=cmd_keys_new)
-    c = sub.add_parser("check-config", help="validate a config")
-    c.add_argument("--config", required=True)
-    c.set_defaults(func=cmd_check_config)
-    u = sub.add_parser("usage", help="the usage ledger, read from the store")
-    u.add_argument("--config", required=True)
-    u.add_argument("--team")
-    u.add_argument("--user")
-    u.add_argument("--model")
-    u.add_argument("--since")
-    u.add_argument("--until")
-    u.add_argument("--group-by", choices=ledger.GROUPS)
-    u.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    u.add_argument("--prune-before", help="delete settled tasks created before this date")
-    u.set_defaults(func=cmd_usage)
-    h = sub.add_parser("healthcheck", help="exit 0 when the gateway the config describes answers /healthz")
-    h.add_argument("--config", required=True)
-    h.add_argument("--timeout", type=float, default=4.0)
-    h.set_defaults(func=cmd_healthcheck)
-    return p
+    root = argparse.ArgumentParser(prog="tokenhub-gateway", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, default=1, help="processes on the one port (needs a Redis store)")
+    serve.set_defaults(func=cmd_serve)
+    demo = commands.add_parser("demo", help="run the gateway with the built-in TokenHub simulator")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--sim-port", type=int, default=8090)
+    demo.add_argument("--task-seconds", type=float, default=8.0)
+    demo.add_argument("--data-dir")
+    demo.add_argument("--webhook-url", help="send signed video.completed / video.failed events here")
+    demo.set_defaults(func=cmd_demo)
+    simulator = commands.add_parser("simulator", help="run only the TokenHub simulator")
+    simulator.add_argument("--host", default="127.0.0.1")
+    simulator.add_argument("--port", type=int, required=True)
+    simulator.add_argument("--task-seconds", type=float, default=3.0)
+    simulator.add_argument("--key", action="append", help="an accepted th- key (default: any)")
+    simulator.set_defaults(func=cmd_simulator)
+    keys = commands.add_parser("keys", help="gateway keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    keys_new = keys_commands.add_parser("new", help="issue a new gateway key")
+    keys_new.add_argument("--user", required=True)
+    keys_new.add_argument("--team", required=True)
+    keys_new.set_defaults(func=cmd_keys_new)
+    check = commands.add_parser("check-config", help="validate a config")
+    check.add_argument("--config", required=True)
+    check.set_defaults(func=cmd_check_config)
+    usage = commands.add_parser("usage", help="the usage ledger, read from the store")
+    usage.add_argument("--config", required=True)
+    usage.add_argument("--team")
+    usage.add_argument("--user")
+    usage.add_argument("--model")
+    usage.add_argument("--since")
+    usage.add_argument("--until")
+    usage.add_argument("--group-by", choices=ledger.GROUPS)
+    usage.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    usage.add_argument("--prune-before", help="delete settled tasks created before this date")
+    usage.set_defaults(func=cmd_usage)
+    health = commands.add_parser("healthcheck", help="exit 0 when the gateway the config describes answers /healthz")
+    health.add_argument("--config", required=True)
+    health.add_argument("--timeout", type=float, default=4.0)
+    health.set_defaults(func=cmd_healthcheck)
+    return root
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,10 +25,17 @@ class RequestContext:
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self.team = self.user = self.model = self.resolution = self.task_id = None
-        self.upstream_key = self.error_code = None
-        self.duration_s = self.upstream_status = self.cost_usd = None
+        self.team: str | None = None
+        self.user: str | None = None
+        self.model: str | None = None
+        self.resolution: str | None = None
+        self.duration_s: int | None = None
+        self.task_id: str | None = None
+        self.upstream_key: str | None = None
+        self.upstream_status: int | None = None
         self.upstream_s = 0.0
+        self.cost_usd: float | None = None
+        self.error_code: str | None = None
 
 
 class Outcome:
@@ -37,4 +44,6 @@ class Outcome:
     __slots__ = ("status", "body", "headers")
 
     def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        self.status, self.body, self.headers = status, body, headers or {}
+        self.status = status
+        self.body = body
+        self.headers = headers or {}

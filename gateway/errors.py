@@ -79,11 +79,15 @@ class GatewayError(Exception):
 
 
 class AuthError(GatewayError):
-    status, type, code = 401, "authentication_error", "invalid_api_key"
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
 
 
 class ValidationError(GatewayError):
-    status, type, code = 400, "invalid_request_error", "invalid_parameter"
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_parameter"
 
 
 class InvalidJSON(ValidationError):
@@ -91,7 +95,8 @@ class InvalidJSON(ValidationError):
 
 
 class BodyTooLarge(ValidationError):
-    status, code = 413, "body_too_large"
+    status = 413
+    code = "body_too_large"
 
 
 class UnsupportedParameter(ValidationError):
@@ -99,31 +104,45 @@ class UnsupportedParameter(ValidationError):
 
 
 class PermissionDenied(GatewayError):
-    status, type, code = 403, "permission_error", "model_not_allowed"
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
 
 
 class NotFound(GatewayError):
-    status, type, code = 404, "invalid_request_error", "task_not_found"
+    status = 404
+    type = "invalid_request_error"
+    code = "task_not_found"
 
 
 class RequestTimeout(GatewayError):
-    status, type, code = 408, "invalid_request_error", "request_timeout"
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class IdempotencyConflict(GatewayError):
-    status, type, code = 409, "invalid_request_error", "idempotency_key_reused"
+    status = 409
+    type = "invalid_request_error"
+    code = "idempotency_key_reused"
 
 
 class QuotaError(GatewayError):
-    status, type, code = 429, "insufficient_quota", "budget_exceeded"
+    status = 429
+    type = "insufficient_quota"
+    code = "budget_exceeded"
 
 
 class RateLimited(GatewayError):
-    status, type, code = 429, "rate_limit_exceeded", "rate_limit_exceeded"
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
 
 
 class StoreUnavailable(GatewayError):
-    status, type, code = 503, "service_unavailable", "store_unavailable"
+    status = 503
+    type = "service_unavailable"
+    code = "store_unavailable"
 
     def __init__(self, message: str = "The gateway's store cannot be reached; retry shortly.", **kw: Any) -> None:
         kw.setdefault("retry_after", 1)
@@ -131,15 +150,21 @@ class StoreUnavailable(GatewayError):
 
 
 class NoUpstreamKey(GatewayError):
-    status, type, code = 503, "upstream_unavailable", "no_upstream_key"
+    status = 503
+    type = "upstream_unavailable"
+    code = "no_upstream_key"
 
 
 class ShuttingDown(GatewayError):
-    status, type, code = 503, "service_unavailable", "shutting_down"
+    status = 503
+    type = "service_unavailable"
+    code = "shutting_down"
 
 
 class UpstreamError(GatewayError):
-    status, type, code = 502, "upstream_error", "upstream_unreachable"
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unreachable"
 
 
 class ConnectFailed(UpstreamError):
@@ -147,27 +172,36 @@ class ConnectFailed(UpstreamError):
 
 
 class UpstreamTimeout(UpstreamError):
-    status, code = 504, "upstream_timeout"
+    status = 504
+    code = "upstream_timeout"
 
 
 class TaskNotUnknown(GatewayError):
-    status, type, code = 409, "invalid_request_error", "task_not_unknown"
+    status = 409
+    type = "invalid_request_error"
+    code = "task_not_unknown"
 
 
 class VideoNotReady(GatewayError):
     """A video's content or remix asked for before it completed, or a running video deleted."""
 
-    status, type, code = 409, "invalid_request_error", "video_not_ready"
+    status = 409
+    type = "invalid_request_error"
+    code = "video_not_ready"
 
 
 class VideoExpired(GatewayError):
     """TokenHub's result URL has expired and nothing is archived."""
 
-    status, type, code = 410, "invalid_request_error", "video_expired"
+    status = 410
+    type = "invalid_request_error"
+    code = "video_expired"
 
 
 class RangeNotSatisfiable(GatewayError):
-    status, type, code = 416, "invalid_request_error", "range_not_satisfiable"
+    status = 416
+    type = "invalid_request_error"
+    code = "range_not_satisfiable"
 
 
 class RecordRejected(GatewayError):

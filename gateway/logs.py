@@ -14,12 +14,13 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
+from structlog.typing import EventDict, Processor
 
 _SECRET_HEADERS = ("authorization",)
 _UTC = datetime.timezone.utc
 
 
-def _drop_secrets(_: object, __: str, event: dict) -> dict:
+def _drop_secrets(_: object, __: str, event: EventDict) -> EventDict:
     for name in _SECRET_HEADERS:
         event.pop(name, None)
     return event
@@ -64,7 +65,9 @@ class Batched:
             return
         with self._lock:
             self._timer = False
-            lines, self._lines, self._size = self._lines, [], 0
+            lines = self._lines
+            self._lines = []
+            self._size = 0
             if lines:
                 self._stream.write("".join(lines))
             self._stream.flush()
@@ -77,7 +80,9 @@ class UtcStamp:
     __slots__ = ("_clock", "_second", "_prefix")
 
     def __init__(self, clock: Callable[[], int] = time.time_ns) -> None:
-        self._clock, self._second, self._prefix = clock, -1, ""
+        self._clock = clock
+        self._second = -1
+        self._prefix = ""
 
     def __call__(self) -> str:
         second, micro = divmod(self._clock() // 1000, 1_000_000)
@@ -112,7 +117,7 @@ def configure(level: str = "INFO", stream: TextIO | None = None) -> None:
     # structlog's lines and the standard library's, in the order they were logged
     out = Batched(stream if stream is not None else sys.stdout)
     _info_out = out if logging.getLevelName(level) <= logging.INFO else None
-    shared = [
+    shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -125,6 +130,7 @@ def configure(level: str = "INFO", stream: TextIO | None = None) -> None:
             structlog.processors.JSONRenderer(serializer=_dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        # structlog annotates the file as a TextIO, and calls only its write() and flush()
         logger_factory=structlog.WriteLoggerFactory(out),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
@@ -136,21 +142,21 @@ def configure(level: str = "INFO", stream: TextIO | None = None) -> None:
             structlog.processors.JSONRenderer(serializer=_dumps),
         ],
     )
-    handler = logging.StreamHandler(out)  # type: ignore[arg-type]
+    handler = logging.StreamHandler(out)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        lg = logging.getLogger(name)
-        lg.handlers[:] = []
-        lg.propagate = True
-        lg.setLevel(logging.NOTSET)  # follow the root's level, whatever an earlier uvicorn config set
-        lg.disabled = False
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)  # follow the root's level, whatever an earlier uvicorn config set
+        logger.disabled = False
     logging.getLogger("uvicorn.access").disabled = True  # the gateway writes its own request line
 
 
-def uvicorn_log_config() -> dict:
+def uvicorn_log_config() -> dict[str, Any]:
     """Hand uvicorn a config that keeps our root handler (so its lines are JSON too)."""
     return {
         "version": 1,

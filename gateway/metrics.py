@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 KEY_STATES = ("ok", "cooldown", "disabled", "open")
 # Gateway overhead is sub-millisecond when healthy; upstream calls go up to the timeout (60 s);
@@ -18,105 +21,137 @@ TASK_BUCKETS = (5, 10, 20, 30, 60, 120, 180, 300, 600, 900, 1200, 1800, 3600, 72
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = r = registry or CollectorRegistry()
+        registry = registry or CollectorRegistry()
+        self.registry = registry
         # Set by `serve --workers` for every worker (prometheus_client reads it at import): each worker's
         # samples go to files there, and every /metrics sums them. Gauges of shared state take the latest.
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        shared = {"multiprocess_mode": "mostrecent"}
-        p = "tokenhub_gateway_"
+        prefix = "tokenhub_gateway_"
         self.requests = Counter(
-            p + "requests", "Requests answered by the gateway", ["route", "method", "code", "team"], registry=r
+            prefix + "requests",
+            "Requests answered by the gateway",
+            ["route", "method", "code", "team"],
+            registry=registry,
         )
         self.request_duration = Histogram(
-            p + "request_duration_seconds",
+            prefix + "request_duration_seconds",
             "Whole request time",
             ["route", "method"],
             buckets=REQUEST_BUCKETS,
-            registry=r,
+            registry=registry,
         )
         self.upstream_requests = Counter(
-            p + "upstream_requests", "Calls to TokenHub", ["key", "route", "code"], registry=r
+            prefix + "upstream_requests", "Calls to TokenHub", ["key", "route", "code"], registry=registry
         )
         self.upstream_duration = Histogram(
-            p + "upstream_duration_seconds", "TokenHub call time", ["route"], buckets=REQUEST_BUCKETS, registry=r
+            prefix + "upstream_duration_seconds",
+            "TokenHub call time",
+            ["route"],
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
         )
         self.tasks_created = Counter(
-            p + "tasks_created", "Tasks created upstream", ["team", "model", "resolution"], registry=r
+            prefix + "tasks_created", "Tasks created upstream", ["team", "model", "resolution"], registry=registry
         )
         self.tasks_finished = Counter(
-            p + "tasks_finished",
+            prefix + "tasks_finished",
             "Tasks settled, by terminal status",
             ["team", "model", "resolution", "status"],
-            registry=r,
+            registry=registry,
         )
         self.task_duration = Histogram(
-            p + "task_duration_seconds",
+            prefix + "task_duration_seconds",
             "Create → terminal status",
             ["model", "resolution"],
             buckets=TASK_BUCKETS,
-            registry=r,
+            registry=registry,
         )
-        self.tasks_in_flight = Gauge(p + "tasks_in_flight", "Tasks not yet terminal", ["team"], registry=r, **shared)
+        self.tasks_in_flight = Gauge(
+            prefix + "tasks_in_flight",
+            "Tasks not yet terminal",
+            ["team"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
         self.video_seconds = Counter(
-            p + "video_seconds", "Billed video seconds", ["team", "model", "resolution"], registry=r
+            prefix + "video_seconds", "Billed video seconds", ["team", "model", "resolution"], registry=registry
         )
         self.spend_usd = Counter(
-            p + "spend_usd", "Settled spend in US dollars", ["team", "model", "resolution"], registry=r
+            prefix + "spend_usd", "Settled spend in US dollars", ["team", "model", "resolution"], registry=registry
         )
-        self.budget_usd = Gauge(p + "budget_usd", "Team budget for the current period", ["team"], registry=r, **shared)
+        self.budget_usd = Gauge(
+            prefix + "budget_usd",
+            "Team budget for the current period",
+            ["team"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
         self.budget_remaining_usd = Gauge(
-            p + "budget_remaining_usd", "Team budget left (spent and reserved deducted)", ["team"], registry=r, **shared
+            prefix + "budget_remaining_usd",
+            "Team budget left (spent and reserved deducted)",
+            ["team"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.quota_rejections = Counter(
-            p + "quota_rejections", "Creates refused by a limit", ["team", "reason"], registry=r
+            prefix + "quota_rejections", "Creates refused by a limit", ["team", "reason"], registry=registry
         )
         self.validation_errors = Counter(
-            p + "validation_errors", "Creates refused by validation", ["param"], registry=r
+            prefix + "validation_errors", "Creates refused by validation", ["param"], registry=registry
         )
         self.key_state = Gauge(
-            p + "upstream_key_state", "1 for the key's current state", ["key", "state"], registry=r, **shared
+            prefix + "upstream_key_state",
+            "1 for the key's current state",
+            ["key", "state"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.overhead = Histogram(
-            p + "overhead_seconds",
+            prefix + "overhead_seconds",
             "Time in the gateway, upstream excluded",
             ["route"],
             buckets=OVERHEAD_BUCKETS,
-            registry=r,
+            registry=registry,
         )
-        self.poller_backlog = Gauge(p + "poller_backlog", "Tasks awaiting settlement", registry=r, **shared)
+        self.poller_backlog = Gauge(
+            prefix + "poller_backlog", "Tasks awaiting settlement", registry=registry, multiprocess_mode="mostrecent"
+        )
         self.settlement_anomalies = Counter(
-            p + "settlement_anomalies",
+            prefix + "settlement_anomalies",
             "TokenHub figures not believed at settlement (the estimate was charged)",
             ["reason"],
-            registry=r,
+            registry=registry,
         )
         self.tasks_unknown = Counter(
-            p + "tasks_unknown",
+            prefix + "tasks_unknown",
             "Forwarded creates whose outcome is unknown (charged at their estimate until resolved)",
             ["team", "reason"],
-            registry=r,
+            registry=registry,
         )
         self.archive_bytes = Counter(
-            p + "archive_bytes", "Bytes copied into the video archive", ["variant"], registry=r
+            prefix + "archive_bytes", "Bytes copied into the video archive", ["variant"], registry=registry
         )
         self.archive_failures = Counter(
-            p + "archive_failures", "Archive copies that failed, by reason", ["reason"], registry=r
+            prefix + "archive_failures", "Archive copies that failed, by reason", ["reason"], registry=registry
         )
         self.webhook_deliveries = Counter(
-            p + "webhook_deliveries", "Webhook delivery attempts, by result", ["endpoint", "result"], registry=r
+            prefix + "webhook_deliveries",
+            "Webhook delivery attempts, by result",
+            ["endpoint", "result"],
+            registry=registry,
         )
         self.webhook_backlog = Gauge(
-            p + "webhook_backlog", "Webhook events not yet delivered nor given up", ["endpoint"], registry=r
+            prefix + "webhook_backlog", "Webhook events not yet delivered nor given up", ["endpoint"], registry=registry
         )
-        self._children: dict[tuple[str, str, str, str], tuple] = {}
-        self._labelled: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._children: dict[tuple[str, str, str, str], tuple[Counter, Histogram, Histogram]] = {}
+        self._labelled: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
 
     def exposition(self) -> bytes:
         """What /metrics serves: this registry's samples, or every worker's under `serve --workers`."""
         if not self.multiprocess_dir:
             return generate_latest(self.registry)
         merged = CollectorRegistry()
-        MultiProcessCollector(merged, path=self.multiprocess_dir)
+        MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
         return generate_latest(merged)
 
     def observe_request(self, route: str, method: str, code: str, team: str, elapsed: float, overhead: float) -> None:
@@ -133,14 +168,14 @@ class Metrics:
         children[1].observe(elapsed)
         children[2].observe(overhead)
 
-    def child(self, metric: Any, *labels: str) -> Any:
+    def child(self, metric: M, *labels: str) -> M:
         """`metric.labels(*labels)`, cached: label values here come from the config and fixed sets."""
         key = (id(metric), labels)
         got = self._labelled.get(key)
         if got is None:
             got = self._labelled[key] = metric.labels(*labels)
-        return got
+        return cast(M, got)
 
     def set_key_state(self, key: str, state: str) -> None:
-        for s in KEY_STATES:
-            self.key_state.labels(key, s).set(1 if s == state else 0)
+        for name in KEY_STATES:
+            self.key_state.labels(key, name).set(1 if name == state else 0)

@@ -10,8 +10,8 @@ MICROS = Decimal(1_000_000)
 
 def usd_to_micros(value: Any) -> int:
     """Exact dollars → integer micro-dollars, rounding half up (floats go through their shortest repr)."""
-    d = Decimal(str(value)) * MICROS
-    return int(d.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    exact = Decimal(str(value)) * MICROS
+    return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
 def micros_to_usd(micros: int) -> float:

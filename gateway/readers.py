@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +39,12 @@ def is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-KINDS = {
+# Each kind of setting: the check a value must pass, and what the problem says was expected.
+KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "str": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "int+": (lambda v: _is_int(v) and v > 0, "a positive integer"),
@@ -59,6 +60,9 @@ KINDS = {
 }
 
 
+_CONTAINER_KINDS: dict[type, str] = {list: "a list", dict: "a table"}
+
+
 def at(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
@@ -70,7 +74,7 @@ def kind_of(value: Any) -> str:
         return "a number"
     if isinstance(value, str):
         return "a string" if value else "an empty string"
-    return {list: "a list", dict: "a table"}.get(type(value), "a date or time")
+    return _CONTAINER_KINDS.get(type(value), "a date or time")
 
 
 def shown(value: Any) -> str:
@@ -102,7 +106,9 @@ class Reader:
             self.problem(at(where, key), "unknown setting")
         return data
 
-    def get(self, data: dict, key: str, where: str, kind: str, default: Any = None, required: bool = False) -> Any:
+    def get(
+        self, data: dict[str, Any], key: str, where: str, kind: str, default: Any = None, required: bool = False
+    ) -> Any:
         if key not in data:
             if required:
                 self.problem(at(where, key), "is required")
@@ -115,22 +121,22 @@ class Reader:
             return default
         return value
 
-    def fields(self, data: dict, where: str, kinds: Mapping[str, str]) -> dict[str, Any]:
+    def fields(self, data: dict[str, Any], where: str, kinds: Mapping[str, str]) -> dict[str, Any]:
         """The keys of `kinds` that are set and valid: a dataclass's own defaults fill in the rest."""
         values = {key: self.get(data, key, where, kind) for key, kind in kinds.items()}
-        return {key: v for key, v in values.items() if v is not None}
+        return {key: value for key, value in values.items() if value is not None}
 
-    def members(self, data: dict, key: str, where: str, known: set[str]) -> frozenset[str] | None:
+    def members(self, data: dict[str, Any], key: str, where: str, known: set[str]) -> frozenset[str] | None:
         """An optional allow-list of models, each of the pricing table."""
         allow = self.get(data, key, where, "strlist")
-        for i, name in enumerate(allow or ()):
+        for number, name in enumerate(allow or (), start=1):
             if name not in known:
                 self.problem(
-                    at(where, key), f"entry {i + 1} is not a model of the pricing table ({', '.join(sorted(known))})"
+                    at(where, key), f"entry {number} is not a model of the pricing table ({', '.join(sorted(known))})"
                 )
         return None if allow is None else frozenset(allow)
 
-    def secret_value(self, data: dict, where: str, env: Mapping[str, str], base: Path) -> str | None:
+    def secret_value(self, data: dict[str, Any], where: str, env: Mapping[str, str], base: Path) -> str | None:
         """A key's value, from the variable named by `value_env` or the file named by `value_file`."""
         if "value" in data:
             self.problem(at(where, "value"), "key values never go in the TOML; use value_env or value_file")
@@ -144,9 +150,9 @@ class Reader:
             self.problem(where, "needs value_env or value_file")
         return None
 
-    def env_name(self, data: dict, key: str, where: str) -> str | None:
+    def env_name(self, data: dict[str, Any], key: str, where: str) -> str | None:
         """The variable name set at `key`; a key, token or URL set there instead is a problem, never shown."""
-        name = self.get(data, key, where, "str")
+        name: str | None = self.get(data, key, where, "str")
         if name and not _ENV_NAME.fullmatch(name):
             self.problem(
                 at(where, key),
@@ -156,7 +162,9 @@ class Reader:
             return None
         return name
 
-    def from_env(self, env: Mapping[str, str], data: dict, key: str, where: str, required: bool = False) -> str | None:
+    def from_env(
+        self, env: Mapping[str, str], data: dict[str, Any], key: str, where: str, required: bool = False
+    ) -> str | None:
         """The secret in the variable named at `key`: None when that is unset or empty (a problem if required)."""
         name = self.env_name(data, key, where)
         if not name:
@@ -166,7 +174,7 @@ class Reader:
             self.problem(at(where, key), f"{env_var(name)} is {'empty' if name in env else 'not set'}")
         return value or None
 
-    def from_file(self, data: dict, key: str, where: str, base: Path) -> str | None:
+    def from_file(self, data: dict[str, Any], key: str, where: str, base: Path) -> str | None:
         """The secret in the file named at `key`, relative to the config's directory."""
         path = self.get(data, key, where, "str")
         if not path:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import gc
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from gateway import logs
 from gateway.http.protocol import http_protocol
@@ -16,7 +18,7 @@ from gateway.settings import Settings
 
 
 def uvicorn_config(
-    app: object, host: str, port: int, grace: float, header_timeout_s: float = 10.0, body_timeout_s: float = 30.0
+    app: ASGIApp | str, host: str, port: int, grace: float, header_timeout_s: float = 10.0, body_timeout_s: float = 30.0
 ) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -30,7 +32,8 @@ def uvicorn_config(
         server_header=False,
         proxy_headers=False,
         log_config=logs.uvicorn_log_config(),
-        timeout_graceful_shutdown=grace,
+        # uvicorn annotates an int, and uses it as an asyncio.timeout(), which takes a float
+        timeout_graceful_shutdown=grace,  # type: ignore[arg-type]
         timeout_keep_alive=30,
     )
 
@@ -74,7 +77,7 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def run_until_signalled(server: uvicorn.Server, sockets: list | None = None) -> None:
+def run_until_signalled(server: uvicorn.Server, sockets: list[socket.socket] | None = None) -> None:
     """Serve (on `sockets` already bound, when given); a SIGTERM or SIGINT that drained cleanly ends the
     process with exit code 0.
 

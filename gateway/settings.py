@@ -28,9 +28,9 @@ class Secret:
         return self._value
 
     def masked(self) -> str:
-        v = self._value
-        prefix = v.split("-", 1)[0] + "-" if "-" in v[:6] else ""
-        return f"{prefix}…{v[-4:]}" if len(v) >= 12 else "…"
+        value = self._value
+        prefix = value.split("-", 1)[0] + "-" if "-" in value[:6] else ""
+        return f"{prefix}…{value[-4:]}" if len(value) >= 12 else "…"
 
     def __repr__(self) -> str:
         return "Secret('***')"

@@ -20,15 +20,21 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING
 
 import structlog
 from prometheus_client import multiprocess
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import logs
 from gateway.config import load_settings
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 RESTART_PAUSE_S = 1.0  # a worker that keeps dying is restarted at most this often
@@ -40,10 +46,14 @@ class Supervisor:
     def __init__(self, settings: Settings, n: int, host: str, port: int) -> None:
         from gateway.serve import uvicorn_config
 
-        self.settings, self.n, self.host, self.port = settings, n, host, port
-        self.sock = uvicorn_config(None, host, port, settings.server.shutdown_grace_s).bind_socket()
+        self.settings = settings
+        self.n = n
+        self.host = host
+        self.port = port
+        # no app is loaded from this config ("" names none): it only binds the socket the workers share
+        self.sock = uvicorn_config("", host, port, settings.server.shutdown_grace_s).bind_socket()
         self.ctx = multiprocessing.get_context("spawn")
-        self.workers: dict[Connection, Any] = {}  # the parent's end of a worker's pipe → its process
+        self.workers: dict[Connection, BaseProcess] = {}  # the parent's end of a worker's pipe → its process
         self.pending: dict[Connection, set[Connection]] = {}  # a reload asker → workers still reloading
         self.log = structlog.get_logger("gateway.workers")
         self._signals: list[int] = []
@@ -119,14 +129,14 @@ class Supervisor:
                 del self.pending[asker]
                 self._tell([asker], ("others-reloaded",))
 
-    def _tell(self, conns: Any, message: tuple) -> None:
+    def _tell(self, conns: Iterable[Connection], message: tuple[str, ...]) -> None:
         for conn in list(conns):
             try:
                 conn.send(message)
             except OSError:
                 pass  # it is exiting: its sentinel says so
 
-    def _exited(self, conn: Connection, proc: Any) -> None:
+    def _exited(self, conn: Connection, proc: BaseProcess) -> None:
         proc.join()
         del self.workers[conn]
         conn.close()
@@ -134,7 +144,7 @@ class Supervisor:
         for waiting in self.pending.values():
             waiting.discard(conn)
         self._answer_reloads()
-        multiprocess.mark_process_dead(proc.pid)
+        multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
         self.log.warning("worker.exited", pid=proc.pid, exit_code=proc.exitcode)
         time.sleep(RESTART_PAUSE_S)
         self._spawn()
@@ -159,14 +169,15 @@ class Peers:
     """A worker's side of its pipe to the parent: the parent's reload requests, and the others' reload
     for this worker's POST /admin/reload. A closed pipe means the parent died: this worker drains."""
 
-    def __init__(self, conn: Connection, gateway: Any) -> None:
-        self.conn, self.gateway = conn, gateway
+    def __init__(self, conn: Connection, gateway: Gateway) -> None:
+        self.conn = conn
+        self.gateway = gateway
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._asked: asyncio.Future | None = None
+        self._asked: asyncio.Future[None] | None = None
         self._send_lock = threading.Lock()
         threading.Thread(target=self._listen, name="gateway-peers", daemon=True).start()
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, message: tuple[str, ...]) -> None:
         with self._send_lock:
             self.conn.send(message)
 
@@ -181,7 +192,12 @@ class Peers:
                 self._reload()
                 self._send(("reloaded",))
             elif kind == "others-reloaded" and self.loop is not None and self._asked is not None:
-                self.loop.call_soon_threadsafe(lambda f=self._asked: f.done() or f.set_result(None))
+                self.loop.call_soon_threadsafe(self._confirm, self._asked)
+
+    @staticmethod
+    def _confirm(asked: asyncio.Future[None]) -> None:
+        if not asked.done():
+            asked.set_result(None)
 
     def _reload(self) -> None:
         """Reload this worker's config on its event loop (before it serves, it has just read it)."""
@@ -207,18 +223,19 @@ class ReloadEverywhere:
     """ASGI: a POST /admin/reload that this worker answers 200 (token checked, config taken) is sent on
     once every other worker has reloaded too."""
 
-    def __init__(self, app: Any, peers: Peers) -> None:
-        self.app, self.peers = app, peers
+    def __init__(self, app: ASGIApp, peers: Peers) -> None:
+        self.app = app
+        self.peers = peers
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             self.peers.loop = asyncio.get_running_loop()
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/admin/reload":
             await self.app(scope, receive, send)
             return
-        held: list[dict] = []
+        held: list[Message] = []
 
-        async def hold(message: dict) -> None:
+        async def hold(message: Message) -> None:
             held.append(message)
 
         await self.app(scope, receive, hold)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -26,7 +27,8 @@ from gateway.settings import ArchiveSettings
 from gateway.store.base import Store, Task
 from gateway.store.outbox import ARCHIVE_TOPIC, ArchivedFile, Item
 
-FIRST_RETRY_S, MAX_RETRY_S = 5.0, 600.0
+FIRST_RETRY_S = 5.0
+MAX_RETRY_S = 600.0
 WINDOW_S = 24 * 3600.0
 LEASE_S = 30 * 60.0  # longer than a copy of the largest file takes; then another replica may copy it
 COPIES_AT_ONCE = 2  # per topic, across replicas
@@ -49,7 +51,7 @@ def segment(name: str) -> str:
     return name if _SAFE.fullmatch(name) and ".." not in name else "x-" + hashlib.sha256(name.encode()).hexdigest()[:32]
 
 
-def archive_item(task: Task, data: dict, now: float) -> Item | None:
+def archive_item(task: Task, data: dict[str, Any], now: float) -> Item | None:
     """The outbox item for a succeeded task's files, or None when TokenHub's answer names none."""
     results = data.get("data")
     first = results[0] if isinstance(results, list) and results and isinstance(results[0], dict) else {}
@@ -73,7 +75,7 @@ def file_key(team: str, task_id: str, variant: str, content_type: str, url: str)
 
 
 def retry_in_s(attempts: int) -> float:
-    return min(MAX_RETRY_S, FIRST_RETRY_S * 2 ** min(max(0, attempts - 1), 20))
+    return min(MAX_RETRY_S, FIRST_RETRY_S * 2.0 ** min(max(0, attempts - 1), 20))
 
 
 @dataclass
@@ -88,12 +90,12 @@ class Served:
 
 def byte_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     """One `bytes=` range → (start, end) exclusive; None: the whole file; "unsatisfiable": 416."""
-    m = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
-    if m is None or not (m[1] or m[2]) or (m[1] and m[2] and int(m[2]) < int(m[1])):
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
+    if match is None or not (match[1] or match[2]) or (match[1] and match[2] and int(match[2]) < int(match[1])):
         return None
-    if not m[1]:
-        return (max(0, size - int(m[2])), size) if int(m[2]) > 0 and size > 0 else "unsatisfiable"
-    start, end = int(m[1]), min(size, int(m[2]) + 1) if m[2] else size
+    if not match[1]:
+        return (max(0, size - int(match[2])), size) if int(match[2]) > 0 and size > 0 else "unsatisfiable"
+    start, end = int(match[1]), min(size, int(match[2]) + 1) if match[2] else size
     return (start, end) if start < size else "unsatisfiable"
 
 
@@ -108,11 +110,17 @@ class Archive:
         window_s: float = WINDOW_S,
         retention_every_s: float = RETENTION_EVERY_S,
     ) -> None:
-        self.settings, self.backend, self.store, self.metrics, self.clock = settings, backend, store, metrics, clock
-        self.window_s, self.retention_every_s = window_s, retention_every_s
+        self.settings = settings
+        self.backend = backend
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.window_s = window_s
+        self.retention_every_s = retention_every_s
         self.log = structlog.get_logger("gateway.archive")
-        self._wake, self._stop = asyncio.Event(), asyncio.Event()
-        self._copies: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._copies: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._next_retention = 0.0
 
@@ -120,18 +128,20 @@ class Archive:
 
     async def open_range(self, task: Task, variant: str, range_header: str | None) -> Served | None:
         """An archived file of the task ("video" or "cover") with one `Range` answered; None when not archived."""
-        f = next((f for f in await self.store.archive_files(task.task_id or "") if f.variant == variant), None)
-        if f is None:
+        files = await self.store.archive_files(task.task_id or "")
+        archived = next((f for f in files if f.variant == variant), None)
+        if archived is None:
             return None
-        headers = {"Accept-Ranges": "bytes", "Content-Type": f.content_type}
-        wanted = byte_range(range_header, f.size)
+        headers = {"Accept-Ranges": "bytes", "Content-Type": archived.content_type}
+        wanted = byte_range(range_header, archived.size)
         if wanted == "unsatisfiable":
-            return Served(416, {**headers, "Content-Range": f"bytes */{f.size}"}, None, f)
-        start, end = wanted if isinstance(wanted, tuple) else (0, f.size)
+            return Served(416, {**headers, "Content-Range": f"bytes */{archived.size}"}, None, archived)
+        start, end = wanted if isinstance(wanted, tuple) else (0, archived.size)
         if isinstance(wanted, tuple):
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{f.size}"
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{archived.size}"
         headers["Content-Length"] = str(end - start)
-        return Served(206 if isinstance(wanted, tuple) else 200, headers, self.backend.read(f.key, start, end), f)
+        body = self.backend.read(archived.key, start, end)
+        return Served(206 if isinstance(wanted, tuple) else 200, headers, body, archived)
 
     def expires_at(self, files: list[ArchivedFile]) -> float | None:
         """When retention deletes the task's files (for the Video object's `expires_at`)."""
@@ -139,9 +149,9 @@ class Archive:
 
     async def delete(self, task_id: str) -> None:
         """Remove a task's archived files (a video deleted in the OpenAI shape)."""
-        for f in await self.store.archive_files(task_id):
-            await self.backend.delete(f.key)
-            await self.store.archive_forget(f.task_id, f.variant)
+        for archived in await self.store.archive_files(task_id):
+            await self.backend.delete(archived.key)
+            await self.store.archive_forget(archived.task_id, archived.variant)
 
     # copying
 
@@ -175,9 +185,9 @@ class Archive:
             await asyncio.gather(*self._copies, return_exceptions=True)
             await self._session.close()
 
-    async def _guarded(self, work: object) -> None:
+    async def _guarded(self, work: Awaitable[object]) -> None:
         try:
-            await work  # type: ignore[misc]
+            await work
         except GatewayError as exc:
             self.log.warning("archive.store_failed", error_code=exc.code)
         except Exception:  # noqa: BLE001 - the loop must outlive any one bad step
@@ -189,7 +199,11 @@ class Archive:
         for item in await self.store.outbox_claim(ARCHIVE_TOPIC, COPIES_AT_ONCE, await self.store.now(), LEASE_S):
             job = asyncio.ensure_future(self._guarded(self.copy(item)))
             self._copies.add(job)
-            job.add_done_callback(lambda j: (self._copies.discard(j), self._wake.set()))
+            job.add_done_callback(self._copy_done)
+
+    def _copy_done(self, job: asyncio.Task[None]) -> None:
+        self._copies.discard(job)
+        self._wake.set()
 
     async def copy(self, item: Item) -> None:
         job = orjson.loads(item.payload)
@@ -224,10 +238,11 @@ class Archive:
         else:
             await self.store.outbox_retry(item, now + retry_in_s(item.attempts), str(failure), now)
 
-    async def _copy_file(self, job: dict, variant: str, url: str) -> None:
+    async def _copy_file(self, job: dict[str, Any], variant: str, url: str) -> None:
         limit = self.settings.max_bytes_per_video
+        session = cast(aiohttp.ClientSession, self._session)  # run() opens it before any copy
         try:
-            async with self._session.get(url, allow_redirects=True, max_redirects=3) as resp:
+            async with session.get(url, allow_redirects=True, max_redirects=3) as resp:
                 if resp.status in GONE:
                     raise CopyFailed("expired", f"TokenHub's URL answered {resp.status}")
                 if resp.status != 200:
@@ -250,11 +265,12 @@ class Archive:
 
     async def apply_retention(self) -> int:
         """Delete the files archived more than `retention_days` ago (the ledger rows stay)."""
-        before, deleted = self.clock() - self.settings.retention_days * 86400, 0
+        before = self.clock() - self.settings.retention_days * 86400
+        deleted = 0
         while old := await self.store.archive_older(before, 100):
-            for f in old:
-                await self.backend.delete(f.key)
-                await self.store.archive_forget(f.task_id, f.variant)
+            for archived in old:
+                await self.backend.delete(archived.key)
+                await self.store.archive_forget(archived.task_id, archived.variant)
                 deleted += 1
         if deleted:
             self.log.info("archive.retention", deleted=deleted)

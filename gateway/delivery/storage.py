@@ -12,10 +12,13 @@ import os
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 from urllib.parse import urlsplit
 
 from gateway.settings import ArchiveSettings
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, S3Config
 
 READ_CHUNK = 256 * 1024
 PART_BYTES = 8 * 1024 * 1024  # an S3 upload holds at most UPLOAD_PARTS parts of this in memory
@@ -49,16 +52,16 @@ class LocalBackend:
         part = final.with_name(f".{final.name}.{secrets.token_hex(6)}.part")
         try:
             await asyncio.to_thread(final.parent.mkdir, parents=True, exist_ok=True)
-            f = await asyncio.to_thread(open, part, "wb")
+            file = await asyncio.to_thread(open, part, "wb")
         except OSError as exc:
             raise StoreFailed(f"cannot write the archive directory: {exc.strerror}") from None
         try:
             try:
                 async for chunk in chunks:
-                    await asyncio.to_thread(f.write, chunk)
-                await asyncio.to_thread(_sync_close, f)
+                    await asyncio.to_thread(file.write, chunk)
+                await asyncio.to_thread(_sync_close, file)
             finally:
-                f.close()
+                file.close()
             await asyncio.to_thread(os.replace, part, final)
         except OSError as exc:
             raise StoreFailed(f"cannot write the archive directory: {exc.strerror}") from None
@@ -66,17 +69,17 @@ class LocalBackend:
             part.unlink(missing_ok=True)
 
     async def read(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
-        f = await asyncio.to_thread(open, self._path(key), "rb")
+        file = await asyncio.to_thread(open, self._path(key), "rb")
         try:
-            await asyncio.to_thread(f.seek, start)
+            await asyncio.to_thread(file.seek, start)
             while start < end:
-                chunk = await asyncio.to_thread(f.read, min(READ_CHUNK, end - start))
+                chunk = await asyncio.to_thread(file.read, min(READ_CHUNK, end - start))
                 if not chunk:
                     return
                 start += len(chunk)
                 yield chunk
         finally:
-            f.close()
+            file.close()
 
     async def delete(self, key: str) -> None:
         path = self._path(key)
@@ -90,9 +93,9 @@ class LocalBackend:
                 break
 
 
-def _sync_close(f) -> None:
-    f.flush()
-    os.fsync(f.fileno())
+def _sync_close(file: BinaryIO) -> None:
+    file.flush()
+    os.fsync(file.fileno())
 
 
 class S3Backend:
@@ -101,13 +104,17 @@ class S3Backend:
         from obstore.store import S3Store
 
         self._obstore = obstore
-        where = urlsplit(settings.url)
-        options = (
-            {"endpoint": settings.endpoint_url, "virtual_hosted_style_request": False} if settings.endpoint_url else {}
+        where = urlsplit(cast(str, settings.url))  # config sets exactly one of dir and url
+        config: S3Config = {"region": settings.region}
+        client_options: ClientConfig | None = None
+        if settings.endpoint_url:
+            config["endpoint"] = settings.endpoint_url
+            config["virtual_hosted_style_request"] = False
+            if settings.endpoint_url.startswith("http://"):
+                client_options = {"allow_http": True}
+        self._store = S3Store(
+            where.netloc, prefix=where.path.strip("/") or None, config=config, client_options=client_options
         )
-        if (settings.endpoint_url or "").startswith("http://"):
-            options["client_options"] = {"allow_http": True}
-        self._store = S3Store(where.netloc, prefix=where.path.strip("/") or None, region=settings.region, **options)
 
     async def put(self, key: str, chunks: AsyncIterator[bytes], content_type: str) -> None:
         try:

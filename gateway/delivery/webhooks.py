@@ -13,7 +13,8 @@ import base64
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -90,16 +91,16 @@ def headers(secret: str, item: Item, now: float) -> dict[str, str]:
 
 def backoff_s(initial: float, attempts: int) -> float:
     """After the n-th failed attempt: initial × 2^(n-1), capped at an hour."""
-    return min(MAX_BACKOFF_S, initial * 2 ** min(max(0, attempts - 1), 30))
+    return min(MAX_BACKOFF_S, initial * 2.0 ** min(max(0, attempts - 1), 30))
 
 
 def redacted(url: str) -> str:
     """A URL as an admin may see it: no user name, password or query string."""
-    p = urlsplit(url)
-    host = p.hostname or ""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
     host = f"[{host}]" if ":" in host else host
-    netloc = ("***@" if p.username or p.password else "") + host + (f":{p.port}" if p.port else "")
-    return f"{p.scheme}://{netloc}{p.path}" + ("?***" if p.query else "")
+    netloc = ("***@" if parts.username or parts.password else "") + host + (f":{parts.port}" if parts.port else "")
+    return f"{parts.scheme}://{netloc}{parts.path}" + ("?***" if parts.query else "")
 
 
 class Deliverer:
@@ -112,12 +113,16 @@ class Deliverer:
         window_s: float = WINDOW_S,
         timeout_s: float = TIMEOUT_S,
     ) -> None:
-        self.store, self.metrics, self.clock, self.window_s = store, metrics, clock, window_s
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.window_s = window_s
         self.timeout_s = timeout_s
         self.endpoints = {ep.name: ep for ep in endpoints}
         self.log = structlog.get_logger("gateway.webhooks")
-        self._wake, self._stop = asyncio.Event(), asyncio.Event()
-        self._attempts: dict[asyncio.Task, Item] = {}
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._attempts: dict[asyncio.Task[None], Item] = {}
         self._busy: dict[str, int] = {}  # endpoint → this replica's attempts now
         self._session: aiohttp.ClientSession | None = None
 
@@ -171,9 +176,9 @@ class Deliverer:
         if self._session is not None:
             await self._session.close()
 
-    async def _guarded(self, work: object) -> None:
+    async def _guarded(self, work: Awaitable[object]) -> None:
         try:
-            await work  # type: ignore[misc]
+            await work
         except GatewayError as exc:  # the store is away: the next tick tries again
             self.log.warning("webhook.store_failed", error_code=exc.code)
         except Exception:  # noqa: BLE001 - the loop must outlive any one bad step
@@ -182,14 +187,15 @@ class Deliverer:
     async def _claim(self, ep: WebhookEndpoint) -> None:
         if self._busy.get(ep.name, 0) >= ep.max_in_flight:
             return
-        items = await self.store.outbox_claim(webhook_topic(ep.name), ep.max_in_flight, await self.store.now(), LEASE_S)
+        name = ep.name
+        items = await self.store.outbox_claim(webhook_topic(name), ep.max_in_flight, await self.store.now(), LEASE_S)
         for item in items:
-            self._busy[ep.name] = self._busy.get(ep.name, 0) + 1
+            self._busy[name] = self._busy.get(name, 0) + 1
             job = asyncio.ensure_future(self._guarded(self._attempt(ep, item)))
             self._attempts[job] = item
-            job.add_done_callback(lambda j, name=ep.name: self._done(j, name))
+            job.add_done_callback(lambda done: self._done(done, name))
 
-    def _done(self, job: asyncio.Task, name: str) -> None:
+    def _done(self, job: asyncio.Task[None], name: str) -> None:
         self._attempts.pop(job, None)
         self._busy[name] -= 1
         self._wake.set()  # room for the next event of this endpoint
@@ -197,25 +203,27 @@ class Deliverer:
     async def _attempt(self, ep: WebhookEndpoint, item: Item) -> None:
         error = await self._post(ep, item)
         now = await self.store.now()
-        m, log = self.metrics, self.log.bind(endpoint=ep.name, event_id=item.id, attempt=item.attempts)
+        metrics = self.metrics
+        log = self.log.bind(endpoint=ep.name, event_id=item.id, attempt=item.attempts)
         if error is None:
             await self.store.outbox_done(item, now)
-            m.child(m.webhook_deliveries, ep.name, "ok").inc()
+            metrics.child(metrics.webhook_deliveries, ep.name, "ok").inc()
             log.info("webhook.delivered")
         elif now >= item.created_at + self.window_s:
             await self.store.outbox_give_up(item, error, now)
-            m.child(m.webhook_deliveries, ep.name, "gave_up").inc()
+            metrics.child(metrics.webhook_deliveries, ep.name, "gave_up").inc()
             log.warning("webhook.gave_up", error=error)
         else:
             next_at = min(now + backoff_s(ep.retry_initial_s, item.attempts), item.created_at + self.window_s)
             await self.store.outbox_retry(item, next_at, error, now)
-            m.child(m.webhook_deliveries, ep.name, "failed").inc()
+            metrics.child(metrics.webhook_deliveries, ep.name, "failed").inc()
             log.info("webhook.failed", error=error, retry_in_s=round(next_at - now, 3))
 
     async def _post(self, ep: WebhookEndpoint, item: Item) -> str | None:
         """None when the endpoint answered 2xx in time, else what went wrong (no URL in it)."""
+        session = cast(aiohttp.ClientSession, self._session)  # run() opens it before any attempt
         try:
-            async with self._session.post(
+            async with session.post(
                 ep.url.reveal(),
                 data=item.payload,
                 allow_redirects=False,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -40,6 +40,7 @@ from gateway.upstream.client import Reply
 from gateway.upstream.keypool import KeyPool
 
 T = TypeVar("T")
+ErrorT = TypeVar("ErrorT", bound="GatewayError | None")
 MAX_TASK_ID = 256
 CUT_RECORD_S = 0.5  # at shutdown, for creates cut by the deadline to be recorded as unknown
 
@@ -56,20 +57,27 @@ class Tasks:
         records: LRUCache[str, Task],
         clock: Callable[[], float],
     ) -> None:
-        self.settings, self.store, self.calls, self.pool = settings, store, calls, pool
-        self.settlement, self.metrics, self.records, self.clock = settlement, metrics, records, clock
+        self.settings = settings
+        self.store = store
+        self.calls = calls
+        self.pool = pool
+        self.settlement = settlement
+        self.metrics = metrics
+        self.records = records
+        self.clock = clock
         self.log = structlog.get_logger("gateway.tasks")
         # Admissions refused with 503 before anything reached TokenHub, to undo once the store answers.
         self._abandoned: LRUCache[str, None] = LRUCache(maxsize=100_000)
-        self._unrecorded: LRUCache[str, tuple] = LRUCache(maxsize=100_000)
-        self._background: set[asyncio.Task] = set()
+        # rid → what record_created was to be given: task id, status, time, TokenHub's reply.
+        self._unrecorded: LRUCache[str, tuple[str, str, float, tuple[int, bytes]]] = LRUCache(maxsize=100_000)
+        self._background: set[asyncio.Task[Outcome]] = set()
         self._sent: set[str] = set()  # admissions whose create is on its way to TokenHub
 
     async def create(
         self,
         user: User,
         team: Team,
-        fingerprint: str,
+        fingerprint: str | None,
         raw: bytes,
         req: VideoRequest,
         idem_key: str | None,
@@ -188,7 +196,7 @@ class Tasks:
         await self._unsent(task, self.store.cancel_admission(task.rid))  # certainly nothing was created upstream
         raise unreachable or await self.pool.no_key_error(task.model)
 
-    async def _keys(self, task: Task) -> AsyncIterator[UpstreamKey]:
+    async def _keys(self, task: Task) -> AsyncGenerator[UpstreamKey, None]:
         """The keys to try, each with its slot taken: the one the admission took (a store that chooses
         with the admission names it in task.key_name), then the pool's other candidates."""
         first = self.pool.key_for(task.key_name)
@@ -228,7 +236,7 @@ class Tasks:
                     )
             self._unrecorded.pop(rid, None)
 
-    async def _unknown(self, task: Task, reason: str, err: GatewayError | None) -> GatewayError | None:
+    async def _unknown(self, task: Task, reason: str, err: ErrorT) -> ErrorT:
         """A forwarded create whose outcome the gateway cannot know: charged at its estimate and kept
         visible until an operator resolves it (SPEC §4). Its answer tells the client not to retry blindly."""
         if err is not None:
@@ -236,7 +244,7 @@ class Tasks:
         try:
             items = self.settlement.unknown_items(task)
             done = await self.store.mark_unknown(
-                task.rid, self.clock(), (err.status, err.json()) if err else None, items
+                task.rid, self.clock(), (err.status, err.json()) if err is not None else None, items
             )
         except GatewayError as exc:  # the pending record stays; the poller expires it as unresolved
             self.log.error("task.unknown_unrecorded", rid=task.rid, reason=reason, error_code=exc.code)
@@ -279,7 +287,9 @@ class Tasks:
             # TokenHub made the task: the client must get its id, not a 503 that invites a paid retry.
             self._unrecorded[task.rid] = (task_id, status, now, (reply.status, body))
             self.log.warning("task.record_deferred", task_id=task_id, reason="store_unavailable")
-        task.task_id, task.key_name, task.status = task_id, key_name, status
+        task.task_id = task_id
+        task.key_name = key_name
+        task.status = status
         self.records[task_id] = task
         self.metrics.child(self.metrics.tasks_created, task.team, task.model, task.resolution).inc()
         return Outcome(reply.status, body)
@@ -287,16 +297,16 @@ class Tasks:
     async def rate_headers(self, subjects: tuple[Subject, ...], now: float | None = None) -> dict[str, str]:
         """The tightest requests-per-minute window among the subjects, as OpenAI's rate-limit headers
         (`now`: the store's time, when the caller already has it)."""
-        limited = [s for s in subjects if s.limits.requests_per_minute]
+        limited = [(s, rpm) for s in subjects if (rpm := s.limits.requests_per_minute)]
         if not limited:
             return {}
         try:
             if now is None:
                 now = await self.store.now()
-            states = [await self.store.rate_state(s.scope, s.name, s.limits.requests_per_minute, now) for s in limited]
+            states = [await self.store.rate_state(s.scope, s.name, rpm, now) for s, rpm in limited]
         except StoreUnavailable:
             return {}
-        tight = min(states, key=lambda r: (r.remaining, r.limit))
+        tight = min(states, key=lambda state: (state.remaining, state.limit))
         return {
             "x-ratelimit-limit-requests": str(tight.limit),
             "x-ratelimit-remaining-requests": str(tight.remaining),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -36,8 +36,14 @@ class Poller:
         metrics: Metrics,
         clock: Callable[[], float],
     ) -> None:
-        self.settings, self.store, self.tasks, self.polls = settings, store, tasks, polls
-        self.settlement, self.pool, self.upstream, self.metrics = settlement, pool, upstream, metrics
+        self.settings = settings
+        self.store = store
+        self.tasks = tasks
+        self.polls = polls
+        self.settlement = settlement
+        self.pool = pool
+        self.upstream = upstream
+        self.metrics = metrics
         self.clock = clock
         self.log = structlog.get_logger("gateway.poller")
         self._stop = asyncio.Event()
@@ -55,10 +61,10 @@ class Poller:
             except TimeoutError:
                 pass
 
-    async def _guarded(self, step: str, work: object) -> bool:
+    async def _guarded(self, step: str, work: Awaitable[object]) -> bool:
         """Run one step; a failure is logged and stays local to that step."""
         try:
-            await work  # type: ignore[misc]
+            await work
             return True
         except GatewayError as exc:
             self.log.warning(f"poller.{step}_failed", error_code=exc.code)

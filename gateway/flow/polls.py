@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import structlog
@@ -33,12 +33,16 @@ class Polls:
         records: LRUCache[str, Task],
         clock: Callable[[], float],
     ) -> None:
-        self.store, self.calls, self.pool, self.settlement = store, calls, pool, settlement
-        self.records, self.clock = records, clock  # records: owner and key of a task never change
+        self.store = store
+        self.calls = calls
+        self.pool = pool
+        self.settlement = settlement
+        self.records = records  # owner and key of a task never change
+        self.clock = clock
         self.log = structlog.get_logger("gateway.tasks")
         self._final: LRUCache[str, bytes] = LRUCache(maxsize=20_000)
         self._recent: TTLCache[str, Outcome] = TTLCache(maxsize=50_000, ttl=POLL_COALESCE_S)
-        self._polling: dict[str, asyncio.Future] = {}
+        self._polling: dict[str, asyncio.Future[Outcome]] = {}
 
     async def owned(self, task_id: str, team: str) -> Task:
         task = self.records.get(task_id)
@@ -51,36 +55,37 @@ class Polls:
         return task
 
     async def poll(self, task: Task, ctx: RequestContext | None) -> Outcome:
-        final = self._final.get(task.task_id)
+        task_id = cast(str, task.task_id)  # polled tasks are TokenHub's: owned() and the poller check it
+        final = self._final.get(task_id)
         if final is None and task.status in tokenhub.TERMINAL:
-            stored = task if task.settled else await self.store.get_task(task.task_id)
+            stored = task if task.settled else await self.store.get_task(task_id)
             final = stored.final_body if stored is not None and stored.settled else None
             if final is not None:
-                self._final[task.task_id] = final
+                self._final[task_id] = final
         if final is not None:
             return Outcome(200, final)
-        recent = self._recent.get(task.task_id)
+        recent = self._recent.get(task_id)
         if recent is not None:
             return recent
-        running = self._polling.get(task.task_id)
+        running = self._polling.get(task_id)
         if running is None:
             running = asyncio.ensure_future(self._poll_upstream(task, ctx))
-            self._polling[task.task_id] = running
-            running.add_done_callback(lambda _f, tid=task.task_id: self._polling.pop(tid, None))
+            self._polling[task_id] = running
+            running.add_done_callback(lambda _done: self._polling.pop(task_id, None))
         return await asyncio.shield(running)
 
     async def _poll_upstream(self, task: Task, ctx: RequestContext | None) -> Outcome:
         reply = await self._task_call(task, "GET", ctx)
         outcome = await self._after_reply(task, reply)
         if reply.status == 200:
-            self._recent[task.task_id] = outcome
+            self._recent[cast(str, task.task_id)] = outcome
         return outcome
 
     async def cancel(self, task: Task, ctx: RequestContext) -> Outcome:
         reply = await self._task_call(task, "DELETE", ctx)
         outcome = await self._after_reply(task, reply)
         if reply.status == 200:
-            self._recent[task.task_id] = outcome
+            self._recent[cast(str, task.task_id)] = outcome
         return outcome
 
     async def _task_call(self, task: Task, method: str, ctx: RequestContext | None) -> Reply:
@@ -93,7 +98,9 @@ class Polls:
                 "longer configured, so TokenHub cannot be asked about it.",
                 code="upstream_key_unknown",
             )
-        return await self.calls.call(key, tokenhub.TASK_ROUTE, method, tokenhub.task_path(task.task_id), None, ctx)
+        return await self.calls.call(
+            key, tokenhub.TASK_ROUTE, method, tokenhub.task_path(cast(str, task.task_id)), None, ctx
+        )
 
     async def _after_reply(self, task: Task, reply: Reply) -> Outcome:
         outcome = tokenhub.outcome_of(reply.status)
@@ -121,16 +128,17 @@ class Polls:
             self.log.warning("task.observe_deferred", task_id=task.task_id, reason="store_unavailable")
         return Outcome(200, body)
 
-    async def observe(self, task: Task, data: dict, raw: bytes) -> None:
+    async def observe(self, task: Task, data: dict[str, Any], raw: bytes) -> None:
         """Record what TokenHub said of a task: a new status, or its settlement at the first terminal one.
         The answer is cached as final only once the store holds the settlement."""
+        task_id = cast(str, task.task_id)
         status = data["status"]
         if status in tokenhub.TERMINAL:
             await self.settlement.settle(task, status, data, raw)
-            self._final[task.task_id] = raw
+            self._final[task_id] = raw
         elif status != task.status and status in ("queued", "running"):
             task.status = status
-            await self.store.set_status(task.task_id, status, self.clock())
+            await self.store.set_status(task_id, status, self.clock())
 
 
 def _json(body: bytes) -> Any:

@@ -19,6 +19,7 @@ from gateway.money import micros_to_usd
 from gateway.policy import pricing
 from gateway.settings import Settings
 from gateway.store.base import Store, Task
+from gateway.store.outbox import Item
 
 MAX_OUTPUT_S = 60  # TokenHub's figures outside these bounds are not believed (SPEC §4)
 MAX_INPUT_S = 45
@@ -44,14 +45,16 @@ def checked_seconds(value: Any, low: float, high: float, low_inclusive: bool) ->
     return Decimal(str(value))
 
 
-def figures(settings: Settings, task: Task, status: str, data: dict) -> Figures:
+def figures(settings: Settings, task: Task, status: str, data: dict[str, Any]) -> Figures:
     """The actual cost of a task at its first terminal status. Only delivered videos cost; a figure
     TokenHub did not give, or gave out of range, falls back to the estimate and is flagged."""
     if status != "succeeded":
         return Figures(0, 0, False)
     if task.resolution not in settings.pricing.get(task.model, {}):
         return Figures(task.estimate_ms, task.estimate_micros, True, "price_removed")
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
     raw_output = usage.get("video_duration")
     output = checked_seconds(raw_output, 0, MAX_OUTPUT_S, low_inclusive=False)
     if output is None:
@@ -65,40 +68,47 @@ def figures(settings: Settings, task: Task, status: str, data: dict) -> Figures:
             )
         )
         return Figures(task.estimate_ms, task.estimate_micros, True, reason)
-    input_s, estimated, anomaly = Decimal(task.input_ms) / 1000, task.input_estimated, None
+    input_s = Decimal(task.input_ms) / 1000
+    estimated = task.input_estimated
+    anomaly: str | None = None
     if "input_video_duration" in usage:
         given = checked_seconds(usage["input_video_duration"], 0, MAX_INPUT_S, low_inclusive=True)
         if given is None:
-            anomaly, estimated = "input_seconds_invalid", True
+            anomaly = "input_seconds_invalid"
+            estimated = True
         else:
-            input_s, estimated = given, False  # TokenHub's own figure wins over the client's
-    ms, cost = pricing.actual(settings.pricing, task.model, task.resolution, input_s, status, output)
-    return Figures(ms, cost, estimated, anomaly)
+            input_s = given  # TokenHub's own figure wins over the client's
+            estimated = False
+    billed_ms, cost = pricing.actual(settings.pricing, task.model, task.resolution, input_s, status, output)
+    return Figures(billed_ms, cost, estimated, anomaly)
 
 
 class Settlement:
     def __init__(self, settings: Settings, store: Store, metrics: Metrics, clock: Callable[[], float]) -> None:
-        self.settings, self.store, self.metrics, self.clock = settings, store, metrics, clock
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
         self.log = structlog.get_logger("gateway.tasks")
         self.on_outbox: Callable[[], None] = lambda: None  # told when a settlement left outbox items
         self.archiving = False  # a succeeded task's files are to be copied into the archive
 
     async def settle(
-        self, task: Task, status: str, data: dict | None, raw: bytes | None, estimated: bool = False
+        self, task: Task, status: str, data: dict[str, Any] | None, raw: bytes | None, estimated: bool = False
     ) -> Task | None:
         """Replace the task's reservation by its cost, once; None when it was already settled."""
         if estimated:
-            f = Figures(task.estimate_ms, task.estimate_micros, True)
+            charge = Figures(task.estimate_ms, task.estimate_micros, True)
         else:
-            f = figures(self.settings, task, status, data or {})
-            if f.anomaly:
-                self.anomaly(f.anomaly, task)
+            charge = figures(self.settings, task, status, data or {})
+            if charge.anomaly:
+                self.anomaly(charge.anomaly, task)
         now = self.clock()
-        items = event_items(self.settings.webhooks, task, status, f.billed_ms, f.cost_micros, now)
+        items = event_items(self.settings.webhooks, task, status, charge.billed_ms, charge.cost_micros, now)
         if self.archiving and status == "succeeded" and (copy := archive_item(task, data or {}, now)):
             items.append(copy)
         done = await self.store.settle(
-            task.task_id or task.rid, status, f.billed_ms, f.cost_micros, f.estimated, raw, now, items
+            task.task_id or task.rid, status, charge.billed_ms, charge.cost_micros, charge.estimated, raw, now, items
         )
         task.status = status
         if done is not None:
@@ -107,7 +117,7 @@ class Settlement:
                 self.on_outbox()
         return done
 
-    def unknown_items(self, task: Task) -> list:
+    def unknown_items(self, task: Task) -> list[Item]:
         """The events of a create whose outcome is unknown: charged at its estimate (SPEC §4)."""
         return event_items(
             self.settings.webhooks, task, "unknown", task.estimate_ms, task.estimate_micros, self.clock()
@@ -154,25 +164,27 @@ class Settlement:
         self.metrics.child(self.metrics.settlement_anomalies, reason).inc()
         self.log.warning("task.settlement_anomaly", reason=reason, task_id=task.task_id or task.rid, team=task.team)
 
-    def settled(self, t: Task) -> None:
+    def settled(self, task: Task) -> None:
         """Count and log a task that has just been settled (from any path)."""
-        m = self.metrics
-        m.tasks_finished.labels(t.team, t.model, t.resolution, t.status).inc()
-        m.task_duration.labels(t.model, t.resolution).observe(max(0.0, (t.settled_at or 0) - t.created_at))
-        if t.billed_ms:
-            m.video_seconds.labels(t.team, t.model, t.resolution).inc(t.billed_ms / 1000)
-        if t.cost_micros:
-            m.spend_usd.labels(t.team, t.model, t.resolution).inc(t.cost_micros / 1_000_000)
-        log = self.log.warning if t.status in ("unresolved", "expired", "unknown") else self.log.info
+        metrics = self.metrics
+        metrics.tasks_finished.labels(task.team, task.model, task.resolution, task.status).inc()
+        metrics.task_duration.labels(task.model, task.resolution).observe(
+            max(0.0, (task.settled_at or 0) - task.created_at)
+        )
+        if task.billed_ms:
+            metrics.video_seconds.labels(task.team, task.model, task.resolution).inc(task.billed_ms / 1000)
+        if task.cost_micros:
+            metrics.spend_usd.labels(task.team, task.model, task.resolution).inc(task.cost_micros / 1_000_000)
+        log = self.log.warning if task.status in ("unresolved", "expired", "unknown") else self.log.info
         log(
             "task.settled",
-            task_id=t.task_id or t.rid,
-            team=t.team,
-            user=t.user,
-            model=t.model,
-            resolution=t.resolution,
-            status=t.status,
-            billed_seconds=(t.billed_ms or 0) / 1000,
-            cost_usd=micros_to_usd(t.cost_micros or 0),
-            estimated=t.cost_estimated,
+            task_id=task.task_id or task.rid,
+            team=task.team,
+            user=task.user,
+            model=task.model,
+            resolution=task.resolution,
+            status=task.status,
+            billed_seconds=(task.billed_ms or 0) / 1000,
+            cost_usd=micros_to_usd(task.cost_micros or 0),
+            estimated=task.cost_estimated,
         )

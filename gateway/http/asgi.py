@@ -3,15 +3,15 @@ errors rendered in one place."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import GatewayError, NotFound
@@ -20,6 +20,10 @@ from gateway.metrics import Metrics
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+
+# An exception handler as the gateway registers them all: async, for HTTP requests.
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+H = TypeVar("H")
 
 
 def error_response(exc: GatewayError) -> Response:
@@ -53,10 +57,12 @@ class HotRoutes:
     """Creates and polls, the two routes every app calls most, dispatched straight to their handlers;
     every other request (and any other method on these paths) goes on to starlette's router."""
 
-    def __init__(self, app: ASGIApp, table: list[Any], handlers: Mapping[Any, Callable]) -> None:
-        self.app, self.handlers = app, handlers
-        self.creates = {r.path: r for r in table if getattr(r, "name", None) == HOT_CREATE}
-        self.polls = [(r.path.removesuffix("{task_id}"), r) for r in table if getattr(r, "name", None) == HOT_POLL]
+    def __init__(self, app: ASGIApp, table: Sequence[BaseRoute], handlers: Mapping[Any, Handler]) -> None:
+        self.app = app
+        self.handlers = handlers
+        routes = [r for r in table if isinstance(r, Route)]
+        self.creates = {r.path: r for r in routes if r.name == HOT_CREATE}
+        self.polls = [(r.path.removesuffix("{task_id}"), r) for r in routes if r.name == HOT_POLL]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope.get("root_path"):
@@ -90,7 +96,7 @@ class HotRoutes:
         await response(scope, receive, send)
 
 
-def handler_for(handlers: Mapping[Any, Callable], exc: Exception) -> Callable | None:
+def handler_for(handlers: Mapping[Any, H], exc: Exception) -> H | None:
     """The registered handler for an exception's class or its nearest base, as starlette looks it up."""
     for cls in type(exc).__mro__:
         if cls in handlers:
@@ -114,7 +120,8 @@ class GatewayApp(Starlette):
     def build_middleware_stack(self) -> ASGIApp:
         handlers = dict(self.exception_handlers)
         inner = ExceptionMiddleware(self.router, handlers=handlers, debug=self.debug)
-        app: ASGIApp = HotRoutes(inner, self.routes, handlers)
+        # cast: create_app registers async handlers for HTTP requests only (on_gateway_error, on_http_error)
+        app: ASGIApp = HotRoutes(inner, self.routes, cast("dict[Any, Handler]", handlers))
         for cls, args, kwargs in reversed(self.user_middleware):
             app = cls(app, *args, **kwargs)
         return RequestMiddleware(app, metrics=self.metrics, draining=self.draining)

@@ -71,12 +71,13 @@ def _dropped_members(raw: bytes, value: Any, written: bytes) -> bool:
 
 def _members(value: Any) -> int:
     """The members of every object in a parsed value; iterative, as nesting is bounded by orjson only."""
-    total, stack = 0, [value]
+    total = 0
+    stack = [value]
     while stack:
-        v = stack.pop()
-        if type(v) is dict:
-            total += len(v)
-            stack.extend(v.values())
-        elif type(v) is list:
-            stack.extend(v)
+        item = stack.pop()
+        if type(item) is dict:
+            total += len(item)
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
     return total

@@ -23,7 +23,7 @@ PROBES = frozenset({"/healthz", "/readyz", "/metrics"})  # still answered while 
 def request_id_from(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
-            rid = value.decode("latin-1")
+            rid: str = value.decode("latin-1")
             if 0 < len(rid) <= 128 and all(c in _SAFE for c in rid):
                 return rid
             break
@@ -33,7 +33,7 @@ def request_id_from(scope: Scope) -> str:
 def route_label(scope: Scope) -> str:
     """The route template without its /api/v1 or /v1 prefix; never a raw path."""
     route = scope.get("route")
-    path = getattr(route, "path", None)
+    path: str | None = getattr(route, "path", None)
     if path is None:
         return "unmatched"
     for prefix in PREFIXES:
@@ -44,7 +44,9 @@ def route_label(scope: Scope) -> str:
 
 class RequestMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics, draining: Callable[[], bool] = lambda: False) -> None:
-        self.app, self.metrics, self.draining = app, metrics, draining
+        self.app = app
+        self.metrics = metrics
+        self.draining = draining
         self.log = structlog.get_logger("gateway.request")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

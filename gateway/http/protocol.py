@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -41,8 +41,8 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._timer_at = 0.0
         self._in_request = False  # part of a request has arrived: a 408 would answer something
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
-        super().connection_made(transport)  # type: ignore[arg-type]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(cast(asyncio.Transport, transport))  # uvicorn's protocol is served over a stream
         self._set(self.header_timeout_s, self._headers_late)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
@@ -14,6 +14,10 @@ from gateway.context import Outcome, RequestContext
 from gateway.errors import BodyTooLarge, RequestTimeout, ValidationError
 from gateway.http.bodies import INLINE_MAX_BYTES, loads_strict
 from gateway.http.workers import BodyWorkers
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+    from gateway.settings import Team, User
 
 JSON = "application/json"
 
@@ -26,28 +30,33 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 class OutcomeResponse(Response):
-    """What `Response(o.body, o.status, o.headers, media_type=JSON)` sends, its header list built directly:
-    an outcome's headers are the task flow's extras, never a content-type or content-length of their own."""
+    """What `Response(outcome.body, outcome.status, outcome.headers, media_type=JSON)` sends, its header list
+    built directly: an outcome's headers are the task flow's extras, never a content-type or content-length of
+    their own."""
 
-    def __init__(self, o: Outcome) -> None:
-        self.status_code, self.body, self.background = o.status, o.body, None
-        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in o.headers.items()]
-        if o.status >= 200 and o.status not in (204, 304):
-            raw.append((b"content-length", str(len(o.body)).encode()))
+    def __init__(self, outcome: Outcome) -> None:
+        self.status_code = outcome.status
+        self.body = outcome.body
+        self.background = None
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in outcome.headers.items()]
+        if outcome.status >= 200 and outcome.status not in (204, 304):
+            raw.append((b"content-length", str(len(outcome.body)).encode()))
         raw.append(_JSON_TYPE)
         self.raw_headers = raw
 
 
-def outcome_response(o: Outcome) -> Response:
-    return OutcomeResponse(o)
+def outcome_response(outcome: Outcome) -> Response:
+    return OutcomeResponse(outcome)
 
 
 def ctx_of(request: Request) -> RequestContext:
-    return request.scope["state"]["ctx"]
+    ctx: RequestContext = request.scope["state"]["ctx"]
+    return ctx
 
 
-def gw(request: Request) -> Any:
-    return request.app.gateway
+def gw(request: Request) -> Gateway:
+    gateway: Gateway = request.app.gateway
+    return gateway
 
 
 def header(request: Request, name: bytes) -> str | None:
@@ -55,14 +64,16 @@ def header(request: Request, name: bytes) -> str | None:
     building starlette's Headers, whose miss raises a KeyError for .get() to catch."""
     for key, value in request.scope["headers"]:
         if key == name:
-            return value.decode("latin-1")
+            found: str = value.decode("latin-1")
+            return found
     return None
 
 
-def authenticate(request: Request) -> tuple[Any, Any]:
+def authenticate(request: Request) -> tuple[User, Team]:
     user, team = gw(request).auth.authenticate(header(request, b"authorization"))
     ctx = ctx_of(request)
-    ctx.user, ctx.team = user.name, team.name
+    ctx.user = user.name
+    ctx.team = team.name
     return user, team
 
 
@@ -80,7 +91,8 @@ async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> by
                 message = await request.receive()
                 if message["type"] == "http.disconnect":
                     raise ClientDisconnect()
-                chunk, more = message.get("body", b""), message.get("more_body", False)
+                chunk: bytes = message.get("body", b"")
+                more = message.get("more_body", False)
                 if body.tell() + len(chunk) > limit:
                     raise BodyTooLarge(f"The body is larger than {limit} bytes.")
                 if not more and not body.tell():

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from gateway.errors import GatewayError
 
@@ -47,14 +47,14 @@ class BodyWorkers:
             raise GatewayError("The body could not be checked; nothing was charged.") from None
         if not ok:
             raise value
-        return value
+        return cast(T, value)
 
     def close(self) -> None:
         self._closed = True
         while self._idle:
             self._idle.pop().stop()
 
-    def _returned(self, worker: _Worker, job: asyncio.Future) -> None:
+    def _returned(self, worker: _Worker, job: asyncio.Future[tuple[bool, Any]]) -> None:
         self._gate.release()
         if self._closed or job.cancelled() or job.exception() is not None:
             worker.stop()  # a worker that died or broke off mid-call is not trusted with another
@@ -66,16 +66,17 @@ class _Worker:
     """One worker process; used by one thread at a time."""
 
     def __init__(self) -> None:
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.conn: Connection | None = None
 
-    def call(self, fn: Callable[..., Any], body: bytes, args: tuple) -> tuple[bool, Any]:
+    def call(self, fn: Callable[..., Any], body: bytes, args: tuple[Any, ...]) -> tuple[bool, Any]:
         if self.conn is None:
             self._start()
         assert self.conn is not None
         self.conn.send((fn, args))
         self.conn.send_bytes(body)
-        return self.conn.recv()
+        reply: tuple[bool, Any] = self.conn.recv()
+        return reply
 
     def stop(self) -> None:
         if self.conn is not None:

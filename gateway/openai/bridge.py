@@ -46,7 +46,7 @@ def decode_meta(meta: bytes | None) -> VideoFacts | None:
     doc = _meta_doc(meta)
     if doc is None or "model" not in doc:
         return None
-    fields = [doc.get(name) for name in ("model", "seconds", "size", "prompt", "remixed_from")]
+    fields: list[Any] = [doc.get(name) for name in ("model", "seconds", "size", "prompt", "remixed_from")]
     if not all(isinstance(f, str) for f in fields[:3]) or not all(f is None or isinstance(f, str) for f in fields[3:]):
         return None
     return VideoFacts(*fields)
@@ -116,8 +116,9 @@ def _ratio(task: Task, answer: dict[str, Any]) -> str | None:
     if isinstance(kept, str):
         return kept
     for name in ("ratio", "aspect_ratio"):
-        if isinstance(answer.get(name), str):
-            return answer[name]
+        given = answer.get(name)
+        if isinstance(given, str):
+            return given
     return None
 
 

@@ -28,7 +28,9 @@ import orjson
 from gateway.errors import UnsupportedParameter, ValidationError
 
 DEFAULT_ALIASES = {"sora-2": "doubao-seedance-2.0-fast", "sora-2-pro": "doubao-seedance-2.0"}
-DEFAULT_MODEL, DEFAULT_SECONDS, DEFAULT_SIZE = "sora-2", "4", "720x1280"
+DEFAULT_MODEL = "sora-2"
+DEFAULT_SECONDS = "4"
+DEFAULT_SIZE = "720x1280"
 MIN_SECONDS, MAX_SECONDS = 4, 15
 MIN_REFERENCE_S = 2
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
@@ -201,10 +203,10 @@ def _bounded(name: str) -> str:
 
 
 def _model(value: Any, aliases: Mapping[str, str], models: Collection[str]) -> tuple[str, str]:
+    """(the model name the client gave, or the default; the Seedance model it names)."""
     value = DEFAULT_MODEL if value is None else value
     names = {**DEFAULT_ALIASES, **aliases}
-    target = names.get(value, value) if isinstance(value, str) else None
-    if target not in models:
+    if not isinstance(value, str) or (target := names.get(value, value)) not in models:
         offered = sorted({*(a for a, m in names.items() if m in models), *models})
         raise ValidationError(f"model must be one of {', '.join(offered)}.", param="model")
     return value, target

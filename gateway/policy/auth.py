@@ -22,11 +22,11 @@ def key_sha256(key: str) -> str:
 
 class Authenticator:
     def __init__(self, settings: Settings) -> None:
-        self._by_hash = {u.key_sha256: u for u in settings.users.values()}
+        self._by_hash = {user.key_sha256: user for user in settings.users.values()}
         self._teams = settings.teams
 
     def authenticate(self, authorization: str | None) -> tuple[User, Team]:
-        scheme, _, key = (authorization or "").partition(" ")
+        scheme, key = (authorization or "").partition(" ")[::2]  # ("Bearer", " ", key) → ("Bearer", key)
         if scheme.lower() != "bearer" or not key.strip():
             raise AuthError("Missing gateway key: send 'Authorization: Bearer tgw-…'.")
         digest = key_sha256(key.strip())
@@ -51,6 +51,6 @@ def check_token(authorization: str | None, token: Secret | None) -> None:
     """An operator's bearer token (admin routes, /metrics): routes off (404) when none is configured."""
     if token is None:
         raise NotFound("Not found.", code="not_found")
-    scheme, _, given = (authorization or "").partition(" ")
+    scheme, given = (authorization or "").partition(" ")[::2]
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.reveal().encode()):
         raise AuthError("Missing or wrong admin token.")

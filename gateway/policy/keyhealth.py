@@ -14,7 +14,10 @@ from dataclasses import dataclass, replace
 from gateway import tokenhub
 from gateway.settings import UpstreamKey, UpstreamSettings
 
-OK, COOLDOWN, DISABLED, OPEN = "ok", "cooldown", "disabled", "open"
+OK = "ok"
+COOLDOWN = "cooldown"
+DISABLED = "disabled"
+OPEN = "open"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,46 +44,46 @@ class KeyHealth:
 HEALTHY = KeyHealth()  # a key with no record yet (made once: a frozen dataclass's __init__ is not cheap)
 
 
-def on_success(h: KeyHealth, now: float) -> KeyHealth:
+def on_success(health: KeyHealth, now: float) -> KeyHealth:
     """Unchanged (the same object) when there is nothing to reset; disabled or open stays so until a
     reload or a probe. Successes are counted by the pool, not here, so a healthy key costs no write."""
-    if h.current(now) == OK and (h.state, h.failures, h.throttles) != (OK, 0, 0):
-        return replace(h, state=OK, failures=0, throttles=0)
-    return h
+    if health.current(now) == OK and (health.state, health.failures, health.throttles) != (OK, 0, 0):
+        return replace(health, state=OK, failures=0, throttles=0)
+    return health
 
 
 def on_throttled(
-    h: KeyHealth, now: float, retry_after: float | None, cfg: UpstreamSettings, rng: random.Random
+    health: KeyHealth, now: float, retry_after: float | None, cfg: UpstreamSettings, rng: random.Random
 ) -> KeyHealth:
     if retry_after is None:
-        base = cfg.cooldown_s * (2 ** min(h.throttles, 10)) * rng.uniform(0.8, 1.2)
+        base = cfg.cooldown_s * (2 ** min(health.throttles, 10)) * rng.uniform(0.8, 1.2)
         retry_after = min(base, cfg.cooldown_s * 10)
-    state = h.state if h.state in (DISABLED, OPEN) else COOLDOWN
+    state = health.state if health.state in (DISABLED, OPEN) else COOLDOWN
     return replace(
-        h,
+        health,
         state=state,
-        until=max(h.until, now + retry_after) if state == COOLDOWN else h.until,
-        throttles=h.throttles + 1,
+        until=max(health.until, now + retry_after) if state == COOLDOWN else health.until,
+        throttles=health.throttles + 1,
         last_error="429",
         last_error_at=now,
-        errors=h.errors + 1,
+        errors=health.errors + 1,
     )
 
 
-def on_rejected(h: KeyHealth, now: float, code: int) -> KeyHealth:
-    return replace(h, state=DISABLED, last_error=str(code), last_error_at=now, errors=h.errors + 1)
+def on_rejected(health: KeyHealth, now: float, code: int) -> KeyHealth:
+    return replace(health, state=DISABLED, last_error=str(code), last_error_at=now, errors=health.errors + 1)
 
 
-def on_failure(h: KeyHealth, now: float, error: str, cfg: UpstreamSettings) -> KeyHealth:
-    failures = h.failures + 1
-    h = replace(h, failures=failures, last_error=error, last_error_at=now, errors=h.errors + 1)
-    if h.state == OPEN or (failures >= cfg.breaker_failures and h.state != DISABLED):
-        return replace(h, state=OPEN, until=now + cfg.breaker_open_s)
-    return h
+def on_failure(health: KeyHealth, now: float, error: str, cfg: UpstreamSettings) -> KeyHealth:
+    failures = health.failures + 1
+    health = replace(health, failures=failures, last_error=error, last_error_at=now, errors=health.errors + 1)
+    if health.state == OPEN or (failures >= cfg.breaker_failures and health.state != DISABLED):
+        return replace(health, state=OPEN, until=now + cfg.breaker_open_s)
+    return health
 
 
 def on_reply(
-    h: KeyHealth,
+    health: KeyHealth,
     now: float,
     status: int | None,
     error: str | None,
@@ -89,20 +92,22 @@ def on_reply(
     rng: random.Random,
 ) -> KeyHealth:
     """One upstream outcome: a status (4xx other than 401/403/429 means the key is fine) or an error."""
-    outcome = tokenhub.outcome_of(status) if status is not None else tokenhub.FAILED
+    if status is None:  # no answer at all
+        return on_failure(health, now, error or "None", cfg)
+    outcome = tokenhub.outcome_of(status)
     if outcome == tokenhub.KEY_REJECTED:
-        return on_rejected(h, now, status)
+        return on_rejected(health, now, status)
     if outcome == tokenhub.THROTTLED:
-        return on_throttled(h, now, retry_after_s, cfg, rng)
+        return on_throttled(health, now, retry_after_s, cfg, rng)
     if outcome != tokenhub.FAILED:
-        return on_success(h, now)
-    return on_failure(h, now, error or str(status), cfg)
+        return on_success(health, now)
+    return on_failure(health, now, error or str(status), cfg)
 
 
-def on_probe(h: KeyHealth, now: float, healthy: bool, error: str, cfg: UpstreamSettings) -> KeyHealth:
+def on_probe(health: KeyHealth, now: float, healthy: bool, error: str, cfg: UpstreamSettings) -> KeyHealth:
     if healthy:
-        return replace(h, state=OK, failures=0, until=0.0)
-    return replace(h, until=now + cfg.breaker_open_s, last_error=error, last_error_at=now)
+        return replace(health, state=OK, failures=0, until=0.0)
+    return replace(health, until=now + cfg.breaker_open_s, last_error=error, last_error_at=now)
 
 
 def choose(
@@ -134,5 +139,9 @@ def choose(
 
 def earliest_retry(keys: tuple[UpstreamKey, ...], health: dict[str, KeyHealth], now: float) -> int:
     """Seconds until some key may be usable again (for Retry-After on 503 no_upstream_key)."""
-    ends = [h.until - now for k in keys if (h := health.get(k.name)) and h.state in (COOLDOWN, OPEN)]
+    ends = [
+        key_health.until - now
+        for k in keys
+        if (key_health := health.get(k.name)) and key_health.state in (COOLDOWN, OPEN)
+    ]
     return max(1, math.ceil(min(ends))) if ends else 1

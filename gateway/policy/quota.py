@@ -34,25 +34,25 @@ def period_key(period: str, now: float) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _period_of_day(period: str, day: int) -> str:
-    d = datetime.fromtimestamp(day * 86400, timezone.utc)
+    midnight = datetime.fromtimestamp(day * 86400, timezone.utc)
     if period == "day":
-        return d.strftime("%Y-%m-%d")
+        return midnight.strftime("%Y-%m-%d")
     if period == "week":
-        year, week, _ = d.isocalendar()
-        return f"{year}-W{week:02d}"
-    return d.strftime("%Y-%m")
+        iso = midnight.isocalendar()
+        return f"{iso.year}-W{iso.week:02d}"
+    return midnight.strftime("%Y-%m")
 
 
 def period_bounds(period: str, now: float) -> tuple[datetime | None, datetime | None]:
     if period == "total":
         return None, None
-    d = datetime.fromtimestamp(now, timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    midnight = datetime.fromtimestamp(now, timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     if period == "day":
-        return d, d + timedelta(days=1)
+        return midnight, midnight + timedelta(days=1)
     if period == "week":
-        start = d - timedelta(days=d.weekday())
+        start = midnight - timedelta(days=midnight.weekday())
         return start, start + timedelta(days=7)
-    start = d.replace(day=1)
+    start = midnight.replace(day=1)
     end = (start + timedelta(days=32)).replace(day=1)
     return start, end
 
@@ -133,35 +133,35 @@ def check(
     estimate_ms: int,
 ) -> Rejection | None:
     """The first limit this create would break for this subject, or None.
-    Its twin for Redis, which must check the same way inside one script, is ADMIT in store/redis_scripts.py."""
-    lim = subject.limits
-    if lim.requests_per_minute is not None:
-        rs = rate_state(lim.requests_per_minute, window or (), now)
-        if rs.remaining <= 0:
-            msg = f"Rate limit of {lim.requests_per_minute} creates per minute reached for {_who(subject)}."
-            return Rejection("rate_limit", RateLimited(msg, retry_after=retry_after(rs.reset_s)))
-    if lim.max_concurrent_tasks is not None and in_flight >= lim.max_concurrent_tasks:
+    Its twin for Redis, which must check the same way inside one script, is ADMIT in store/redis/scripts.py."""
+    limits = subject.limits
+    if limits.requests_per_minute is not None:
+        rate = rate_state(limits.requests_per_minute, window or (), now)
+        if rate.remaining <= 0:
+            msg = f"Rate limit of {limits.requests_per_minute} creates per minute reached for {_who(subject)}."
+            return Rejection("rate_limit", RateLimited(msg, retry_after=retry_after(rate.reset_s)))
+    if limits.max_concurrent_tasks is not None and in_flight >= limits.max_concurrent_tasks:
         return Rejection(
             "concurrency",
             RateLimited(
-                f"{_who(subject)} already has {in_flight} tasks in flight (limit {lim.max_concurrent_tasks}).",
+                f"{_who(subject)} already has {in_flight} tasks in flight (limit {limits.max_concurrent_tasks}).",
                 code="concurrency_limit_exceeded",
             ),
         )
-    if lim.budget_micros is not None:
+    if limits.budget_micros is not None:
         used = counters.spent_micros + counters.reserved_micros
-        if used + estimate_micros > lim.budget_micros:
-            left = max(0, lim.budget_micros - used) / 1e6
+        if used + estimate_micros > limits.budget_micros:
+            left = max(0, limits.budget_micros - used) / 1e6
             msg = (
-                f"Budget of ${lim.budget_micros / 1e6:.2f} for {_who(subject)} would be exceeded: this task "
+                f"Budget of ${limits.budget_micros / 1e6:.2f} for {_who(subject)} would be exceeded: this task "
                 f"is estimated at ${estimate_micros / 1e6:.2f}, ${left:.2f} remains this period."
             )
             return Rejection("budget_usd", QuotaError(msg))
-    if lim.video_seconds is not None:
+    if limits.video_seconds is not None:
         used_ms = counters.spent_ms + counters.reserved_ms
-        if used_ms + estimate_ms > lim.video_seconds * 1000:
+        if used_ms + estimate_ms > limits.video_seconds * 1000:
             msg = (
-                f"Video-seconds budget of {lim.video_seconds} s for {_who(subject)} would be exceeded "
+                f"Video-seconds budget of {limits.video_seconds} s for {_who(subject)} would be exceeded "
                 f"({used_ms / 1000:g} s used, this task needs {estimate_ms / 1000:g} s)."
             )
             return Rejection("video_seconds", QuotaError(msg))

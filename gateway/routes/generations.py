@@ -23,65 +23,71 @@ from gateway.http.request import (
 from gateway.money import micros_to_usd
 from gateway.openai.bridge import seedance_meta
 from gateway.policy.auth import allowed_models
-from gateway.policy.quota import period_bounds, subjects_for
-from gateway.store.base import Task
+from gateway.policy.quota import Subject, period_bounds, subjects_for
+from gateway.store.base import Task, Usage
 
 
 async def create_task(request: Request) -> Response:
-    g = gw(request)
+    gateway = gw(request)
     user, team = authenticate(request)
     ctx = ctx_of(request)
     idem_key = header(request, b"idempotency-key")
     if idem_key is not None and not 0 < len(idem_key) <= 255:
         raise ValidationError("Idempotency-Key must be 1 to 255 characters.", param="Idempotency-Key")
-    raw = await read_body(request, g.settings.server.max_body_bytes, g.settings.server.body_timeout_s)
+    server = gateway.settings.server
+    raw = await read_body(request, server.max_body_bytes, server.body_timeout_s)
     try:
-        checked = await parse_and_validate(raw, g.settings.pricing, g.large_bodies, hashed=idem_key is not None)
+        checked = await parse_and_validate(
+            raw, gateway.settings.pricing, gateway.large_bodies, hashed=idem_key is not None
+        )
     except InvalidJSON:
         raise
     except ValidationError as exc:
-        g.metrics.validation_errors.labels(_bounded_param(exc.param)).inc()
+        gateway.metrics.validation_errors.labels(_bounded_param(exc.param)).inc()
         raise
     req = checked.request
-    ctx.model, ctx.resolution, ctx.duration_s = req.model, req.resolution, req.duration_s
+    ctx.model = req.model
+    ctx.resolution = req.resolution
+    ctx.duration_s = req.duration_s
     return outcome_response(
-        await g.tasks.create(
+        await gateway.tasks.create(
             user, team, checked.body_hash, raw, req, idem_key, ctx, meta=seedance_meta(req.aspect_ratio)
         )
     )
 
 
 async def get_task(request: Request) -> Response:
-    g = gw(request)
+    gateway = gw(request)
     user, team = authenticate(request)
     ctx = ctx_of(request)
-    task = await g.polls.owned(request.path_params["task_id"], team.name)
-    ctx.task_id, ctx.model, ctx.resolution, ctx.duration_s = (
-        task.task_id,
-        task.model,
-        task.resolution,
-        task.duration_s,
-    )
-    outcome = await g.polls.poll(task, ctx)
-    headers = await g.tasks.rate_headers(subjects_for(user, team, g.clock()))
+    task = await gateway.polls.owned(request.path_params["task_id"], team.name)
+    ctx.task_id = task.task_id
+    ctx.model = task.model
+    ctx.resolution = task.resolution
+    ctx.duration_s = task.duration_s
+    outcome = await gateway.polls.poll(task, ctx)
+    headers = await gateway.tasks.rate_headers(subjects_for(user, team, gateway.clock()))
     return Response(outcome.body, outcome.status, {**outcome.headers, **headers}, media_type=JSON)
 
 
 async def cancel_task(request: Request) -> Response:
-    g = gw(request)
+    gateway = gw(request)
     _, team = authenticate(request)
     ctx = ctx_of(request)
-    task = await g.polls.owned(request.path_params["task_id"], team.name)
-    ctx.task_id, ctx.model = task.task_id, task.model
-    return outcome_response(await g.polls.cancel(task, ctx))
+    task = await gateway.polls.owned(request.path_params["task_id"], team.name)
+    ctx.task_id = task.task_id
+    ctx.model = task.model
+    return outcome_response(await gateway.polls.cancel(task, ctx))
 
 
 async def list_tasks(request: Request) -> Response:
-    g = gw(request)
+    gateway = gw(request)
     _, team = authenticate(request)
-    q = request.query_params
-    limit = int_param(q.get("limit"), "limit", 20, 1, 100)
-    tasks, more = await g.store.list_tasks(team.name, limit, q.get("after") or None, q.get("status") or None)
+    query = request.query_params
+    limit = int_param(query.get("limit"), "limit", 20, 1, 100)
+    tasks, more = await gateway.store.list_tasks(
+        team.name, limit, query.get("after") or None, query.get("status") or None
+    )
     data = [task_item(t) for t in tasks]
     return json_response(
         {
@@ -94,44 +100,45 @@ async def list_tasks(request: Request) -> Response:
     )
 
 
-def task_item(t: Task) -> dict[str, Any]:
+def task_item(task: Task) -> dict[str, Any]:
     return {
-        "id": t.task_id,
+        "id": task.task_id,
         "object": "video.generation.task",
-        "model": t.model,
-        "status": t.status,
-        "created": int(t.created_at),
-        "user": t.user,
-        "resolution": t.resolution,
-        "duration": t.duration_s,
-        "estimated_cost_usd": micros_to_usd(t.estimate_micros),
-        "cost_usd": None if t.cost_micros is None else micros_to_usd(t.cost_micros),
-        "billed_seconds": None if t.billed_ms is None else t.billed_ms / 1000,
-        "settled_at": None if t.settled_at is None else int(t.settled_at),
+        "model": task.model,
+        "status": task.status,
+        "created": int(task.created_at),
+        "user": task.user,
+        "resolution": task.resolution,
+        "duration": task.duration_s,
+        "estimated_cost_usd": micros_to_usd(task.estimate_micros),
+        "cost_usd": None if task.cost_micros is None else micros_to_usd(task.cost_micros),
+        "billed_seconds": None if task.billed_ms is None else task.billed_ms / 1000,
+        "settled_at": None if task.settled_at is None else int(task.settled_at),
     }
 
 
 async def list_models(request: Request) -> Response:
-    g = gw(request)
+    gateway = gw(request)
     user, team = authenticate(request)
+    pricing = gateway.settings.pricing
     data = [
         {
             "id": m,
             "object": "model",
             "owned_by": "bytedance",
-            "pricing": {res: micros_to_usd(p) for res, p in g.settings.pricing[m].items()},
+            "pricing": {res: micros_to_usd(p) for res, p in pricing[m].items()},
         }
-        for m in allowed_models(g.settings, user, team)
+        for m in allowed_models(gateway.settings, user, team)
     ]
     return json_response({"object": "list", "data": data})
 
 
 async def usage(request: Request) -> Response:
-    g = gw(request)
+    gateway = gw(request)
     user, team = authenticate(request)
-    now = g.clock()
+    now = gateway.clock()
     subjects = subjects_for(user, team, now)
-    figures = await g.store.usage(subjects)
+    figures = await gateway.store.usage(subjects)
     start, end = period_bounds(team.limits.period, now)
     return json_response(
         {
@@ -146,24 +153,25 @@ async def usage(request: Request) -> Response:
     )
 
 
-def usage_figures(subject: Any, u: Any) -> dict[str, Any]:
-    lim, c = subject.limits, u.counters
+def usage_figures(subject: Subject, usage: Usage) -> dict[str, Any]:
+    limits = subject.limits
+    counters = usage.counters
     remaining = None
-    if lim.budget_micros is not None:
-        remaining = micros_to_usd(lim.budget_micros - c.spent_micros - c.reserved_micros)
+    if limits.budget_micros is not None:
+        remaining = micros_to_usd(limits.budget_micros - counters.spent_micros - counters.reserved_micros)
     return {
         "name": subject.name,
         "period": subject.period,
-        "spent_usd": micros_to_usd(c.spent_micros),
-        "reserved_usd": micros_to_usd(c.reserved_micros),
-        "budget_usd": None if lim.budget_micros is None else micros_to_usd(lim.budget_micros),
+        "spent_usd": micros_to_usd(counters.spent_micros),
+        "reserved_usd": micros_to_usd(counters.reserved_micros),
+        "budget_usd": None if limits.budget_micros is None else micros_to_usd(limits.budget_micros),
         "remaining_usd": remaining,
-        "video_seconds_spent": c.spent_ms / 1000,
-        "video_seconds_reserved": c.reserved_ms / 1000,
-        "video_seconds_budget": lim.video_seconds,
-        "tasks_in_flight": u.in_flight,
-        "max_concurrent_tasks": lim.max_concurrent_tasks,
-        "requests_per_minute": lim.requests_per_minute,
+        "video_seconds_spent": counters.spent_ms / 1000,
+        "video_seconds_reserved": counters.reserved_ms / 1000,
+        "video_seconds_budget": limits.video_seconds,
+        "tasks_in_flight": usage.in_flight,
+        "max_concurrent_tasks": limits.max_concurrent_tasks,
+        "requests_per_minute": limits.requests_per_minute,
     }
 
 
@@ -171,7 +179,8 @@ def _bounded_param(param: str | None) -> str:
     """`content[2].role` → `content[].role`, so the metric label stays bounded."""
     if not param:
         return "body"
-    out, skip = [], False
+    out: list[str] = []
+    skip = False
     for ch in param:
         if ch == "[":
             skip = True

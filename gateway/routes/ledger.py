@@ -31,50 +31,50 @@ FIELDS = (
 GROUP_FIELDS = ("tasks", "succeeded", "failed", "in_flight", "billed_seconds", "cost_usd", "reserved_usd")
 
 
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 def parse_time(value: str) -> float:
     """An ISO date or date-time (UTC unless it says otherwise) → epoch seconds."""
-    d = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return (d if d.tzinfo else d.replace(tzinfo=UTC)).timestamp()
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-def row(t: Task) -> dict[str, Any]:
+def row(task: Task) -> dict[str, Any]:
     return {
-        "task_id": t.task_id or t.rid,
-        "team": t.team,
-        "user": t.user,
-        "model": t.model,
-        "resolution": t.resolution,
-        "status": t.status,
-        "duration_s": t.duration_s,
-        "input_seconds": t.input_ms / 1000,
-        "billed_seconds": None if t.billed_ms is None else t.billed_ms / 1000,
-        "estimate_usd": micros_to_usd(t.estimate_micros),
-        "cost_usd": None if t.cost_micros is None else micros_to_usd(t.cost_micros),
-        "cost_estimated": t.cost_estimated,
-        "created_at": _iso(t.created_at),
-        "settled_at": _iso(t.settled_at),
+        "task_id": task.task_id or task.rid,
+        "team": task.team,
+        "user": task.user,
+        "model": task.model,
+        "resolution": task.resolution,
+        "status": task.status,
+        "duration_s": task.duration_s,
+        "input_seconds": task.input_ms / 1000,
+        "billed_seconds": None if task.billed_ms is None else task.billed_ms / 1000,
+        "estimate_usd": micros_to_usd(task.estimate_micros),
+        "cost_usd": None if task.cost_micros is None else micros_to_usd(task.cost_micros),
+        "cost_estimated": task.cost_estimated,
+        "created_at": _iso(task.created_at),
+        "settled_at": None if task.settled_at is None else _iso(task.settled_at),
     }
 
 
 def group(tasks: Iterable[Task], by: str) -> list[dict[str, Any]]:
     sums: dict[str, dict[str, int]] = {}
-    for t in tasks:
-        name = _iso(t.created_at)[:10] if by == "day" else getattr(t, by)
-        s = sums.setdefault(
+    for task in tasks:
+        name = _iso(task.created_at)[:10] if by == "day" else getattr(task, by)
+        totals = sums.setdefault(
             name, dict.fromkeys(("tasks", "succeeded", "failed", "in_flight", "billed_ms", "cost", "reserved"), 0)
         )
-        s["tasks"] += 1
-        s["succeeded"] += t.status == "succeeded"
-        s["failed"] += t.status in ("failed", "cancelled", "expired")
-        if t.settled_at is None:
-            s["in_flight"] += 1
-            s["reserved"] += t.estimate_micros
-        s["billed_ms"] += t.billed_ms or 0
-        s["cost"] += t.cost_micros or 0
+        totals["tasks"] += 1
+        totals["succeeded"] += task.status == "succeeded"
+        totals["failed"] += task.status in ("failed", "cancelled", "expired")
+        if task.settled_at is None:
+            totals["in_flight"] += 1
+            totals["reserved"] += task.estimate_micros
+        totals["billed_ms"] += task.billed_ms or 0
+        totals["cost"] += task.cost_micros or 0
     return [
         {
             by: name,

@@ -18,16 +18,16 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    g = gw(request)
+    gateway = gw(request)
     problems = []
     try:
-        await asyncio.wait_for(g.store.ping(), timeout=2)
+        await asyncio.wait_for(gateway.store.ping(), timeout=2)
     except (GatewayError, TimeoutError):
         problems.append("store_unavailable")
     else:
-        if await g.pool.all_disabled():
+        if await gateway.pool.all_disabled():
             problems.append("all_upstream_keys_disabled")
-    if g.draining:
+    if gateway.draining:
         problems.append("shutting_down")
     return json_response(
         {"status": "not_ready" if problems else "ready", "problems": problems}, 503 if problems else 200
@@ -35,12 +35,12 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    g = gw(request)
-    token = g.settings.server.metrics_token
+    gateway = gw(request)
+    token = gateway.settings.server.metrics_token
     if token is not None:
         check_token(request.headers.get("authorization"), token)
     try:
-        await g.refresh_gauges()
+        await gateway.refresh_gauges()
     except StoreUnavailable:
         pass  # serve what we have: a scrape must not fail because the store blinked
-    return Response(g.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -1,6 +1,6 @@
 """OpenAI's Videos API routes (SPEC §11): the same tasks, quotas, idempotency, ledger and polls as the
-TokenHub shape, reached through the same task flow; only the translation (videos.py) and the answers'
-shape (videos_view.py, videos_bridge.py) are this shape's own.
+TokenHub shape, reached through the same task flow; only the translation (openai/translate.py) and the
+answers' shape (openai/view.py, openai/bridge.py) are this shape's own.
 
 Decisions where SPEC §11 is silent:
 
@@ -14,9 +14,9 @@ Decisions where SPEC §11 is silent:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import orjson
 from starlette.requests import Request
@@ -46,10 +46,15 @@ from gateway.openai.translate import (
     to_seedance,
 )
 from gateway.openai.view import STATUS, content_variant, deleted_object, poll_after_headers, video_list, video_object
+from gateway.policy.pricing import Pricing
 from gateway.policy.quota import subjects_for
 from gateway.policy.validation import VideoRequest, validate
 from gateway.routes.videos_input import read_fields
+from gateway.settings import Team, User
 from gateway.store.base import TERMINAL, Task
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
 
 ARCHIVE_VARIANTS = {"video": "video", "thumbnail": "cover"}  # the OpenAI variant → the archive's file
 LARGE_UPLOAD = 1 << 20  # an upload this large is translated and checked off the event loop
@@ -76,16 +81,16 @@ class Latest(NamedTuple):
 
 
 async def create_video(request: Request) -> Response:
-    g = gw(request)
+    gateway = gw(request)
     user, team = authenticate(request)
     idem_key = _idempotency_key(request)
-    fields, upload = await read_fields(
-        request, g.settings.server.max_body_bytes, g.settings.server.body_timeout_s, g.large_bodies
-    )
-    o, pricing = g.settings.openai, g.settings.pricing
+    server = gateway.settings.server
+    fields, upload = await read_fields(request, server.max_body_bytes, server.body_timeout_s, gateway.large_bodies)
+    aliases = gateway.settings.openai.model_aliases
+    pricing = gateway.settings.pricing
     prepared = await _prepare(
-        g,
-        lambda: to_seedance(fields, o.model_aliases, pricing, upload),
+        gateway,
+        lambda: to_seedance(fields, aliases, pricing, upload),
         lambda: fingerprint(fields, upload) if idem_key else None,
         big=upload is not None and len(upload.data) > LARGE_UPLOAD,
     )
@@ -93,46 +98,48 @@ async def create_video(request: Request) -> Response:
 
 
 async def remix_video(request: Request) -> Response:
-    g = gw(request)
+    gateway = gw(request)
     user, team = authenticate(request)
     ctx = ctx_of(request)
     idem_key = _idempotency_key(request)
-    fields, upload = await read_fields(
-        request, g.settings.server.max_body_bytes, g.settings.server.body_timeout_s, g.large_bodies
-    )
+    server = gateway.settings.server
+    fields, upload = await read_fields(request, server.max_body_bytes, server.body_timeout_s, gateway.large_bodies)
     if upload is not None:
         raise UnsupportedParameter("A remix takes no file: its reference is the original video.", param=INPUT)
-    latest = await _latest(g, await _owned_video(g, request.path_params["video_id"], team.name, ctx), ctx)
+    video_id: str = request.path_params["video_id"]  # the owned task's task_id: _owned_video checks it
+    latest = await _latest(gateway, await _owned_video(gateway, video_id, team.name, ctx), ctx)
     if latest.passed:
         return outcome_response(latest.passed)
-    source, url = latest.task, _result_url(latest, "video")
-    await g.media.available(url)  # an expired source is 410 now, not a failed (and billed) remix later
-    o, pricing = g.settings.openai, g.settings.pricing
+    source = latest.task
+    url = _result_url(latest, "video")
+    await gateway.media.available(url)  # an expired source is 410 now, not a failed (and billed) remix later
+    aliases = gateway.settings.openai.model_aliases
+    pricing = gateway.settings.pricing
     prepared = await _prepare(
-        g,
-        lambda: remix_body(
-            source.task_id, facts_of(source), url, fields, o.model_aliases, pricing, output_seconds(latest.answer)
-        ),
-        lambda: fingerprint(fields, remix_of=source.task_id) if idem_key else None,
+        gateway,
+        lambda: remix_body(video_id, facts_of(source), url, fields, aliases, pricing, output_seconds(latest.answer)),
+        lambda: fingerprint(fields, remix_of=video_id) if idem_key else None,
     )
     return await _admit(request, user, team, prepared, idem_key)
 
 
 async def get_video(request: Request) -> Response:
-    g = gw(request)
+    gateway = gw(request)
     user, team = authenticate(request)
     ctx = ctx_of(request)
-    latest = await _latest(g, await _owned_video(g, request.path_params["video_id"], team.name, ctx), ctx)
+    video_id: str = request.path_params["video_id"]  # the owned task's task_id: _owned_video checks it
+    latest = await _latest(gateway, await _owned_video(gateway, video_id, team.name, ctx), ctx)
     if latest.passed:
         return outcome_response(latest.passed)
     headers = {
-        **poll_after_headers(latest.task.status, g.settings.openai.poll_after_ms),
-        **await g.tasks.rate_headers(subjects_for(user, team, g.clock())),
+        **poll_after_headers(latest.task.status, gateway.settings.openai.poll_after_ms),
+        **await gateway.tasks.rate_headers(subjects_for(user, team, gateway.clock())),
     }
     facts = task_facts(latest.task, latest.answer)
-    if g.archive is not None and latest.task.status == "succeeded":
-        facts = replace(facts, archived_until=g.archive.expires_at(await g.store.archive_files(latest.task.task_id)))
-    return json_response(video_object(facts, g.clock()), 200, headers)
+    archive = gateway.archive
+    if archive is not None and latest.task.status == "succeeded":
+        facts = replace(facts, archived_until=archive.expires_at(await gateway.store.archive_files(video_id)))
+    return json_response(video_object(facts, gateway.clock()), 200, headers)
 
 
 def archived_response(served: Served) -> Response:
@@ -148,30 +155,31 @@ def archived_response(served: Served) -> Response:
 
 
 async def list_videos(request: Request) -> Response:
-    g = gw(request)
+    gateway = gw(request)
     _, team = authenticate(request)
-    q = request.query_params
-    limit = int_param(q.get("limit"), "limit", 20, 1, 100)
-    order = q.get("order") or "desc"
+    query = request.query_params
+    limit = int_param(query.get("limit"), "limit", 20, 1, 100)
+    order = query.get("order") or "desc"
     if order not in ("asc", "desc"):
         raise ValidationError("order must be asc or desc.", param="order")
-    tasks, more = await g.store.list_tasks(
-        team.name, limit, q.get("after") or None, None, order=order, include_deleted=False
+    tasks, more = await gateway.store.list_tasks(
+        team.name, limit, query.get("after") or None, None, order=order, include_deleted=False
     )
-    now = g.clock()
+    now = gateway.clock()
     return json_response(video_list([video_object(task_facts(t), now) for t in tasks], more))
 
 
 async def delete_video(request: Request) -> Response:
-    g = gw(request)
+    gateway = gw(request)
     _, team = authenticate(request)
     ctx = ctx_of(request)
-    latest = await _latest(g, await _owned_video(g, request.path_params["video_id"], team.name, ctx), ctx)
+    video_id: str = request.path_params["video_id"]  # the owned task's task_id: _owned_video checks it
+    latest = await _latest(gateway, await _owned_video(gateway, video_id, team.name, ctx), ctx)
     if latest.passed:
         return outcome_response(latest.passed)
     task = latest.task
     if task.status == "queued":
-        cancelled = await g.polls.cancel(task, ctx)
+        cancelled = await gateway.polls.cancel(task, ctx)
         if cancelled.status not in (200, 409):
             return outcome_response(cancelled)
     if task.status not in TERMINAL:  # TokenHub answers 409 to a cancel once the task has started
@@ -179,32 +187,32 @@ async def delete_video(request: Request) -> Response:
             "The video is in progress: it cannot be stopped and will be billed. "
             "Delete it once it has completed or failed."
         )
-    await g.store.mark_deleted(task.task_id, g.clock())
-    if g.archive is not None:
-        await g.archive.delete(task.task_id)
-    return json_response(deleted_object(task.task_id))
+    await gateway.store.mark_deleted(video_id, gateway.clock())
+    if gateway.archive is not None:
+        await gateway.archive.delete(video_id)
+    return json_response(deleted_object(video_id))
 
 
 async def video_content(request: Request) -> Response:
-    g = gw(request)
+    gateway = gw(request)
     _, team = authenticate(request)
     ctx = ctx_of(request)
     variant = content_variant(request.query_params.get("variant"))
-    task = await _owned_video(g, request.path_params["video_id"], team.name, ctx)
-    if g.archive is not None and task.status == "succeeded":
-        served = await g.archive.open_range(task, ARCHIVE_VARIANTS[variant], request.headers.get("range"))
+    task = await _owned_video(gateway, request.path_params["video_id"], team.name, ctx)
+    if gateway.archive is not None and task.status == "succeeded":
+        served = await gateway.archive.open_range(task, ARCHIVE_VARIANTS[variant], request.headers.get("range"))
         if served is not None:
             return archived_response(served)
-    latest = await _latest(g, task, ctx)
+    latest = await _latest(gateway, task, ctx)
     if latest.passed:
         return outcome_response(latest.passed)
-    download = await g.media.open(_result_url(latest, variant), request.headers.get("range"), ctx)
+    download = await gateway.media.open(_result_url(latest, variant), request.headers.get("range"), ctx)
     if variant == "video" and not download.headers["content-type"].startswith("video/"):
         download.headers["content-type"] = "video/mp4"
     return DownloadResponse(download)
 
 
-def not_offered(feature: str) -> Callable[[Request], Any]:
+def not_offered(feature: str) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         raise NotFound(
             f"{NOT_OFFERED[feature]} are not offered: Seedance has no equivalent through this gateway.",
@@ -214,66 +222,80 @@ def not_offered(feature: str) -> Callable[[Request], Any]:
     return endpoint
 
 
-async def _admit(request: Request, user: Any, team: Any, p: Prepared, idem_key: str | None) -> Response:
+async def _admit(request: Request, user: User, team: Team, prepared: Prepared, idem_key: str | None) -> Response:
     """The task flow's create, shared with the TokenHub shape; its answer as a Video object."""
-    g, ctx = gw(request), ctx_of(request)
-    ctx.model, ctx.resolution, ctx.duration_s = p.req.model, p.req.resolution, p.req.duration_s
-    outcome = await g.tasks.create(user, team, p.fingerprint, p.raw, p.req, idem_key, ctx, meta=encode_meta(p.facts))
+    gateway = gw(request)
+    ctx = ctx_of(request)
+    req = prepared.req
+    ctx.model = req.model
+    ctx.resolution = req.resolution
+    ctx.duration_s = req.duration_s
+    outcome = await gateway.tasks.create(
+        user, team, prepared.fingerprint, prepared.raw, req, idem_key, ctx, meta=encode_meta(prepared.facts)
+    )
     if not 200 <= outcome.status < 300:  # refused by TokenHub, or unknown: passed through as is
         return outcome_response(outcome)
-    task = await g.polls.owned((answer_of(outcome.body) or {}).get("id", ""), team.name)
-    headers = {**outcome.headers, **poll_after_headers(task.status, g.settings.openai.poll_after_ms)}
-    return json_response(video_object(task_facts(task), g.clock()), 200, headers)
+    task = await gateway.polls.owned((answer_of(outcome.body) or {}).get("id", ""), team.name)
+    headers = {**outcome.headers, **poll_after_headers(task.status, gateway.settings.openai.poll_after_ms)}
+    return json_response(video_object(task_facts(task), gateway.clock()), 200, headers)
 
 
 async def _prepare(
-    g: Any, translate: Callable[[], Translation], fingerprint_of: Callable[[], str | None], big: bool = False
+    gateway: Gateway,
+    translate: Callable[[], Translation],
+    fingerprint_of: Callable[[], str | None],
+    big: bool = False,
 ) -> Prepared:
     """Translate, validate (§4) and fingerprint; off the event loop when an upload makes it large."""
     try:
         if not big:
-            return _prepared(translate, fingerprint_of, g.settings.pricing)
-        async with g.large_uploads:
-            return await asyncio.to_thread(_prepared, translate, fingerprint_of, g.settings.pricing)
+            return _prepared(translate, fingerprint_of, gateway.settings.pricing)
+        async with gateway.large_uploads:
+            return await asyncio.to_thread(_prepared, translate, fingerprint_of, gateway.settings.pricing)
     except ValidationError as exc:
         label = "body" if exc.param is None else exc.param if exc.param in PARAM_LABELS else "other"
-        g.metrics.validation_errors.labels(label).inc()
+        gateway.metrics.validation_errors.labels(label).inc()
         raise
 
 
-def _prepared(translate: Callable[[], Translation], fingerprint_of: Callable[[], str | None], pricing: Any) -> Prepared:
-    t = translate()
+def _prepared(
+    translate: Callable[[], Translation], fingerprint_of: Callable[[], str | None], pricing: Pricing
+) -> Prepared:
+    translation = translate()
     try:
-        req = validate(t.body, pricing)
+        req = validate(translation.body, pricing)
     except ValidationError as exc:
         exc.param = client_param(exc.param)
         raise
-    return Prepared(t.body, orjson.dumps(t.body), req, t.facts, fingerprint_of())
+    return Prepared(translation.body, orjson.dumps(translation.body), req, translation.facts, fingerprint_of())
 
 
-async def _owned_video(g: Any, video_id: str, team: str, ctx: RequestContext) -> Task:
+async def _owned_video(gateway: Gateway, video_id: str, team: str, ctx: RequestContext) -> Task:
     """The team's task, read from the store (so a deletion anywhere counts), else 404."""
-    stored = await g.store.get_task(video_id)
+    stored = await gateway.store.get_task(video_id)
     if stored is not None:
-        g.polls.records[video_id] = stored
+        gateway.polls.records[video_id] = stored
     try:
-        task = await g.polls.owned(video_id, team)
+        task: Task | None = await gateway.polls.owned(video_id, team)
     except NotFound:
         task = None
     if task is None or task.deleted_at is not None:
         raise NotFound(f"No video {video_id[:MAX_ID_ECHO]!r} for this team.", param="video_id")
-    ctx.task_id, ctx.model, ctx.resolution, ctx.duration_s = task.task_id, task.model, task.resolution, task.duration_s
+    ctx.task_id = task.task_id
+    ctx.model = task.model
+    ctx.resolution = task.resolution
+    ctx.duration_s = task.duration_s
     return task
 
 
-async def _latest(g: Any, task: Task, ctx: RequestContext) -> Latest:
+async def _latest(gateway: Gateway, task: Task, ctx: RequestContext) -> Latest:
     if task.settled:
         return Latest(task, answer_of(task.final_body))
-    outcome = await g.polls.poll(task, ctx)
+    outcome = await gateway.polls.poll(task, ctx)
     if outcome.status != 200:
         return Latest(task, None, outcome)
     if task.status in TERMINAL:  # settled by this poll: the store has its settlement time
-        task = await g.store.get_task(task.task_id) or task
+        task = await gateway.store.get_task(cast(str, task.task_id)) or task  # an owned task is TokenHub's
     return Latest(task, answer_of(outcome.body))
 
 

@@ -9,7 +9,7 @@ image may have (and one more) are read: a larger file is refused by size without
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from starlette.datastructures import UploadFile
@@ -63,7 +63,7 @@ async def _upload(file: UploadFile) -> Upload:
     return Upload(data, file.content_type, file.filename)
 
 
-async def _bounded(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+async def _bounded(stream: AsyncIterator[bytes], limit: int) -> AsyncGenerator[bytes, None]:
     size = 0
     async for chunk in stream:
         size += len(chunk)

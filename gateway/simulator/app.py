@@ -3,8 +3,8 @@
 Markers in a prompt steer its task: `sim:fail` ends it failed, `sim:never` keeps it running forever,
 `sim:moderation` is refused at create, `sim:seconds=<float>` sets how long it runs, `sim:bytes=<int>` the
 size of its video. A succeeded task's `video_url` and `cover_image_url` point at this simulator (signed,
-expiring URLs; see gateway.sim_media, whose `video_bytes` and `cover_bytes` give their exact bytes).
-Tests steer it through the unauthenticated control API under `/_sim` (fault modes: gateway.sim_faults):
+expiring URLs; see gateway.simulator.media, whose `video_bytes` and `cover_bytes` give their exact bytes).
+Tests steer it through the unauthenticated control API under `/_sim` (fault modes: gateway.simulator.faults):
 
     POST   /_sim/faults          {"key" ("*": every key), "mode", "routes"?, "count"?, "task_id"?,
                                   "retry_after"?, "delay_s"?, "status"?, "body"? | "raw"? | "patch"?, "id"?}
@@ -54,11 +54,11 @@ __all__ = ["create_simulator", "parse_fault", "video_bytes", "cover_bytes", "uvi
 PREFIXES = ("/api/v1", "/v1")
 LOG_SIZE = 10_000
 
-Handler = Callable[[Request, str | None, dict], Awaitable[Response]]
+Handler = Callable[[Request, str | None, dict[str, Any]], Awaitable[Response]]
 
 
 def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    scheme, token = request.headers.get("authorization", "").partition(" ")[::2]  # the " " between them dropped
     if scheme.lower() != "bearer":
         return None
     return token.strip() or None

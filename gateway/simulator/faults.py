@@ -16,11 +16,12 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 ROUTES = ("create", "poll", "delete")
 MEDIA = "media"  # result-file downloads: they carry no key, so only a fault with key "*" reaches them
@@ -54,7 +55,7 @@ class NoAnswer(Response):
     def __init__(self) -> None:
         pass
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         return None
 
 
@@ -91,17 +92,27 @@ def _routes(data: dict[str, Any]) -> tuple[str, ...]:
     return tuple(routes)
 
 
-def _answer_fields(data: dict[str, Any]) -> tuple[int | None, str | None, dict[str, Any] | None]:
+class _Answer(NamedTuple):
+    """What mode "answer" sends: a status, an exact body, or a patch over the real body."""
+
+    status: int | None
+    body: str | None
+    patch: dict[str, Any] | None
+
+
+def _answer_fields(data: dict[str, Any]) -> _Answer:
     given = [name for name in ("body", "raw", "patch") if name in data]
     _check(len(given) <= 1, "give at most one of body, raw and patch")
     _check(not given or data["mode"] == "answer", f"{', '.join(given)} applies to mode answer only")
-    status, raw, patch = data.get("status"), data.get("raw"), data.get("patch")
+    status = data.get("status")
+    raw = data.get("raw")
+    patch = data.get("patch")
     _check(status is None or (type(status) is int and 100 <= status <= 599), "status must be an HTTP status")
     _check(status is None or data["mode"] == "answer", "status applies to mode answer only")
     _check(raw is None or isinstance(raw, str), "raw must be a string")
     _check("patch" not in data or isinstance(patch, dict), "patch must be a JSON object")
     body = orjson.dumps(data["body"]).decode() if "body" in data else raw
-    return status, body, patch
+    return _Answer(status, body, patch)
 
 
 def parse_fault(data: Any) -> Fault:
@@ -111,7 +122,10 @@ def parse_fault(data: Any) -> Fault:
         'key is required: the upstream key the fault applies to ("*": every key)',
     )
     _check(data.get("mode") in MODES, f"mode must be one of {', '.join(MODES)}")
-    retry_after, count, task_id, id_ = (data.get(k) for k in ("retry_after", "count", "task_id", "id"))
+    retry_after = data.get("retry_after")
+    count = data.get("count")
+    task_id = data.get("task_id")
+    id_ = data.get("id")
     delay_s = data.get("delay_s", 1.0)
     _check(retry_after is None or (type(retry_after) is int and retry_after >= 0), "retry_after must be an integer ≥ 0")
     _check(count is None or (type(count) is int and count >= 1), "count must be an integer ≥ 1")
@@ -120,10 +134,20 @@ def parse_fault(data: Any) -> Fault:
     _check((data["mode"] == "fixed_id") == (id_ is not None), "id is required with fixed_id, and only there")
     _check(id_ is None or (isinstance(id_, str) and bool(id_)), "id must be a non-empty string")
     routes = _routes(data)
-    status, body, patch = _answer_fields(data)
-    _check(patch is None or MEDIA not in routes, "a patch needs a JSON answer: not for media")
+    answer = _answer_fields(data)
+    _check(answer.patch is None or MEDIA not in routes, "a patch needs a JSON answer: not for media")
     return Fault(
-        data["key"], data["mode"], routes, retry_after, float(delay_s), count, task_id, status, body, patch, id_
+        data["key"],
+        data["mode"],
+        routes,
+        retry_after,
+        float(delay_s),
+        count,
+        task_id,
+        answer.status,
+        answer.body,
+        answer.patch,
+        id_,
     )
 
 
@@ -141,7 +165,7 @@ class Faults:
     def take(self, key: str | None, route: str, task_id: str | None = None) -> Fault | None:
         keys = (key, ANY_KEY) if key is not None else (ANY_KEY,)
         tasks = (task_id, None) if task_id is not None else (None,)
-        fault = next((f for k in keys for t in tasks if (f := self._active.get((k, route, t)))), None)
+        fault = next((found for k in keys for t in tasks if (found := self._active.get((k, route, t)))), None)
         if fault is not None and fault.count is not None:
             fault.count -= 1
             if fault.count <= 0:
@@ -163,9 +187,9 @@ async def until_disconnect(request: Request) -> None:
         pass
 
 
-def _transport(request: Request) -> Any:
+def _transport(request: Request) -> asyncio.Transport | None:
     # uvicorn's receive is a method of its request cycle, which holds the connection's transport.
-    return getattr(getattr(request.receive, "__self__", None), "transport", None)
+    return cast("asyncio.Transport | None", getattr(getattr(request.receive, "__self__", None), "transport", None))
 
 
 async def _drop_connection(request: Request, message: str, reset: bool = True) -> None:
@@ -247,15 +271,16 @@ class CutOff(Response):
         self.inner, self.request = inner, request
         self.status_code = inner.status_code
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit, sent = 0, 0
 
-        async def cutting_send(message: dict[str, Any]) -> None:
+        async def cutting_send(message: Message) -> None:
             nonlocal limit, sent
             if message["type"] == "http.response.start":
                 length = dict(message.get("headers", [])).get(b"content-length", b"0")
                 limit = int(length) // 2
-                return await send(message)
+                await send(message)
+                return
             part = message.get("body", b"")[: limit - sent]
             sent += len(part)
             await send({"type": "http.response.body", "body": part, "more_body": True})

@@ -12,21 +12,23 @@ from gateway.upstream.keypool import KeyPool
 
 class UpstreamCalls:
     def __init__(self, upstream: Upstream, pool: KeyPool, metrics: Metrics) -> None:
-        self.upstream, self.pool, self.metrics = upstream, pool, metrics
+        self.upstream = upstream
+        self.pool = pool
+        self.metrics = metrics
 
     async def call(
         self, key: UpstreamKey, route: str, method: str, path: str, body: bytes | None, ctx: RequestContext | None
     ) -> Reply:
         """`route` is TokenHub's route template, the `route` label of the upstream metrics."""
-        m = self.metrics
+        metrics = self.metrics
         try:
             reply = await self.upstream.call(method, path, key.value.reveal(), body)
         except GatewayError as exc:
-            m.child(m.upstream_requests, key.name, route, str(exc.status)).inc()
+            metrics.child(metrics.upstream_requests, key.name, route, str(exc.status)).inc()
             await self._report(key.name, None, exc.code)
             raise
-        m.child(m.upstream_requests, key.name, route, str(reply.status)).inc()
-        m.child(m.upstream_duration, route).observe(reply.elapsed)
+        metrics.child(metrics.upstream_requests, key.name, route, str(reply.status)).inc()
+        metrics.child(metrics.upstream_duration, route).observe(reply.elapsed)
         if ctx is not None:
             ctx.upstream_s += reply.elapsed
             ctx.upstream_status = reply.status

@@ -94,9 +94,9 @@ class HttpUpstream:
             headers["Content-Type"] = "application/json"
         started = time.perf_counter()
         try:
-            async with self._client().request(method, self._base + path, data=body, headers=headers) as r:
-                data = await r.read()
-                return Reply(r.status, data, r.headers.get("Retry-After"), time.perf_counter() - started)
+            async with self._client().request(method, self._base + path, data=body, headers=headers) as response:
+                data = await response.read()
+                return Reply(response.status, data, response.headers.get("Retry-After"), time.perf_counter() - started)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise ConnectFailed(f"Cannot reach TokenHub: {type(exc).__name__}.") from None
         except (TimeoutError, aiohttp.ServerTimeoutError):

@@ -8,10 +8,11 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gateway import tokenhub
 from gateway.errors import GatewayError, NoUpstreamKey
+from gateway.metrics import Metrics
 from gateway.policy.keyhealth import (
     DISABLED,
     HEALTHY,
@@ -38,11 +39,13 @@ class KeyPool:
         self,
         settings: UpstreamSettings,
         store: Store,
-        metrics: Any,
+        metrics: Metrics,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
-        self._store, self._metrics, self._clock = store, metrics, clock
+        self._store = store
+        self._metrics = metrics
+        self._clock = clock
         self._rng = rng or random.Random()
         self._retired: dict[str, UpstreamKey] = {}
         self.successes: dict[str, int] = {}  # bounded by the configured key names
@@ -50,7 +53,7 @@ class KeyPool:
 
     def apply(self, settings: UpstreamSettings) -> None:
         """Take a (re)loaded key list; removed keys stay known so their tasks can still be polled."""
-        old = getattr(self, "by_name", {})
+        old: dict[str, UpstreamKey] = getattr(self, "by_name", {})
         self.settings = settings
         self.keys = settings.keys
         self.by_name = {k.name: k for k in settings.keys}
@@ -99,32 +102,36 @@ class KeyPool:
         if status is not None and tokenhub.outcome_of(status) in (tokenhub.ACCEPTED, tokenhub.REFUSED):
             self.successes[name] = self.successes.get(name, 0) + 1  # this process's answers
         wait = parse_retry_after(retry_after, now) if status == 429 else None
-        await self._update(name, lambda h: on_reply(h, now, status, error, wait, self.settings, self._rng))
+        await self._update(name, lambda current: on_reply(current, now, status, error, wait, self.settings, self._rng))
 
     async def probe(self, upstream: Upstream) -> None:
         """Probe keys whose circuit has been open long enough: a poll of an unknown task, 404 = healthy."""
         now = self._clock()
-        for name, h in (await self.health()).items():
+        for name, health in (await self.health()).items():
             key = self.by_name.get(name)
-            if key is None or not h.needs_probe(now):
-                continue
-            try:
-                reply = await upstream.call("GET", tokenhub.task_path(tokenhub.PROBE_TASK_ID), key.value.reveal())
-                status, healthy, error = reply.status, reply.status == 404, str(reply.status)
-            except GatewayError as exc:
-                status, healthy, error = None, False, exc.code
-            if status in (401, 403):
-                await self._update(name, lambda h, s=status: on_rejected(h, self._clock(), s))
-            else:
-                await self._update(
-                    name, lambda h, ok=healthy, e=error: on_probe(h, self._clock(), ok, e, self.settings)
-                )
+            if key is not None and health.needs_probe(now):
+                await self._probe(key, upstream)
+
+    async def _probe(self, key: UpstreamKey, upstream: Upstream) -> None:
+        try:
+            reply = await upstream.call("GET", tokenhub.task_path(tokenhub.PROBE_TASK_ID), key.value.reveal())
+        except GatewayError as exc:
+            error = exc.code
+            await self._update(key.name, lambda current: on_probe(current, self._clock(), False, error, self.settings))
+            return
+        status = reply.status
+        if status in (401, 403):
+            await self._update(key.name, lambda current: on_rejected(current, self._clock(), status))
+        else:
+            await self._update(
+                key.name, lambda current: on_probe(current, self._clock(), status == 404, str(status), self.settings)
+            )
 
     async def reenable(self) -> None:
         """A reload re-enables keys a 401/403 disabled: the operator may have fixed them."""
-        for name, h in (await self.health()).items():
-            if h.state == DISABLED:
-                await self._update(name, lambda h: replace(h, state=OK, failures=0, throttles=0))
+        for name, health in (await self.health()).items():
+            if health.state == DISABLED:
+                await self._update(name, lambda current: replace(current, state=OK, failures=0, throttles=0))
 
     async def refresh_gauges(self) -> None:
         health, now = await self.health(), self._clock()

@@ -34,7 +34,7 @@ def store_error(exc: Exception) -> GatewayError:
     """A script's refusal (its error reply's first word), a record the server refused, or unavailability."""
     if type(exc) is not ResponseError:  # lost connections, timeouts, ReadOnlyError, ClusterDownError, ...
         return StoreUnavailable(f"The gateway's store failed: {exc.__class__.__name__}.")
-    word, _, rest = str(exc).partition(" ")
+    word, rest = str(exc).partition(" ")[::2]
     if word in _BUSY_REPLIES:
         return StoreUnavailable(f"The gateway's store cannot write now: {word}.")
     if word == "DUPLICATE":
@@ -129,7 +129,9 @@ class RedisCalls:
     def __init__(
         self, link: RedisLink, prefix: str, scripts: dict[str, str], *, timeout_s: float, max_connections: int
     ) -> None:
-        self.link, self.prefix, self._timeout = link, prefix, timeout_s
+        self.link = link
+        self.prefix = prefix
+        self._timeout = timeout_s
         self.scripts = {name: Script(body) for name, body in scripts.items()}
         self._gate = asyncio.Semaphore(max_connections)
 
@@ -161,7 +163,7 @@ class RedisCalls:
         """Run a script; `write`: it changes something (with a replica to wait for, it is waited for)."""
         return await self.do(self._run(self.scripts[name], (1, self.prefix, self.prefix, *args), write))
 
-    async def _run(self, script: Script, keys_and_args: tuple, write: bool) -> Any:
+    async def _run(self, script: Script, keys_and_args: tuple[Any, ...], write: bool) -> Any:
         pipe = self.link.pipe
         if pipe is None:  # a Cluster: redis-py routes by the key, follows MOVED, and retries once
             try:
@@ -175,7 +177,7 @@ class RedisCalls:
             return await _piped(pipe, script, keys_and_args, write)
 
 
-async def _piped(pipe: Pipe, script: Script, keys_and_args: tuple, write: bool) -> Any:
+async def _piped(pipe: Pipe, script: Script, keys_and_args: tuple[Any, ...], write: bool) -> Any:
     try:
         return await pipe.call("EVALSHA", script.sha, *keys_and_args, write=write)
     except NoScriptError:  # the server never saw it, or lost it: EVAL sends it whole, and caches it

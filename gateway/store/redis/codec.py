@@ -15,21 +15,21 @@ def decoder_for(hint: Any) -> Any:
 _DECODE = {name: decoder_for(hint) for name, hint in get_type_hints(Task).items()}
 
 
-def encode_task(t: Task) -> list[Any]:
+def encode_task(task: Task) -> list[Any]:
     """A task as hash field/value pairs; None fields are left out, booleans are 0/1."""
     pairs: list[Any] = []
     for name in TASK_FIELDS:
-        value = getattr(t, name)
+        value = getattr(task, name)
         if value is not None:
             pairs += [name, int(value) if isinstance(value, bool) else value]
     return pairs
 
 
-def admitted_fields(t: Task) -> tuple[list[str], list[Any]]:
+def admitted_fields(task: Task) -> tuple[list[str], list[Any]]:
     """A new task's fields as strings (for the admission's JSON) and its bytes fields as pairs (any byte)."""
     text: list[str] = []
     raw: list[Any] = []
-    pairs = encode_task(t)
+    pairs = encode_task(task)
     for name, value in zip(pairs[::2], pairs[1::2], strict=True):
         if isinstance(value, bytes):
             raw += [name, value]

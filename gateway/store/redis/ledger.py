@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
 from gateway.store.base import Task
 from gateway.store.redis.codec import decode_task
 
+T = TypeVar("T")
 LIST_SCAN_MAX = 10_000  # list_tasks with a filter looks at most this many tasks for one page
 
 
@@ -13,6 +17,14 @@ PAGE = 500
 
 class RedisLedger:
     """Mixed into RedisStore (its `_eval`, `_do`, `_k` and connection `_r`)."""
+
+    if TYPE_CHECKING:  # provided by RedisStore
+        prefix: str
+        _r: Any  # the redis-py client
+
+        def _k(self, *parts: str) -> str: ...
+        async def _do(self, aw: Awaitable[T]) -> T: ...
+        async def _eval(self, name: str, *args: Any) -> Any: ...
 
     async def list_tasks(
         self,
@@ -30,7 +42,7 @@ class RedisLedger:
         found = await self._eval(
             "list", team, after or "", status or "", limit, LIST_SCAN_MAX, order, "" if include_deleted else "1"
         )
-        tasks = [decode_task(pairs) for pairs in found]
+        tasks = cast(list[Task], [decode_task(pairs) for pairs in found])  # the script sends stored rows only
         return tasks[:limit], len(tasks) > limit
 
     async def mark_deleted(self, task_id: str, now: float) -> Task | None:
@@ -47,28 +59,31 @@ class RedisLedger:
             )
         )
         tasks: list[Task] = []
-        for i in range(0, len(rids), PAGE):
+        for start in range(0, len(rids), PAGE):
             async with self._r.pipeline(transaction=False) as pipe:
-                for rid in rids[i : i + PAGE]:
+                for rid in rids[start : start + PAGE]:
                     pipe.hgetall(self.prefix.encode() + b"t:" + rid)
                 replies = await self._do(pipe.execute())
             for raw in replies:
-                t = decode_task([x for kv in raw.items() for x in kv])
+                task = decode_task([x for kv in raw.items() for x in kv])
                 if (
-                    t
-                    and t.status != "create_failed"
+                    task
+                    and task.status != "create_failed"
                     and all(
-                        want is None or got == want for got, want in ((t.team, team), (t.user, user), (t.model, model))
+                        want is None or got == want
+                        for got, want in ((task.team, team), (task.user, user), (task.model, model))
                     )
                 ):
-                    tasks.append(t)
+                    tasks.append(task)
         return tasks
 
     async def prune(self, before: float) -> int:
         deleted = offset = 0
         while True:
-            done, scanned = await self._eval("prune", f"({float(before)!r}", offset, PAGE)
-            deleted, offset = deleted + done, offset + scanned - done
+            reply: list[int] = await self._eval("prune", f"({float(before)!r}", offset, PAGE)
+            done, scanned = reply
+            deleted += done
+            offset += scanned - done
             if scanned < PAGE:
                 return deleted
 

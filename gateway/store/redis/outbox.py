@@ -13,13 +13,15 @@ Keys, under the prefix:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
 from gateway.store.outbox import ArchivedFile, Item, TopicStats, clip
+
+T = TypeVar("T")
 
 # Helpers for SETTLE: its items follow its own arguments as n, then n × (id, topic, payload, created_at).
 OUTBOX_LUA = """
@@ -119,17 +121,25 @@ OUTBOX_SCRIPTS = {"outbox_claim": CLAIM, "outbox_end": END, "outbox_retry": RETR
 def item_args(items: Sequence[Item]) -> list[Any]:
     """SETTLE's trailing arguments for a settlement's items."""
     args: list[Any] = [len(items)]
-    for i in items:
-        args += [i.id, i.topic, i.payload, repr(float(i.created_at))]
+    for item in items:
+        args += [item.id, item.topic, item.payload, repr(float(item.created_at))]
     return args
 
 
-def _text(v: bytes | None) -> str | None:
-    return None if v is None else v.decode()
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
 
 
 class RedisOutbox:
     """Mixed into RedisStore (its `_eval`, `_do`, `_k` and connection `_r`)."""
+
+    if TYPE_CHECKING:  # provided by RedisStore
+        prefix: str
+        _r: Any  # the redis-py client
+
+        def _k(self, *parts: str) -> str: ...
+        async def _do(self, aw: Awaitable[T]) -> T: ...
+        async def _eval(self, name: str, *args: Any) -> Any: ...
 
     async def outbox_claim(self, topic: str, limit: int, now: float, lease_s: float) -> list[Item]:
         rows = await self._eval("outbox_claim", topic, limit, repr(float(now)), repr(float(lease_s)))
@@ -151,40 +161,40 @@ class RedisOutbox:
 
     async def outbox_stats(self, topics: list[str]) -> dict[str, TopicStats]:
         async with self._r.pipeline(transaction=False) as pipe:
-            for t in topics:
-                pipe.zcard(self._k("obq", t))
-                pipe.hgetall(self._k("obs", t))
+            for topic in topics:
+                pipe.zcard(self._k("obq", topic))
+                pipe.hgetall(self._k("obs", topic))
             replies = await self._do(pipe.execute())
         out = {}
-        for t, backlog, s in zip(topics, replies[::2], replies[1::2], strict=True):
-            at = s.get(b"last_attempt_at")
-            out[t] = TopicStats(
+        for topic, backlog, stats in zip(topics, replies[::2], replies[1::2], strict=True):
+            at = stats.get(b"last_attempt_at")
+            out[topic] = TopicStats(
                 int(backlog),
-                int(s.get(b"delivered", 0)),
-                int(s.get(b"failed", 0)),
-                int(s.get(b"gave_up", 0)),
-                _text(s.get(b"last_error")),
+                int(stats.get(b"delivered", 0)),
+                int(stats.get(b"failed", 0)),
+                int(stats.get(b"gave_up", 0)),
+                _text(stats.get(b"last_error")),
                 at and float(at),
             )
         return out
 
     # the archive's files
 
-    async def archive_record(self, f: ArchivedFile) -> None:
+    async def archive_record(self, file: ArchivedFile) -> None:
         async with self._r.pipeline(transaction=True) as pipe:
-            pipe.hset(self._k("af", f.task_id), f.variant, orjson.dumps(asdict(f)))
-            pipe.zadd(self._k("afz"), {f"{f.task_id} {f.variant}": f.archived_at})
+            pipe.hset(self._k("af", file.task_id), file.variant, orjson.dumps(asdict(file)))
+            pipe.zadd(self._k("afz"), {f"{file.task_id} {file.variant}": file.archived_at})
             await self._do(pipe.execute())
 
     async def archive_files(self, task_id: str) -> list[ArchivedFile]:
         raw = await self._do(self._r.hgetall(self._k("af", task_id)))
-        return sorted((ArchivedFile(**orjson.loads(v)) for v in raw.values()), key=lambda f: f.variant)
+        return sorted((ArchivedFile(**orjson.loads(v)) for v in raw.values()), key=lambda file: file.variant)
 
     async def archive_older(self, before: float, limit: int) -> list[ArchivedFile]:
         names = await self._do(self._r.zrangebyscore(self._k("afz"), "-inf", f"({float(before)!r}", 0, limit))
         out = []
         for name in names:
-            task_id, _, variant = name.decode().rpartition(" ")
+            task_id, variant = name.decode().rpartition(" ")[::2]
             raw = await self._do(self._r.hget(self._k("af", task_id), variant))
             if raw is None:
                 await self._do(self._r.zrem(self._k("afz"), name))

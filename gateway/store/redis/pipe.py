@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 WAIT_MS = 100  # how long a batch's writes wait for a replica's acknowledgement
 LAG_PAUSE_S = 5.0  # after a replica missed WAIT_MS: batches stop waiting this long, then try again
+_Call = tuple[tuple[Any, ...], asyncio.Future[Any], bool]  # a command, its caller's future, whether it writes
 
 
 class Pipe:
@@ -27,10 +28,12 @@ class Pipe:
     the master again after a failover); this holds one of its connections."""
 
     def __init__(self, pool: Any, *, timeout_s: float, wait_replica: bool) -> None:
-        self.pool, self.timeout_s, self.wait_replica = pool, timeout_s, wait_replica
+        self.pool = pool
+        self.timeout_s = timeout_s
+        self.wait_replica = wait_replica
         self._conn: Any = None
-        self._queue: list[tuple[tuple, asyncio.Future, bool]] = []
-        self._pump: asyncio.Task | None = None
+        self._queue: list[_Call] = []
+        self._pump: asyncio.Task[None] | None = None
         self._lagging_until = 0.0
         self.log = structlog.get_logger("gateway.store")
 
@@ -38,7 +41,7 @@ class Pipe:
         """The command's reply (an error reply raised as ResponseError); `write`: wait for a replica.
         A reply that takes more than timeout_s, queueing included, is a TimeoutError (a command not yet
         sent then is not sent at all)."""
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((command, future, write))
         if self._pump is None:
             self._pump = asyncio.get_running_loop().create_task(self._run())
@@ -57,7 +60,7 @@ class Pipe:
         finally:
             self._pump = None
 
-    async def _exchange(self, batch: list[tuple[tuple, asyncio.Future, bool]]) -> None:
+    async def _exchange(self, batch: list[_Call]) -> None:
         commands = [command for command, _, _ in batch]
         waits = self.wait_replica and any(w for _, _, w in batch) and time.monotonic() >= self._lagging_until
         if waits:
@@ -108,7 +111,7 @@ class Pipe:
         await self.pool.disconnect()
 
 
-def pack(command: tuple) -> bytes:
+def pack(command: tuple[Any, ...]) -> bytes:
     """A command in RESP (redis-py's packer costs several times this on the hot path)."""
     parts = [b"*%d\r\n" % len(command)]
     for arg in command:
@@ -129,7 +132,7 @@ async def _reply(conn: Any) -> Any:
         return exc
 
 
-def _settle(future: asyncio.Future, reply: Any) -> None:
+def _settle(future: asyncio.Future[Any], reply: Any) -> None:
     if future.done():
         return  # its caller gave up
     if isinstance(reply, ResponseError):
@@ -138,6 +141,6 @@ def _settle(future: asyncio.Future, reply: Any) -> None:
         future.set_result(reply)
 
 
-def _fail(future: asyncio.Future, exc: Exception) -> None:
+def _fail(future: asyncio.Future[Any], exc: Exception) -> None:
     if not future.done():
         future.set_exception(exc)

@@ -30,7 +30,7 @@ import re
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 from cachetools import TTLCache
@@ -56,10 +56,18 @@ READS = frozenset({"clock", "get", "get_record", "list"})  # every other script 
 _HASH_TAG = re.compile(r"\{[^{}]+\}")
 
 
-def _limits(s: Subject) -> list[Any]:
-    lim = s.limits
-    video_ms = None if lim.video_seconds is None else lim.video_seconds * 1000
-    return [s.scope, s.name, s.period, lim.requests_per_minute, lim.max_concurrent_tasks, lim.budget_micros, video_ms]
+def _limits(subject: Subject) -> list[Any]:
+    limits = subject.limits
+    video_ms = None if limits.video_seconds is None else limits.video_seconds * 1000
+    return [
+        subject.scope,
+        subject.name,
+        subject.period,
+        limits.requests_per_minute,
+        limits.max_concurrent_tasks,
+        limits.budget_micros,
+        video_ms,
+    ]
 
 
 class RedisStore(RedisLedger, RedisOutbox):
@@ -99,11 +107,12 @@ class RedisStore(RedisLedger, RedisOutbox):
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
+    # open() sets _calls before any call
     async def _do(self, aw: Awaitable[T]) -> T:
-        return await self._calls.do(aw)
+        return await cast(RedisCalls, self._calls).do(aw)
 
     async def _eval(self, name: str, *args: Any) -> Any:
-        return await self._calls.run(name, *args, write=name not in READS)
+        return await cast(RedisCalls, self._calls).run(name, *args, write=name not in READS)
 
     async def open(self) -> None:
         self._link = RedisLink(
@@ -169,24 +178,24 @@ class RedisStore(RedisLedger, RedisOutbox):
     async def admit(self, adm: Admission, now: float) -> Rejection | None:
         """`now` is not used: the rate window and the idempotency record take Redis's time. With
         `adm.keys`, the admission also takes a slot on one of them (task.key_name)."""
-        t = adm.task
-        check_figures(estimate_micros=t.estimate_micros, estimate_ms=t.estimate_ms, input_ms=t.input_ms)
-        fields, raw = admitted_fields(t)
+        task = adm.task
+        check_figures(estimate_micros=task.estimate_micros, estimate_ms=task.estimate_ms, input_ms=task.input_ms)
+        fields, raw = admitted_fields(task)
         reply = await self._eval(
             "admit",
             orjson.dumps(
                 {
-                    "rid": t.rid,
-                    "team": t.team,
-                    "idem": t.idem_key or "",
+                    "rid": task.rid,
+                    "team": task.team,
+                    "idem": task.idem_key or "",
                     "hash": adm.body_hash or "",
                     "ttl": IDEM_TTL_S,
-                    "micros": str(t.estimate_micros),
-                    "ms": str(t.estimate_ms),
-                    "created": repr(t.created_at),
-                    "next": repr(t.next_poll_at),
+                    "micros": str(task.estimate_micros),
+                    "ms": str(task.estimate_ms),
+                    "created": repr(task.created_at),
+                    "next": repr(task.next_poll_at),
                     "task": fields,
-                    "subjects": [_limits(s) for s in adm.subjects],
+                    "subjects": [_limits(subject) for subject in adm.subjects],
                     "draw": adm.key_draw,
                     "keys": [[k.name, k.weight, k.max_concurrent_tasks] for k in adm.keys],
                 }
@@ -195,7 +204,7 @@ class RedisStore(RedisLedger, RedisOutbox):
         )
         if reply[0] == b"ok":
             self._learn(adm.subjects, *reply[2:])
-            t.key_name = reply[1].decode() or None
+            task.key_name = reply[1].decode() or None
             return None
         if reply[0] == b"gone":
             raise StoreUnavailable("This create was abandoned after a store failure; retry it.")
@@ -204,15 +213,15 @@ class RedisStore(RedisLedger, RedisOutbox):
                 "A request with this Idempotency-Key is still in flight.", code="idempotency_key_in_progress"
             )
         # Rebuild the rejection with the same rule on the figures the script decided on.
-        _, server_now, i, spent, reserved, spent_ms, reserved_ms, in_flight, *window = reply
+        _, server_now, index, spent, reserved, spent_ms, reserved_ms, in_flight, *window = reply
         return check(
-            adm.subjects[i],
+            adm.subjects[index],
             Counters(spent, reserved, spent_ms, reserved_ms),
             in_flight,
             [float(w) for w in window],
             float(server_now),
-            t.estimate_micros,
-            t.estimate_ms,
+            task.estimate_micros,
+            task.estimate_ms,
         )
 
     def _learn(
@@ -224,10 +233,10 @@ class RedisStore(RedisLedger, RedisOutbox):
             self._health = {k.decode(): KeyHealth(**orjson.loads(v)) for k, v in zip(it, it, strict=True)}
             self._health_raw = health
         self._health_due = time.monotonic() + HEALTH_CACHE_S
-        for s, (live, boundary) in zip(subjects, windows, strict=True):
-            if s.limits.requests_per_minute:
-                self._rates[s.scope, s.name] = (
-                    s.limits.requests_per_minute,
+        for subject, (live, boundary) in zip(subjects, windows, strict=True):
+            if subject.limits.requests_per_minute:
+                self._rates[subject.scope, subject.name] = (
+                    subject.limits.requests_per_minute,
                     live,
                     float(boundary) if boundary else None,
                 )
@@ -252,7 +261,8 @@ class RedisStore(RedisLedger, RedisOutbox):
         self, rid: str, now: float, reply: tuple[int, bytes] | None, items: Sequence[Item] = ()
     ) -> Task:
         answer = ("1", *reply) if reply is not None else ("", 0, b"")
-        return decode_task(await self._eval("mark_unknown", rid, repr(float(now)), *answer, *item_args(items)))
+        row = await self._eval("mark_unknown", rid, repr(float(now)), *answer, *item_args(items))
+        return cast(Task, decode_task(row))  # the script answers NOTFOUND rather than nothing
 
     # tasks
 
@@ -295,11 +305,13 @@ class RedisStore(RedisLedger, RedisOutbox):
 
     async def resolve_unknown(self, ref: str, billed_ms: int, cost_micros: int, now: float) -> Task:
         check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
-        return decode_task(await self._eval("resolve", ref, billed_ms, cost_micros, repr(float(now))))
+        row = await self._eval("resolve", ref, billed_ms, cost_micros, repr(float(now)))
+        return cast(Task, decode_task(row))  # the script answers NOTFOUND rather than nothing
 
     async def due_tasks(self, now: float, limit: int, lease_s: float) -> list[Task]:
         """Due and lease end are judged by Redis's clock (`now` is not used), the same for every replica."""
-        return [decode_task(pairs) for pairs in await self._eval("due", limit, repr(float(lease_s)))]
+        rows = await self._eval("due", limit, repr(float(lease_s)))
+        return cast(list[Task], [decode_task(pairs) for pairs in rows])  # the script skips vanished rows
 
     async def defer_poll(self, rid: str, next_at: float) -> None:
         await self._eval("defer", rid, repr(float(next_at)))
@@ -311,15 +323,15 @@ class RedisStore(RedisLedger, RedisOutbox):
 
     async def usage(self, subjects: tuple[Subject, ...]) -> list[Usage]:
         async with self._r.pipeline(transaction=False) as pipe:
-            for s in subjects:
+            for subject in subjects:
                 pipe.hmget(
-                    self._k("c", s.scope, s.name, s.period),
+                    self._k("c", subject.scope, subject.name, subject.period),
                     "spent_micros",
                     "reserved_micros",
                     "spent_ms",
                     "reserved_ms",
                 )
-                pipe.hget(self._k("f", s.scope), s.name)
+                pipe.hget(self._k("f", subject.scope), subject.name)
             replies = await self._do(pipe.execute())
         return [
             Usage(Counters(*(int(v or 0) for v in counters)), int(n or 0))

@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote
 
-STANDALONE, SENTINEL, CLUSTER = "standalone", "sentinel", "cluster"
+STANDALONE = "standalone"
+SENTINEL = "sentinel"
+CLUSTER = "cluster"
 _SCHEMES = {
     "redis": (STANDALONE, False),
     "rediss": (STANDALONE, True),
@@ -58,8 +60,8 @@ def url_problem(url: str) -> str | None:
 
 def parse_url(url: str) -> RedisTarget:
     """A store URL's target; ValueError names what is wrong with it (never its password)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in _SCHEMES:
+    scheme = url.partition("://")[0]
+    if "://" not in url or scheme not in _SCHEMES:
         raise ValueError(f"a Redis store URL starts with one of {', '.join(s + '://' for s in _SCHEMES)}")
     mode, ssl = _SCHEMES[scheme]
     wait, url = _wait_option(url)
@@ -67,11 +69,10 @@ def parse_url(url: str) -> RedisTarget:
         raise ValueError("wait_replica=1 is for a server or a Sentinel's master, not a Cluster")
     if mode == STANDALONE:
         return RedisTarget(mode, url, ssl=ssl, wait_replica=bool(wait))
-    rest = url.partition("://")[2]
-    rest, _, query = rest.partition("?")
-    netloc, _, path = rest.partition("/")
-    userinfo, _, hosts = netloc.rpartition("@")
-    username, _, password = userinfo.partition(":")
+    rest, query = url.partition("://")[2].partition("?")[::2]
+    netloc, path = rest.partition("/")[::2]
+    userinfo, hosts = netloc.rpartition("@")[::2]
+    username, password = userinfo.partition(":")[::2]
     nodes = tuple(_node(h, _DEFAULT_PORT[mode]) for h in hosts.split(",") if h)
     if not nodes:
         raise ValueError(f"a {scheme}:// URL names at least one host:port")
@@ -94,10 +95,11 @@ def parse_url(url: str) -> RedisTarget:
 
 def _wait_option(url: str) -> tuple[bool | None, str]:
     """`wait_replica=0|1` from the query (None when absent), and the URL without it (redis-py refuses it)."""
-    base, sep, query = url.partition("?")
-    kept, wait = [], None
-    for item in query.split("&") if sep else ():
-        name, _, value = item.partition("=")
+    base, query = url.partition("?")[::2]
+    kept: list[str] = []
+    wait = None
+    for item in query.split("&") if "?" in url else ():
+        name, value = item.partition("=")[::2]
         if name != "wait_replica":
             kept.append(item)
         elif value in ("0", "1"):
@@ -110,10 +112,10 @@ def _wait_option(url: str) -> tuple[bool | None, str]:
 def _node(text: str, default_port: int) -> tuple[str, int]:
     host, port = text, str(default_port)
     if text.startswith("["):  # [IPv6]:port
-        host, _, tail = text[1:].partition("]")
+        host, tail = text[1:].partition("]")[::2]
         port = tail.removeprefix(":") or port
     elif ":" in text:
-        host, _, port = text.rpartition(":")
+        host, port = text.rpartition(":")[::2]
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{text!r} is not a host:port")
     return host, int(port)

@@ -43,10 +43,10 @@ class Books:
         self._changed_counters.clear()
         self._changed_in_flight.clear()
 
-    def flush(self, c: sqlite3.Connection) -> None:
+    def flush(self, conn: sqlite3.Connection) -> None:
         """Write what changed since the last flush (inside the transaction, before its COMMIT)."""
         if self._changed_counters:
-            c.executemany(
+            conn.executemany(
                 _WRITE_COUNTERS,
                 [
                     (*key, n.spent_micros, n.reserved_micros, n.spent_ms, n.reserved_ms)
@@ -56,37 +56,37 @@ class Books:
             )
             self._changed_counters.clear()
         if self._changed_in_flight:
-            c.executemany(_WRITE_IN_FLIGHT, [(*key, self._in_flight[key]) for key in self._changed_in_flight])
+            conn.executemany(_WRITE_IN_FLIGHT, [(*key, self._in_flight[key]) for key in self._changed_in_flight])
             self._changed_in_flight.clear()
 
-    def counters(self, c: sqlite3.Connection, scope: str, name: str, period: str) -> Counters:
+    def counters(self, conn: sqlite3.Connection, scope: str, name: str, period: str) -> Counters:
         key = (scope, name, period)
         got = self._counters.get(key)
         if got is None:
-            row = c.execute(
+            row = conn.execute(
                 "SELECT spent_micros, reserved_micros, spent_ms, reserved_ms FROM counters "
                 "WHERE scope=? AND name=? AND period=?",
                 key,
             ).fetchone()
             if len(self._counters) >= BOOKS_MAX:
-                self.flush(c)
+                self.flush(conn)
                 self._counters.clear()
             got = self._counters[key] = Counters(*row) if row else Counters()
         return got
 
-    def in_flight(self, c: sqlite3.Connection, scope: str, name: str) -> int:
+    def in_flight(self, conn: sqlite3.Connection, scope: str, name: str) -> int:
         got = self._in_flight.get((scope, name))
         if got is None:
-            row = c.execute("SELECT n FROM in_flight WHERE scope=? AND name=?", (scope, name)).fetchone()
+            row = conn.execute("SELECT n FROM in_flight WHERE scope=? AND name=?", (scope, name)).fetchone()
             if len(self._in_flight) >= BOOKS_MAX:
-                self.flush(c)
+                self.flush(conn)
                 self._in_flight.clear()
             got = self._in_flight[(scope, name)] = row[0] if row else 0
         return got
 
     def add(
         self,
-        c: sqlite3.Connection,
+        conn: sqlite3.Connection,
         scope: str,
         name: str,
         period: str,
@@ -95,42 +95,42 @@ class Books:
         spent_ms: int = 0,
         reserved_ms: int = 0,
     ) -> None:
-        n = self.counters(c, scope, name, period)
+        counters = self.counters(conn, scope, name, period)
         self._changed_counters.add((scope, name, period))
-        n.spent_micros += spent_micros
-        n.reserved_micros += reserved_micros
-        n.spent_ms += spent_ms
-        n.reserved_ms += reserved_ms
+        counters.spent_micros += spent_micros
+        counters.reserved_micros += reserved_micros
+        counters.spent_ms += spent_ms
+        counters.reserved_ms += reserved_ms
 
-    def bump(self, c: sqlite3.Connection, scope: str, name: str, delta: int) -> None:
-        n = max(0, self.in_flight(c, scope, name) + delta)
-        self._in_flight[(scope, name)] = n
+    def bump(self, conn: sqlite3.Connection, scope: str, name: str, delta: int) -> None:
+        count = max(0, self.in_flight(conn, scope, name) + delta)
+        self._in_flight[(scope, name)] = count
         self._changed_in_flight.add((scope, name))
 
-    def release(self, c: sqlite3.Connection, t: Task) -> None:
+    def release(self, conn: sqlite3.Connection, task: Task) -> None:
         """Give back what a live task holds: its reservation and its in-flight counts (key slots are
         given back in memory by the caller)."""
-        if t.status not in LIVE:
+        if task.status not in LIVE:
             return
-        for scope, name, period in owners(t):
-            self.add(c, scope, name, period, reserved_micros=-t.estimate_micros, reserved_ms=-t.estimate_ms)
-            self.bump(c, scope, name, -1)
+        for scope, name, period in owners(task):
+            self.add(conn, scope, name, period, reserved_micros=-task.estimate_micros, reserved_ms=-task.estimate_ms)
+            self.bump(conn, scope, name, -1)
 
-    def check_spend(self, c: sqlite3.Connection, t: Task, micros: int, ms: int) -> None:
+    def check_spend(self, conn: sqlite3.Connection, task: Task, micros: int, ms: int) -> None:
         """Refuse, before anything is written, a spend that would take a counter past MAX_COUNTER."""
-        for scope, name, period in owners(t):
-            n = self.counters(c, scope, name, period)
-            if n.spent_micros + micros > MAX_COUNTER or n.spent_ms + ms > MAX_COUNTER:
+        for scope, name, period in owners(task):
+            counters = self.counters(conn, scope, name, period)
+            if counters.spent_micros + micros > MAX_COUNTER or counters.spent_ms + ms > MAX_COUNTER:
                 raise RecordRejected(f"The store refused a spend that would overflow the {scope}'s counters.")
 
-    def spend(self, c: sqlite3.Connection, t: Task, micros: int, ms: int) -> None:
-        for scope, name, period in owners(t):
-            self.add(c, scope, name, period, spent_micros=micros, spent_ms=ms)
+    def spend(self, conn: sqlite3.Connection, task: Task, micros: int, ms: int) -> None:
+        for scope, name, period in owners(task):
+            self.add(conn, scope, name, period, spent_micros=micros, spent_ms=ms)
 
 
-def owners(t: Task) -> tuple[tuple[str, str, str], ...]:
+def owners(task: Task) -> tuple[tuple[str, str, str], ...]:
     """The subjects a task is counted against, each in the period the task was created in."""
-    return ("team", t.team, t.team_period), ("user", t.user, t.user_period)
+    return ("team", task.team, task.team_period), ("user", task.user, task.user_period)
 
 
 class Windows:

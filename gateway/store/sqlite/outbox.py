@@ -4,10 +4,12 @@ thread, like every other write of that store."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, TypeVar
 
 from gateway.store.outbox import ArchivedFile, Item, TopicStats, clip
 
+T = TypeVar("T")
 SCHEMA = """
 CREATE TABLE outbox (
     id TEXT PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL, created_at REAL NOT NULL,
@@ -23,17 +25,17 @@ CREATE INDEX archive_files_age ON archive_files (archived_at);
 """
 
 
-def add_items(c: sqlite3.Connection, items: Iterable[Item]) -> None:
+def add_items(conn: sqlite3.Connection, items: Iterable[Item]) -> None:
     """Called inside the step that settles a task: the items are written with it or not at all."""
-    c.executemany(
+    conn.executemany(
         "INSERT OR IGNORE INTO outbox (id, topic, payload, created_at, next_at) VALUES (?, ?, ?, ?, ?)",
         [(i.id, i.topic, i.payload, i.created_at, i.created_at) for i in items],
     )
 
 
-def _count(c: sqlite3.Connection, topic: str, column: str, error: str | None, now: float) -> None:
-    c.execute("INSERT INTO outbox_stats (topic) VALUES (?) ON CONFLICT (topic) DO NOTHING", (topic,))
-    c.execute(
+def _count(conn: sqlite3.Connection, topic: str, column: str, error: str | None, now: float) -> None:
+    conn.execute("INSERT INTO outbox_stats (topic) VALUES (?) ON CONFLICT (topic) DO NOTHING", (topic,))
+    conn.execute(
         f"UPDATE outbox_stats SET {column} = {column} + 1, last_attempt_at = ?, "
         "last_error = COALESCE(?, last_error) WHERE topic = ?",
         (now, error, topic),
@@ -43,17 +45,21 @@ def _count(c: sqlite3.Connection, topic: str, column: str, error: str | None, no
 class SQLiteOutbox:
     """Mixed into SQLiteStore, whose `_do` runs an operation on the writer thread."""
 
+    if TYPE_CHECKING:  # provided by SQLiteStore
+
+        async def _do(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
     async def outbox_claim(self, topic: str, limit: int, now: float, lease_s: float) -> list[Item]:
-        def op(c: sqlite3.Connection) -> list[Item]:
-            leased = c.execute(
+        def op(conn: sqlite3.Connection) -> list[Item]:
+            leased = conn.execute(
                 "SELECT COUNT(*) FROM outbox WHERE topic=? AND lease_until > ?", (topic, now)
             ).fetchone()[0]
-            rows = c.execute(
+            rows = conn.execute(
                 "SELECT id, topic, payload, created_at, attempts FROM outbox WHERE topic=? "
                 "AND next_at <= ? AND lease_until <= ? ORDER BY next_at LIMIT ?",
                 (topic, now, now, max(0, limit - leased)),
             ).fetchall()
-            c.executemany(
+            conn.executemany(
                 "UPDATE outbox SET lease_until=?, attempts=attempts + 1 WHERE id=?",
                 [(now + lease_s, r[0]) for r in rows],
             )
@@ -68,52 +74,52 @@ class SQLiteOutbox:
         await self._end(item, "gave_up", clip(error), now)
 
     async def _end(self, item: Item, column: str, error: str | None, now: float) -> None:
-        def op(c: sqlite3.Connection) -> None:
-            if c.execute("DELETE FROM outbox WHERE id=?", (item.id,)).rowcount:
+        def op(conn: sqlite3.Connection) -> None:
+            if conn.execute("DELETE FROM outbox WHERE id=?", (item.id,)).rowcount:
                 if column == "gave_up":
-                    _count(c, item.topic, "failed", error, now)
-                _count(c, item.topic, column, error, now)
+                    _count(conn, item.topic, "failed", error, now)
+                _count(conn, item.topic, column, error, now)
 
         await self._do(op)
 
     async def outbox_retry(self, item: Item, next_at: float, error: str, now: float) -> None:
-        def op(c: sqlite3.Connection) -> None:
-            if c.execute("UPDATE outbox SET next_at=?, lease_until=0 WHERE id=?", (next_at, item.id)).rowcount:
-                _count(c, item.topic, "failed", clip(error), now)
+        def op(conn: sqlite3.Connection) -> None:
+            if conn.execute("UPDATE outbox SET next_at=?, lease_until=0 WHERE id=?", (next_at, item.id)).rowcount:
+                _count(conn, item.topic, "failed", clip(error), now)
 
         await self._do(op)
 
     async def outbox_drop_topics(self, prefix: str, keep: frozenset[str], now: float) -> int:
-        def op(c: sqlite3.Connection) -> int:
+        def op(conn: sqlite3.Connection) -> int:
             gone = [
                 t
-                for (t,) in c.execute(
+                for (t,) in conn.execute(
                     "SELECT DISTINCT topic FROM outbox WHERE substr(topic, 1, ?) = ?", (len(prefix), prefix)
                 )
                 if t not in keep
             ]
             dropped = 0
             for topic in gone:
-                n = c.execute("DELETE FROM outbox WHERE topic=?", (topic,)).rowcount
-                c.execute("INSERT INTO outbox_stats (topic) VALUES (?) ON CONFLICT (topic) DO NOTHING", (topic,))
-                c.execute(
+                count = conn.execute("DELETE FROM outbox WHERE topic=?", (topic,)).rowcount
+                conn.execute("INSERT INTO outbox_stats (topic) VALUES (?) ON CONFLICT (topic) DO NOTHING", (topic,))
+                conn.execute(
                     "UPDATE outbox_stats SET gave_up = gave_up + ?, last_error = ? WHERE topic = ?",
-                    (n, "endpoint removed from the config", topic),
+                    (count, "endpoint removed from the config", topic),
                 )
-                dropped += n
+                dropped += count
             return dropped
 
         return await self._do(op)
 
     async def outbox_stats(self, topics: list[str]) -> dict[str, TopicStats]:
-        def op(c: sqlite3.Connection) -> dict[str, TopicStats]:
+        def op(conn: sqlite3.Connection) -> dict[str, TopicStats]:
             out = {t: TopicStats() for t in topics}
             marks = ", ".join("?" * len(topics))
-            for topic, n in c.execute(
+            for topic, backlog in conn.execute(
                 f"SELECT topic, COUNT(*) FROM outbox WHERE topic IN ({marks}) GROUP BY topic", topics
             ):
-                out[topic].backlog = n
-            for topic, *figures in c.execute(
+                out[topic].backlog = backlog
+            for topic, *figures in conn.execute(
                 "SELECT topic, delivered, failed, gave_up, last_error, "
                 f"last_attempt_at FROM outbox_stats WHERE topic IN ({marks})",
                 topics,
@@ -125,27 +131,27 @@ class SQLiteOutbox:
 
     # the archive's files
 
-    async def archive_record(self, f: ArchivedFile) -> None:
+    async def archive_record(self, file: ArchivedFile) -> None:
         await self._do(
-            lambda c: c.execute(
+            lambda conn: conn.execute(
                 "INSERT OR REPLACE INTO archive_files VALUES (?, ?, ?, ?, ?, ?)",
-                (f.task_id, f.variant, f.key, f.size, f.content_type, f.archived_at),
+                (file.task_id, file.variant, file.key, file.size, file.content_type, file.archived_at),
             )
         )
 
     async def archive_files(self, task_id: str) -> list[ArchivedFile]:
         return await self._do(
-            lambda c: [
+            lambda conn: [
                 ArchivedFile(*r)
-                for r in c.execute("SELECT * FROM archive_files WHERE task_id=? ORDER BY variant", (task_id,))
+                for r in conn.execute("SELECT * FROM archive_files WHERE task_id=? ORDER BY variant", (task_id,))
             ]
         )
 
     async def archive_older(self, before: float, limit: int) -> list[ArchivedFile]:
         return await self._do(
-            lambda c: [
+            lambda conn: [
                 ArchivedFile(*r)
-                for r in c.execute(
+                for r in conn.execute(
                     "SELECT * FROM archive_files WHERE archived_at < ? ORDER BY archived_at LIMIT ?", (before, limit)
                 )
             ]
@@ -153,5 +159,5 @@ class SQLiteOutbox:
 
     async def archive_forget(self, task_id: str, variant: str) -> None:
         await self._do(
-            lambda c: c.execute("DELETE FROM archive_files WHERE task_id=? AND variant=?", (task_id, variant))
+            lambda conn: conn.execute("DELETE FROM archive_files WHERE task_id=? AND variant=?", (task_id, variant))
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import sqlite3
+from typing import Any
 
 from gateway.errors import StoreUnavailable
 from gateway.store.base import TASK_FIELDS, Task
@@ -48,36 +49,37 @@ INSERT_TASK = f"INSERT INTO tasks ({COLS}) VALUES ({', '.join('?' * len(TASK_FIE
 task_values = operator.attrgetter(*TASK_FIELDS)
 
 
-def row_to_task(row: sqlite3.Row | tuple) -> Task:
-    t = Task(*row)
-    t.input_estimated, t.cost_estimated = bool(t.input_estimated), bool(t.cost_estimated)
-    return t
+def row_to_task(row: sqlite3.Row | tuple[Any, ...]) -> Task:
+    task = Task(*row)
+    task.input_estimated = bool(task.input_estimated)
+    task.cost_estimated = bool(task.cost_estimated)
+    return task
 
 
-def migrate(c: sqlite3.Connection) -> None:
-    version = c.execute("PRAGMA user_version").fetchone()[0]
+def migrate(conn: sqlite3.Connection) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise StoreUnavailable(f"The store's schema version {version} is newer than this gateway's.")
-    for v in range(version + 1, SCHEMA_VERSION + 1):
-        for statement in MIGRATIONS[v].split(";"):
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[step].split(";"):
             if statement.strip():
-                c.execute(statement)
-        c.execute(f"PRAGMA user_version={v}")
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version={step}")
 
 
-def task_by_rid(c: sqlite3.Connection, rid: str) -> Task | None:
-    row = c.execute(f"SELECT {COLS} FROM tasks WHERE rid=?", (rid,)).fetchone()
+def task_by_rid(conn: sqlite3.Connection, rid: str) -> Task | None:
+    row = conn.execute(f"SELECT {COLS} FROM tasks WHERE rid=?", (rid,)).fetchone()
     return row_to_task(row) if row else None
 
 
-def task_by_ref(c: sqlite3.Connection, ref: str) -> Task | None:
+def task_by_ref(conn: sqlite3.Connection, ref: str) -> Task | None:
     """By upstream task id, else by rid."""
-    row = c.execute(f"SELECT {COLS} FROM tasks WHERE task_id=?", (ref,)).fetchone()
-    return row_to_task(row) if row else task_by_rid(c, ref)
+    row = conn.execute(f"SELECT {COLS} FROM tasks WHERE task_id=?", (ref,)).fetchone()
+    return row_to_task(row) if row else task_by_rid(conn, ref)
 
 
-def finish_idem(c: sqlite3.Connection, rid: str, reply: tuple[int, bytes]) -> None:
-    c.execute(
+def finish_idem(conn: sqlite3.Connection, rid: str, reply: tuple[int, bytes]) -> None:
+    conn.execute(
         "UPDATE idempotency SET done=1, status=?, body=? WHERE (team, key) IN "
         "(SELECT team, idem_key FROM tasks WHERE rid=? AND idem_key IS NOT NULL)",
         (*reply, rid),

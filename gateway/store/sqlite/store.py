@@ -11,7 +11,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TypeVar
 
 from gateway.errors import DuplicateTaskId, IdempotencyConflict, NotFound, StoreUnavailable, TaskNotUnknown
 from gateway.policy.keyhealth import KeyHealth
@@ -43,6 +43,8 @@ from gateway.store.sqlite.schema import (
 )
 from gateway.store.sqlite.writer import Writer
 
+T = TypeVar("T")
+
 
 class SQLiteStore(SQLiteLedger, SQLiteOutbox):
     def __init__(self, path: str, synchronous: str = "NORMAL", clock: Callable[[], float] = time.time) -> None:
@@ -66,7 +68,7 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
         self._books.clear()  # each figure is read again from its table
         self._windows.rollback()
 
-    async def _do(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def _do(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._writer.submit(fn)
 
     async def open(self) -> None:
@@ -78,10 +80,10 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
         await self._do(self._load_windows)
         await self._do(self._load_key_slots)
 
-    def _load_windows(self, c: sqlite3.Connection) -> None:
+    def _load_windows(self, conn: sqlite3.Connection) -> None:
         """Rebuild the last minute's rate windows from the ledger: a restart must not reopen them."""
         self._windows.load(
-            c.execute(
+            conn.execute(
                 "SELECT team, user, created_at FROM tasks WHERE created_at > ? ORDER BY created_at",
                 (self._clock() - WINDOW_S,),
             )
@@ -91,7 +93,7 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
         await asyncio.to_thread(self._writer.stop)
 
     async def ping(self) -> None:
-        await self._do(lambda c: c.execute("INSERT OR REPLACE INTO in_flight VALUES ('_', 'ping', 0)"))
+        await self._do(lambda conn: conn.execute("INSERT OR REPLACE INTO in_flight VALUES ('_', 'ping', 0)"))
 
     async def now(self) -> float:
         return self._clock()
@@ -99,8 +101,8 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
     # creates
 
     async def idem_get(self, team: str, key: str) -> IdemRecord | None:
-        def op(c: sqlite3.Connection) -> IdemRecord | None:
-            row = c.execute(
+        def op(conn: sqlite3.Connection) -> IdemRecord | None:
+            row = conn.execute(
                 "SELECT body_hash, done, status, body, created_at FROM idempotency WHERE team=? AND key=?", (team, key)
             ).fetchone()
             if row is None or row[4] < self._clock() - IDEM_TTL_S:
@@ -110,64 +112,74 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
         return await self._do(op)
 
     async def admit(self, adm: Admission, now: float) -> Rejection | None:
-        t = adm.task
-        check_figures(estimate_micros=t.estimate_micros, estimate_ms=t.estimate_ms, input_ms=t.input_ms)
+        task = adm.task
+        check_figures(estimate_micros=task.estimate_micros, estimate_ms=task.estimate_ms, input_ms=task.input_ms)
 
-        return await self._do(lambda c: self._admit(c, adm, now))
+        return await self._do(lambda conn: self._admit(conn, adm, now))
 
-    def _admit(self, c: sqlite3.Connection, adm: Admission, now: float) -> Rejection | None:
+    def _admit(self, conn: sqlite3.Connection, adm: Admission, now: float) -> Rejection | None:
         # The rate windows' lock is held only while they are read or changed, never over a statement: the
         # event loop's thread reads them for every answer's rate headers and must not wait on SQLite.
         # Only this thread adds to them, so what the check saw still holds when the task is counted.
-        t, b, windows = adm.task, self._books, self._windows
-        for s in adm.subjects:
-            counters, in_flight = b.counters(c, s.scope, s.name, s.period), b.in_flight(c, s.scope, s.name)
-            if s.limits.requests_per_minute:
+        task = adm.task
+        books = self._books
+        windows = self._windows
+        for subject in adm.subjects:
+            counters = books.counters(conn, subject.scope, subject.name, subject.period)
+            in_flight = books.in_flight(conn, subject.scope, subject.name)
+            if subject.limits.requests_per_minute:
                 with windows.lock:
                     rejection = check(
-                        s,
+                        subject,
                         counters,
                         in_flight,
-                        windows.live(s.scope, s.name, now),
+                        windows.live(subject.scope, subject.name, now),
                         now,
-                        t.estimate_micros,
-                        t.estimate_ms,
+                        task.estimate_micros,
+                        task.estimate_ms,
                     )
             else:
-                rejection = check(s, counters, in_flight, None, now, t.estimate_micros, t.estimate_ms)
+                rejection = check(subject, counters, in_flight, None, now, task.estimate_micros, task.estimate_ms)
             if rejection:
                 return rejection
-        if t.idem_key:
-            claimed = c.execute(
+        if task.idem_key:
+            claimed = conn.execute(
                 "INSERT INTO idempotency (team, key, body_hash, done, created_at) VALUES (?, ?, ?, 0, ?) "
                 "ON CONFLICT (team, key) DO UPDATE SET body_hash=excluded.body_hash, done=0, status=0, "
                 "body=NULL, created_at=excluded.created_at WHERE idempotency.created_at < ?",
-                (t.team, t.idem_key, adm.body_hash, now, now - IDEM_TTL_S),
+                (task.team, task.idem_key, adm.body_hash, now, now - IDEM_TTL_S),
             )
             if claimed.rowcount == 0:
                 raise IdempotencyConflict(
                     "A request with this Idempotency-Key is still in flight.", code="idempotency_key_in_progress"
                 )
-        c.execute(INSERT_TASK, task_values(t))
-        for s in adm.subjects:
-            b.add(c, s.scope, s.name, s.period, reserved_micros=t.estimate_micros, reserved_ms=t.estimate_ms)
-            b.bump(c, s.scope, s.name, 1)
-            if s.limits.requests_per_minute:
+        conn.execute(INSERT_TASK, task_values(task))
+        for subject in adm.subjects:
+            books.add(
+                conn,
+                subject.scope,
+                subject.name,
+                subject.period,
+                reserved_micros=task.estimate_micros,
+                reserved_ms=task.estimate_ms,
+            )
+            books.bump(conn, subject.scope, subject.name, 1)
+            if subject.limits.requests_per_minute:
                 # Bounded by time (pruned past WINDOW_S) and by admission stopping at the limit.
-                windows.add(s.scope, s.name, now)
+                windows.add(subject.scope, subject.name, now)
         return None
 
     async def cancel_admission(self, rid: str) -> None:
-        def op(c: sqlite3.Connection) -> None:
-            t = task_by_rid(c, rid)
-            if t is None:
+        def op(conn: sqlite3.Connection) -> None:
+            task = task_by_rid(conn, rid)
+            if task is None:
                 return
-            self._books.release(c, t)
-            c.execute("DELETE FROM tasks WHERE rid=?", (rid,))
-            if t.idem_key:
-                c.execute("DELETE FROM idempotency WHERE team=? AND key=?", (t.team, t.idem_key))
-            self._windows.remove("team", t.team, t.created_at)
-            self._windows.remove("user", t.user, t.created_at)
+            self._books.release(conn, task)
+            conn.execute("DELETE FROM tasks WHERE rid=?", (rid,))
+            if task.idem_key:
+                conn.execute("DELETE FROM idempotency WHERE team=? AND key=?", (task.team, task.idem_key))
+            self._windows.remove("team", task.team, task.created_at)
+            self._windows.remove("user", task.user, task.created_at)
 
         await self._do(op)
         await self.release_key(rid)
@@ -192,8 +204,8 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
     async def key_in_flight(self) -> dict[str, int]:
         return self._key_slots
 
-    def _load_key_slots(self, c: sqlite3.Connection) -> None:
-        for rid, key_name in c.execute(
+    def _load_key_slots(self, conn: sqlite3.Connection) -> None:
+        for rid, key_name in conn.execute(
             "SELECT rid, key_name FROM tasks WHERE settled_at IS NULL AND key_name IS NOT NULL"
         ):
             self._slot_of[rid] = key_name
@@ -202,9 +214,9 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
     async def record_created(self, rid: str, task_id: str, status: str, now: float, reply: tuple[int, bytes]) -> None:
         key_name = self._slot_of.get(rid)
 
-        def op(c: sqlite3.Connection) -> None:
+        def op(conn: sqlite3.Connection) -> None:
             try:  # the unique index refuses the statement alone: nothing is written
-                row = c.execute(
+                row = conn.execute(
                     "UPDATE tasks SET task_id=?, key_name=?, status=?, updated_at=? "
                     "WHERE rid=? AND settled_at IS NULL RETURNING idem_key",
                     (task_id, key_name, status, now, rid),
@@ -212,25 +224,25 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
             except sqlite3.IntegrityError:
                 raise DuplicateTaskId("TokenHub answered the create with a task id already in use.") from None
             if row and row[0]:
-                finish_idem(c, rid, reply)
+                finish_idem(conn, rid, reply)
 
         await self._do(op)
 
     async def fail_create(self, rid: str, now: float, reply: tuple[int, bytes] | None) -> None:
-        def op(c: sqlite3.Connection) -> None:
-            t = task_by_rid(c, rid)
-            if t is None or t.settled:
+        def op(conn: sqlite3.Connection) -> None:
+            task = task_by_rid(conn, rid)
+            if task is None or task.settled:
                 return
-            self._books.release(c, t)
-            c.execute(
+            self._books.release(conn, task)
+            conn.execute(
                 "UPDATE tasks SET status='create_failed', billed_ms=0, cost_micros=0, "
                 "settled_at=?, updated_at=? WHERE rid=?",
                 (now, now, rid),
             )
             if reply is not None:
-                finish_idem(c, rid, reply)
-            elif t.idem_key:
-                c.execute("DELETE FROM idempotency WHERE team=? AND key=?", (t.team, t.idem_key))
+                finish_idem(conn, rid, reply)
+            elif task.idem_key:
+                conn.execute("DELETE FROM idempotency WHERE team=? AND key=?", (task.team, task.idem_key))
 
         await self._do(op)
         await self.release_key(rid)
@@ -238,26 +250,29 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
     async def mark_unknown(
         self, rid: str, now: float, reply: tuple[int, bytes] | None, items: Sequence[Item] = ()
     ) -> Task:
-        def op(c: sqlite3.Connection) -> tuple[Task, bool]:
-            t = task_by_rid(c, rid)
-            if t is None:
+        def op(conn: sqlite3.Connection) -> tuple[Task, bool]:
+            task = task_by_rid(conn, rid)
+            if task is None:
                 raise NotFound("No such task in the ledger.", param="task_id")
-            if t.settled or t.status != PENDING:
-                return t, False
-            self._books.check_spend(c, t, t.estimate_micros, t.estimate_ms)
-            self._books.release(c, t)
-            self._books.spend(c, t, t.estimate_micros, t.estimate_ms)
-            c.execute(
+            if task.settled or task.status != PENDING:
+                return task, False
+            self._books.check_spend(conn, task, task.estimate_micros, task.estimate_ms)
+            self._books.release(conn, task)
+            self._books.spend(conn, task, task.estimate_micros, task.estimate_ms)
+            conn.execute(
                 "UPDATE tasks SET status=?, billed_ms=?, cost_micros=?, cost_estimated=1, settled_at=?, "
                 "updated_at=? WHERE rid=?",
-                (UNKNOWN, t.estimate_ms, t.estimate_micros, now, now, rid),
+                (UNKNOWN, task.estimate_ms, task.estimate_micros, now, now, rid),
             )
             if reply is not None:
-                finish_idem(c, rid, reply)
-            add_items(c, items)
-            t.status, t.billed_ms, t.cost_micros, t.cost_estimated = UNKNOWN, t.estimate_ms, t.estimate_micros, True
-            t.settled_at = t.updated_at = now
-            return t, True
+                finish_idem(conn, rid, reply)
+            add_items(conn, items)
+            task.status = UNKNOWN
+            task.billed_ms = task.estimate_ms
+            task.cost_micros = task.estimate_micros
+            task.cost_estimated = True
+            task.settled_at = task.updated_at = now
+            return task, True
 
         task, changed = await self._do(op)
         if changed:
@@ -267,18 +282,18 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
     # tasks
 
     async def get_task(self, task_id: str) -> Task | None:
-        def op(c: sqlite3.Connection) -> Task | None:
-            row = c.execute(f"SELECT {COLS} FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+        def op(conn: sqlite3.Connection) -> Task | None:
+            row = conn.execute(f"SELECT {COLS} FROM tasks WHERE task_id=?", (task_id,)).fetchone()
             return row_to_task(row) if row else None
 
         return await self._do(op)
 
     async def get_record(self, ref: str) -> Task | None:
-        return await self._do(lambda c: task_by_ref(c, ref))
+        return await self._do(lambda conn: task_by_ref(conn, ref))
 
     async def set_status(self, task_id: str, status: str, now: float) -> None:
         await self._do(
-            lambda c: c.execute(
+            lambda conn: conn.execute(
                 "UPDATE tasks SET status=?, updated_at=? WHERE task_id=? AND settled_at IS NULL", (status, now, task_id)
             )
         )
@@ -297,26 +312,29 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
         check_status(status)
         check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
 
-        def op(c: sqlite3.Connection) -> Task | None:
-            row = c.execute(f"SELECT {COLS} FROM tasks WHERE task_id=? OR rid=?", (task_id, task_id)).fetchone()
+        def op(conn: sqlite3.Connection) -> Task | None:
+            row = conn.execute(f"SELECT {COLS} FROM tasks WHERE task_id=? OR rid=?", (task_id, task_id)).fetchone()
             if row is None:
                 return None
-            t = row_to_task(row)
-            if t.settled:
+            task = row_to_task(row)
+            if task.settled:
                 return None
-            self._books.check_spend(c, t, cost_micros, billed_ms)
-            self._books.release(c, t)
-            self._books.spend(c, t, cost_micros, billed_ms)
-            c.execute(
+            self._books.check_spend(conn, task, cost_micros, billed_ms)
+            self._books.release(conn, task)
+            self._books.spend(conn, task, cost_micros, billed_ms)
+            conn.execute(
                 "UPDATE tasks SET status=?, billed_ms=?, cost_micros=?, cost_estimated=?, "
                 "settled_at=?, updated_at=?, final_body=? WHERE rid=?",
-                (status, billed_ms, cost_micros, int(estimated), now, now, final_body, t.rid),
+                (status, billed_ms, cost_micros, int(estimated), now, now, final_body, task.rid),
             )
-            add_items(c, items)
-            t.status, t.billed_ms, t.cost_micros, t.cost_estimated = status, billed_ms, cost_micros, estimated
-            t.settled_at = t.updated_at = now
-            t.final_body = final_body
-            return t
+            add_items(conn, items)
+            task.status = status
+            task.billed_ms = billed_ms
+            task.cost_micros = cost_micros
+            task.cost_estimated = estimated
+            task.settled_at = task.updated_at = now
+            task.final_body = final_body
+            return task
 
         done = await self._do(op)
         if done is not None:
@@ -326,46 +344,50 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
     async def resolve_unknown(self, ref: str, billed_ms: int, cost_micros: int, now: float) -> Task:
         check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
 
-        def op(c: sqlite3.Connection) -> Task:
-            t = task_by_ref(c, ref)
-            if t is None:
+        def op(conn: sqlite3.Connection) -> Task:
+            task = task_by_ref(conn, ref)
+            if task is None:
                 raise NotFound("No such task in the ledger.", param="task_id")
-            if t.status != UNKNOWN:
-                raise TaskNotUnknown(f"The task is {t.status}, not unknown: there is nothing to resolve.")
-            if (t.billed_ms, t.cost_micros, t.cost_estimated) == (billed_ms, cost_micros, False):
-                return t
-            d_micros, d_ms = cost_micros - (t.cost_micros or 0), billed_ms - (t.billed_ms or 0)
-            self._books.check_spend(c, t, d_micros, d_ms)
-            self._books.spend(c, t, d_micros, d_ms)
-            c.execute(
+            if task.status != UNKNOWN:
+                raise TaskNotUnknown(f"The task is {task.status}, not unknown: there is nothing to resolve.")
+            if (task.billed_ms, task.cost_micros, task.cost_estimated) == (billed_ms, cost_micros, False):
+                return task
+            d_micros, d_ms = cost_micros - (task.cost_micros or 0), billed_ms - (task.billed_ms or 0)
+            self._books.check_spend(conn, task, d_micros, d_ms)
+            self._books.spend(conn, task, d_micros, d_ms)
+            conn.execute(
                 "UPDATE tasks SET billed_ms=?, cost_micros=?, cost_estimated=0, updated_at=? WHERE rid=?",
-                (billed_ms, cost_micros, now, t.rid),
+                (billed_ms, cost_micros, now, task.rid),
             )
-            t.billed_ms, t.cost_micros, t.cost_estimated, t.updated_at = billed_ms, cost_micros, False, now
-            return t
+            task.billed_ms = billed_ms
+            task.cost_micros = cost_micros
+            task.cost_estimated = False
+            task.updated_at = now
+            return task
 
         return await self._do(op)
 
     async def due_tasks(self, now: float, limit: int, lease_s: float) -> list[Task]:
-        def op(c: sqlite3.Connection) -> list[Task]:
-            rows = c.execute(
+        def op(conn: sqlite3.Connection) -> list[Task]:
+            rows = conn.execute(
                 f"SELECT {COLS} FROM tasks WHERE settled_at IS NULL AND next_poll_at <= ? "
                 "ORDER BY next_poll_at LIMIT ?",
                 (now, limit),
             ).fetchall()
             leased = [(now + lease_s, r[0]) for r in rows]
-            c.executemany("UPDATE tasks SET next_poll_at=? WHERE rid=?", leased)
+            conn.executemany("UPDATE tasks SET next_poll_at=? WHERE rid=?", leased)
             return [row_to_task(r) for r in rows]
 
         return await self._do(op)
 
     async def defer_poll(self, rid: str, next_at: float) -> None:
-        await self._do(lambda c: c.execute("UPDATE tasks SET next_poll_at=? WHERE rid=?", (next_at, rid)))
+        await self._do(lambda conn: conn.execute("UPDATE tasks SET next_poll_at=? WHERE rid=?", (next_at, rid)))
 
     async def backlog(self) -> int:
-        def op(c: sqlite3.Connection) -> int:
-            self._books.flush(c)  # this batch's changes too
-            return c.execute("SELECT COALESCE(SUM(n), 0) FROM in_flight WHERE scope='team'").fetchone()[0]
+        def op(conn: sqlite3.Connection) -> int:
+            self._books.flush(conn)  # this batch's changes too
+            total: int = conn.execute("SELECT COALESCE(SUM(n), 0) FROM in_flight WHERE scope='team'").fetchone()[0]
+            return total
 
         return await self._do(op)
 
@@ -373,12 +395,12 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
 
     async def usage(self, subjects: tuple[Subject, ...]) -> list[Usage]:
         return await self._do(
-            lambda c: [
+            lambda conn: [
                 Usage(
-                    replace(self._books.counters(c, s.scope, s.name, s.period)),
-                    self._books.in_flight(c, s.scope, s.name),
+                    replace(self._books.counters(conn, subject.scope, subject.name, subject.period)),
+                    self._books.in_flight(conn, subject.scope, subject.name),
                 )
-                for s in subjects
+                for subject in subjects
             ]
         )
 

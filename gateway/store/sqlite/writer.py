@@ -11,17 +11,23 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.errors import GatewayError, RecordRejected, StoreUnavailable
 from gateway.store.sqlite.checkpointer import Checkpointer
 
 BATCH_MAX = 256
+T = TypeVar("T")
+# An operation as queued: what to run, the future its caller awaits, and that caller's loop.
+_Op = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
+# An operation's outcome: its future and loop, then its value or the exception it raised.
+_Outcome = tuple[asyncio.Future[Any], asyncio.AbstractEventLoop, Any, BaseException | None]
+_Answer = tuple[asyncio.Future[Any], Any, BaseException | None]  # an outcome, grouped by its loop
 
 # sqlite3 looks for an adapter for every parameter that is not an int, float or str, and for None and
 # bytes that search fails through two attribute lookups, each raising and clearing an AttributeError:
 # ~2.4 µs per statement of a task row. Registered, the same values bind the same way (NULL, BLOB).
-sqlite3.register_adapter(type(None), lambda v: None)
+sqlite3.register_adapter(type(None), lambda value: None)
 sqlite3.register_adapter(bytes, bytes)  # bytes(b) is b itself
 
 
@@ -36,24 +42,27 @@ class Writer:
         synchronous: str,
         on_commit: Callable[[], None],
         on_rollback: Callable[[], None],
-        before_commit: Callable[[sqlite3.Connection], None] = lambda c: None,
+        before_commit: Callable[[sqlite3.Connection], None] = lambda conn: None,
     ) -> None:
-        self._path, self._sync = path, synchronous
-        self._on_commit, self._on_rollback, self._before_commit = on_commit, on_rollback, before_commit
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._path = path
+        self._sync = synchronous
+        self._on_commit = on_commit
+        self._on_rollback = on_rollback
+        self._before_commit = before_commit
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.conn: sqlite3.Connection | None = None
         self.checkpointer = Checkpointer(path)
 
     def start(self) -> None:
         Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute(f"PRAGMA synchronous={self._sync}")
-        self.conn.execute("PRAGMA busy_timeout=5000")
-        self.conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on their own thread
+        conn = self.conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._sync}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on their own thread
         self.checkpointer.start()
-        self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(conn,), name="sqlite-writer", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -64,13 +73,13 @@ class Writer:
         if self.conn:  # the last connection to close checkpoints what is left and removes the WAL
             self.conn.close()
 
-    def submit(self, fn: Callable[[sqlite3.Connection], Any]) -> asyncio.Future:
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        fut: asyncio.Future[T] = loop.create_future()
         self._queue.put((fn, fut, loop))
         return fut
 
-    def _run(self) -> None:
+    def _run(self, conn: sqlite3.Connection) -> None:
         while (item := self._queue.get()) is not None:
             batch = [item]
             while len(batch) < BATCH_MAX:
@@ -82,32 +91,32 @@ class Writer:
                     self._queue.put(None)
                     break
                 batch.append(nxt)
-            self._run_batch(batch)
+            self._run_batch(conn, batch)
 
-    def _run_batch(self, batch: list) -> None:
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         """One transaction for the whole batch. An operation refuses (a GatewayError) before it writes
         anything, so a refusal leaves the others' work standing. Any other failure rolls the batch back;
         unless the store itself is unavailable, its operations then run again one per transaction, so
         only the operation at fault fails."""
         try:
-            results = self._transaction(batch)
+            results = self._transaction(conn, batch)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting callers
-            self._rollback()
+            self._rollback(conn)
             if len(batch) > 1 and isinstance(exc, Exception) and not unavailable(exc):
-                results = [self._alone(item) for item in batch]
+                results = [self._alone(conn, item) for item in batch]
             else:
                 results = [(fut, loop, None, exc) for _fn, fut, loop in batch]
-        by_loop: dict[Any, list] = {}
-        for fut, loop, value, exc in results:
-            by_loop.setdefault(loop, []).append((fut, value, exc))
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Answer]] = {}
+        for fut, loop, value, error in results:
+            by_loop.setdefault(loop, []).append((fut, value, error))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_resolve_all, items)
             except RuntimeError:  # the loop closed while we worked
                 pass
 
-    def _transaction(self, batch: list) -> list:
-        conn, results = self.conn, []
+    def _transaction(self, conn: sqlite3.Connection, batch: list[_Op]) -> list[_Outcome]:
+        results: list[_Outcome] = []
         conn.execute("BEGIN IMMEDIATE")
         for fn, fut, loop in batch:
             try:
@@ -120,17 +129,17 @@ class Writer:
         self.checkpointer.committed()
         return results
 
-    def _alone(self, item: tuple) -> tuple:
+    def _alone(self, conn: sqlite3.Connection, item: _Op) -> _Outcome:
         try:
-            return self._transaction([item])[0]
+            return self._transaction(conn, [item])[0]
         except BaseException as exc:  # noqa: BLE001 - handed to this operation's caller
-            self._rollback()
+            self._rollback(conn)
             return item[1], item[2], None, exc
 
-    def _rollback(self) -> None:
+    def _rollback(self, conn: sqlite3.Connection) -> None:
         try:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # a broken connection: the callers get the original error
         self._on_rollback()
@@ -165,7 +174,7 @@ def unavailable(exc: BaseException) -> bool:
     return (code & 0xFF) in _UNAVAILABLE
 
 
-def _resolve_all(items: list) -> None:
+def _resolve_all(items: list[_Answer]) -> None:
     for fut, value, exc in items:
         if fut.done():
             continue
