@@ -2,86 +2,32 @@
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.config import parse_settings
 from gateway.metrics import Metrics
-from gateway.upstream.client import Reply
+from gateway.settings import Settings
+from tests.doubles import USER_KEY, FakeClock, FakeUpstream, make_settings
 
-USER_KEY = "tgw-unit-test-key"
 NOV_30_23H = 1796079600.0  # 2026-11-30T23:00:00Z
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeUpstream:
-    """TokenHub in a dict: tasks move to a status the test sets; every call is recorded."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, str]] = []
-        self.tasks: dict[str, dict[str, Any]] = {}
-        self._ids = itertools.count(1)
-
-    def finish(self, task_id: str, status: str = "succeeded", seconds: float | None = None) -> None:
-        t = self.tasks[task_id]
-        t["status"] = status
-        if status == "succeeded":
-            t["usage"] = {"video_duration": seconds if seconds is not None else t.pop("_duration")}
-
-    async def call(self, method: str, path: str, key: str, body: bytes | None = None) -> Reply:
-        self.calls.append((method, path, key))
-        if method == "POST":
-            req = orjson.loads(body)
-            tid = f"cgt-{next(self._ids)}"
-            self.tasks[tid] = {
-                "id": tid,
-                "object": "video.generation.task",
-                "model": req["model"],
-                "status": "queued",
-                "created": 0,
-                "_duration": req.get("duration", 5),
-            }
-            return Reply(200, orjson.dumps({k: v for k, v in self.tasks[tid].items() if k[0] != "_"}), None, 0.001)
-        tid = path.rsplit("/", 1)[1]
-        if tid not in self.tasks:
-            return Reply(404, b'{"error": {"code": "task_not_found"}}', None, 0.001)
-        return Reply(200, orjson.dumps({k: v for k, v in self.tasks[tid].items() if k[0] != "_"}), None, 0.001)
-
-    async def close(self) -> None:
-        pass
-
-
-def settings(tmp_path, team: dict[str, Any] | None = None) -> Any:
-    return parse_settings(
-        {
-            "upstream": {"base_url": "http://upstream.invalid/api/v1", "keys": [{"name": "k", "value_env": "K"}]},
-            "store": {"url": f"sqlite:///{tmp_path / 'unit.db'}"},
-            "teams": {"red": team or {}},
-            "users": {"alice": {"team": "red", "key_sha256": hashlib.sha256(USER_KEY.encode()).hexdigest()}},
-        },
-        env={"K": "th-unit-upstream-key-0001"},
-    )
+def unit_settings(tmp_path: Path, **team: Any) -> Settings:
+    return make_settings(f"sqlite:///{tmp_path / 'unit.db'}", teams={"red": team})
 
 
 @pytest.fixture
-def app_parts(tmp_path) -> Iterator[tuple[TestClient, FakeUpstream, Clock, Metrics]]:
-    clock, upstream, metrics = Clock(NOV_30_23H), FakeUpstream(), Metrics()
+def app_parts(tmp_path: Path) -> Iterator[tuple[TestClient, FakeUpstream, FakeClock, Metrics]]:
+    clock = FakeClock(NOV_30_23H)
+    upstream = FakeUpstream()
+    metrics = Metrics()
     app = create_app(
-        settings(tmp_path, {"budget_usd": 2.0}), upstream=upstream, clock=clock, metrics=metrics, run_poller=False
+        unit_settings(tmp_path, budget_usd=2.0), upstream=upstream, clock=clock, metrics=metrics, run_poller=False
     )
     with TestClient(app, base_url="http://gw", headers={"Authorization": f"Bearer {USER_KEY}"}) as client:
         yield client, upstream, clock, metrics
@@ -160,9 +106,9 @@ def test_a_broken_store_answers_503_and_charges_nothing(app_parts):
     client, upstream, clock, _ = app_parts
     store = client.app.gateway.store
     store._writer.conn.close()  # what a vanished disk looks like from here: every statement fails
-    r = create(client)
-    assert r.status_code == 503
-    assert r.json()["error"]["code"] == "store_unavailable" and r.headers["Retry-After"]
+    reply = create(client)
+    assert reply.status_code == 503
+    assert reply.json()["error"]["code"] == "store_unavailable" and reply.headers["Retry-After"]
     assert upstream.calls == []  # no spend without accounting
     assert client.get("/readyz").status_code == 503
     assert client.get("/healthz").status_code == 200
@@ -170,15 +116,11 @@ def test_a_broken_store_answers_503_and_charges_nothing(app_parts):
 
 def test_an_unexpected_failure_is_an_openai_shaped_500_with_the_request_id(app_parts):
     client, upstream, clock, _ = app_parts
-
-    async def broken(*_args: Any, **_kw: Any) -> Reply:
-        raise RuntimeError("a bug in a transport")
-
-    upstream.call = broken
-    r = create(client, headers={"X-Request-Id": "trace-me-1"})
-    assert r.status_code == 500
-    assert r.json()["error"]["type"] == "server_error"
-    assert r.headers["x-request-id"] == "trace-me-1"
+    upstream.raises = RuntimeError("a bug in a transport")
+    reply = create(client, headers={"X-Request-Id": "trace-me-1"})
+    assert reply.status_code == 500
+    assert reply.json()["error"]["type"] == "server_error"
+    assert reply.headers["x-request-id"] == "trace-me-1"
     usage = client.get("/v1/usage").json()["team"]
     # The transport failed after the create was handed to it: TokenHub may have made the task, so it
     # is charged at its estimate and kept as `unknown` for an operator to resolve.
@@ -200,14 +142,18 @@ def test_hot_routes_and_the_router_answer_alike(app_parts):
             ("GET", f"/videos/generations/{tid}/more", 404, "route_not_found"),
             ("GET", "/videos/generations/", 404, "route_not_found"),
         ]:
-            r = client.request(method, prefix + path, json={})
-            assert (r.status_code, r.json()["error"]["code"]) == (status, code), (method, path)
-            assert r.headers["x-request-id"]
+            reply = client.request(method, prefix + path, json={})
+            assert (reply.status_code, reply.json()["error"]["code"]) == (status, code), (method, path)
+            assert reply.headers["x-request-id"]
     assert client.get("/v1/videos/generations/cgt-nobody").json()["error"]["code"] == "task_not_found"
-    r = client.post(
+    reply = client.post(
         "/api/v1/videos/generations", json={"model": "doubao-seedance-2.0"}, headers={"X-Request-Id": "hot-1"}
     )
-    assert (r.status_code, r.json()["error"]["param"], r.headers["x-request-id"]) == (400, "prompt", "hot-1")
+    assert (reply.status_code, reply.json()["error"]["param"], reply.headers["x-request-id"]) == (
+        400,
+        "prompt",
+        "hot-1",
+    )
 
     def served(route: str, status: str) -> float:
         return (
@@ -234,18 +180,12 @@ def test_a_registered_handler_answers_on_hot_routes_as_on_every_route(tmp_path):
     async def on_teapot(request: Any, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": {"code": "teapot"}}, 418)
 
-    upstream = FakeUpstream()
-
-    async def raising(*_args: Any, **_kw: Any) -> Reply:
-        raise Teapot()
-
-    upstream.call = raising
-    app = create_app(settings(tmp_path), upstream=upstream, run_poller=False)
+    app = create_app(unit_settings(tmp_path), upstream=FakeUpstream(raises=Teapot()), run_poller=False)
     app.add_exception_handler(Teapot, on_teapot)
     assert handler_for({Exception: 1}, Teapot()) == 1 and handler_for({Teapot: 2}, RuntimeError()) is None
     with TestClient(app, base_url="http://gw", headers={"Authorization": f"Bearer {USER_KEY}"}) as client:
-        r = create(client)  # a hot route
-        assert (r.status_code, r.json()["error"]["code"]) == (418, "teapot")
+        reply = create(client)  # a hot route
+        assert (reply.status_code, reply.json()["error"]["code"]) == (418, "teapot")
 
 
 def test_middleware_given_to_the_app_wraps_hot_routes_too(tmp_path):
@@ -262,7 +202,7 @@ def test_middleware_given_to_the_app_wraps_hot_routes_too(tmp_path):
                 seen.append(f"{self.tag} {scope['method']} {scope['path']}")
             await self.app(scope, receive, send)
 
-    app = create_app(settings(tmp_path), upstream=FakeUpstream(), run_poller=False)
+    app = create_app(unit_settings(tmp_path), upstream=FakeUpstream(), run_poller=False)
     app.user_middleware.insert(0, Middleware(Tap, tag="tap"))
     with TestClient(app, base_url="http://gw", headers={"Authorization": f"Bearer {USER_KEY}"}) as client:
         tid = create(client).json()["id"]
@@ -274,9 +214,9 @@ def test_middleware_given_to_the_app_wraps_hot_routes_too(tmp_path):
 def test_while_draining_new_requests_are_refused_and_probes_still_answer(app_parts):
     client, upstream, clock, _ = app_parts
     client.app.gateway.begin_drain()
-    r = create(client)
-    assert (r.status_code, r.json()["error"]["code"]) == (503, "shutting_down")
-    assert r.headers["connection"] == "close" and r.headers["retry-after"] == "1"
+    reply = create(client)
+    assert (reply.status_code, reply.json()["error"]["code"]) == (503, "shutting_down")
+    assert reply.headers["connection"] == "close" and reply.headers["retry-after"] == "1"
     assert upstream.calls == []
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").json()["problems"] == ["shutting_down"]

@@ -17,9 +17,8 @@ from gateway.settings import (
     UpstreamSettings,
     User,
 )
+from tests.doubles import FAST, MODEL
 
-M = "doubao-seedance-2.0"
-FAST = "doubao-seedance-2.0-fast"
 ALICE_KEY = "tgw-alice-test-key"
 ALICE_SHA = hashlib.sha256(ALICE_KEY.encode()).hexdigest()
 PRIMARY = "th-primary-0123456789abcd"
@@ -112,7 +111,7 @@ def test_spec_example_parses_into_settings(spec_config):
     assert s.upstream == UpstreamSettings(
         base_url="https://tokenhub.store/api/v1",
         keys=(
-            UpstreamKey("primary", Secret(PRIMARY), 1, 10, frozenset({M, FAST})),
+            UpstreamKey("primary", Secret(PRIMARY), 1, 10, frozenset({MODEL, FAST})),
             UpstreamKey("backup", Secret(BACKUP), 3, 4, None),
         ),
         connect_timeout_s=5,
@@ -123,7 +122,7 @@ def test_spec_example_parses_into_settings(spec_config):
     )
     assert s.store == StoreSettings(url=Secret("sqlite:////var/lib/tokenhub-gateway/gateway.db"), synchronous="NORMAL")
     assert s.poller == PollerSettings(interval_s=15, expire_after_s=172800, concurrency=8)
-    assert s.pricing == {M: {"720p": 200_000, "480p": 120_000}, FAST: {"720p": 160_000, "480p": 100_000}}
+    assert s.pricing == {MODEL: {"720p": 200_000, "480p": 120_000}, FAST: {"720p": 160_000, "480p": 100_000}}
     assert s.teams == {
         "marketing": Team(
             "marketing",
@@ -167,7 +166,7 @@ def test_minimal_config_takes_the_defaults(tmp_path, monkeypatch):
     assert s.server.admin_token is None and s.server.metrics_token is None
     assert s.upstream.base_url == "https://tokenhub.store/api/v1"  # trailing slash dropped
     assert s.upstream.keys == (UpstreamKey("k", Secret(PRIMARY)),)
-    assert s.upstream.keys[0].allows(M) and s.upstream.keys[0].allows("anything")
+    assert s.upstream.keys[0].allows(MODEL) and s.upstream.keys[0].allows("anything")
     assert (s.upstream.cooldown_s, s.upstream.breaker_failures, s.upstream.breaker_open_s) == (30, 5, 30)
     assert s.store.url.reveal() == "sqlite:///" + str(tmp_path / "gateway.db")
     assert s.poller == PollerSettings()
@@ -245,7 +244,7 @@ def test_slow_client_timeouts_and_the_openai_shape_have_defaults():
     s = parse_settings(minimal(), env={"K": PRIMARY})
     assert (s.server.header_timeout_s, s.server.body_timeout_s) == (10, 30)
     assert s.openai.poll_after_ms == 2000
-    assert dict(s.openai.model_aliases) == {"sora-2": FAST, "sora-2-pro": M}
+    assert dict(s.openai.model_aliases) == {"sora-2": FAST, "sora-2-pro": MODEL}
 
 
 def test_model_aliases_are_merged_over_the_defaults_and_read_only(tmp_path):
@@ -258,10 +257,13 @@ def test_model_aliases_are_merged_over_the_defaults_and_read_only(tmp_path):
     )
     s = load_settings(path, env={"K": PRIMARY})
     assert s.openai.poll_after_ms == 1000
-    assert dict(s.openai.model_aliases) == {"sora-2": M, "sora-2-pro": M, "lite": "seedance-lite"}
+    assert dict(s.openai.model_aliases) == {"sora-2": MODEL, "sora-2-pro": MODEL, "lite": "seedance-lite"}
     with pytest.raises(TypeError):
-        s.openai.model_aliases["veo"] = M  # type: ignore[index]
-    assert dict(parse_settings(minimal(), env={"K": PRIMARY}).openai.model_aliases) == {"sora-2": FAST, "sora-2-pro": M}
+        s.openai.model_aliases["veo"] = MODEL  # type: ignore[index]
+    assert dict(parse_settings(minimal(), env={"K": PRIMARY}).openai.model_aliases) == {
+        "sora-2": FAST,
+        "sora-2-pro": MODEL,
+    }
 
 
 @pytest.mark.parametrize(
@@ -277,8 +279,8 @@ def test_model_aliases_are_merged_over_the_defaults_and_read_only(tmp_path):
         (minimal(openai={"model_aliases": ["sora-2"]}), "openai.model_aliases"),
         (minimal(openai={"model_aliases": {"veo": "veo-3"}}), 'openai.model_aliases."veo"'),
         (minimal(openai={"model_aliases": {"sora-2": "doubao-seedance-1.0"}}), 'openai.model_aliases."sora-2"'),
-        (minimal(openai={"model_aliases": {"veo": [M]}}), 'openai.model_aliases."veo"'),
-        (minimal(openai={"model_aliases": {FAST: M}}), f'openai.model_aliases."{FAST}"'),
+        (minimal(openai={"model_aliases": {"veo": [MODEL]}}), 'openai.model_aliases."veo"'),
+        (minimal(openai={"model_aliases": {FAST: MODEL}}), f'openai.model_aliases."{FAST}"'),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -291,7 +293,7 @@ def test_pricing_override_adds_a_model_and_keeps_the_defaults():
     s = parse_settings(minimal(pricing={"seedance-lite": {"1080p": 0.3}, FAST: {"720p": 0.15}}), env={"K": PRIMARY})
     assert s.pricing["seedance-lite"] == {"1080p": 300_000}
     assert s.pricing[FAST] == {"720p": 150_000}
-    assert s.pricing[M] == {"720p": 200_000, "480p": 120_000}
+    assert s.pricing[MODEL] == {"720p": 200_000, "480p": 120_000}
 
 
 # --- every problem, with its location ---------------------------------------------------------
@@ -311,7 +313,7 @@ MANY_MISTAKES = {
     },
     "store": {"url": "postgres://db/gateway"},
     "poller": {"interval_s": 0},
-    "pricing": {M: {"720p": "cheap"}},
+    "pricing": {MODEL: {"720p": "cheap"}},
     "teams": {"marketing": {"period": "year", "budget_usd": -5}},
     "users": {
         "alice": {"team": "sales", "key_sha256": ALICE_SHA},
@@ -510,7 +512,7 @@ def keyed(**key):
             ALICE_KEY,
         ),  # the key pasted where its hash belongs
         (minimal(server={"host": [LEAKY]}), "server.host", LEAKY),
-        (minimal(pricing={M: {"720p": LEAKY}}), f'pricing."{M}"."720p"', LEAKY),
+        (minimal(pricing={MODEL: {"720p": LEAKY}}), f'pricing."{MODEL}"."720p"', LEAKY),
         (
             minimal(
                 upstream={

@@ -20,7 +20,7 @@ from gateway.store.outbox import ARCHIVE_TOPIC
 from gateway.store.sqlite.store import SQLiteStore
 from tests.e2e.harness import KEYS
 from tests.moto_server import CREDENTIALS
-from tests.store.test_store import created
+from tests.store.helpers import created
 
 SIM_KEY = KEYS["key-a"]
 

@@ -21,7 +21,7 @@ from gateway.settings import Secret, WebhookEndpoint
 from gateway.store.base import Task
 from gateway.store.outbox import Item, webhook_topic
 from gateway.store.sqlite.store import SQLiteStore
-from tests.store.test_store import created
+from tests.store.helpers import created
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 

@@ -15,29 +15,9 @@ import httpx
 import pytest
 
 from tests.e2e.harness import ADMIN_TOKEN, KEYS, body, free_port, key_name_of, wait_until
+from tests.e2e.helpers import NEVER, creates, key_states, roomy
 
-ROOMY = 1000  # slots per key when a test is about health, not load
-NEVER = "sim:never a fox that runs forever"
 SHORT = "sim:seconds=0.2 a short fox"
-
-
-def roomy(*names: str, **extra: Any) -> list[dict[str, Any]]:
-    return [{"name": n, "max_concurrent_tasks": ROOMY, **extra} for n in names]
-
-
-def creates(sim: Any, key: str | None = None, status: int | None = None) -> list[dict[str, Any]]:
-    """The simulator's create log, optionally for one key name and one answered status."""
-    return [
-        r
-        for r in sim.requests("create")
-        if (key is None or r["key"] == KEYS[key]) and (status is None or r["status"] == status)
-    ]
-
-
-def key_states(gw: Any) -> dict[str, dict[str, Any]]:
-    r = gw.admin("GET", "/admin/keys")
-    assert r.status_code == 200, r.text
-    return {k["name"]: k for k in r.json()["data"]}
 
 
 def create(c: httpx.Client, prompt: str = SHORT, expect: int | None = 200) -> httpx.Response:

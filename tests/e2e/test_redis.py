@@ -21,20 +21,14 @@ import redis as redis_sync
 
 from gateway.store.redis.store import RedisStore
 from tests.e2e.harness import KEYS, Gateway, Simulator, body, wait_until
+from tests.e2e.helpers import CREATE, NEVER, assert_settled_books, creates, error_of, key_states, ledger, roomy, usage
 from tests.redis_server import RedisServer, require_redis_server
 
-CREATE = "/videos/generations"
 PRICE = 1.0
-NEVER = "sim:never a fox that runs forever"
 SHORT = "sim:seconds=0.3 a short fox"
 TEST_BUDGET_S = 45
 pytestmark = pytest.mark.timeout(TEST_BUDGET_S)  # no test may hang the suite
 TERMINAL = ("succeeded", "failed", "cancelled", "expired", "unresolved")
-
-
-def roomy(*names: str) -> list[dict[str, Any]]:
-    """Keys with slots to spare: these tests are about shared state, not key load."""
-    return [{"name": n, "max_concurrent_tasks": 1000} for n in names]
 
 
 class DurableRedisServer(RedisServer):
@@ -126,24 +120,10 @@ def poll(c: httpx.Client, task_id: str) -> dict[str, Any]:
     return r.json()
 
 
-def error_of(r: httpx.Response, status: int, type_: str, code: str) -> None:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert (err["type"], err["code"]) == (type_, code), err
-
-
 def store_unavailable(r: httpx.Response) -> None:
     """SPEC §3: 503 service_unavailable / store_unavailable, with a Retry-After."""
     error_of(r, 503, "service_unavailable", "store_unavailable")
     assert int(r.headers["retry-after"]) >= 1, r.headers
-
-
-def sim_creates(sim: Simulator, key: str | None = None, status: int | None = None) -> list[dict[str, Any]]:
-    return [
-        r
-        for r in sim.requests("create")
-        if (key is None or r["key"] == KEYS[key]) and (status is None or r["status"] == status)
-    ]
 
 
 def sim_polls(sim: Simulator, task_id: str) -> list[dict[str, Any]]:
@@ -154,34 +134,8 @@ def settled_lines(*gws: Gateway) -> list[dict[str, Any]]:
     return [line for gw in gws for line in gw.lines() if line.get("event") == "task.settled"]
 
 
-def usage(gw: Gateway, user: str = "alice") -> dict[str, Any]:
-    with gw.client(user) as c:
-        r = c.get("/usage")
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def ledger(gw: Gateway) -> list[dict[str, Any]]:
-    r = gw.admin("GET", "/admin/usage")
-    assert r.status_code == 200, r.text
-    return r.json()["data"]
-
-
 def ready(gw: Gateway) -> httpx.Response:
     return httpx.get(gw.url + "/readyz", timeout=10)
-
-
-def key_states(gw: Gateway) -> dict[str, dict[str, Any]]:
-    r = gw.admin("GET", "/admin/keys")
-    assert r.status_code == 200, r.text
-    return {k["name"]: k for k in r.json()["data"]}
-
-
-def assert_settled_books(gw: Gateway, spent: float, reserved: float = 0.0, in_flight: int = 0) -> None:
-    u = usage(gw)
-    for scope in ("user", "team"):
-        got = (u[scope]["spent_usd"], u[scope]["reserved_usd"], u[scope]["tasks_in_flight"])
-        assert got == (spent, reserved, in_flight), (scope, u)
 
 
 # two replicas on one Redis
@@ -198,7 +152,7 @@ def test_task_created_on_one_replica_is_polled_on_the_other_with_its_key(replica
             error_of(other.get(f"{CREATE}/{tid}"), 404, "invalid_request_error", "task_not_found")
         listed = c2.get(CREATE, params={"limit": 100}).json()
         assert sorted(t["id"] for t in listed["data"]) == sorted(ids)
-    key_of = {r["task_id"]: r["key"] for r in sim_creates(sim, status=200)}
+    key_of = {r["task_id"]: r["key"] for r in creates(sim, status=200)}
     for tid in ids:
         polls = sim_polls(sim, tid)
         assert polls and {p["key"] for p in polls} == {key_of[tid]}, (tid, polls)
@@ -220,7 +174,7 @@ def test_concurrent_creates_across_replicas_admit_exactly_the_budget(replicas, r
     for r in replies:
         if r.status_code == 429:
             error_of(r, 429, "insufficient_quota", "budget_exceeded")
-    assert len(sim_creates(sim)) == 9
+    assert len(creates(sim)) == 9
     for gw in (r1, r2):
         assert_settled_books(gw, spent=0.0, reserved=9.0, in_flight=9)
 
@@ -233,11 +187,11 @@ def test_key_throttled_through_one_replica_is_avoided_by_the_other(replicas, red
     with r1.client("alice") as c1:
         for _ in range(40):
             create(c1)
-            if sim_creates(sim, "key-a", 429):
+            if creates(sim, "key-a", 429):
                 break
         else:
             pytest.fail("r1 never tried key-a")
-    throttled_at = sim_creates(sim, "key-a", 429)[0]["time"]
+    throttled_at = creates(sim, "key-a", 429)[0]["time"]
     time.sleep(0.3)  # a replica re-reads shared key health at most every 0.2 s
     state = key_states(r2)["key-a"]
     assert state["state"] == "cooldown", state
@@ -246,7 +200,7 @@ def test_key_throttled_through_one_replica_is_avoided_by_the_other(replicas, red
         for _ in range(12):
             create(c2)
     assert time.time() < throttled_at + 5, "the creates through r2 must fall inside the cooldown"
-    later = [r for r in sim_creates(sim) if r["time"] > throttled_at]
+    later = [r for r in creates(sim) if r["time"] > throttled_at]
     assert len(later) >= 12
     assert {r["key"] for r in later} == {KEYS["key-b"]}, later
 
@@ -285,7 +239,7 @@ def test_killed_replica_loses_nothing(replicas, redis_server, sim):
     in_flight = threading.Thread(target=_ignore_errors, args=(lambda: _post_once(r1, body()),))
     in_flight.start()
     with r1.client("alice") as c1:
-        wait_until(lambda: sim_creates(sim), timeout=5, interval=0.02)
+        wait_until(lambda: creates(sim), timeout=5, interval=0.02)
         ids = [create(c1) for _ in range(3)]
         r1.kill()
         in_flight.join(10)
@@ -382,7 +336,7 @@ def test_redis_killed_and_restarted_under_traffic(replicas, durable_redis, sim):
     assert max(counts.values()) == 1, [t for t, n in counts.items() if n > 1]
     total = round(sum(r["cost_usd"] for r in rows), 6)
     assert_settled_books(r2, spent=total)
-    upstream = {r["task_id"] for r in sim_creates(sim, status=200)}
+    upstream = {r["task_id"] for r in creates(sim, status=200)}
     recorded = {tid for tid in by_id if tid in upstream}
     unrecorded = [r for r in rows if r["task_id"] not in upstream]
     assert set(by_id) - set(upstream) == {r["task_id"] for r in unrecorded}
@@ -427,7 +381,7 @@ def test_redis_down_fails_creates_closed_and_cached_polls_still_forward(replicas
         durable_redis.kill()
         for c in (c1, c2):
             store_unavailable(c.post(CREATE, json=body()))
-        assert len(sim_creates(sim)) == 2
+        assert len(creates(sim)) == 2
         for gw in (r1, r2):
             r = ready(gw)
             assert r.status_code == 503 and r.json()["problems"] == ["store_unavailable"], r.text
@@ -487,7 +441,7 @@ def test_hung_redis_fails_creates_closed_and_nothing_is_left_behind(replicas, re
         for r, seconds in made:
             store_unavailable(r)
             assert seconds < 10, seconds
-        assert len(sim_creates(sim)) == 1
+        assert len(creates(sim)) == 1
 
         wait_until(lambda: ready(r1).status_code == 200, timeout=10)
         books = ("user", "team")
@@ -499,7 +453,7 @@ def test_hung_redis_fails_creates_closed_and_nothing_is_left_behind(replicas, re
         assert [r["task_id"] for r in ledger(r1)] == [running]
         retried = c.post(CREATE, json=body(), headers={"Idempotency-Key": "frozen-1"})
         assert retried.status_code == 200 and "idempotent-replayed" not in retried.headers, retried.text
-    assert len(sim_creates(sim)) == 2
+    assert len(creates(sim)) == 2
 
 
 async def _warm_pool(gw: Gateway) -> None:

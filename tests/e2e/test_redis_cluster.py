@@ -1,6 +1,6 @@
 """The Redis store on a Redis Cluster (SPEC §14): three masters started here (`redis-server --cluster-enabled
 yes`, `redis-cli --cluster create`), every slot assigned. Every key of the gateway shares its prefix's hash
-tag, so every script runs on one slot: the whole store contract of tests/test_store.py runs here unchanged,
+tag, so every script runs on one slot: the whole store contract of tests/store/test_store.py runs here unchanged,
 and two gateway replicas on the cluster admit exactly a budget's worth of a burst of creates."""
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import pytest
 
 import tests.store.test_store as contract
 from gateway.store.redis.store import RedisStore
-from tests.e2e import test_redis as on_redis
 from tests.e2e.harness import body
+from tests.e2e.helpers import CREATE, NEVER, assert_settled_books, creates, error_of, roomy
 from tests.redis_server import RedisClusterServers, command, require_redis_server
+from tests.store.helpers import created
 
 # Every contract test that runs on a store (or on two replicas of one), with the fixtures below.
 CONTRACT = [
@@ -70,7 +71,7 @@ async def test_every_key_is_on_one_node_in_the_slot_of_the_hash_tag(cluster):
     try:
         now = await s.now()
         for _ in range(3):
-            await contract.created(s, now)
+            await created(s, now)
     finally:
         await s.close()
     keys = {n.port: command(n.port, "keys", s.prefix + "*").split() for n in cluster.nodes}
@@ -95,7 +96,7 @@ def test_two_gateways_on_the_cluster_admit_exactly_the_budget(make_gateway, clus
             teams={"red": {"budget_usd": 9.0}},
             users={"alice": {"team": "red"}},
             store_url=cluster.url,
-            keys=on_redis.roomy("key-a", "key-b"),
+            keys=roomy("key-a", "key-b"),
             name=f"c{i}",
         )
         for i in (1, 2)
@@ -103,15 +104,13 @@ def test_two_gateways_on_the_cluster_admit_exactly_the_budget(make_gateway, clus
 
     async def burst() -> list[httpx.Response]:
         async with gws[0].aclient("alice") as c1, gws[1].aclient("alice") as c2:
-            return await asyncio.gather(
-                *(c.post(on_redis.CREATE, json=body(prompt=on_redis.NEVER)) for _ in range(30) for c in (c1, c2))
-            )
+            return await asyncio.gather(*(c.post(CREATE, json=body(prompt=NEVER)) for _ in range(30) for c in (c1, c2)))
 
     replies = asyncio.run(burst())
     assert Counter(r.status_code for r in replies) == {200: 9, 429: 51}
     for r in replies:
         if r.status_code == 429:
-            on_redis.error_of(r, 429, "insufficient_quota", "budget_exceeded")
-    assert len(on_redis.sim_creates(sim)) == 9
+            error_of(r, 429, "insufficient_quota", "budget_exceeded")
+    assert len(creates(sim)) == 9
     for gw in gws:
-        on_redis.assert_settled_books(gw, spent=0.0, reserved=9.0, in_flight=9)
+        assert_settled_books(gw, spent=0.0, reserved=9.0, in_flight=9)

@@ -14,12 +14,12 @@ from redis.asyncio import Connection
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.config import parse_settings
+from gateway.settings import Settings
 from gateway.store.redis.prelude import PRELUDE
 from gateway.store.redis.scripts import SCRIPTS
 from gateway.store.redis.store import RedisStore
 from gateway.upstream.client import Reply
-from tests.test_app import USER_KEY, FakeUpstream
+from tests.doubles import USER_KEY, FakeUpstream, make_settings
 
 SCRIPT_OF = {hashlib.sha1((PRELUDE + body).encode()).hexdigest().encode(): name for name, body in SCRIPTS.items()}
 CREATE = "/v1/videos/generations"
@@ -45,19 +45,13 @@ def counting(sent: list[str]) -> type[Connection]:
     return Counting
 
 
-def settings(url: str) -> Any:
+def settings(url: str) -> Settings:
     limits = {"budget_usd": 1000.0, "requests_per_minute": RPM, "max_concurrent_tasks": 100}
-    return parse_settings(
-        {
-            "upstream": {
-                "base_url": "http://upstream.invalid/api/v1",
-                "keys": [{"name": "a", "value_env": "KA"}, {"name": "b", "value_env": "KB"}],
-            },
-            "store": {"url": url},
-            "teams": {"red": limits},
-            "users": {"alice": {"team": "red", "key_sha256": hashlib.sha256(USER_KEY.encode()).hexdigest(), **limits}},
-        },
-        env={"KA": "th-unit-upstream-key-000a", "KB": "th-unit-upstream-key-000b"},
+    return make_settings(
+        url,
+        keys={"a": "th-unit-upstream-key-000a", "b": "th-unit-upstream-key-000b"},
+        teams={"red": limits},
+        users={"alice": {"team": "red", "key": USER_KEY, **limits}},
     )
 
 

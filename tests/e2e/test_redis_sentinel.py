@@ -20,9 +20,9 @@ from structlog.testing import capture_logs
 from gateway.store.redis.pipe import WAIT_MS
 from gateway.store.redis.store import RedisStore
 from tests.e2e.harness import Gateway, body, wait_until
-from tests.e2e.test_redis import CREATE, NEVER, assert_settled_books, ledger, roomy, sim_creates
+from tests.e2e.helpers import CREATE, NEVER, assert_settled_books, creates, ledger, roomy
 from tests.redis_server import SentinelServers, command, info, require_redis_sentinel, require_redis_server
-from tests.store.test_store import admission
+from tests.store.helpers import admission
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -128,12 +128,12 @@ def test_master_killed_under_traffic_fails_over_and_loses_nothing_acknowledged(m
     for e in log:
         if e["status"] == 503:
             assert e["code"] == "store_unavailable" and e["retry_after"], e
-    creates = [e for e in log if e["kind"] == "create"]
-    during = [e for e in creates if e["start"] > killed + 0.05 and e["end"] < promoted]
+    create_log = [e for e in log if e["kind"] == "create"]
+    during = [e for e in create_log if e["start"] > killed + 0.05 and e["end"] < promoted]
     assert {e["status"] for e in during} <= {503}, during  # refused while there is no master, never a 500
     if promoted - killed > 1.5:  # long enough for some create to start and end inside the failover
-        assert during, (promoted - killed, creates[-5:])
-    after = [e for e in creates if e["start"] > promoted + 1.0]
+        assert during, (promoted - killed, create_log[-5:])
+    after = [e for e in create_log if e["start"] > promoted + 1.0]
     assert after and {e["status"] for e in after} == {200}, after
 
     # creates refused during the failover are undone, and tasks made upstream while the store was away
@@ -142,7 +142,7 @@ def test_master_killed_under_traffic_fails_over_and_loses_nothing_acknowledged(m
     wait_until(lambda: all(_books(gw) == (total, len(acked)) for gw in gws), timeout=15, interval=0.3)
     assert_settled_books(gws[0], spent=0.0, reserved=total, in_flight=len(acked))
     assert sorted(r["task_id"] for r in ledger(gws[1])) == sorted(acked)
-    assert sorted(r["task_id"] for r in sim_creates(sim, status=200)) == sorted(acked)
+    assert sorted(r["task_id"] for r in creates(sim, status=200)) == sorted(acked)
 
 
 def _books(gw: Gateway) -> tuple[float, int]:

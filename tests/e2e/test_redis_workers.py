@@ -20,6 +20,7 @@ import pytest
 from tests import procs
 from tests.e2e import test_keypool, test_quota
 from tests.e2e.harness import Gateway, Simulator, body, wait_until
+from tests.e2e.helpers import NEVER, creates, roomy
 from tests.redis_server import command
 
 globals().update({n: fn for n, fn in vars(test_keypool).items() if n.startswith("test_") and inspect.isfunction(fn)})
@@ -92,7 +93,7 @@ def test_two_replicas_of_two_workers_admit_exactly_the_budget(make_gateway, sim)
         make_gateway(
             teams={"red": {"budget_usd": 9.0}},
             users={"alice": {"team": "red"}},
-            keys=test_keypool.roomy("key-a", "key-b"),
+            keys=roomy("key-a", "key-b"),
             name=f"w{i}",
             start=False,
         )
@@ -104,17 +105,13 @@ def test_two_replicas_of_two_workers_admit_exactly_the_budget(make_gateway, sim)
     async def burst() -> list[httpx.Response]:
         async with gws[0].aclient("alice") as c1, gws[1].aclient("alice") as c2:
             return await asyncio.gather(
-                *(
-                    c.post("/videos/generations", json=body(prompt=test_keypool.NEVER))
-                    for _ in range(30)
-                    for c in (c1, c2)
-                )
+                *(c.post("/videos/generations", json=body(prompt=NEVER)) for _ in range(30) for c in (c1, c2))
             )
 
     replies = asyncio.run(burst())
     assert collections.Counter(r.status_code for r in replies) == {200: 9, 429: 51}
     assert {r.json()["error"]["code"] for r in replies if r.status_code == 429} == {"budget_exceeded"}
-    assert len(test_keypool.creates(sim)) == 9
+    assert len(creates(sim)) == 9
     for gw in gws:
         with gw.client("alice") as c:
             team = c.get("/usage").json()["team"]
@@ -127,7 +124,7 @@ def cpu_ticks(pid: int) -> int:
 
 
 def test_both_workers_serve_and_metrics_count_them_all(make_gateway, sim):
-    gw = make_gateway(keys=test_keypool.roomy("key-a"))
+    gw = make_gateway(keys=roomy("key-a"))
     pids = gw.worker_pids()
     before = {pid: cpu_ticks(pid) for pid in pids}
 

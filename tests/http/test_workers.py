@@ -13,7 +13,7 @@ import pytest
 from gateway.errors import GatewayError, InvalidJSON, ValidationError
 from gateway.http.bodies import INLINE_MAX_BYTES, check, loads_strict, parse_and_validate
 from gateway.http.workers import BodyWorkers
-from tests.policy.test_validation import PRICING, body
+from tests.doubles import PRICING, body
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,7 +6,6 @@ import pytest
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from gateway.config import usd_to_micros
 from gateway.errors import UnsupportedParameter, ValidationError
 from gateway.openai.translate import (
     MAX_IMAGE_BYTES,
@@ -21,9 +20,8 @@ from gateway.openai.translate import (
     to_seedance,
 )
 from gateway.policy.validation import validate
-from gateway.settings import DEFAULT_PRICING
+from tests.doubles import PRICING
 
-PRICING = {model: {res: usd_to_micros(p) for res, p in row.items()} for model, row in DEFAULT_PRICING.items()}
 FAST, PRO = "doubao-seedance-2.0-fast", "doubao-seedance-2.0"
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + b"\x00" * 17
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 20

@@ -3,26 +3,20 @@ from dataclasses import replace
 
 import pytest
 
-from gateway.config import parse_settings
 from gateway.errors import AuthError
 from gateway.policy.auth import Authenticator, key_sha256, new_key
+from gateway.settings import Settings
+from tests.doubles import make_settings
 
 ALICE_KEY = new_key()
 BOB_KEY = new_key()
 OTHER_KEY = new_key()
 
 
-def settings():
-    return parse_settings(
-        {
-            "upstream": {"base_url": "https://tokenhub.store/api/v1", "keys": [{"name": "k", "value_env": "K"}]},
-            "teams": {"marketing": {"budget_usd": 500.0}, "research": {}},
-            "users": {
-                "alice": {"team": "marketing", "key_sha256": hashlib.sha256(ALICE_KEY.encode()).hexdigest()},
-                "bob": {"team": "research", "key_sha256": key_sha256(BOB_KEY)},
-            },
-        },
-        env={"K": "th-0123456789abcdef"},
+def settings() -> Settings:
+    return make_settings(
+        teams={"marketing": {"budget_usd": 500.0}, "research": {}},
+        users={"alice": {"team": "marketing", "key": ALICE_KEY}, "bob": {"team": "research", "key": BOB_KEY}},
     )
 
 

@@ -4,28 +4,24 @@ import pytest
 
 from gateway.money import cost_micros, micros_to_usd, seconds_to_ms, usd_to_micros
 from gateway.policy.pricing import actual, estimate
-from gateway.settings import DEFAULT_PRICING
-
-PRICING = {model: {res: usd_to_micros(p) for res, p in row.items()} for model, row in DEFAULT_PRICING.items()}
-M = "doubao-seedance-2.0"
-FAST = "doubao-seedance-2.0-fast"
+from tests.doubles import FAST, MODEL, PRICING
 
 
 def test_default_prices_in_micros():
-    assert PRICING == {M: {"720p": 200_000, "480p": 120_000}, FAST: {"720p": 160_000, "480p": 100_000}}
+    assert PRICING == {MODEL: {"720p": 200_000, "480p": 120_000}, FAST: {"720p": 160_000, "480p": 100_000}}
 
 
 @pytest.mark.parametrize(
     "model, res, input_s, duration, expected",
     [
-        (M, "720p", Decimal(0), 5, (5_000, 1_000_000)),  # SPEC: 5 s at $0.20 = $1.00
-        (M, "720p", Decimal(5), 10, (15_000, 3_000_000)),  # SPEC: (5 + 10) × 0.20 = $3.00
-        (M, "480p", Decimal(0), 5, (5_000, 600_000)),
+        (MODEL, "720p", Decimal(0), 5, (5_000, 1_000_000)),  # SPEC: 5 s at $0.20 = $1.00
+        (MODEL, "720p", Decimal(5), 10, (15_000, 3_000_000)),  # SPEC: (5 + 10) × 0.20 = $3.00
+        (MODEL, "480p", Decimal(0), 5, (5_000, 600_000)),
         (FAST, "720p", Decimal(0), 15, (15_000, 2_400_000)),
         (FAST, "480p", Decimal(0), 5, (5_000, 500_000)),
         (FAST, "480p", Decimal("2.5"), 4, (6_500, 650_000)),
-        (M, "720p", Decimal(15), 15, (30_000, 6_000_000)),  # reference videos without durations
-        (M, "720p", Decimal("0.0000025"), 4, (4_000, 800_001)),  # 800 000.5 rounds half up
+        (MODEL, "720p", Decimal(15), 15, (30_000, 6_000_000)),  # reference videos without durations
+        (MODEL, "720p", Decimal("0.0000025"), 4, (4_000, 800_001)),  # 800 000.5 rounds half up
     ],
 )
 def test_estimate(model, res, input_s, duration, expected):
@@ -35,20 +31,20 @@ def test_estimate(model, res, input_s, duration, expected):
 @pytest.mark.parametrize(
     "model, res, input_s, status, video_duration, expected",
     [
-        (M, "720p", Decimal(0), "succeeded", 5, (5_000, 1_000_000)),
-        (M, "720p", Decimal(0), "succeeded", 5.0, (5_000, 1_000_000)),
-        (M, "720p", Decimal(0), "succeeded", Decimal("5"), (5_000, 1_000_000)),
-        (M, "720p", Decimal(5), "succeeded", 10, (15_000, 3_000_000)),
+        (MODEL, "720p", Decimal(0), "succeeded", 5, (5_000, 1_000_000)),
+        (MODEL, "720p", Decimal(0), "succeeded", 5.0, (5_000, 1_000_000)),
+        (MODEL, "720p", Decimal(0), "succeeded", Decimal("5"), (5_000, 1_000_000)),
+        (MODEL, "720p", Decimal(5), "succeeded", 10, (15_000, 3_000_000)),
         (FAST, "480p", Decimal(0), "succeeded", 5, (5_000, 500_000)),
         (FAST, "480p", Decimal(0), "succeeded", 4.2, (4_200, 420_000)),
-        (M, "720p", Decimal(0), "succeeded", 5.0000025, (5_000, 1_000_001)),  # 1 000 000.5 → up
-        (M, "720p", Decimal(0), "succeeded", 5.0000024, (5_000, 1_000_000)),  # 1 000 000.48 → down
+        (MODEL, "720p", Decimal(0), "succeeded", 5.0000025, (5_000, 1_000_001)),  # 1 000 000.5 → up
+        (MODEL, "720p", Decimal(0), "succeeded", 5.0000024, (5_000, 1_000_000)),  # 1 000 000.48 → down
         (FAST, "480p", Decimal(0), "succeeded", 0.000005, (0, 1)),  # 0.5 micro → 1
-        (M, "720p", Decimal(0), "succeeded", 5.0005, (5_001, 1_000_100)),  # 5000.5 ms → 5001
-        (M, "720p", Decimal(0), "succeeded", 0.1 + 0.2, (300, 60_000)),  # float noise does not leak
-        (M, "720p", Decimal(0), "failed", 5, (0, 0)),
-        (M, "720p", Decimal(5), "failed", None, (0, 0)),
-        (M, "720p", Decimal(5), "cancelled", 10, (0, 0)),
+        (MODEL, "720p", Decimal(0), "succeeded", 5.0005, (5_001, 1_000_100)),  # 5000.5 ms → 5001
+        (MODEL, "720p", Decimal(0), "succeeded", 0.1 + 0.2, (300, 60_000)),  # float noise does not leak
+        (MODEL, "720p", Decimal(0), "failed", 5, (0, 0)),
+        (MODEL, "720p", Decimal(5), "failed", None, (0, 0)),
+        (MODEL, "720p", Decimal(5), "cancelled", 10, (0, 0)),
         (FAST, "480p", Decimal(0), "expired", 5, (0, 0)),
     ],
 )

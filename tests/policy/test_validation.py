@@ -6,22 +6,14 @@ import pytest
 
 from gateway.errors import InvalidJSON, ValidationError
 from gateway.http.bodies import check, loads_strict
-from gateway.money import usd_to_micros
 from gateway.policy.validation import MAX_MEDIA_ITEMS, VideoRequest, validate
-from gateway.settings import DEFAULT_PRICING
+from tests.doubles import FAST, MODEL, PRICING, body
 
-PRICING = {model: {res: usd_to_micros(p) for res, p in row.items()} for model, row in DEFAULT_PRICING.items()}
 CUSTOM_PRICING = {**PRICING, "seedance-lite": {"1080p": 300_000}}
 
-M = "doubao-seedance-2.0"
-FAST = "doubao-seedance-2.0-fast"
 IMG = "https://cdn.example.com/a.png"
 VID = "https://cdn.example.com/a.mp4"
 AUD = "https://cdn.example.com/a.mp3"
-
-
-def body(**fields):
-    return {"model": M, "prompt": "a cat surfing", **fields}
 
 
 def item(kind, url, role=None):
@@ -35,7 +27,7 @@ def frame(role="first_frame"):
 
 # The seed guide's own bodies (curl, Python requests, JavaScript fetch, image-to-video).
 GUIDE_TEXT = {
-    "model": M,
+    "model": MODEL,
     "prompt": "A golden retriever running on a sunny beach, waves crashing in the "
     "background, cinematic slow motion, 4K quality",
     "duration": 5,
@@ -44,7 +36,7 @@ GUIDE_TEXT = {
     "watermark": False,
 }
 GUIDE_PYTHON = {
-    "model": M,
+    "model": MODEL,
     "prompt": "A majestic eagle soaring over snow-capped mountains, golden hour lighting, cinematic aerial shot",
     "duration": 5,
     "resolution": "720p",
@@ -52,7 +44,7 @@ GUIDE_PYTHON = {
     "watermark": False,
 }
 GUIDE_JS = {
-    "model": M,
+    "model": MODEL,
     "prompt": "A majestic eagle soaring over snow-capped mountains, cinematic aerial shot",
     "duration": 5,
     "resolution": "720p",
@@ -60,7 +52,7 @@ GUIDE_JS = {
     "watermark": False,
 }
 GUIDE_IMAGE = {
-    "model": M,
+    "model": MODEL,
     "prompt": "The woman in the photo turns to face the camera and smiles warmly, her hair gently blowing in the wind",
     "duration": 5,
     "resolution": "720p",
@@ -69,13 +61,13 @@ GUIDE_IMAGE = {
 }
 
 GOOD = [
-    ("guide curl", GUIDE_TEXT, (M, "720p", 5, Decimal(0), False, 0)),
-    ("guide python", GUIDE_PYTHON, (M, "720p", 5, Decimal(0), False, 0)),
-    ("guide js", GUIDE_JS, (M, "720p", 5, Decimal(0), False, 0)),
-    ("guide image-to-video", GUIDE_IMAGE, (M, "720p", 5, Decimal(0), False, 0)),
-    ("defaults", body(), (M, "720p", 5, Decimal(0), False, 0)),
+    ("guide curl", GUIDE_TEXT, (MODEL, "720p", 5, Decimal(0), False, 0)),
+    ("guide python", GUIDE_PYTHON, (MODEL, "720p", 5, Decimal(0), False, 0)),
+    ("guide js", GUIDE_JS, (MODEL, "720p", 5, Decimal(0), False, 0)),
+    ("guide image-to-video", GUIDE_IMAGE, (MODEL, "720p", 5, Decimal(0), False, 0)),
+    ("defaults", body(), (MODEL, "720p", 5, Decimal(0), False, 0)),
     ("fast 480p 15 s", body(model=FAST, resolution="480p", duration=15), (FAST, "480p", 15, Decimal(0), False, 0)),
-    ("duration 4", body(duration=4), (M, "720p", 4, Decimal(0), False, 0)),
+    ("duration 4", body(duration=4), (MODEL, "720p", 4, Decimal(0), False, 0)),
     (
         "nulls are absent",
         body(
@@ -87,19 +79,19 @@ GOOD = [
             input_video_duration=None,
             watermark=None,
         ),
-        (M, "720p", 5, Decimal(0), False, 0),
+        (MODEL, "720p", 5, Decimal(0), False, 0),
     ),
-    ("video without duration reserves 15 s", body(video_url=VID), (M, "720p", 5, Decimal(15), True, 1)),
+    ("video without duration reserves 15 s", body(video_url=VID), (MODEL, "720p", 5, Decimal(15), True, 1)),
     (
         "video_durations summed",
         body(video_urls=[VID, VID], video_durations=[3, 5.5]),
-        (M, "720p", 5, Decimal("8.5"), False, 2),
+        (MODEL, "720p", 5, Decimal("8.5"), False, 2),
     ),
-    ("input_video_duration", body(video_url=VID, input_video_duration=7), (M, "720p", 5, Decimal(7), False, 1)),
+    ("input_video_duration", body(video_url=VID, input_video_duration=7), (MODEL, "720p", 5, Decimal(7), False, 1)),
     (
         "both durations agreeing",
         body(video_urls=[VID, VID], video_durations=[3, 5], input_video_duration=8.0),
-        (M, "720p", 5, Decimal(8), False, 2),
+        (MODEL, "720p", 5, Decimal(8), False, 2),
     ),
     (
         "content videos counted",
@@ -108,13 +100,13 @@ GOOD = [
             video_url=VID,
             video_durations=[2, 5, 8],
         ),
-        (M, "720p", 5, Decimal(15), False, 3),
+        (MODEL, "720p", 5, Decimal(15), False, 3),
     ),
-    ("first frame", body(content=[frame()]), (M, "720p", 5, Decimal(0), False, 0)),
+    ("first frame", body(content=[frame()]), (MODEL, "720p", 5, Decimal(0), False, 0)),
     (
         "first and last frame",
         body(content=[frame(), frame("last_frame"), {"type": "text", "text": "slowly"}]),
-        (M, "720p", 5, Decimal(0), False, 0),
+        (MODEL, "720p", 5, Decimal(0), False, 0),
     ),
     (
         "multimodal reference",
@@ -125,12 +117,12 @@ GOOD = [
             video_urls=[VID],
             video_durations=[4],
         ),
-        (M, "720p", 5, Decimal(4), False, 1),
+        (MODEL, "720p", 5, Decimal(4), False, 1),
     ),
     (
         "9 images 3 videos (12 media)",
         body(image_urls=[IMG] * 9, video_urls=[VID] * 3),
-        (M, "720p", 5, Decimal(15), True, 3),
+        (MODEL, "720p", 5, Decimal(15), True, 3),
     ),
     (
         "asset and data URIs",
@@ -140,28 +132,36 @@ GOOD = [
             audio_url="DATA:audio/mpeg;base64,SUQz",
             video_url="ASSET://vid-9",
         ),
-        (M, "720p", 5, Decimal(15), True, 1),
+        (MODEL, "720p", 5, Decimal(15), True, 1),
     ),
     (
         "http with port, query and userinfo",
         body(image_urls=["http://user@h.example:8080/x.png?a=1#f", "https://[::1]/x.png", "HTTPS://H.EXAMPLE"]),
-        (M, "720p", 5, Decimal(0), False, 0),
+        (MODEL, "720p", 5, Decimal(0), False, 0),
     ),
     (
         "unknown fields forwarded",
         body(seed=42, camera_fixed=True, callback_url="ftp://x"),
-        (M, "720p", 5, Decimal(0), False, 0),
+        (MODEL, "720p", 5, Decimal(0), False, 0),
     ),
-    ("prompt of 5000 chars", body(prompt="x" * 5000), (M, "720p", 5, Decimal(0), False, 0)),
-    ("booleans", body(generate_audio=False, watermark=True), (M, "720p", 5, Decimal(0), False, 0)),
-    ("empty video_durations without videos", body(video_durations=[]), (M, "720p", 5, Decimal(0), False, 0)),
-    ("empty video_durations is absent", body(video_url=VID, video_durations=[]), (M, "720p", 5, Decimal(15), True, 1)),
-    ("2 s for one video", body(video_url=VID, input_video_duration=2), (M, "720p", 5, Decimal(2), False, 1)),
-    ("6 s for three videos", body(video_urls=[VID] * 3, input_video_duration=6), (M, "720p", 5, Decimal(6), False, 3)),
+    ("prompt of 5000 chars", body(prompt="x" * 5000), (MODEL, "720p", 5, Decimal(0), False, 0)),
+    ("booleans", body(generate_audio=False, watermark=True), (MODEL, "720p", 5, Decimal(0), False, 0)),
+    ("empty video_durations without videos", body(video_durations=[]), (MODEL, "720p", 5, Decimal(0), False, 0)),
+    (
+        "empty video_durations is absent",
+        body(video_url=VID, video_durations=[]),
+        (MODEL, "720p", 5, Decimal(15), True, 1),
+    ),
+    ("2 s for one video", body(video_url=VID, input_video_duration=2), (MODEL, "720p", 5, Decimal(2), False, 1)),
+    (
+        "6 s for three videos",
+        body(video_urls=[VID] * 3, input_video_duration=6),
+        (MODEL, "720p", 5, Decimal(6), False, 3),
+    ),
     (
         "4.5 s for two videos",
         body(video_urls=[VID, VID], input_video_duration=4.5),
-        (M, "720p", 5, Decimal("4.5"), False, 2),
+        (MODEL, "720p", 5, Decimal("4.5"), False, 2),
     ),
 ]
 
@@ -183,13 +183,13 @@ def test_default_resolution_missing_from_model_is_rejected():
 
 
 BAD = [
-    ("list body", [M], None),
+    ("list body", [MODEL], None),
     ("string body", "hello", None),
     ("null body", None, None),
     ("missing model", {"prompt": "x"}, "model"),
     ("unknown model", body(model="gpt-4"), "model"),
     ("model not a string", body(model=["x"]), "model"),
-    ("missing prompt", {"model": M}, "prompt"),
+    ("missing prompt", {"model": MODEL}, "prompt"),
     ("empty prompt", body(prompt=""), "prompt"),
     ("blank prompt", body(prompt=" \n\t"), "prompt"),
     ("prompt not a string", body(prompt=5), "prompt"),
@@ -465,7 +465,7 @@ def test_body_hash_is_the_canonical_sha256_whatever_the_spelling():
     assert (
         a.body_hash
         == hashlib.sha256(
-            orjson.dumps({"duration": 5, "model": M, "prompt": "a fox"}, option=orjson.OPT_SORT_KEYS)
+            orjson.dumps({"duration": 5, "model": MODEL, "prompt": "a fox"}, option=orjson.OPT_SORT_KEYS)
         ).hexdigest()
     )
     assert a.request == validate(body(prompt="a fox", duration=5), PRICING)

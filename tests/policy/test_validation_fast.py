@@ -10,11 +10,11 @@ import pytest
 
 from gateway.errors import ValidationError
 from gateway.policy.validation import _MEDIA_FIELDS, validate
-from tests.policy.test_validation import FAST, PRICING, M
+from tests.doubles import FAST, MODEL, PRICING
 
 # field → (accepted values, refused values)
 VALUES = {
-    "model": ([M, FAST], [None, "gpt-4", ["x"], 5]),
+    "model": ([MODEL, FAST], [None, "gpt-4", ["x"], 5]),
     "prompt": (["a cat surfing", "x" * 5000], ["", " \n", "x" * 5001, None, 5]),
     "duration": ([4, 5, 15, None], [3, 16, 5.0, True, "5"]),
     "resolution": (["480p", "720p", None], ["1080p", 720]),
@@ -51,4 +51,4 @@ def test_shortcut_agrees_with_the_full_walk(forcing):
 
 
 def test_a_media_field_alone_takes_the_full_walk():
-    assert outcome({"model": M, "prompt": "x", "video_durations": [5]})[3] == "video_durations"
+    assert outcome({"model": MODEL, "prompt": "x", "video_durations": [5]})[3] == "video_durations"

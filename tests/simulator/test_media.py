@@ -12,18 +12,19 @@ import pytest
 
 from gateway.simulator.app import cover_bytes, video_bytes
 from gateway.simulator.media import CHUNK, DEFAULT_VIDEO_SIZE, parse_range, video_chunks
-from tests.simulator.test_app import AUTH, KEY, FakeClock, client, control, create, fault, served, sim
+from tests.doubles import FakeClock
+from tests.simulator.helpers import AUTH, KEY, client, control, create, fault, served, sim
 
 T0 = 1_750_000_000.0
 
 
 async def finished_task(app, clock: FakeClock | None = None, **fields) -> tuple[str, dict]:
     """A task that has succeeded (clock moved past its run time), and its data[0] links."""
-    async with client(app) as c:
-        task_id = (await create(c, **fields)).json()["id"]
+    async with client(app) as api:
+        task_id = (await create(api, **fields)).json()["id"]
         if clock is not None:
             clock.now += 20
-        done = (await c.get(f"/v1/videos/generations/{task_id}")).json()
+        done = (await api.get(f"/v1/videos/generations/{task_id}")).json()
     assert done["status"] == "succeeded", done
     return task_id, done["data"][0]
 
@@ -34,8 +35,8 @@ def local(url: str) -> str:
 
 
 async def fetch(app, url: str, method: str = "GET", **headers: str) -> httpx.Response:
-    async with client(app, None) as c:
-        return await c.request(method, local(url), headers=headers)
+    async with client(app, None) as api:
+        return await api.request(method, local(url), headers=headers)
 
 
 # --- the bytes ---------------------------------------------------------------------------------
@@ -112,10 +113,10 @@ def test_range_header(header, expected):
 
 async def test_links_point_at_the_simulator_itself_and_serve_the_exact_bytes():
     app = sim(task_seconds=0)
-    async with served(app) as base, httpx.AsyncClient(base_url=base, headers=AUTH) as c:
-        task_id = (await create(c)).json()["id"]
-        links = (await c.get(f"/v1/videos/generations/{task_id}")).json()["data"][0]
-        video, cover = await c.get(links["video_url"]), await c.get(links["cover_image_url"])
+    async with served(app) as base, httpx.AsyncClient(base_url=base, headers=AUTH) as api:
+        task_id = (await create(api)).json()["id"]
+        links = (await api.get(f"/v1/videos/generations/{task_id}")).json()["data"][0]
+        video, cover = await api.get(links["video_url"]), await api.get(links["cover_image_url"])
     assert links["video_url"].startswith(f"{base}/media/{task_id}.mp4?expires=")
     assert video.status_code == 200 and video.content == video_bytes(task_id)
     assert video.headers["content-type"] == "video/mp4" and video.headers["accept-ranges"] == "bytes"
@@ -138,15 +139,15 @@ async def test_links_point_at_the_simulator_itself_and_serve_the_exact_bytes():
 async def test_range_requests(header, status, span):
     app = sim(task_seconds=0)
     task_id, links = await finished_task(app)
-    r = await fetch(app, links["video_url"], range=header)
-    assert r.status_code == status and r.headers["accept-ranges"] == "bytes"
+    reply = await fetch(app, links["video_url"], range=header)
+    assert reply.status_code == status and reply.headers["accept-ranges"] == "bytes"
     if span is None:
-        assert r.headers["content-range"] == "bytes */65536" and r.content == b""
+        assert reply.headers["content-range"] == "bytes */65536" and reply.content == b""
         return
-    assert r.content == video_bytes(task_id)[span[0] : span[1]]
-    assert r.headers["content-length"] == str(span[1] - span[0])
+    assert reply.content == video_bytes(task_id)[span[0] : span[1]]
+    assert reply.headers["content-length"] == str(span[1] - span[0])
     if status == 206:
-        assert r.headers["content-range"] == f"bytes {span[0]}-{span[1] - 1}/65536"
+        assert reply.headers["content-range"] == f"bytes {span[0]}-{span[1] - 1}/65536"
 
 
 async def test_a_cover_range_and_head_requests():
@@ -199,8 +200,8 @@ async def test_a_large_video_is_sent_in_chunks_never_whole():
 async def test_unknown_and_unfinished_tasks_are_404():
     clock = FakeClock()
     app = sim(clock=clock, task_seconds=10)
-    async with client(app) as c:
-        task_id = (await create(c)).json()["id"]
+    async with client(app) as api:
+        task_id = (await create(api)).json()["id"]
     links = app.state.simulator.signer.links("http://sim", task_id, T0 + 1000)
     unfinished = await fetch(app, links["video_url"])
     gone = app.state.simulator.signer.links("http://sim", "cgt-nope", T0 + 1000)
@@ -248,8 +249,8 @@ async def test_the_ttl_knob_expires_every_link_at_once_and_restores():
 async def test_a_link_changed_in_any_way_is_403(tamper):
     app = sim(task_seconds=0)
     _, links = await finished_task(app)
-    r = await fetch(app, tamper(links["video_url"]))
-    assert r.status_code == 403 and b"AccessDenied" in r.content
+    reply = await fetch(app, tamper(links["video_url"]))
+    assert reply.status_code == 403 and b"AccessDenied" in reply.content
 
 
 # --- size knobs, faults and the download log ---------------------------------------------------
@@ -281,21 +282,21 @@ async def test_media_faults_apply_to_downloads_only():
     task_id, links = await finished_task(app)
     await fault(app, key="*", mode="500", routes=["media"], count=1)
     failed, ok = await fetch(app, links["video_url"]), await fetch(app, links["video_url"])
-    async with client(app) as c:
-        assert (await c.get(f"/v1/videos/generations/{task_id}")).status_code == 200
+    async with client(app) as api:
+        assert (await api.get(f"/v1/videos/generations/{task_id}")).status_code == 200
     assert (failed.status_code, ok.status_code) == (500, 200)
 
 
 async def test_a_download_cut_mid_body_under_uvicorn():
     app = sim(task_seconds=0, video_size=4 * CHUNK)
     await fault(app, key="*", mode="cut", routes=["media"])
-    async with served(app) as base, httpx.AsyncClient(base_url=base, headers=AUTH) as c:
-        task_id = (await create(c)).json()["id"]
-        links = (await c.get(f"/v1/videos/generations/{task_id}")).json()["data"][0]
+    async with served(app) as base, httpx.AsyncClient(base_url=base, headers=AUTH) as api:
+        task_id = (await create(api)).json()["id"]
+        links = (await api.get(f"/v1/videos/generations/{task_id}")).json()["data"][0]
         received = b""
         with pytest.raises(httpx.RemoteProtocolError):
-            async with c.stream("GET", links["video_url"]) as r:
-                async for chunk in r.aiter_raw():
+            async with api.stream("GET", links["video_url"]) as reply:
+                async for chunk in reply.aiter_raw():
                     received += chunk
     assert received == video_bytes(task_id, 4 * CHUNK)[: 2 * CHUNK]
 
@@ -311,6 +312,8 @@ async def test_downloads_have_their_own_log_cleared_with_the_requests():
         ("GET", "media", task_id, "bytes=0-9", 206),
         ("HEAD", "media", task_id, None, 200),
     ]
-    assert {r["route"] for r in requests} == {"create", "poll"} and {r["key"] for r in requests} == {KEY}
+    assert {entry["route"] for entry in requests} == {"create", "poll"} and {entry["key"] for entry in requests} == {
+        KEY
+    }
     await control(app, "DELETE", "/_sim/requests")
     assert (await control(app, "GET", "/_sim/downloads")).json()["data"] == []

@@ -6,7 +6,6 @@ After every step: no 500, no key value in any answer, and the counters agree wit
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import tempfile
 import time
@@ -28,8 +27,9 @@ from hypothesis.stateful import (
 )
 
 from gateway.app import create_app
-from gateway.config import parse_settings
+from gateway.settings import Settings
 from gateway.store.redis.store import RedisStore
+from tests.doubles import make_settings
 from tests.tokenhub_script import MAY_HAVE_CREATED, Answer, ScriptedTokenHub, expected_cost, micros
 
 T = TypeVar("T")
@@ -77,29 +77,20 @@ def token(user: str) -> str:
     return f"tgw-books-{user}"
 
 
-def settings(store_url: str) -> Any:
-    return parse_settings(
-        {
-            "server": {"admin_token_env": "ADMIN"},
-            "upstream": {
-                "base_url": "http://upstream.invalid/api/v1",
-                "cooldown_s": 5,
-                "breaker_failures": 3,
-                "keys": [{"name": n, "value_env": n, "max_concurrent_tasks": 4} for n in KEYS],
-            },
-            "store": {"url": store_url},
-            "poller": {"interval_s": 0.001, "expire_after_s": EXPIRE_AFTER_S},
-            "teams": {"red": {"budget_usd": 25, "period": "total"}, "blue": {"video_seconds": 240, "period": "total"}},
-            "users": {
-                u: {
-                    "team": t,
-                    "key_sha256": hashlib.sha256(token(u).encode()).hexdigest(),
-                    **({"max_concurrent_tasks": 2} if u == "carol" else {}),
-                }
-                for u, t in USERS.items()
-            },
+def settings(store_url: str) -> Settings:
+    return make_settings(
+        store_url,
+        keys=KEYS,
+        key_options={"max_concurrent_tasks": 4},
+        upstream={"cooldown_s": 5, "breaker_failures": 3},
+        env={"ADMIN": ADMIN["Authorization"].split()[1]},
+        server={"admin_token_env": "ADMIN"},
+        poller={"interval_s": 0.001, "expire_after_s": EXPIRE_AFTER_S},
+        teams={"red": {"budget_usd": 25, "period": "total"}, "blue": {"video_seconds": 240, "period": "total"}},
+        users={
+            user: {"team": team, "key": token(user), **({"max_concurrent_tasks": 2} if user == "carol" else {})}
+            for user, team in USERS.items()
         },
-        env={**KEYS, "ADMIN": ADMIN["Authorization"].split()[1]},
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 from gateway.errors import RecordRejected
 from gateway.store.base import MAX_COUNTER
 from gateway.store.outbox import ArchivedFile, Item, webhook_topic
-from tests.store.test_store import _preload_spent, admitted, created, redis_url, replicas, store  # noqa: F401
+from tests.store.helpers import admitted, created, preload_spent
 
 TOPIC = webhook_topic("render-farm")
 
@@ -18,12 +18,12 @@ def items(now: float, n: int = 2, topic: str = TOPIC, tag: str = "") -> list[Ite
     return [Item(f"evt_{tag}{i}", topic, b'{"n": %d}' % i, now) for i in range(n)]
 
 
-async def settled_with(store, now: float, these: list[Item]):  # noqa: F811 - the fixture's name
+async def settled_with(store, now: float, these: list[Item]):
     task = await created(store, now)
     return await store.settle(task.task_id, "succeeded", 1000, 200_000, False, b"{}", now, these)
 
 
-async def test_items_are_written_by_the_settling_call_only(store):  # noqa: F811
+async def test_items_are_written_by_the_settling_call_only(store):
     now = await store.now()
     task = await created(store, now)
     assert await store.settle(task.task_id, "succeeded", 1000, 200_000, False, b"{}", now, items(now, 2, tag="a"))
@@ -37,7 +37,7 @@ async def test_items_are_written_by_the_settling_call_only(store):  # noqa: F811
     assert (await store.outbox_stats([TOPIC]))[TOPIC].backlog == 2
 
 
-async def test_a_create_marked_unknown_writes_its_items_once(store):  # noqa: F811
+async def test_a_create_marked_unknown_writes_its_items_once(store):
     now = await store.now()
     task = await admitted(store, now)
     done = await store.mark_unknown(task.rid, now, None, items(now, 1, tag="u"))
@@ -46,17 +46,17 @@ async def test_a_create_marked_unknown_writes_its_items_once(store):  # noqa: F8
     assert [i.id for i in await store.outbox_claim(TOPIC, 10, now, 60)] == ["evt_u0"]
 
 
-async def test_a_refused_settlement_writes_no_item(store):  # noqa: F811
+async def test_a_refused_settlement_writes_no_item(store):
     now = await store.now()
     task = await created(store, now)
-    await _preload_spent(store, "team", "marketing", task.team_period, MAX_COUNTER - 10)
+    await preload_spent(store, "team", "marketing", task.team_period, MAX_COUNTER - 10)
     with pytest.raises(RecordRejected):
         await store.settle(task.task_id, "succeeded", 1000, 11, False, None, now, items(now))
     assert await store.outbox_claim(TOPIC, 10, now, 60) == []
     assert (await store.outbox_stats([TOPIC]))[TOPIC].backlog == 0
 
 
-async def test_claims_are_leased_and_bounded_per_topic(store):  # noqa: F811
+async def test_claims_are_leased_and_bounded_per_topic(store):
     now = await store.now()
     await settled_with(store, now, items(now, 3))
     first = await store.outbox_claim(TOPIC, 2, now, 60)
@@ -72,7 +72,7 @@ async def test_claims_are_leased_and_bounded_per_topic(store):  # noqa: F811
     assert await store.outbox_claim(webhook_topic("other"), 5, now + 62, 60) == []
 
 
-async def test_retry_schedules_and_counts_done_and_give_up_end_an_item(store):  # noqa: F811
+async def test_retry_schedules_and_counts_done_and_give_up_end_an_item(store):
     now = await store.now()
     await settled_with(store, now, items(now, 3))
     a, b, c = await store.outbox_claim(TOPIC, 5, now, 60)
@@ -89,7 +89,7 @@ async def test_retry_schedules_and_counts_done_and_give_up_end_an_item(store):  
     assert (await store.outbox_stats([TOPIC]))[TOPIC].delivered == 1
 
 
-async def test_dropping_removed_topics_gives_their_items_up(store):  # noqa: F811
+async def test_dropping_removed_topics_gives_their_items_up(store):
     now = await store.now()
     kept, gone = webhook_topic("kept"), webhook_topic("gone")
     await settled_with(store, now, items(now, 1, kept, "k") + items(now, 3, gone, "g") + items(now, 1, "archive"))
@@ -101,7 +101,7 @@ async def test_dropping_removed_topics_gives_their_items_up(store):  # noqa: F81
     assert await store.outbox_drop_topics("webhook:", frozenset({kept}), now) == 0
 
 
-async def test_two_replicas_never_claim_the_same_item(replicas):  # noqa: F811
+async def test_two_replicas_never_claim_the_same_item(replicas):
     a, b = replicas
     now = await a.now()
     await settled_with(a, now, items(now, 40))
@@ -110,7 +110,7 @@ async def test_two_replicas_never_claim_the_same_item(replicas):  # noqa: F811
     assert len(ids) == len(set(ids)) == 40
 
 
-async def test_archived_files_are_kept_listed_by_age_and_forgotten(store):  # noqa: F811
+async def test_archived_files_are_kept_listed_by_age_and_forgotten(store):
     now = await store.now()
     old = ArchivedFile("cgt-1", "video", "red/cgt-1/video.mp4", 1234, "video/mp4", now - 100)
     cover = ArchivedFile("cgt-1", "cover", "red/cgt-1/cover.png", 99, "image/png", now - 100)

@@ -6,7 +6,6 @@ import asyncio
 import sqlite3
 import time
 import uuid
-from dataclasses import replace
 
 import pytest
 
@@ -21,111 +20,24 @@ from gateway.errors import (
     TaskNotUnknown,
 )
 from gateway.policy.keyhealth import KeyHealth
-from gateway.policy.quota import Subject, period_key
 from gateway.settings import Limits
-from gateway.store.base import MAX_COUNTER, MAX_FIGURE, TASK_FIELDS, TERMINAL, UNKNOWN, Admission, Task
+from gateway.store.base import MAX_COUNTER, MAX_FIGURE, TASK_FIELDS, TERMINAL, UNKNOWN
 from gateway.store.redis.store import RedisStore
 from gateway.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
 from gateway.store.sqlite.store import SQLiteStore
-from tests.redis_server import RedisServer, require_redis_server
-
-DOLLAR = 1_000_000
-EST_MICROS, EST_MS = 3 * DOLLAR, 15_000  # 15 s at $0.20/s
-
-
-@pytest.fixture(scope="session")
-def redis_url():
-    require_redis_server()
-    server = RedisServer()
-    yield server.start()
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def store(request, tmp_path):
-    if request.param == "sqlite":
-        s = SQLiteStore(str(tmp_path / "gateway.db"))
-    else:
-        s = RedisStore(request.getfixturevalue("redis_url"), prefix=f"test:{uuid.uuid4().hex[:8]}:")
-    await s.open()
-    yield s
-    await s.close()
-
-
-@pytest.fixture
-async def replicas(redis_url):
-    """Two RedisStore instances on one server and one prefix: two gateway replicas."""
-    prefix = f"test:{uuid.uuid4().hex[:8]}:"
-    pair = [RedisStore(redis_url, prefix=prefix), RedisStore(redis_url, prefix=prefix)]
-    for s in pair:
-        await s.open()
-    yield pair
-    for s in pair:
-        await s.close()
-
-
-def subjects(
-    now: float, team: Limits = Limits(), user: Limits = Limits(), team_name: str = "marketing", user_name: str = "alice"
-) -> tuple[Subject, Subject]:
-    return (
-        Subject("user", user_name, period_key(user.period, now), user),
-        Subject("team", team_name, period_key(team.period, now), team),
-    )
-
-
-def admission(
-    now: float,
-    team: Limits = Limits(),
-    user: Limits = Limits(),
-    *,
-    team_name: str = "marketing",
-    user_name: str = "alice",
-    idem: str | None = None,
-    body_hash: str | None = None,
-    created_at: float | None = None,
-    **task_fields,
-) -> Admission:
-    subs = subjects(now, team, user, team_name, user_name)
-    task = Task(
-        rid=uuid.uuid4().hex,
-        team=team_name,
-        user=user_name,
-        model="doubao-seedance-2.0",
-        resolution="720p",
-        duration_s=10,
-        input_ms=5000,
-        input_estimated=False,
-        estimate_ms=EST_MS,
-        estimate_micros=EST_MICROS,
-        team_period=subs[1].period,
-        user_period=subs[0].period,
-        created_at=created_at or now,
-        updated_at=now,
-        idem_key=idem,
-        next_poll_at=now + 15,
-    )
-    return Admission(replace(task, **task_fields), subs, body_hash or ("h" if idem else None))
-
-
-async def admitted(store, now: float, **kw) -> Task:
-    adm = admission(now, **kw)
-    assert await store.admit(adm, now) is None
-    return adm.task
-
-
-async def created(store, now: float, task_id: str | None = None, **kw) -> Task:
-    """A task admitted, given a key and recorded as created upstream."""
-    task = await admitted(store, now, **kw)
-    assert await store.acquire_key(task.rid, "primary", 100)
-    task_id = task_id or "cgt-" + task.rid[:12]
-    await store.record_created(task.rid, task_id, "queued", now, (200, b'{"id": "%s"}' % task_id.encode()))
-    return await store.get_task(task_id)
-
-
-async def figures(store, now: float, **kw) -> tuple:
-    user, team = await store.usage(subjects(now, **kw))
-    return user, team
-
+from tests.redis_server import RedisServer
+from tests.store.helpers import (
+    DOLLAR,
+    EST_MICROS,
+    EST_MS,
+    admission,
+    admitted,
+    books,
+    created,
+    figures,
+    preload_spent,
+    subjects,
+)
 
 # admission
 
@@ -134,9 +46,9 @@ async def test_admit_reserves_and_counts(store):
     now = await store.now()
     task = await admitted(store, now)
     user, team = await figures(store, now)
-    for u in (user, team):
-        assert (u.counters.reserved_micros, u.counters.reserved_ms, u.in_flight) == (EST_MICROS, EST_MS, 1)
-        assert (u.counters.spent_micros, u.counters.spent_ms) == (0, 0)
+    for usage in (user, team):
+        assert (usage.counters.reserved_micros, usage.counters.reserved_ms, usage.in_flight) == (EST_MICROS, EST_MS, 1)
+        assert (usage.counters.spent_micros, usage.counters.spent_ms) == (0, 0)
     assert await store.backlog() == 1
     assert [t.rid for t in await store.ledger(None, None, None, None, None)] == [task.rid]
     assert await store.get_task(task.rid) is None  # looked up by upstream task id only
@@ -222,8 +134,8 @@ async def test_cancel_admission_gives_everything_back(store):
     task = await admitted(store, now, team=limits, user=limits, idem="k1")
     await store.acquire_key(task.rid, "primary", 1)
     await store.cancel_admission(task.rid)
-    for u in await figures(store, now, team=limits, user=limits):
-        assert (u.counters.reserved_micros, u.counters.reserved_ms, u.in_flight) == (0, 0, 0)
+    for usage in await figures(store, now, team=limits, user=limits):
+        assert (usage.counters.reserved_micros, usage.counters.reserved_ms, usage.in_flight) == (0, 0, 0)
     assert (await store.rate_state("team", "marketing", 1, await store.now())).remaining == 1
     assert await store.idem_get("marketing", "k1") is None
     assert (await store.key_in_flight()).get("primary", 0) == 0
@@ -317,9 +229,15 @@ async def test_settle_exactly_once(store):
         billed,
         now + 5,
     )
-    for u in await figures(store, now):
-        c = u.counters
-        assert (c.reserved_micros, c.reserved_ms, c.spent_micros, c.spent_ms, u.in_flight) == (0, 0, cost, billed, 0)
+    for usage in await figures(store, now):
+        counters = usage.counters
+        assert (
+            counters.reserved_micros,
+            counters.reserved_ms,
+            counters.spent_micros,
+            counters.spent_ms,
+            usage.in_flight,
+        ) == (0, 0, cost, billed, 0)
     assert (await store.key_in_flight())["primary"] == 0
     assert await store.backlog() == 0
     stored = await store.get_task(task.task_id)
@@ -354,8 +272,8 @@ async def test_fail_create_releases_and_keeps_the_reply(store):
     await store.acquire_key(task.rid, "primary", 5)
     await store.fail_create(task.rid, now, (502, b'{"error": {}}'))
     await store.fail_create(task.rid, now, (502, b'{"error": {}}'))
-    for u in await figures(store, now):
-        assert (u.counters.reserved_micros, u.counters.spent_micros, u.in_flight) == (0, 0, 0)
+    for usage in await figures(store, now):
+        assert (usage.counters.reserved_micros, usage.counters.spent_micros, usage.in_flight) == (0, 0, 0)
     assert (await store.key_in_flight())["primary"] == 0
     record = await store.idem_get("marketing", "k1")
     assert (record.done, record.status, record.body) == (True, 502, b'{"error": {}}')
@@ -444,12 +362,6 @@ async def test_now_is_close_to_this_clock(store):
 # what the store does not take on trust
 
 
-async def books(store, now: float, rid: str | None = None) -> tuple:
-    """Everything a settlement may change: both subjects' figures, key slots, backlog and the row."""
-    row = await store.get_record(rid) if rid else None
-    return (await figures(store, now), dict(await store.key_in_flight()), await store.backlog(), row)
-
-
 @pytest.mark.parametrize(
     ("billed", "cost"),
     [
@@ -476,8 +388,8 @@ async def test_settle_with_a_bad_figure_changes_nothing(store, billed, cost):
         assert await books(store, now, task.rid) == before
     done = await store.settle(task.task_id, "succeeded", 12_000, 2_400_000, False, b"{}", now + 5)
     assert done.status == "succeeded"
-    for u in await figures(store, now):
-        assert (u.counters.reserved_micros, u.counters.spent_micros, u.in_flight) == (0, 2_400_000, 0)
+    for usage in await figures(store, now):
+        assert (usage.counters.reserved_micros, usage.counters.spent_micros, usage.in_flight) == (0, 2_400_000, 0)
     assert (await store.key_in_flight())["primary"] == 0
     assert await store.settle(task.task_id, "succeeded", 12_000, 2_400_000, False, b"{}", now + 6) is None
     assert (await figures(store, now))[1].counters.spent_micros == 2_400_000
@@ -502,25 +414,10 @@ async def test_settle_refuses_a_status_that_is_not_terminal(store):
     assert await books(store, now, task.rid) == before
 
 
-async def _preload_spent(store, scope: str, name: str, period: str, micros: int) -> None:
-    """Put a subject's spent counter where no test could settle its way to."""
-    if isinstance(store, SQLiteStore):
-        await store._do(
-            lambda c: c.execute(
-                "INSERT INTO counters (scope, name, period, spent_micros) VALUES (?, ?, ?, ?) ON CONFLICT "
-                "(scope, name, period) DO UPDATE SET spent_micros=excluded.spent_micros",
-                (scope, name, period, micros),
-            )
-        )
-        store._books.clear()
-    else:
-        await store._r.hset(f"{store.prefix}c:{scope}:{name}:{period}", "spent_micros", micros)
-
-
 async def test_settle_that_would_overflow_a_counter_changes_nothing(store):
     now = await store.now()
     task = await created(store, now)
-    await _preload_spent(store, "team", "marketing", task.team_period, MAX_COUNTER - 10)
+    await preload_spent(store, "team", "marketing", task.team_period, MAX_COUNTER - 10)
     before = await books(store, now, task.rid)
     with pytest.raises(RecordRejected):
         await store.settle(task.task_id, "succeeded", 1000, 11, False, None, now)
@@ -585,9 +482,15 @@ async def test_mark_unknown_charges_the_estimate_and_frees_the_slots(store):
     row = await store.mark_unknown(task.rid, now + 2, reply)
     assert (row.status, row.task_id, row.rid) == (UNKNOWN, None, task.rid)
     assert (row.billed_ms, row.cost_micros, row.cost_estimated, row.settled_at) == (EST_MS, EST_MICROS, True, now + 2)
-    for u in await figures(store, now, team=limits):
-        c = u.counters
-        assert (c.reserved_micros, c.reserved_ms, c.spent_micros, c.spent_ms, u.in_flight) == (
+    for usage in await figures(store, now, team=limits):
+        counters = usage.counters
+        assert (
+            counters.reserved_micros,
+            counters.reserved_ms,
+            counters.spent_micros,
+            counters.spent_ms,
+            usage.in_flight,
+        ) == (
             0,
             0,
             EST_MICROS,
@@ -638,8 +541,13 @@ async def test_resolve_unknown_void_then_settle(store):
     void = await store.resolve_unknown(task.rid, 0, 0, now + 10)
     assert (void.status, void.billed_ms, void.cost_micros, void.cost_estimated) == (UNKNOWN, 0, 0, False)
     assert (void.settled_at, void.updated_at) == (unknown.settled_at, now + 10)
-    for u in await figures(store, now):
-        assert (u.counters.spent_micros, u.counters.spent_ms, u.counters.reserved_micros, u.in_flight) == (0, 0, 0, 0)
+    for usage in await figures(store, now):
+        assert (
+            usage.counters.spent_micros,
+            usage.counters.spent_ms,
+            usage.counters.reserved_micros,
+            usage.in_flight,
+        ) == (0, 0, 0, 0)
     assert await store.resolve_unknown(task.rid, 0, 0, now + 20) == void  # idempotent: the same row
     assert await store.get_record(task.rid) == void
     billed = await store.resolve_unknown(task.rid, 12_000, 2_400_000, now + 30)
@@ -650,8 +558,8 @@ async def test_resolve_unknown_void_then_settle(store):
         False,
     )
     assert await store.resolve_unknown(task.rid, 12_000, 2_400_000, now + 40) == billed
-    for u in await figures(store, now):
-        assert (u.counters.spent_micros, u.counters.spent_ms, u.in_flight) == (2_400_000, 12_000, 0)
+    for usage in await figures(store, now):
+        assert (usage.counters.spent_micros, usage.counters.spent_ms, usage.in_flight) == (2_400_000, 12_000, 0)
     assert (await store.key_in_flight())["primary"] == 0
     assert [t.cost_micros for t in await store.ledger(None, None, None, None, None)] == [2_400_000]
 

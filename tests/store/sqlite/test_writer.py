@@ -14,7 +14,7 @@ from gateway.store.sqlite.checkpointer import RESTART_PAGES
 from gateway.store.sqlite.schema import INSERT_TASK, task_values
 from gateway.store.sqlite.store import SQLiteStore
 from gateway.store.sqlite.writer import unavailable
-from tests.store.test_store import EST_MICROS, EST_MS, admission, admitted, created, figures
+from tests.store.helpers import EST_MICROS, EST_MS, admission, admitted, created, figures
 
 RPM = Limits(requests_per_minute=10)
 
