@@ -78,14 +78,17 @@ class RequestMiddleware:
             self.log.exception("request.crashed", request_id=ctx.request_id)
             if started_response:
                 raise
-            await self._crashed(send_with_id)
+            await self._crashed(send_with_id, forwarded=scope["method"] == "POST" and ctx.upstream_key is not None)
         finally:
             self._finish(scope, ctx, status, time.perf_counter() - started)
 
     @staticmethod
-    async def _crashed(send: Send) -> None:
-        """An unexpected exception becomes an OpenAI-shaped 500 that still carries the request id."""
-        await RequestMiddleware._refuse(send, GatewayError("The gateway failed unexpectedly."), close=False)
+    async def _crashed(send: Send, forwarded: bool) -> None:
+        """An unexpected exception becomes an OpenAI-shaped 500 that still carries the request id. After a
+        create was forwarded its outcome is unknown (kept and charged as such): a blind retry could pay twice."""
+        error = GatewayError("The gateway failed unexpectedly.")
+        error.unknown_outcome = forwarded
+        await RequestMiddleware._refuse(send, error, close=False)
 
     @staticmethod
     async def _refuse(send: Send, exc: GatewayError, close: bool = True) -> None:

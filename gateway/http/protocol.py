@@ -17,9 +17,12 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, cast
 
+from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.errors import RequestTimeout
+from gateway.http.middleware import request_id_from
+from gateway.ids import new_id
 
 BODY_GRACE_S = 1.0
 
@@ -98,14 +101,20 @@ class DeadlineProtocol(HttpToolsProtocol):
     def _body_late(self) -> None:
         cycle = self.cycle
         if cycle is not None and not cycle.response_started:
-            self._send_408(f"The request body did not arrive within {self.body_timeout_s:g} s.")
+            self._send_408(
+                f"The request body did not arrive within {self.body_timeout_s:g} s.", cast(Scope, cycle.scope)
+            )
             cycle.disconnected = True  # whatever the handler sends later is dropped, as for a client gone
         self.transport.close()
 
-    def _send_408(self, message: str) -> None:
+    def _send_408(self, message: str, scope: Scope | None = None) -> None:
+        """Written here, below the app and its middleware: so this answer adds the request id itself (the
+        client's own when its headers arrived, else a new one), as every answer carries one (SPEC §2)."""
         body = RequestTimeout(message).json()
+        request_id = request_id_from(scope) if scope is not None else new_id()
         head = [b"HTTP/1.1 408 Request Timeout\r\n"]
         head += [b"%s: %s\r\n" % header for header in self.server_state.default_headers]
+        head.append(b"x-request-id: %s\r\n" % request_id.encode())
         head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
 
