@@ -171,7 +171,10 @@ class Lab:
         t.ids_file = self.synthetic_ids(t)
         return t
 
-    def start_gateway(self, name: str, store_url: str, client: str = "aiohttp", rpm: bool = True) -> tuple[Proc, int]:
+    def start_gateway(
+        self, name: str, store_url: str, client: str = "aiohttp", rpm: bool = True, src: Path | None = None
+    ) -> tuple[Proc, int]:
+        src = src or self.src
         port = free_port()
         config = self.work / f"{name}.toml"
         config.write_text(gateway_toml(port, self.fake_port, store_url, rpm))
@@ -179,16 +182,18 @@ class Lab:
             cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
         else:
             cmd = [sys.executable, str(BENCH / "gateway_serve.py"), "--config", str(config), "--client", client]
-        self.fingerprints[name] = code_fingerprint(self.src)
-        p = self.procs.start(name, cmd, self.work / f"{name}.log", self.proxy_core, upstream_key_env(), self.src)
+        self.fingerprints[name] = code_fingerprint(src)
+        p = self.procs.start(name, cmd, self.work / f"{name}.log", self.proxy_core, upstream_key_env(), src)
         p.wait_http(f"http://127.0.0.1:{port}/healthz", 30)
         return p, port
 
-    def gateway_target(self, name: str, store_url: str, client: str = "aiohttp", rpm: bool = True) -> Target | None:
+    def gateway_target(
+        self, name: str, store_url: str, client: str = "aiohttp", rpm: bool = True, src: Path | None = None
+    ) -> Target | None:
         if client == "httpx-aiohttp" and importlib.util.find_spec("httpx_aiohttp") is None:
             self.unavailable[name] = NO_HTTPX_AIOHTTP
             return None
-        p, port = self.start_gateway(name, store_url, client, rpm)
+        p, port = self.start_gateway(name, store_url, client, rpm, src)
         t = Target(name, port, p.pid, "gateway", client)
         t.ids_file = self.gateway_ids(t)
         return t
@@ -220,8 +225,9 @@ class Lab:
         return self.gateway_target(name, f"redis+sentinel://127.0.0.1:{port}/bench/0")
 
     def redis_available(self, name: str) -> bool:
-        if not (self.src / "gateway" / "store" / "redis.py").exists():
-            self.unavailable[name] = "the gateway has no Redis store yet (gateway/store/redis.py)"
+        store = self.src / "gateway" / "store"
+        if not ((store / "redis.py").exists() or (store / "redis" / "store.py").exists()):
+            self.unavailable[name] = "the gateway has no Redis store yet (gateway/store/redis/)"
             return False
         if shutil.which("redis-server") is None or importlib.util.find_spec("redis") is None:
             self.unavailable[name] = "needs redis-server (apt-get install -y redis-server) and redis-py"

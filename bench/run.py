@@ -8,7 +8,8 @@ the openai SDK's multipart create, route create-sdk):
   bare-<client>        wrk → starlette pass-through (bench/passthrough.py) → fake, per HTTP client
   gateway-sqlite       wrk → `python -m gateway.cli serve` (every feature on, SQLite store) → fake
   gateway-sqlite-<c>   the same gateway with another upstream client injected (bench/gateway_serve.py)
-  gateway-redis        the same on a Redis store, once gateway/store/redis.py exists
+  gateway-sqlite-baseline  the gateway of another checkout (--baseline DIR), measured beside this one
+  gateway-redis        the same on a Redis store
   gateway-redis-sentinel  the same through a Sentinel, to a master with a replica it waits for (WAIT 1)
 The proxy under test is pinned to one core; wrk, the fake upstream (and Redis) to the other.
 Then a memory run pushes --tasks creates through a fresh gateway and samples its RSS.
@@ -63,6 +64,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the checkout whose gateway/ is benchmarked (default: this one), e.g. a `git archive` "
         "snapshot, so edits made meanwhile in the work tree cannot leak into the run",
     )
+    p.add_argument(
+        "--baseline",
+        help="another checkout (e.g. a `git archive` of an earlier commit) whose gateway is measured in the same "
+        "rounds as gateway-sqlite-baseline, so a change is compared before and after in one run",
+    )
     args = p.parse_args(argv)
     args.duration = args.duration or (3.0 if args.quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
@@ -96,6 +102,9 @@ def start_targets(lab: Lab, args: argparse.Namespace) -> list[Target]:
     targets += [lab.bare_target(c) for c in CLIENTS if wanted(f"bare-{c}")]
     if wanted("gateway-sqlite"):
         targets.append(lab.gateway_target("gateway-sqlite", db("gateway")))
+    if args.baseline:
+        baseline = Path(args.baseline).resolve()
+        targets.append(lab.gateway_target("gateway-sqlite-baseline", db("gateway-baseline"), src=baseline))
     if wanted("gateway-sqlite-norpm"):
         targets.append(lab.gateway_target("gateway-sqlite-norpm", db("gateway-norpm"), rpm=False))
     if not args.no_gateway_clients:

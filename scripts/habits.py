@@ -2,9 +2,10 @@
 
 - the share of one-letter names among the local names functions bind (parameters, assignments, loop and
   `with`/`except` targets; comprehension variables and `_` are not counted: a one-letter name is fine there);
-- assignments with three or more targets (`a, b, c = ...` or `a = b = c = ...`) per 1,000 lines.
+- assignments with three or more targets (`a, b, c = ...` or `a = b = c = ...`) per 1,000 lines;
+- and the longest module, against --max-lines (a module past a few hundred lines holds two concerns).
 
-    python3 scripts/habits.py [PATH ...] [--max-one-letter PERCENT] [--max-multi PER_1000_LINES]
+    python3 scripts/habits.py [PATH ...] [--max-one-letter PERCENT] [--max-multi PER_1000_LINES] [--max-lines N]
 
 Prints the figures and the worst files; exits 1 when a figure is over its maximum.
 """
@@ -75,9 +76,13 @@ class Locals(ast.NodeVisitor):
         self.generic_visit(node)
 
 
-def measure(paths: list[Path]) -> tuple[int, int, int, int, Counter[str]]:
-    bound = one_letter = multi = lines = 0
+def measure(paths: list[Path]) -> tuple[int, int, int, int, Counter[str], Counter[str]]:
+    bound = 0
+    one_letter = 0
+    multi = 0
+    lines = 0
     worst: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
     for path in paths:
         source = path.read_text()
         visitor = Locals()
@@ -87,9 +92,10 @@ def measure(paths: list[Path]) -> tuple[int, int, int, int, Counter[str]]:
         one_letter += short
         multi += visitor.multi
         lines += source.count("\n")
+        sizes[str(path)] = source.count("\n")
         if short or visitor.multi:
             worst[str(path)] = short + visitor.multi
-    return bound, one_letter, multi, lines, worst
+    return bound, one_letter, multi, lines, worst, sizes
 
 
 def main() -> int:
@@ -97,18 +103,23 @@ def main() -> int:
     parser.add_argument("paths", nargs="*", default=["gateway"])
     parser.add_argument("--max-one-letter", type=float, default=None, help="percent")
     parser.add_argument("--max-multi", type=float, default=None, help="per 1,000 lines")
+    parser.add_argument("--max-lines", type=int, default=None, help="lines in one module")
     parser.add_argument("--worst", type=int, default=5)
     args = parser.parse_args()
     files = sorted(f for p in args.paths for f in ([Path(p)] if p.endswith(".py") else Path(p).rglob("*.py")))
-    bound, one_letter, multi, lines, worst = measure(files)
+    bound, one_letter, multi, lines, worst, sizes = measure(files)
     share = 100 * one_letter / max(bound, 1)
     per_1000 = 1000 * multi / max(lines, 1)
     print(f"one-letter locals: {one_letter} of {bound} ({share:.1f} %)")
     print(f"three-target assignments: {multi} in {lines} lines ({per_1000:.2f} per 1,000)")
     for path, count in worst.most_common(args.worst):
         print(f"  {count:3d}  {path}")
-    over = (args.max_one_letter is not None and share > args.max_one_letter) or (
-        args.max_multi is not None and per_1000 > args.max_multi
+    longest, longest_lines = sizes.most_common(1)[0] if sizes else ("", 0)
+    print(f"longest module: {longest} ({longest_lines} lines)")
+    over = (
+        (args.max_one_letter is not None and share > args.max_one_letter)
+        or (args.max_multi is not None and per_1000 > args.max_multi)
+        or (args.max_lines is not None and longest_lines > args.max_lines)
     )
     return 1 if over else 0
 
