@@ -63,7 +63,9 @@ class Gateway:
             settings, store, self.tasks, self.polls, self.settlement, self.pool, upstream, metrics, clock
         )
         self.webhooks = Deliverer(store, metrics, clock, settings.webhooks)
-        self.archive = make_archive(settings.archive, store, metrics, clock)  # a change needs a restart
+        self.archive = make_archive(
+            settings.archive, settings.upstream, store, metrics, clock
+        )  # a change needs a restart
         self.settlement.archiving = self.archive is not None
         self.settlement.on_outbox = self._wake_outbox
         self.large_bodies = BodyWorkers(MAX_LARGE_BODIES)  # parsed and checked in worker processes

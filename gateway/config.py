@@ -7,6 +7,7 @@ import binascii
 import os
 import tomllib
 from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -51,6 +52,9 @@ _SERVER = {
     "log_prompts": "bool",
     "header_timeout_s": "num+",
     "body_timeout_s": "num+",
+    "send_timeout_s": "num+",
+    "max_downloads_per_team": "int+",
+    "max_uploads_in_flight": "int+",
 }
 _UPSTREAM = {
     "connect_timeout_s": "num+",
@@ -58,6 +62,7 @@ _UPSTREAM = {
     "cooldown_s": "num+",
     "breaker_failures": "int+",
     "breaker_open_s": "num+",
+    "max_answer_bytes": "int+",
 }
 _KEY = {"weight": "int+", "max_concurrent_tasks": "int+"}
 _POLLER = {"interval_s": "num+", "expire_after_s": "num+", "concurrency": "int+"}
@@ -134,7 +139,7 @@ def _key(
 
 
 def _upstream(reader: Reader, data: Any, env: Mapping[str, str], base: Path, models: set[str]) -> UpstreamSettings:
-    upstream = reader.table(data, "upstream", set(_UPSTREAM) | {"base_url", "keys"})
+    upstream = reader.table(data, "upstream", set(_UPSTREAM) | {"base_url", "keys", "media_allow_networks"})
     base_url = reader.get(upstream, "base_url", "upstream", "str", required=True) or ""
     if base_url and not base_url.startswith(("http://", "https://")):
         reader.problem("upstream.base_url", "expected an http:// or https:// URL (what is set is not shown)")
@@ -148,8 +153,26 @@ def _upstream(reader: Reader, data: Any, env: Mapping[str, str], base: Path, mod
         same = " and ".join(f"keys[{i}]" for i, k in keys.items() if k.name == dup)
         reader.problem("upstream.keys", f"{same} have the same name")
     return UpstreamSettings(
-        base_url=base_url.rstrip("/"), keys=tuple(keys.values()), **reader.fields(upstream, "upstream", _UPSTREAM)
+        base_url=base_url.rstrip("/"),
+        keys=tuple(keys.values()),
+        media_allow_networks=_networks(reader, upstream.get("media_allow_networks", []), "upstream"),
+        **reader.fields(upstream, "upstream", _UPSTREAM),
     )
+
+
+def _networks(reader: Reader, value: Any, where: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """CIDRs such as "127.0.0.1/32" or "10.0.0.0/8" (a bare address is its own /32 or /128)."""
+    where = f"{where}.media_allow_networks"
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        reader.problem(where, 'expected a list of CIDR strings, such as ["127.0.0.1/32"]')
+        return ()
+    networks = []
+    for index, text in enumerate(value):
+        try:
+            networks.append(ip_network(text.strip(), strict=False))
+        except ValueError:
+            reader.problem(f"{where}[{index}]", f"{shown(text)} is not an IP network (e.g. 10.0.0.0/8)")
+    return tuple(networks)
 
 
 def _store(reader: Reader, data: Any, env: Mapping[str, str]) -> StoreSettings:

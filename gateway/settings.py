@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from types import MappingProxyType
 
@@ -91,6 +92,9 @@ class ServerSettings:
     log_prompts: bool = False
     header_timeout_s: float = 10  # a client that has not sent its headers by then is disconnected
     body_timeout_s: float = 30
+    send_timeout_s: float = 30  # a download whose client reads nothing for this long is ended
+    max_downloads_per_team: int = 8  # result-file downloads (/content, remix) at once per team
+    max_uploads_in_flight: int = 16  # OpenAI-shape uploads from arrival until TokenHub answers, gateway-wide
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,9 @@ class UpstreamSettings:
     cooldown_s: float = 30
     breaker_failures: int = 5
     breaker_open_s: float = 30
+    # Result URLs are fetched only from public addresses, or from these networks (e.g. a simulator's).
+    media_allow_networks: tuple[IPv4Network | IPv6Network, ...] = ()
+    max_answer_bytes: int = 1024 * 1024  # a larger TokenHub answer is refused, never stored whole
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,11 @@ import aiohttp
 import orjson
 import structlog
 
+from gateway.delivery.guard import media_session
 from gateway.delivery.storage import Backend, StoreFailed, open_backend
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
-from gateway.settings import ArchiveSettings
+from gateway.settings import ArchiveSettings, UpstreamSettings
 from gateway.store.base import Store, Task
 from gateway.store.outbox import ARCHIVE_TOPIC, ArchivedFile, Item
 
@@ -103,6 +104,7 @@ class Archive:
     def __init__(
         self,
         settings: ArchiveSettings,
+        upstream: UpstreamSettings,
         backend: Backend,
         store: Store,
         metrics: Metrics,
@@ -111,6 +113,7 @@ class Archive:
         retention_every_s: float = RETENTION_EVERY_S,
     ) -> None:
         self.settings = settings
+        self.upstream = upstream
         self.backend = backend
         self.store = store
         self.metrics = metrics
@@ -163,11 +166,7 @@ class Archive:
         self._wake.set()
 
     async def run(self) -> None:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=60),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-        )
+        self._session = media_session(self.upstream, aiohttp.ClientTimeout(total=None, connect=10, sock_read=60))
         try:
             while not self._stop.is_set():
                 self._wake.clear()
@@ -278,9 +277,13 @@ class Archive:
 
 
 def make_archive(
-    settings: ArchiveSettings | None, store: Store, metrics: Metrics, clock: Callable[[], float]
+    settings: ArchiveSettings | None,
+    upstream: UpstreamSettings,
+    store: Store,
+    metrics: Metrics,
+    clock: Callable[[], float],
 ) -> Archive | None:
-    return Archive(settings, open_backend(settings), store, metrics, clock) if settings else None
+    return Archive(settings, upstream, open_backend(settings), store, metrics, clock) if settings else None
 
 
 class ShortRead(Exception):

@@ -19,6 +19,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.context import RequestContext
+from gateway.delivery.guard import media_session
 from gateway.errors import ConnectFailed, RangeNotSatisfiable, UpstreamError, UpstreamTimeout, VideoExpired
 from gateway.settings import UpstreamSettings
 
@@ -89,6 +90,7 @@ class DownloadResponse(StreamingResponse):
 
 class MediaFetcher:
     def __init__(self, settings: UpstreamSettings) -> None:
+        self._settings = settings
         self._timeout = aiohttp.ClientTimeout(
             total=TOTAL_TIMEOUT_S, sock_connect=settings.connect_timeout_s, sock_read=settings.timeout_s
         )
@@ -96,13 +98,7 @@ class MediaFetcher:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            # No cookies and no decompression: the bytes are passed on exactly as the object store sends them.
-            self._session = aiohttp.ClientSession(
-                timeout=self._timeout,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent",),
-            )
+            self._session = media_session(self._settings, self._timeout)
         return self._session
 
     async def open(self, url: str, range_header: str | None = None, ctx: RequestContext | None = None) -> Download:

@@ -18,6 +18,7 @@ from gateway.metrics import Metrics
 from gateway.settings import ArchiveSettings
 from gateway.store.outbox import ARCHIVE_TOPIC
 from gateway.store.sqlite.store import SQLiteStore
+from tests.doubles import UPSTREAM_SETTINGS
 from tests.e2e.harness import KEYS
 from tests.moto_server import CREDENTIALS
 from tests.store.helpers import created
@@ -79,7 +80,7 @@ async def archive(request, tmp_path, sim, monkeypatch):
         backend = S3Backend(settings)
     store = SQLiteStore(str(tmp_path / "gateway.db"))
     await store.open()
-    a = Archive(settings, backend, store, Metrics(), time.time)
+    a = Archive(settings, UPSTREAM_SETTINGS, backend, store, Metrics(), time.time)
     a._session = aiohttp.ClientSession()
     yield a
     await a._session.close()
@@ -228,7 +229,7 @@ async def test_a_directory_that_cannot_be_written_is_a_store_failure(tmp_path, s
     settings = ArchiveSettings(dir=str(blocked))
     store = SQLiteStore(str(tmp_path / "gateway.db"))
     await store.open()
-    a = Archive(settings, LocalBackend(settings.dir), store, Metrics(), time.time)
+    a = Archive(settings, UPSTREAM_SETTINGS, LocalBackend(settings.dir), store, Metrics(), time.time)
     a._session = aiohttp.ClientSession()
     try:
         task, item = await queued(a, sim_task(sim))
