@@ -21,9 +21,9 @@ POLL_S = 0.05
 
 def free_port() -> int:
     """A loopback port nothing listens on right now (chosen by the kernel)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def spawn(
@@ -81,8 +81,8 @@ def answers_http(url: str, timeout: float = 2.0) -> bool:
 
 
 def accepts(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def wait_http(url: str, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
@@ -98,7 +98,10 @@ class Process:
     appends to the same log)."""
 
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
-        self.args, self.log_path, self.env, self.cwd = args, log, env, cwd
+        self.args = args
+        self.log_path = log
+        self.env = env
+        self.cwd = cwd
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:

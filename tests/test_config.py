@@ -98,8 +98,8 @@ def spec_config(tmp_path):
 
 
 def test_spec_example_parses_into_settings(spec_config):
-    s = load_settings(spec_config, env=ENV)
-    assert s.server == ServerSettings(
+    settings = load_settings(spec_config, env=ENV)
+    assert settings.server == ServerSettings(
         host="0.0.0.0",
         port=8080,
         admin_token=Secret("admin-secret"),
@@ -108,7 +108,7 @@ def test_spec_example_parses_into_settings(spec_config):
         max_body_bytes=67108864,
         log_prompts=False,
     )
-    assert s.upstream == UpstreamSettings(
+    assert settings.upstream == UpstreamSettings(
         base_url="https://tokenhub.store/api/v1",
         keys=(
             UpstreamKey("primary", Secret(PRIMARY), 1, 10, frozenset({MODEL, FAST})),
@@ -120,10 +120,12 @@ def test_spec_example_parses_into_settings(spec_config):
         breaker_failures=5,
         breaker_open_s=30,
     )
-    assert s.store == StoreSettings(url=Secret("sqlite:////var/lib/tokenhub-gateway/gateway.db"), synchronous="NORMAL")
-    assert s.poller == PollerSettings(interval_s=15, expire_after_s=172800, concurrency=8)
-    assert s.pricing == {MODEL: {"720p": 200_000, "480p": 120_000}, FAST: {"720p": 160_000, "480p": 100_000}}
-    assert s.teams == {
+    assert settings.store == StoreSettings(
+        url=Secret("sqlite:////var/lib/tokenhub-gateway/gateway.db"), synchronous="NORMAL"
+    )
+    assert settings.poller == PollerSettings(interval_s=15, expire_after_s=172800, concurrency=8)
+    assert settings.pricing == {MODEL: {"720p": 200_000, "480p": 120_000}, FAST: {"720p": 160_000, "480p": 100_000}}
+    assert settings.teams == {
         "marketing": Team(
             "marketing",
             Limits(
@@ -136,18 +138,18 @@ def test_spec_example_parses_into_settings(spec_config):
             ),
         )
     }
-    assert s.users == {
+    assert settings.users == {
         "alice": User(
             "alice", "marketing", ALICE_SHA, Limits(budget_micros=50_000_000, period="month", requests_per_minute=20)
         )
     }
-    assert s.source == str(spec_config)
+    assert settings.source == str(spec_config)
 
 
 def test_value_file_is_read_relative_to_the_config_not_the_cwd(spec_config, tmp_path, monkeypatch):
     monkeypatch.chdir(Path("/"))
-    s = load_settings(spec_config, env=ENV)
-    assert s.upstream.keys[1].value.reveal() == BACKUP
+    settings = load_settings(spec_config, env=ENV)
+    assert settings.upstream.keys[1].value.reveal() == BACKUP
 
 
 MINIMAL = {"upstream": {"base_url": "https://tokenhub.store/api/v1/", "keys": [{"name": "k", "value_env": "K"}]}}
@@ -161,16 +163,17 @@ def minimal(**sections):
 
 def test_minimal_config_takes_the_defaults(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    s = parse_settings(minimal(), env={"K": PRIMARY})
-    assert s.server == ServerSettings()
-    assert s.server.admin_token is None and s.server.metrics_token is None
-    assert s.upstream.base_url == "https://tokenhub.store/api/v1"  # trailing slash dropped
-    assert s.upstream.keys == (UpstreamKey("k", Secret(PRIMARY)),)
-    assert s.upstream.keys[0].allows(MODEL) and s.upstream.keys[0].allows("anything")
-    assert (s.upstream.cooldown_s, s.upstream.breaker_failures, s.upstream.breaker_open_s) == (30, 5, 30)
-    assert s.store.url.reveal() == "sqlite:///" + str(tmp_path / "gateway.db")
-    assert s.poller == PollerSettings()
-    assert s.teams == {} and s.users == {}
+    settings = parse_settings(minimal(), env={"K": PRIMARY})
+    assert settings.server == ServerSettings()
+    assert settings.server.admin_token is None and settings.server.metrics_token is None
+    assert settings.upstream.base_url == "https://tokenhub.store/api/v1"  # trailing slash dropped
+    assert settings.upstream.keys == (UpstreamKey("k", Secret(PRIMARY)),)
+    assert settings.upstream.keys[0].allows(MODEL) and settings.upstream.keys[0].allows("anything")
+    upstream = settings.upstream
+    assert (upstream.cooldown_s, upstream.breaker_failures, upstream.breaker_open_s) == (30, 5, 30)
+    assert settings.store.url.reveal() == "sqlite:///" + str(tmp_path / "gateway.db")
+    assert settings.poller == PollerSettings()
+    assert settings.teams == {} and settings.users == {}
 
 
 def test_user_period_defaults_to_its_team_period():
@@ -182,15 +185,15 @@ def test_user_period_defaults_to_its_team_period():
             "dan": {"team": "eng", "key_sha256": "c" * 64},
         },
     )
-    s = parse_settings(data, env={"K": PRIMARY})
-    assert s.teams["ops"].limits.period == "week" and s.teams["eng"].limits.period == "month"
-    assert {n: u.limits.period for n, u in s.users.items()} == {"bob": "week", "carol": "day", "dan": "month"}
+    settings = parse_settings(data, env={"K": PRIMARY})
+    assert settings.teams["ops"].limits.period == "week" and settings.teams["eng"].limits.period == "month"
+    assert {n: u.limits.period for n, u in settings.users.items()} == {"bob": "week", "carol": "day", "dan": "month"}
 
 
 def test_store_url_from_env():
     data = minimal(store={"url_env": "STORE_URL"})
-    s = parse_settings(data, env={"K": PRIMARY, "STORE_URL": "redis://:pw@redis:6379/0"})
-    assert s.store.url.reveal() == "redis://:pw@redis:6379/0" and "pw" not in repr(s.store)
+    settings = parse_settings(data, env={"K": PRIMARY, "STORE_URL": "redis://:pw@redis:6379/0"})
+    assert settings.store.url.reveal() == "redis://:pw@redis:6379/0" and "pw" not in repr(settings.store)
 
 
 # Every plain field, set to something other than its default, reaches its dataclass field.
@@ -214,12 +217,12 @@ NON_DEFAULTS = {
 def test_every_plain_setting_reaches_its_field(section):
     values = NON_DEFAULTS[section]
     extra = MINIMAL["upstream"] if section == "upstream" else {}
-    s = parse_settings(minimal(**{section: {**extra, **values}}), env={"K": PRIMARY})
-    assert {k: getattr(getattr(s, section), k) for k in values} == values
+    settings = parse_settings(minimal(**{section: {**extra, **values}}), env={"K": PRIMARY})
+    assert {k: getattr(getattr(settings, section), k) for k in values} == values
 
 
 def test_store_and_key_fields_override_their_defaults():
-    s = parse_settings(
+    settings = parse_settings(
         minimal(
             upstream={
                 **MINIMAL["upstream"],
@@ -229,22 +232,22 @@ def test_store_and_key_fields_override_their_defaults():
         ),
         env={"K": PRIMARY},
     )
-    assert s.upstream.keys == (UpstreamKey("k", Secret(PRIMARY), weight=4, max_concurrent_tasks=2),)
-    assert s.store == StoreSettings(url=Secret("redis://redis:6379/2"), synchronous="FULL")
+    assert settings.upstream.keys == (UpstreamKey("k", Secret(PRIMARY), weight=4, max_concurrent_tasks=2),)
+    assert settings.store == StoreSettings(url=Secret("redis://redis:6379/2"), synchronous="FULL")
 
 
 def test_an_unset_team_period_is_the_limits_default_and_a_user_takes_its_teams():
     data = minimal(teams={"t": {"budget_usd": 1}}, users={"u": {"team": "t", "key_sha256": "a" * 64}})
-    s = parse_settings(data, env={"K": PRIMARY})
-    assert s.teams["t"].limits == Limits(budget_micros=1_000_000)
-    assert s.users["u"].limits == Limits(period=Limits().period)
+    settings = parse_settings(data, env={"K": PRIMARY})
+    assert settings.teams["t"].limits == Limits(budget_micros=1_000_000)
+    assert settings.users["u"].limits == Limits(period=Limits().period)
 
 
 def test_slow_client_timeouts_and_the_openai_shape_have_defaults():
-    s = parse_settings(minimal(), env={"K": PRIMARY})
-    assert (s.server.header_timeout_s, s.server.body_timeout_s) == (10, 30)
-    assert s.openai.poll_after_ms == 2000
-    assert dict(s.openai.model_aliases) == {"sora-2": FAST, "sora-2-pro": MODEL}
+    settings = parse_settings(minimal(), env={"K": PRIMARY})
+    assert (settings.server.header_timeout_s, settings.server.body_timeout_s) == (10, 30)
+    assert settings.openai.poll_after_ms == 2000
+    assert dict(settings.openai.model_aliases) == {"sora-2": FAST, "sora-2-pro": MODEL}
 
 
 def test_model_aliases_are_merged_over_the_defaults_and_read_only(tmp_path):
@@ -255,11 +258,11 @@ def test_model_aliases_are_merged_over_the_defaults_and_read_only(tmp_path):
         "[openai]\npoll_after_ms = 1000\n"
         '[openai.model_aliases]\n"sora-2" = "doubao-seedance-2.0"\nlite = "seedance-lite"\n'
     )
-    s = load_settings(path, env={"K": PRIMARY})
-    assert s.openai.poll_after_ms == 1000
-    assert dict(s.openai.model_aliases) == {"sora-2": MODEL, "sora-2-pro": MODEL, "lite": "seedance-lite"}
+    settings = load_settings(path, env={"K": PRIMARY})
+    assert settings.openai.poll_after_ms == 1000
+    assert dict(settings.openai.model_aliases) == {"sora-2": MODEL, "sora-2-pro": MODEL, "lite": "seedance-lite"}
     with pytest.raises(TypeError):
-        s.openai.model_aliases["veo"] = MODEL  # type: ignore[index]
+        settings.openai.model_aliases["veo"] = MODEL  # type: ignore[index]
     assert dict(parse_settings(minimal(), env={"K": PRIMARY}).openai.model_aliases) == {
         "sora-2": FAST,
         "sora-2-pro": MODEL,
@@ -290,10 +293,12 @@ def test_new_setting_problems(data, location):
 
 
 def test_pricing_override_adds_a_model_and_keeps_the_defaults():
-    s = parse_settings(minimal(pricing={"seedance-lite": {"1080p": 0.3}, FAST: {"720p": 0.15}}), env={"K": PRIMARY})
-    assert s.pricing["seedance-lite"] == {"1080p": 300_000}
-    assert s.pricing[FAST] == {"720p": 150_000}
-    assert s.pricing[MODEL] == {"720p": 200_000, "480p": 120_000}
+    settings = parse_settings(
+        minimal(pricing={"seedance-lite": {"1080p": 0.3}, FAST: {"720p": 0.15}}), env={"K": PRIMARY}
+    )
+    assert settings.pricing["seedance-lite"] == {"1080p": 300_000}
+    assert settings.pricing[FAST] == {"720p": 150_000}
+    assert settings.pricing[MODEL] == {"720p": 200_000, "480p": 120_000}
 
 
 # --- every problem, with its location ---------------------------------------------------------
@@ -591,9 +596,11 @@ def test_secret_values_are_stripped_of_surrounding_white_space(raw, tmp_path):
         server={"admin_token_env": "ADMIN"},
         store={"url_env": "STORE"},
     )
-    s = parse_settings(data, env={"K": raw, "ADMIN": raw, "STORE": f" redis://r:6379/0{raw[-1]}"}, base_dir=tmp_path)
-    assert [k.value.reveal() for k in s.upstream.keys] == [PRIMARY, PRIMARY]
-    assert s.server.admin_token == Secret(PRIMARY) and s.store.url.reveal() == "redis://r:6379/0"
+    settings = parse_settings(
+        data, env={"K": raw, "ADMIN": raw, "STORE": f" redis://r:6379/0{raw[-1]}"}, base_dir=tmp_path
+    )
+    assert [k.value.reveal() for k in settings.upstream.keys] == [PRIMARY, PRIMARY]
+    assert settings.server.admin_token == Secret(PRIMARY) and settings.store.url.reveal() == "redis://r:6379/0"
 
 
 @pytest.mark.parametrize(
@@ -655,28 +662,38 @@ def test_a_key_file_that_is_not_text_is_a_problem_not_a_crash(tmp_path):
 
 
 def test_secret_never_shows_its_value():
-    s = Secret(PRIMARY)
-    key = UpstreamKey("primary", s)
-    shown = [repr(s), str(s), f"{s}", f"{s!r}", format(s), repr(key), str(key), repr([s]), repr({"k": s})]
+    secret = Secret(PRIMARY)
+    key = UpstreamKey("primary", secret)
+    shown = [
+        repr(secret),
+        str(secret),
+        f"{secret}",
+        f"{secret!r}",
+        format(secret),
+        repr(key),
+        str(key),
+        repr([secret]),
+        repr({"k": secret}),
+    ]
     assert all(PRIMARY not in text and "0123456789abcd" not in text for text in shown)
-    assert s.reveal() == PRIMARY
+    assert secret.reveal() == PRIMARY
 
 
 def test_secret_never_shows_its_value_through_any_formatting():
-    s = Secret(PRIMARY)
+    secret = Secret(PRIMARY)
     texts = [
-        f"{s=}",
-        str((s,)),
-        str({"k": s}),
-        orjson.dumps({"k": s}, default=str).decode(),
-        repr(UpstreamSettings("https://x", (UpstreamKey("k", s),))),
-        repr(StoreSettings(url=s)),
-        repr(ServerSettings(admin_token=s, metrics_token=s)),
+        f"{secret=}",
+        str((secret,)),
+        str({"k": secret}),
+        orjson.dumps({"k": secret}, default=str).decode(),
+        repr(UpstreamSettings("https://x", (UpstreamKey("k", secret),))),
+        repr(StoreSettings(url=secret)),
+        repr(ServerSettings(admin_token=secret, metrics_token=secret)),
     ]
     assert all(PRIMARY not in t and "0123456789abcd" not in t for t in texts), texts
     with pytest.raises(TypeError):
-        f"{s:>40}"  # a format spec is refused rather than applied to the value
-    assert not hasattr(s, "__dict__")
+        f"{secret:>40}"  # a format spec is refused rather than applied to the value
+    assert not hasattr(secret, "__dict__")
 
 
 def test_settings_repr_hides_every_secret(spec_config):

@@ -119,11 +119,11 @@ def test_committed_dashboards_match_the_generator(generate):
 
 
 def test_every_panel_has_a_query(dashboards):
-    for name, d in dashboards.items():
-        assert d["panels"], name
-        assert len({p["id"] for p in d["panels"]}) == len(d["panels"]), f"{name}: duplicate panel ids"
-        for p in d["panels"]:
-            assert p["targets"] and all(t["expr"].strip() for t in p["targets"]), f"{name}: {p['title']}"
+    for name, dashboard in dashboards.items():
+        assert dashboard["panels"], name
+        assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"]), f"{name}: duplicate panel ids"
+        for panel in dashboard["panels"]:
+            assert panel["targets"] and all(t["expr"].strip() for t in panel["targets"]), f"{name}: {panel['title']}"
 
 
 def test_dashboard_queries_use_only_exposed_metrics(generate, exposed):
@@ -157,10 +157,10 @@ def test_dashboards_pick_the_data_source_through_a_variable(dashboards):
             for i, value in enumerate(node):
                 walk(value, f"{where}[{i}]")
 
-    for name, d in dashboards.items():
-        assert "__inputs" not in d, name
-        walk(d, name)
-        variables = {v["name"]: v for v in d["templating"]["list"]}
+    for name, dashboard in dashboards.items():
+        assert "__inputs" not in dashboard, name
+        walk(dashboard, name)
+        variables = {v["name"]: v for v in dashboard["templating"]["list"]}
         assert variables["datasource"]["type"] == "datasource"
         assert variables["datasource"]["query"] == "prometheus"
         team = variables["team"]
@@ -209,11 +209,11 @@ def test_alert_rules_are_complete_and_use_exposed_metrics(exposed):
         "GatewayHighOverheadP99",
         "PollerBacklogHigh",
     } <= names
-    for r in rules:
-        assert r.get("for") and r["labels"].get("severity") in ("warning", "critical"), r["alert"]
-        assert r["annotations"].get("summary") and r["annotations"].get("description"), r["alert"]
-        if METRIC_NAME.search(r["expr"]):
-            _check_names_and_labels(r["expr"], exposed)
+    for rule in rules:
+        assert rule.get("for") and rule["labels"].get("severity") in ("warning", "critical"), rule["alert"]
+        assert rule["annotations"].get("summary") and rule["annotations"].get("description"), rule["alert"]
+        if METRIC_NAME.search(rule["expr"]):
+            _check_names_and_labels(rule["expr"], exposed)
 
 
 def test_every_alert_is_tested_firing_and_silent():
@@ -253,11 +253,11 @@ def test_compose_runs_two_gateways_on_redis(compose):
     services = compose["services"]
     published = {services[g]["ports"][0].rsplit(":", 2)[-2] for g in ("gateway-1", "gateway-2")}
     assert published == {"8080", "8081"}
-    for g in ("gateway-1", "gateway-2"):
+    for gateway in ("gateway-1", "gateway-2"):
         # The directory: a replaced gateway.toml is a new file, which a single-file mount never shows.
-        assert f"./config:{CONFIG_DIR}:ro" in services[g]["volumes"]
-        for var, value in services[g]["environment"].items():
-            assert value.startswith(f"${{{var}:?") and value.endswith("}"), f"{g}: {var} not from the host"
+        assert f"./config:{CONFIG_DIR}:ro" in services[gateway]["volumes"]
+        for var, value in services[gateway]["environment"].items():
+            assert value.startswith(f"${{{var}:?") and value.endswith("}"), f"{gateway}: {var} not from the host"
     assert "--appendonly" in services["redis"]["command"]
     assert services["prometheus"]["secrets"] == ["metrics_token"]
     assert compose["secrets"]["metrics_token"] == {"environment": "GATEWAY_METRICS_TOKEN"}
@@ -320,7 +320,9 @@ def test_kustomization_lists_the_core_manifests():
 
 
 def test_kubernetes_resources_fit_together(manifests):
-    deploy, service, pdb = manifests["Deployment"], manifests["Service"], manifests["PodDisruptionBudget"]
+    deploy = manifests["Deployment"]
+    service = manifests["Service"]
+    pdb = manifests["PodDisruptionBudget"]
     pod = deploy["spec"]["template"]
     labels = pod["metadata"]["labels"]
     assert deploy["spec"]["replicas"] == 2 and pdb["spec"]["minAvailable"] == 1

@@ -34,9 +34,9 @@ def _lock() -> dict[str, tuple[str, list[str]]]:
     pins: dict[str, tuple[str, list[str]]] = {}
     name = None
     for line in LOCK.read_text().splitlines():
-        if m := PIN.match(line):
-            name = canonicalize_name(m[1])
-            pins[name] = (m[2], [])
+        if pin := PIN.match(line):
+            name = canonicalize_name(pin[1])
+            pins[name] = (pin[2], [])
         elif line.strip().startswith("--hash=sha256:"):
             pins[name][1].append(line.strip().removeprefix("--hash=sha256:").rstrip(" \\"))
         elif line.strip() and not line.lstrip().startswith("#"):

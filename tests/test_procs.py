@@ -18,8 +18,8 @@ IGNORE_TERM = (
 
 
 def test_free_port_can_be_bound() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", free_port()))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", free_port()))
 
 
 def test_spawn_appends_output_and_stderr_to_the_log_with_the_extra_environment(tmp_path: Path) -> None:
@@ -37,18 +37,18 @@ def test_stop_returns_the_signal_that_ended_the_process() -> None:
 
 
 def test_stop_kills_a_process_that_ignores_the_signal(tmp_path: Path) -> None:
-    p = Process([PY, "-c", IGNORE_TERM], tmp_path / "stubborn.log")
-    p.start()
-    wait_for(lambda: "up" in p.text(), "printing up", 10, p.proc)
-    assert p.stop(timeout=0.3) == -signal.SIGKILL
-    assert not p.alive() and p.stop() is None
+    process = Process([PY, "-c", IGNORE_TERM], tmp_path / "stubborn.log")
+    process.start()
+    wait_for(lambda: "up" in process.text(), "printing up", 10, process.proc)
+    assert process.stop(timeout=0.3) == -signal.SIGKILL
+    assert not process.alive() and process.stop() is None
 
 
 def test_wait_fails_early_when_the_process_exits(tmp_path: Path) -> None:
-    p = Process([PY, "-c", "raise SystemExit(3)"], tmp_path / "exits.log")
-    p.start()
+    process = Process([PY, "-c", "raise SystemExit(3)"], tmp_path / "exits.log")
+    process.start()
     with pytest.raises(RuntimeError, match=r"exited with 3 .*; see .*exits\.log"):
-        p.wait_http(f"http://127.0.0.1:{free_port()}/", timeout=10)
+        process.wait_http(f"http://127.0.0.1:{free_port()}/", timeout=10)
 
 
 def test_wait_times_out_when_nothing_answers() -> None:
@@ -58,11 +58,11 @@ def test_wait_times_out_when_nothing_answers() -> None:
 
 def test_wait_http_returns_once_a_server_answers(tmp_path: Path) -> None:
     port = free_port()
-    p = Process(
+    process = Process(
         [PY, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)], tmp_path / "http.log"
     )
-    p.start()
+    process.start()
     try:
-        wait_http(f"http://127.0.0.1:{port}/missing", timeout=15, proc=p.proc)  # a 404 is an answer
+        wait_http(f"http://127.0.0.1:{port}/missing", timeout=15, proc=process.proc)  # a 404 is an answer
     finally:
-        p.stop()
+        process.stop()

@@ -102,37 +102,43 @@ class ScriptedTokenHub:
     async def close(self) -> None:
         pass
 
-    def _create(self, a: Answer, key: str, body: bytes | None) -> Reply:
-        kind = "fresh" if a.kind == "duplicate" and not self.tasks else a.kind
+    def _create(self, answer: Answer, key: str, body: bytes | None) -> Reply:
+        kind = "fresh" if answer.kind == "duplicate" and not self.tasks else answer.kind
         task_id = None
         if kind == "fresh":
             task_id = f"cgt-{next(self._ids):04d}"
             self.tasks[task_id] = FakeTask(json.loads(body or b"{}").get("model", "?"))
         elif kind == "duplicate":
-            task_id = sorted(self.tasks)[a.pick % len(self.tasks)]
+            task_id = sorted(self.tasks)[answer.pick % len(self.tasks)]
         self.posts.append(Post(kind, task_id))
         if task_id is not None:
             data = {"id": task_id, "object": "video.generation.task", "status": "queued", "created": 0}
-            return Reply(200, render(data, key, a.echo), None, 0.001)
+            return Reply(200, render(data, key, answer.echo), None, 0.001)
         if kind == "no_id":
-            return Reply(200, render({"object": "video.generation.task", "status": "queued"}, key, a.echo), None, 0.001)
-        return self._answer(a, None, None, key)
+            queued = {"object": "video.generation.task", "status": "queued"}
+            return Reply(200, render(queued, key, answer.echo), None, 0.001)
+        return self._answer(answer, None, None, key)
 
-    def _answer(self, a: Answer, task_id: str | None, task: FakeTask | None, key: str) -> Reply | None:
+    def _answer(self, answer: Answer, task_id: str | None, task: FakeTask | None, key: str) -> Reply | None:
         """The answers that say nothing about the task: errors, cut-offs and garbage."""
-        if a.kind in ("timeout", "cut_off", "connect"):
-            raise raised(a.kind)
-        if a.kind in ("http", "5xx"):
-            retry = "7" if a.code == 429 else None
-            return Reply(a.code, render({"error": {"code": "refused", "id": task_id}}, key, a.echo), retry, 0.001)
-        if a.kind == "garbage":
-            return Reply(200, b"<html>502 Bad Gateway</html>" if a.code == 200 else b'{"id": "x"}', None, 0.001)
+        if answer.kind in ("timeout", "cut_off", "connect"):
+            raise raised(answer.kind)
+        if answer.kind in ("http", "5xx"):
+            retry = "7" if answer.code == 429 else None
+            refused = {"error": {"code": "refused", "id": task_id}}
+            return Reply(answer.code, render(refused, key, answer.echo), retry, 0.001)
+        if answer.kind == "garbage":
+            return Reply(200, b"<html>502 Bad Gateway</html>" if answer.code == 200 else b'{"id": "x"}', None, 0.001)
         return None
 
-    def _observe(self, a: Answer, task_id: str, task: FakeTask, key: str) -> Reply:
+    def _observe(self, answer: Answer, task_id: str, task: FakeTask, key: str) -> Reply:
         """A 200 about the task: once terminal, TokenHub's answer never changes."""
         if task.final is None:
-            status = "cancelled" if a.kind == "cancel" else a.status if a.kind == "status" else task.status
+            status = task.status
+            if answer.kind == "cancel":
+                status = "cancelled"
+            elif answer.kind == "status":
+                status = answer.status
             data: dict[str, Any] = {
                 "id": task_id,
                 "object": "video.generation.task",
@@ -142,17 +148,17 @@ class ScriptedTokenHub:
             }
             if status == "succeeded":
                 data["data"] = [{"video_url": "https://cdn.invalid/v.mp4", "cover_image_url": None}]
-                if a.usage is not None:
-                    data["usage"] = a.usage
+                if answer.usage is not None:
+                    data["usage"] = answer.usage
             elif status == "failed":
                 data["error"] = {"message": "generation failed"}
             task.status = status
             if status in TERMINAL:
-                task.final, task.usage = render(data, key, a.echo), data.get("usage")
+                task.final, task.usage = render(data, key, answer.echo), data.get("usage")
             else:
-                return Reply(200, render(data, key, a.echo), None, 0.001)
-        elif a.kind == "cancel":
-            return Reply(409, render({"error": {"code": "task_not_cancellable"}}, key, a.echo), None, 0.001)
+                return Reply(200, render(data, key, answer.echo), None, 0.001)
+        elif answer.kind == "cancel":
+            return Reply(409, render({"error": {"code": "task_not_cancellable"}}, key, answer.echo), None, 0.001)
         if strict_json(task.final):
             self.finals.add(task_id)
         return Reply(200, task.final, None, 0.001)
@@ -191,7 +197,9 @@ def priced(seconds: Decimal, model: str, resolution: str) -> tuple[int, int]:
 def expected_cost(row: dict[str, Any], task: FakeTask | None, resolved: Any) -> tuple[int, int]:
     """What SPEC §4 says a settled row costs (micro-dollars, billed ms): `resolved` is an operator's
     last figure for an unknown row ("void" or output seconds), `task` what TokenHub answered."""
-    model, res, input_s = row["model"], row["resolution"], Decimal(str(row["input_seconds"]))
+    model = row["model"]
+    res = row["resolution"]
+    input_s = Decimal(str(row["input_seconds"]))
     estimate = (micros(row["estimate_usd"]), int(input_s * 1000) + row["duration_s"] * 1000)
     status = row["status"]
     if status == "unknown":

@@ -19,18 +19,18 @@ CREATE = "/videos/generations"
 
 
 def create(gw: Gateway, prompt: str = "sim:seconds=0.3 a lighthouse") -> str:
-    with gw.client("alice") as c:
-        r = c.post(CREATE, json=body(prompt=prompt))
-    assert r.status_code == 200, r.text
-    return r.json()["id"]
+    with gw.client("alice") as client:
+        response = client.post(CREATE, json=body(prompt=prompt))
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
 
 
 def succeeded_at(gw: Gateway, task_id: str) -> float:
     """Polls until TokenHub's answer is terminal; the time the gateway saw it succeed."""
 
     def done() -> bool:
-        with gw.client("alice") as c:
-            return c.get(f"{CREATE}/{task_id}").json()["status"] == "succeeded"
+        with gw.client("alice") as client:
+            return client.get(f"{CREATE}/{task_id}").json()["status"] == "succeeded"
 
     wait_until(done, 20, 0.05)
     return time.monotonic()
@@ -64,8 +64,8 @@ def test_succeeded_videos_land_in_the_directory_within_a_poller_interval(make_ga
     assert gw.metric("tokenhub_gateway_archive_failures_total", reason="too_large") == 1
     sizes = sum(len(sim.expected_bytes(t)) for t in (polled, unpolled))
     assert gw.metric("tokenhub_gateway_archive_bytes_total", variant="video") == sizes
-    with gw.client("alice") as c:  # the TokenHub-shape answer is unchanged: TokenHub's own URLs
-        assert c.get(f"{CREATE}/{polled}").json()["data"][0]["video_url"].startswith(sim.url)
+    with gw.client("alice") as client:  # the TokenHub-shape answer is unchanged: TokenHub's own URLs
+        assert client.get(f"{CREATE}/{polled}").json()["data"][0]["video_url"].startswith(sim.url)
 
 
 def test_succeeded_videos_land_in_s3(make_gateway, sim, moto):
@@ -77,8 +77,8 @@ def test_succeeded_videos_land_in_s3(make_gateway, sim, moto):
     succeeded_at(gw, tid)
 
     def get(key: str) -> bytes | None:
-        r = httpx.get(f"{moto.url}/{bucket}/gateway/{key}", timeout=5)  # moto checks no signature
-        return r.content if r.status_code == 200 else None
+        response = httpx.get(f"{moto.url}/{bucket}/gateway/{key}", timeout=5)  # moto checks no signature
+        return response.content if response.status_code == 200 else None
 
     wait_until(lambda: get(f"red/{tid}/video.mp4") and get(f"red/{tid}/cover.png"), 10)
     archived(sim, tid, get)
@@ -137,23 +137,23 @@ def test_content_is_served_from_the_archive_after_tokenhub_url_expired(make_gate
     )
     sim.media(ttl_s=0)  # every TokenHub result URL now answers 403
     video, cover = sim.expected_bytes(tid), sim.expected_bytes(tid, "cover")
-    with gw.client("alice") as c:
+    with gw.client("alice") as client:
         sim.clear_requests()
-        whole = c.get(f"/videos/{tid}/content")
+        whole = client.get(f"/videos/{tid}/content")
         assert (whole.status_code, whole.content) == (200, video)
-        part = c.get(f"/videos/{tid}/content", headers={"Range": "bytes=10-19"})
+        part = client.get(f"/videos/{tid}/content", headers={"Range": "bytes=10-19"})
         assert (part.status_code, part.content, part.headers["content-range"]) == (
             206,
             video[10:20],
             f"bytes 10-19/{len(video)}",
         )
-        thumb = c.get(f"/videos/{tid}/content", params={"variant": "thumbnail"})
+        thumb = client.get(f"/videos/{tid}/content", params={"variant": "thumbnail"})
         assert (thumb.status_code, thumb.content) == (200, cover)
-        bad = c.get(f"/videos/{tid}/content", headers={"Range": f"bytes={len(video) + 5}-"})
+        bad = client.get(f"/videos/{tid}/content", headers={"Range": f"bytes={len(video) + 5}-"})
         assert (bad.status_code, bad.json()["error"]["code"]) == (416, "range_not_satisfiable")
         assert sim.downloads() == []  # nothing was fetched from TokenHub's URLs
-        expires = c.get(f"/videos/{tid}").json()["expires_at"]
+        expires = client.get(f"/videos/{tid}").json()["expires_at"]
         archived_at = (root / "red" / tid / "video.mp4").stat().st_mtime
         assert abs(expires - (archived_at + 30 * 86400)) < 120, expires
-        assert c.delete(f"/videos/{tid}").json()["deleted"] is True
+        assert client.delete(f"/videos/{tid}").json()["deleted"] is True
     assert not (root / "red" / tid / "video.mp4").exists()

@@ -73,11 +73,11 @@ def prefixed(gw: Gateway, user: str, prefix: str = "/api/v1") -> httpx.Client:
     )
 
 
-def error_of(r: httpx.Response, status: int, type_: str, code: str) -> dict[str, Any]:
+def error_of(response: httpx.Response, status: int, type_: str, code: str) -> dict[str, Any]:
     """The OpenAI error shape of SPEC §3, with the given status, type and code."""
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    err = r.json()["error"]
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    err = response.json()["error"]
     assert set(err) >= {"message", "type", "code", "param"}, err
     assert (err["type"], err["code"]) == (type_, code), err
     assert isinstance(err["message"], str) and err["message"]
@@ -92,31 +92,31 @@ def polls_of(sim: Simulator, task_id: str) -> list[dict[str, Any]]:
     return [r for r in sim.requests("poll") if r["task_id"] == task_id]
 
 
-def create_ok(c: httpx.Client, **kw: Any) -> str:
-    r = c.post(CREATE, json=body(**kw))
-    assert r.status_code == 200, r.text
-    return r.json()["id"]
+def create_ok(client: httpx.Client, **kw: Any) -> str:
+    response = client.post(CREATE, json=body(**kw))
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
 
 
-def poll_until(c: httpx.Client, task_id: str, status: str = "succeeded", timeout: float = 10) -> dict:
+def poll_until(client: httpx.Client, task_id: str, status: str = "succeeded", timeout: float = 10) -> dict:
     def done() -> dict | None:
-        r = c.get(f"{CREATE}/{task_id}")
-        assert r.status_code == 200, r.text
-        return r.json() if r.json()["status"] == status else None
+        response = client.get(f"{CREATE}/{task_id}")
+        assert response.status_code == 200, response.text
+        return response.json() if response.json()["status"] == status else None
 
     return wait_until(done, timeout=timeout, interval=0.2)
 
 
-def usage_of(c: httpx.Client) -> dict[str, Any]:
-    r = c.get("/usage")
-    assert r.status_code == 200, r.text
-    return r.json()
+def usage_of(client: httpx.Client) -> dict[str, Any]:
+    response = client.get("/usage")
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
-def assert_nothing_charged(c: httpx.Client) -> None:
-    u = usage_of(c)
+def assert_nothing_charged(client: httpx.Client) -> None:
+    usage = usage_of(client)
     for who in ("user", "team"):
-        assert (u[who]["spent_usd"], u[who]["reserved_usd"], u[who]["tasks_in_flight"]) == (0, 0, 0), u
+        assert (usage[who]["spent_usd"], usage[who]["reserved_usd"], usage[who]["tasks_in_flight"]) == (0, 0, 0), usage
 
 
 # --- both prefixes --------------------------------------------------------------------------
@@ -125,26 +125,26 @@ def assert_nothing_charged(c: httpx.Client) -> None:
 @pytest.mark.parametrize("prefix", ["/api/v1", "/v1"])
 def test_every_client_route_under_both_prefixes(make_gateway, sim, prefix):
     gw = make_gateway(extra=QUIET_POLLER)
-    with prefixed(gw, "alice", prefix) as c:
-        r = c.post(CREATE, json=body(prompt="sim:seconds=0.3 a fox"))
-        assert r.status_code == 200, r.text
-        created = r.json()
+    with prefixed(gw, "alice", prefix) as client:
+        response = client.post(CREATE, json=body(prompt="sim:seconds=0.3 a fox"))
+        assert response.status_code == 200, response.text
+        created = response.json()
         assert created["object"] == "video.generation.task" and created["status"] == "queued"
         tid = created["id"]
-        done = poll_until(c, tid)
+        done = poll_until(client, tid)
         assert done["id"] == tid and done["data"][0]["video_url"]
-        listed = c.get(CREATE).json()
+        listed = client.get(CREATE).json()
         assert listed["object"] == "list" and [t["id"] for t in listed["data"]] == [tid]
         assert listed["data"][0]["user"] == "alice" and listed["data"][0]["status"] == "succeeded"
-        models = c.get("/models").json()
+        models = client.get("/models").json()
         assert models["object"] == "list" and {m["id"] for m in models["data"]} == MODELS
         assert next(m for m in models["data"] if m["id"] == "doubao-seedance-2.0")["pricing"] == {
             "720p": 0.2,
             "480p": 0.12,
         }
-        u = usage_of(c)
-        assert set(u) >= {"period", "user", "team"} and u["user"]["name"] == "alice"
-        assert u["user"]["spent_usd"] == 1.0 and u["team"]["spent_usd"] == 1.0
+        usage = usage_of(client)
+        assert set(usage) >= {"period", "user", "team"} and usage["user"]["name"] == "alice"
+        assert usage["user"]["spent_usd"] == 1.0 and usage["team"]["spent_usd"] == 1.0
     assert [r["path"] for r in creates(sim)] == ["/api/v1/videos/generations"]
 
 
@@ -196,22 +196,22 @@ BAD_BODIES = [
 @pytest.mark.parametrize(("payload", "code", "param"), [c[1:] for c in BAD_BODIES], ids=[c[0] for c in BAD_BODIES])
 def test_invalid_body_is_400_and_never_forwarded(shared_gw, sim, payload, code, param):
     raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    with shared_gw.client("alice") as c:
-        r = c.post(CREATE, content=raw, headers={"Content-Type": "application/json"})
-        err = error_of(r, 400, "invalid_request_error", code)
+    with shared_gw.client("alice") as client:
+        response = client.post(CREATE, content=raw, headers={"Content-Type": "application/json"})
+        err = error_of(response, 400, "invalid_request_error", code)
         assert err["param"] == param
-        assert_nothing_charged(c)
+        assert_nothing_charged(client)
     assert creates(sim) == []
 
 
 def test_body_over_max_body_bytes_is_413(make_gateway, sim):
     gw = make_gateway(extra={"server": {"max_body_bytes": 2048}})
     raw = json.dumps(body(prompt="x" * 3000)).encode()
-    with gw.client("alice") as c:
-        error_of(c.post(CREATE, content=raw), 413, "invalid_request_error", "body_too_large")
-        streamed = c.post(CREATE, content=iter([raw[:1000], raw[1000:]]))  # chunked: no Content-Length
+    with gw.client("alice") as client:
+        error_of(client.post(CREATE, content=raw), 413, "invalid_request_error", "body_too_large")
+        streamed = client.post(CREATE, content=iter([raw[:1000], raw[1000:]]))  # chunked: no Content-Length
         error_of(streamed, 413, "invalid_request_error", "body_too_large")
-        assert c.post(CREATE, json=body()).status_code == 200  # a body under the limit still goes through
+        assert client.post(CREATE, json=body()).status_code == 200  # a body under the limit still goes through
     assert len(creates(sim)) == 1
 
 
@@ -228,20 +228,20 @@ def test_client_json_is_forwarded_unchanged(make_gateway, sim):
         "duration": 6,
         "seed": -1,
     }
-    with gw.client("alice") as c:
-        r = c.post(
+    with gw.client("alice") as client:
+        response = client.post(
             CREATE, content=json.dumps(sent, ensure_ascii=False).encode(), headers={"Content-Type": "application/json"}
         )
-        assert r.status_code == 200, r.text
-        record = sim.task(r.json()["id"])
-        assert r.json() == {
+        assert response.status_code == 200, response.text
+        record = sim.task(response.json()["id"])
+        assert response.json() == {
             "id": record["id"],
             "object": "video.generation.task",
             "model": "doubao-seedance-2.0",
             "status": "queued",
             "created": int(record["created"]),
         }
-        polled = c.get(f"{CREATE}/{record['id']}").json()
+        polled = client.get(f"{CREATE}/{record['id']}").json()
     assert list(record["request"].items()) == list(sent.items())  # same keys, order and values
     assert "resolution" not in record["request"] and "aspect_ratio" not in record["request"]  # no defaults
     assert record["key"] == KEYS["key-a"]
@@ -258,16 +258,16 @@ def test_bad_gateway_key_is_401_on_every_route(shared_gw, sim, authorization):
     if authorization == "alice-key-without-scheme":
         authorization = shared_gw.user_keys["alice"]
     headers = {} if authorization is None else {"Authorization": authorization}
-    with httpx.Client(base_url=shared_gw.api, headers=headers, timeout=15) as c:
-        for r in (
-            c.post(CREATE, json=body()),
-            c.get(CREATE),
-            c.get(f"{CREATE}/cgt-123"),
-            c.delete(f"{CREATE}/cgt-123"),
-            c.get("/models"),
-            c.get("/usage"),
+    with httpx.Client(base_url=shared_gw.api, headers=headers, timeout=15) as client:
+        for response in (
+            client.post(CREATE, json=body()),
+            client.get(CREATE),
+            client.get(f"{CREATE}/cgt-123"),
+            client.delete(f"{CREATE}/cgt-123"),
+            client.get("/models"),
+            client.get("/usage"),
         ):
-            assert error_of(r, 401, "authentication_error", "invalid_api_key")["param"] is None
+            assert error_of(response, 401, "authentication_error", "invalid_api_key")["param"] is None
     assert sim.requests() == []
 
 
@@ -280,8 +280,8 @@ def test_other_teams_task_is_404(make_gateway, sim):
         assert bob.get(CREATE).json()["data"] == []
         assert sim.requests("poll") == [] and sim.requests("delete") == []
         for method in ("GET", "DELETE"):
-            r = alice.request(method, f"{CREATE}/cgt-does-not-exist")
-            error_of(r, 404, "invalid_request_error", "task_not_found")
+            response = alice.request(method, f"{CREATE}/cgt-does-not-exist")
+            error_of(response, 404, "invalid_request_error", "task_not_found")
         assert alice.get(f"{CREATE}/{tid}").json()["status"] in ("queued", "running")
         assert [t["id"] for t in alice.get(CREATE).json()["data"]] == [tid]
 
@@ -291,10 +291,10 @@ def test_other_teams_task_is_404(make_gateway, sim):
 
 def test_every_poll_uses_the_key_that_created_the_task(make_gateway, sim):
     gw = make_gateway(keys=[{"name": "key-a", "max_concurrent_tasks": 5}, {"name": "key-b", "max_concurrent_tasks": 5}])
-    with gw.client("alice") as c:
-        tids = [create_ok(c, prompt="sim:seconds=1 a fox") for _ in range(8)]
+    with gw.client("alice") as client:
+        tids = [create_ok(client, prompt="sim:seconds=1 a fox") for _ in range(8)]
         for tid in tids:
-            poll_until(c, tid)
+            poll_until(client, tid)
     creators = {tid: key_name_of(sim.task(tid)["key"]) for tid in tids}
     assert set(creators.values()) == {"key-a", "key-b"}  # 8 tasks, 5 slots per key
     for tid, key in creators.items():
@@ -304,13 +304,13 @@ def test_every_poll_uses_the_key_that_created_the_task(make_gateway, sim):
 
 def test_rapid_polls_of_a_running_task_reach_upstream_at_most_once_a_second(make_gateway, sim):
     gw = make_gateway(extra=QUIET_POLLER)
-    with gw.client("alice") as c:
-        tid = create_ok(c, prompt="sim:never a fox")
+    with gw.client("alice") as client:
+        tid = create_ok(client, prompt="sim:never a fox")
         wait_until(lambda: sim.task(tid)["status"] == "running", timeout=5)
         sim.clear_requests()
         started = time.monotonic()
         with ThreadPoolExecutor(20) as pool:
-            answers = list(pool.map(lambda _: c.get(f"{CREATE}/{tid}"), range(20)))
+            answers = list(pool.map(lambda _: client.get(f"{CREATE}/{tid}"), range(20)))
         elapsed = time.monotonic() - started
     assert [r.status_code for r in answers] == [200] * 20
     assert {r.json()["status"] for r in answers} == {"running"}
@@ -320,16 +320,16 @@ def test_rapid_polls_of_a_running_task_reach_upstream_at_most_once_a_second(make
 
 def test_terminal_task_is_answered_without_upstream(make_gateway, sim):
     gw = make_gateway(extra=QUIET_POLLER)
-    with gw.client("alice") as c:
-        tid = create_ok(c, prompt="sim:seconds=0.3 a fox")
-        final = poll_until(c, tid)
+    with gw.client("alice") as client:
+        tid = create_ok(client, prompt="sim:seconds=0.3 a fox")
+        final = poll_until(client, tid)
     time.sleep(1.1)  # past the poll-coalescing window: only the terminal cache can answer now
     sim.clear_requests()
     for restarted in (False, True):
         if restarted:
             gw.restart()
-        with gw.client("alice") as c:
-            answers = [c.get(f"{CREATE}/{tid}") for _ in range(5)]
+        with gw.client("alice") as client:
+            answers = [client.get(f"{CREATE}/{tid}") for _ in range(5)]
         assert [r.status_code for r in answers] == [200] * 5
         assert all(r.json() == final for r in answers), restarted
     assert polls_of(sim, tid) == []
@@ -340,18 +340,18 @@ def test_terminal_task_is_answered_without_upstream(make_gateway, sim):
 
 def test_acknowledged_task_survives_kill_9(make_gateway, sim):
     gw = make_gateway(keys=TWO_KEYS)
-    with gw.client("alice") as c:
-        tid = create_ok(c, prompt="sim:seconds=1.5 a fox")
+    with gw.client("alice") as client:
+        tid = create_ok(client, prompt="sim:seconds=1.5 a fox")
     gw.kill()
     gw.start()
-    with gw.client("alice") as c:
-        assert tid in [t["id"] for t in c.get(CREATE).json()["data"]]
-        done = poll_until(c, tid)
+    with gw.client("alice") as client:
+        assert tid in [t["id"] for t in client.get(CREATE).json()["data"]]
+        done = poll_until(client, tid)
         assert done["usage"]["video_duration"] == 5
         settled = wait_until(lambda: [x for x in gw.lines() if x["event"] == "task.settled" and x["task_id"] == tid])
         assert len(settled) == 1 and settled[0]["status"] == "succeeded" and settled[0]["cost_usd"] == 1.0
-        u = usage_of(c)
-        assert (u["user"]["spent_usd"], u["user"]["reserved_usd"], u["user"]["tasks_in_flight"]) == (1.0, 0, 0)
+        user = usage_of(client)["user"]
+        assert (user["spent_usd"], user["reserved_usd"], user["tasks_in_flight"]) == (1.0, 0, 0), user
     creator = sim.task(tid)["key"]
     assert {r["key"] for r in polls_of(sim, tid)} == {creator}
 
@@ -361,10 +361,10 @@ def test_acknowledged_task_survives_kill_9(make_gateway, sim):
 
 def test_upstream_4xx_is_passed_through_scrubbed(make_gateway, sim):
     gw = make_gateway()
-    with gw.client("alice") as c:
-        r = c.post(CREATE, json=body(prompt="sim:moderation something"))
-        assert r.status_code == 400, r.text
-        assert r.json() == {
+    with gw.client("alice") as client:
+        response = client.post(CREATE, json=body(prompt="sim:moderation something"))
+        assert response.status_code == 400, response.text
+        assert response.json() == {
             "error": {
                 "code": "content_moderation",
                 "type": "invalid_request_error",
@@ -372,19 +372,19 @@ def test_upstream_4xx_is_passed_through_scrubbed(make_gateway, sim):
                 "message": "The request was rejected by content moderation: the prompt may contain sensitive content.",
             }
         }
-        assert not any(v in r.text for v in KEYS.values()) and "th-" not in r.text
-        assert_nothing_charged(c)
-        assert c.get(CREATE).json()["data"] == []
+        assert not any(v in response.text for v in KEYS.values()) and "th-" not in response.text
+        assert_nothing_charged(client)
+        assert client.get(CREATE).json()["data"] == []
     assert len(creates(sim)) == 1
 
 
 def test_unreachable_upstream_is_502_and_charges_nothing(make_gateway, sim):
     gw = make_gateway(upstream_url=f"http://127.0.0.1:{free_port()}", keys=TWO_KEYS)
-    with gw.client("alice") as c:
-        r = c.post(CREATE, json=body())
-        error_of(r, 502, "upstream_error", "upstream_unreachable")
-        assert_nothing_charged(c)
-        assert c.get(CREATE).json()["data"] == []
+    with gw.client("alice") as client:
+        response = client.post(CREATE, json=body())
+        error_of(response, 502, "upstream_error", "upstream_unreachable")
+        assert_nothing_charged(client)
+        assert client.get(CREATE).json()["data"] == []
 
 
 @pytest.mark.parametrize(
@@ -399,10 +399,10 @@ def test_create_that_may_have_reached_upstream_is_not_retried(make_gateway, sim,
     gw = make_gateway(keys=TWO_KEYS, extra={"upstream": {"timeout_s": 1}})
     for key in ("key-a", "key-b"):  # whichever key is tried, a retry on the other would show up
         sim.fault(key, mode, routes=["create"])
-    with gw.client("alice") as c:
+    with gw.client("alice") as client:
         started = time.monotonic()
-        r = c.post(CREATE, json=body())
-        error_of(r, status, "upstream_error", code)
+        response = client.post(CREATE, json=body())
+        error_of(response, status, "upstream_error", code)
         assert time.monotonic() - started < 5  # no retry after the 1 s timeout
     assert len(creates(sim)) == 1
 
@@ -411,12 +411,12 @@ def test_create_that_may_have_reached_upstream_is_not_retried(make_gateway, sim,
 def test_upstream_rejecting_the_only_key_is_503_no_upstream_key(make_gateway, sim, mode, retry_after):
     gw = make_gateway()
     sim.fault("key-a", mode, retry_after=retry_after, routes=["create"])
-    with gw.client("alice") as c:
-        r = c.post(CREATE, json=body())
-        error_of(r, 503, "upstream_unavailable", "no_upstream_key")
-        wait = int(r.headers["retry-after"])
+    with gw.client("alice") as client:
+        response = client.post(CREATE, json=body())
+        error_of(response, 503, "upstream_unavailable", "no_upstream_key")
+        wait = int(response.headers["retry-after"])
         assert (5 <= wait <= 7) if retry_after else wait >= 1
-        assert_nothing_charged(c)
+        assert_nothing_charged(client)
     assert len(creates(sim)) == 1
 
 
@@ -425,18 +425,18 @@ def test_upstream_rejecting_the_only_key_is_503_no_upstream_key(make_gateway, si
 
 def test_request_id_is_echoed_when_safe_and_replaced_otherwise(shared_gw, sim):
     safe = "client-42_abc.DEF:7"
-    with shared_gw.client("alice") as c:
-        assert c.get("/models", headers={"X-Request-Id": safe}).headers["x-request-id"] == safe
+    with shared_gw.client("alice") as client:
+        assert client.get("/models", headers={"X-Request-Id": safe}).headers["x-request-id"] == safe
         for unsafe in ("has spaces in it", "a" * 300, "semi;colon", 'quote"d'):
-            rid = c.get("/models", headers={"X-Request-Id": unsafe}).headers["x-request-id"]
+            rid = client.get("/models", headers={"X-Request-Id": unsafe}).headers["x-request-id"]
             assert rid and rid != unsafe and len(rid) <= 128 and " " not in rid
         errors = [
-            c.get(f"{CREATE}/cgt-nope"),
-            c.post(CREATE, json=body(duration=3)),
+            client.get(f"{CREATE}/cgt-nope"),
+            client.post(CREATE, json=body(duration=3)),
             httpx.get(shared_gw.api + "/models"),
-            c.get("/no-such-route"),
+            client.get("/no-such-route"),
         ]
-        fresh = [c.get("/models").headers["x-request-id"] for _ in range(2)]
+        fresh = [client.get("/models").headers["x-request-id"] for _ in range(2)]
     assert [r.status_code for r in errors] == [404, 400, 401, 404]
     assert all(r.headers.get("x-request-id") for r in errors)
     assert fresh[0] != fresh[1]
@@ -449,14 +449,14 @@ def test_log_lines_are_json_one_per_request_and_leak_nothing(make_gateway, sim):
     secret_prompt = "A purple walrus juggling seven lanterns"
     sent: dict[str, dict[str, Any]] = {}
 
-    def call(c: httpx.Client, method: str, path: str, expect: dict[str, Any], **kw: Any) -> httpx.Response:
+    def call(client: httpx.Client, method: str, path: str, expect: dict[str, Any], **kw: Any) -> httpx.Response:
         rid = f"log-{len(sent)}"
         sent[rid] = expect
-        return c.request(method, path, headers={"X-Request-Id": rid}, **kw)
+        return client.request(method, path, headers={"X-Request-Id": rid}, **kw)
 
-    with gw.client("alice") as c:
-        r = call(c, "POST", CREATE, {}, json=body(prompt=f"sim:seconds=0.3 {secret_prompt}"))
-        tid = r.json()["id"]
+    with gw.client("alice") as client:
+        response = call(client, "POST", CREATE, {}, json=body(prompt=f"sim:seconds=0.3 {secret_prompt}"))
+        tid = response.json()["id"]
         sent["log-0"] = {
             "status": 200,
             "method": "POST",
@@ -483,25 +483,25 @@ def test_log_lines_are_json_one_per_request_and_leak_nothing(make_gateway, sim):
             "team": "red",
             "user": "alice",
         }
-        assert call(c, "GET", f"{CREATE}/{tid}", poll).json()["status"] == "succeeded"
-        call(c, "GET", CREATE, {"status": 200, "route": CREATE, "team": "red"})
-        call(c, "GET", "/models", {"status": 200, "route": "/models"})
-        call(c, "GET", "/usage", {"status": 200, "route": "/usage", "user": "alice"})
+        assert call(client, "GET", f"{CREATE}/{tid}", poll).json()["status"] == "succeeded"
+        call(client, "GET", CREATE, {"status": 200, "route": CREATE, "team": "red"})
+        call(client, "GET", "/models", {"status": 200, "route": "/models"})
+        call(client, "GET", "/usage", {"status": 200, "route": "/usage", "user": "alice"})
         call(
-            c,
+            client,
             "POST",
             CREATE,
             {"status": 400, "error_code": "invalid_parameter", "upstream_key": None},
             json=body(prompt=secret_prompt, duration=3),
         )
         call(
-            c,
+            client,
             "POST",
             CREATE,
             {"status": 400, "upstream_status": 400, "upstream_key": "key-a"},
             json=body(prompt=f"sim:moderation {secret_prompt}"),
         )
-        call(c, "GET", f"{CREATE}/cgt-nope", {"status": 404, "error_code": "task_not_found"})
+        call(client, "GET", f"{CREATE}/cgt-nope", {"status": 404, "error_code": "task_not_found"})
     with httpx.Client(base_url=gw.api, headers={"Authorization": "Bearer tgw-wrong-key-0123456789"}) as anon:
         call(anon, "GET", "/models", {"status": 401, "error_code": "invalid_api_key", "team": None})
 
@@ -541,8 +541,8 @@ def test_sigterm_finishes_the_in_flight_create_and_exits_0(make_gateway, sim):
     answer: dict[str, httpx.Response] = {}
 
     def create() -> None:
-        with gw.client("alice") as c:
-            answer["r"] = c.post(CREATE, json=body())
+        with gw.client("alice") as client:
+            answer["r"] = client.post(CREATE, json=body())
 
     worker = threading.Thread(target=create)
     worker.start()
@@ -558,8 +558,8 @@ def test_sigterm_finishes_the_in_flight_create_and_exits_0(make_gateway, sim):
     assert took <= grace + 3
     gw.stop()
     gw.start()
-    with gw.client("alice") as c:
-        assert [t["id"] for t in c.get(CREATE).json()["data"]] == [answer["r"].json()["id"]]
+    with gw.client("alice") as client:
+        assert [t["id"] for t in client.get(CREATE).json()["data"]] == [answer["r"].json()["id"]]
 
 
 def _refused(url: str) -> bool:
@@ -595,7 +595,7 @@ def test_guide_clients_work_with_only_base_url_and_key_changed(make_gateway, sim
     video = f"{sim.url}/media/cgt-"
     assert "Video ready! Duration: 5s" in out["python"] and f"URL: {video}" in out["python"], out["python"]
     assert f"Video URL: {video}" in out["node"] and "Duration: 5 seconds" in out["node"], out["node"]
-    with gw.client("alice") as c:
-        assert len(c.get(CREATE).json()["data"]) == 2
-        assert usage_of(c)["user"]["spent_usd"] == 2.0
+    with gw.client("alice") as client:
+        assert len(client.get(CREATE).json()["data"]) == 2
+        assert usage_of(client)["user"]["spent_usd"] == 2.0
     assert {key_name_of(r["key"]) for r in sim.requests()} == {"key-a"}

@@ -142,12 +142,12 @@ def container(
 ) -> Iterator[Container]:
     config_dir = tmp_path_factory.mktemp("docker-config")
     config_dir.chmod(0o755)  # read by the container's uid 10001
-    c = Container(engine, config_dir, simulator.url)
-    c.add_user("alice", "red")
-    c.write_config()
-    c.run(image)
-    yield c
-    engine.docker("rm", "--force", c.name, check=False)
+    container = Container(engine, config_dir, simulator.url)
+    container.add_user("alice", "red")
+    container.write_config()
+    container.run(image)
+    yield container
+    engine.docker("rm", "--force", container.name, check=False)
 
 
 def test_the_image_holds_no_pip_setuptools_or_compiler(engine, image):
@@ -178,12 +178,12 @@ def test_the_container_runs_unprivileged_on_a_read_only_root(engine, container):
 
 
 def test_a_create_polled_to_succeeded_and_metrics(container, sim):
-    with container.client("alice") as c:
-        created = c.post("/videos/generations", json=body(prompt="sim:seconds=0.5 a fox"))
+    with container.client("alice") as client:
+        created = client.post("/videos/generations", json=body(prompt="sim:seconds=0.5 a fox"))
         assert created.status_code == 200, created.text
         tid = created.json()["id"]
         done = wait_until(
-            lambda: c.get(f"/videos/generations/{tid}").json()["status"] == "succeeded", timeout=15, interval=0.3
+            lambda: client.get(f"/videos/generations/{tid}").json()["status"] == "succeeded", timeout=15, interval=0.3
         )
         assert done
     assert len(sim.requests()) >= 2  # the create and at least one poll reached the simulator
@@ -206,15 +206,15 @@ def test_the_healthcheck_follows_the_configured_port(engine, container):
 
 def test_a_replaced_config_file_is_what_a_reload_reads(container):
     container.add_user("carol", "blue")
-    with container.client("carol") as c:
-        assert c.get("/usage").status_code == 401
+    with container.client("carol") as client:
+        assert client.get("/usage").status_code == 401
         container.write_config()
         reload = httpx.post(
             container.url + "/admin/reload", timeout=15, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
         )
         assert reload.status_code == 200, reload.text
         assert reload.json()["users"] == 2
-        created = c.post("/videos/generations", json=body(prompt="sim:seconds=0.5 a heron"))
+        created = client.post("/videos/generations", json=body(prompt="sim:seconds=0.5 a heron"))
         assert created.status_code == 200, created.text
 
 

@@ -24,9 +24,9 @@ VID = "https://cdn.example.com/ref.mp4"
 pytestmark = pytest.mark.timeout(60)
 
 
-def error_code(r: httpx.Response, status: int) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    return r.json()["error"]
+def error_code(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
 
 
 # --- bounded work -----------------------------------------------------------------------------
@@ -56,12 +56,12 @@ def test_a_million_urls_are_refused_without_holding_the_event_loop(make_gateway,
         [sys.executable, "-c", SAMPLER, str(gw.port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
-        with gw.client("alice", timeout=30) as c:
+        with gw.client("alice", timeout=30) as client:
             time.sleep(0.3)  # samples before the bodies arrive
             refused_in = []
             for _ in range(3):
                 started = time.perf_counter()
-                err = error_code(c.post(CREATE, content=raw), 400)
+                err = error_code(client.post(CREATE, content=raw), 400)
                 refused_in.append(time.perf_counter() - started)
                 assert (err["code"], err["param"]) == ("invalid_parameter", "image_urls")
             time.sleep(0.3)
@@ -92,8 +92,8 @@ DUPLICATED = [
 @pytest.mark.parametrize("raw", DUPLICATED, ids=["top level", "nested", "escaped key"])
 def test_a_repeated_key_is_invalid_json(make_gateway, sim, raw):
     gw = make_gateway()
-    with gw.client("alice") as c:
-        err = error_code(c.post(CREATE, content=raw), 400)
+    with gw.client("alice") as client:
+        err = error_code(client.post(CREATE, content=raw), 400)
         assert (err["type"], err["code"]) == ("invalid_request_error", "invalid_json")
     assert sim.requests("create") == []
 
@@ -102,20 +102,20 @@ def test_a_repeated_key_in_a_large_body_is_invalid_json(make_gateway, sim):
     image = "data:image/png;base64," + "A" * 200_000  # past the inline size: checked in a worker process
     raw = orjson.dumps(body(image_url=image))[:-1] + b', "duration": 5, "duration": 10}'
     gw = make_gateway()
-    with gw.client("alice") as c:
-        err = error_code(c.post(CREATE, content=raw), 400)
+    with gw.client("alice") as client:
+        err = error_code(client.post(CREATE, content=raw), 400)
         assert err["code"] == "invalid_json"
-        ok = c.post(CREATE, content=orjson.dumps(body(image_url=image)))
+        ok = client.post(CREATE, content=orjson.dumps(body(image_url=image)))
         assert ok.status_code == 200, ok.text
     assert len(sim.requests("create")) == 1
 
 
 def test_each_reference_video_counts_two_seconds(make_gateway, sim):
     gw = make_gateway()
-    with gw.client("alice") as c:
-        err = error_code(c.post(CREATE, json=body(video_urls=[VID] * 3, input_video_duration=0.001)), 400)
+    with gw.client("alice") as client:
+        err = error_code(client.post(CREATE, json=body(video_urls=[VID] * 3, input_video_duration=0.001)), 400)
         assert (err["code"], err["param"]) == ("invalid_parameter", "input_video_duration")
-        assert c.post(CREATE, json=body(video_urls=[VID] * 3, input_video_duration=6)).status_code == 200
+        assert client.post(CREATE, json=body(video_urls=[VID] * 3, input_video_duration=6)).status_code == 200
     assert len(sim.requests("create")) == 1
 
 
@@ -130,7 +130,7 @@ class SlowClients(threading.Thread):
     """Connections that send their headers, or their body, a byte at a time and never finish; each one's
     answer and the moment the gateway closed it are recorded."""
 
-    def __init__(self, gw: Gateway, n: int) -> None:
+    def __init__(self, gw: Gateway, count: int) -> None:
         super().__init__(daemon=True)
         self.selector = selectors.DefaultSelector()
         self.opened: dict[socket.socket, float] = {}
@@ -138,19 +138,19 @@ class SlowClients(threading.Thread):
         self.received: dict[socket.socket, bytes] = {}
         self.closed_after: dict[socket.socket, float] = {}
         key = gw.user_keys["alice"]
-        for i in range(n):
-            s = socket.create_connection(("127.0.0.1", gw.port))
+        for i in range(count):
+            conn = socket.create_connection(("127.0.0.1", gw.port))
             if i % 2:
-                self.kind[s] = "body"
-                s.sendall(
+                self.kind[conn] = "body"
+                conn.sendall(
                     f"POST /api/v1{CREATE} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
                     "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode()
                 )
             else:
-                self.kind[s] = "headers"
-                s.sendall(f"POST /api/v1{CREATE} HTTP/1.1\r\nHost: gw\r\n".encode())
-            self.opened[s], self.received[s] = time.monotonic(), b""
-            self.selector.register(s, selectors.EVENT_READ)
+                self.kind[conn] = "headers"
+                conn.sendall(f"POST /api/v1{CREATE} HTTP/1.1\r\nHost: gw\r\n".encode())
+            self.opened[conn], self.received[conn] = time.monotonic(), b""
+            self.selector.register(conn, selectors.EVENT_READ)
         self.started = time.monotonic()
 
     def run(self) -> None:
@@ -158,35 +158,35 @@ class SlowClients(threading.Thread):
         while len(self.closed_after) < len(self.opened) and time.monotonic() - self.started < 20:
             now = time.monotonic()
             if now >= next_byte and now - self.started < TRICKLE_UNTIL_S:
-                for s in self.opened:
-                    if s not in self.closed_after:
-                        s.send(b" " if self.kind[s] == "body" else b"X")
+                for conn in self.opened:
+                    if conn not in self.closed_after:
+                        conn.send(b" " if self.kind[conn] == "body" else b"X")
                 next_byte = now + 0.5
             for key, _ in self.selector.select(timeout=0.05):
-                s = key.fileobj
-                data = s.recv(65536)
-                self.received[s] += data
+                conn = key.fileobj
+                data = conn.recv(65536)
+                self.received[conn] += data
                 if not data:
-                    self.closed_after[s] = time.monotonic() - self.opened[s]
-                    self.selector.unregister(s)
-                    s.close()
+                    self.closed_after[conn] = time.monotonic() - self.opened[conn]
+                    self.selector.unregister(conn)
+                    conn.close()
 
     def open_count(self) -> int:
         return len(self.opened) - len(self.closed_after)
 
 
-def p50_of_creates(c: httpx.Client, n: int = 50) -> float:
+def p50_of_creates(client: httpx.Client, count: int = 50) -> float:
     took = []
-    for _ in range(n):
+    for _ in range(count):
         started = time.perf_counter()
-        r = c.post(CREATE, json=body(prompt="sim:seconds=0.2 a fox"))
+        response = client.post(CREATE, json=body(prompt="sim:seconds=0.2 a fox"))
         took.append(time.perf_counter() - started)
-        assert r.status_code == 200, r.text
+        assert response.status_code == 200, response.text
     return statistics.median(took)
 
 
 def answer_of(raw: bytes) -> tuple[int, dict[str, Any]]:
-    head, _, payload = raw.partition(b"\r\n\r\n")
+    head, payload = raw.split(b"\r\n\r\n", 1)
     return int(head.split(b" ", 2)[1]), json.loads(payload)
 
 
@@ -195,12 +195,12 @@ def test_slow_clients_are_cut_off_and_do_not_slow_the_others(make_gateway, sim: 
         keys=[{"name": "key-a", "max_concurrent_tasks": 1000}],
         extra={"server": {"header_timeout_s": HEADER_TIMEOUT_S, "body_timeout_s": BODY_TIMEOUT_S}},
     )
-    with gw.client("alice") as c:
-        p50_of_creates(c, 5)  # warm
-        alone = p50_of_creates(c)
+    with gw.client("alice") as client:
+        p50_of_creates(client, 5)  # warm
+        alone = p50_of_creates(client)
         slow = SlowClients(gw, 2 * SLOW_EACH)
         slow.start()
-        crowded = p50_of_creates(c)
+        crowded = p50_of_creates(client)
         still_open = slow.open_count()
         assert time.monotonic() - slow.started < TRICKLE_UNTIL_S, "creates too slow to overlap the slow clients"
     slow.join(25)
@@ -211,13 +211,13 @@ def test_slow_clients_are_cut_off_and_do_not_slow_the_others(make_gateway, sim: 
     assert still_open == 2 * SLOW_EACH
     assert crowded < max(3 * alone, alone + 0.050)
     assert len(slow.closed_after) == 2 * SLOW_EACH
-    for s, kind in slow.kind.items():
+    for conn, kind in slow.kind.items():
         deadline = HEADER_TIMEOUT_S if kind == "headers" else BODY_TIMEOUT_S
-        assert deadline - 0.2 <= slow.closed_after[s] <= deadline + 2.0, (kind, slow.closed_after[s])
-        status, answer = answer_of(slow.received[s])
-        assert status == 408 and answer["error"]["code"] == "request_timeout", slow.received[s]
-    with gw.client("alice") as c:  # the gateway is unharmed
-        assert c.post(CREATE, json=body()).status_code == 200
+        assert deadline - 0.2 <= slow.closed_after[conn] <= deadline + 2.0, (kind, slow.closed_after[conn])
+        status, answer = answer_of(slow.received[conn])
+        assert status == 408 and answer["error"]["code"] == "request_timeout", slow.received[conn]
+    with gw.client("alice") as client:  # the gateway is unharmed
+        assert client.post(CREATE, json=body()).status_code == 200
     logged = [line for line in gw.lines() if line.get("event") == "request" and line.get("status") == 408]
     assert len(logged) == SLOW_EACH  # the late bodies reached the create handler, which logs its 408
     assert {line["error_code"] for line in logged} == {"request_timeout"}

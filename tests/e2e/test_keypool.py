@@ -20,28 +20,28 @@ from tests.e2e.helpers import NEVER, creates, key_states, roomy
 SHORT = "sim:seconds=0.2 a short fox"
 
 
-def create(c: httpx.Client, prompt: str = SHORT, expect: int | None = 200) -> httpx.Response:
-    r = c.post("/videos/generations", json=body(prompt=prompt))
+def create(client: httpx.Client, prompt: str = SHORT, expect: int | None = 200) -> httpx.Response:
+    response = client.post("/videos/generations", json=body(prompt=prompt))
     if expect is not None:
-        assert r.status_code == expect, r.text
-    return r
+        assert response.status_code == expect, response.text
+    return response
 
 
 def create_until(
-    c: httpx.Client, done: Any, prompt: str = SHORT, limit: int = 80, pause: float = 0.02
+    client: httpx.Client, done: Any, prompt: str = SHORT, limit: int = 80, pause: float = 0.02
 ) -> list[httpx.Response]:
     """Successful creates, paced, until `done()` holds; the pool chooses keys at random."""
     made = []
     for _ in range(limit):
-        made.append(create(c, prompt))
+        made.append(create(client, prompt))
         if done():
             return made
         time.sleep(pause)
     raise AssertionError(f"condition not met after {limit} creates")
 
 
-def error_of(r: httpx.Response) -> tuple[str, str]:
-    err = r.json()["error"]
+def error_of(response: httpx.Response) -> tuple[str, str]:
+    err = response.json()["error"]
     return err["type"], err["code"]
 
 
@@ -54,13 +54,13 @@ def test_throttled_key_cools_down_for_retry_after_then_recovers(make_gateway, si
     The upstream request counter matches the simulator's log per key and status."""
     gw = make_gateway(keys=roomy("key-a", "key-b"))
     sim.fault("key-a", "429", retry_after=2, routes=["create"])
-    with gw.client("alice") as c:
-        create_until(c, lambda: creates(sim, "key-a", 429))
+    with gw.client("alice") as client:
+        create_until(client, lambda: creates(sim, "key-a", 429))
         assert key_states(gw)["key-a"]["state"] == "cooldown"
         assert gw.metric("tokenhub_gateway_upstream_key_state", key="key-a", state="cooldown") == 1
         deadline = time.monotonic() + 2.6
         while time.monotonic() < deadline:
-            create(c)
+            create(client)
             time.sleep(0.02)
         throttled = sorted(r["time"] for r in creates(sim, "key-a", 429))
         gaps = [b - a for a, b in zip(throttled, throttled[1:], strict=False)]
@@ -71,7 +71,7 @@ def test_throttled_key_cools_down_for_retry_after_then_recovers(make_gateway, si
         sim.clear_faults()
         wait_until(lambda: key_states(gw)["key-a"]["state"] == "ok", timeout=4)
         assert gw.metric("tokenhub_gateway_upstream_key_state", key="key-a", state="ok") == 1
-        create_until(c, lambda: creates(sim, "key-a", 200))
+        create_until(client, lambda: creates(sim, "key-a", 200))
 
     for key in ("key-a", "key-b"):
         for code in (200, 429):
@@ -92,33 +92,33 @@ def test_throttle_without_retry_after_backs_off_exponentially(make_gateway, sim)
     one for twice that; once the fault clears the key recovers by itself."""
     gw = make_gateway(keys=roomy("key-a", "key-b"))
     sim.fault("key-a", "429", routes=["create"])
-    with gw.client("alice") as c:
-        create_until(c, lambda: creates(sim, "key-a", 429))
-        a = key_states(gw)["key-a"]
-        assert a["state"] == "cooldown"
-        assert 0.8 - 1e-6 <= a["cooldown_until"] - a["last_error_at"] <= 1.2 + 1e-6, a
+    with gw.client("alice") as client:
+        create_until(client, lambda: creates(sim, "key-a", 429))
+        key_a = key_states(gw)["key-a"]
+        assert key_a["state"] == "cooldown"
+        assert 0.8 - 1e-6 <= key_a["cooldown_until"] - key_a["last_error_at"] <= 1.2 + 1e-6, key_a
 
-        create_until(c, lambda: len(creates(sim, "key-a", 429)) >= 2, limit=200)
+        create_until(client, lambda: len(creates(sim, "key-a", 429)) >= 2, limit=200)
         first, second = sorted(r["time"] for r in creates(sim, "key-a", 429))
         assert second - first >= 0.75
-        a = key_states(gw)["key-a"]
-        assert 1.6 - 1e-6 <= a["cooldown_until"] - a["last_error_at"] <= 2.4 + 1e-6, a
+        key_a = key_states(gw)["key-a"]
+        assert 1.6 - 1e-6 <= key_a["cooldown_until"] - key_a["last_error_at"] <= 2.4 + 1e-6, key_a
 
         sim.clear_faults()
         wait_until(lambda: key_states(gw)["key-a"]["state"] == "ok", timeout=4)
-        create_until(c, lambda: creates(sim, "key-a", 200))
+        create_until(client, lambda: creates(sim, "key-a", 200))
 
 
 # 401: disabled until a reload
 
 
-def _revoke_key_a(c: httpx.Client, gw: Any, sim: Any) -> None:
+def _revoke_key_a(client: httpx.Client, gw: Any, sim: Any) -> None:
     """key-a answers creates 401: exactly one create tries it, then it is disabled for creates."""
     sim.clear_requests()
     sim.fault("key-a", "401", routes=["create"])
-    create_until(c, lambda: creates(sim, "key-a"))
+    create_until(client, lambda: creates(sim, "key-a"))
     for _ in range(10):
-        create(c)
+        create(client)
     assert [r["status"] for r in creates(sim, "key-a")] == [401]
     assert key_states(gw)["key-a"]["state"] == "disabled"
     assert gw.metric("tokenhub_gateway_upstream_key_state", key="key-a", state="disabled") == 1
@@ -126,7 +126,7 @@ def _revoke_key_a(c: httpx.Client, gw: Any, sim: Any) -> None:
 
     sim.clear_faults()  # fixed upstream, but the gateway waits for a reload
     for _ in range(10):
-        create(c)
+        create(client)
     assert [r["status"] for r in creates(sim, "key-a")] == [401]
     assert key_states(gw)["key-a"]["state"] == "disabled"
 
@@ -135,30 +135,30 @@ def test_revoked_key_is_disabled_until_reload_or_sighup(make_gateway, sim):
     """A 401 disables key-a for creates even after the fault clears, while its existing task is still
     polled with key-a; POST /admin/reload re-enables it, and so does SIGHUP."""
     gw = make_gateway(keys=roomy("key-a", "key-b"))
-    with gw.client("alice") as c:
-        create_until(c, lambda: creates(sim, "key-a", 200), prompt=NEVER)
+    with gw.client("alice") as client:
+        create_until(client, lambda: creates(sim, "key-a", 200), prompt=NEVER)
         old_task = creates(sim, "key-a", 200)[0]["task_id"]
 
-        _revoke_key_a(c, gw, sim)
+        _revoke_key_a(client, gw, sim)
         sim.clear_requests()
         time.sleep(1.1)  # past the poll coalescing window
-        r = c.get(f"/videos/generations/{old_task}")
-        assert r.status_code == 200, r.text
-        assert r.json()["status"] == "running"
+        response = client.get(f"/videos/generations/{old_task}")
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "running"
         polls = [p for p in sim.requests("poll") if p["task_id"] == old_task]
         assert polls and {p["key"] for p in polls} == {KEYS["key-a"]}
         assert {p["status"] for p in polls} == {200}
 
-        r = gw.admin("POST", "/admin/reload")
-        assert r.status_code == 200, r.text
+        response = gw.admin("POST", "/admin/reload")
+        assert response.status_code == 200, response.text
         assert key_states(gw)["key-a"]["state"] == "ok"
         assert gw.metric("tokenhub_gateway_upstream_key_state", key="key-a", state="ok") == 1
-        create_until(c, lambda: creates(sim, "key-a", 200))
+        create_until(client, lambda: creates(sim, "key-a", 200))
 
-        _revoke_key_a(c, gw, sim)
+        _revoke_key_a(client, gw, sim)
         gw.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: key_states(gw)["key-a"]["state"] == "ok", timeout=5)
-        create_until(c, lambda: creates(sim, "key-a", 200))
+        create_until(client, lambda: creates(sim, "key-a", 200))
 
 
 # no key left
@@ -170,14 +170,14 @@ def test_all_keys_throttled_is_503_and_nothing_charged(make_gateway, sim):
     gw = make_gateway(keys=[{"name": "key-a"}, {"name": "key-b"}, {"name": "key-c"}])
     for key in KEYS:
         sim.fault(key, "429", retry_after=5, routes=["create"])
-    with gw.client("alice") as c:
+    with gw.client("alice") as client:
         for _ in range(2):
-            r = create(c, expect=503)
-            assert error_of(r) == ("upstream_unavailable", "no_upstream_key")
-            assert 1 <= int(r.headers["retry-after"]) <= 6, r.headers
+            response = create(client, expect=503)
+            assert error_of(response) == ("upstream_unavailable", "no_upstream_key")
+            assert 1 <= int(response.headers["retry-after"]) <= 6, response.headers
         assert sorted(key_name_of(r["key"]) for r in creates(sim)) == ["key-a", "key-b", "key-c"]
         assert {k["state"] for k in key_states(gw).values()} == {"cooldown"}
-        usage = c.get("/usage").json()
+        usage = client.get("/usage").json()
         for scope in ("user", "team"):
             assert usage[scope]["reserved_usd"] == 0 and usage[scope]["spent_usd"] == 0, usage
             assert usage[scope]["tasks_in_flight"] == 0, usage
@@ -189,14 +189,14 @@ def test_all_keys_revoked_makes_gateway_unready(make_gateway, sim):
     gw = make_gateway(keys=[{"name": "key-a"}, {"name": "key-b"}, {"name": "key-c"}])
     for key, mode in (("key-a", "401"), ("key-b", "401"), ("key-c", "403")):
         sim.fault(key, mode, routes=["create"])
-    with gw.client("alice") as c:
-        r = create(c, expect=503)
-        assert error_of(r) == ("upstream_unavailable", "no_upstream_key")
+    with gw.client("alice") as client:
+        response = create(client, expect=503)
+        assert error_of(response) == ("upstream_unavailable", "no_upstream_key")
         assert len(creates(sim)) == 3
     assert {k["state"] for k in key_states(gw).values()} == {"disabled"}
-    r = httpx.get(gw.url + "/readyz")
-    assert r.status_code == 503, r.text
-    assert "all_upstream_keys_disabled" in r.json()["problems"]
+    response = httpx.get(gw.url + "/readyz")
+    assert response.status_code == 503, response.text
+    assert "all_upstream_keys_disabled" in response.json()["problems"]
     sim.clear_faults()
     assert gw.admin("POST", "/admin/reload").status_code == 200
     assert httpx.get(gw.url + "/readyz").status_code == 200
@@ -219,11 +219,11 @@ def test_create_that_may_have_reached_upstream_is_not_retried(make_gateway, sim,
     gw = make_gateway(keys=[{"name": "key-a"}, {"name": "key-b"}], extra={"upstream": upstream})
     for key in ("key-a", "key-b"):
         sim.fault(key, mode, routes=["create"])
-    with gw.client("alice") as c:
-        r = create(c, expect=status)
-    assert r.json()["error"]["type"] == "upstream_error"
+    with gw.client("alice") as client:
+        response = create(client, expect=status)
+    assert response.json()["error"]["type"] == "upstream_error"
     if code:
-        assert r.json()["error"]["code"] == code
+        assert response.json()["error"]["code"] == code
     time.sleep(0.3)
     assert len(creates(sim)) == 1, creates(sim)
 
@@ -234,10 +234,10 @@ def test_connect_failure_is_retried_on_every_key(make_gateway, sim):
     gw = make_gateway(
         keys=[{"name": "key-a"}, {"name": "key-b"}, {"name": "key-c"}], upstream_url=f"http://127.0.0.1:{free_port()}"
     )
-    with gw.client("alice") as c:
-        r = create(c, expect=502)
-        assert error_of(r) == ("upstream_error", "upstream_unreachable")
-        usage = c.get("/usage").json()
+    with gw.client("alice") as client:
+        response = create(client, expect=502)
+        assert error_of(response) == ("upstream_error", "upstream_unreachable")
+        usage = client.get("/usage").json()
         assert usage["user"]["reserved_usd"] == 0 and usage["user"]["spent_usd"] == 0
     for key in KEYS:
         assert gw.metric("tokenhub_gateway_upstream_requests_total", key=key, route="/videos/generations") == 1, key
@@ -252,13 +252,13 @@ def test_breaker_opens_and_gateway_probes_before_clients_use_key(make_gateway, s
     gw = make_gateway(keys=roomy("key-a", "key-b"), extra={"upstream": {"breaker_failures": 3, "breaker_open_s": 1}})
     sim.fault("key-a", "500", routes=["create"], count=3)
     created: set[str] = set()
-    with gw.client("alice") as c:
+    with gw.client("alice") as client:
         for _ in range(80):
-            r = c.post("/videos/generations", json=body(prompt=SHORT))
-            if r.status_code == 200:
-                created.add(r.json()["id"])
+            response = client.post("/videos/generations", json=body(prompt=SHORT))
+            if response.status_code == 200:
+                created.add(response.json()["id"])
             else:
-                assert r.status_code == 502 and error_of(r)[1] == "upstream_server_error", r.text
+                assert response.status_code == 502 and error_of(response)[1] == "upstream_server_error", response.text
             if len(creates(sim, "key-a", 500)) == 3:
                 break
         else:
@@ -267,11 +267,11 @@ def test_breaker_opens_and_gateway_probes_before_clients_use_key(make_gateway, s
         assert key_states(gw)["key-a"]["state"] == "open"
         assert gw.metric("tokenhub_gateway_upstream_key_state", key="key-a", state="open") == 1
         for _ in range(5):
-            created.add(create(c).json()["id"])
+            created.add(create(client).json()["id"])
 
         wait_until(lambda: key_states(gw)["key-a"]["state"] == "ok", timeout=5)
-        for r in create_until(c, lambda: creates(sim, "key-a", 200)):
-            created.add(r.json()["id"])
+        for response in create_until(client, lambda: creates(sim, "key-a", 200)):
+            created.add(response.json()["id"])
 
     after = [r for r in sim.requests() if r["key"] == KEYS["key-a"] and r["time"] > opened]
     assert after, "key-a was never used again"
@@ -288,18 +288,18 @@ def test_breaker_opens_and_gateway_probes_before_clients_use_key(make_gateway, s
 def test_polls_use_the_creating_key(make_gateway, sim):
     """20 tasks spread over three keys; every poll of a task reaches the simulator with its creator's key."""
     gw = make_gateway(keys=roomy("key-a", "key-b", "key-c"))
-    with gw.client("alice") as c:
-        ids = [create(c, prompt=NEVER).json()["id"] for _ in range(20)]
+    with gw.client("alice") as client:
+        ids = [create(client, prompt=NEVER).json()["id"] for _ in range(20)]
         time.sleep(1.1)  # past the poll coalescing window of the background poller
         for tid in ids:
-            r = c.get(f"/videos/generations/{tid}")
-            assert r.status_code == 200 and r.json()["id"] == tid, r.text
+            response = client.get(f"/videos/generations/{tid}")
+            assert response.status_code == 200 and response.json()["id"] == tid, response.text
     creator = {r["task_id"]: r["key"] for r in creates(sim, status=200)}
     assert set(creator) == set(ids)
     assert len(set(creator.values())) == 3
     polls = collections.defaultdict(set)
-    for p in sim.requests("poll"):
-        polls[p["task_id"]].add(p["key"])
+    for poll in sim.requests("poll"):
+        polls[poll["task_id"]].add(poll["key"])
     for tid in ids:
         assert polls[tid] == {creator[tid]} == {sim.task(tid)["key"]}, tid
 
@@ -313,21 +313,21 @@ def test_creates_only_use_keys_that_allow_the_model(make_gateway, sim):
             {"name": "key-b", "models": ["doubao-seedance-2.0"]},
         ]
     )
-    with gw.client("alice") as c:
+    with gw.client("alice") as client:
         for _ in range(10):
-            create(c)
+            create(client)
         assert {key_name_of(r["key"]) for r in creates(sim)} == {"key-b"}
         sim.clear_requests()
         for _ in range(5):
-            r = c.post("/videos/generations", json=body(model="doubao-seedance-2.0-fast", prompt=SHORT))
-            assert r.status_code == 200, r.text
+            response = client.post("/videos/generations", json=body(model="doubao-seedance-2.0-fast", prompt=SHORT))
+            assert response.status_code == 200, response.text
         assert {key_name_of(r["key"]) for r in creates(sim)} == {"key-a"}
     gw.keys = [{"name": "key-a", "models": ["doubao-seedance-2.0-fast"]}]
     gw.write_config()
     assert gw.admin("POST", "/admin/reload").status_code == 200
-    with gw.client("alice") as c:
-        r = create(c, expect=503)
-    assert error_of(r) == ("upstream_unavailable", "no_upstream_key")
+    with gw.client("alice") as client:
+        response = create(client, expect=503)
+    assert error_of(response) == ("upstream_unavailable", "no_upstream_key")
 
 
 # load
@@ -339,8 +339,10 @@ def test_concurrent_creates_never_exceed_key_slots(make_gateway, sim):
     gw = make_gateway(keys=[{"name": n, "max_concurrent_tasks": 10} for n in KEYS])
 
     async def burst() -> list[httpx.Response]:
-        async with gw.aclient("alice") as c:
-            return await asyncio.gather(*(c.post("/videos/generations", json=body(prompt=NEVER)) for _ in range(200)))
+        async with gw.aclient("alice") as client:
+            return await asyncio.gather(
+                *(client.post("/videos/generations", json=body(prompt=NEVER)) for _ in range(200))
+            )
 
     replies = asyncio.run(burst())
     codes = collections.Counter(r.status_code for r in replies)
@@ -364,12 +366,12 @@ def test_creates_follow_key_weights(make_gateway, sim):
 
     async def run() -> None:
         gate = asyncio.Semaphore(8)
-        async with gw.aclient("alice") as c:
+        async with gw.aclient("alice") as client:
 
             async def one() -> int:
                 async with gate:
                     return (
-                        await c.post("/videos/generations", json=body(prompt="sim:seconds=0.1 a quick fox"))
+                        await client.post("/videos/generations", json=body(prompt="sim:seconds=0.1 a quick fox"))
                     ).status_code
 
             assert set(await asyncio.gather(*(one() for _ in range(total)))) == {200}
@@ -388,22 +390,22 @@ def test_admin_keys_masks_values_and_needs_the_token(make_gateway, sim):
     """/admin/keys shows names and `th-…abcd` masks, never a value; no token or a wrong one → 401;
     a gateway whose admin token variable is unset answers 404. Metrics and logs hold no value either."""
     gw = make_gateway(keys=[{"name": "key-a"}, {"name": "key-b"}, {"name": "key-c"}])
-    with gw.client("alice") as c:
-        create(c)
-    r = gw.admin("GET", "/admin/keys")
-    assert r.status_code == 200
+    with gw.client("alice") as client:
+        create(client)
+    response = gw.admin("GET", "/admin/keys")
+    assert response.status_code == 200
     for value in KEYS.values():
-        assert value not in r.text
+        assert value not in response.text
         assert value not in httpx.get(gw.url + "/metrics").text
         assert value not in gw.text()
-    for k in r.json()["data"]:
-        assert re.fullmatch(r"th-…[0-9A-Za-z]{4}", k["key"]) and k["key"].endswith(KEYS[k["name"]][-4:]), k
-    assert [k["name"] for k in r.json()["data"]] == ["key-a", "key-b", "key-c"]
+    for key in response.json()["data"]:
+        assert re.fullmatch(r"th-…[0-9A-Za-z]{4}", key["key"]) and key["key"].endswith(KEYS[key["name"]][-4:]), key
+    assert [k["name"] for k in response.json()["data"]] == ["key-a", "key-b", "key-c"]
 
     for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": ADMIN_TOKEN}):
-        r = httpx.get(gw.url + "/admin/keys", headers=headers)
-        assert r.status_code == 401, r.text
-        assert r.json()["error"]["type"] == "authentication_error"
+        response = httpx.get(gw.url + "/admin/keys", headers=headers)
+        assert response.status_code == 401, response.text
+        assert response.json()["error"]["type"] == "authentication_error"
 
     off = make_gateway(extra={"server": {"admin_token_env": "UNSET_VAR_FOR_TEST"}})
     assert off.admin("GET", "/admin/keys").status_code == 404
@@ -417,23 +419,23 @@ def test_reload_removing_key_keeps_polling_its_tasks(make_gateway, sim):
     """A reload drops key-b while a task it created is running: polls of that task still go upstream with
     key-b's value (remembered from the old config); new creates use key-a only."""
     gw = make_gateway(keys=roomy("key-a", "key-b"))
-    with gw.client("alice") as c:
-        create_until(c, lambda: creates(sim, "key-b", 200), prompt=NEVER)
+    with gw.client("alice") as client:
+        create_until(client, lambda: creates(sim, "key-b", 200), prompt=NEVER)
         task_b = creates(sim, "key-b", 200)[0]["task_id"]
 
         gw.keys = roomy("key-a")
         gw.write_config()
-        r = gw.admin("POST", "/admin/reload")
-        assert r.status_code == 200 and r.json()["keys"] == 1, r.text
+        response = gw.admin("POST", "/admin/reload")
+        assert response.status_code == 200 and response.json()["keys"] == 1, response.text
         assert list(key_states(gw)) == ["key-a"]
 
         sim.clear_requests()
         time.sleep(1.1)  # past the poll coalescing window
-        r = c.get(f"/videos/generations/{task_b}")
-        assert r.status_code == 200, r.text
-        assert r.json()["status"] == "running"
+        response = client.get(f"/videos/generations/{task_b}")
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "running"
         for _ in range(5):
-            create(c)
+            create(client)
     polls = [p for p in sim.requests("poll") if p["task_id"] == task_b]
     assert polls and {p["key"] for p in polls} == {KEYS["key-b"]}
     assert {p["status"] for p in polls} == {200}

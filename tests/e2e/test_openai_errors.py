@@ -37,19 +37,19 @@ pytestmark = pytest.mark.timeout(60)
     ],
 )
 def test_mapping_errors_name_the_clients_field_and_cost_nothing(openai_gw: Gateway, sim: Simulator, kw, code, param):
-    c = sdk(openai_gw, "alice", max_retries=2)
+    client = sdk(openai_gw, "alice", max_retries=2)
     with pytest.raises(openai.BadRequestError) as info:
-        c.videos.create(**{"prompt": "a fox", **kw})
+        client.videos.create(**{"prompt": "a fox", **kw})
     assert (info.value.code, info.value.param) == (code, param)
     assert sim.creates() == []
     assert openai_gw.metric("tokenhub_gateway_validation_errors_total", param="style") == 0  # bounded label
 
 
 def test_spritesheet_is_unsupported_and_other_teams_videos_are_not_found(openai_gw: Gateway, sim: Simulator):
-    c, other = sdk(openai_gw, "alice"), sdk(openai_gw, "bob")
-    video = c.videos.create_and_poll(prompt=f"{FAST} mine")
+    client, other = sdk(openai_gw, "alice"), sdk(openai_gw, "bob")
+    video = client.videos.create_and_poll(prompt=f"{FAST} mine")
     with pytest.raises(openai.BadRequestError) as info:
-        c.videos.download_content(video.id, variant="spritesheet")
+        client.videos.download_content(video.id, variant="spritesheet")
     assert (info.value.code, info.value.param) == ("unsupported_parameter", "variant")
     for call in (
         lambda: other.videos.retrieve(video.id),
@@ -60,17 +60,17 @@ def test_spritesheet_is_unsupported_and_other_teams_videos_are_not_found(openai_
         with pytest.raises(openai.NotFoundError) as info:
             call()
         assert info.value.code == "task_not_found"
-    assert c.videos.retrieve(video.id).status == "completed"
+    assert client.videos.retrieve(video.id).status == "completed"
 
 
 def test_features_seedance_lacks_are_routes_not_found(openai_gw: Gateway, sim: Simulator):
-    c = sdk(openai_gw, "alice")
+    client = sdk(openai_gw, "alice")
     clip = ("c.mp4", MP4, "video/mp4")
     for call in (
-        lambda: c.videos.edit(prompt="p", video=clip),
-        lambda: c.videos.extend(prompt="p", seconds="4", video=clip),
-        lambda: c.videos.create_character(name="n", video=clip),
-        lambda: c.videos.get_character("char_1"),
+        lambda: client.videos.edit(prompt="p", video=clip),
+        lambda: client.videos.extend(prompt="p", seconds="4", video=clip),
+        lambda: client.videos.create_character(name="n", video=clip),
+        lambda: client.videos.get_character("char_1"),
     ):
         with pytest.raises(openai.NotFoundError) as info:
             call()
@@ -85,18 +85,18 @@ def test_a_model_the_team_may_not_use_is_permission_denied(openai_gw: Gateway, s
 
 
 def test_not_ready_and_expired_are_answered_once_without_sdk_retries(openai_gw: Gateway, sim: Simulator):
-    c = sdk(openai_gw, "alice", max_retries=2)
-    running = c.videos.create(prompt="sim:seconds=20 still rendering")
+    client = sdk(openai_gw, "alice", max_retries=2)
+    running = client.videos.create(prompt="sim:seconds=20 still rendering")
     before = requests_to(openai_gw, "GET", "/videos/{video_id}/content")
     with pytest.raises(openai.ConflictError) as info:
-        c.videos.download_content(running.id)
+        client.videos.download_content(running.id)
     assert info.value.code == "video_not_ready" and info.value.response.headers["x-should-retry"] == "false"
     assert requests_to(openai_gw, "GET", "/videos/{video_id}/content") == before + 1
     with pytest.raises(openai.ConflictError):
-        c.videos.remix(running.id, prompt="too soon")
-    done = c.videos.create_and_poll(prompt=f"{FAST} soon gone")
+        client.videos.remix(running.id, prompt="too soon")
+    done = client.videos.create_and_poll(prompt=f"{FAST} soon gone")
     sim.media(ttl_s=0)
-    for call in (lambda: c.videos.download_content(done.id), lambda: c.videos.remix(done.id, prompt="gone")):
+    for call in (lambda: client.videos.download_content(done.id), lambda: client.videos.remix(done.id, prompt="gone")):
         with pytest.raises(openai.APIStatusError) as info:
             call()
         assert (info.value.status_code, info.value.code) == (410, "video_expired")
@@ -127,12 +127,12 @@ def test_budget_and_rate_limits(openai_gw: Gateway, sim: Simulator):
 
 
 def test_an_idempotent_retry_through_extra_headers_compares_fields_not_boundaries(openai_gw: Gateway, sim: Simulator):
-    c = sdk(openai_gw, "alice")
+    client = sdk(openai_gw, "alice")
     key = {"Idempotency-Key": f"render-{time.time_ns()}"}
-    first = c.videos.create(
+    first = client.videos.create(
         prompt=f"{FAST} once", seconds="8", input_reference=("a.png", PNG, "image/png"), extra_headers=key
     )
-    again = c.videos.with_raw_response.create(
+    again = client.videos.with_raw_response.create(
         prompt=f"{FAST} once",
         seconds="8",
         extra_headers=key,
@@ -142,30 +142,32 @@ def test_an_idempotent_retry_through_extra_headers_compares_fields_not_boundarie
     assert again.parse().model_dump() == {**first.model_dump(), "progress": 0}
     assert len(sim.creates()) == 1
     with pytest.raises(openai.ConflictError) as info:
-        c.videos.create(prompt=f"{FAST} once", seconds="4", extra_headers=key)
+        client.videos.create(prompt=f"{FAST} once", seconds="4", extra_headers=key)
     assert info.value.code == "idempotency_key_reused"
-    with http(openai_gw, "alice") as h:
-        r = h.post(
+    with http(openai_gw, "alice") as http_client:
+        response = http_client.post(
             "/videos/generations",
             headers=key,
             json={"model": "doubao-seedance-2.0-fast", "prompt": f"{FAST} once", "duration": 8},
         )
-    assert (r.status_code, r.json()["error"]["code"]) == (409, "idempotency_key_reused")
-    assert len(sim.creates()) == 1 and wait_status(c, first.id, "completed")
+    assert (response.status_code, response.json()["error"]["code"]) == (409, "idempotency_key_reused")
+    assert len(sim.creates()) == 1 and wait_status(client, first.id, "completed")
 
 
 def test_multipart_limits(openai_gw: Gateway, sim: Simulator):
     auth = {"Authorization": f"Bearer {openai_gw.user_keys['alice']}"}
-    with httpx.Client(base_url=openai_gw.url + "/v1", headers=auth, timeout=30) as h:
-        two = h.post(
+    with httpx.Client(base_url=openai_gw.url + "/v1", headers=auth, timeout=30) as http_client:
+        two = http_client.post(
             "/videos",
             data={"prompt": "p"},
             files=[("input_reference", ("a.png", PNG)), ("input_reference", ("b.png", PNG))],
         )
-        many = h.post("/videos", data={f"f{i}": "x" for i in range(40)}, files={"input_reference": ("a", PNG)})
-        wrong = h.post("/videos", data={"prompt": "p"}, files={"poster": ("a.png", PNG)})
-        large = h.post("/videos", data={"prompt": "p"}, files={"input_reference": ("a", bytes(MAX_BODY))})
-        junk = h.post("/videos", content=b"{not json", headers={"Content-Type": "application/json"})
+        many = http_client.post(
+            "/videos", data={f"f{i}": "x" for i in range(40)}, files={"input_reference": ("a", PNG)}
+        )
+        wrong = http_client.post("/videos", data={"prompt": "p"}, files={"poster": ("a.png", PNG)})
+        large = http_client.post("/videos", data={"prompt": "p"}, files={"input_reference": ("a", bytes(MAX_BODY))})
+        junk = http_client.post("/videos", content=b"{not json", headers={"Content-Type": "application/json"})
     assert [r.status_code for r in (two, many, wrong, large, junk)] == [400, 400, 400, 413, 400]
     assert (wrong.json()["error"]["param"], large.json()["error"]["code"], junk.json()["error"]["code"]) == (
         "poster",
@@ -181,14 +183,14 @@ def test_a_large_upload_never_holds_the_event_loop(openai_gw: Gateway, sim: Simu
 
     def upload() -> None:
         try:
-            r = httpx.post(
+            response = httpx.post(
                 openai_gw.url + "/v1/videos",
                 data={"prompt": "p"},
                 timeout=30,
                 files={"input_reference": ("a.jpg", image)},
                 headers={"Authorization": f"Bearer {openai_gw.user_keys['alice']}"},
             )
-            assert r.status_code == 400 and r.json()["error"]["param"] == "input_reference"
+            assert response.status_code == 400 and response.json()["error"]["param"] == "input_reference"
         finally:
             done.set()
 
@@ -240,14 +242,14 @@ def test_the_demo_serves_an_sdk_app_that_changed_only_its_base_url_and_key(tmp_p
 
 
 def test_a_download_cut_upstream_is_cut_for_the_client_and_an_oversized_one_refused(openai_gw: Gateway, sim: Simulator):
-    c = sdk(openai_gw, "alice")
-    video = c.videos.create_and_poll(prompt=f"{FAST} cut short")
+    client = sdk(openai_gw, "alice")
+    video = client.videos.create_and_poll(prompt=f"{FAST} cut short")
     sim.cut("*", routes=("media",))
     with pytest.raises(openai.APIConnectionError):
-        c.videos.download_content(video.id)
-    assert c.videos.download_content(video.id).content == sim.expected_bytes(video.id)  # the next one is whole
-    huge = c.videos.create_and_poll(prompt=f"{FAST} sim:bytes=600000000")
+        client.videos.download_content(video.id)
+    assert client.videos.download_content(video.id).content == sim.expected_bytes(video.id)  # the next one is whole
+    huge = client.videos.create_and_poll(prompt=f"{FAST} sim:bytes=600000000")
     with pytest.raises(openai.InternalServerError) as info:
-        c.videos.download_content(huge.id)
+        client.videos.download_content(huge.id)
     assert info.value.status_code == 502 and "larger than the gateway serves" in info.value.message
     assert [d["status"] for d in sim.downloads()][-1] == 200  # asked once, not read

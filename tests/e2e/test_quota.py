@@ -40,14 +40,14 @@ def burst(gw: Gateway, user: str, bodies: list[dict], headers: dict[str, str] | 
     """All creates at once, on one connection pool."""
 
     async def go() -> list[httpx.Response]:
-        async with gw.aclient(user) as c:
-            return await asyncio.gather(*(c.post(CREATE, json=b, headers=headers) for b in bodies))
+        async with gw.aclient(user) as client:
+            return await asyncio.gather(*(client.post(CREATE, json=b, headers=headers) for b in bodies))
 
     return asyncio.run(go())
 
 
-def error_of(r: httpx.Response) -> tuple[str, str]:
-    err = r.json()["error"]
+def error_of(response: httpx.Response) -> tuple[str, str]:
+    err = response.json()["error"]
     return err["type"], err["code"]
 
 
@@ -61,32 +61,32 @@ def wait_settled(gw: Gateway, task_id: str, timeout: float = 10.0) -> dict[str, 
     return wait_until(lambda: settled_lines(gw, task_id), timeout)[0]
 
 
-def poll_terminal(c: httpx.Client, task_id: str, timeout: float = 10.0) -> dict[str, Any]:
+def poll_terminal(client: httpx.Client, task_id: str, timeout: float = 10.0) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
-        r = c.get(f"{CREATE}/{task_id}")
-        assert r.status_code == 200, r.text
-        return r.json() if r.json()["status"] in TERMINAL else None
+        response = client.get(f"{CREATE}/{task_id}")
+        assert response.status_code == 200, response.text
+        return response.json() if response.json()["status"] in TERMINAL else None
 
     return wait_until(done, timeout, 0.2)
 
 
 def usage(gw: Gateway, user: str) -> dict[str, Any]:
-    with gw.client(user) as c:
-        r = c.get("/usage")
-    assert r.status_code == 200, r.text
-    return r.json()
+    with gw.client(user) as client:
+        response = client.get("/usage")
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
 def admin_team(gw: Gateway, team: str) -> dict[str, Any]:
-    r = gw.admin("GET", "/admin/teams")
-    assert r.status_code == 200, r.text
-    return next(t for t in r.json()["data"] if t["name"] == team)
+    response = gw.admin("GET", "/admin/teams")
+    assert response.status_code == 200, response.text
+    return next(t for t in response.json()["data"] if t["name"] == team)
 
 
 def ledger_rows(gw: Gateway, **params: str) -> list[dict[str, Any]]:
-    r = gw.admin("GET", "/admin/usage", params=params)
-    assert r.status_code == 200, r.text
-    return r.json()["data"]
+    response = gw.admin("GET", "/admin/usage", params=params)
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
 
 
 def total_cost(rows: list[dict[str, Any]]) -> float:
@@ -98,15 +98,15 @@ def samples(gw: Gateway, name: str) -> list[tuple[dict[str, str], float]]:
     out = []
     for line in httpx.get(gw.url + "/metrics", timeout=10).text.splitlines():
         if line.startswith(name + "{"):
-            head, _, value = line.rpartition(" ")
+            head, value = line.rsplit(" ", 1)
             out.append((dict(re.findall(r'(\w+)="([^"]*)"', head)), float(value)))
     return out
 
 
-def create_ok(c: httpx.Client, **kw: Any) -> str:
-    r = c.post(CREATE, json=body(**kw))
-    assert r.status_code == 200, r.text
-    return r.json()["id"]
+def create_ok(client: httpx.Client, **kw: Any) -> str:
+    response = client.post(CREATE, json=body(**kw))
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
 
 
 # exact admission under concurrency
@@ -174,18 +174,18 @@ def test_concurrent_creates_admit_exactly_what_fits(make_gateway, sim, case):
 
 def test_requests_per_minute_sliding_window_and_headers(make_gateway, sim):
     gw = make_gateway(teams={"red": {"requests_per_minute": 5}}, users={"alice": {"team": "red"}})
-    with gw.client("alice") as c:
-        responses = [c.post(CREATE, json=body(prompt=f"sim:never rpm {i}")) for i in range(8)]
+    with gw.client("alice") as client:
+        responses = [client.post(CREATE, json=body(prompt=f"sim:never rpm {i}")) for i in range(8)]
         assert [r.status_code for r in responses] == [200] * 5 + [429] * 3, [r.text for r in responses]
-        for i, r in enumerate(responses[:5]):
-            assert r.headers["x-ratelimit-limit-requests"] == "5"
-            assert r.headers["x-ratelimit-remaining-requests"] == str(4 - i)
-            assert re.fullmatch(r"\d+(\.\d+)?m?s", r.headers["x-ratelimit-reset-requests"])
-        for r in responses[5:]:
-            assert error_of(r) == ("rate_limit_exceeded", "rate_limit_exceeded")
-            assert r.headers["retry-after"].isdigit() and 1 <= int(r.headers["retry-after"]) <= 60
+        for i, response in enumerate(responses[:5]):
+            assert response.headers["x-ratelimit-limit-requests"] == "5"
+            assert response.headers["x-ratelimit-remaining-requests"] == str(4 - i)
+            assert re.fullmatch(r"\d+(\.\d+)?m?s", response.headers["x-ratelimit-reset-requests"])
+        for response in responses[5:]:
+            assert error_of(response) == ("rate_limit_exceeded", "rate_limit_exceeded")
+            assert response.headers["retry-after"].isdigit() and 1 <= int(response.headers["retry-after"]) <= 60
 
-        poll = c.get(f"{CREATE}/{responses[0].json()['id']}")
+        poll = client.get(f"{CREATE}/{responses[0].json()['id']}")
         assert poll.status_code == 200
         assert all(h in poll.headers for h in RATE_HEADERS), dict(poll.headers)
         assert poll.headers["x-ratelimit-remaining-requests"] == "0"  # polls are not counted
@@ -196,8 +196,8 @@ def test_requests_per_minute_sliding_window_and_headers(make_gateway, sim):
 def test_rate_limited_create_carries_rate_headers(make_gateway, sim):
     """SPEC §2: create responses carry the rate headers; the 429 is the one a client most needs them on."""
     gw = make_gateway(teams={"red": {"requests_per_minute": 2}}, users={"alice": {"team": "red"}})
-    with gw.client("alice") as c:
-        responses = [c.post(CREATE, json=body(prompt="sim:never rpm")) for _ in range(3)]
+    with gw.client("alice") as client:
+        responses = [client.post(CREATE, json=body(prompt="sim:never rpm")) for _ in range(3)]
     assert [r.status_code for r in responses] == [200, 200, 429]
     limited = responses[2]
     assert all(h in limited.headers for h in RATE_HEADERS), dict(limited.headers)
@@ -207,12 +207,12 @@ def test_rate_limited_create_carries_rate_headers(make_gateway, sim):
 
 def test_reload_raising_requests_per_minute_is_enforced(make_gateway, sim):
     gw = make_gateway(teams={"red": {"requests_per_minute": 2}}, users={"alice": {"team": "red"}})
-    with gw.client("alice") as c:
-        create_ok(c, prompt="sim:never before the reload")
+    with gw.client("alice") as client:
+        create_ok(client, prompt="sim:never before the reload")
         gw.teams["red"]["requests_per_minute"] = 4
         gw.write_config()
         assert gw.admin("POST", "/admin/reload").status_code == 200
-        codes = [c.post(CREATE, json=body(prompt="sim:never after the reload")).status_code for _ in range(5)]
+        codes = [client.post(CREATE, json=body(prompt="sim:never after the reload")).status_code for _ in range(5)]
     assert codes == [200, 200, 200, 429, 429]  # 4 in the sliding minute, the one before the reload included
     assert len(sim.requests("create")) == 4
 
@@ -220,21 +220,23 @@ def test_reload_raising_requests_per_minute_is_enforced(make_gateway, sim):
 def test_rate_window_survives_restart(make_gateway, sim):
     """§6: at most N creates in any sliding 60 s window; a restart of the one process must not reopen it."""
     gw = make_gateway(teams={"red": {"requests_per_minute": 2}}, users={"alice": {"team": "red"}})
-    with gw.client("alice") as c:
-        create_ok(c, prompt="sim:never one")
-        create_ok(c, prompt="sim:never two")
+    with gw.client("alice") as client:
+        create_ok(client, prompt="sim:never one")
+        create_ok(client, prompt="sim:never two")
     gw.restart()
-    with gw.client("alice") as c:
-        r = c.post(CREATE, json=body(prompt="sim:never three"))
-    assert r.status_code == 429 and error_of(r) == ("rate_limit_exceeded", "rate_limit_exceeded"), r.text
+    with gw.client("alice") as client:
+        response = client.post(CREATE, json=body(prompt="sim:never three"))
+    assert response.status_code == 429 and error_of(response) == ("rate_limit_exceeded", "rate_limit_exceeded"), (
+        response.text
+    )
     assert len(sim.requests("create")) == 2
 
 
 def test_budget_rejection_does_not_consume_rate(make_gateway, sim):
     gw = make_gateway(teams={"red": {"requests_per_minute": 3, "budget_usd": 2.0}}, users={"alice": {"team": "red"}})
-    with gw.client("alice") as c:
-        big = [c.post(CREATE, json=body(prompt="sim:never big", duration=15)) for _ in range(2)]  # $3.00
-        small = [c.post(CREATE, json=body(prompt="sim:never small", **FAST_480_4S)) for _ in range(4)]
+    with gw.client("alice") as client:
+        big = [client.post(CREATE, json=body(prompt="sim:never big", duration=15)) for _ in range(2)]  # $3.00
+        small = [client.post(CREATE, json=body(prompt="sim:never small", **FAST_480_4S)) for _ in range(4)]
     assert [error_of(r) for r in big] == [("insufficient_quota", "budget_exceeded")] * 2
     assert [r.status_code for r in small[:3]] == [200] * 3, [r.text for r in small]
     assert error_of(small[3]) == ("rate_limit_exceeded", "rate_limit_exceeded")
@@ -250,29 +252,29 @@ def test_exact_costs_agree_everywhere(make_gateway, sim):
         teams={"red": {"budget_usd": 50.0}}, users={"alice": {"team": "red"}}, extra={"poller": {"interval_s": 60}}
     )  # the reserved figures below must not move
     expected = {}  # task id → (status, cost, billed seconds)
-    with gw.client("alice") as c:
-        expected[create_ok(c, prompt="sim:seconds=0.5 plain")] = ("succeeded", 1.0, 5.0)
+    with gw.client("alice") as client:
+        expected[create_ok(client, prompt="sim:seconds=0.5 plain")] = ("succeeded", 1.0, 5.0)
         expected[
             create_ok(
-                c,
+                client,
                 prompt="sim:seconds=0.5 with a reference video",
                 video_urls=[REF_VIDEO],
                 video_durations=[5],
                 duration=10,
             )
         ] = ("succeeded", 3.0, 15.0)
-        expected[create_ok(c, prompt="sim:seconds=0.5 fast", **FAST_480_4S)] = ("succeeded", 0.4, 4.0)
-        expected[create_ok(c, prompt="sim:seconds=0.5 sim:fail")] = ("failed", 0.0, 0.0)
-        queued = create_ok(c, prompt="sim:seconds=30 to be cancelled")
+        expected[create_ok(client, prompt="sim:seconds=0.5 fast", **FAST_480_4S)] = ("succeeded", 0.4, 4.0)
+        expected[create_ok(client, prompt="sim:seconds=0.5 sim:fail")] = ("failed", 0.0, 0.0)
+        queued = create_ok(client, prompt="sim:seconds=30 to be cancelled")
         expected[queued] = ("cancelled", 0.0, 0.0)
         assert usage(gw, "alice")["team"]["reserved_usd"] == 6.4
 
-        cancel = c.delete(f"{CREATE}/{queued}")
+        cancel = client.delete(f"{CREATE}/{queued}")
         assert cancel.status_code == 200, cancel.text
         assert cancel.json()["status"] == "cancelled"
         assert usage(gw, "alice")["team"]["reserved_usd"] == 5.4
         for tid, (status, _, _) in expected.items():
-            assert poll_terminal(c, tid)["status"] == status
+            assert poll_terminal(client, tid)["status"] == status
 
     rows = {r["task_id"]: r for r in ledger_rows(gw)}
     for tid, (status, cost, seconds) in expected.items():
@@ -292,8 +294,8 @@ def test_exact_costs_agree_everywhere(make_gateway, sim):
 
 def test_reference_video_without_durations_reserves_15_s(make_gateway, sim):
     gw = make_gateway(teams={"red": {}}, users={"alice": {"team": "red"}})
-    with gw.client("alice") as c:
-        tid = create_ok(c, prompt="sim:never reference", video_urls=[REF_VIDEO])
+    with gw.client("alice") as client:
+        tid = create_ok(client, prompt="sim:never reference", video_urls=[REF_VIDEO])
     figures = usage(gw, "alice")
     for scope in ("user", "team"):
         assert figures[scope]["reserved_usd"] == 4.0  # (15 + 5) × 0.20
@@ -311,20 +313,20 @@ def test_reference_video_without_durations_reserves_15_s(make_gateway, sim):
 
 def test_concurrent_polls_settle_once(make_gateway, sim):
     gw = make_gateway(teams={"red": {}}, users={"alice": {"team": "red"}}, extra={"poller": {"interval_s": 60}})
-    with gw.client("alice") as c:
-        tid = create_ok(c, prompt="sim:seconds=0.3 polled by many")
+    with gw.client("alice") as client:
+        tid = create_ok(client, prompt="sim:seconds=0.3 polled by many")
     wait_until(lambda: sim.task(tid)["status"] == "succeeded", 5)
 
     async def polls() -> list[httpx.Response]:
-        async with gw.aclient("alice") as c:
-            return await asyncio.gather(*(c.get(f"{CREATE}/{tid}") for _ in range(20)))
+        async with gw.aclient("alice") as client:
+            return await asyncio.gather(*(client.get(f"{CREATE}/{tid}") for _ in range(20)))
 
     responses = asyncio.run(polls())
     assert {r.status_code for r in responses} == {200}
     assert {r.json()["status"] for r in responses} == {"succeeded"}
     assert len({r.content for r in responses}) == 1
-    with gw.client("alice") as c:
-        assert c.get(f"{CREATE}/{tid}").json()["status"] == "succeeded"
+    with gw.client("alice") as client:
+        assert client.get(f"{CREATE}/{tid}").json()["status"] == "succeeded"
 
     assert len(settled_lines(gw, tid)) == 1
     assert len(sim.requests("poll")) == 1
@@ -335,8 +337,8 @@ def test_concurrent_polls_settle_once(make_gateway, sim):
 
 def test_background_poller_settles_unpolled_task(make_gateway, sim):
     gw = make_gateway(teams={"red": {}}, users={"alice": {"team": "red"}})
-    with gw.client("alice") as c:
-        tid = create_ok(c, prompt="sim:seconds=0.3 never polled by its client")
+    with gw.client("alice") as client:
+        tid = create_ok(client, prompt="sim:seconds=0.3 never polled by its client")
     line = wait_settled(gw, tid)
     assert (line["status"], line["cost_usd"], line["billed_seconds"]) == ("succeeded", 1.0, 5.0)
     team = usage(gw, "alice")["team"]
@@ -353,9 +355,9 @@ def test_never_finishing_task_becomes_unresolved(make_gateway, sim):
         users={"alice": {"team": "red"}},
         extra={"poller": {"interval_s": 1, "expire_after_s": 3}},
     )
-    with gw.client("alice") as c:
-        tid = create_ok(c, prompt="sim:never stuck")
-        blocked = c.post(CREATE, json=body(prompt="sim:never second"))
+    with gw.client("alice") as client:
+        tid = create_ok(client, prompt="sim:never stuck")
+        blocked = client.post(CREATE, json=body(prompt="sim:never second"))
         assert error_of(blocked) == ("rate_limit_exceeded", "concurrency_limit_exceeded")
 
         line = wait_settled(gw, tid, timeout=12)
@@ -366,7 +368,7 @@ def test_never_finishing_task_becomes_unresolved(make_gateway, sim):
             True,
         ), line
         assert any(x.get("level") == "warning" and x.get("task_id") == tid for x in gw.lines())
-        listed = c.get(CREATE).json()["data"]
+        listed = client.get(CREATE).json()["data"]
         assert [(t["id"], t["status"]) for t in listed] == [(tid, "unresolved")]
         assert usage(gw, "alice")["team"]["tasks_in_flight"] == 0
         assert gw.metric("tokenhub_gateway_tasks_in_flight", team="red") == 0
@@ -374,19 +376,19 @@ def test_never_finishing_task_becomes_unresolved(make_gateway, sim):
         assert usage(gw, "alice")["team"]["spent_usd"] == 1.0
         (row,) = ledger_rows(gw)
         assert (row["status"], row["cost_usd"], row["cost_estimated"]) == ("unresolved", 1.0, True)
-        create_ok(c, prompt="sim:never after the slot was freed")
+        create_ok(client, prompt="sim:never after the slot was freed")
 
 
 def test_budget_exactly_consumed_blocks_next_create(make_gateway, sim):
     gw = make_gateway(teams={"red": {"budget_usd": 2.0}}, users={"alice": {"team": "red"}})
-    with gw.client("alice") as c:
-        tids = [create_ok(c, prompt=f"sim:seconds=0.3 spend {i}") for i in range(2)]
+    with gw.client("alice") as client:
+        tids = [create_ok(client, prompt=f"sim:seconds=0.3 spend {i}") for i in range(2)]
         for tid in tids:
-            assert poll_terminal(c, tid)["status"] == "succeeded"
+            assert poll_terminal(client, tid)["status"] == "succeeded"
         team = usage(gw, "alice")["team"]
         assert (team["spent_usd"], team["reserved_usd"], team["remaining_usd"]) == (2.0, 0.0, 0.0)
-        r = c.post(CREATE, json=body(prompt="one too many", **FAST_480_4S))
-        assert r.status_code == 429 and error_of(r) == ("insufficient_quota", "budget_exceeded")
+        response = client.post(CREATE, json=body(prompt="one too many", **FAST_480_4S))
+        assert response.status_code == 429 and error_of(response) == ("insufficient_quota", "budget_exceeded")
     assert len(sim.requests("create")) == 2
     assert admin_team(gw, "red")["remaining_usd"] == 0.0
     assert gw.metric("tokenhub_gateway_budget_remaining_usd", team="red") == 0.0
@@ -402,20 +404,20 @@ def test_idempotency_replay_reuse_and_scope(make_gateway, sim):
     )
     key = {"Idempotency-Key": "order-42"}
     payload = body(prompt="sim:never idempotent", duration=5)
-    with gw.client("alice") as c:
-        first = c.post(CREATE, json=payload, headers=key)
-        again = c.post(CREATE, json=dict(reversed(list(payload.items()))), headers=key)  # same canonical JSON
-        other = c.post(CREATE, json={**payload, "duration": 6}, headers=key)
+    with gw.client("alice") as client:
+        first = client.post(CREATE, json=payload, headers=key)
+        again = client.post(CREATE, json=dict(reversed(list(payload.items()))), headers=key)  # same canonical JSON
+        other = client.post(CREATE, json={**payload, "duration": 6}, headers=key)
     assert first.status_code == 200, first.text
     assert "idempotent-replayed" not in first.headers
     assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
     assert again.content == first.content
     assert other.status_code == 409 and error_of(other) == ("invalid_request_error", "idempotency_key_reused")
-    with gw.client("carol") as c:  # scoped to the team, any user of it
-        same_team = c.post(CREATE, json=payload, headers=key)
+    with gw.client("carol") as client:  # scoped to the team, any user of it
+        same_team = client.post(CREATE, json=payload, headers=key)
     assert same_team.headers.get("idempotent-replayed") == "true" and same_team.content == first.content
-    with gw.client("bob") as c:
-        other_team = c.post(CREATE, json=payload, headers=key)
+    with gw.client("bob") as client:
+        other_team = client.post(CREATE, json=payload, headers=key)
     assert other_team.status_code == 200 and "idempotent-replayed" not in other_team.headers
     assert len(sim.requests("create")) == 2
     team = usage(gw, "alice")["team"]
@@ -425,20 +427,20 @@ def test_idempotency_replay_reuse_and_scope(make_gateway, sim):
 def test_idempotency_rejections_claim_nothing_and_key_length(make_gateway, sim):
     gw = make_gateway(teams={"red": {}}, users={"alice": {"team": "red", "budget_usd": 1.5}})
     small = body(prompt="sim:never", **FAST_480_4S)  # $0.40
-    with gw.client("alice") as c:
-        over = c.post(CREATE, json=body(prompt="sim:never", duration=10), headers={"Idempotency-Key": "k-quota"})
+    with gw.client("alice") as client:
+        over = client.post(CREATE, json=body(prompt="sim:never", duration=10), headers={"Idempotency-Key": "k-quota"})
         assert error_of(over) == ("insufficient_quota", "budget_exceeded")
-        after_quota = c.post(CREATE, json=small, headers={"Idempotency-Key": "k-quota"})
+        after_quota = client.post(CREATE, json=small, headers={"Idempotency-Key": "k-quota"})
         assert after_quota.status_code == 200 and "idempotent-replayed" not in after_quota.headers, after_quota.text
 
-        bad = c.post(CREATE, json={**small, "duration": 3}, headers={"Idempotency-Key": "k-valid"})
+        bad = client.post(CREATE, json={**small, "duration": 3}, headers={"Idempotency-Key": "k-valid"})
         assert bad.status_code == 400 and error_of(bad) == ("invalid_request_error", "invalid_parameter")
-        good = c.post(CREATE, json=small, headers={"Idempotency-Key": "k-valid"})
+        good = client.post(CREATE, json=small, headers={"Idempotency-Key": "k-valid"})
         assert good.status_code == 200 and "idempotent-replayed" not in good.headers, good.text
 
-        too_long = c.post(CREATE, json=small, headers={"Idempotency-Key": "k" * 256})
+        too_long = client.post(CREATE, json=small, headers={"Idempotency-Key": "k" * 256})
         assert too_long.status_code == 400 and error_of(too_long)[0] == "invalid_request_error"
-        longest = c.post(CREATE, json=small, headers={"Idempotency-Key": "k" * 255})
+        longest = client.post(CREATE, json=small, headers={"Idempotency-Key": "k" * 255})
         assert longest.status_code == 200, longest.text
     assert len(sim.requests("create")) == 3
     assert usage(gw, "alice")["user"]["reserved_usd"] == 1.2
@@ -452,8 +454,8 @@ def test_idempotency_duplicate_in_flight(make_gateway, sim):
     assert sorted(r.status_code for r in responses) == [200, 409], [r.text for r in responses]
     conflict = next(r for r in responses if r.status_code == 409)
     assert error_of(conflict) == ("invalid_request_error", "idempotency_key_in_progress")
-    with gw.client("alice") as c:
-        later = c.post(CREATE, json=payload, headers={"Idempotency-Key": "dup"})
+    with gw.client("alice") as client:
+        later = client.post(CREATE, json=payload, headers={"Idempotency-Key": "dup"})
     assert later.headers.get("idempotent-replayed") == "true"
     assert later.content == next(r for r in responses if r.status_code == 200).content
     assert len(sim.requests("create")) == 1
@@ -464,9 +466,9 @@ def test_idempotency_replays_a_502(make_gateway, sim):
     gw = make_gateway(teams={"red": {}}, users={"alice": {"team": "red"}})
     sim.fault("key-a", "500", routes=["create"], count=1)
     payload, key = body(prompt="sim:never upstream error"), {"Idempotency-Key": "retry-me"}
-    with gw.client("alice") as c:
-        first = c.post(CREATE, json=payload, headers=key)
-        retry = c.post(CREATE, json=payload, headers=key)
+    with gw.client("alice") as client:
+        first = client.post(CREATE, json=payload, headers=key)
+        retry = client.post(CREATE, json=payload, headers=key)
     assert first.status_code == 502 and error_of(first) == ("upstream_error", "upstream_server_error")
     assert retry.status_code == 502 and retry.headers.get("idempotent-replayed") == "true"
     assert retry.content == first.content
@@ -489,11 +491,11 @@ def test_usage_shape_and_exact_money(make_gateway, sim):
         teams={"red": {"budget_usd": 10.0, "video_seconds": 100}, "blue": {}},
         users={"alice": {"team": "red", "budget_usd": 5.0}, "bob": {"team": "blue"}},
     )
-    with gw.client("alice") as c:
-        tids = [create_ok(c, prompt=f"sim:seconds=0.3 cheap {i}", **FAST_480_4S) for i in range(3)]
+    with gw.client("alice") as client:
+        tids = [create_ok(client, prompt=f"sim:seconds=0.3 cheap {i}", **FAST_480_4S) for i in range(3)]
         for tid in tids:
-            poll_terminal(c, tid)
-        raw = c.get("/usage")
+            poll_terminal(client, tid)
+        raw = client.get("/usage")
     data = raw.json()
     assert set(data) >= {"period", "user", "team"}
     assert data["period"]["kind"] == "month"
@@ -503,11 +505,20 @@ def test_usage_shape_and_exact_money(make_gateway, sim):
         ("user", "alice", 5.0, 3.8, None),
         ("team", "red", 10.0, 8.8, 100),
     ):
-        f = data[scope]
-        assert f["name"] == name
-        assert (f["spent_usd"], f["reserved_usd"], f["budget_usd"], f["remaining_usd"]) == (1.2, 0.0, budget, remaining)
-        assert (f["video_seconds_spent"], f["video_seconds_budget"], f["tasks_in_flight"]) == (12.0, seconds_budget, 0)
-        assert all(isinstance(f[k], (int, float)) and _decimals(f[k]) <= 6 for k in MONEY_KEYS)
+        figures = data[scope]
+        assert figures["name"] == name
+        assert (figures["spent_usd"], figures["reserved_usd"], figures["budget_usd"], figures["remaining_usd"]) == (
+            1.2,
+            0.0,
+            budget,
+            remaining,
+        )
+        assert (figures["video_seconds_spent"], figures["video_seconds_budget"], figures["tasks_in_flight"]) == (
+            12.0,
+            seconds_budget,
+            0,
+        )
+        assert all(isinstance(figures[k], (int, float)) and _decimals(figures[k]) <= 6 for k in MONEY_KEYS)
     assert "1.2000000000000002" not in raw.text and "1.19999" not in raw.text
     unlimited = usage(gw, "bob")
     assert unlimited["team"]["remaining_usd"] is None and unlimited["user"]["remaining_usd"] is None
@@ -534,8 +545,8 @@ def test_admin_usage_ledger_filters_groups_csv_and_cli(make_gateway, sim):
     )
     plan = [("alice", {}), ("alice", FAST_480_4S), ("carol", FAST_480_4S), ("bob", {})]
     for user, extra in plan:
-        with gw.client(user) as c:
-            poll_terminal(c, create_ok(c, prompt="sim:seconds=0.3 ledger", **extra))
+        with gw.client(user) as client:
+            poll_terminal(client, create_ok(client, prompt="sim:seconds=0.3 ledger", **extra))
 
     rows = ledger_rows(gw)
     assert len(rows) == 4 and total_cost(rows) == 2.8
@@ -559,9 +570,9 @@ def test_admin_usage_ledger_filters_groups_csv_and_cli(make_gateway, sim):
     by_accept = httpx.get(
         gw.url + "/admin/usage", timeout=15, headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Accept": "text/csv"}
     )
-    for r in (by_query, by_accept):
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
-        parsed = list(csv.DictReader(io.StringIO(r.text)))
+    for response in (by_query, by_accept):
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
+        parsed = list(csv.DictReader(io.StringIO(response.text)))
         assert len(parsed) == 4 and {"task_id", "team", "user", "model", "cost_usd"} <= set(parsed[0])
         assert round(sum(float(p["cost_usd"]) for p in parsed), 6) == 2.8
     teams_csv = gw.admin("GET", "/admin/usage", params={"format": "csv", "group_by": "team"})
@@ -592,19 +603,19 @@ def test_model_allow_list(make_gateway, sim):
     gw = make_gateway(
         teams={"red": {"models": [FAST]}, "blue": {}}, users={"alice": {"team": "red"}, "bob": {"team": "blue"}}
     )
-    with gw.client("alice") as c:
-        denied = c.post(CREATE, json=body(prompt="sim:never not allowed"))
+    with gw.client("alice") as client:
+        denied = client.post(CREATE, json=body(prompt="sim:never not allowed"))
         assert denied.status_code == 403, denied.text
         assert error_of(denied) == ("permission_error", "model_not_allowed")
         assert denied.json()["error"]["param"] == "model"
-        models = c.get("/models").json()
-        create_ok(c, prompt="sim:never allowed", model=FAST)
+        models = client.get("/models").json()
+        create_ok(client, prompt="sim:never allowed", model=FAST)
     assert models["object"] == "list"
     assert [(m["id"], m["object"], m["pricing"]) for m in models["data"]] == [
         (FAST, "model", {"720p": 0.16, "480p": 0.1})
     ]
-    with gw.client("bob") as c:
-        pricing = {m["id"]: m["pricing"] for m in c.get("/models").json()["data"]}
+    with gw.client("bob") as client:
+        pricing = {m["id"]: m["pricing"] for m in client.get("/models").json()["data"]}
     assert pricing == {"doubao-seedance-2.0": {"720p": 0.2, "480p": 0.12}, FAST: {"720p": 0.16, "480p": 0.1}}
     assert len(sim.requests("create")) == 1
     assert usage(gw, "alice")["team"]["reserved_usd"] == 0.8
@@ -612,11 +623,11 @@ def test_model_allow_list(make_gateway, sim):
 
 def test_quota_rejection_metrics_by_reason(make_gateway, sim):
     gw = make_gateway(teams={"red": {"budget_usd": 1.5, "max_concurrent_tasks": 2}}, users={"alice": {"team": "red"}})
-    with gw.client("alice") as c:
-        create_ok(c, prompt="sim:never $1.00")
-        over_budget = c.post(CREATE, json=body(prompt="sim:never another $1.00"))
-        create_ok(c, prompt="sim:never $0.40", **FAST_480_4S)
-        too_many = c.post(CREATE, json=body(prompt="sim:never a third task", **FAST_480_4S))
+    with gw.client("alice") as client:
+        create_ok(client, prompt="sim:never $1.00")
+        over_budget = client.post(CREATE, json=body(prompt="sim:never another $1.00"))
+        create_ok(client, prompt="sim:never $0.40", **FAST_480_4S)
+        too_many = client.post(CREATE, json=body(prompt="sim:never a third task", **FAST_480_4S))
     assert error_of(over_budget) == ("insufficient_quota", "budget_exceeded")
     assert error_of(too_many) == ("rate_limit_exceeded", "concurrency_limit_exceeded")
     reasons = {

@@ -93,12 +93,12 @@ def durable_redis() -> Iterator[DurableRedisServer]:
 
 @pytest.fixture
 def replicas(make_gateway: Callable[..., Gateway]) -> Callable[..., list[Gateway]]:
-    """replicas(server, n=2, **gateway kw) → n gateways on one Redis, started side by side."""
+    """replicas(server, count=2, **gateway kw) → count gateways on one Redis, started side by side."""
 
-    def make(server: RedisServer, n: int = 2, **kw: Any) -> list[Gateway]:
+    def make(server: RedisServer, count: int = 2, **kw: Any) -> list[Gateway]:
         kw.setdefault("keys", roomy("key-a", "key-b"))
-        gws = [make_gateway(store_url=server.url, name=f"r{i + 1}", start=False, **kw) for i in range(n)]
-        with ThreadPoolExecutor(n) as pool:
+        gws = [make_gateway(store_url=server.url, name=f"r{i + 1}", start=False, **kw) for i in range(count)]
+        with ThreadPoolExecutor(count) as pool:
             list(pool.map(Gateway.start, gws))
         return gws
 
@@ -108,22 +108,22 @@ def replicas(make_gateway: Callable[..., Gateway]) -> Callable[..., list[Gateway
 # helpers
 
 
-def create(c: httpx.Client, prompt: str = SHORT) -> str:
-    r = c.post(CREATE, json=body(prompt=prompt))
-    assert r.status_code == 200, r.text
-    return r.json()["id"]
+def create(client: httpx.Client, prompt: str = SHORT) -> str:
+    response = client.post(CREATE, json=body(prompt=prompt))
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
 
 
-def poll(c: httpx.Client, task_id: str) -> dict[str, Any]:
-    r = c.get(f"{CREATE}/{task_id}")
-    assert r.status_code == 200, r.text
-    return r.json()
+def poll(client: httpx.Client, task_id: str) -> dict[str, Any]:
+    response = client.get(f"{CREATE}/{task_id}")
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
-def store_unavailable(r: httpx.Response) -> None:
+def store_unavailable(response: httpx.Response) -> None:
     """SPEC §3: 503 service_unavailable / store_unavailable, with a Retry-After."""
-    error_of(r, 503, "service_unavailable", "store_unavailable")
-    assert int(r.headers["retry-after"]) >= 1, r.headers
+    error_of(response, 503, "service_unavailable", "store_unavailable")
+    assert int(response.headers["retry-after"]) >= 1, response.headers
 
 
 def sim_polls(sim: Simulator, task_id: str) -> list[dict[str, Any]]:
@@ -171,9 +171,9 @@ def test_concurrent_creates_across_replicas_admit_exactly_the_budget(replicas, r
     replies = asyncio.run(burst())
     codes = Counter(r.status_code for r in replies)
     assert codes == {200: 9, 429: 51}, codes
-    for r in replies:
-        if r.status_code == 429:
-            error_of(r, 429, "insufficient_quota", "budget_exceeded")
+    for response in replies:
+        if response.status_code == 429:
+            error_of(response, 429, "insufficient_quota", "budget_exceeded")
     assert len(creates(sim)) == 9
     for gw in (r1, r2):
         assert_settled_books(gw, spent=0.0, reserved=9.0, in_flight=9)
@@ -259,8 +259,8 @@ def test_killed_replica_loses_nothing(replicas, redis_server, sim):
 
 
 def _post_once(gw: Gateway, data: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:
-    with gw.client("alice") as c:
-        return c.post(CREATE, json=data, headers=headers)
+    with gw.client("alice") as client:
+        return client.post(CREATE, json=data, headers=headers)
 
 
 def _ignore_errors(call: Callable[[], Any]) -> None:
@@ -284,25 +284,25 @@ def test_redis_killed_and_restarted_under_traffic(replicas, durable_redis, sim):
     stop = threading.Event()
 
     def traffic(gw: Gateway) -> None:
-        with gw.client("alice", timeout=10) as c:
+        with gw.client("alice", timeout=10) as client:
             while not stop.is_set():
-                _record(log, "create", lambda: c.post(CREATE, json=body(prompt="sim:seconds=0.5 a fox")), acked)
+                _record(log, "create", lambda: client.post(CREATE, json=body(prompt="sim:seconds=0.5 a fox")), acked)
                 if acked:
                     tid = acked[len(log) % len(acked)]
-                    _record(log, "poll", lambda tid=tid: c.get(f"{CREATE}/{tid}"), acked)
+                    _record(log, "poll", lambda tid=tid: client.get(f"{CREATE}/{tid}"), acked)
                 time.sleep(0.05)
 
     workers = [threading.Thread(target=traffic, args=(gw,)) for gw in (r1, r2)]
-    for w in workers:
-        w.start()
+    for worker in workers:
+        worker.start()
     try:
         time.sleep(1.5)
         durable_redis.kill()
         killed = time.monotonic()
         time.sleep(0.3)
         for gw in (r1, r2):
-            r = ready(gw)
-            assert r.status_code == 503 and "store_unavailable" in r.json()["problems"], r.text
+            response = ready(gw)
+            assert response.status_code == 503 and "store_unavailable" in response.json()["problems"], response.text
         time.sleep(max(0.0, killed + 2 - time.monotonic()))
         restarting = time.monotonic()
         durable_redis.start()
@@ -311,21 +311,21 @@ def test_redis_killed_and_restarted_under_traffic(replicas, durable_redis, sim):
         time.sleep(2.5)
     finally:
         stop.set()
-        for w in workers:
-            w.join(15)
+        for worker in workers:
+            worker.join(15)
 
     assert not [e for e in log if e["status"] is None or (e["status"] >= 500 and e["status"] != 503)], log
-    for e in log:
-        if e["status"] == 503:
-            assert e["code"] == "store_unavailable" and e["retry_after"], e
+    for entry in log:
+        if entry["status"] == 503:
+            assert entry["code"] == "store_unavailable" and entry["retry_after"], entry
     during = [e for e in log if e["kind"] == "create" and e["start"] > killed and e["end"] < restarting]
     assert during and {e["status"] for e in during} == {503}, during
     after = [e for e in log if e["kind"] == "create" and e["start"] > recovered]
     assert after and {e["status"] for e in after} == {200}, after
 
-    with r1.client("alice") as c:  # clients keep polling: every acknowledged task reaches its end
+    with r1.client("alice") as client:  # clients keep polling: every acknowledged task reaches its end
         for tid in acked:
-            wait_until(lambda tid=tid: poll(c, tid)["status"] in TERMINAL, timeout=5, interval=0.2)
+            wait_until(lambda tid=tid: poll(client, tid)["status"] in TERMINAL, timeout=5, interval=0.2)
     rows = wait_until(lambda: _all_settled(ledger(r1)), timeout=15)  # incl. creates whose id was never recorded
     by_id = {r["task_id"]: r for r in rows}
     assert set(acked) <= set(by_id), set(acked) - set(by_id)
@@ -355,15 +355,15 @@ def _record(log: list[dict[str, Any]], kind: str, call: Callable[[], httpx.Respo
     start = time.monotonic()
     entry: dict[str, Any] = {"kind": kind, "start": start, "status": None, "code": None, "retry_after": None}
     try:
-        r = call()
+        response = call()
     except httpx.HTTPError as exc:
         entry["error"] = repr(exc)
     else:
-        entry.update(status=r.status_code, retry_after=r.headers.get("retry-after"))
-        if r.status_code >= 400:
-            entry["code"] = r.json()["error"]["code"]
+        entry.update(status=response.status_code, retry_after=response.headers.get("retry-after"))
+        if response.status_code >= 400:
+            entry["code"] = response.json()["error"]["code"]
         elif kind == "create":
-            acked.append(r.json()["id"])
+            acked.append(response.json()["id"])
     entry["end"] = time.monotonic()
     log.append(entry)
 
@@ -379,12 +379,12 @@ def test_redis_down_fails_creates_closed_and_cached_polls_still_forward(replicas
         for tid in (running, finishing):
             poll(c1, tid)
         durable_redis.kill()
-        for c in (c1, c2):
-            store_unavailable(c.post(CREATE, json=body()))
+        for client in (c1, c2):
+            store_unavailable(client.post(CREATE, json=body()))
         assert len(creates(sim)) == 2
         for gw in (r1, r2):
-            r = ready(gw)
-            assert r.status_code == 503 and r.json()["problems"] == ["store_unavailable"], r.text
+            response = ready(gw)
+            assert response.status_code == 503 and response.json()["problems"] == ["store_unavailable"], response.text
             assert httpx.get(gw.url + "/healthz").status_code == 200
         wait_until(lambda: sim.task(finishing)["status"] == "succeeded", timeout=5)  # also past coalescing
         before = len(sim_polls(sim, running))
@@ -412,11 +412,11 @@ def test_hung_redis_fails_creates_closed_and_nothing_is_left_behind(replicas, re
     and nothing goes upstream; a poll of a task whose record r1 has cached still forwards; /readyz is 503.
     Thawed: /readyz is 200; the refused creates left nothing behind (no reservation, no slot, no ledger row,
     no claimed idempotency key), even though the frozen Redis still holds what they sent; creates work again."""
-    (r1,) = replicas(redis_server, n=1)
-    with r1.client("alice") as c:
-        running = create(c, NEVER)
+    (r1,) = replicas(redis_server, count=1)
+    with r1.client("alice") as client:
+        running = create(client, NEVER)
         time.sleep(0.5)
-        assert poll(c, running)["status"] == "running"  # r1 caches the record
+        assert poll(client, running)["status"] == "running"  # r1 caches the record
         time.sleep(1.1)  # past the poll coalescing window
         asyncio.run(_warm_pool(r1))  # the creates' scripts then reach the frozen Redis on open connections
         redis_server.pause()
@@ -438,8 +438,8 @@ def test_hung_redis_fails_creates_closed_and_nothing_is_left_behind(replicas, re
         assert polled.status_code == 200 and polled.json()["status"] == "running", polled.text
         assert polled_s < 10, polled_s
         assert readiness.status_code == 503, readiness.text
-        for r, seconds in made:
-            store_unavailable(r)
+        for response, seconds in made:
+            store_unavailable(response)
             assert seconds < 10, seconds
         assert len(creates(sim)) == 1
 
@@ -451,21 +451,21 @@ def test_hung_redis_fails_creates_closed_and_nothing_is_left_behind(replicas, re
             pass
         assert_settled_books(r1, spent=0.0, reserved=PRICE, in_flight=1)
         assert [r["task_id"] for r in ledger(r1)] == [running]
-        retried = c.post(CREATE, json=body(), headers={"Idempotency-Key": "frozen-1"})
+        retried = client.post(CREATE, json=body(), headers={"Idempotency-Key": "frozen-1"})
         assert retried.status_code == 200 and "idempotent-replayed" not in retried.headers, retried.text
     assert len(creates(sim)) == 2
 
 
 async def _warm_pool(gw: Gateway) -> None:
     """Concurrent reads, so the replica keeps several idle connections to Redis in its pool."""
-    async with gw.aclient("alice") as c:
-        replies = await asyncio.gather(*(c.get("/usage") for _ in range(16)))
+    async with gw.aclient("alice") as client:
+        replies = await asyncio.gather(*(client.get("/usage") for _ in range(16)))
     assert {r.status_code for r in replies} == {200}
 
 
 def _get_once(gw: Gateway, path: str) -> httpx.Response:
-    with gw.client("alice") as c:
-        return c.get(path)
+    with gw.client("alice") as client:
+        return client.get(path)
 
 
 def _timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:

@@ -47,10 +47,10 @@ def _prefix() -> str:
 
 @pytest.fixture
 async def store(cluster: RedisClusterServers) -> AsyncIterator[RedisStore]:
-    s = RedisStore(cluster.url, prefix=_prefix())
-    await s.open()
-    yield s
-    await s.close()
+    store = RedisStore(cluster.url, prefix=_prefix())
+    await store.open()
+    yield store
+    await store.close()
 
 
 @pytest.fixture
@@ -58,27 +58,27 @@ async def replicas(cluster: RedisClusterServers) -> AsyncIterator[list[RedisStor
     """Two stores on one prefix: two gateway replicas, as the contract has them."""
     prefix = _prefix()
     pair = [RedisStore(cluster.url, prefix=prefix), RedisStore(cluster.url, prefix=prefix)]
-    for s in pair:
-        await s.open()
+    for store in pair:
+        await store.open()
     yield pair
-    for s in pair:
-        await s.close()
+    for store in pair:
+        await store.close()
 
 
 async def test_every_key_is_on_one_node_in_the_slot_of_the_hash_tag(cluster):
-    s = RedisStore(cluster.url, prefix=_prefix())
-    await s.open()
+    store = RedisStore(cluster.url, prefix=_prefix())
+    await store.open()
     try:
-        now = await s.now()
+        now = await store.now()
         for _ in range(3):
-            await created(s, now)
+            await created(store, now)
     finally:
-        await s.close()
-    keys = {n.port: command(n.port, "keys", s.prefix + "*").split() for n in cluster.nodes}
+        await store.close()
+    keys = {n.port: command(n.port, "keys", store.prefix + "*").split() for n in cluster.nodes}
     holders = [port for port, names in keys.items() if names]
     assert len(holders) == 1 and len(keys[holders[0]]) >= 5, keys
     slots = {command(holders[0], "cluster", "keyslot", k).strip() for k in keys[holders[0]]}
-    assert slots == {command(holders[0], "cluster", "keyslot", s.prefix).strip()}, slots
+    assert slots == {command(holders[0], "cluster", "keyslot", store.prefix).strip()}, slots
 
 
 def test_a_prefix_without_a_hash_tag_is_refused(cluster):
@@ -108,9 +108,9 @@ def test_two_gateways_on_the_cluster_admit_exactly_the_budget(make_gateway, clus
 
     replies = asyncio.run(burst())
     assert Counter(r.status_code for r in replies) == {200: 9, 429: 51}
-    for r in replies:
-        if r.status_code == 429:
-            error_of(r, 429, "insufficient_quota", "budget_exceeded")
+    for reply in replies:
+        if reply.status_code == 429:
+            error_of(reply, 429, "insufficient_quota", "budget_exceeded")
     assert len(creates(sim)) == 9
     for gw in gws:
         assert_settled_books(gw, spent=0.0, reserved=9.0, in_flight=9)

@@ -70,10 +70,10 @@ def without_clock(sent: list[str]) -> list[str]:
 def test_a_create_is_two_round_trips_and_a_terminal_poll_none(redis_url):
     prefix, upstream = f"{{rt-{uuid.uuid4().hex[:8]}}}:", FakeUpstream()
     sent: list[str] = []
-    with gateway(redis_url, prefix, upstream, sent) as c:
-        assert c.post(CREATE, json={"model": "doubao-seedance-2.0", "prompt": "a fox"}).status_code == 200
+    with gateway(redis_url, prefix, upstream, sent) as client:
+        assert client.post(CREATE, json={"model": "doubao-seedance-2.0", "prompt": "a fox"}).status_code == 200
         sent.clear()
-        replies = [c.post(CREATE, json={"model": "doubao-seedance-2.0", "prompt": "a fox"}) for _ in range(5)]
+        replies = [client.post(CREATE, json={"model": "doubao-seedance-2.0", "prompt": "a fox"}) for _ in range(5)]
         assert [r.status_code for r in replies] == [200] * 5
         assert without_clock(sent) == ["admit", "record_created"] * 5, sent
         # the rate headers come from the admission itself, exact
@@ -82,19 +82,20 @@ def test_a_create_is_two_round_trips_and_a_terminal_poll_none(redis_url):
         tid = replies[0].json()["id"]
         upstream.finish(tid)
         sent.clear()
-        assert c.get(f"{CREATE}/{tid}").json()["status"] == "succeeded"
+        assert client.get(f"{CREATE}/{tid}").json()["status"] == "succeeded"
         assert without_clock(sent) == ["settle"], sent
         sent.clear()
         for _ in range(3):
-            r = c.get(f"{CREATE}/{tid}")
-            assert r.json()["status"] == "succeeded" and r.headers["x-ratelimit-limit-requests"] == str(RPM)
+            response = client.get(f"{CREATE}/{tid}")
+            assert response.json()["status"] == "succeeded"
+            assert response.headers["x-ratelimit-limit-requests"] == str(RPM)
         assert without_clock(sent) == [], sent
 
         running = replies[1].json()["id"]
-        c.get(f"{CREATE}/{running}")
+        client.get(f"{CREATE}/{running}")
         sent.clear()
         for _ in range(3):  # coalesced: answered from the last upstream answer, no store read either
-            assert c.get(f"{CREATE}/{running}").json()["status"] == "queued"
+            assert client.get(f"{CREATE}/{running}").json()["status"] == "queued"
         assert without_clock(sent) == [], sent
 
     other: list[str] = []  # another process (a second worker or replica) that never saw the task
@@ -112,10 +113,10 @@ def test_a_failed_first_key_costs_the_fallback_its_own_round_trips(redis_url):
     """Only when the key the admission took fails (a 429 here) does a create read the pool and take another slot."""
     prefix, upstream = f"{{rt-{uuid.uuid4().hex[:8]}}}:", ThrottlingUpstream()
     sent: list[str] = []
-    with gateway(redis_url, prefix, upstream, sent) as c:
+    with gateway(redis_url, prefix, upstream, sent) as client:
         sent.clear()
-        r = c.post(CREATE, json={"model": "doubao-seedance-2.0", "prompt": "a fox"})
-        assert r.status_code == 200, r.text
+        response = client.post(CREATE, json={"model": "doubao-seedance-2.0", "prompt": "a fox"})
+        assert response.status_code == 200, response.text
         # the 429 saved as the key's health, its slot given back, the pool's load read, the other key's slot
         assert without_clock(sent) == ["admit", "HSET", "release_key", "HGETALL", "acquire_key", "record_created"], sent
     assert len({key for method, _, key in upstream.calls if method == "POST"}) == 2

@@ -109,8 +109,8 @@ def test_master_killed_under_traffic_fails_over_and_loses_nothing_acknowledged(m
     acked: list[str] = []
     stop = threading.Event()
     workers = [threading.Thread(target=_traffic, args=(gw, log, acked, stop)) for gw in gws]
-    for w in workers:
-        w.start()
+    for worker in workers:
+        worker.start()
     try:
         time.sleep(1.5)
         old = sentinel.master
@@ -121,13 +121,13 @@ def test_master_killed_under_traffic_fails_over_and_loses_nothing_acknowledged(m
         time.sleep(2.5)
     finally:
         stop.set()
-        for w in workers:
-            w.join(15)
+        for worker in workers:
+            worker.join(15)
 
     assert not [e for e in log if e["status"] is None or (e["status"] >= 500 and e["status"] != 503)], log
-    for e in log:
-        if e["status"] == 503:
-            assert e["code"] == "store_unavailable" and e["retry_after"], e
+    for entry in log:
+        if entry["status"] == 503:
+            assert entry["code"] == "store_unavailable" and entry["retry_after"], entry
     create_log = [e for e in log if e["kind"] == "create"]
     during = [e for e in create_log if e["start"] > killed + 0.05 and e["end"] < promoted]
     assert {e["status"] for e in during} <= {503}, during  # refused while there is no master, never a 500
@@ -146,32 +146,32 @@ def test_master_killed_under_traffic_fails_over_and_loses_nothing_acknowledged(m
 
 
 def _books(gw: Gateway) -> tuple[float, int]:
-    with gw.client("alice") as c:
-        team = c.get("/usage").json()["team"]
+    with gw.client("alice") as client:
+        team = client.get("/usage").json()["team"]
     return team["reserved_usd"], team["tasks_in_flight"]
 
 
 def _traffic(gw: Gateway, log: list[dict[str, Any]], acked: list[str], stop: threading.Event) -> None:
-    with gw.client("alice", timeout=10) as c:
+    with gw.client("alice", timeout=10) as client:
         while not stop.is_set():
-            _record(log, "create", lambda: c.post(CREATE, json=body(prompt=NEVER)), acked)
+            _record(log, "create", lambda: client.post(CREATE, json=body(prompt=NEVER)), acked)
             if acked:
                 tid = acked[len(log) % len(acked)]
-                _record(log, "poll", lambda tid=tid: c.get(f"{CREATE}/{tid}"), acked)
+                _record(log, "poll", lambda tid=tid: client.get(f"{CREATE}/{tid}"), acked)
             time.sleep(0.02)
 
 
 def _record(log: list[dict[str, Any]], kind: str, call: Callable[[], httpx.Response], acked: list[str]) -> None:
     entry: dict[str, Any] = {"kind": kind, "start": time.monotonic(), "status": None, "code": None, "retry_after": None}
     try:
-        r = call()
+        response = call()
     except httpx.HTTPError as exc:
         entry["error"] = repr(exc)
     else:
-        entry.update(status=r.status_code, retry_after=r.headers.get("retry-after"))
-        if r.status_code >= 400:
-            entry["code"] = r.json()["error"]["code"]
+        entry.update(status=response.status_code, retry_after=response.headers.get("retry-after"))
+        if response.status_code >= 400:
+            entry["code"] = response.json()["error"]["code"]
         elif kind == "create":
-            acked.append(r.json()["id"])
+            acked.append(response.json()["id"])
     entry["end"] = time.monotonic()
     log.append(entry)

@@ -113,8 +113,8 @@ def test_two_replicas_of_two_workers_admit_exactly_the_budget(make_gateway, sim)
     assert {r.json()["error"]["code"] for r in replies if r.status_code == 429} == {"budget_exceeded"}
     assert len(creates(sim)) == 9
     for gw in gws:
-        with gw.client("alice") as c:
-            team = c.get("/usage").json()["team"]
+        with gw.client("alice") as client:
+            team = client.get("/usage").json()["team"]
         assert (team["reserved_usd"], team["tasks_in_flight"]) == (9.0, 9), team
 
 
@@ -129,18 +129,18 @@ def test_both_workers_serve_and_metrics_count_them_all(make_gateway, sim):
     before = {pid: cpu_ticks(pid) for pid in pids}
 
     async def burst() -> list[int]:
-        async with gw.aclient("alice") as c:
+        async with gw.aclient("alice") as client:
             return [
                 r.status_code
-                for r in await asyncio.gather(*(c.post("/videos/generations", json=body()) for _ in range(120)))
+                for r in await asyncio.gather(*(client.post("/videos/generations", json=body()) for _ in range(120)))
             ]
 
     assert asyncio.run(burst()) == [200] * 120
     assert all(cpu_ticks(pid) > before[pid] for pid in pids), (before, {p: cpu_ticks(p) for p in pids})
     assert gw.metric("tokenhub_gateway_requests_total", route="/videos/generations", code="200") == 120
     assert gw.metric("tokenhub_gateway_tasks_created_total") == 120
-    with gw.client("alice") as c:
-        assert c.get("/usage").json()["team"]["tasks_in_flight"] == 120
+    with gw.client("alice") as client:
+        assert client.get("/usage").json()["team"]["tasks_in_flight"] == 120
     assert gw.metric("tokenhub_gateway_tasks_in_flight", team="red") == 120  # one sample, not one per worker
 
 
@@ -150,9 +150,9 @@ def test_a_dead_worker_is_replaced_and_sigterm_drains_them_all(make_gateway, sim
     subprocess.run(["kill", "-9", str(first)], check=True)
     wait_until(lambda: gw._started() == 3, timeout=15)  # the replacement's gateway too
     assert len(gw.worker_pids()) == 2 and second in gw.worker_pids() and first not in gw.worker_pids()
-    with gw.client("alice") as c:
+    with gw.client("alice") as client:
         for _ in range(10):
-            assert c.post("/videos/generations", json=body()).status_code == 200
+            assert client.post("/videos/generations", json=body()).status_code == 200
     pids = gw.worker_pids()
     assert gw.stop() == 0
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]

@@ -31,25 +31,25 @@ def hooked(make_gateway, secret: str, url: str, start: bool = True, **endpoint: 
 
 
 def create(gw: Gateway, prompt: str = SHORT, user: str = "alice") -> str:
-    with gw.client(user) as c:
-        r = c.post(CREATE, json=body(prompt=prompt))
-    assert r.status_code == 200, r.text
-    return r.json()["id"]
+    with gw.client(user) as client:
+        response = client.post(CREATE, json=body(prompt=prompt))
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
 
 
 def settle(gw: Gateway, task_id: str, user: str = "alice") -> dict[str, Any]:
     def terminal() -> dict[str, Any] | None:
-        with gw.client(user) as c:
-            data = c.get(f"{CREATE}/{task_id}").json()
+        with gw.client(user) as client:
+            data = client.get(f"{CREATE}/{task_id}").json()
         return data if data["status"] in ("succeeded", "failed", "cancelled") else None
 
     return wait_until(terminal, 20, 0.1)
 
 
 def endpoint_state(gw: Gateway) -> dict[str, Any]:
-    r = gw.admin("GET", "/admin/webhooks")
-    assert r.status_code == 200, r.text
-    [ep] = r.json()["data"]
+    response = gw.admin("GET", "/admin/webhooks")
+    assert response.status_code == 200, response.text
+    [ep] = response.json()["data"]
     return ep
 
 
@@ -60,8 +60,8 @@ def test_terminal_tasks_are_announced_signed_to_the_configured_endpoint(make_gat
         gw = hooked(make_gateway, secret, url, teams=["red"])
         done, failed = create(gw), create(gw, "sim:seconds=0.3 sim:fail a storm")
         queued = create(gw, "sim:seconds=60 a glacier")
-        with gw.client("alice") as c:
-            assert c.delete(f"{CREATE}/{queued}").json()["status"] == "cancelled"
+        with gw.client("alice") as client:
+            assert client.delete(f"{CREATE}/{queued}").json()["status"] == "cancelled"
         create(gw, user="bob")  # team blue: not this endpoint's
         for tid in (done, failed):
             settle(gw, tid)
@@ -107,8 +107,8 @@ def test_a_create_whose_outcome_is_unknown_is_announced_as_failed(make_gateway, 
     with Receiver(secret) as rx:
         gw = hooked(make_gateway, secret, rx.url)
         sim.create_then_fail("key-a", status=500)
-        with gw.client("alice") as c:
-            assert c.post(CREATE, json=body(prompt=SHORT)).status_code == 502
+        with gw.client("alice") as client:
+            assert client.post(CREATE, json=body(prompt=SHORT)).status_code == 502
         wait_until(lambda: len(rx.delivered()) == 1, 10)
         [event] = rx.delivered().values()
         [row] = gw.admin("GET", "/admin/usage").json()["data"]
@@ -203,10 +203,10 @@ def test_two_replicas_on_one_redis_deliver_each_event_once(make_gateway, sim, re
 
 def poll_times_ms(gw: Gateway, tids: list[str]) -> list[float]:
     times = []
-    with gw.client("alice") as c:
+    with gw.client("alice") as client:
         for tid in tids:
             start = time.perf_counter()
-            assert c.get(f"{CREATE}/{tid}").status_code == 200
+            assert client.get(f"{CREATE}/{tid}").status_code == 200
             times.append((time.perf_counter() - start) * 1000)
     return times
 
@@ -271,8 +271,10 @@ def test_the_demo_announces_a_finished_video_to_the_url_it_is_given(tmp_path):
             ready = json.loads(proc.stdout.readline())
             rx.use_secret(ready["webhook_secret"])
             wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
-            with httpx.Client(base_url=ready["gateway"], headers={"Authorization": f"Bearer {ready['api_key']}"}) as c:
-                tid = c.post(CREATE, json={"model": "doubao-seedance-2.0-fast", "prompt": "a fox"}).json()["id"]
+            with httpx.Client(
+                base_url=ready["gateway"], headers={"Authorization": f"Bearer {ready['api_key']}"}
+            ) as client:
+                tid = client.post(CREATE, json={"model": "doubao-seedance-2.0-fast", "prompt": "a fox"}).json()["id"]
             wait_until(lambda: len(rx.delivered()) == 1, 20)
             [event] = rx.delivered().values()
             assert (event["type"], event["data"]["id"], event["data"]["team"]) == ("video.completed", tid, "demo")
@@ -293,9 +295,9 @@ def test_running_tasks_are_checked_upstream_once_per_poller_interval(make_gatewa
     gw = make_gateway(extra={"poller": {"interval_s": 3}})
     quiet, busy = create(gw, "sim:seconds=60 a tide"), create(gw, "sim:seconds=60 a dune")
     deadline = time.monotonic() + 10
-    with gw.client("alice") as c:
+    with gw.client("alice") as client:
         while time.monotonic() < deadline:
-            assert c.get(f"{CREATE}/{busy}").status_code == 200
+            assert client.get(f"{CREATE}/{busy}").status_code == 200
             time.sleep(0.1)
     quiet_gaps, busy_gaps = upstream_poll_gaps(sim, quiet), upstream_poll_gaps(sim, busy)
     assert len(quiet_gaps) >= 3 and max(quiet_gaps) <= 3.1, quiet_gaps

@@ -35,8 +35,8 @@ def auth():
     ],
 )
 def test_right_key_gives_user_and_team(auth, header, user, team):
-    u, t = auth.authenticate(header)
-    assert (u.name, u.team, t.name) == (user, team, team)
+    found_user, found_team = auth.authenticate(header)
+    assert (found_user.name, found_user.team, found_team.name) == (user, team, team)
 
 
 @pytest.mark.parametrize(
@@ -90,8 +90,8 @@ def test_key_sha256_is_lowercase_hex_of_the_whole_key(key):
 
 
 def test_a_reload_without_the_user_invalidates_the_key():
-    s = settings()
-    reloaded = Authenticator(replace(s, users={n: u for n, u in s.users.items() if n != "alice"}))
+    configured = settings()
+    reloaded = Authenticator(replace(configured, users={n: u for n, u in configured.users.items() if n != "alice"}))
     with pytest.raises(AuthError):
         reloaded.authenticate(f"Bearer {ALICE_KEY}")
     assert reloaded.authenticate(f"Bearer {BOB_KEY}")[0].name == "bob"

@@ -68,11 +68,11 @@ def test_429_without_retry_after_backs_off_exponentially_capped_at_10x_with_jitt
     rng = random.Random(7)
     health = KeyHealth()
     now = NOW
-    for n in range(14):
+    for attempt in range(14):
         health = on_throttled(health, now, None, UPSTREAM_SETTINGS, rng)
-        base = min(UPSTREAM_SETTINGS.cooldown_s * 2**n, UPSTREAM_SETTINGS.cooldown_s * 10)
+        base = min(UPSTREAM_SETTINGS.cooldown_s * 2**attempt, UPSTREAM_SETTINGS.cooldown_s * 10)
         wait = health.until - now
-        assert 0.8 * base <= wait <= 1.2 * base, (n, wait)
+        assert 0.8 * base <= wait <= 1.2 * base, (attempt, wait)
         now = health.until  # usable again, then throttled again with no success in between
     assert health.throttles == 14
 

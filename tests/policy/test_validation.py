@@ -459,16 +459,16 @@ def test_a_create_with_a_repeated_key_is_refused_before_validation():
 
 
 def test_body_hash_is_the_canonical_sha256_whatever_the_spelling():
-    a = check(b'{"model": "doubao-seedance-2.0", "prompt": "a fox", "duration": 5}', PRICING)
-    b = check(b'{"duration":5,\n "prompt":"a \\u0066ox","model":"doubao-seedance-2.0"}', PRICING)
-    assert a == b
+    spaced = check(b'{"model": "doubao-seedance-2.0", "prompt": "a fox", "duration": 5}', PRICING)
+    compact = check(b'{"duration":5,\n "prompt":"a \\u0066ox","model":"doubao-seedance-2.0"}', PRICING)
+    assert spaced == compact
     assert (
-        a.body_hash
+        spaced.body_hash
         == hashlib.sha256(
             orjson.dumps({"duration": 5, "model": MODEL, "prompt": "a fox"}, option=orjson.OPT_SORT_KEYS)
         ).hexdigest()
     )
-    assert a.request == validate(body(prompt="a fox", duration=5), PRICING)
+    assert spaced.request == validate(body(prompt="a fox", duration=5), PRICING)
 
 
 def test_without_an_idempotency_key_no_hash_is_made_and_the_checks_are_the_same():

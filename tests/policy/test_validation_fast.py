@@ -32,9 +32,9 @@ def outcome(payload):
         return "refused", type(exc), exc.message, exc.param, exc.code
 
 
-def bodies(seed, n):
+def bodies(seed, count):
     rng = random.Random(seed)
-    for _ in range(n):
+    for _ in range(count):
         yield {
             name: rng.choice(good if rng.random() < 0.8 or not bad else bad)
             for name, (good, bad) in VALUES.items()
@@ -44,7 +44,7 @@ def bodies(seed, n):
 
 @pytest.mark.parametrize("forcing", sorted(_MEDIA_FIELDS))
 def test_shortcut_agrees_with_the_full_walk(forcing):
-    cases = list(bodies(seed=20260, n=3000))
+    cases = list(bodies(seed=20260, count=3000))
     assert sum(outcome(b)[0] == "accepted" for b in cases) > 300  # many bodies reach the shortcut
     for payload in cases:
         assert outcome(payload) == outcome({**payload, forcing: None}), payload
