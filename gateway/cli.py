@@ -59,6 +59,7 @@ def demo_settings(
         "upstream": {
             "base_url": f"http://127.0.0.1:{sim_port}/api/v1",
             "timeout_s": 30,
+            "media_allow_networks": ["127.0.0.1/32"],  # the simulator's result files (SPEC §4)
             "keys": [
                 {"name": "sim-a", "value_env": "DEMO_KEY_A", "weight": 2},
                 {"name": "sim-b", "value_env": "DEMO_KEY_B"},

@@ -15,6 +15,7 @@ import itertools
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from email.utils import format_datetime
+from ipaddress import ip_network
 from typing import Any
 
 import orjson
@@ -32,7 +33,12 @@ UPSTREAM_URL = "http://upstream.invalid/api/v1"
 UPSTREAM_KEY = "th-unit-upstream-key-0001"
 CALL_SECONDS = 0.001
 UPSTREAM_SETTINGS = UpstreamSettings(
-    base_url="https://tokenhub.test/api/v1", keys=(), cooldown_s=30, breaker_failures=5, breaker_open_s=30
+    base_url="https://tokenhub.test/api/v1",
+    keys=(),
+    cooldown_s=30,
+    breaker_failures=5,
+    breaker_open_s=30,
+    media_allow_networks=(ip_network("127.0.0.0/8"),),  # result files from a simulator on loopback
 )
 
 
@@ -139,6 +145,10 @@ def make_settings(
     `users` maps a name to its table with a `key` in the clear, hashed here into `key_sha256`; `keys` maps
     an upstream key's name to its value, each with `key_options`; `upstream` adds to the upstream table and
     `tables` (server, poller, ...) are passed on as they are. No store URL leaves the store at its default.
+
+    Unlike the real default (no network allowed), result files may be fetched from all of 127.0.0.0/8, so that
+    unit tests whose upstream or media server is on loopback keep working; a test of the media guard passes
+    its own `upstream={"media_allow_networks": [...]}`.
     """
     keys = keys or {"k": UPSTREAM_KEY}
     users = users if users is not None else {"alice": {"team": "red", "key": USER_KEY}}
@@ -146,6 +156,7 @@ def make_settings(
     data: dict[str, Any] = {
         "upstream": {
             "base_url": UPSTREAM_URL,
+            "media_allow_networks": ["127.0.0.0/8"],
             "keys": [
                 {"name": name, "value_env": env_name, **(key_options or {})}
                 for name, env_name in zip(keys, key_envs, strict=True)

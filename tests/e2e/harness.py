@@ -188,6 +188,8 @@ class Gateway(Process):
             "connect_timeout_s": 1,
             "cooldown_s": 1,
             "breaker_open_s": 1,
+            # The simulator's address, and no more of loopback: a canary on 127.0.0.2 stays out of reach.
+            "media_allow_networks": ["127.0.0.1/32"],
             "keys": [{"value_env": f"TEST_KEY_{k['name'].upper().replace('-', '_')}", **k} for k in keys],
         }
         users = {
