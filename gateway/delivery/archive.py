@@ -4,7 +4,11 @@ the gateway's own storage, served from there, and deleted after the retention pe
 Settling a task as succeeded leaves one "archive" item in the outbox (store/outbox.py) in the same step; one
 replica at a time holds its lease and copies both files, streaming with bounded memory and checking the byte
 count. A failed copy is retried with back-off (5 s doubling, capped at 10 min) until TokenHub's URL answers
-403/404/410 or 24 h have passed. Failures are counted by reason and logged, never shown to API clients."""
+403/404/410 or 24 h have passed. Failures are counted by reason and logged, never shown to API clients.
+
+Deletes win (SPEC §4): a copy records each file, then looks whether the task was deleted meanwhile and, if so,
+removes what it recorded; the delete marks the task first, then removes what is recorded. Whichever comes
+second sees the other's write, so no file outlives its video."""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import aiohttp
 import orjson
 import structlog
 
-from gateway.delivery.guard import media_session
+from gateway.delivery.guard import MAX_HOPS, MediaRefused, media_session
 from gateway.delivery.storage import Backend, StoreFailed, open_backend
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
@@ -39,12 +43,17 @@ CHUNK = 256 * 1024
 GONE = frozenset({403, 404, 410})  # TokenHub's signed URL has expired
 COVER_TYPES = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 _SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+_PLAIN_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+BEYOND = 1 << 62  # past any file's size: what every longer number in a Range means
 
 
 class CopyFailed(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, final: bool | None = None) -> None:
         super().__init__(detail)
         self.reason = reason  # a label of archive_failures_total
+        # final: no retry would mend it (a file too large, an expired URL, a URL the gateway never fetches)
+        self.final = final if final is not None else reason in ("too_large", "expired")
 
 
 def segment(name: str) -> str:
@@ -66,13 +75,23 @@ def archive_item(task: Task, data: dict[str, Any], now: float) -> Item | None:
     )
 
 
+def task_folder(task_id: str) -> str:
+    """A task's own folder, whatever id TokenHub chose: the id itself when it is plain (lowercase, so no other
+    id shares it on a case-insensitive store), else `x-<readable part>-<digest of the exact id>`; no plain id
+    starts with `x-`. Files archived under the older `segment(task_id)` keep their recorded keys."""
+    if _PLAIN_ID.fullmatch(task_id) and ".." not in task_id and not task_id.startswith("x-") and task_id[-1] != ".":
+        return task_id
+    readable = re.sub(r"[^a-z0-9_-]+", "_", task_id.lower())[:40]
+    return f"x-{readable}-{hashlib.sha256(task_id.encode()).hexdigest()[:32]}"
+
+
 def file_key(team: str, task_id: str, variant: str, content_type: str, url: str) -> str:
     if variant == "video":
         name = "video.mp4"
     else:
         ext = COVER_TYPES.get(content_type) or urlsplit(url).path.rpartition(".")[2].lower()
         name = "cover." + (ext if ext.isalnum() and len(ext) <= 5 else "img")
-    return f"{segment(team)}/{segment(task_id)}/{name}"
+    return f"{segment(team)}/{task_folder(task_id)}/{name}"
 
 
 def retry_in_s(attempts: int) -> float:
@@ -90,14 +109,29 @@ class Served:
 
 
 def byte_range(header: str | None, size: int) -> tuple[int, int] | None | str:
-    """One `bytes=` range → (start, end) exclusive; None: the whole file; "unsatisfiable": 416."""
-    match = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
-    if match is None or not (match[1] or match[2]) or (match[1] and match[2] and int(match[2]) < int(match[1])):
+    """One `bytes=` range → (start, end) exclusive; None: the whole file; "unsatisfiable": 416. Numbers of
+    any length are read (int() refuses over 4,300 digits)."""
+    match = _RANGE.fullmatch((header or "").strip())
+    if match is None or not (match[1] or match[2]) or (match[1] and match[2] and _below(match[2], match[1])):
         return None
     if not match[1]:
-        return (max(0, size - int(match[2])), size) if int(match[2]) > 0 and size > 0 else "unsatisfiable"
-    start, end = int(match[1]), min(size, int(match[2]) + 1) if match[2] else size
+        suffix = _number(match[2])
+        return (max(0, size - suffix), size) if suffix > 0 and size > 0 else "unsatisfiable"
+    start = _number(match[1])
+    end = min(size, _number(match[2]) + 1) if match[2] else size
     return (start, end) if start < size else "unsatisfiable"
+
+
+def _number(digits: str) -> int:
+    significant = digits.lstrip("0") or "0"
+    return int(significant) if len(significant) <= 18 else BEYOND
+
+
+def _below(digits: str, other: str) -> bool:
+    """Whether one decimal is less than another, exactly, at any length."""
+    one = digits.lstrip("0")
+    two = other.lstrip("0")
+    return (len(one), one) < (len(two), two)
 
 
 class Archive:
@@ -140,21 +174,46 @@ class Archive:
         if wanted == "unsatisfiable":
             return Served(416, {**headers, "Content-Range": f"bytes */{archived.size}"}, None, archived)
         start, end = wanted if isinstance(wanted, tuple) else (0, archived.size)
+        body = await self._open(archived, start, end)
+        if body is None:  # gone from storage: the route falls back to TokenHub's URL, else 410
+            return None
         if isinstance(wanted, tuple):
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{archived.size}"
         headers["Content-Length"] = str(end - start)
-        body = self.backend.read(archived.key, start, end)
         return Served(206 if isinstance(wanted, tuple) else 200, headers, body, archived)
+
+    async def _open(self, archived: ArchivedFile, start: int, end: int) -> AsyncIterator[bytes] | None:
+        """The file opened before anything is answered, so a 200 never dies mid-stream for a missing file."""
+        try:
+            body = await self.backend.open(archived.key, archived.size, start, end)
+        except StoreFailed as exc:
+            self.log.warning("archive.read_failed", task_id=archived.task_id, variant=archived.variant, detail=str(exc))
+            return None
+        if body is None:
+            self.log.warning("archive.file_missing", task_id=archived.task_id, variant=archived.variant)
+        return body
 
     def expires_at(self, files: list[ArchivedFile]) -> float | None:
         """When retention deletes the task's files (for the Video object's `expires_at`)."""
         return min(f.archived_at for f in files) + self.settings.retention_days * 86400 if files else None
 
     async def delete(self, task_id: str) -> None:
-        """Remove a task's archived files (a video deleted in the OpenAI shape)."""
+        """Remove a task's archived files (a video deleted in the OpenAI shape, also while it was being copied).
+        A file the storage fails to delete keeps its record, so retention tries again."""
         for archived in await self.store.archive_files(task_id):
+            await self._remove(archived)
+
+    async def _remove(self, archived: ArchivedFile) -> bool:
+        try:
             await self.backend.delete(archived.key)
-            await self.store.archive_forget(archived.task_id, archived.variant)
+        except StoreFailed as exc:
+            self.metrics.child(self.metrics.archive_failures, "store_failed").inc()
+            self.log.warning(
+                "archive.delete_failed", task_id=archived.task_id, variant=archived.variant, detail=str(exc)
+            )
+            return False
+        await self.store.archive_forget(archived.task_id, archived.variant)
+        return True
 
     # copying
 
@@ -206,6 +265,9 @@ class Archive:
 
     async def copy(self, item: Item) -> None:
         job = orjson.loads(item.payload)
+        if await self._deleted(job["task_id"]):
+            await self._discard(item, job["task_id"])
+            return
         done = {f.variant for f in await self.store.archive_files(job["task_id"])}
         failure: CopyFailed | None = None
         for variant, url in job["urls"].items():
@@ -223,9 +285,21 @@ class Archive:
                     detail=str(exc),
                     attempt=item.attempts,
                 )
-                if exc.reason not in ("too_large", "expired"):  # those two never get better
+                if not exc.final:
                     failure = exc
+            if await self._deleted(job["task_id"]):  # deleted while this file was copied: the delete wins
+                await self._discard(item, job["task_id"])
+                return
         await self._settle(item, failure)
+
+    async def _deleted(self, task_id: str) -> bool:
+        task = await self.store.get_record(task_id)
+        return task is None or task.deleted_at is not None
+
+    async def _discard(self, item: Item, task_id: str) -> None:
+        await self.delete(task_id)
+        await self.store.outbox_done(item, await self.store.now())
+        self.log.info("archive.discarded", task_id=task_id, reason="video deleted")
 
     async def _settle(self, item: Item, failure: CopyFailed | None) -> None:
         now = await self.store.now()
@@ -241,7 +315,7 @@ class Archive:
         limit = self.settings.max_bytes_per_video
         session = cast(aiohttp.ClientSession, self._session)  # run() opens it before any copy
         try:
-            async with session.get(url, allow_redirects=True, max_redirects=3) as resp:
+            async with session.get(url, allow_redirects=True, max_redirects=MAX_HOPS) as resp:
                 if resp.status in GONE:
                     raise CopyFailed("expired", f"TokenHub's URL answered {resp.status}")
                 if resp.status != 200:
@@ -254,10 +328,14 @@ class Archive:
                 content_type = resp.content_type if variant == "cover" else "video/mp4"
                 key = file_key(job["team"], job["task_id"], variant, content_type, url)
                 await self.backend.put(key, _exactly(resp.content.iter_chunked(CHUNK), size), content_type)
-        except (aiohttp.ClientError, TimeoutError, ShortRead) as exc:
-            raise CopyFailed("download_failed", f"the download failed: {exc.__class__.__name__}") from None
+        except CopyFailed:
+            raise
         except StoreFailed as exc:
             raise CopyFailed("store_failed", str(exc)) from None
+        except MediaRefused:  # an address or scheme the gateway never fetches: no retry would mend it
+            raise CopyFailed("download_failed", "the URL is not one the gateway fetches", final=True) from None
+        except Exception as exc:  # aiohttp's errors, a short read, a refused address: anything the download raised
+            raise CopyFailed("download_failed", f"the download failed: {exc.__class__.__name__}") from None
         await self.store.archive_record(ArchivedFile(job["task_id"], variant, key, size, content_type, self.clock()))
         self.metrics.child(self.metrics.archive_bytes, variant).inc(size)
         self.log.info("archive.copied", task_id=job["task_id"], variant=variant, bytes=size)
@@ -267,10 +345,10 @@ class Archive:
         before = self.clock() - self.settings.retention_days * 86400
         deleted = 0
         while old := await self.store.archive_older(before, 100):
-            for archived in old:
-                await self.backend.delete(archived.key)
-                await self.store.archive_forget(archived.task_id, archived.variant)
-                deleted += 1
+            removed = [await self._remove(archived) for archived in old]
+            deleted += sum(removed)
+            if not all(removed):  # the storage fails to delete: the next round tries again
+                break
         if deleted:
             self.log.info("archive.retention", deleted=deleted)
         return deleted

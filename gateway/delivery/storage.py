@@ -3,7 +3,12 @@
 Both take a file as a stream of chunks and make it visible only once all of it has arrived (a temporary file
 renamed into place; an S3 multipart upload completed), so a cut-off copy leaves nothing behind. S3 goes
 through obstore (Apache Arrow's Rust object_store): native asyncio, streaming multipart uploads, and no
-botocore to pin; credentials come from the usual AWS_* variables."""
+botocore to pin; credentials come from the usual AWS_* variables.
+
+Every failure of the storage itself (obstore's errors, OSError, a missing bucket's FileNotFoundError, anything)
+is StoreFailed; an exception raised by the stream being stored (the download's) passes through unchanged, so
+the archive counts each under its own reason (SPEC §12). A file is opened before its first byte is served:
+`open` answers None when it is gone, and a 200 never dies mid-stream for that (SPEC §4)."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 from urllib.parse import urlsplit
 
 from gateway.settings import ArchiveSettings
@@ -26,18 +31,45 @@ UPLOAD_PARTS = 2
 
 
 class StoreFailed(Exception):
-    """The archive's storage refused or failed a write."""
+    """The archive's storage refused or failed a write, a read or a delete."""
 
 
 class Backend(Protocol):
     async def put(self, key: str, chunks: AsyncIterator[bytes], content_type: str) -> None:
-        """Store the whole stream at `key`; an exception from `chunks` leaves nothing at `key`."""
+        """Store the whole stream at `key`; an exception from `chunks` propagates as is and leaves nothing at
+        `key`; any failure of the storage is StoreFailed."""
 
-    def read(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes [start, end) of the file at `key`; FileNotFoundError when there is none."""
+    async def open(self, key: str, size: int, start: int, end: int) -> AsyncIterator[bytes] | None:
+        """Bytes [start, end) of the `size`-byte file at `key`, opened before this returns; None when there is
+        no such file, or it is not `size` bytes long; StoreFailed when the storage fails to say."""
 
     async def delete(self, key: str) -> None:
-        """Remove the file at `key`, if there is one."""
+        """Remove the file at `key`, if there is one; StoreFailed when the storage fails to."""
+
+
+class Source:
+    """The stream being stored, remembering what it raised: that is the stream's failure, not the storage's."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.chunks = chunks
+        self.error: Exception | None = None
+
+    def __aiter__(self) -> Source:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await anext(self.chunks)
+        except StopAsyncIteration:
+            raise
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    def failure(self, exc: Exception, what: str) -> Exception:
+        """The stream's own exception when it failed, else StoreFailed naming only the storage's error class
+        (its message may hold URLs or a response body)."""
+        return self.error if self.error is not None else StoreFailed(f"{what}: {exc.__class__.__name__}")
 
 
 class LocalBackend:
@@ -50,40 +82,35 @@ class LocalBackend:
     async def put(self, key: str, chunks: AsyncIterator[bytes], content_type: str) -> None:
         final = self._path(key)
         part = final.with_name(f".{final.name}.{secrets.token_hex(6)}.part")
+        source = Source(chunks)
         try:
             await asyncio.to_thread(final.parent.mkdir, parents=True, exist_ok=True)
             file = await asyncio.to_thread(open, part, "wb")
-        except OSError as exc:
-            raise StoreFailed(f"cannot write the archive directory: {exc.strerror}") from None
-        try:
             try:
-                async for chunk in chunks:
+                async for chunk in source:
                     await asyncio.to_thread(file.write, chunk)
                 await asyncio.to_thread(_sync_close, file)
             finally:
                 file.close()
             await asyncio.to_thread(os.replace, part, final)
-        except OSError as exc:
-            raise StoreFailed(f"cannot write the archive directory: {exc.strerror}") from None
+        except Exception as exc:
+            raise source.failure(exc, "cannot write the archive directory") from None
         finally:
-            part.unlink(missing_ok=True)
+            await asyncio.to_thread(_unlink, part)
 
-    async def read(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
-        file = await asyncio.to_thread(open, self._path(key), "rb")
+    async def open(self, key: str, size: int, start: int, end: int) -> AsyncIterator[bytes] | None:
         try:
-            await asyncio.to_thread(file.seek, start)
-            while start < end:
-                chunk = await asyncio.to_thread(file.read, min(READ_CHUNK, end - start))
-                if not chunk:
-                    return
-                start += len(chunk)
-                yield chunk
-        finally:
-            file.close()
+            file = await asyncio.to_thread(_open_sized, self._path(key), size)
+        except Exception as exc:
+            raise StoreFailed(f"cannot read the archive directory: {exc.__class__.__name__}") from None
+        return None if file is None else _read_file(file, start, end)
 
     async def delete(self, key: str) -> None:
         path = self._path(key)
-        await asyncio.to_thread(path.unlink, missing_ok=True)
+        try:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+        except Exception as exc:
+            raise StoreFailed(f"cannot delete from the archive directory: {exc.__class__.__name__}") from None
         for folder in (path.parent, path.parent.parent):  # <task>/ and <team>/, once empty
             if folder == self.root:
                 break
@@ -96,6 +123,43 @@ class LocalBackend:
 def _sync_close(file: BinaryIO) -> None:
     file.flush()
     os.fsync(file.fileno())
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # the write already failed or succeeded; a stray .part file is never served
+
+
+def _open_sized(path: Path, size: int) -> BinaryIO | None:
+    """The file, open, when it is there with `size` bytes; else None."""
+    try:
+        file = open(path, "rb")  # noqa: SIM115 - handed to the reader, which closes it
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    try:
+        whole = os.fstat(file.fileno()).st_size == size
+    except OSError:
+        file.close()
+        raise
+    if not whole:
+        file.close()
+        return None
+    return file
+
+
+async def _read_file(file: BinaryIO, start: int, end: int) -> AsyncIterator[bytes]:
+    try:
+        await asyncio.to_thread(file.seek, start)
+        while start < end:
+            chunk = await asyncio.to_thread(file.read, min(READ_CHUNK, end - start))
+            if not chunk:
+                return
+            start += len(chunk)
+            yield chunk
+    finally:
+        file.close()
 
 
 class S3Backend:
@@ -117,30 +181,51 @@ class S3Backend:
         )
 
     async def put(self, key: str, chunks: AsyncIterator[bytes], content_type: str) -> None:
+        source = Source(chunks)
         try:
             await self._obstore.put_async(
                 self._store,
                 key,
-                chunks,
+                source,
                 attributes={"Content-Type": content_type},
                 chunk_size=PART_BYTES,
                 max_concurrency=UPLOAD_PARTS,
             )
-        except self._obstore.exceptions.BaseError as exc:
-            raise StoreFailed(f"the object store refused the upload: {exc.__class__.__name__}") from None
+        except Exception as exc:  # a missing bucket is a builtin FileNotFoundError, not an obstore error
+            raise source.failure(exc, "the object store refused the upload") from None
 
-    async def read(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
-        if start >= end:
-            return
-        result = await self._obstore.get_async(self._store, key, options={"range": (start, end)})
-        async for chunk in result.stream(min_chunk_size=READ_CHUNK):
-            yield bytes(chunk)
+    async def open(self, key: str, size: int, start: int, end: int) -> AsyncIterator[bytes] | None:
+        try:
+            if start >= end:  # S3 has no empty range: ask whether the object is there
+                meta: Any = await self._obstore.head_async(self._store, key)
+                return _nothing() if meta["size"] == size else None
+            result = await self._obstore.get_async(self._store, key, options={"range": (start, end)})
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise StoreFailed(f"the object store failed a read: {exc.__class__.__name__}") from None
+        if result.meta["size"] != size:
+            return None
+        return _read_object(result.stream(min_chunk_size=READ_CHUNK))
 
     async def delete(self, key: str) -> None:
         try:
             await self._obstore.delete_async(self._store, key)
         except FileNotFoundError:
-            pass
+            pass  # no such object, or no such bucket: nothing to delete
+        except Exception as exc:
+            raise StoreFailed(f"the object store failed a delete: {exc.__class__.__name__}") from None
+
+
+async def _read_object(stream: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    async for chunk in stream:
+        yield bytes(chunk)
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    empty: list[bytes] = []
+    for chunk in empty:
+        yield chunk
 
 
 def open_backend(settings: ArchiveSettings) -> Backend:
