@@ -31,6 +31,7 @@ from gateway.money import micros_to_usd
 from gateway.policy.auth import Authenticator
 from gateway.policy.quota import team_subjects
 from gateway.routes.table import route_table
+from gateway.routes.videos_input import Uploads
 from gateway.settings import Settings
 from gateway.store import open_store
 from gateway.store.base import Store, Task
@@ -70,6 +71,7 @@ class Gateway:
         self.settlement.on_outbox = self._wake_outbox
         self.large_bodies = BodyWorkers(MAX_LARGE_BODIES)  # parsed and checked in worker processes
         self.large_uploads = asyncio.Semaphore(MAX_LARGE_BODIES)  # OpenAI-shape uploads, checked in threads
+        self.uploads = Uploads()  # OpenAI-shape uploads in flight, within server.max_uploads_in_flight
         self.media = MediaFetcher(settings.upstream)  # result files, for the OpenAI shape's /content
         self.draining = False
         self.drain_deadline = math.inf  # time.monotonic() by which a shutdown must be done

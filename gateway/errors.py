@@ -20,10 +20,13 @@ GatewayError
 ├── NoUpstreamKey             503 upstream_unavailable / no_upstream_key (+ Retry-After)
 ├── RecordRejected            500 server_error / record_rejected
 ├── ShuttingDown              503 service_unavailable / shutting_down
+├── TooManyUploads            503 service_unavailable / too_many_uploads (+ Retry-After)
 └── UpstreamError             502 upstream_error / upstream_* codes
     ├── ConnectFailed         502 upstream_unreachable: nothing reached TokenHub
     ├── DuplicateTaskId       502 upstream_bad_response: an id the gateway already holds
     └── UpstreamTimeout       504 upstream_timeout
+
+ResponseCut (not a GatewayError: raised after an answer started, to end it short of its end on purpose)
 """
 
 from __future__ import annotations
@@ -161,6 +164,14 @@ class ShuttingDown(GatewayError):
     code = "shutting_down"
 
 
+class TooManyUploads(GatewayError):
+    """OpenAI-shape uploads in flight are bounded gateway-wide (server.max_uploads_in_flight)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "too_many_uploads"
+
+
 class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
@@ -215,3 +226,9 @@ class DuplicateTaskId(UpstreamError):
     """TokenHub answered a create with a task id the store already holds."""
 
     code = "upstream_bad_response"
+
+
+class ResponseCut(Exception):
+    """An answer ended on purpose before its last byte (a download cut upstream, too large, or whose client
+    stopped reading): raised after the answer started, so the server closes the connection without a clean end
+    of body and no client keeps a truncated file as complete. Not a crash."""

@@ -79,8 +79,7 @@ def authenticate(request: Request) -> tuple[User, Team]:
 
 async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytes:
     """The whole body, at most `limit` bytes, arrived within `timeout_s` (or a 408 that ends the connection)."""
-    declared = header(request, b"content-length")
-    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
+    if number_over(header(request, b"content-length"), limit):
         raise BodyTooLarge(f"The body is larger than {limit} bytes.")
     body = io.BytesIO()  # grown chunk by chunk and handed over without a copy: no whole-body memcpy on the loop
     try:
@@ -115,8 +114,19 @@ async def parse_json(raw: bytes, large: BodyWorkers) -> Any:
 
 
 def int_param(value: str | None, name: str, default: int, low: int, high: int) -> int:
+    """A numeric query parameter: ASCII digits only, and never int() of a string longer than `high` could be
+    (Python refuses int() past 4,300 digits with a ValueError: a 500)."""
     if value is None or value == "":
         return default
-    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+    digits = value.lstrip("0") or "0"
+    if not (value.isascii() and value.isdigit()) or len(digits) > len(str(high)) or not low <= int(digits) <= high:
         raise ValidationError(f"{name} must be an integer from {low} to {high}.", param=name)
-    return int(value)
+    return int(digits)
+
+
+def number_over(declared: str | None, limit: int) -> bool:
+    """Whether a declared size (a Content-Length: ASCII digits, of any length) is over `limit`."""
+    if not declared or not (declared.isascii() and declared.isdigit()):
+        return False
+    digits = declared.lstrip("0") or "0"
+    return len(digits) > len(str(limit)) or int(digits) > limit
