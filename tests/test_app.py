@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 from gateway.app import create_app
 from gateway.metrics import Metrics
 from gateway.settings import Settings
-from tests.doubles import USER_KEY, FakeClock, FakeUpstream, make_settings
+from tests.doubles import UPSTREAM_KEY, USER_KEY, FakeClock, FakeUpstream, make_settings
 
 NOV_30_23H = 1796079600.0  # 2026-11-30T23:00:00Z
 
@@ -220,3 +220,24 @@ def test_while_draining_new_requests_are_refused_and_probes_still_answer(app_par
     assert upstream.calls == []
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").json()["problems"] == ["shutting_down"]
+
+
+def test_tokenhubs_words_reach_clients_of_either_shape_scrubbed_of_keys(app_parts):
+    """The stored answer is TokenHub's own (SPEC §4 "Scrubbing removes keys, not look-alikes"), so every
+    way its text reaches a client scrubs it: the TokenHub shape's poll and the OpenAI shape's Video
+    objects (a failed video's `error.message` is TokenHub's), live, from memory and listed."""
+    client, upstream, clock, _ = app_parts
+    tid = create(client).json()["id"]
+    upstream.finish(tid, "failed")
+    upstream.tasks[tid]["error"] = {"code": "generation_failed", "message": f"key {UPSTREAM_KEY} was used"}
+    answers = [
+        client.get(f"/v1/videos/{tid}"),
+        client.get(f"/v1/videos/generations/{tid}"),
+        client.get(f"/v1/videos/generations/{tid}"),
+        client.get(f"/v1/videos/{tid}"),
+        client.get("/v1/videos"),
+    ]
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        assert UPSTREAM_KEY not in answer.text, answer.text
+        assert "key th-*** was used" in answer.text, answer.text

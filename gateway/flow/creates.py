@@ -36,7 +36,7 @@ from gateway.policy.validation import VideoRequest
 from gateway.settings import Settings, Team, UpstreamKey, User
 from gateway.store.base import Admission, Store, Task
 from gateway.upstream.calls import UpstreamCalls
-from gateway.upstream.client import Reply
+from gateway.upstream.client import AnswerTooLarge, Reply
 from gateway.upstream.keypool import KeyPool
 
 T = TypeVar("T")
@@ -183,8 +183,8 @@ class Tasks:
                     await self._unsent(task, self.store.release_key(task.rid))
                     unreachable = exc
                     continue  # nothing reached TokenHub: the next key may
-                except UpstreamError as exc:  # timed out or cut off: TokenHub may have made the task
-                    raise await self._unknown(task, "timeout" if exc.status == 504 else "cut_off", exc) from None
+                except UpstreamError as exc:  # timed out, cut off or too large: TokenHub may have made the task
+                    raise await self._unknown(task, _unknown_reason(exc), exc) from None
                 if tokenhub.outcome_of(reply.status) in (tokenhub.KEY_REJECTED, tokenhub.THROTTLED):
                     self._sent.discard(task.rid)
                     await self._unsent(task, self.store.release_key(task.rid))
@@ -263,11 +263,12 @@ class Tasks:
             raise await self._unknown(
                 task, "server_error", UpstreamError(f"TokenHub answered {reply.status}.", code="upstream_server_error")
             )
+        # What the client sees, and what its idempotency key replays, is scrubbed; the id is TokenHub's own.
         body = self.pool.scrub(reply.body)
         if outcome == tokenhub.REFUSED:
             await self.store.fail_create(task.rid, now, (reply.status, body))
             return Outcome(reply.status, body)
-        data = _json(body)
+        data = _json(reply.body)
         task_id = data.get("id") if isinstance(data, dict) else None
         if not isinstance(task_id, str) or not task_id or len(task_id) > MAX_TASK_ID:
             raise await self._unknown(
@@ -322,6 +323,12 @@ class Tasks:
             job.cancel()
         if self._background:
             await asyncio.wait(list(self._background), timeout=CUT_RECORD_S)
+
+
+def _unknown_reason(exc: UpstreamError) -> str:
+    if isinstance(exc, AnswerTooLarge):
+        return "too_large"
+    return "timeout" if exc.status == 504 else "cut_off"
 
 
 def _json(body: bytes) -> Any:

@@ -1,10 +1,12 @@
 """Polls and cancels of a task: answered from the gateway's cache once terminal, coalesced to one
-upstream call per task per second while running, and settled at the first terminal status seen."""
+upstream call per task per second while running, and settled at the first terminal status seen.
+TokenHub's answer is stored and used as it was sent; clients get it scrubbed of key values (SPEC §4)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
@@ -21,6 +23,16 @@ from gateway.upstream.client import Reply
 from gateway.upstream.keypool import KeyPool
 
 POLL_COALESCE_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Polled:
+    """A poll's answer twice over: `outcome` for the client, scrubbed of key values; `raw` TokenHub's
+    200 body exactly as sent, for the gateway's own use (result URLs), None on an error answer.
+    The two are one object when there was nothing to scrub."""
+
+    outcome: Outcome
+    raw: bytes | None
 
 
 class Polls:
@@ -40,9 +52,9 @@ class Polls:
         self.records = records  # owner and key of a task never change
         self.clock = clock
         self.log = structlog.get_logger("gateway.tasks")
-        self._final: LRUCache[str, bytes] = LRUCache(maxsize=20_000)
-        self._recent: TTLCache[str, Outcome] = TTLCache(maxsize=50_000, ttl=POLL_COALESCE_S)
-        self._polling: dict[str, asyncio.Future[Outcome]] = {}
+        self._final: LRUCache[str, Polled] = LRUCache(maxsize=20_000)  # scrubbed once, served many times
+        self._recent: TTLCache[str, Polled] = TTLCache(maxsize=50_000, ttl=POLL_COALESCE_S)
+        self._polling: dict[str, asyncio.Future[Polled]] = {}
 
     async def owned(self, task_id: str, team: str) -> Task:
         task = self.records.get(task_id)
@@ -55,15 +67,21 @@ class Polls:
         return task
 
     async def poll(self, task: Task, ctx: RequestContext | None) -> Outcome:
+        """A client's poll: its answer, scrubbed of key values."""
+        return (await self.latest(task, ctx)).outcome
+
+    async def latest(self, task: Task, ctx: RequestContext | None) -> Polled:
+        """TokenHub's latest answer on a task: from memory once terminal, else fetched (one call per
+        task per second however many ask) and settled at the first terminal status."""
         task_id = cast(str, task.task_id)  # polled tasks are TokenHub's: owned() and the poller check it
         final = self._final.get(task_id)
         if final is None and task.status in tokenhub.TERMINAL:
             stored = task if task.settled else await self.store.get_task(task_id)
-            final = stored.final_body if stored is not None and stored.settled else None
-            if final is not None:
+            if stored is not None and stored.settled and stored.final_body is not None:
+                final = self._polled(stored.final_body)
                 self._final[task_id] = final
         if final is not None:
-            return Outcome(200, final)
+            return final
         recent = self._recent.get(task_id)
         if recent is not None:
             return recent
@@ -74,19 +92,19 @@ class Polls:
             running.add_done_callback(lambda _done: self._polling.pop(task_id, None))
         return await asyncio.shield(running)
 
-    async def _poll_upstream(self, task: Task, ctx: RequestContext | None) -> Outcome:
+    async def _poll_upstream(self, task: Task, ctx: RequestContext | None) -> Polled:
         reply = await self._task_call(task, "GET", ctx)
-        outcome = await self._after_reply(task, reply)
+        polled = await self._after_reply(task, reply)
         if reply.status == 200:
-            self._recent[cast(str, task.task_id)] = outcome
-        return outcome
+            self._recent[cast(str, task.task_id)] = polled
+        return polled
 
     async def cancel(self, task: Task, ctx: RequestContext) -> Outcome:
         reply = await self._task_call(task, "DELETE", ctx)
-        outcome = await self._after_reply(task, reply)
+        polled = await self._after_reply(task, reply)
         if reply.status == 200:
-            self._recent[cast(str, task.task_id)] = outcome
-        return outcome
+            self._recent[cast(str, task.task_id)] = polled
+        return polled.outcome
 
     async def _task_call(self, task: Task, method: str, ctx: RequestContext | None) -> Reply:
         key = self.pool.key_for(task.key_name)
@@ -102,7 +120,7 @@ class Polls:
             key, tokenhub.TASK_ROUTE, method, tokenhub.task_path(cast(str, task.task_id)), None, ctx
         )
 
-    async def _after_reply(self, task: Task, reply: Reply) -> Outcome:
+    async def _after_reply(self, task: Task, reply: Reply) -> Polled:
         outcome = tokenhub.outcome_of(reply.status)
         if outcome == tokenhub.THROTTLED:
             raise RateLimited(
@@ -115,30 +133,36 @@ class Polls:
             )
         if outcome == tokenhub.FAILED:
             raise UpstreamError(f"TokenHub answered {reply.status}.", code="upstream_server_error")
-        body = self.pool.scrub(reply.body)
         if reply.status != 200:
-            return Outcome(reply.status, body)
-        data = _json(body)
+            return Polled(Outcome(reply.status, self.pool.scrub(reply.body)), None)
+        data = _json(reply.body)
         if not isinstance(data, dict) or not isinstance(data.get("status"), str):
             raise UpstreamError("TokenHub's answer had no task status.", code="upstream_bad_response")
         try:
-            await self.observe(task, data, body)
+            return await self.observe(task, data, reply.body)
         except StoreUnavailable:
             # Not settled yet: the poller settles it once the store is back.
             self.log.warning("task.observe_deferred", task_id=task.task_id, reason="store_unavailable")
-        return Outcome(200, body)
+        return self._polled(reply.body)
 
-    async def observe(self, task: Task, data: dict[str, Any], raw: bytes) -> None:
-        """Record what TokenHub said of a task: a new status, or its settlement at the first terminal one.
-        The answer is cached as final only once the store holds the settlement."""
+    async def observe(self, task: Task, data: dict[str, Any], raw: bytes) -> Polled:
+        """Record what TokenHub said of a task (`raw`, stored as it was sent): a new status, or its
+        settlement at the first terminal one. The answer is cached as final only once the store holds
+        the settlement."""
         task_id = cast(str, task.task_id)
         status = data["status"]
         if status in tokenhub.TERMINAL:
             await self.settlement.settle(task, status, data, raw)
-            self._final[task_id] = raw
-        elif status != task.status and status in ("queued", "running"):
+            final = self._polled(raw)
+            self._final[task_id] = final
+            return final
+        if status != task.status and status in ("queued", "running"):
             task.status = status
             await self.store.set_status(task_id, status, self.clock())
+        return self._polled(raw)
+
+    def _polled(self, raw: bytes) -> Polled:
+        return Polled(Outcome(200, self.pool.scrub(raw)), raw)
 
 
 def _json(body: bytes) -> Any:

@@ -6,7 +6,7 @@ from gateway.context import RequestContext
 from gateway.errors import GatewayError, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.settings import UpstreamKey
-from gateway.upstream.client import Reply, Upstream
+from gateway.upstream.client import AnswerTooLarge, Reply, Upstream
 from gateway.upstream.keypool import KeyPool
 
 
@@ -23,6 +23,10 @@ class UpstreamCalls:
         metrics = self.metrics
         try:
             reply = await self.upstream.call(method, path, key.value.reveal(), body)
+        except AnswerTooLarge as exc:  # TokenHub answered, the key works: counted as the status it sent
+            metrics.child(metrics.upstream_requests, key.name, route, str(exc.upstream_status)).inc()
+            await self._report(key.name, exc.upstream_status, None)
+            raise
         except GatewayError as exc:
             metrics.child(metrics.upstream_requests, key.name, route, str(exc.status)).inc()
             await self._report(key.name, None, exc.code)

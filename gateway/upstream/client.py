@@ -1,4 +1,4 @@
-"""The one TokenHub client: a pooled aiohttp session, timeouts, and the key scrubber.
+"""The one TokenHub client: a pooled aiohttp session, timeouts, bounded answers, and the key scrubber.
 
 Outcomes a create must tell apart (SPEC §5): a connect failure created nothing upstream and may be
 retried on another key; a read timeout or a dropped answer may have created a task and must not."""
@@ -9,16 +9,25 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
 from gateway.errors import ConnectFailed, UpstreamError, UpstreamTimeout
 from gateway.settings import UpstreamSettings
 
-# Anything shaped like a TokenHub key, raw, JSON-escaped (`th\u002d…`, `\/`) or percent-encoded.
-_ESCAPED = rb"\\u00[0-9a-fA-F]{2}|\\/|%[0-9a-fA-F]{2}"
-_KEYISH = rb"th(?:-|\\u002[dD]|%2[dD])(?:[A-Za-z0-9._+/=\-]|" + _ESCAPED + rb"){6,}"
+READ_CHUNK = 64 * 1024
+
+
+class AnswerTooLarge(UpstreamError):
+    """TokenHub answered more than `upstream.max_answer_bytes`: refused, never read whole (SPEC §4).
+    TokenHub did answer, with `upstream_status`: the key is not at fault."""
+
+    code = "upstream_bad_response"
+
+    def __init__(self, limit: int, upstream_status: int) -> None:
+        super().__init__(f"TokenHub's answer was larger than {limit} bytes (upstream.max_answer_bytes).")
+        self.upstream_status = upstream_status
 
 
 def _char_forms(ch: str) -> bytes:
@@ -32,26 +41,41 @@ def _char_forms(ch: str) -> bytes:
     return b"(?:" + b"|".join(forms) + b")"
 
 
+def _trie_pattern(values: Iterable[str]) -> bytes:
+    """One regex for all the values, their shared prefixes (`th-`) written once: a position that
+    starts no key is passed over after one test, not one per key. Longer values win."""
+    trie: dict[str, dict[str, Any]] = {}
+    for value in values:
+        node = trie
+        for ch in value:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # a value ends here
+
+    def emit(node: dict[str, Any]) -> bytes:
+        branches = [_char_forms(ch) + emit(child) for ch, child in node.items() if ch]
+        if not branches:
+            return b""
+        joined = branches[0] if len(branches) == 1 else b"(?:" + b"|".join(branches) + b")"
+        return b"(?:" + joined + b")?" if "" in node else joined
+
+    return emit(trie)
+
+
 def _any_case(hex_pair: str) -> bytes:
     return b"".join(f"[{c.lower()}{c.upper()}]".encode() if c.isalpha() else c.encode() for c in hex_pair)
 
 
 class Scrubber:
-    """Removes every configured key value, and anything shaped like a key, from a body before a
-    client sees it. The raw forms are found by one cheap search first; the full regex runs only when a
-    body holds one of them or an escape sequence that could hide one."""
+    """Removes every configured key value, raw, JSON-escaped or percent-encoded, from a body before a
+    client sees it. Only key values: a look-alike (`…/width-1280/…`, a signature with `th-` inside) is
+    not a key and is left as sent (SPEC §4). A body with nothing to remove comes back as the same object."""
 
     def __init__(self, key_values: Iterable[str]) -> None:
-        values = sorted({v for v in key_values if v}, key=len, reverse=True)
-        exact = [b"".join(_char_forms(c) for c in v) for v in values]
-        self._pattern = re.compile(b"|".join([*exact, _KEYISH]))
-        # One scan for every trigger: a key's prefix, an escape, or a configured value as it is.
-        self._trigger = re.compile(b"|".join([rb"th-|\\|%", *(re.escape(v.encode()) for v in values)]))
+        values = {v for v in key_values if v}
+        self._pattern = re.compile(_trie_pattern(values)) if values else None
 
     def __call__(self, body: bytes) -> bytes:
-        if self._trigger.search(body):
-            return self._pattern.sub(b"th-***", body)
-        return body
+        return self._pattern.sub(b"th-***", body) if self._pattern is not None else body
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +97,7 @@ class HttpUpstream:
     def __init__(self, settings: UpstreamSettings) -> None:
         self._base = settings.base_url
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout_s, sock_connect=settings.connect_timeout_s)
+        self._max_answer = settings.max_answer_bytes
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -95,7 +120,7 @@ class HttpUpstream:
         started = time.perf_counter()
         try:
             async with self._client().request(method, self._base + path, data=body, headers=headers) as response:
-                data = await response.read()
+                data = await self._read(response)
                 return Reply(response.status, data, response.headers.get("Retry-After"), time.perf_counter() - started)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise ConnectFailed(f"Cannot reach TokenHub: {type(exc).__name__}.") from None
@@ -105,6 +130,25 @@ class HttpUpstream:
             raise UpstreamError(
                 f"TokenHub's answer was cut off: {type(exc).__name__}.", code="upstream_bad_response"
             ) from None
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+        """The answer's body, at most max_answer_bytes of it: a larger one is refused as soon as its
+        length is known (declared, or once read that far)."""
+        declared = response.content_length
+        if declared is not None and declared > self._max_answer:
+            raise self._refuse(response)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await response.content.read(READ_CHUNK):
+            size += len(chunk)
+            if size > self._max_answer:
+                raise self._refuse(response)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _refuse(self, response: aiohttp.ClientResponse) -> AnswerTooLarge:
+        response.close()  # the connection is dropped, not drained
+        return AnswerTooLarge(self._max_answer, response.status)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -4,6 +4,7 @@ server on loopback against the simulator, on both stores where the books are kep
 from __future__ import annotations
 
 import json
+import secrets
 import signal
 import threading
 import time
@@ -159,11 +160,12 @@ def test_a_create_with_an_unknown_outcome_is_charged_and_listed(gateway, sim: Si
         voided = gw.admin("POST", f"/admin/tasks/{ref}/void")
         assert voided.status_code == 200, voided.text
         assert (voided.json()["cost_usd"], voided.json()["cost_estimated"]) == (0.0, False)
-        assert gw.admin("POST", f"/admin/tasks/{ref}/void").json() == voided.json()  # idempotent
         assert usage(c)["spent_usd"] == 0.0
-        settled = gw.admin("POST", f"/admin/tasks/{ref}/settle", json={"video_seconds": 4})
-        assert (settled.json()["cost_usd"], settled.json()["billed_seconds"]) == (0.8, 4.0), settled.text
-        assert usage(c)["spent_usd"] == 0.8
+        # A resolved row is final (SPEC §4 "Operator resolutions are strict"): a second resolution is 409.
+        for how, resolution in (("void", None), ("settle", {"video_seconds": 4})):
+            again = gw.admin("POST", f"/admin/tasks/{ref}/{how}", json=resolution)
+            assert (again.status_code, again.json()["error"]["code"]) == (409, "task_not_unknown"), again.text
+        assert usage(c)["spent_usd"] == 0.0
         books_balance(gw, c)
 
 
@@ -199,21 +201,106 @@ def test_a_duplicate_task_id_is_an_upstream_fault_that_opens_nothing(gateway, si
 # --- what reaches the client -----------------------------------------------------------------
 
 
-def test_key_values_are_scrubbed_in_every_form(gateway, sim: Simulator):
-    key = KEYS["key-a"]
-    escaped = "".join(f"\\u{ord(ch):04x}" for ch in key)
-    echoed = {
-        "error": {
-            "message": f"bad key {key} / {escaped} / "
-            f"{''.join(f'%{ord(ch):02X}' for ch in key)} / th\\u002dsomething-secret"
-        }
-    }
-    gw = gateway()
-    sim.fault("key-a", "answer", routes=["create"], status=400, raw=json.dumps(echoed).replace("\\\\", "\\"))
+KEY_FORMS = (
+    KEYS["key-a"],
+    "".join(f"\\u{ord(ch):04x}" for ch in KEYS["key-a"]),  # JSON-escaped, as the text of a JSON string
+    "".join(f"%{ord(ch):02X}" for ch in KEYS["key-a"]),
+)
+# Look-alikes are not keys (SPEC §4 "Scrubbing removes keys, not look-alikes"): they reach clients as sent.
+ECHOED = f"bad key {' / '.join(KEY_FORMS)} / th\\u002dlooks-like-a-key / width-1280"
+SHOWN = "bad key th-*** / th-*** / th-*** / th-looks-like-a-key / width-1280"
+
+
+def echoed_answer(**fields: Any) -> str:
+    """TokenHub's answer as JSON text, with a `note` that echoes the key in every form."""
+    return json.dumps(fields)[:-1] + f', "note": "{ECHOED}"}}'
+
+
+def assert_scrubbed(r: httpx.Response, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert not any(form in r.text for form in KEY_FORMS), r.text
+    return r.json()
+
+
+def test_key_values_are_scrubbed_from_everything_clients_see(gateway, sim: Simulator):
+    """Creates refused (and their replays), poll errors, live polls and terminal polls (live, then from
+    memory): the configured key is removed in every form; nothing else is rewritten. A terminal poll
+    from the store after a restart: tests/flow/test_polls.py."""
+    gw = gateway(extra=QUIET_POLLER)
+    sim.fault("key-a", "answer", routes=["create"], count=1, status=400, raw=echoed_answer(error={"code": "x"}))
     with gw.client("alice") as c:
-        r = c.post(CREATE, json=body())
-    assert r.status_code == 400
-    assert r.json()["error"]["message"] == "bad key th-*** / th-*** / th-*** / th-***", r.text
+        once = {"Idempotency-Key": "refused-once"}
+        for _ in range(2):  # the answer, then its replay
+            assert assert_scrubbed(c.post(CREATE, json=body(), headers=once), 400)["note"] == SHOWN
+        task_id = c.post(CREATE, json=body(prompt="sim:never a fox")).json()["id"]
+        sim.script_poll(task_id, status=404, raw=echoed_answer(error={"code": "task_not_found"}))
+        assert assert_scrubbed(c.get(f"{CREATE}/{task_id}"), 404)["note"] == SHOWN
+        sim.script_poll(task_id, raw=echoed_answer(id=task_id, status="running"))
+        assert assert_scrubbed(c.get(f"{CREATE}/{task_id}"), 200)["note"] == SHOWN
+        time.sleep(1.1)  # past the coalescing window
+        sim.script_poll(task_id, raw=echoed_answer(id=task_id, status="succeeded", usage={"video_duration": 5}))
+        live = assert_scrubbed(c.get(f"{CREATE}/{task_id}"), 200)
+        assert (live["status"], live["note"]) == ("succeeded", SHOWN)
+        assert assert_scrubbed(c.get(f"{CREATE}/{task_id}"), 200) == live  # from memory
+    assert len(sim.requests("poll")) == 3
+
+
+def test_result_urls_that_look_like_keys_are_used_and_shown_as_sent(gateway, sim: Simulator):
+    """`width-1280`, `month-12x` and a URL-safe signature with `th-` inside are not keys: a result URL
+    holding them is stored, shown and fetched exactly as TokenHub sent it (here in the path, which the
+    simulator signs, so a rewritten URL is refused)."""
+    task_id = f"cgt-width-1280-month-12x-QUJD_th-REVGR0hJ-Sk0-{secrets.token_hex(4)}"
+    gw = gateway(extra={**QUIET_POLLER, "upstream": {"media_allow_networks": ["127.0.0.0/8"]}})
+    sim.fixed_id("key-a", task_id)
+    with gw.client("alice") as c:
+        assert c.post(CREATE, json=body(prompt="sim:seconds=0.3 look-alikes")).json()["id"] == task_id
+        done = poll_until_settled(c, task_id)
+        assert f"/media/{task_id}.mp4?" in done["data"][0]["video_url"], done
+        assert c.get(f"{CREATE}/{task_id}").json() == done  # from memory
+        content = c.get(f"/videos/{task_id}/content")  # from the stored answer: the task is settled
+        assert (content.status_code, content.content) == (200, sim.expected_bytes(task_id)), content.text
+    assert [d["path"] for d in sim.downloads()] == [f"/media/{task_id}.mp4"]
+
+
+# --- answers of any size -----------------------------------------------------------------------
+
+SMALL_ANSWERS = {"upstream": {"max_answer_bytes": 4096}}
+PADDING = {"padding": "x" * 5000}  # an answer over SMALL_ANSWERS' limit
+
+
+def test_an_oversized_answer_to_a_create_is_an_unknown_outcome(make_gateway, sim: Simulator):
+    gw = make_gateway(extra=SMALL_ANSWERS)
+    sim.fault("key-a", "answer", routes=["create"], count=1, patch=PADDING)
+    with gw.client("alice") as c:
+        r = c.post(CREATE, json=body(duration=5))
+        assert (r.status_code, r.json()["error"]["code"]) == (502, "upstream_bad_response"), r.text
+        assert r.headers["x-should-retry"] == "false"
+        assert len(sim.created_task_ids()) == 1
+        assert [(x["status"], x["cost_usd"], x["cost_estimated"]) for x in ledger(gw)] == [("unknown", 1.0, True)]
+        team = usage(c)
+        assert (team["spent_usd"], team["reserved_usd"], team["tasks_in_flight"]) == (1.0, 0.0, 0), team
+        assert gw.metric("tokenhub_gateway_tasks_unknown_total", team="red", reason="too_large") == 1
+        assert c.post(CREATE, json=body(duration=5)).status_code == 200  # the key is still fine
+        books_balance(gw, c)
+
+
+def test_an_oversized_answer_to_a_poll_is_502_and_changes_nothing(make_gateway, sim: Simulator):
+    gw = make_gateway(extra={**SMALL_ANSWERS, **QUIET_POLLER})
+    with gw.client("alice") as c:
+        task_id = c.post(CREATE, json=body(prompt="sim:seconds=0.3 a fox", duration=5)).json()["id"]
+        wait_until(lambda: sim.task(task_id)["status"] == "succeeded", timeout=10)
+        sim.script_poll(task_id, patch=PADDING)
+        r = c.get(f"{CREATE}/{task_id}")
+        assert (r.status_code, r.json()["error"]["code"]) == (502, "upstream_bad_response"), r.text
+        row = next(x for x in ledger(gw) if x["task_id"] == task_id)
+        assert (row["status"], row["settled_at"]) == ("queued", None), row
+        assert usage(c)["reserved_usd"] == 1.0
+        time.sleep(1.1)  # past the coalescing window
+        done = c.get(f"{CREATE}/{task_id}").json()
+        assert (done["status"], "padding" in done) == ("succeeded", False), done
+        row = next(x for x in ledger(gw) if x["task_id"] == task_id)
+        assert (row["status"], row["cost_usd"], row["cost_estimated"]) == ("succeeded", 1.0, False), row
+        books_balance(gw, c)
 
 
 def test_numeric_query_parameters_take_ascii_digits_only(gateway, sim: Simulator):

@@ -85,5 +85,105 @@ def test_a_configured_key_is_scrubbed_in_every_form(key):
     for form in forms:
         out = scrub(f'{{"error": {{"message": "bad key {form} here"}}}}'.encode())
         assert out == b'{"error": {"message": "bad key th-*** here"}}', form
-    assert scrub(b'{"ok": "th\\u002dlooks-like-a-key"}') == b'{"ok": "th-***"}'
-    assert scrub(b'{"status": "succeeded", "width": 1280}') == b'{"status": "succeeded", "width": 1280}'
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"video_url": "https://cdn.example/v/width-1280/month-12x/a.mp4?X-Sig=QUJD_th-REVGR0hJ-Sk0"}',
+        b'{"ok": "th\\u002dlooks-like-a-key", "also": "th%2Dlooks-like-a-key"}',
+        b'{"error": {"message": "th-unit-upstream-key-000"}}',  # a key's prefix is not the key
+        b'{"status": "succeeded", "width": 1280}',
+    ],
+)
+def test_look_alikes_are_not_keys_and_are_left_as_sent(text):
+    """SPEC §4 "Scrubbing removes keys, not look-alikes": the `th-` shape alone scrubs nothing (it broke
+    result URLs that the gateway itself then fetched)."""
+    from gateway.upstream.client import Scrubber
+
+    assert Scrubber(["th-unit-upstream-key-0001"])(text) is text
+
+
+def test_no_configured_key_scrubs_nothing():
+    from gateway.upstream.client import Scrubber
+
+    text = b'{"error": {"message": "th-anything-at-all"}}'
+    assert Scrubber([])(text) is text
+
+
+# --- answers of any size ---------------------------------------------------------------------
+
+HUGE = 40 * 1024 * 1024
+CHUNK = b"x" * 65536
+
+
+async def stream_huge(request: web.Request, declared: bool) -> web.StreamResponse:
+    """40 MiB of answer, with or without a Content-Length; written until the client goes away."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    if declared:
+        response.content_length = HUGE
+    else:
+        response.enable_chunked_encoding()
+    await response.prepare(request)
+    try:
+        for _ in range(HUGE // len(CHUNK)):
+            await response.write(CHUNK)
+    except (ConnectionError, RuntimeError):
+        pass  # the client refused the rest
+    return response
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+async def test_an_answer_over_max_answer_bytes_is_refused_without_being_read_whole(declared):
+    import asyncio
+    import time
+
+    from gateway.errors import UpstreamError
+
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        return await stream_huge(request, declared)
+
+    runner, base = await serve(huge)
+    upstream = HttpUpstream(UpstreamSettings(base_url=base, keys=(), max_answer_bytes=1024 * 1024))
+    ticking = asyncio.ensure_future(ticker())
+    started = time.perf_counter()
+    try:
+        with pytest.raises(UpstreamError) as refused:
+            await upstream.call("GET", "/videos/generations/cgt-1", "th-k")
+    finally:
+        ticking.cancel()
+        await upstream.close()
+        await runner.cleanup()
+    assert (refused.value.status, refused.value.code) == (502, "upstream_bad_response")
+    assert getattr(refused.value, "upstream_status", None) == 200  # TokenHub did answer: the key is fine
+    assert time.perf_counter() - started < 2
+    assert max(gaps, default=0) < 0.05, max(gaps)  # the loop kept turning: /healthz would have answered
+
+
+async def test_an_answer_up_to_max_answer_bytes_is_read_whole():
+    async def exact(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"y" * 4096)
+        await response.write_eof()
+        return response
+
+    runner, base = await serve(exact)
+    upstream = HttpUpstream(UpstreamSettings(base_url=base, keys=(), max_answer_bytes=4096))
+    try:
+        reply = await upstream.call("GET", "/videos/generations/cgt-1", "th-k")
+    finally:
+        await upstream.close()
+        await runner.cleanup()
+    assert (reply.status, reply.body) == (200, b"y" * 4096)
