@@ -7,13 +7,19 @@ Decisions where SPEC §11 is silent:
   read (written by a newer gateway, or damaged) shows the task as one created in the TokenHub shape.
 - A TokenHub-shape create keeps its `aspect_ratio` in the meta when it names one (TokenHub's answers do
   not say it); without one, a ratio in TokenHub's answer (`ratio`, else `aspect_ratio`) is used, else 16:9.
+- A stored final body is parsed once (`stored_answer`), not on every listing: the parsed answers are kept in
+  one LRU keyed by the task's rid and the body's length and hash (hashing is a small fraction of parsing),
+  bounded by their bodies' bytes, shared by every route of the process and never changed by a reader. A Video
+  object reads the answer only for what the meta does not say (a failed task's error, a ratio).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import orjson
+from cachetools import LRUCache
 
 from gateway.openai.translate import VideoFacts
 from gateway.openai.view import TaskFacts, facts_of_seedance
@@ -22,6 +28,8 @@ from gateway.store.base import Task
 META_VERSION = 1
 MAX_ERROR_CHARS = 1_000
 URL_FIELDS = {"video": "video_url", "thumbnail": "cover_image_url"}
+PARSED_ANSWERS_BYTES = 16 * 1024 * 1024  # the stored bodies whose parsed answers are kept, in bytes
+PARSED_ENTRY_BYTES = 512  # what an entry costs beyond its body, so many tiny answers stay bounded too
 
 
 def encode_meta(facts: VideoFacts) -> bytes:
@@ -73,9 +81,62 @@ def answer_of(body: bytes | None) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def task_facts(task: Task, answer: dict[str, Any] | None = None) -> TaskFacts:
-    """What the Video object is built from: the stored task, and TokenHub's latest answer when known."""
-    answer = answer if answer is not None else answer_of(task.final_body) or {}
+def _entry_bytes(entry: tuple[int, dict[str, Any] | None]) -> int:
+    return entry[0]
+
+
+class ParsedAnswers:
+    """Stored final bodies → TokenHub's answers, each parsed once while it stays among the most recent."""
+
+    def __init__(self, max_bytes: int = PARSED_ANSWERS_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.parsed = 0  # bodies parsed: the misses
+        self._answers: LRUCache[tuple[str, int, int], tuple[int, dict[str, Any] | None]] = LRUCache(
+            maxsize=max_bytes, getsizeof=_entry_bytes
+        )
+        self._lock = threading.Lock()  # a remix's translation may run in a worker thread
+
+    def of(self, task: Task) -> dict[str, Any] | None:
+        """The task's stored final body, parsed (None when there is none or it is not an object)."""
+        body = task.final_body
+        if not body:
+            return None
+        key = (task.rid, len(body), hash(body))
+        with self._lock:
+            entry = self._answers.get(key)
+        if entry is not None:
+            return entry[1]
+        entry = (len(body) + PARSED_ENTRY_BYTES, answer_of(body))
+        with self._lock:
+            self.parsed += 1
+            if entry[0] <= self.max_bytes:
+                self._answers[key] = entry
+        return entry[1]
+
+
+_PARSED = ParsedAnswers()
+
+
+def stored_answer(task: Task) -> dict[str, Any] | None:
+    """TokenHub's final answer of a settled task, parsed once per process (callers must not change it)."""
+    return _PARSED.of(task)
+
+
+def parsed_answers() -> ParsedAnswers:
+    """The process's cache of parsed final bodies (tests read `parsed`)."""
+    return _PARSED
+
+
+def task_facts(task: Task, answer: dict[str, Any] | None = None, *, archived_until: float | None = None) -> TaskFacts:
+    """What the Video object is built from: the stored task, TokenHub's latest answer when known (else the
+    stored final one, read only when the Video needs it), and when the archive's retention deletes the
+    task's files (`Archive.expires_at` of its archived files; None when not archived or no archive).
+    Every route that answers a Video passes the same facts, so a list item equals the retrieve."""
+    video = decode_meta(task.meta)
+    needs_answer = task.status == "failed" or (video is None and _kept_ratio(task) is None)
+    if answer is None and needs_answer:
+        answer = stored_answer(task)
+    answer = answer or {}
     return TaskFacts(
         id=task.task_id or task.rid,
         status=task.status,
@@ -85,15 +146,16 @@ def task_facts(task: Task, answer: dict[str, Any] | None = None) -> TaskFacts:
         duration_s=task.duration_s,
         created_at=task.created_at,
         settled_at=task.settled_at,
-        video=decode_meta(task.meta),
+        video=video,
         error_message=_error_message(answer),
+        archived_until=archived_until,
     )
 
 
 def facts_of(task: Task) -> VideoFacts:
     """The client-facing names of a task, whichever shape created it (a remix's defaults)."""
     return decode_meta(task.meta) or facts_of_seedance(
-        task.model, task.duration_s, task.resolution, _ratio(task, answer_of(task.final_body) or {})
+        task.model, task.duration_s, task.resolution, _ratio(task, stored_answer(task) or {})
     )
 
 
@@ -111,9 +173,14 @@ def output_seconds(answer: dict[str, Any] | None) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _ratio(task: Task, answer: dict[str, Any]) -> str | None:
+def _kept_ratio(task: Task) -> str | None:
     kept = (_meta_doc(task.meta) or {}).get("aspect_ratio")
-    if isinstance(kept, str):
+    return kept if isinstance(kept, str) else None
+
+
+def _ratio(task: Task, answer: dict[str, Any]) -> str | None:
+    kept = _kept_ratio(task)
+    if kept is not None:
         return kept
     for name in ("ratio", "aspect_ratio"):
         given = answer.get(name)

@@ -5,6 +5,8 @@ which never learns which shape a request came in. §4's validation still runs on
 
 Decisions where SPEC §11 is silent:
 
+- A dated snapshot name (`sora-2-2025-10-06`) is kept as the client sent it, as any alias is; the configured
+  aliases may name a snapshot themselves, which then wins over its family's mapping.
 - `null` counts as absent; a field the mapping does not know is 400 `unsupported_parameter`
   (the SDK sends `extra_body` keys as form fields; dropping them silently would mislead the app).
 - `seconds` is a JSON integer or a string of ASCII digits; it is echoed normalised ("08" → "8").
@@ -28,6 +30,8 @@ import orjson
 from gateway.errors import UnsupportedParameter, ValidationError
 
 DEFAULT_ALIASES = {"sora-2": "doubao-seedance-2.0-fast", "sora-2-pro": "doubao-seedance-2.0"}
+# The dated snapshots the openai SDKs list (its VideoModel), each mapped like its family unless configured itself.
+SNAPSHOTS = {"sora-2-2025-10-06": "sora-2", "sora-2-2025-12-08": "sora-2", "sora-2-pro-2025-10-06": "sora-2-pro"}
 DEFAULT_MODEL = "sora-2"
 DEFAULT_SECONDS = "4"
 DEFAULT_SIZE = "720x1280"
@@ -202,10 +206,18 @@ def _bounded(name: str) -> str:
     return name[:MAX_NAME_CHARS]  # a client's field name, echoed in the error
 
 
+def model_names(aliases: Mapping[str, str]) -> dict[str, str]:
+    """Every client-facing model name → the name it stands for: the aliases (configured over the defaults),
+    and each dated snapshot of a family, mapped like the family unless configured itself."""
+    names = {**DEFAULT_ALIASES, **aliases}
+    snapshots = {snapshot: names[family] for snapshot, family in SNAPSHOTS.items() if family in names}
+    return {**snapshots, **names}
+
+
 def _model(value: Any, aliases: Mapping[str, str], models: Collection[str]) -> tuple[str, str]:
     """(the model name the client gave, or the default; the Seedance model it names)."""
     value = DEFAULT_MODEL if value is None else value
-    names = {**DEFAULT_ALIASES, **aliases}
+    names = model_names(aliases)
     if not isinstance(value, str) or (target := names.get(value, value)) not in models:
         offered = sorted({*(a for a, m in names.items() if m in models), *models})
         raise ValidationError(f"model must be one of {', '.join(offered)}.", param="model")

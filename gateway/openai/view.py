@@ -30,6 +30,7 @@ STATUS = {
     "expired": "failed",
     "unresolved": "failed",
     "unknown": "failed",
+    "voided": "failed",  # an unknown outcome an operator found was never made
 }
 ERRORS = {
     "failed": ("generation_failed", "Seedance could not generate this video."),
@@ -40,6 +41,7 @@ ERRORS = {
         "unknown",
         "The gateway could not learn whether this video was created upstream; an operator resolves it.",
     ),
+    "voided": ("voided", "The video was not created upstream (an operator checked TokenHub's records)."),
 }
 UNFINISHED = frozenset({"queued", "in_progress"})
 URL_LIFETIME_S = 24 * 3600  # TokenHub's result URLs expire after about a day

@@ -9,23 +9,27 @@ Decisions where SPEC §11 is silent:
 - A poll or cancel that TokenHub answers with a 4xx is passed through scrubbed, as in the TokenHub shape.
 - Content and remix of a failed video are 409 `video_not_ready` too: it will never have content.
 - The list is read from the gateway's records alone (no upstream call per item).
+- A download slot (`server.max_downloads_per_team`) is held by every `/content` answer, archived or fetched,
+  until its last byte is sent, and by a remix while it checks its source; an upload slot
+  (`server.max_uploads_in_flight`, routes/videos_input.py) by a create or remix with a large body until
+  TokenHub answers it. Once a create's body to send is made, the upload's bytes are let go.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from gateway.context import Outcome, RequestContext
 from gateway.delivery.archive import Served
-from gateway.delivery.content import DownloadResponse
+from gateway.delivery.content import Delivery, DownloadResponse, Slot, image_type, single_range
 from gateway.errors import (
+    GatewayError,
     NotFound,
     RangeNotSatisfiable,
     UnsupportedParameter,
@@ -34,7 +38,15 @@ from gateway.errors import (
     VideoNotReady,
 )
 from gateway.http.request import authenticate, ctx_of, gw, int_param, json_response, outcome_response
-from gateway.openai.bridge import answer_of, encode_meta, facts_of, output_seconds, result_url, task_facts
+from gateway.openai.bridge import (
+    answer_of,
+    encode_meta,
+    facts_of,
+    output_seconds,
+    result_url,
+    stored_answer,
+    task_facts,
+)
 from gateway.openai.translate import (
     CREATE_FIELDS,
     INPUT,
@@ -62,10 +74,10 @@ LARGE_UPLOAD = 1 << 20  # an upload this large is translated and checked off the
 PARAM_LABELS = frozenset({*CREATE_FIELDS, "Idempotency-Key"})  # validation_errors{param}: bounded
 MAX_ID_ECHO = 64
 NOT_OFFERED = {"edits": "Video edits", "extensions": "Video extensions", "characters": "Characters"}
+NOSNIFF = {"X-Content-Type-Options": "nosniff"}
 
 
 class Prepared(NamedTuple):
-    body: dict[str, Any]
     raw: bytes
     req: VideoRequest
     facts: VideoFacts
@@ -84,24 +96,37 @@ async def create_video(request: Request) -> Response:
     gateway = gw(request)
     user, team = authenticate(request)
     idem_key = _idempotency_key(request)
+    with gateway.uploads.slot(request, gateway.settings.server.max_uploads_in_flight):
+        prepared = await _prepared_create(request, gateway, idem_key)
+        return await _admit(request, user, team, prepared, idem_key)
+
+
+async def _prepared_create(request: Request, gateway: Gateway, idem_key: str | None) -> Prepared:
+    """The body to send TokenHub; the fields and the upload are dropped with this frame."""
     server = gateway.settings.server
     fields, upload = await read_fields(request, server.max_body_bytes, server.body_timeout_s, gateway.large_bodies)
     aliases = gateway.settings.openai.model_aliases
     pricing = gateway.settings.pricing
-    prepared = await _prepare(
+    return await _prepare(
         gateway,
         lambda: to_seedance(fields, aliases, pricing, upload),
         lambda: fingerprint(fields, upload) if idem_key else None,
         big=upload is not None and len(upload.data) > LARGE_UPLOAD,
     )
-    return await _admit(request, user, team, prepared, idem_key)
 
 
 async def remix_video(request: Request) -> Response:
     gateway = gw(request)
     user, team = authenticate(request)
-    ctx = ctx_of(request)
     idem_key = _idempotency_key(request)
+    with gateway.uploads.slot(request, gateway.settings.server.max_uploads_in_flight):
+        prepared = await _prepared_remix(request, gateway, team, idem_key)
+        return prepared if isinstance(prepared, Response) else await _admit(request, user, team, prepared, idem_key)
+
+
+async def _prepared_remix(request: Request, gateway: Gateway, team: Team, idem_key: str | None) -> Prepared | Response:
+    """The remix's body to send TokenHub, or the answer to pass through from the source's poll."""
+    ctx = ctx_of(request)
     server = gateway.settings.server
     fields, upload = await read_fields(request, server.max_body_bytes, server.body_timeout_s, gateway.large_bodies)
     if upload is not None:
@@ -112,15 +137,15 @@ async def remix_video(request: Request) -> Response:
         return outcome_response(latest.passed)
     source = latest.task
     url = _result_url(latest, "video")
-    await gateway.media.available(url)  # an expired source is 410 now, not a failed (and billed) remix later
+    with gateway.media.downloads.claim(team.name, server.max_downloads_per_team):
+        await gateway.media.available(url)  # an expired source is 410 now, not a failed (and billed) remix later
     aliases = gateway.settings.openai.model_aliases
     pricing = gateway.settings.pricing
-    prepared = await _prepare(
+    return await _prepare(
         gateway,
         lambda: remix_body(video_id, facts_of(source), url, fields, aliases, pricing, output_seconds(latest.answer)),
         lambda: fingerprint(fields, remix_of=video_id) if idem_key else None,
     )
-    return await _admit(request, user, team, prepared, idem_key)
 
 
 async def get_video(request: Request) -> Response:
@@ -135,23 +160,30 @@ async def get_video(request: Request) -> Response:
         **poll_after_headers(latest.task.status, gateway.settings.openai.poll_after_ms),
         **await gateway.tasks.rate_headers(subjects_for(user, team, gateway.clock())),
     }
-    facts = task_facts(latest.task, latest.answer)
-    archive = gateway.archive
-    if archive is not None and latest.task.status == "succeeded":
-        facts = replace(facts, archived_until=archive.expires_at(await gateway.store.archive_files(video_id)))
-    return json_response(video_object(facts, gateway.clock()), 200, headers)
+    archived_until = await _archived_until(gateway, [latest.task])
+    facts = task_facts(latest.task, latest.answer, archived_until=archived_until.get(video_id))
+    return _video_response(gateway, video_object(facts, gateway.clock()), headers)
 
 
-def archived_response(served: Served) -> Response:
-    """An archived file (or one range of it), streamed from the archive."""
+def archived_response(served: Served, variant: str, send_timeout_s: float, slot: Slot) -> Response:
+    """An archived file (or one range of it), streamed from the archive; the slot is held until it is sent."""
     if served.status == 416:
         raise RangeNotSatisfiable(
             "The requested range is outside the video.",
             headers={"Content-Range": served.headers.get("Content-Range", "")},
         )
+    headers = {**served.headers, "Content-Type": served_type(variant, served.headers.get("Content-Type"))}
     if served.body is None:
-        return Response(b"", served.status, served.headers)
-    return StreamingResponse(served.body, served.status, served.headers)
+        slot.release()
+        return Response(b"", served.status, headers)
+    return Delivery(served.body, served.status, headers, send_timeout_s, slot.release)
+
+
+def served_type(variant: str, declared: str | None) -> str:
+    """A video is served as video/*, a cover as an image/* type: never a type a browser would run."""
+    if variant == "thumbnail":
+        return image_type(declared)
+    return declared if declared and declared.lower().startswith("video/") else "video/mp4"
 
 
 async def list_videos(request: Request) -> Response:
@@ -165,8 +197,10 @@ async def list_videos(request: Request) -> Response:
     tasks, more = await gateway.store.list_tasks(
         team.name, limit, query.get("after") or None, None, order=order, include_deleted=False
     )
+    archived_until = await _archived_until(gateway, tasks)
     now = gateway.clock()
-    return json_response(video_list([video_object(task_facts(t), now) for t in tasks], more))
+    videos = [video_object(task_facts(t, archived_until=archived_until.get(t.task_id or "")), now) for t in tasks]
+    return _video_response(gateway, video_list(videos, more))
 
 
 async def delete_video(request: Request) -> Response:
@@ -194,22 +228,48 @@ async def delete_video(request: Request) -> Response:
 
 
 async def video_content(request: Request) -> Response:
+    """A video's bytes or its cover's; every answer, an error's too, says `X-Content-Type-Options: nosniff`."""
+    try:
+        response = await _content(request)
+    except GatewayError as exc:
+        exc.extra_headers.update(NOSNIFF)
+        raise
+    response.headers.update(NOSNIFF)
+    return response
+
+
+async def _content(request: Request) -> Response:
     gateway = gw(request)
     _, team = authenticate(request)
     ctx = ctx_of(request)
     variant = content_variant(request.query_params.get("variant"))
+    wanted = single_range(request.headers.get("range"))
     task = await _owned_video(gateway, request.path_params["video_id"], team.name, ctx)
+    server = gateway.settings.server
+    slot = gateway.media.downloads.claim(team.name, server.max_downloads_per_team)
+    try:
+        return await _delivered(gateway, task, variant, wanted, ctx, slot)
+    except BaseException:
+        slot.release()
+        raise
+
+
+async def _delivered(
+    gateway: Gateway, task: Task, variant: str, wanted: str | None, ctx: RequestContext, slot: Slot
+) -> Response:
+    """The answer to a content request, from the archive or TokenHub's URL; `slot` goes with the answer."""
+    send_timeout_s = gateway.settings.server.send_timeout_s
     if gateway.archive is not None and task.status == "succeeded":
-        served = await gateway.archive.open_range(task, ARCHIVE_VARIANTS[variant], request.headers.get("range"))
+        served = await gateway.archive.open_range(task, ARCHIVE_VARIANTS[variant], wanted)
         if served is not None:
-            return archived_response(served)
+            return archived_response(served, variant, send_timeout_s, slot)
     latest = await _latest(gateway, task, ctx)
     if latest.passed:
+        slot.release()
         return outcome_response(latest.passed)
-    download = await gateway.media.open(_result_url(latest, variant), request.headers.get("range"), ctx)
-    if variant == "video" and not download.headers["content-type"].startswith("video/"):
-        download.headers["content-type"] = "video/mp4"
-    return DownloadResponse(download)
+    download = await gateway.media.open(_result_url(latest, variant), wanted, ctx)
+    download.headers["content-type"] = served_type(variant, download.headers["content-type"])
+    return DownloadResponse(download, send_timeout_s, slot.release)
 
 
 def not_offered(feature: str) -> Callable[[Request], Awaitable[Response]]:
@@ -237,7 +297,7 @@ async def _admit(request: Request, user: User, team: Team, prepared: Prepared, i
         return outcome_response(outcome)
     task = await gateway.polls.owned((answer_of(outcome.body) or {}).get("id", ""), team.name)
     headers = {**outcome.headers, **poll_after_headers(task.status, gateway.settings.openai.poll_after_ms)}
-    return json_response(video_object(task_facts(task), gateway.clock()), 200, headers)
+    return _video_response(gateway, video_object(task_facts(task), gateway.clock()), headers)
 
 
 async def _prepare(
@@ -267,7 +327,7 @@ def _prepared(
     except ValidationError as exc:
         exc.param = client_param(exc.param)
         raise
-    return Prepared(translation.body, orjson.dumps(translation.body), req, translation.facts, fingerprint_of())
+    return Prepared(orjson.dumps(translation.body), req, translation.facts, fingerprint_of())
 
 
 async def _owned_video(gateway: Gateway, video_id: str, team: str, ctx: RequestContext) -> Task:
@@ -288,15 +348,33 @@ async def _owned_video(gateway: Gateway, video_id: str, team: str, ctx: RequestC
     return task
 
 
+def _video_response(gateway: Gateway, document: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    """A Video or a list of them: drawn partly from TokenHub's stored words (a failure's message), so scrubbed
+    of key values on the way out, as everything passed through is."""
+    return Response(gateway.pool.scrub(orjson.dumps(document)), 200, headers, media_type="application/json")
+
+
 async def _latest(gateway: Gateway, task: Task, ctx: RequestContext) -> Latest:
     if task.settled:
-        return Latest(task, answer_of(task.final_body))
-    outcome = await gateway.polls.poll(task, ctx)
-    if outcome.status != 200:
-        return Latest(task, None, outcome)
+        return Latest(task, stored_answer(task))
+    polled = await gateway.polls.latest(task, ctx)
+    if polled.raw is None:
+        return Latest(task, None, polled.outcome)
     if task.status in TERMINAL:  # settled by this poll: the store has its settlement time
         task = await gateway.store.get_task(cast(str, task.task_id)) or task  # an owned task is TokenHub's
-    return Latest(task, answer_of(outcome.body))
+    return Latest(task, answer_of(polled.raw))  # TokenHub's own words: its URLs are used as sent
+
+
+async def _archived_until(gateway: Gateway, tasks: list[Task]) -> dict[str, float]:
+    """When the archive's retention deletes each archived video's files: its Video's `expires_at`, the same
+    in a retrieve and a list."""
+    archive = gateway.archive
+    if archive is None:
+        return {}
+    video_ids = [t.task_id for t in tasks if t.status == "succeeded" and t.task_id]
+    files = await asyncio.gather(*(gateway.store.archive_files(video_id) for video_id in video_ids))
+    expiries = {video_id: archive.expires_at(found) for video_id, found in zip(video_ids, files, strict=True)}
+    return {video_id: expiry for video_id, expiry in expiries.items() if expiry is not None}
 
 
 def _result_url(latest: Latest, variant: str) -> str:

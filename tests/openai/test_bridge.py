@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 import pytest
+from starlette.testclient import TestClient
 
+from gateway.app import create_app
 from gateway.openai.bridge import (
+    ParsedAnswers,
     answer_of,
     decode_meta,
     encode_meta,
     facts_of,
     output_seconds,
+    parsed_answers,
     result_url,
     seedance_meta,
     task_facts,
@@ -18,6 +24,7 @@ from gateway.openai.bridge import (
 from gateway.openai.translate import VideoFacts
 from gateway.openai.view import video_object
 from gateway.store.base import Task
+from tests.doubles import USER_KEY, FakeClock, FakeUpstream, make_settings
 
 T0 = 1_760_000_000.0
 SUCCEEDED = {
@@ -149,3 +156,72 @@ def test_output_seconds(answer, seconds):
 @pytest.mark.parametrize(("body", "parsed"), [(b'{"a": 1}', {"a": 1}), (b"[1]", None), (b"{", None), (None, None)])
 def test_answer_of(body, parsed):
     assert answer_of(body) == parsed
+
+
+def test_the_archives_retention_is_the_expiry_of_an_archived_video():
+    settled = task(status="succeeded", settled_at=T0 + 60, final_body=orjson.dumps(SUCCEEDED))
+    archived = video_object(task_facts(settled, archived_until=T0 + 30 * 86400), T0 + 100)
+    assert archived["expires_at"] == int(T0 + 30 * 86400)
+    failed = task(status="failed", settled_at=T0 + 60)
+    assert video_object(task_facts(failed, archived_until=T0 + 30 * 86400), T0 + 100)["expires_at"] is None
+
+
+def test_a_stored_final_body_is_parsed_once_and_again_when_it_changes():
+    answers = ParsedAnswers()
+    settled = task(status="succeeded", settled_at=T0 + 60, final_body=orjson.dumps(SUCCEEDED))
+    first = answers.of(settled)
+    assert first == SUCCEEDED and answers.of(settled) is first
+    assert answers.of(task(status="succeeded", settled_at=T0 + 60, final_body=orjson.dumps(SUCCEEDED))) is first
+    assert answers.parsed == 1
+    changed = orjson.dumps({**SUCCEEDED, "status": "failed"})
+    assert answers.of(task(status="failed", settled_at=T0 + 60, final_body=changed))["status"] == "failed"
+    assert answers.of(task(rid="r2", status="succeeded", settled_at=T0 + 60, final_body=settled.final_body)) == first
+    assert answers.parsed == 3
+    assert answers.of(task()) is None and answers.of(task(final_body=b"[1]")) is None
+
+
+def test_the_parsed_answers_are_bounded_by_their_bodies_bytes():
+    answers = ParsedAnswers(max_bytes=4096)
+    big = task(status="succeeded", settled_at=T0, final_body=orjson.dumps({"pad": "x" * 5000}))
+    answers.of(big)
+    answers.of(big)
+    assert answers.parsed == 2  # larger than the whole cache: parsed, never kept
+    small = [
+        task(rid=f"r{i}", status="succeeded", settled_at=T0, final_body=orjson.dumps(SUCCEEDED)) for i in range(20)
+    ]
+    for one in small:
+        answers.of(one)
+    answers.of(small[0])
+    assert answers.parsed == 2 + 20 + 1  # the oldest was let go
+    answers.of(small[-1])
+    assert answers.parsed == 23
+
+
+def test_a_video_of_an_openai_shape_task_reads_no_final_body():
+    meta = encode_meta(VideoFacts("sora-2", "8", "1792x1024", "a fox"))
+    settled = task(meta=meta, status="succeeded", settled_at=T0 + 60, final_body=b'{"status": "succeeded", "x": 1}')
+    before = parsed_answers().parsed
+    assert video_object(task_facts(settled), T0 + 100)["size"] == "1792x1024"
+    assert parsed_answers().parsed == before
+
+
+def test_listings_parse_each_stored_final_body_once(tmp_path: Path):
+    """Through the app: TokenHub-shape tasks (their size comes from TokenHub's answer) listed twice."""
+    upstream = FakeUpstream()
+    settings = make_settings(f"sqlite:///{tmp_path / 'list.db'}")
+    app = create_app(settings, upstream=upstream, clock=FakeClock(T0), run_poller=False)
+    with TestClient(app, base_url="http://gw", headers={"Authorization": f"Bearer {USER_KEY}"}) as client:
+        ids = []
+        for status in ("succeeded", "failed", "succeeded"):
+            created = client.post("/v1/videos/generations", json={"model": "doubao-seedance-2.0", "prompt": "a fox"})
+            task_id = created.json()["id"]
+            upstream.finish(task_id, status)
+            assert client.get(f"/v1/videos/generations/{task_id}").json()["status"] == status
+            ids.append(task_id)
+        first = client.get("/v1/videos").json()
+        parsed = parsed_answers().parsed
+        for _ in range(3):
+            assert client.get("/v1/videos").json() == first
+        assert parsed_answers().parsed == parsed
+    assert [video["id"] for video in first["data"]] == ids[::-1]
+    assert [video["status"] for video in first["data"]] == ["completed", "failed", "completed"]

@@ -1,14 +1,18 @@
 import base64
+import typing
 
 import httpx2
 import openai
 import pytest
+from openai.types import VideoModel
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from gateway.errors import UnsupportedParameter, ValidationError
 from gateway.openai.translate import (
+    DEFAULT_ALIASES,
     MAX_IMAGE_BYTES,
+    SNAPSHOTS,
     Upload,
     VideoFacts,
     client_param,
@@ -135,6 +139,13 @@ MODELS = [
     ({"sora-2": PRO}, "sora-2", "sora-2", PRO),  # the config's entries win over the defaults
     ({"veo-3": FAST}, "sora-2-pro", "sora-2-pro", PRO),  # ... and are merged with them
     ({"veo-3": FAST}, "veo-3", "veo-3", FAST),
+    # the dated snapshots the openai SDKs list: mapped like their family, shown as sent
+    ({}, "sora-2-2025-10-06", "sora-2-2025-10-06", FAST),
+    ({}, "sora-2-2025-12-08", "sora-2-2025-12-08", FAST),
+    ({}, "sora-2-pro-2025-10-06", "sora-2-pro-2025-10-06", PRO),
+    ({"sora-2": PRO}, "sora-2-2025-12-08", "sora-2-2025-12-08", PRO),  # ... whatever the family is configured to
+    ({"sora-2-2025-10-06": PRO}, "sora-2-2025-10-06", "sora-2-2025-10-06", PRO),  # ... unless configured itself
+    ({"sora-2-2025-10-06": PRO}, "sora-2-2025-12-08", "sora-2-2025-12-08", FAST),
 ]
 
 
@@ -148,6 +159,18 @@ def test_model_aliases(aliases, model, shown, seedance):
 def test_unknown_model_is_invalid(aliases, model):
     exc = rejected(ValidationError, "model", create, aliases, model=model)
     assert "sora-2" in exc.message and PRO in exc.message and "veo-3" not in exc.message
+
+
+@pytest.mark.parametrize("model", ["sora-2-2025-10-07", "sora-2-pro-2025-12-08", "SORA-2-2025-10-06"])
+def test_only_the_listed_snapshots_are_aliases(model):
+    exc = rejected(ValidationError, "model", create, model=model)
+    assert "sora-2-2025-10-06" in exc.message and "sora-2-pro-2025-10-06" in exc.message
+
+
+def test_the_snapshots_are_the_ones_the_sdk_lists():
+    listed = set(typing.get_args(typing.get_args(VideoModel)[1]))
+    assert listed == {*DEFAULT_ALIASES, *SNAPSHOTS}
+    assert {SNAPSHOTS[name] for name in SNAPSHOTS} <= set(DEFAULT_ALIASES)
 
 
 def test_defaults_give_exactly_the_seedance_fields():
