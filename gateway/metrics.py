@@ -74,10 +74,16 @@ class Metrics:
             multiprocess_mode="mostrecent",
         )
         self.video_seconds = Counter(
-            prefix + "video_seconds", "Billed video seconds", ["team", "model", "resolution"], registry=registry
+            prefix + "video_seconds",
+            "Billed video seconds (an unknown create's once an operator resolves it)",
+            ["team", "model", "resolution"],
+            registry=registry,
         )
         self.spend_usd = Counter(
-            prefix + "spend_usd", "Settled spend in US dollars", ["team", "model", "resolution"], registry=registry
+            prefix + "spend_usd",
+            "Settled spend in US dollars (an unknown create's once an operator resolves it)",
+            ["team", "model", "resolution"],
+            registry=registry,
         )
         self.budget_usd = Gauge(
             prefix + "budget_usd",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import csv
 import hashlib
+import io
 import json
 import os
 import signal
@@ -13,7 +16,9 @@ import tomllib
 
 import httpx
 
+from gateway.store.sqlite.store import SQLiteStore
 from tests.e2e.harness import free_port, wait_http
+from tests.store.helpers import admitted
 
 CLI = [sys.executable, "-m", "gateway.cli"]
 
@@ -169,3 +174,53 @@ def test_healthcheck_asks_the_address_the_config_names(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     assert run("healthcheck", "--config", str(tmp_path / "missing.toml")).returncode == 1
+
+
+def test_usage_shows_an_operators_resolution_in_every_format(tmp_path):
+    db = tmp_path / "gateway.db"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        '[upstream]\nbase_url = "http://127.0.0.1:9/api/v1"\n'
+        '[[upstream.keys]]\nname = "k"\nvalue_env = "K"\n'
+        f'[store]\nurl = "sqlite:///{db}"\n'
+    )
+    resolved_at = 1_796_083_200.0  # 2026-12-01T00:00:00Z
+
+    async def resolved_and_waiting() -> tuple[str, str]:
+        store = SQLiteStore(str(db))
+        await store.open()
+        try:
+            voided = await admitted(store, resolved_at - 60)
+            waiting = await admitted(store, resolved_at - 30)
+            for task in (voided, waiting):
+                await store.mark_unknown(task.rid, resolved_at - 10, None)
+            await store.resolve_unknown(voided.rid, "voided", 0, 0, "admin", resolved_at)
+            return voided.rid, waiting.rid
+        finally:
+            await store.close()
+
+    voided, waiting = asyncio.run(resolved_and_waiting())
+    env = {**os.environ, "K": "th-x"}
+    rows = {row["task_id"]: row for row in json.loads(usage_out(config, "json", env))}
+    assert (rows[voided]["status"], rows[voided]["resolved_by"]) == ("voided", "admin")
+    assert rows[voided]["resolved_at"] == "2026-12-01T00:00:00+00:00"
+    assert (rows[waiting]["status"], rows[waiting]["resolved_by"], rows[waiting]["resolved_at"]) == (
+        "unknown",
+        None,
+        None,
+    )
+    csv_rows = {row["task_id"]: row for row in csv.DictReader(io.StringIO(usage_out(config, "csv", env)))}
+    assert (csv_rows[voided]["resolved_by"], csv_rows[voided]["resolved_at"]) == ("admin", "2026-12-01T00:00:00+00:00")
+    assert (csv_rows[waiting]["resolved_by"], csv_rows[waiting]["resolved_at"]) == ("", "")
+    header, *lines = usage_out(config, "table", env).splitlines()
+    assert header.split()[-2:] == ["resolved_by", "resolved_at"]
+    assert next(line for line in lines if line.startswith(voided)).split()[-2:] == [
+        "admin",
+        "2026-12-01T00:00:00+00:00",
+    ]
+
+
+def usage_out(config, form: str, env: dict[str, str]) -> str:
+    out = run("usage", "--config", str(config), "--format", form, env=env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout

@@ -18,7 +18,7 @@ from gateway.metrics import Metrics
 from gateway.money import micros_to_usd
 from gateway.policy import pricing
 from gateway.settings import Settings
-from gateway.store.base import Store, Task
+from gateway.store.base import UNKNOWN, VOIDED, Store, Task
 from gateway.store.outbox import Item
 
 MAX_OUTPUT_S = 60  # TokenHub's figures outside these bounds are not believed (SPEC §4)
@@ -123,28 +123,36 @@ class Settlement:
             self.settings.webhooks, task, "unknown", task.estimate_ms, task.estimate_micros, self.clock()
         )
 
-    async def resolve(self, ref: str, video_seconds: Any) -> Task:
-        """An operator's resolution of an `unknown` row, once TokenHub's own records are checked:
-        `video_seconds` None voids it; else it is priced exactly (input seconds as at create)."""
+    async def void(self, ref: str, resolved_by: str) -> Task:
+        """An operator's resolution of an `unknown` row that TokenHub's records show it never billed."""
+        return await self._resolve(ref, VOIDED, 0, 0, resolved_by)
+
+    async def bill(self, ref: str, video_seconds: Any, resolved_by: str) -> Task:
+        """An operator's resolution of an `unknown` row that TokenHub billed `video_seconds` of output for:
+        priced exactly (input seconds as at create), as a succeeded task. `video_seconds` is a finite
+        number, 0 < video_seconds <= MAX_OUTPUT_S, else ValidationError."""
+        output = checked_seconds(video_seconds, 0, MAX_OUTPUT_S, low_inclusive=False)
+        if output is None:
+            raise ValidationError(
+                f"video_seconds must be a number above 0 and at most {MAX_OUTPUT_S}.", param="video_seconds"
+            )
         task = await self.store.get_record(ref)
         if task is None:
             raise NotFound(f"No ledger row {ref!r}.", param="task_id")
-        if video_seconds is None:
-            billed_ms, cost = 0, 0
-        else:
-            output = checked_seconds(video_seconds, 0, MAX_OUTPUT_S, low_inclusive=False)
-            if output is None:
-                raise ValidationError(
-                    f"video_seconds must be a number above 0 and at most {MAX_OUTPUT_S}.", param="video_seconds"
-                )
-            if task.resolution not in self.settings.pricing.get(task.model, {}):
-                raise ValidationError(
-                    f"No price is configured for {task.model} at {task.resolution}.", param="video_seconds"
-                )
-            billed_ms, cost = pricing.actual(
-                self.settings.pricing, task.model, task.resolution, Decimal(task.input_ms) / 1000, "succeeded", output
+        if task.resolution not in self.settings.pricing.get(task.model, {}):
+            raise ValidationError(
+                f"No price is configured for {task.model} at {task.resolution}.", param="video_seconds"
             )
-        done = await self.store.resolve_unknown(ref, billed_ms, cost, self.clock())
+        billed_ms, cost = pricing.actual(
+            self.settings.pricing, task.model, task.resolution, Decimal(task.input_ms) / 1000, "succeeded", output
+        )
+        return await self._resolve(ref, "succeeded", billed_ms, cost, resolved_by)
+
+    async def _resolve(self, ref: str, status: str, billed_ms: int, cost: int, resolved_by: str) -> Task:
+        """Once only (the store refuses a row that is not `unknown`); its resolved figures are counted now,
+        as settled() left an unknown create's estimate out of the spend counters."""
+        done = await self.store.resolve_unknown(ref, status, billed_ms, cost, resolved_by, self.clock())
+        self.spent(done)
         self.log.info(
             "task.settled",
             task_id=done.task_id or done.rid,
@@ -156,9 +164,17 @@ class Settlement:
             billed_seconds=(done.billed_ms or 0) / 1000,
             cost_usd=micros_to_usd(done.cost_micros or 0),
             estimated=done.cost_estimated,
-            resolved="void" if video_seconds is None else "settle",
+            resolved_by=done.resolved_by,
         )
         return done
+
+    def spent(self, task: Task) -> None:
+        """The spend counters: what a settled task cost, in the ledger's figures."""
+        metrics = self.metrics
+        if task.billed_ms:
+            metrics.video_seconds.labels(task.team, task.model, task.resolution).inc(task.billed_ms / 1000)
+        if task.cost_micros:
+            metrics.spend_usd.labels(task.team, task.model, task.resolution).inc(task.cost_micros / 1_000_000)
 
     def anomaly(self, reason: str, task: Task) -> None:
         self.metrics.child(self.metrics.settlement_anomalies, reason).inc()
@@ -171,11 +187,9 @@ class Settlement:
         metrics.task_duration.labels(task.model, task.resolution).observe(
             max(0.0, (task.settled_at or 0) - task.created_at)
         )
-        if task.billed_ms:
-            metrics.video_seconds.labels(task.team, task.model, task.resolution).inc(task.billed_ms / 1000)
-        if task.cost_micros:
-            metrics.spend_usd.labels(task.team, task.model, task.resolution).inc(task.cost_micros / 1_000_000)
-        log = self.log.warning if task.status in ("unresolved", "expired", "unknown") else self.log.info
+        if task.status != UNKNOWN:  # counted when an operator resolves it, by the resolved figures
+            self.spent(task)
+        log = self.log.warning if task.status in ("unresolved", "expired", UNKNOWN) else self.log.info
         log(
             "task.settled",
             task_id=task.task_id or task.rid,

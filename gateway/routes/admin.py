@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.delivery.webhooks import redacted
 from gateway.errors import InvalidJSON, ValidationError
-from gateway.http.request import gw, json_response
+from gateway.http.bodies import loads_strict
+from gateway.http.request import gw, json_response, read_body
 from gateway.policy.auth import check_token
 from gateway.policy.keyhealth import KeyHealth
 from gateway.policy.quota import team_subjects
@@ -20,6 +20,9 @@ from gateway.store.outbox import webhook_topic
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+
+OPERATOR = "admin"  # who resolves a row with the admin token, in the ledger's resolved_by
+SETTLE_MAX_BYTES = 4096  # {"video_seconds": N} and room to spare
 
 
 def admin(request: Request) -> Gateway:
@@ -110,22 +113,24 @@ async def admin_reload(request: Request) -> Response:
 
 
 async def admin_void_task(request: Request) -> Response:
-    """An `unknown` row that TokenHub's records show it never billed: its cost becomes 0."""
+    """An `unknown` row that TokenHub's records show it never billed: `voided`, its cost 0."""
     gateway = admin(request)
-    task = await gateway.settlement.resolve(request.path_params["task_id"], None)
+    task = await gateway.settlement.void(request.path_params["task_id"], OPERATOR)
     return json_response(ledger.row(task))
 
 
 async def admin_settle_task(request: Request) -> Response:
-    """An `unknown` row priced from the output seconds TokenHub billed: `{"video_seconds": N}`."""
+    """An `unknown` row priced from the output seconds TokenHub billed, `{"video_seconds": N}`: `succeeded`."""
     gateway = admin(request)
     try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError:
-        raise InvalidJSON("The body is not valid JSON.") from None
+        body = loads_strict(await read_body(request, SETTLE_MAX_BYTES, gateway.settings.server.body_timeout_s))
+    except InvalidJSON:  # 1e400 (a number past a double) and a repeated key included
+        raise InvalidJSON(
+            'The body must be JSON, {"video_seconds": N}, N a finite number, each key once.', param="video_seconds"
+        ) from None
     if not isinstance(body, dict) or "video_seconds" not in body:
         raise ValidationError('The body must be {"video_seconds": N}.', param="video_seconds")
-    task = await gateway.settlement.resolve(request.path_params["task_id"], body["video_seconds"])
+    task = await gateway.settlement.bill(request.path_params["task_id"], body["video_seconds"], OPERATOR)
     return json_response(ledger.row(task))
 
 

@@ -27,6 +27,8 @@ FIELDS = (
     "cost_estimated",
     "created_at",
     "settled_at",
+    "resolved_by",
+    "resolved_at",
 )
 GROUP_FIELDS = ("tasks", "succeeded", "failed", "in_flight", "billed_seconds", "cost_usd", "reserved_usd")
 
@@ -57,6 +59,8 @@ def row(task: Task) -> dict[str, Any]:
         "cost_estimated": task.cost_estimated,
         "created_at": _iso(task.created_at),
         "settled_at": None if task.settled_at is None else _iso(task.settled_at),
+        "resolved_by": task.resolved_by,
+        "resolved_at": None if task.resolved_at is None else _iso(task.resolved_at),
     }
 
 

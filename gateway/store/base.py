@@ -14,13 +14,16 @@ from gateway.store.outbox import Item, Outbox
 
 PENDING = "pending"
 UNKNOWN = "unknown"  # forwarded, outcome unknown: charged at its estimate until an operator resolves it
-TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired", "unresolved", UNKNOWN})
+VOIDED = "voided"  # an unknown create an operator found TokenHub never billed
+RESOLVED = frozenset({"succeeded", VOIDED})  # what an operator's resolution makes of an unknown row
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired", "unresolved", UNKNOWN, VOIDED})
 LIVE = frozenset({PENDING, "queued", "running"})
 IDEM_TTL_S = 24 * 3600
 # Every figure a store is given is an int in 0..MAX_FIGURE, and no counter grows past MAX_COUNTER:
 # both stay exact in SQLite's int64 and in Lua's doubles (2^53).
 MAX_FIGURE = 10**15
 MAX_COUNTER = 2**53 - 1
+MAX_RESOLVER = 100  # the length of a resolution's resolved_by
 
 
 @dataclass(slots=True)
@@ -53,6 +56,8 @@ class Task:
     final_body: bytes | None = None
     meta: bytes | None = None  # opaque JSON written at admission by the shape the create came in
     deleted_at: float | None = None  # deleted in the OpenAI shape; kept in the ledger and the TokenHub shape
+    resolved_by: str | None = None  # who resolved an unknown row (an operator's resolution), and when
+    resolved_at: float | None = None
 
     @property
     def settled(self) -> bool:
@@ -72,6 +77,13 @@ def check_figures(**figures: object) -> None:
 def check_status(status: str) -> None:
     if status not in TERMINAL:
         raise RecordRejected(f"The store refused the status {status!r} for a settlement.")
+
+
+def check_resolution(status: str, resolved_by: str) -> None:
+    if status not in RESOLVED:
+        raise RecordRejected(f"The store refused the status {status!r} for a resolution.")
+    if not resolved_by or len(resolved_by) > MAX_RESOLVER:
+        raise RecordRejected(f"The store refused resolved_by: 1 to {MAX_RESOLVER} characters.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,10 +169,14 @@ class Store(Outbox, Protocol):
         Applies whole or not at all: a figure out of range raises RecordRejected and changes nothing.
         The outbox `items` (outbox.py) are written in the same step, only by the call that settles."""
 
-    async def resolve_unknown(self, ref: str, billed_ms: int, cost_micros: int, now: float) -> Task:
-        """An operator's figures for an `unknown` row (by task id or rid): the spent counters move by the
-        difference and the cost is no longer an estimate; the status stays `unknown`. Idempotent.
-        NotFound for no such row, TaskNotUnknown for a row of another status."""
+    async def resolve_unknown(
+        self, ref: str, status: str, billed_ms: int, cost_micros: int, resolved_by: str, now: float
+    ) -> Task:
+        """An operator's resolution of an `unknown` row (by task id or rid), once: its status becomes
+        `status` (RESOLVED: `succeeded` or `voided`), its figures these (no longer an estimate), the
+        spent counters move by the difference, and it keeps who resolved it and when (`now`).
+        NotFound for no such row, TaskNotUnknown for a row of another status (one already resolved
+        included); RecordRejected, changing nothing, for a status or figure out of range."""
 
     async def list_tasks(
         self,

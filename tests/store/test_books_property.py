@@ -351,6 +351,27 @@ class Books(RuleBasedStateMachine):
             r = self.send("POST", f"/admin/tasks/{ref}/settle", ADMIN, json={"video_seconds": seconds})
         assert r.status_code == 200, r.text
         self.resolved[ref] = seconds
+        again = self.send("POST", f"/admin/tasks/{ref}/void", ADMIN)
+        assert (again.status_code, again.json()["error"]["code"]) == (409, "task_not_unknown"), again.text
+
+    def _resolution(self, row: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """A resolved row shows its resolution, by the operator; it is priced as the unknown row it was."""
+        resolved = self.resolved.get(row["task_id"])
+        if resolved is None:
+            assert row["resolved_by"] is None and row["resolved_at"] is None, row
+            return row, None
+        assert row["status"] == ("voided" if resolved == "void" else "succeeded"), row
+        assert row["resolved_by"] == "admin" and row["resolved_at"] is not None, row
+        return {**row, "status": "unknown"}, resolved
+
+    def _metrics_agree(self, rows: list[dict[str, Any]]) -> None:
+        """The spend counters hold every settled row but an unknown one (counted once resolved)."""
+        counted = [r for r in rows if r["settled_at"] is not None and r["status"] != "unknown"]
+        registry = self.gateway.metrics.registry
+        for metric, figure in (("spend_usd", "cost_usd"), ("video_seconds", "billed_seconds")):
+            samples = [m.samples for m in registry.collect() if m.name == f"tokenhub_gateway_{metric}"]
+            total = sum(s.value for s in samples[0] if s.name.endswith("_total"))
+            assert total == pytest.approx(sum(r[figure] for r in counted), abs=1e-6), metric
 
     @invariant()
     def books_balance(self) -> None:
@@ -365,8 +386,10 @@ class Books(RuleBasedStateMachine):
         assert self.tokenhub.finals <= settled, "a terminal answer was seen and the task is not settled"
         for row in rows:
             if row["settled_at"] is not None:
-                cost = expected_cost(row, self.tokenhub.tasks.get(row["task_id"]), self.resolved.get(row["task_id"]))
+                shown, resolved = self._resolution(row)
+                cost = expected_cost(shown, self.tokenhub.tasks.get(row["task_id"]), resolved)
                 assert (micros(row["cost_usd"]), round(row["billed_seconds"] * 1000)) == cost, row
+        self._metrics_agree(rows)
         for scope, figures in [("team", teams), ("user", users)]:
             for name, f in figures.items():
                 mine = [r for r in rows if r[scope] == name]

@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
 
@@ -21,7 +22,7 @@ from gateway.errors import (
 )
 from gateway.policy.keyhealth import KeyHealth
 from gateway.settings import Limits
-from gateway.store.base import MAX_COUNTER, MAX_FIGURE, TASK_FIELDS, TERMINAL, UNKNOWN
+from gateway.store.base import MAX_COUNTER, MAX_FIGURE, MAX_RESOLVER, TASK_FIELDS, TERMINAL, UNKNOWN, VOIDED
 from gateway.store.redis.store import RedisStore
 from gateway.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
 from gateway.store.sqlite.store import SQLiteStore
@@ -469,8 +470,8 @@ async def test_record_created_never_reopens_a_settled_row(store):
 # unknown outcomes
 
 
-async def test_unknown_is_terminal():
-    assert UNKNOWN in TERMINAL
+async def test_unknown_and_voided_are_terminal():
+    assert UNKNOWN in TERMINAL and VOIDED in TERMINAL
 
 
 async def test_mark_unknown_charges_the_estimate_and_frees_the_slots(store):
@@ -533,43 +534,44 @@ async def test_mark_unknown_changes_only_a_pending_create(store):
     assert err.value.code == "task_not_found"
 
 
-async def test_resolve_unknown_void_then_settle(store):
+@pytest.mark.parametrize(
+    ("status", "billed", "cost"),
+    [(VOIDED, 0, 0), ("succeeded", 12_000, 2_400_000)],
+    ids=["void", "settle"],
+)
+async def test_a_resolution_is_shown_and_final(store, status, billed, cost):
     now = await store.now()
     task = await admitted(store, now)
     await store.acquire_key(task.rid, "primary", 5)
     unknown = await store.mark_unknown(task.rid, now, None)
-    void = await store.resolve_unknown(task.rid, 0, 0, now + 10)
-    assert (void.status, void.billed_ms, void.cost_micros, void.cost_estimated) == (UNKNOWN, 0, 0, False)
-    assert (void.settled_at, void.updated_at) == (unknown.settled_at, now + 10)
+    done = await store.resolve_unknown(task.rid, status, billed, cost, "admin", now + 10)
+    assert (done.status, done.billed_ms, done.cost_micros, done.cost_estimated) == (status, billed, cost, False)
+    assert (done.resolved_by, done.resolved_at) == ("admin", now + 10)
+    assert (done.settled_at, done.updated_at) == (unknown.settled_at, now + 10)
+    assert await store.get_record(task.rid) == done
+    assert await store.ledger(None, None, None, None, None) == [done]
     for usage in await figures(store, now):
         assert (
             usage.counters.spent_micros,
             usage.counters.spent_ms,
             usage.counters.reserved_micros,
             usage.in_flight,
-        ) == (0, 0, 0, 0)
-    assert await store.resolve_unknown(task.rid, 0, 0, now + 20) == void  # idempotent: the same row
-    assert await store.get_record(task.rid) == void
-    billed = await store.resolve_unknown(task.rid, 12_000, 2_400_000, now + 30)
-    assert (billed.status, billed.billed_ms, billed.cost_micros, billed.cost_estimated) == (
-        UNKNOWN,
-        12_000,
-        2_400_000,
-        False,
-    )
-    assert await store.resolve_unknown(task.rid, 12_000, 2_400_000, now + 40) == billed
-    for usage in await figures(store, now):
-        assert (usage.counters.spent_micros, usage.counters.spent_ms, usage.in_flight) == (2_400_000, 12_000, 0)
+        ) == (cost, billed, 0, 0)
     assert (await store.key_in_flight())["primary"] == 0
-    assert [t.cost_micros for t in await store.ledger(None, None, None, None, None)] == [2_400_000]
+    before = await books(store, now, task.rid)
+    for again, again_billed, again_cost in ((VOIDED, 0, 0), ("succeeded", 12_000, 2_400_000), (status, billed, cost)):
+        with pytest.raises(TaskNotUnknown) as err:
+            await store.resolve_unknown(task.rid, again, again_billed, again_cost, "someone-else", now + 20)
+        assert f"is {status}" in err.value.message
+    assert await books(store, now, task.rid) == before
 
 
 async def test_resolve_unknown_by_its_figures_from_the_estimate(store):
     now = await store.now()
     task = await admitted(store, now)
     await store.mark_unknown(task.rid, now, None)
-    row = await store.resolve_unknown(task.rid, EST_MS, EST_MICROS, now + 1)  # the estimate was right
-    assert (row.cost_micros, row.cost_estimated) == (EST_MICROS, False)
+    row = await store.resolve_unknown(task.rid, "succeeded", EST_MS, EST_MICROS, "admin", now + 1)  # it was right
+    assert (row.status, row.cost_micros, row.cost_estimated) == ("succeeded", EST_MICROS, False)
     assert (await figures(store, now))[1].counters.spent_micros == EST_MICROS
 
 
@@ -578,20 +580,29 @@ async def test_resolve_unknown_refusals(store):
     done = await created(store, now)
     await store.settle(done.task_id, "succeeded", 1000, 200_000, False, None, now)
     with pytest.raises(TaskNotUnknown) as err:
-        await store.resolve_unknown(done.task_id, 0, 0, now)
+        await store.resolve_unknown(done.task_id, VOIDED, 0, 0, "admin", now)
     assert (err.value.status, err.value.type, err.value.code) == (409, "invalid_request_error", "task_not_unknown")
     live = await created(store, now)
     with pytest.raises(TaskNotUnknown):
-        await store.resolve_unknown(live.rid, 0, 0, now)
+        await store.resolve_unknown(live.rid, VOIDED, 0, 0, "admin", now)
     with pytest.raises(NotFound) as err:
-        await store.resolve_unknown("cgt-nobody", 0, 0, now)
+        await store.resolve_unknown("cgt-nobody", VOIDED, 0, 0, "admin", now)
     assert (err.value.status, err.value.code) == (404, "task_not_found")
     task = await admitted(store, now)
     unknown = await store.mark_unknown(task.rid, now, None)
     before = await books(store, now, task.rid)
-    for billed, cost in ((-1, 0), (0, MAX_FIGURE + 1), (0.5, 0)):
+    refused = [
+        ("succeeded", -1, 0, "admin"),
+        ("succeeded", 0, MAX_FIGURE + 1, "admin"),
+        ("succeeded", 0.5, 0, "admin"),
+        (UNKNOWN, 0, 0, "admin"),
+        ("failed", 0, 0, "admin"),
+        (VOIDED, 0, 0, ""),
+        (VOIDED, 0, 0, "x" * (MAX_RESOLVER + 1)),
+    ]
+    for status, billed, cost, by in refused:
         with pytest.raises(RecordRejected):
-            await store.resolve_unknown(task.rid, billed, cost, now)
+            await store.resolve_unknown(task.rid, status, billed, cost, by, now)
     assert await books(store, now, task.rid) == before
     assert (await store.get_record(task.rid)) == unknown
 
@@ -670,7 +681,7 @@ async def test_sqlite_schema_migrates_forward(tmp_path):
     old.execute("PRAGMA user_version=1")
     now = time.time()
     task = admission(now).task
-    v1 = [f for f in TASK_FIELDS if f not in ("meta", "deleted_at")]
+    v1 = [f for f in TASK_FIELDS if f not in ("meta", "deleted_at", "resolved_by", "resolved_at")]
     old.execute(
         f"INSERT INTO tasks ({', '.join(v1)}) VALUES ({', '.join('?' * len(v1))})", [getattr(task, f) for f in v1]
     )
@@ -679,8 +690,8 @@ async def test_sqlite_schema_migrates_forward(tmp_path):
     await store.open()
     try:
         [kept] = await store.ledger(None, None, None, None, None)
-        assert kept == task and (kept.meta, kept.deleted_at) == (None, None)
-        assert await store._do(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION == 3
+        assert kept == task and (kept.meta, kept.deleted_at, kept.resolved_by, kept.resolved_at) == (None,) * 4
+        assert await store._do(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION == 4
         await created(store, now, meta=b"{}", task_id="cgt-new")
         assert (await store.get_task("cgt-new")).meta == b"{}"
     finally:
@@ -691,6 +702,38 @@ async def test_sqlite_schema_migrates_forward(tmp_path):
         assert len(await reopened.ledger(None, None, None, None, None)) == 2
     finally:
         await reopened.close()
+
+
+async def test_an_unknown_row_kept_by_an_older_schema_is_resolved_after_the_migration(tmp_path):
+    path = tmp_path / "gateway.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    for version in (1, 2, 3):
+        for statement in MIGRATIONS[version].split(";"):
+            if statement.strip():
+                old.execute(statement)
+    old.execute("PRAGMA user_version=3")
+    now = time.time()
+    task = replace(
+        admission(now).task,
+        status=UNKNOWN,
+        billed_ms=EST_MS,
+        cost_micros=EST_MICROS,
+        cost_estimated=True,
+        settled_at=now,
+    )
+    v3 = [f for f in TASK_FIELDS if f not in ("resolved_by", "resolved_at")]
+    old.execute(
+        f"INSERT INTO tasks ({', '.join(v3)}) VALUES ({', '.join('?' * len(v3))})", [getattr(task, f) for f in v3]
+    )
+    old.close()
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        assert await store.get_record(task.rid) == task
+        done = await store.resolve_unknown(task.rid, "succeeded", EST_MS, EST_MICROS, "admin", now + 1)
+        assert (done.status, done.resolved_by, done.resolved_at) == ("succeeded", "admin", now + 1)
+    finally:
+        await store.close()
 
 
 async def test_sqlite_refuses_a_newer_schema(tmp_path):

@@ -1,11 +1,12 @@
-"""The Redis store's ledger reads and clean-up: task listings, the ledger's rows, pruning (mixed into RedisStore)."""
+"""The Redis store's ledger: task listings, the ledger's rows, an operator's resolution of an unknown row,
+pruning (mixed into RedisStore)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from gateway.store.base import Task
+from gateway.store.base import Task, check_figures, check_resolution
 from gateway.store.redis.codec import decode_task
 
 T = TypeVar("T")
@@ -47,6 +48,14 @@ class RedisLedger:
 
     async def mark_deleted(self, task_id: str, now: float) -> Task | None:
         return decode_task(await self._eval("mark_deleted", task_id, repr(float(now))))
+
+    async def resolve_unknown(
+        self, ref: str, status: str, billed_ms: int, cost_micros: int, resolved_by: str, now: float
+    ) -> Task:
+        check_resolution(status, resolved_by)
+        check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
+        row = await self._eval("resolve", ref, status, billed_ms, cost_micros, resolved_by, repr(float(now)))
+        return cast(Task, decode_task(row))  # the script answers NOTFOUND rather than nothing
 
     async def ledger(
         self, since: float | None, until: float | None, team: str | None, user: str | None, model: str | None

@@ -218,22 +218,25 @@ outbox_add(7)
 return redis.call('HGETALL', k)
 """
 
-# ARGV: task_id or rid, billed ms, cost micros, now → the row's field/value pairs. The spent counters
-#   move by the difference from the row's figures; the same figures again change nothing.
+# ARGV: task_id or rid, status ('succeeded' or 'voided'), billed ms, cost micros, resolved by, now → the
+#   row's field/value pairs. An unknown row only, once: the spent counters move by the difference from its
+#   figures, and it keeps its new status, who resolved it and when.
 RESOLVE = """
-local billed, cost, now = figure(ARGV[3]), figure(ARGV[4]), tonumber(ARGV[5])
-if not billed or not cost or not now then return redis.error_reply('REJECTED resolution') end
+local status, billed, cost, by, now = ARGV[3], figure(ARGV[4]), figure(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+if not billed or not cost or not now or by == '' or (status ~= 'succeeded' and status ~= 'voided') then
+  return redis.error_reply('REJECTED resolution')
+end
 local rid = redis.call('HGET', P .. 'tid', ARGV[2]) or ARGV[2]
 local t = core(rid)
 if not t then return redis.error_reply('NOTFOUND') end
 if t.status ~= 'unknown' then return redis.error_reply('NOTUNKNOWN ' .. t.status) end
 local k = tkey(rid)
-local was = redis.call('HMGET', k, 'billed_ms', 'cost_micros', 'cost_estimated')
+local was = redis.call('HMGET', k, 'billed_ms', 'cost_micros')
 local d_ms, d_micros = billed - (tonumber(was[1]) or 0), cost - (tonumber(was[2]) or 0)
-if d_ms == 0 and d_micros == 0 and was[3] == '0' then return redis.call('HGETALL', k) end
 if not can_spend(t, d_micros, d_ms) then return redis.error_reply('REJECTED counter overflow') end
 spend(t, d_micros, d_ms)
-redis.call('HSET', k, 'billed_ms', ARGV[3], 'cost_micros', ARGV[4], 'cost_estimated', 0, 'updated_at', ARGV[5])
+redis.call('HSET', k, 'status', status, 'billed_ms', ARGV[4], 'cost_micros', ARGV[5], 'cost_estimated', 0,
+           'resolved_by', by, 'resolved_at', ARGV[7], 'updated_at', ARGV[7])
 return redis.call('HGETALL', k)
 """
 

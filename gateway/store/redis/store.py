@@ -303,11 +303,6 @@ class RedisStore(RedisLedger, RedisOutbox):
             )
         )
 
-    async def resolve_unknown(self, ref: str, billed_ms: int, cost_micros: int, now: float) -> Task:
-        check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
-        row = await self._eval("resolve", ref, billed_ms, cost_micros, repr(float(now)))
-        return cast(Task, decode_task(row))  # the script answers NOTFOUND rather than nothing
-
     async def due_tasks(self, now: float, limit: int, lease_s: float) -> list[Task]:
         """Due and lease end are judged by Redis's clock (`now` is not used), the same for every replica."""
         rows = await self._eval("due", limit, repr(float(lease_s)))

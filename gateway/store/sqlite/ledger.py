@@ -1,4 +1,5 @@
-"""The SQLite store's ledger reads and clean-up: task listings, the ledger's rows, pruning (mixed into SQLiteStore)."""
+"""The SQLite store's ledger: task listings, the ledger's rows, an operator's resolution of an unknown row,
+pruning (mixed into SQLiteStore)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,20 @@ import sqlite3
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from gateway.store.base import IDEM_TTL_S, Task
-from gateway.store.sqlite.schema import COLS, row_to_task
+from gateway.errors import NotFound, TaskNotUnknown
+from gateway.store.base import IDEM_TTL_S, UNKNOWN, Task, check_figures, check_resolution
+from gateway.store.sqlite.books import Books
+from gateway.store.sqlite.schema import COLS, row_to_task, task_by_ref
 
 T = TypeVar("T")
 _ORDERS = {"desc": ("<", "DESC"), "asc": (">", "ASC")}  # order → (after the anchor, ORDER BY direction)
 
 
 class SQLiteLedger:
-    """Mixed into SQLiteStore (its `_do`, which runs an operation on the writer thread)."""
+    """Mixed into SQLiteStore (its `_do`, which runs an operation on the writer thread, and its `_books`)."""
 
     if TYPE_CHECKING:  # provided by SQLiteStore
+        _books: Books
 
         async def _do(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
 
@@ -59,6 +63,37 @@ class SQLiteLedger:
             conn.execute("UPDATE tasks SET deleted_at=? WHERE task_id=? AND deleted_at IS NULL", (now, task_id))
             row = conn.execute(f"SELECT {COLS} FROM tasks WHERE task_id=?", (task_id,)).fetchone()
             return row_to_task(row) if row else None
+
+        return await self._do(op)
+
+    async def resolve_unknown(
+        self, ref: str, status: str, billed_ms: int, cost_micros: int, resolved_by: str, now: float
+    ) -> Task:
+        check_resolution(status, resolved_by)
+        check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
+
+        def op(conn: sqlite3.Connection) -> Task:
+            task = task_by_ref(conn, ref)
+            if task is None:
+                raise NotFound("No such task in the ledger.", param="task_id")
+            if task.status != UNKNOWN:
+                raise TaskNotUnknown(f"The task is {task.status}, not unknown: there is nothing to resolve.")
+            d_micros = cost_micros - (task.cost_micros or 0)
+            d_ms = billed_ms - (task.billed_ms or 0)
+            self._books.check_spend(conn, task, d_micros, d_ms)
+            self._books.spend(conn, task, d_micros, d_ms)
+            conn.execute(
+                "UPDATE tasks SET status=?, billed_ms=?, cost_micros=?, cost_estimated=0, resolved_by=?, "
+                "resolved_at=?, updated_at=? WHERE rid=?",
+                (status, billed_ms, cost_micros, resolved_by, now, now, task.rid),
+            )
+            task.status = status
+            task.billed_ms = billed_ms
+            task.cost_micros = cost_micros
+            task.cost_estimated = False
+            task.resolved_by = resolved_by
+            task.resolved_at = task.updated_at = now
+            return task
 
         return await self._do(op)
 

@@ -10,7 +10,7 @@ from gateway.errors import StoreUnavailable
 from gateway.store.base import TASK_FIELDS, Task
 from gateway.store.sqlite.outbox import SCHEMA as OUTBOX_SCHEMA
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MIGRATIONS = {
     1: """
     CREATE TABLE tasks (
@@ -43,6 +43,10 @@ MIGRATIONS = {
     ALTER TABLE tasks ADD COLUMN deleted_at REAL;
     """,
     3: OUTBOX_SCHEMA,
+    4: """
+    ALTER TABLE tasks ADD COLUMN resolved_by TEXT;
+    ALTER TABLE tasks ADD COLUMN resolved_at REAL;
+    """,
 }
 COLS = ", ".join(TASK_FIELDS)
 INSERT_TASK = f"INSERT INTO tasks ({COLS}) VALUES ({', '.join('?' * len(TASK_FIELDS))})"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
-from gateway.errors import DuplicateTaskId, IdempotencyConflict, NotFound, StoreUnavailable, TaskNotUnknown
+from gateway.errors import DuplicateTaskId, IdempotencyConflict, NotFound, StoreUnavailable
 from gateway.policy.keyhealth import KeyHealth
 from gateway.policy.quota import WINDOW_S, RateState, Rejection, Subject, check, rate_state
 from gateway.store.base import (
@@ -340,32 +340,6 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
         if done is not None:
             await self.release_key(done.rid)
         return done
-
-    async def resolve_unknown(self, ref: str, billed_ms: int, cost_micros: int, now: float) -> Task:
-        check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
-
-        def op(conn: sqlite3.Connection) -> Task:
-            task = task_by_ref(conn, ref)
-            if task is None:
-                raise NotFound("No such task in the ledger.", param="task_id")
-            if task.status != UNKNOWN:
-                raise TaskNotUnknown(f"The task is {task.status}, not unknown: there is nothing to resolve.")
-            if (task.billed_ms, task.cost_micros, task.cost_estimated) == (billed_ms, cost_micros, False):
-                return task
-            d_micros, d_ms = cost_micros - (task.cost_micros or 0), billed_ms - (task.billed_ms or 0)
-            self._books.check_spend(conn, task, d_micros, d_ms)
-            self._books.spend(conn, task, d_micros, d_ms)
-            conn.execute(
-                "UPDATE tasks SET billed_ms=?, cost_micros=?, cost_estimated=0, updated_at=? WHERE rid=?",
-                (billed_ms, cost_micros, now, task.rid),
-            )
-            task.billed_ms = billed_ms
-            task.cost_micros = cost_micros
-            task.cost_estimated = False
-            task.updated_at = now
-            return task
-
-        return await self._do(op)
 
     async def due_tasks(self, now: float, limit: int, lease_s: float) -> list[Task]:
         def op(conn: sqlite3.Connection) -> list[Task]:
