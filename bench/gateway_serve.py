@@ -12,13 +12,12 @@ import sys
 import time
 
 import httpx
-import uvicorn
 
 from gateway import logs
 from gateway.app import create_app
 from gateway.config import ConfigError, load_settings
 from gateway.errors import UpstreamError, UpstreamTimeout
-from gateway.serve import uvicorn_config
+from gateway.serve import GatewayServer, uvicorn_config
 from gateway.settings import UpstreamSettings
 from gateway.upstream.client import ConnectFailed, Reply
 
@@ -78,7 +77,7 @@ def main() -> int:
     logs.configure()
     app = create_app(settings, upstream=HttpxUpstream(settings.upstream, args.client == "httpx-aiohttp"))
     cfg = uvicorn_config(app, settings.server.host, settings.server.port, settings.server.shutdown_grace_s)
-    uvicorn.Server(cfg).run()
+    GatewayServer(cfg, app.gateway.begin_drain).run()  # drains as `serve` does
     return 0
 
 

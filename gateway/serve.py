@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
 import signal
 import socket
 import sys
@@ -13,8 +15,10 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from gateway import logs
-from gateway.http.protocol import http_protocol
+from gateway.http.protocol import DeadlineProtocol, http_protocol
 from gateway.settings import Settings
+
+log = logging.getLogger("uvicorn.error")  # where uvicorn's own server writes its shutdown lines
 
 
 def uvicorn_config(
@@ -57,8 +61,13 @@ def serve_settings(settings: Settings, host: str | None = None, port: int | None
 
 class GatewayServer(uvicorn.Server):
     """uvicorn's server, telling the gateway the moment a shutdown signal arrives: from then on new
-    requests are answered 503 shutting_down and the grace period runs (uvicorn waits for requests in
-    flight within it; the gateway then records what is left and exits)."""
+    requests are answered 503 shutting_down and the grace period runs; requests in flight finish within
+    it, and the gateway then records what is left and exits.
+
+    Its shutdown is uvicorn's but for idle keep-alive connections (SPEC §4 "Shutdown"): uvicorn closes them
+    at once, so a client's next request on one dies with a reset; here they stay open until the grace
+    deadline (or until the client closes them or sends a request, answered 503 with `Connection: close`),
+    and are closed then."""
 
     def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
         super().__init__(config)
@@ -67,6 +76,38 @@ class GatewayServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._on_exit()
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        log.info("Shutting down")
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()  # DeadlineProtocol.shutdown: idle connections stay open
+        try:
+            async with asyncio.timeout(self.config.timeout_graceful_shutdown):
+                await self._drained()
+        except TimeoutError:
+            self._cut_at_deadline()
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+    async def _drained(self) -> None:
+        """Until every request has been answered and every connection closed (a second signal: at once)."""
+        state = self.server_state
+        while (state.tasks or state.connections) and not self.force_exit:
+            await asyncio.sleep(0.1)
+
+    def _cut_at_deadline(self) -> None:
+        tasks = self.server_state.tasks
+        if tasks:
+            log.error("Cancel %s running task(s), timeout graceful shutdown exceeded", len(tasks))
+        for task in list(tasks):
+            task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, DeadlineProtocol):
+                connection.close_if_idle()
 
 
 def tune_gc() -> None:

@@ -150,7 +150,10 @@ class Supervisor:
         self._spawn()
 
     def _stop_all(self) -> int:
-        """Every worker drains (SIGTERM); one still running after the grace period is killed."""
+        """Every worker drains (SIGTERM); one still running after the grace period is killed. The parent's
+        copy of the listening socket is closed first: once the workers close theirs, new connections are
+        refused (a socket still listening in the parent would take them in, and no worker would answer)."""
+        self.sock.close()
         for proc in self.workers.values():
             proc.terminate()
         deadline = time.monotonic() + self.settings.server.shutdown_grace_s + STOP_MARGIN_S
@@ -254,6 +257,13 @@ def run_worker(source: str, sock: socket.socket, host: str, port: int, conn: Con
     logs.configure()
     app = create_app(settings)
     gateway = app.gateway
-    cfg = uvicorn_config(ReloadEverywhere(app, Peers(conn, gateway)), host, port, settings.server.shutdown_grace_s)
+    cfg = uvicorn_config(
+        ReloadEverywhere(app, Peers(conn, gateway)),
+        host,
+        port,
+        settings.server.shutdown_grace_s,
+        settings.server.header_timeout_s,
+        settings.server.body_timeout_s,
+    )
     tune_gc()
     run_until_signalled(GatewayServer(cfg, gateway.begin_drain), sockets=[sock])

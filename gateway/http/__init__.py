@@ -2,7 +2,7 @@
 
     asgi        GatewayApp: the Starlette app, its hot-route dispatch and error handlers
     middleware  request id, the canonical log line, request metrics, the draining 503
-    protocol    uvicorn's HTTP protocol with the slow-client deadlines
+    protocol    uvicorn's HTTP protocol: the slow-client deadlines, the drain, clients that leave
     request     helpers for handlers: headers, bodies, JSON, authentication, parameters, answers
     bodies      strict JSON and the checked create body
     workers     BodyWorkers: large bodies parsed in worker processes (`python -m gateway.http.workers FD`)

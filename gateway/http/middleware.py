@@ -1,4 +1,11 @@
-"""Plain ASGI middleware: request id, timing, the canonical log line and request metrics."""
+"""Plain ASGI middleware: request id, timing, the canonical log line and request metrics.
+
+A client that leaves before its answer is complete is no error of the gateway's (SPEC §4): its request is counted
+with code 499 and logged as `request.aborted`. The connection knows first: the server protocol marks the request's
+scope (ENDED_WITH) when it loses the connection under it, whatever the handler was doing (reading the body, waiting
+upstream, streaming a download); a handler that reads a body the client never finished also ends here with
+starlette's ClientDisconnect. A crash stays a 500, gone client or not.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +13,21 @@ import time
 from collections.abc import Callable
 
 import structlog
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.contextvars import bind_contextvars
 
 from gateway import logs
 from gateway.context import RequestContext
-from gateway.errors import GatewayError, ShuttingDown
+from gateway.errors import GatewayError, ResponseCut, ShuttingDown
 from gateway.ids import new_id
 from gateway.metrics import Metrics
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 PREFIXES = ("/api/v1", "/v1")
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})  # still answered while shutting down
+ENDED_WITH = "gateway.ended_with"  # scope key: the status a request ended with when its connection ended first
+CLIENT_CLOSED = 499  # nginx's code for a client that closed its connection before the answer was complete
 
 
 def request_id_from(scope: Scope) -> str:
@@ -74,6 +84,12 @@ class RequestMiddleware:
                 )
             else:
                 await self.app(scope, receive, send_with_id)
+            status = scope.get(ENDED_WITH, status)
+        except ClientDisconnect:
+            status = scope.get(ENDED_WITH, CLIENT_CLOSED)  # nothing to answer: no one is listening
+        except ResponseCut:  # ended short on purpose (its reason is in the line's error_code): no crash
+            status = scope.get(ENDED_WITH, status)
+            raise
         except Exception:
             self.log.exception("request.crashed", request_id=ctx.request_id)
             if started_response:
@@ -128,5 +144,6 @@ class RequestMiddleware:
             "cost_usd": ctx.cost_usd,
             "error_code": ctx.error_code,
         }
-        if not logs.info_line("request", fields):
-            self.log.info("request", **fields)
+        event = "request.aborted" if status == CLIENT_CLOSED else "request"
+        if not logs.info_line(event, fields):
+            self.log.info(event, **fields)

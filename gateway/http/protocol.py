@@ -9,6 +9,12 @@ a connection that sent nothing at all is closed without one (it may be a client'
 
 The create route answers a late body itself (`routes.read_body`: a 408 in its log line); the protocol's own
 body deadline comes BODY_GRACE_S later, for handlers that never read the body they were promised.
+
+Two more things only the connection knows (SPEC §4). A connection lost under a request not yet answered in full,
+and not by the gateway's own doing, is a client that left: the request's scope says so (ENDED_WITH: 499), for the
+request middleware to count it. And at shutdown an idle keep-alive connection is kept open, not closed as uvicorn
+does: its next request is answered 503 `shutting_down` with `Connection: close` (by the app), and what is still
+idle at the grace deadline is closed then (`close_if_idle`, by `serve.GatewayServer`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.errors import RequestTimeout
-from gateway.http.middleware import request_id_from
+from gateway.http.middleware import CLIENT_CLOSED, ENDED_WITH, request_id_from
 from gateway.ids import new_id
 
 BODY_GRACE_S = 1.0
@@ -43,12 +49,17 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._in_request = False  # part of a request has arrived: a 408 would answer something
+        self._hanging_up = False  # the gateway closes this connection: whoever loses it, the client did not leave
+        self._draining = False  # shutting down: every answer from now on closes the connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(cast(asyncio.Transport, transport))  # uvicorn's protocol is served over a stream
         self._set(self.header_timeout_s, self._headers_late)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and not self._hanging_up:
+            cast(Scope, cycle.scope)[ENDED_WITH] = CLIENT_CLOSED  # before the app hears of it (super() tells it)
         self._late = None
         if self._timer is not None:
             self._timer.cancel()
@@ -64,12 +75,38 @@ class DeadlineProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._late = None
         super().on_headers_complete()
+        if self._draining:
+            self.cycle.keep_alive = False
         self._set(self.body_timeout_s + BODY_GRACE_S, self._body_late)
 
     def on_message_complete(self) -> None:
         self._late = None
         self._in_request = False
         super().on_message_complete()
+
+    def shutdown(self) -> None:
+        """The server shuts down: a request under way is answered, then the connection closes; an idle one
+        stays open for its next request's 503 (uvicorn would close it: the client's next request then meets a
+        reset instead of an answer), until that answer or the grace deadline."""
+        self._draining = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+
+    def close_if_idle(self) -> None:
+        """At the grace deadline: an idle connection is closed (one under a request ends with its request)."""
+        if self.cycle is None or self.cycle.response_complete:
+            self._hang_up()
+
+    def send_400_response(self, msg: str) -> None:
+        cycle = self.cycle  # a request whose body turned out malformed is a 400, not a client that left
+        if cycle is not None and not cycle.response_complete:
+            cast(Scope, cycle.scope)[ENDED_WITH] = 400
+        self._hanging_up = True
+        super().send_400_response(msg)
+
+    def _hang_up(self) -> None:
+        self._hanging_up = True
+        self.transport.close()
 
     def _set(self, delay: float, late: Callable[[], None]) -> None:
         self._due, self._late = self.loop.time() + delay, late
@@ -96,16 +133,16 @@ class DeadlineProtocol(HttpToolsProtocol):
         answering = self.cycle is not None and not self.cycle.response_complete
         if self._in_request and not answering:
             self._send_408(f"The request headers did not arrive within {self.header_timeout_s:g} s.")
-        self.transport.close()
+        self._hang_up()
 
     def _body_late(self) -> None:
         cycle = self.cycle
         if cycle is not None and not cycle.response_started:
-            self._send_408(
-                f"The request body did not arrive within {self.body_timeout_s:g} s.", cast(Scope, cycle.scope)
-            )
+            scope = cast(Scope, cycle.scope)
+            self._send_408(f"The request body did not arrive within {self.body_timeout_s:g} s.", scope)
+            scope[ENDED_WITH] = 408
             cycle.disconnected = True  # whatever the handler sends later is dropped, as for a client gone
-        self.transport.close()
+        self._hang_up()
 
     def _send_408(self, message: str, scope: Scope | None = None) -> None:
         """Written here, below the app and its middleware: so this answer adds the request id itself (the
