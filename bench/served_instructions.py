@@ -46,8 +46,9 @@ CONNECTIONS = 16
 START_S = 600  # python under valgrind imports slowly
 
 
-def creates(port: int, n: int) -> None:
-    """n creates over CONNECTIONS connections, once the server answers; every one must succeed."""
+def creates(port: int, n: int, route: str = "create") -> None:
+    """n creates (or polls: each connection creates one task, then polls it) over CONNECTIONS connections,
+    once the server answers; every one must succeed."""
     deadline = time.monotonic() + START_S
     while True:
         try:
@@ -61,14 +62,19 @@ def creates(port: int, n: int) -> None:
             time.sleep(0.5)
     failed: list[int] = []
 
-    def worker(k: int) -> None:
+    def worker(count: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        for _ in range(k):
+        method, path, body = "POST", CREATE_PATH, BODY
+        if route == "poll":
             conn.request("POST", CREATE_PATH, body=BODY, headers=HEADERS)
-            r = conn.getresponse()
-            r.read()
-            if r.status != 200:
-                failed.append(r.status)
+            task_id = json.loads(conn.getresponse().read())["id"]
+            method, path, body = "GET", f"{CREATE_PATH}/{task_id}", None
+        for _ in range(count):
+            conn.request(method, path, body=body, headers=HEADERS)
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                failed.append(response.status)
 
     threads = [threading.Thread(target=worker, args=(n // CONNECTIONS,)) for _ in range(CONNECTIONS)]
     for t in threads:
@@ -79,8 +85,8 @@ def creates(port: int, n: int) -> None:
         raise RuntimeError(f"{len(failed)} creates failed, e.g. {failed[:5]}")
 
 
-def counted(cmd: list[str], src: Path, port: int, n: int, work: Path, env: dict[str, str]) -> int:
-    """Instructions of the server process `cmd` over its whole life, having answered n creates."""
+def counted(cmd: list[str], src: Path, port: int, n: int, work: Path, env: dict[str, str], route: str) -> int:
+    """Instructions of the server process `cmd` over its whole life, having answered n creates (or polls)."""
     log = work / f"valgrind-{port}.log"
     with open(log, "w") as err:
         p = subprocess.Popen(
@@ -101,7 +107,7 @@ def counted(cmd: list[str], src: Path, port: int, n: int, work: Path, env: dict[
             stderr=err,
         )
     try:
-        creates(port, n - n % CONNECTIONS)
+        creates(port, n - n % CONNECTIONS, route)
         p.send_signal(signal.SIGTERM)
         p.wait(300)
     finally:
@@ -114,14 +120,21 @@ def counted(cmd: list[str], src: Path, port: int, n: int, work: Path, env: dict[
 
 
 def per_create(
-    name: str, command: Callable[[int], list[str]], src: Path, small: int, large: int, work: Path, env: dict[str, str]
+    name: str,
+    command: Callable[[int], list[str]],
+    src: Path,
+    small: int,
+    large: int,
+    work: Path,
+    env: dict[str, str],
+    route: str = "create",
 ) -> float:
     counts = []
     for n in (small, large):
         port = free_port()
-        counts.append(counted(command(port), src, port, n, work, env))
+        counts.append(counted(command(port), src, port, n, work, env, route))
     figure = (counts[1] - counts[0]) / (large - small)
-    print(f"{name:24s} {figure:>12,.0f} instructions per create  ({src})", flush=True)
+    print(f"{name:24s} {figure:>12,.0f} instructions per {route}  ({src})", flush=True)
     return figure
 
 
@@ -133,6 +146,7 @@ def main() -> None:
         type=Path,
         help="a checkout whose gateway/ is counted (repeatable; default this one), e.g. a `git archive` snapshot",
     )
+    p.add_argument("--route", choices=("create", "poll"), default="create", help="what the client sends")
     p.add_argument("--small", type=int, default=320)
     p.add_argument("--large", type=int, default=1280)
     args = p.parse_args()
@@ -160,6 +174,7 @@ def main() -> None:
             args.large,
             work,
             {},
+            args.route,
         )
 
         def gateway(port: int) -> list[str]:
@@ -169,7 +184,7 @@ def main() -> None:
 
         for src in args.src or [ROOT]:
             figure = per_create(
-                "gateway-sqlite", gateway, src.resolve(), args.small, args.large, work, upstream_key_env()
+                "gateway-sqlite", gateway, src.resolve(), args.small, args.large, work, upstream_key_env(), args.route
             )
             print(f"{'':24s} bare-aiohttp / gateway-sqlite = {bare / figure:.3f}", flush=True)
     finally:
