@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import signal
 import time
@@ -87,7 +88,14 @@ class Gateway:
         if not self.draining:
             self.draining = True
             self.drain_deadline = time.monotonic() + self.settings.server.shutdown_grace_s
-            self.log.info("gateway.draining", grace_s=self.settings.server.shutdown_grace_s)
+            # Called from the SIGTERM handler, which may have interrupted this thread inside a log write that
+            # holds the log's lock: the line is written by the event loop, never from inside the handler.
+            say = functools.partial(self.log.info, "gateway.draining", grace_s=self.settings.server.shutdown_grace_s)
+            loop = asyncio._get_running_loop()
+            if loop is None:
+                say()
+            else:
+                loop.call_soon_threadsafe(say)
 
     async def reload(self) -> list[str]:
         """Re-read the config file; a bad one is refused and the old one stays."""

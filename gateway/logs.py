@@ -44,7 +44,8 @@ class Batched:
         self._lines: list[str] = []
         self._size = 0
         self._timer = False
-        self._lock = threading.Lock()
+        # Reentrant: a signal handler that logs runs in the thread it interrupted, maybe inside flush_now.
+        self._lock = threading.RLock()
         atexit.register(self.flush_now)
 
     def write(self, text: str) -> None:

@@ -7,11 +7,14 @@ import datetime
 import io
 import json
 import logging
+import signal
 
 import pytest
 import structlog
 
 from gateway import logs
+from gateway.app import create_app
+from tests.doubles import FakeUpstream, make_settings
 
 
 @pytest.fixture(autouse=True)
@@ -103,3 +106,40 @@ def test_the_stamp_follows_the_clock_across_seconds():
     assert stamp() == "2025-12-01T13:06:15Z"
     now[0] += 86_400 * 10**9 + 7_000
     assert stamp() == "2025-12-02T13:06:15.000007Z"
+
+
+class InterruptedStream(io.StringIO):
+    """Stdout whose first write is interrupted by SIGUSR1, as a SIGTERM can interrupt a write to a slow pipe:
+    the signal's handler then runs in this thread while the log's flush holds its lock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = False
+
+    def write(self, text: str) -> int:
+        if not self.interrupted:
+            self.interrupted = True
+            signal.raise_signal(signal.SIGUSR1)
+        return super().write(text)
+
+
+@pytest.mark.timeout(20)
+def test_a_shutdown_signal_inside_a_log_write_neither_deadlocks_nor_loses_the_line(tmp_path):
+    stream = InterruptedStream()
+    logs.configure("INFO", stream=stream)
+    gateway = create_app(make_settings(f"sqlite:///{tmp_path / 'gateway.db'}"), upstream=FakeUpstream()).gateway
+    previous = signal.signal(signal.SIGUSR1, lambda *_: gateway.begin_drain())  # as GatewayServer.handle_exit does
+
+    async def logged_then_flushed() -> None:
+        structlog.get_logger("gateway").info("before.signal")  # flushed by the loop a moment later
+        await asyncio.sleep(logs.Batched.FLUSH_EVERY_S * 4)
+
+    try:
+        asyncio.run(logged_then_flushed())
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    logs.configure("INFO", stream=io.StringIO())
+    events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    assert stream.interrupted
+    assert gateway.draining
+    assert events == ["before.signal", "gateway.draining"]
