@@ -52,7 +52,7 @@ async def admin_usage(request: Request) -> Response:
 
 async def admin_keys(request: Request) -> Response:
     gateway = admin(request)
-    health = await gateway.pool.health()
+    health = await gateway.pool.health(fresh=True)  # another replica may have just changed it
     in_flight = await gateway.store.key_in_flight()
     now = gateway.clock()
     data = []

@@ -67,8 +67,8 @@ class KeyPool:
     def key_for(self, name: str | None) -> UpstreamKey | None:
         return self.by_name.get(name) or self._retired.get(name) if name else None
 
-    async def health(self) -> dict[str, KeyHealth]:
-        return await self._store.key_health()
+    async def health(self, fresh: bool = False) -> dict[str, KeyHealth]:
+        return await self._store.key_health(fresh)
 
     def offer(self, model: str) -> tuple[tuple[UpstreamKey, ...], float]:
         """The keys that allow the model and a draw in [0, 1), for a store that chooses one with the

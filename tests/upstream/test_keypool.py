@@ -23,7 +23,7 @@ class FakeStore:
         self.health: dict[str, KeyHealth] = {}
         self.in_flight = dict(in_flight or {})
 
-    async def key_health(self):
+    async def key_health(self, fresh=False):
         return dict(self.health)
 
     async def save_key_health(self, name, health):

@@ -351,11 +351,11 @@ class RedisStore(RedisLedger, RedisOutbox):
 
     # key pool
 
-    async def key_health(self) -> dict[str, KeyHealth]:
-        """Shared by all replicas. Every admission brings it back; otherwise read at most every HEALTH_CACHE_S.
-        This process's own saves show at once, another replica's with the next admission (or within
-        HEALTH_CACHE_S)."""
-        if time.monotonic() >= self._health_due:
+    async def key_health(self, fresh: bool = False) -> dict[str, KeyHealth]:
+        """Shared by all replicas. Every admission brings it back; otherwise read at most every HEALTH_CACHE_S
+        (always when `fresh`). This process's own saves show at once, another replica's with the next
+        admission (or within HEALTH_CACHE_S)."""
+        if fresh or time.monotonic() >= self._health_due:
             raw = await self._do(self._r.hgetall(self._k("kh")))
             self._health = {k.decode(): KeyHealth(**orjson.loads(v)) for k, v in raw.items()}
             self._health_raw = []

@@ -384,7 +384,7 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
 
     # key pool
 
-    async def key_health(self) -> dict[str, KeyHealth]:
+    async def key_health(self, fresh: bool = False) -> dict[str, KeyHealth]:
         return self._health
 
     async def save_key_health(self, name: str, health: KeyHealth) -> None:
