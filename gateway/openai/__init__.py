@@ -3,6 +3,7 @@
     translate  OpenAI create fields → a Seedance body, and the facts a Video is drawn from
     view       Video objects and lists as OpenAI's clients expect them
     bridge     a stored task → the facts and answers the OpenAI shape needs
+    upload     an uploaded image or a long data: URL, kept out of memory until the body to send is written
 
 May import: store (its Task type), policy and the shared nouns.
 """

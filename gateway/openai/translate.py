@@ -13,21 +13,20 @@ Decisions where SPEC §11 is silent:
 - A multipart text field `input_reference[image_url]` is the form spelling of the JSON object.
 - The idempotency fingerprint keeps field values as sent (JSON 8 and form "8" differ, as the bodies do)
   and never matches a TokenHub-shape body.
+- An image's data: URL, uploaded or in a JSON body, is a `Passage` in the fields and the body (openai/upload.py):
+  §4 validates its start, and `Translation.json()`, what is sent, and the fingerprint write it whole.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import math
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import orjson
-
 from gateway.errors import UnsupportedParameter, ValidationError
+from gateway.openai.upload import Image, Passage, Upload, dumps, sha256_json
 
 DEFAULT_ALIASES = {"sora-2": "doubao-seedance-2.0-fast", "sora-2-pro": "doubao-seedance-2.0"}
 # The dated snapshots the openai SDKs list (its VideoModel), each mapped like its family unless configured itself.
@@ -60,15 +59,6 @@ _FORM_NESTED = re.compile(r"input_reference\[([a-z_]+)\]")
 
 
 @dataclass(frozen=True, slots=True)
-class Upload:
-    """A multipart file part, already read (the route bounds its size by the body limit)."""
-
-    data: bytes
-    content_type: str | None = None
-    filename: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class VideoFacts:
     """What the Video object shows that Seedance's task does not keep: the client's own names."""
 
@@ -83,6 +73,10 @@ class Translation(NamedTuple):
     body: dict[str, Any]
     facts: VideoFacts
 
+    def json(self) -> bytes:
+        """The body to send TokenHub, an image's data: URL in it whole."""
+        return dumps(self.body)
+
 
 def to_seedance(
     fields: Mapping[str, Any], aliases: Mapping[str, str], models: Collection[str], upload: Upload | None = None
@@ -93,7 +87,7 @@ def to_seedance(
     prompt, seconds = _prompt(fields.get("prompt")), _seconds(fields.get("seconds"))
     size = _size_text(fields.get("size"))
     body = _body(model, prompt, seconds, size)
-    url = _reference_url(fields.get(INPUT), upload)
+    url = _image_url(upload, fields.get(INPUT)) if upload is not None else _reference_url(fields.get(INPUT))
     if url is not None:
         body["content"] = [{"type": "image_url", "image_url": {"url": url}, "role": "first_frame"}]
     return Translation(body, VideoFacts(client_model, seconds, size, prompt))
@@ -153,10 +147,10 @@ def fingerprint(fields: Mapping[str, Any], upload: Upload | None = None, *, remi
     declared type or multipart boundary)."""
     canon: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
     if upload is not None:
-        canon[INPUT] = {"sha256": hashlib.sha256(upload.data).hexdigest()}
+        canon[INPUT] = {"sha256": upload.sha256()}
     shape = "openai.videos.remix" if remix_of is not None else "openai.videos"
     doc = {"shape": shape, "remix_of": remix_of, "fields": canon}
-    return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return sha256_json(doc, sort_keys=True)
 
 
 def client_param(param: str | None) -> str | None:
@@ -250,11 +244,7 @@ def _size_text(value: Any) -> str:
     return value
 
 
-def _reference_url(value: Any, upload: Upload | None) -> str | None:
-    if upload is not None:
-        if value is not None:
-            raise ValidationError(f"{INPUT} is given more than once.", param=INPUT)
-        return _data_url(upload)
+def _reference_url(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, dict) and value.keys() == {"image_url"}:
@@ -269,16 +259,19 @@ def _reference_url(value: Any, upload: Upload | None) -> str | None:
     raise UnsupportedParameter(f"{INPUT} cannot be {what}.", param=INPUT)
 
 
-def _data_url(upload: Upload) -> str:
-    media_type = sniff_image(upload.data)
+def _image_url(upload: Upload, value: Any) -> Passage:
+    """The uploaded file's data: URL, its type told by its first bytes (the file is never read whole here)."""
+    if value is not None:
+        raise ValidationError(f"{INPUT} is given more than once.", param=INPUT)
+    media_type = sniff_image(upload.head)
     if media_type is None:
-        what = "a video" if _is_video(upload.data) else "this kind of file"
+        what = "a video" if _is_video(upload.head) else "this kind of file"
         raise UnsupportedParameter(
             f"{INPUT} must be a JPEG, PNG or WebP image; Seedance takes no first frame from {what}.", param=INPUT
         )
-    if len(upload.data) > MAX_IMAGE_BYTES:
+    if upload.size > MAX_IMAGE_BYTES:
         raise ValidationError(f"{INPUT} must be at most {MAX_IMAGE_BYTES // 1024 // 1024} MiB.", param=INPUT)
-    return f"data:{media_type};base64,{base64.b64encode(upload.data).decode('ascii')}"
+    return Passage(Image(media_type, upload))
 
 
 def _is_video(data: bytes) -> bool:

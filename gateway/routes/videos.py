@@ -12,7 +12,8 @@ Decisions where SPEC §11 is silent:
 - A download slot (`server.max_downloads_per_team`) is held by every `/content` answer, archived or fetched,
   until its last byte is sent, and by a remix while it checks its source; an upload slot
   (`server.max_uploads_in_flight`, routes/videos_input.py) by a create or remix with a large body until
-  TokenHub answers it. Once a create's body to send is made, the upload's bytes are let go.
+  TokenHub answers it. An uploaded file stays in its spooled file until the body to send is written from it,
+  and is closed once that body is made.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from gateway.openai.translate import (
     remix_body,
     to_seedance,
 )
+from gateway.openai.upload import holds_passage
 from gateway.openai.view import STATUS, content_variant, deleted_object, poll_after_headers, video_list, video_object
 from gateway.policy.pricing import Pricing
 from gateway.policy.quota import subjects_for
@@ -69,7 +71,9 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 ARCHIVE_VARIANTS = {"video": "video", "thumbnail": "cover"}  # the OpenAI variant → the archive's file
-LARGE_UPLOAD = 1 << 20  # an upload this large is translated and checked off the event loop
+# A larger upload is on disk (starlette spools past 1 MiB); it, and a long data: URL in a JSON body, is written
+# into the body to send (and hashed) off the event loop.
+LARGE_UPLOAD = 1 << 20
 
 PARAM_LABELS = frozenset({*CREATE_FIELDS, "Idempotency-Key"})  # validation_errors{param}: bounded
 MAX_ID_ECHO = 64
@@ -104,15 +108,16 @@ async def create_video(request: Request) -> Response:
 async def _prepared_create(request: Request, gateway: Gateway, idem_key: str | None) -> Prepared:
     """The body to send TokenHub; the fields and the upload are dropped with this frame."""
     server = gateway.settings.server
-    fields, upload = await read_fields(request, server.max_body_bytes, server.body_timeout_s, gateway.large_bodies)
     aliases = gateway.settings.openai.model_aliases
     pricing = gateway.settings.pricing
-    return await _prepare(
-        gateway,
-        lambda: to_seedance(fields, aliases, pricing, upload),
-        lambda: fingerprint(fields, upload) if idem_key else None,
-        big=upload is not None and len(upload.data) > LARGE_UPLOAD,
-    )
+    async with read_fields(request, server.max_body_bytes, server.body_timeout_s, gateway.large_bodies) as read:
+        fields, upload = read
+        return await _prepare(
+            gateway,
+            lambda: to_seedance(fields, aliases, pricing, upload),
+            lambda: fingerprint(fields, upload) if idem_key else None,
+            big=(upload is not None and upload.size > LARGE_UPLOAD) or holds_passage(fields),
+        )
 
 
 async def remix_video(request: Request) -> Response:
@@ -128,9 +133,10 @@ async def _prepared_remix(request: Request, gateway: Gateway, team: Team, idem_k
     """The remix's body to send TokenHub, or the answer to pass through from the source's poll."""
     ctx = ctx_of(request)
     server = gateway.settings.server
-    fields, upload = await read_fields(request, server.max_body_bytes, server.body_timeout_s, gateway.large_bodies)
-    if upload is not None:
-        raise UnsupportedParameter("A remix takes no file: its reference is the original video.", param=INPUT)
+    async with read_fields(request, server.max_body_bytes, server.body_timeout_s, gateway.large_bodies) as read:
+        fields, upload = read
+        if upload is not None:
+            raise UnsupportedParameter("A remix takes no file: its reference is the original video.", param=INPUT)
     video_id: str = request.path_params["video_id"]  # the owned task's task_id: _owned_video checks it
     latest = await _latest(gateway, await _owned_video(gateway, video_id, team.name, ctx), ctx)
     if latest.passed:
@@ -327,7 +333,7 @@ def _prepared(
     except ValidationError as exc:
         exc.param = client_param(exc.param)
         raise
-    return Prepared(orjson.dumps(translation.body), req, translation.facts, fingerprint_of())
+    return Prepared(translation.json(), req, translation.facts, fingerprint_of())
 
 
 async def _owned_video(gateway: Gateway, video_id: str, team: str, ctx: RequestContext) -> Task:

@@ -3,6 +3,7 @@ import typing
 
 import httpx2
 import openai
+import orjson
 import pytest
 from openai.types import VideoModel
 from starlette.datastructures import UploadFile
@@ -23,11 +24,13 @@ from gateway.openai.translate import (
     sniff_image,
     to_seedance,
 )
+from gateway.openai.upload import Passage, Span
 from gateway.policy.validation import validate
 from tests.doubles import PRICING
 
 FAST, PRO = "doubao-seedance-2.0-fast", "doubao-seedance-2.0"
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + b"\x00" * 17
+PNG_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 20
 WEBP = b"RIFF\x24\x00\x00\x00WEBPVP8 " + b"\x00" * 20
 GIF = b"GIF89a" + b"\x00" * 20
@@ -229,10 +232,12 @@ def test_sniff_image_by_bytes(data, media_type):
 @pytest.mark.parametrize("declared", [None, "application/octet-stream", "image/jpeg", "video/mp4", "text/plain"])
 @pytest.mark.parametrize(("data", "media_type"), IMAGES[:3], ids=IMAGE_IDS[:3])
 def test_uploaded_image_becomes_a_first_frame_data_url_whatever_its_declared_type(data, media_type, declared):
-    t = create(upload=Upload(data, declared, "upload"))
+    t = create(upload=Upload.of(data, declared, "upload"))
     url = f"data:{media_type};base64,{base64.b64encode(data).decode()}"
-    assert t.body["content"] == [{"type": "image_url", "image_url": {"url": url}, "role": "first_frame"}]
-    assert set(t.body) == {"model", "prompt", "duration", "resolution", "aspect_ratio", "content"}
+    sent = orjson.loads(t.json())
+    assert sent["content"] == [{"type": "image_url", "image_url": {"url": url}, "role": "first_frame"}]
+    assert set(sent) == set(t.body) == {"model", "prompt", "duration", "resolution", "aspect_ratio", "content"}
+    assert url.startswith(t.body["content"][0]["image_url"]["url"])  # what §4 validates: the URL's start
 
 
 @pytest.mark.parametrize(
@@ -248,14 +253,15 @@ def test_uploaded_image_becomes_a_first_frame_data_url_whatever_its_declared_typ
     ids=["mp4", "mov", "webm", "gif", "heic", "empty"],
 )
 def test_other_uploads_are_unsupported(data, says):
-    exc = rejected(UnsupportedParameter, "input_reference", create, upload=Upload(data, "image/png"))
+    exc = rejected(UnsupportedParameter, "input_reference", create, upload=Upload.of(data, "image/png"))
     assert says in exc.message
 
 
 def test_image_size_limit():
     at_limit = PNG + b"\x00" * (MAX_IMAGE_BYTES - len(PNG))
-    assert create(upload=Upload(at_limit)).body["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
-    exc = rejected(ValidationError, "input_reference", create, upload=Upload(at_limit + b"\x00"))
+    sent = orjson.loads(create(upload=Upload.of(at_limit)).json())
+    assert sent["content"][0]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(at_limit).decode()
+    exc = rejected(ValidationError, "input_reference", create, upload=Upload.of(at_limit + b"\x00"))
     assert exc.code == "invalid_parameter" and "10 MiB" in exc.message
 
 
@@ -283,7 +289,7 @@ def test_other_references_are_rejected(value, exc_type):
 
 def test_reference_given_twice():
     rejected(
-        ValidationError, "input_reference", create, upload=Upload(PNG), input_reference={"image_url": "https://a/b"}
+        ValidationError, "input_reference", create, upload=Upload.of(PNG), input_reference={"image_url": "https://a/b"}
     )
 
 
@@ -292,7 +298,7 @@ def test_mapped_bodies_pass_the_tokenhub_validation():
         ({}, None),
         ({"size": "854x480", "seconds": 15, "model": "sora-2-pro"}, None),
         ({"input_reference": {"image_url": "https://cdn.example.com/a.png"}}, None),
-        ({}, Upload(JPEG)),
+        ({}, Upload.of(JPEG)),
     ]:
         t = create(upload=upload, **fields)
         req = validate(t.body, PRICING)
@@ -382,7 +388,7 @@ def test_remix_errors(fields, param, exc_type):
 
 
 def test_form_fields():
-    up = Upload(PNG, "application/octet-stream", "upload")
+    up = Upload.of(PNG, "application/octet-stream", "upload")
     assert form_fields([("prompt", "a"), ("seconds", "8"), ("input_reference", up)]) == (
         {"prompt": "a", "seconds": "8"},
         up,
@@ -397,11 +403,11 @@ def test_form_fields():
     ("parts", "param"),
     [
         ([("prompt", "a"), ("prompt", "b")], "prompt"),
-        ([("input_reference", Upload(PNG)), ("input_reference", Upload(PNG))], "input_reference"),
-        ([("input_reference", Upload(PNG)), ("input_reference[image_url]", "https://a")], "input_reference"),
+        ([("input_reference", Upload.of(PNG)), ("input_reference", Upload.of(PNG))], "input_reference"),
+        ([("input_reference", Upload.of(PNG)), ("input_reference[image_url]", "https://a")], "input_reference"),
         ([("input_reference[image_url]", "https://a"), ("input_reference", "x")], "input_reference"),
-        ([("prompt", Upload(b"a cat"))], "prompt"),
-        ([("input_reference[image_url]", Upload(PNG))], "input_reference[image_url]"),
+        ([("prompt", Upload.of(b"a cat"))], "prompt"),
+        ([("input_reference[image_url]", Upload.of(PNG))], "input_reference[image_url]"),
         ([("y" * 500, "a"), ("y" * 500, "b")], "y" * 64),
     ],
 )
@@ -414,7 +420,9 @@ FIELDS = {"prompt": "a cat", "model": "sora-2", "seconds": "8", "size": "1280x72
 
 def test_fingerprint_same_fields_same_print():
     assert fingerprint(FIELDS) == fingerprint(dict(reversed(list(FIELDS.items()))))
-    assert fingerprint(FIELDS, Upload(PNG, "image/png", "a.png")) == fingerprint(FIELDS, Upload(PNG, None, "upload"))
+    assert fingerprint(FIELDS, Upload.of(PNG, "image/png", "a.png")) == fingerprint(
+        FIELDS, Upload.of(PNG, None, "upload")
+    )
     assert fingerprint({**FIELDS, "size": None}) == fingerprint({k: v for k, v in FIELDS.items() if k != "size"})
 
 
@@ -423,7 +431,7 @@ def test_fingerprint_same_fields_same_print():
     [
         ({**FIELDS, "prompt": "a dog"}, None, None),
         ({**FIELDS, "seconds": 8}, None, None),
-        (FIELDS, Upload(PNG), None),
+        (FIELDS, Upload.of(PNG), None),
         (FIELDS, None, "vid_1"),
     ],
 )
@@ -432,7 +440,7 @@ def test_fingerprint_differs(other, upload, remix_of):
 
 
 def test_fingerprint_by_file_content_and_remix_source():
-    assert fingerprint(FIELDS, Upload(PNG)) != fingerprint(FIELDS, Upload(PNG + b"\x00"))
+    assert fingerprint(FIELDS, Upload.of(PNG)) != fingerprint(FIELDS, Upload.of(PNG + b"\x00"))
     assert fingerprint(FIELDS, remix_of="vid_1") != fingerprint(FIELDS, remix_of="vid_2")
 
 
@@ -486,7 +494,9 @@ async def parsed(request):
     parts = [
         (
             name,
-            Upload(await value.read(), value.content_type, value.filename) if isinstance(value, UploadFile) else value,
+            Upload.of(await value.read(), value.content_type, value.filename)
+            if isinstance(value, UploadFile)
+            else value,
         )
         for name, value in form.multi_items()
     ]
@@ -500,10 +510,10 @@ async def test_sdk_create_is_multipart_with_string_fields_and_an_octet_stream_fi
     assert req.headers["content-type"].startswith("multipart/form-data; boundary=")
     fields, upload = await parsed(req)
     assert fields == {"prompt": "a cat", "model": "sora-2-pro", "seconds": "8", "size": "1792x1024"}
-    assert (upload.data, upload.content_type, upload.filename) == (PNG, "application/octet-stream", "upload")
+    assert (upload.file.read(), upload.content_type, upload.filename) == (PNG, "application/octet-stream", "upload")
     t = to_seedance(fields, {}, PRICING, upload)
     assert (t.body["model"], t.body["duration"], t.body["aspect_ratio"]) == (PRO, 8, "16:9")
-    assert t.body["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert orjson.loads(t.json())["content"][0]["image_url"]["url"] == PNG_URL
 
 
 async def test_sdk_retry_of_the_same_call_has_the_same_fingerprint_whatever_the_boundary():
@@ -531,3 +541,15 @@ def test_sdk_remix_is_json_with_the_prompt_only():
         "application/json",
         b'{"prompt":"at night"}',
     )
+
+
+def test_a_data_url_kept_in_the_request_bytes_translates_and_prints_as_its_whole_string():
+    url = PNG_URL + "A" * 1000
+    raw = orjson.dumps({"prompt": "a cat", "input_reference": {"image_url": url}})
+    begin = raw.index(b"data:")
+    held = {"prompt": "a cat", "input_reference": {"image_url": Passage(Span(raw, begin, begin + len(url)))}}
+    whole = {"prompt": "a cat", "input_reference": {"image_url": url}}
+    assert fingerprint(held) == fingerprint(whole)
+    assert fingerprint(held) != fingerprint({"prompt": "a cat", "input_reference": {"image_url": url + "A"}})
+    assert create(**held).json() == orjson.dumps(create(**whole).body)
+    assert validate(create(**held).body, PRICING) == validate(create(**whole).body, PRICING)
