@@ -12,11 +12,27 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
+from aiohttp.abc import AbstractStreamWriter
 
 from gateway.errors import ConnectFailed, UpstreamError, UpstreamTimeout
 from gateway.settings import UpstreamSettings
 
 READ_CHUNK = 64 * 1024
+SEND_CHUNK = 64 * 1024
+
+
+class SlicedBody(aiohttp.BytesPayload):
+    """A request body written in slices of itself. aiohttp writes a bytes body joined to the request's headers
+    in one new bytes object (on Python before 3.12.9): a second copy of a large body (a create carrying an
+    image) while it is sent. The bytes and headers sent are the same."""
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        body = memoryview(self._value)[:content_length]
+        for start in range(0, len(body), SEND_CHUNK):
+            await writer.write(body[start : start + SEND_CHUNK])
 
 
 class AnswerTooLarge(UpstreamError):
@@ -119,7 +135,8 @@ class HttpUpstream:
             headers["Content-Type"] = "application/json"
         started = time.perf_counter()
         try:
-            async with self._client().request(method, self._base + path, data=body, headers=headers) as response:
+            sent = SlicedBody(body) if body is not None and len(body) > SEND_CHUNK else body
+            async with self._client().request(method, self._base + path, data=sent, headers=headers) as response:
                 data = await self._read(response)
                 return Reply(response.status, data, response.headers.get("Retry-After"), time.perf_counter() - started)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:

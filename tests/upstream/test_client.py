@@ -187,3 +187,26 @@ async def test_an_answer_up_to_max_answer_bytes_is_read_whole():
         await upstream.close()
         await runner.cleanup()
     assert (reply.status, reply.body) == (200, b"y" * 4096)
+
+
+@pytest.mark.parametrize("size", [2, 64 * 1024, 64 * 1024 + 1, 300_001])
+async def test_a_body_arrives_whole_with_its_length_whatever_its_size(size):
+    seen = []
+
+    async def handler(request: web.Request) -> web.Response:
+        headers = request.headers
+        seen.append((headers.get("Content-Length"), headers.get("Content-Type"), "Transfer-Encoding" in headers))
+        seen.append(await request.read())
+        return web.json_response({})
+
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)  # sent in slices past 64 KiB
+    runner, base = await serve(handler)
+    upstream = HttpUpstream(UpstreamSettings(base_url=base, keys=()))
+    try:
+        reply = await upstream.call("POST", "/videos/generations", "th-k", body)
+        again = await upstream.call("POST", "/videos/generations", "th-k", body)  # the same body, sent twice
+    finally:
+        await upstream.close()
+        await runner.cleanup()
+    assert (reply.status, again.status) == (200, 200)
+    assert seen == [(str(size), "application/json", False), body] * 2
