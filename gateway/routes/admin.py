@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from gateway.delivery.webhooks import redacted
 from gateway.errors import InvalidJSON, ValidationError
 from gateway.http.bodies import loads_strict
-from gateway.http.request import gw, json_response, read_body
-from gateway.policy.auth import check_token
+from gateway.http.request import JSON, int_param, json_response, read_body
 from gateway.policy.keyhealth import KeyHealth
-from gateway.policy.quota import team_subjects
 from gateway.routes import ledger
-from gateway.routes.generations import usage_figures
+from gateway.routes.access import caller, operator, team_scope
+from gateway.routes.tenancy import team_rows
 from gateway.store.outbox import webhook_topic
 
 if TYPE_CHECKING:
@@ -26,28 +26,52 @@ SETTLE_MAX_BYTES = 4096  # {"video_seconds": N} and room to spare
 
 
 def admin(request: Request) -> Gateway:
-    gateway = gw(request)
-    check_token(request.headers.get("authorization"), gateway.settings.server.admin_token)
-    return gateway
+    """The operator's routes: a team admin's key is refused (403 permission_denied), as a member's is."""
+    return operator(request)
 
 
 async def admin_usage(request: Request) -> Response:
-    gateway = admin(request)
+    """The ledger (SPEC §2, §17): grouped figures from the store's aggregates (`group_by`); else a page of
+    rows (`limit`, `after`: the `next_after` of the page before); `format=csv` (or `Accept: text/csv`) and
+    `format=json` export every row, streamed from the store's cursor a page at a time. A team admin's
+    ledger is its own team's (SPEC §15)."""
+    gateway, actor = caller(request)
     query = request.query_params
     by = query.get("group_by")
     if by is not None and by not in ledger.GROUPS:
         raise ValidationError(f"group_by must be one of {', '.join(ledger.GROUPS)}.", param="group_by")
-    try:
-        since = ledger.parse_time(query["since"]) if query.get("since") else None
-        until = ledger.parse_time(query["until"]) if query.get("until") else None
-    except ValueError:
-        raise ValidationError("since/until must be ISO dates or date-times.", param="since") from None
-    tasks = await gateway.store.ledger(since, until, query.get("team"), query.get("user"), query.get("model"))
-    rows = ledger.group(tasks, by) if by else [ledger.row(t) for t in tasks]
-    wants_csv = query.get("format") == "csv" or "text/csv" in request.headers.get("accept", "")
-    if wants_csv:
-        return Response(ledger.to_csv(rows), media_type="text/csv")
-    return json_response({"object": "list", "group_by": by, "data": rows})
+    export = query.get("format") or ("csv" if "text/csv" in request.headers.get("accept", "") else None)
+    if export not in (None, "csv", "json"):
+        raise ValidationError("format must be csv or json.", param="format")
+    flt = ledger.ledger_filter(query)
+    flt = replace(flt, team=team_scope(actor, flt.team))
+    after = ledger.cursor(query.get("after"))
+    for name in ("limit", "after") if by or export else ():
+        if query.get(name):
+            raise ValidationError(f"{name} pages the listing of rows, not grouped figures or an export.", param=name)
+    if by:
+        groups = [ledger.group_row(by, figures) for figures in await gateway.store.aggregate(by, flt)]
+        if export == "csv":
+            return Response(ledger.to_csv(groups), media_type="text/csv")
+        return json_response({"object": "list", "group_by": by, "data": groups})
+    if export:
+        # The first page is read before the answer starts, so a store that cannot answer is a 503, not a cut body.
+        first = await ledger.page(gateway.store, flt, ledger.EXPORT_PAGE, None)
+        rows = ledger.pages(gateway.store, flt, None, first)
+        if export == "csv":
+            return StreamingResponse(ledger.csv_stream(rows), media_type="text/csv")
+        return StreamingResponse(ledger.json_stream(rows), media_type=JSON)
+    limit = int_param(query.get("limit"), "limit", ledger.PAGE_MAX, 1, ledger.PAGE_MAX)
+    tasks, next_after = await ledger.page(gateway.store, flt, limit, after)
+    return json_response(
+        {
+            "object": "list",
+            "group_by": None,
+            "data": [ledger.row(task) for task in tasks],
+            "has_more": next_after is not None,
+            "next_after": next_after,
+        }
+    )
 
 
 async def admin_keys(request: Request) -> Response:
@@ -78,24 +102,15 @@ async def admin_keys(request: Request) -> Response:
 
 
 async def admin_teams(request: Request) -> Response:
-    gateway = admin(request)
-    now = gateway.clock()
-    subjects = team_subjects(gateway.settings, now)
-    figures = await gateway.store.usage(subjects)
-    data = [
-        {
-            **usage_figures(s, u),
-            "period_kind": s.limits.period,
-            "models": sorted(s.limits.models) if s.limits.models else None,
-        }
-        for s, u in zip(subjects, figures, strict=True)
-    ]
-    return json_response({"object": "list", "data": data})
+    """Every team, the config's and the store's, with its figures and `source`; a team admin sees its own."""
+    gateway, actor = caller(request)
+    only = team_scope(actor, None)
+    return json_response({"object": "list", "data": await team_rows(gateway, only)})
 
 
 async def admin_reload(request: Request) -> Response:
     gateway = admin(request)
-    problems = await gateway.reload()
+    problems = await gateway.reload(OPERATOR)
     if problems:
         raise ValidationError(
             "The new config was refused; the old one stays: " + "; ".join(problems),

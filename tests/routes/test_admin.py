@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.metrics import Metrics
+from gateway.routes import ledger
 from gateway.store.redis.store import RedisStore
 from tests.doubles import MODEL, USER_KEY, FakeClock, FakeUpstream, body, make_settings
 
@@ -195,3 +196,100 @@ def test_spend_metrics_count_an_unknown_create_only_once_it_is_resolved(admin):
 
 def admin_iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+# the ledger at scale (SPEC §17): grouped figures from the store, rows in pages, exports streamed
+
+
+def settled_tasks(admin: Admin, count: int) -> list[str]:
+    """`count` creates of team red, every third left running, the rest succeeded or failed by a poll."""
+    ids = []
+    for n in range(count):
+        answer = admin.client.post("/v1/videos/generations", json=body(duration=4 + n % 3))
+        assert answer.status_code == 200, answer.text
+        task_id = answer.json()["id"]
+        if n % 3:
+            admin.upstream.finish(task_id, "succeeded" if n % 3 == 1 else "failed")
+            assert admin.client.get(f"/v1/videos/generations/{task_id}").status_code == 200
+        admin.clock.now += 3600 * 7  # the rows span several days
+        ids.append(task_id)
+    return ids
+
+
+def test_the_listing_pages_through_every_row_once_and_the_exports_send_them_all(admin):
+    ids = settled_tasks(admin, 7) + [admin.unknown_create()]
+    seen, after, pages = [], None, 0
+    while True:
+        answer = admin.client.get(
+            "/admin/usage", params={"limit": 3, **({"after": after} if after else {})}, headers=ADMIN
+        )
+        assert answer.status_code == 200, answer.text
+        page = answer.json()
+        pages += 1
+        assert (page["object"], page["group_by"], len(page["data"]) <= 3) == ("list", None, True)
+        seen += page["data"]
+        assert page["has_more"] == (page["next_after"] is not None)
+        if not page["has_more"]:
+            break
+        after = page["next_after"]
+    assert [row["task_id"] for row in seen] == ids and pages == 3
+    assert admin.ledger() == seen  # the default page holds them all
+    exported = admin.client.get("/admin/usage", params={"format": "json"}, headers=ADMIN).json()
+    assert exported == {"object": "list", "group_by": None, "data": seen, "has_more": False, "next_after": None}
+    answer = admin.client.get("/admin/usage", headers={**ADMIN, "Accept": "text/csv"})
+    lines = answer.text.splitlines()
+    assert answer.headers["content-type"].startswith("text/csv") and len(lines) == len(ids) + 1
+    assert [row["task_id"] for row in csv.DictReader(io.StringIO(answer.text))] == ids
+
+
+def test_grouped_figures_come_from_the_store_without_loading_rows(admin, monkeypatch):
+    settled_tasks(admin, 6)
+    admin.unknown_create()
+    store = admin.client.app.gateway.store  # type: ignore[attr-defined]
+    rows = admin.client.portal.call(store.ledger, None, None, None, None, None)
+    since, until = int(rows[1].created_at) - 1, int(rows[-2].created_at) + 1  # whole seconds, as given
+
+    def loads_every_row(*args: Any) -> None:
+        raise AssertionError("the grouped figures loaded the ledger's rows")
+
+    monkeypatch.setattr(store, "ledger", loads_every_row)
+    for by in ("team", "user", "model", "day"):
+        assert admin.ledger(group_by=by) == ledger.group(rows, by)
+        window = [t for t in rows if since <= t.created_at < until]
+        iso = {"since": admin_iso(since), "until": admin_iso(until)}
+        assert admin.ledger(group_by=by, **iso) == ledger.group(window, by)
+    teams = admin.client.get("/admin/usage", params={"group_by": "team", "format": "csv"}, headers=ADMIN)
+    assert teams.text.splitlines()[0] == "team," + ",".join(ledger.GROUP_FIELDS)
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ({"limit": "0"}, "limit"),
+        ({"limit": "1001"}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"limit": "-1"}, "limit"),
+        ({"after": "x" * 300}, "after"),
+        ({"after": "not\ta cursor"}, "after"),
+        ({"group_by": "team", "limit": "5"}, "limit"),
+        ({"format": "csv", "after": "1.5:abc"}, "after"),
+        ({"format": "xml"}, "format"),
+        ({"since": "yesterday"}, "since"),
+        ({"until": "2026-13-01"}, "until"),
+    ],
+)
+def test_bad_paging_and_filters_are_invalid_parameters(admin, query, param):
+    answer = admin.client.get("/admin/usage", params=query, headers=ADMIN)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] | {"message": ""} == {
+        "message": "",
+        "type": "invalid_request_error",
+        "code": "invalid_parameter",
+        "param": param,
+    }
+
+
+def test_a_cursor_the_store_never_gave_is_an_invalid_after(admin):
+    settled_tasks(admin, 2)
+    answer = admin.client.get("/admin/usage", params={"after": "garbage"}, headers=ADMIN)
+    assert (answer.status_code, answer.json()["error"]["param"]) == (400, "after"), answer.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -24,7 +25,7 @@ from gateway.policy.keyhealth import KeyHealth
 from gateway.settings import Limits
 from gateway.store.base import MAX_COUNTER, MAX_FIGURE, MAX_RESOLVER, TASK_FIELDS, TERMINAL, UNKNOWN, VOIDED
 from gateway.store.redis.store import RedisStore
-from gateway.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
+from gateway.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION, statements
 from gateway.store.sqlite.store import SQLiteStore
 from tests.redis_server import RedisServer
 from tests.store.helpers import (
@@ -210,6 +211,66 @@ async def test_list_orders_ties_by_rid(store):
     assert [t.rid for t in page] == [twins[2].rid] and more
     page, more = await store.list_tasks("marketing", 5, page[0].task_id, None)
     assert [t.rid for t in page] == [twins[1].rid, twins[0].rid] and not more
+
+
+async def test_a_task_is_listed_as_soon_as_its_create_is_recorded(store):
+    """Read-your-writes: a listing that follows an acknowledged write sees it, however many writes share a batch."""
+    now = await store.now()
+
+    async def create_then_list(n: int) -> tuple[bool, bool]:
+        task = await admitted(store, now, created_at=now + n)
+        task_id = f"cgt-ryw-{n}"
+        await store.record_created(task.rid, task_id, "queued", now, (200, b"{}"))
+        listed, _ = await store.list_tasks("marketing", 100, None, None)
+        await store.set_status(task_id, "running", now + 1)
+        running, _ = await store.list_tasks("marketing", 100, None, "running")
+        return task_id in {t.task_id for t in listed}, task_id in {t.task_id for t in running}
+
+    assert await asyncio.gather(*(create_then_list(n) for n in range(16))) == [(True, True)] * 16
+
+
+async def test_a_listing_of_unknown_rows_pages_the_teams_own(store):
+    now = await store.now()
+    tasks = [await created(store, now, created_at=now + n, task_id=f"cgt-u{n}") for n in range(5)]
+    other = await created(store, now, team_name="sales", task_id="cgt-sales")
+    for task in (*tasks[:4], other):
+        await store.settle(task.task_id, UNKNOWN, EST_MS, EST_MICROS, True, None, now + 10)
+    await store.mark_deleted("cgt-u0", now + 11)
+    page, more = await store.list_tasks("marketing", 2, None, UNKNOWN)
+    assert ([t.task_id for t in page], more) == (["cgt-u3", "cgt-u2"], True)
+    page, more = await store.list_tasks("marketing", 2, "cgt-u2", UNKNOWN)
+    assert ([t.task_id for t in page], more) == (["cgt-u1", "cgt-u0"], False)
+    page, _ = await store.list_tasks("marketing", 10, None, UNKNOWN, order="asc", include_deleted=False)
+    assert [t.task_id for t in page] == ["cgt-u1", "cgt-u2", "cgt-u3"]
+    await store.resolve_unknown("cgt-u3", VOIDED, 0, 0, "admin", now + 12)
+    page, _ = await store.list_tasks("marketing", 10, None, UNKNOWN)
+    assert [t.task_id for t in page] == ["cgt-u2", "cgt-u1", "cgt-u0"]
+    assert [t.task_id for t in (await store.list_tasks("marketing", 10, None, "queued"))[0]] == ["cgt-u4"]
+
+
+@pytest.mark.parametrize("sync", ["NORMAL", "FULL"])
+async def test_sqlite_listings_run_on_the_reader_not_on_the_writer(tmp_path, sync):
+    """list_tasks and unknown_tasks wait for the reader's thread; writes go on meanwhile (the event loop and the
+    writer are not held by a long listing)."""
+    store = SQLiteStore(str(tmp_path / "gateway.db"), sync)
+    await store.open()
+    gate = threading.Event()
+    try:
+        now = await store.now()
+        await created(store, now, task_id="cgt-listed")
+        busy = asyncio.create_task(store._read(lambda conn: gate.wait(10)))
+        listing = asyncio.create_task(store.list_tasks("marketing", 10, None, None))
+        unknown = asyncio.create_task(store.unknown_tasks(10))
+        written = await created(store, now + 1, task_id="cgt-meanwhile")  # the writer is free
+        await asyncio.sleep(0.05)
+        assert written.task_id == "cgt-meanwhile" and not listing.done() and not unknown.done()
+        gate.set()
+        await busy
+        assert [t.task_id for t in (await listing)[0]] == ["cgt-meanwhile", "cgt-listed"]
+        assert await unknown == []
+    finally:
+        gate.set()
+        await store.close()
 
 
 async def test_settle_exactly_once(store):
@@ -691,7 +752,7 @@ async def test_sqlite_schema_migrates_forward(tmp_path):
     try:
         [kept] = await store.ledger(None, None, None, None, None)
         assert kept == task and (kept.meta, kept.deleted_at, kept.resolved_by, kept.resolved_at) == (None,) * 4
-        assert await store._do(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION == 4
+        assert await store._do(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION == 6
         await created(store, now, meta=b"{}", task_id="cgt-new")
         assert (await store.get_task("cgt-new")).meta == b"{}"
     finally:
@@ -702,6 +763,37 @@ async def test_sqlite_schema_migrates_forward(tmp_path):
         assert len(await reopened.ledger(None, None, None, None, None)) == 2
     finally:
         await reopened.close()
+
+
+@pytest.mark.parametrize("made_before", [False, True])
+async def test_sqlite_migration_6_indexes_the_unknown_rows(tmp_path, made_before):
+    """From version 5, with or without the index a build that made it outside the migrations left behind."""
+    path = tmp_path / "gateway.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    for version in range(1, 6):
+        for statement in statements(MIGRATIONS[version]):
+            old.execute(statement)
+    if made_before:
+        old.execute("CREATE INDEX tasks_unknown ON tasks (created_at) WHERE status = 'unknown'")
+    old.execute("PRAGMA user_version=5")
+    old.close()
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        version, indexes, plan = await store._do(
+            lambda c: (
+                c.execute("PRAGMA user_version").fetchone()[0],
+                c.execute("SELECT name FROM sqlite_master WHERE type='index' AND name='tasks_unknown'").fetchall(),
+                c.execute(
+                    "EXPLAIN QUERY PLAN SELECT rid FROM tasks WHERE status = ? ORDER BY created_at DESC LIMIT 5",
+                    (UNKNOWN,),
+                ).fetchall(),
+            )
+        )
+        assert (version, indexes) == (SCHEMA_VERSION, [("tasks_unknown",)])
+        assert "tasks_unknown" in " ".join(str(step[-1]) for step in plan)
+    finally:
+        await store.close()
 
 
 async def test_an_unknown_row_kept_by_an_older_schema_is_resolved_after_the_migration(tmp_path):

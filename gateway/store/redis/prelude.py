@@ -1,11 +1,13 @@
 """The Lua every Redis script runs after: the key prefix, the clock, key names, and the checks and books the
-scripts share."""
+scripts share (the ledger's figures: rollup.py)."""
 
 from __future__ import annotations
 
 from gateway.policy.quota import WINDOW_S
 from gateway.store.base import MAX_COUNTER, MAX_FIGURE
+from gateway.store.redis.budget import BUDGET_LUA
 from gateway.store.redis.outbox import OUTBOX_LUA
+from gateway.store.redis.rollup import ROLLUP_LUA
 
 # Shared by every script. ARGV[1] is the key prefix; the scripts' own arguments follow it.
 # A script that errors is not rolled back: each checks everything it is given before its first write,
@@ -16,8 +18,8 @@ PRELUDE = (
     + """
 local P = ARGV[1]
 local LIVE = {pending = true, queued = true, running = true}
-local CORE = {'team', 'user', 'team_period', 'user_period', 'estimate_micros', 'estimate_ms',
-              'status', 'key_name', 'idem_key', 'task_id', 'settled_at', 'created_at'}
+local CORE = {'team', 'user', 'model', 'team_period', 'user_period', 'estimate_micros', 'estimate_ms',
+              'status', 'key_name', 'idem_key', 'task_id', 'settled_at', 'created_at', 'rolled'}
 local function clock()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -100,5 +102,7 @@ local function finish_idem(t, status, body)
   if redis.call('EXISTS', k) == 1 then redis.call('HSET', k, 'done', 1, 'status', status, 'body', body) end
 end
 """
+    + ROLLUP_LUA
     + OUTBOX_LUA
+    + BUDGET_LUA
 )

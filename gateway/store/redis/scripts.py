@@ -6,6 +6,7 @@ Key layout: see store.py."""
 from __future__ import annotations
 
 from gateway.store.redis.outbox import OUTBOX_SCRIPTS
+from gateway.store.redis.rollup import ROLLUP_SCRIPTS
 
 # ARGV: the admission as JSON (RedisStore.admit: figures and times as strings), then the task's bytes
 #   fields as name/value pairs (they may hold any byte, which JSON cannot carry).
@@ -156,7 +157,7 @@ return 1
 GET = """
 local rid = redis.call('HGET', P .. 'tid', ARGV[2])
 if not rid then return false end
-return redis.call('HGETALL', tkey(rid))
+return fields(tkey(rid))
 """
 
 # ARGV: task_id, status, now
@@ -170,16 +171,17 @@ end
 # ARGV: task_id or rid → the row's field/value pairs (none when there is no such row)
 GET_RECORD = """
 local rid = redis.call('HGET', P .. 'tid', ARGV[2]) or ARGV[2]
-return redis.call('HGETALL', tkey(rid))
+return fields(tkey(rid))
 """
 
 # ARGV: task_id or rid, status, billed ms, cost micros, estimated 0|1, now, '1' when a body follows,
-#   final body, then the outbox items (outbox_redis.py) → the settled task's field/value pairs, or nil
-#   when it was settled already
+#   final body, the budget check or '' (budget.py), then the outbox items (outbox_redis.py) → the settled
+#   task's field/value pairs (with a check: {them, the thresholds reached}), or nil when it was settled already
 SETTLE = """
 local billed, cost, now = figure(ARGV[4]), figure(ARGV[5]), tonumber(ARGV[7])
+local watches = budget_watches(ARGV[10])
 if not billed or not cost or not now or ARGV[3] == '' or (ARGV[6] ~= '0' and ARGV[6] ~= '1')
-    or not outbox_ok(10) then
+    or not watches or not outbox_ok(11) then
   return redis.error_reply('REJECTED settlement')
 end
 local rid = redis.call('HGET', P .. 'tid', ARGV[2]) or ARGV[2]
@@ -190,40 +192,52 @@ release(t)
 spend(t, ARGV[5], ARGV[4])
 local k = tkey(rid)
 redis.call('HSET', k, 'status', ARGV[3], 'billed_ms', ARGV[4], 'cost_micros', ARGV[5],
-           'cost_estimated', ARGV[6], 'settled_at', ARGV[7], 'updated_at', ARGV[7])
+           'cost_estimated', ARGV[6], 'settled_at', ARGV[7], 'updated_at', ARGV[7], 'rolled', 1)
+count(t, ARGV[3], ARGV[4], ARGV[5])
 if ARGV[8] == '1' then redis.call('HSET', k, 'final_body', ARGV[9]) else redis.call('HDEL', k, 'final_body') end
 redis.call('ZREM', P .. 'due', rid)
-outbox_add(10)
-return redis.call('HGETALL', k)
+outbox_add(11)
+if ARGV[10] == '' then return fields(k) end
+return {fields(k), budget_alerts(watches, now)}
 """
 
-# ARGV: rid, now, '1' when a reply follows, reply status, reply body, then the outbox items → the row's
-#   field/value pairs. Only a pending create changes: its estimate becomes its cost, its slots are freed.
+# ARGV: rid, now, '1' when a reply follows, reply status, reply body, the budget check or '' (budget.py),
+#   then the outbox items → the row's field/value pairs (with a check: {them, the thresholds reached}).
+#   Only a pending create changes: its estimate becomes its cost, its slots are freed.
 MARK_UNKNOWN = """
 local rid, now = ARGV[2], tonumber(ARGV[3])
-if not now or not outbox_ok(7) then return redis.error_reply('REJECTED time') end
+local watches = budget_watches(ARGV[7])
+if not now or not watches or not outbox_ok(8) then return redis.error_reply('REJECTED time') end
 local t = core(rid)
 if not t then return redis.error_reply('NOTFOUND') end
 local k = tkey(rid)
-if t.settled_at or t.status ~= 'pending' then return redis.call('HGETALL', k) end
+local function answer(reached)
+  if ARGV[7] == '' then return fields(k) end
+  return {fields(k), reached}
+end
+if t.settled_at or t.status ~= 'pending' then return answer({}) end
 local micros, ms = figure(t.estimate_micros), figure(t.estimate_ms)
 if not micros or not ms or not can_spend(t, micros, ms) then return redis.error_reply('REJECTED estimate') end
 release(t)
 spend(t, t.estimate_micros, t.estimate_ms)
 redis.call('HSET', k, 'status', 'unknown', 'billed_ms', t.estimate_ms, 'cost_micros', t.estimate_micros,
-           'cost_estimated', 1, 'settled_at', ARGV[3], 'updated_at', ARGV[3])
+           'cost_estimated', 1, 'settled_at', ARGV[3], 'updated_at', ARGV[3], 'rolled', 1)
+count(t, 'unknown', t.estimate_ms, t.estimate_micros)
 redis.call('ZREM', P .. 'due', rid)
 if ARGV[4] == '1' then finish_idem(t, ARGV[5], ARGV[6]) end
-outbox_add(7)
-return redis.call('HGETALL', k)
+outbox_add(8)
+return answer(budget_alerts(watches, now))
 """
 
-# ARGV: task_id or rid, status ('succeeded' or 'voided'), billed ms, cost micros, resolved by, now → the
-#   row's field/value pairs. An unknown row only, once: the spent counters move by the difference from its
-#   figures, and it keeps its new status, who resolved it and when.
+# ARGV: task_id or rid, status ('succeeded' or 'voided'), billed ms, cost micros, resolved by, now, the
+#   budget check or '' (budget.py) → the row's field/value pairs (with a check: {them, the thresholds
+#   reached}). An unknown row only, once: the spent counters move by the difference from its figures, and it
+#   keeps its new status, who resolved it and when.
 RESOLVE = """
 local status, billed, cost, by, now = ARGV[3], figure(ARGV[4]), figure(ARGV[5]), ARGV[6], tonumber(ARGV[7])
-if not billed or not cost or not now or by == '' or (status ~= 'succeeded' and status ~= 'voided') then
+local watches = budget_watches(ARGV[8] or '')
+if not billed or not cost or not now or by == '' or (status ~= 'succeeded' and status ~= 'voided')
+    or not watches then
   return redis.error_reply('REJECTED resolution')
 end
 local rid = redis.call('HGET', P .. 'tid', ARGV[2]) or ARGV[2]
@@ -234,10 +248,12 @@ local k = tkey(rid)
 local was = redis.call('HMGET', k, 'billed_ms', 'cost_micros')
 local d_ms, d_micros = billed - (tonumber(was[1]) or 0), cost - (tonumber(was[2]) or 0)
 if not can_spend(t, d_micros, d_ms) then return redis.error_reply('REJECTED counter overflow') end
-spend(t, d_micros, d_ms)
+spend(t, int(d_micros), int(d_ms))
+if t.rolled then tally(t, 0, status == 'succeeded' and 1 or 0, 0, d_ms, d_micros) end  -- else the backfill counts it
 redis.call('HSET', k, 'status', status, 'billed_ms', ARGV[4], 'cost_micros', ARGV[5], 'cost_estimated', 0,
            'resolved_by', by, 'resolved_at', ARGV[7], 'updated_at', ARGV[7])
-return redis.call('HGETALL', k)
+if (ARGV[8] or '') == '' then return fields(k) end
+return {fields(k), budget_alerts(watches, now)}
 """
 
 # ARGV: team, after task_id or '', status or '', limit, scan cap, 'asc' or 'desc', '1' to leave out
@@ -263,7 +279,7 @@ while #out < want and start < stop do
       keep = (status == '' or f[1] == status) and not (live_only and f[2])
     end
     if keep then
-      out[#out + 1] = redis.call('HGETALL', tkey(rid))
+      out[#out + 1] = fields(tkey(rid))
       if #out >= want then break end
     end
   end
@@ -278,7 +294,7 @@ if not tonumber(ARGV[3]) then return redis.error_reply('REJECTED time') end
 local rid = redis.call('HGET', P .. 'tid', ARGV[2])
 if not rid or redis.call('EXISTS', tkey(rid)) == 0 then return false end
 redis.call('HSETNX', tkey(rid), 'deleted_at', ARGV[3])
-return redis.call('HGETALL', tkey(rid))
+return fields(tkey(rid))
 """
 
 # ARGV: limit, lease s → the due tasks (as they were before the lease), leased until now + lease
@@ -287,11 +303,11 @@ local now = clock()
 local lease_end = fmt(now + tonumber(ARGV[3]))
 local out = {}
 for _, rid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'due', '-inf', fmt(now), 'LIMIT', 0, ARGV[2])) do
-  local fields = redis.call('HGETALL', tkey(rid))
-  if #fields == 0 then
+  local row = fields(tkey(rid))
+  if #row == 0 then
     redis.call('ZREM', P .. 'due', rid)
   else
-    out[#out + 1] = fields
+    out[#out + 1] = row
     redis.call('ZADD', P .. 'due', lease_end, rid)
     redis.call('HSET', tkey(rid), 'next_poll_at', lease_end)
   end
@@ -305,25 +321,6 @@ if redis.call('EXISTS', tkey(ARGV[2])) == 1 then
   redis.call('HSET', tkey(ARGV[2]), 'next_poll_at', ARGV[3])
   redis.call('ZADD', P .. 'due', 'XX', ARGV[3], ARGV[2])
 end
-"""
-
-# ARGV: '(' .. before, offset, count → {deleted, scanned}: the settled tasks among `count` rids
-#   created before `before`, from `offset` on, are deleted
-PRUNE = """
-local deleted, rids = 0, redis.call('ZRANGEBYSCORE', P .. 'all', '-inf', ARGV[2], 'LIMIT', ARGV[3], ARGV[4])
-for _, rid in ipairs(rids) do
-  local t = core(rid)
-  if not t or t.settled_at then
-    redis.call('DEL', tkey(rid))
-    redis.call('ZREM', P .. 'all', rid)
-    if t and t.task_id then
-      redis.call('HDEL', P .. 'tid', t.task_id)
-      redis.call('ZREM', P .. 'team:' .. t.team, rid)
-    end
-    deleted = deleted + 1
-  end
-end
-return {deleted, #rids}
 """
 
 # → Redis's TIME, from the node that holds the gateway's keys (a Cluster's nodes may disagree)
@@ -350,6 +347,6 @@ SCRIPTS = {
     "mark_deleted": MARK_DELETED,
     "due": DUE,
     "defer": DEFER,
-    "prune": PRUNE,
+    **ROLLUP_SCRIPTS,
     **OUTBOX_SCRIPTS,
 }

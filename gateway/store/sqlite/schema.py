@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import operator
 import sqlite3
+from collections.abc import Iterator
 from typing import Any
 
 from gateway.errors import StoreUnavailable
 from gateway.store.base import TASK_FIELDS, Task
 from gateway.store.sqlite.outbox import SCHEMA as OUTBOX_SCHEMA
+from gateway.store.sqlite.rollup import SCHEMA as ROLLUP_SCHEMA
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 MIGRATIONS = {
     1: """
     CREATE TABLE tasks (
@@ -47,9 +49,14 @@ MIGRATIONS = {
     ALTER TABLE tasks ADD COLUMN resolved_by TEXT;
     ALTER TABLE tasks ADD COLUMN resolved_at REAL;
     """,
+    5: ROLLUP_SCHEMA,  # the ledger's per-day figures (rollup.py); no table is rewritten
+    # The `unknown` rows waiting for an operator, newest first: a few entries however large the ledger.
+    # IF NOT EXISTS: a store opened by a build that made this index outside the migrations keeps it.
+    6: "CREATE INDEX IF NOT EXISTS tasks_unknown ON tasks (created_at) WHERE status = 'unknown'",
 }
 COLS = ", ".join(TASK_FIELDS)
-INSERT_TASK = f"INSERT INTO tasks ({COLS}) VALUES ({', '.join('?' * len(TASK_FIELDS))})"
+# rolled = 1: the ledger's figures follow every row written from now on (rollup.py).
+INSERT_TASK = f"INSERT INTO tasks ({COLS}, rolled) VALUES ({', '.join('?' * len(TASK_FIELDS))}, 1)"
 task_values = operator.attrgetter(*TASK_FIELDS)
 
 
@@ -65,10 +72,20 @@ def migrate(conn: sqlite3.Connection) -> None:
     if version > SCHEMA_VERSION:
         raise StoreUnavailable(f"The store's schema version {version} is newer than this gateway's.")
     for step in range(version + 1, SCHEMA_VERSION + 1):
-        for statement in MIGRATIONS[step].split(";"):
-            if statement.strip():
-                conn.execute(statement)
+        for statement in statements(MIGRATIONS[step]):
+            conn.execute(statement)
         conn.execute(f"PRAGMA user_version={step}")
+
+
+def statements(script: str) -> Iterator[str]:
+    """The script's statements, one at a time (a trigger's body holds `;` of its own)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
 
 
 def task_by_rid(conn: sqlite3.Connection, rid: str) -> Task | None:
