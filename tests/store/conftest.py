@@ -1,4 +1,5 @@
-"""Fixtures of the store tests: each contract test runs on SQLite and on a real Redis, one server a run."""
+"""Fixtures of the store tests: each contract test runs on SQLite (in both of its write paths) and on a real
+Redis, one server a run."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ def redis_url() -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "sqlite-full", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[SQLiteStore | RedisStore]:
-    if request.param == "sqlite":
-        opened: SQLiteStore | RedisStore = SQLiteStore(str(tmp_path / "gateway.db"))
+    """SQLite writes on the event loop's thread with synchronous=NORMAL, on a writer thread with FULL."""
+    if request.param.startswith("sqlite"):
+        sync = "FULL" if request.param == "sqlite-full" else "NORMAL"
+        opened: SQLiteStore | RedisStore = SQLiteStore(str(tmp_path / "gateway.db"), sync)
     else:
         opened = RedisStore(request.getfixturevalue("redis_url"), prefix=f"test:{uuid.uuid4().hex[:8]}:")
     await opened.open()

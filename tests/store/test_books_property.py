@@ -11,6 +11,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -175,7 +176,7 @@ def _strings(data: Any) -> Iterator[str]:
 
 
 class Books(RuleBasedStateMachine):
-    def __init__(self, store_url: Callable[[str], str]) -> None:
+    def __init__(self, store_url: Callable[[str], str], synchronous: str = "NORMAL") -> None:
         super().__init__()
         self.tmp = tempfile.TemporaryDirectory(prefix="thg-books-")
         url = store_url(self.tmp.name)
@@ -185,7 +186,9 @@ class Books(RuleBasedStateMachine):
         # poller defers is due at its next tick, until time jumps past poller.expire_after_s.
         self.lag = REDIS_LAG_S if store else 0.0
         self.now = time.time() - self.lag
-        app = create_app(settings(url), upstream=self.tokenhub, store=store, clock=lambda: self.now, run_poller=False)
+        config = settings(url)
+        config = replace(config, store=replace(config.store, synchronous=synchronous))  # SQLite's write path
+        app = create_app(config, upstream=self.tokenhub, store=store, clock=lambda: self.now, run_poller=False)
         self.gateway = app.gateway
         self.gateway.pool._rng.seed(0)  # key choice and back-off jitter: the same on every replay
         self.gateway.poller._rng.seed(0)
@@ -407,6 +410,12 @@ class Books(RuleBasedStateMachine):
 @pytest.mark.timeout(600)  # room for shrinking a failure (at most 5 min) before the report
 def test_books_balance_on_sqlite() -> None:
     run_state_machine_as_test(lambda: Books(lambda tmp: f"sqlite:///{tmp}/books.db"))
+
+
+@pytest.mark.timeout(600)
+def test_books_balance_on_sqlite_full() -> None:
+    """The writer thread of synchronous=FULL (the test above runs the event loop's write path)."""
+    run_state_machine_as_test(lambda: Books(lambda tmp: f"sqlite:///{tmp}/books.db", "FULL"))
 
 
 @pytest.mark.timeout(600)

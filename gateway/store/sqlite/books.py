@@ -28,8 +28,8 @@ class Books:
     """The counters and in-flight counts, kept in memory so that checks read no rows, and written to
     their tables by flush() just before each commit: once per figure a batch changed, however many of
     its operations changed it (under load a batch holds dozens of creates of the same team and user).
-    Touched only on the writer thread; cleared whenever a transaction rolls back, after which each
-    figure is read again from its table."""
+    Touched only by the thread that runs the batches (the event loop's, or the writer's under FULL);
+    cleared whenever a transaction rolls back, after which each figure is read again from its table."""
 
     def __init__(self) -> None:
         self._counters: dict[tuple[str, str, str], Counters] = {}
@@ -134,8 +134,8 @@ def owners(task: Task) -> tuple[tuple[str, str, str], ...]:
 
 
 class Windows:
-    """Each subject's admission times inside the last WINDOW_S, oldest first. Changed on the writer thread
-    inside a transaction (and undone when it rolls back); pruned and read on the event loop's thread too,
+    """Each subject's admission times inside the last WINDOW_S, oldest first. Changed by the thread that runs
+    the batches, inside a transaction (and undone when it rolls back); pruned and read on the event loop's thread too,
     hence the lock."""
 
     def __init__(self) -> None:

@@ -1,4 +1,5 @@
-"""The SQLite writer's batches: a refusal or one bad operation fails only itself; the books stay true."""
+"""The SQLite store's batches, on both write paths (the event loop's for synchronous=NORMAL, the writer
+thread's for FULL): a refusal or one bad operation fails only itself; the books stay true."""
 
 from __future__ import annotations
 
@@ -10,25 +11,31 @@ import pytest
 
 from gateway.errors import DuplicateTaskId, IdempotencyConflict, RecordRejected, StoreUnavailable
 from gateway.settings import Limits
-from gateway.store.sqlite.checkpointer import RESTART_PAGES
+from gateway.store.sqlite.looped import LoopWriter
 from gateway.store.sqlite.schema import INSERT_TASK, task_values
 from gateway.store.sqlite.store import SQLiteStore
-from gateway.store.sqlite.writer import unavailable
+from gateway.store.sqlite.transactions import unavailable
 from tests.store.helpers import EST_MICROS, EST_MS, admission, admitted, created, figures
 
 RPM = Limits(requests_per_minute=10)
 
 
-@pytest.fixture
-async def store(tmp_path):
-    s = SQLiteStore(str(tmp_path / "gateway.db"))
+@pytest.fixture(params=["NORMAL", "FULL"])
+async def store(request, tmp_path):
+    s = SQLiteStore(str(tmp_path / "gateway.db"), request.param)
     await s.open()
     yield s
     await s.close()
 
 
 async def _one_batch(store: SQLiteStore, *steps):
-    """Run the steps' store operations in one batch of the writer thread: it is held until all are queued."""
+    """Run the steps' store operations in one batch: the writer is held until all are queued."""
+    if isinstance(store._writer, LoopWriter):
+        assert await asyncio.to_thread(store._writer.hold, 1.0)  # as the checkpointer holds it
+        tasks = [asyncio.ensure_future(step) for step in steps]
+        await asyncio.sleep(0.05)  # every step has queued its operation
+        store._writer.release()
+        return await asyncio.gather(*tasks, return_exceptions=True)
     gate = threading.Event()
     held = store._do(lambda c: gate.wait(5))
     tasks = [asyncio.ensure_future(step) for step in steps]
@@ -185,36 +192,6 @@ async def test_an_insert_that_breaks_a_constraint_in_a_batch_fails_alone(store):
     )
     assert isinstance(results[0], RecordRejected) and results[1] is None
     assert (await figures(store, now))[1].in_flight == 2
-
-
-async def test_checkpoints_run_on_their_own_thread_and_bound_the_wal(store, tmp_path):
-    """10,000 commits of two frames each, without a pause: 82 MB of WAL if it never started again."""
-    assert await store._do(lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
-    for _ in range(10_000):
-        await store.ping()  # one commit each
-    assert store._writer.checkpointer.runs > 0
-    assert (tmp_path / "gateway.db-wal").stat().st_size < 2.5 * RESTART_PAGES * 4120
-
-
-async def test_in_a_quiet_moment_the_wal_starts_again_without_the_writer_checkpointing(store, tmp_path):
-    store._writer.checkpointer.every_s = 0.05
-    for _ in range(300):  # 600 frames: far below the writer's own checkpoint
-        await store.ping()
-    await asyncio.sleep(0.5)  # rounds after the last commit: one of them caught up with it
-    await store.ping()  # the first write after a complete checkpoint starts the WAL again
-    store._writer.checkpointer.stop()  # so that the count below is not refused as busy
-    with sqlite3.connect(tmp_path / "gateway.db") as c:
-        busy, frames, _ = c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    assert busy == 0 and 0 < frames <= 4
-
-
-async def test_closing_stops_the_checkpoint_thread_and_removes_the_wal(tmp_path):
-    s = SQLiteStore(str(tmp_path / "gateway.db"))
-    await s.open()
-    await asyncio.gather(*(s.ping() for _ in range(200)))
-    await s.close()
-    assert not any(t.name == "sqlite-checkpoint" for t in threading.enumerate())
-    assert not (tmp_path / "gateway.db-wal").exists()
 
 
 async def test_a_batch_writes_each_changed_figure_once_and_the_tables_hold_them(store, tmp_path):
