@@ -65,6 +65,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "snapshot, so edits made meanwhile in the work tree cannot leak into the run",
     )
     p.add_argument(
+        "--issued-keys",
+        type=int,
+        default=0,
+        help="also measure gateway-sqlite-keys: the same gateway on a store holding this many gateway keys "
+        "issued through the admin API (bench/issued_keys.py), in the same rounds",
+    )
+    p.add_argument(
         "--baseline",
         help="another checkout (e.g. a `git archive` of an earlier commit) whose gateway is measured in the same "
         "rounds as gateway-sqlite-baseline, so a change is compared before and after in one run",
@@ -102,6 +109,11 @@ def start_targets(lab: Lab, args: argparse.Namespace) -> list[Target]:
     targets += [lab.bare_target(c) for c in CLIENTS if wanted(f"bare-{c}")]
     if wanted("gateway-sqlite"):
         targets.append(lab.gateway_target("gateway-sqlite", db("gateway")))
+    if args.issued_keys:
+        from issued_keys import seed_keys
+
+        seeded = seed_keys(lab.work / "gateway-keys.db", args.issued_keys)
+        targets.append(lab.gateway_target("gateway-sqlite-keys", seeded))
     if args.baseline:
         baseline = Path(args.baseline).resolve()
         targets.append(lab.gateway_target("gateway-sqlite-baseline", db("gateway-baseline"), src=baseline))

@@ -3,8 +3,10 @@
 The map, from the entry points down. A module may import what is below it, never what is above it
 (`scripts/check` runs import-linter over the contract in pyproject.toml):
 
-    cli, supervisor, serve   entry points: the command line, `serve --workers N`, the uvicorn server
+    cli, supervisor, serve   entry points: the command line (admin_cli: `admin …`, over HTTP), `serve --workers N`,
+                             the uvicorn server
     app                      the composition root: builds the Gateway, the ASGI app and its lifespan
+    console/                 the web console at /console/: server-rendered pages over routes' helpers
     routes/                  what each path does, named by URL: TokenHub shape, OpenAI shape, admin, ops
     http/ | flow/            how bytes become requests and answers | a task's life: create, poll, settle
     upstream/ | delivery/ | openai/ | simulator/

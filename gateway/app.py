@@ -17,25 +17,29 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
 from gateway.config import ConfigError, load_settings
+from gateway.console.routes import console_routes
 from gateway.delivery.archive import make_archive
 from gateway.delivery.content import MediaFetcher
 from gateway.delivery.webhooks import Deliverer
 from gateway.errors import GatewayError
+from gateway.flow.alerts import budgets_changed
 from gateway.flow.creates import Tasks
 from gateway.flow.poller import Poller
 from gateway.flow.polls import Polls
+from gateway.flow.roster import RosterSync
 from gateway.flow.settlement import Settlement
 from gateway.http.asgi import GatewayApp, on_gateway_error, on_http_error
 from gateway.http.workers import BodyWorkers
 from gateway.metrics import Metrics
 from gateway.money import micros_to_usd
 from gateway.policy.auth import Authenticator
-from gateway.policy.quota import team_subjects
+from gateway.policy.directory import Directory
 from gateway.routes.table import route_table
 from gateway.routes.videos_input import Uploads
 from gateway.settings import Settings
 from gateway.store import open_store
 from gateway.store.base import Store, Task
+from gateway.tenancy import RELOAD
 from gateway.upstream.calls import UpstreamCalls
 from gateway.upstream.client import HttpUpstream, Upstream
 from gateway.upstream.keypool import KeyPool
@@ -54,7 +58,9 @@ class Gateway:
         self.upstream = upstream
         self.metrics = metrics
         self.clock = clock
-        self.auth = Authenticator(settings)
+        self.directory = Directory(settings)  # the config's teams and users; the store's come with roster.start()
+        self.auth = Authenticator(self.directory, clock)
+        self.roster = RosterSync(store, self.directory, self.auth.uses, clock)
         self.pool = KeyPool(settings.upstream, store, metrics, clock)
         calls = UpstreamCalls(upstream, self.pool, metrics)
         records: LRUCache[str, Task] = LRUCache(maxsize=10_000)
@@ -70,6 +76,7 @@ class Gateway:
         )  # a change needs a restart
         self.settlement.archiving = self.archive is not None
         self.settlement.on_outbox = self._wake_outbox
+        self.settlement.members = self.directory  # budget alerts check the limits in force, the store's too
         self.large_bodies = BodyWorkers(MAX_LARGE_BODIES)  # parsed and checked in worker processes
         self.large_uploads = asyncio.Semaphore(MAX_LARGE_BODIES)  # OpenAI-shape uploads, checked in threads
         self.uploads = Uploads()  # OpenAI-shape uploads in flight, within server.max_uploads_in_flight
@@ -97,8 +104,8 @@ class Gateway:
             else:
                 loop.call_soon_threadsafe(say)
 
-    async def reload(self) -> list[str]:
-        """Re-read the config file; a bad one is refused and the old one stays."""
+    async def reload(self, actor: str = RELOAD) -> list[str]:
+        """Re-read the config file; a bad one is refused and the old one stays. What it changed is audited."""
         if not self.settings.source:
             return ["this gateway was not started from a config file"]
         try:
@@ -108,11 +115,13 @@ class Gateway:
             return exc.problems
         if new.store.url != self.settings.store.url:
             self.log.warning("config.store_change_ignored", reason="a store change needs a restart")
-        self.settings = new
+        old, self.settings = self.settings, new
         self.tasks.settings = new
         self.settlement.settings = new
         self.poller.settings = new
-        self.auth = Authenticator(new)
+        await self.roster.reloaded(old, new, actor)
+        for scope, name in budgets_changed(old, new):  # a budget lowered below the spend: its alerts
+            await self.settlement.budget_changed(scope, name)
         self.pool.apply(new.upstream)
         await self.pool.reenable()
         await self.webhooks.apply(new.webhooks)
@@ -122,7 +131,7 @@ class Gateway:
     async def refresh_gauges(self) -> None:
         """Gauges that read shared state, refreshed per scrape: O(teams + keys), never O(ledger)."""
         now = self.clock()
-        subjects = team_subjects(self.settings, now)
+        subjects = self.directory.team_subjects(now)
         for subject, usage in zip(subjects, await self.store.usage(subjects), strict=True):
             self.metrics.tasks_in_flight.labels(subject.name).set(usage.in_flight)
             budget = subject.limits.budget_micros
@@ -155,6 +164,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.open()
+        await gateway.roster.start()
+        roster = asyncio.create_task(gateway.roster.run())
         await gateway.pool.refresh_gauges()
         poller = asyncio.create_task(gateway.poller.run()) if run_poller else None
         webhooks = asyncio.create_task(gateway.webhooks.run()) if run_poller else None
@@ -172,9 +183,10 @@ def create_app(
             gateway.begin_drain()  # when the server stops for a reason other than a signal
             gateway.poller.stop()
             gateway.webhooks.stop()
+            gateway.roster.stop()
             if gateway.archive:
                 gateway.archive.stop()
-            for job in (poller, webhooks, archive):
+            for job in (poller, webhooks, archive, roster):
                 if job is not None:
                     await job
             # Creates already forwarded finish, or are recorded as unknown, before the session closes.
@@ -186,7 +198,7 @@ def create_app(
             gateway.log.info("gateway.stopped")
 
     app = GatewayApp(
-        routes=route_table(),
+        routes=route_table() + (console_routes() if settings.server.console else []),
         lifespan=lifespan,
         metrics=metrics,
         draining=lambda: gateway.draining,

@@ -1,9 +1,8 @@
-"""tokenhub-gateway serve / demo / simulator / keys new / check-config / usage / healthcheck."""
+"""tokenhub-gateway serve / demo / simulator / keys new / check-config / usage / healthcheck / admin."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import os
@@ -12,26 +11,28 @@ import tempfile
 import threading
 import tomllib
 import urllib.request
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import uvicorn
+from gateway.admin_cli import add_admin_parser
 
-from gateway import logs
-from gateway.config import ConfigError, load_settings, parse_settings
-from gateway.policy.auth import key_sha256, new_key
-from gateway.routes import ledger
-from gateway.serve import serve_settings
-from gateway.settings import ServerSettings, Settings
+if TYPE_CHECKING:  # the server, the config and the store are imported by the commands that use them, so that
+    # `admin …` (HTTP only) starts without them
+    from gateway.settings import Settings
+    from gateway.store.base import Task
 
 DEMO_TEAM, DEMO_USER = "demo", "demo-user"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.serve import serve_settings
+
     settings = _load(args.config)
     if settings is None:
         return 2
     if args.workers > 1:
+        from gateway import logs
         from gateway.store.redis.url import is_redis_url
         from gateway.supervisor import Supervisor
 
@@ -53,6 +54,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def demo_settings(
     sim_port: int, db: Path, user_key: str, webhook_url: str | None = None, webhook_secret: str = ""
 ) -> Settings:
+    from gateway.config import parse_settings
+    from gateway.policy.auth import key_sha256
+
     data: dict[str, Any] = {
         "archive": {"dir": str(db.parent / "videos")},  # the videos outlive the simulator's URLs
         "server": {"admin_token_env": "GATEWAY_ADMIN_TOKEN"},
@@ -68,7 +72,7 @@ def demo_settings(
         "store": {"url": f"sqlite:///{db}"},
         "poller": {"interval_s": 5},
         "teams": {DEMO_TEAM: {"budget_usd": 20.0, "requests_per_minute": 30, "max_concurrent_tasks": 5}},
-        "users": {DEMO_USER: {"team": DEMO_TEAM, "key_sha256": key_sha256(user_key)}},
+        "users": {DEMO_USER: {"team": DEMO_TEAM, "key_sha256": key_sha256(user_key), "role": "team_admin"}},
     }
     if webhook_url:
         data["webhooks"] = [{"name": "demo", "url": webhook_url, "secret_env": "DEMO_WEBHOOK_SECRET"}]
@@ -82,6 +86,10 @@ def demo_settings(
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.policy.auth import new_key
+    from gateway.serve import serve_settings
     from gateway.simulator.app import create_simulator
     from gateway.simulator.app import uvicorn_config as sim_config
 
@@ -104,6 +112,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "user": DEMO_USER,
         "api_key": user_key,
         "try": _demo_curl(base, user_key),
+        "console": f"http://127.0.0.1:{args.port}/console/",  # sign in with the api_key: the videos play there
+        "console_key": user_key,
     }
     print(json.dumps(ready, separators=(",", ":")), flush=True)
     try:
@@ -130,6 +140,8 @@ def cmd_simulator(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
+    from gateway.policy.auth import key_sha256, new_key
+
     key = new_key()
     print(f"# The key for {args.user}; it is shown once and stored nowhere: give it to the user.")
     print(key)
@@ -149,39 +161,89 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"{args.config}: OK ({len(settings.upstream.keys)} upstream keys, {len(settings.teams)} teams, "
         f"{len(settings.users)} users, store {settings.store.url.reveal().split('://')[0]})"
     )
+    days = settings.ledger.retention_days
+    kept = "kept for ever" if days is None else f"deleted after {days} days (the per-day figures stay)"
+    print(f"ledger.retention_days: settled tasks {kept}")
+    server = settings.server
+    sso = f"; single sign-on from {server.console_trusted_header}" if server.console_trusted_header else ""
+    shown = f"at /console/ (sessions of {server.console_session_hours:g} h{sso})" if server.console else "off"
+    print(f"server.console: {shown}")
     return 0
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
+    """Grouped figures from the store's aggregates; rows written a page at a time as they are read."""
+    import asyncio
+
+    from gateway.errors import GatewayError
+    from gateway.routes import ledger
     from gateway.store import open_store
 
     settings = _load(args.config)
     if settings is None:
         return 2
 
-    async def run() -> str:
+    async def run() -> None:
+        flt = ledger.ledger_filter(vars(args))
+        before = ledger.parse_time(args.prune_before) if args.prune_before else None
         store = open_store(settings.store)
         await store.open()
         try:
-            if args.prune_before:
-                pruned = await store.prune(ledger.parse_time(args.prune_before))
-                return f"pruned {pruned} settled tasks created before {args.prune_before}\n"
-            since = ledger.parse_time(args.since) if args.since else None
-            until = ledger.parse_time(args.until) if args.until else None
-            tasks = await store.ledger(since, until, args.team, args.user, args.model)
+            if before is not None:
+                pruned = await store.prune(before)
+                sys.stdout.write(f"pruned {pruned} settled tasks created before {args.prune_before}\n")
+            elif args.group_by:
+                groups = [ledger.group_row(args.group_by, g) for g in await store.aggregate(args.group_by, flt)]
+                sys.stdout.write(_rendered(groups, args.format))
+            else:
+                await _write_rows(ledger.pages(store, flt, None), args.format)
         finally:
             await store.close()
-        rows = ledger.group(tasks, args.group_by) if args.group_by else [ledger.row(t) for t in tasks]
-        if args.format == "json":
-            return json.dumps(rows, indent=2) + "\n"
-        return ledger.to_csv(rows) if args.format == "csv" else ledger.to_table(rows)
 
     try:
-        sys.stdout.write(asyncio.run(run()))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        asyncio.run(run())
+    except (ValueError, GatewayError) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _rendered(rows: list[dict[str, Any]], fmt: str) -> str:
+    from gateway.routes import ledger
+
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    return ledger.to_csv(rows) if fmt == "csv" else ledger.to_table(rows)
+
+
+async def _write_rows(pages: AsyncIterator[list[Task]], fmt: str) -> None:
+    """Rows to stdout page by page: CSV with its header once, a JSON array, or a table whose columns are
+    as wide as the first page needs."""
+    from gateway.routes import ledger
+
+    out = sys.stdout
+    if fmt == "csv":
+        async for chunk in ledger.csv_stream(pages):
+            out.write(chunk.decode())
+        return
+    widths: list[int] | None = None
+    written = 0
+    async for tasks in pages:
+        rows = [ledger.row(task) for task in tasks]
+        if fmt == "json":
+            out.write("".join(("[\n" if written + i == 0 else ",\n") + _indented(r) for i, r in enumerate(rows)))
+        else:
+            widths = widths or ledger.table_widths(rows)
+            out.write(ledger.table_lines(rows, widths, header=written == 0))
+        written += len(rows)
+    if fmt == "json":
+        out.write("\n]\n" if written else "[]\n")
+    elif not written:
+        out.write(ledger.to_table([]))
+
+
+def _indented(row: dict[str, Any]) -> str:
+    return "\n".join("  " + line for line in json.dumps(row, indent=2).splitlines())
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
@@ -189,6 +251,8 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
     Only [server] is read, so a config file replaced but not yet reloaded cannot make a running
     gateway look unhealthy."""
+    from gateway.settings import ServerSettings
+
     try:
         server = tomllib.loads(Path(args.config).read_text()).get("server", {})
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -208,6 +272,8 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
 
 def _load(path: str) -> Settings | None:
+    from gateway.config import ConfigError, load_settings
+
     try:
         return load_settings(path)
     except ConfigError as exc:
@@ -215,6 +281,22 @@ def _load(path: str) -> Settings | None:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return None
+
+
+class _LedgerGroups:
+    """`usage --group-by`'s choices, read from the ledger only when argparse checks or shows them."""
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._groups()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._groups())
+
+    @staticmethod
+    def _groups() -> tuple[str, ...]:
+        from gateway.routes.ledger import GROUPS
+
+        return tuple(GROUPS)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -255,7 +337,7 @@ def parser() -> argparse.ArgumentParser:
     usage.add_argument("--model")
     usage.add_argument("--since")
     usage.add_argument("--until")
-    usage.add_argument("--group-by", choices=ledger.GROUPS)
+    usage.add_argument("--group-by", choices=_LedgerGroups(), metavar="BY", help="one of: %(choices)s")
     usage.add_argument("--format", choices=("table", "csv", "json"), default="table")
     usage.add_argument("--prune-before", help="delete settled tasks created before this date")
     usage.set_defaults(func=cmd_usage)
@@ -263,6 +345,7 @@ def parser() -> argparse.ArgumentParser:
     health.add_argument("--config", required=True)
     health.add_argument("--timeout", type=float, default=4.0)
     health.set_defaults(func=cmd_healthcheck)
+    add_admin_parser(commands)
     return root
 
 

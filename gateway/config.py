@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
@@ -21,6 +22,7 @@ from gateway.settings import (
     PERIODS,
     WEBHOOK_EVENTS,
     ArchiveSettings,
+    LedgerSettings,
     Limits,
     OpenAISettings,
     PollerSettings,
@@ -34,6 +36,7 @@ from gateway.settings import (
     User,
     WebhookEndpoint,
 )
+from gateway.tenancy import MEMBER, ROLES, shared_emails, valid_email, valid_name
 
 
 class ConfigError(Exception):
@@ -42,7 +45,7 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-_SECTIONS = {"server", "upstream", "store", "poller", "pricing", "teams", "users", "openai", "webhooks", "archive"}
+_SECTIONS = set("server upstream store poller pricing teams users openai webhooks archive ledger".split())
 # TOML key → kind, for the plain fields of each section; absent or invalid, the dataclass default applies.
 _SERVER = {
     "host": "str",
@@ -55,7 +58,12 @@ _SERVER = {
     "send_timeout_s": "num+",
     "max_downloads_per_team": "int+",
     "max_uploads_in_flight": "int+",
+    "console": "bool",
+    "console_session_hours": "num+",
+    "console_trusted_header": "str",
 }
+_PROXIES = "console_trusted_proxies"
+_HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
 _UPSTREAM = {
     "connect_timeout_s": "num+",
     "timeout_s": "num+",
@@ -65,17 +73,19 @@ _UPSTREAM = {
     "max_answer_bytes": "int+",
 }
 _KEY = {"weight": "int+", "max_concurrent_tasks": "int+"}
-_POLLER = {"interval_s": "num+", "expire_after_s": "num+", "concurrency": "int+"}
+_POLLER = {"interval_s": "num+", "expire_after_s": "num+", "concurrency": "int+", "max_polls_per_second": "num+"}
+_LEDGER = {"retention_days": "int+"}
 _OPENAI = {"poll_after_ms": "int+"}
 _WEBHOOK = {"retry_initial_s": "num+", "max_in_flight": "int+"}
 _ARCHIVE = {"region": "str", "retention_days": "num+", "max_bytes_per_video": "int+"}
 _LIMITS = {
-    "budget_usd": "num0",
+    "budget_usd": "usd",
     "period": "str",
     "models": "strlist",
     "video_seconds": "int0",
     "requests_per_minute": "int+",
     "max_concurrent_tasks": "int+",
+    "alert_thresholds": "fractions",
 }
 
 
@@ -95,7 +105,17 @@ def _limits(reader: Reader, data: dict[str, Any], where: str, models: set[str], 
         reader.problem(f"{where}.period", f"expected one of {', '.join(PERIODS)}, got {shown(values.pop('period'))}")
     if period and "period" not in values:
         values["period"] = period
+    if "alert_thresholds" in values:
+        values["alert_thresholds"] = tuple(sorted({float(v) for v in values["alert_thresholds"]}))
     return Limits(models=reader.members(data, "models", where, models), **values)
+
+
+def limits_of(data: dict[str, Any], models: set[str], period: str | None = None) -> tuple[Limits, list[str]]:
+    """A team's or user's limits from a table of §6's names (an admin API body, SPEC §15), and every problem
+    as "field: message"."""
+    reader = Reader()
+    limits = _limits(reader, data, "", models, period)
+    return limits, reader.problems
 
 
 def _pricing(reader: Reader, data: Any) -> dict[str, dict[str, int]]:
@@ -116,11 +136,18 @@ def _pricing(reader: Reader, data: Any) -> dict[str, dict[str, int]]:
 
 
 def _server(reader: Reader, data: Any, env: Mapping[str, str]) -> ServerSettings:
-    server = reader.table(data, "server", set(_SERVER) | {"admin_token_env", "metrics_token_env"})
+    server = reader.table(data, "server", set(_SERVER) | {"admin_token_env", "metrics_token_env", _PROXIES})
+    values = reader.fields(server, "server", _SERVER)
+    header = values.get("console_trusted_header")
+    if header is not None and not _HEADER_NAME.fullmatch(header):
+        reader.problem("server.console_trusted_header", "expected a header name (letters, digits and -)")
+    if header is not None and not server.get(_PROXIES):
+        reader.problem(f"server.{_PROXIES}", "is required with console_trusted_header (the proxies it comes from)")
     return ServerSettings(
-        **reader.fields(server, "server", _SERVER),
+        **values,
         admin_token=_secret_from_env(reader, env, server, "admin_token_env", "server"),
         metrics_token=_secret_from_env(reader, env, server, "metrics_token_env", "server"),
+        console_trusted_proxies=_networks(reader, server.get(_PROXIES, []), "server", _PROXIES),
     )
 
 
@@ -160,9 +187,11 @@ def _upstream(reader: Reader, data: Any, env: Mapping[str, str], base: Path, mod
     )
 
 
-def _networks(reader: Reader, value: Any, where: str) -> tuple[IPv4Network | IPv6Network, ...]:
+def _networks(
+    reader: Reader, value: Any, where: str, key: str = "media_allow_networks"
+) -> tuple[IPv4Network | IPv6Network, ...]:
     """CIDRs such as "127.0.0.1/32" or "10.0.0.0/8" (a bare address is its own /32 or /128)."""
-    where = f"{where}.media_allow_networks"
+    where = f"{where}.{key}"
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         reader.problem(where, 'expected a list of CIDR strings, such as ["127.0.0.1/32"]')
         return ()
@@ -203,6 +232,10 @@ def _store(reader: Reader, data: Any, env: Mapping[str, str]) -> StoreSettings:
 
 def _poller(reader: Reader, data: Any) -> PollerSettings:
     return PollerSettings(**reader.fields(reader.table(data, "poller", set(_POLLER)), "poller", _POLLER))
+
+
+def _ledger(reader: Reader, data: Any) -> LedgerSettings:
+    return LedgerSettings(**reader.fields(reader.table(data, "ledger", set(_LEDGER)), "ledger", _LEDGER))
 
 
 def _openai(reader: Reader, data: Any, models: set[str]) -> OpenAISettings:
@@ -264,8 +297,8 @@ def _webhooks(
         url = _webhook_url(reader, table, where)
         secret = _webhook_secret(reader, table, where, env)
         chosen = reader.get(table, "teams", where, "strlist")
-        for team in sorted(set(chosen or ()) - set(teams)):
-            reader.problem(f"{where}.teams", f"names a team that [teams] does not define (got {shown(team)})")
+        for team in sorted(t for t in set(chosen or ()) - set(teams) if not valid_name(t)):  # or one made by API
+            reader.problem(f"{where}.teams", f"expected names of teams, [teams]' or the API's (got {shown(team)})")
         events = reader.get(table, "events", where, "strlist", default=list(WEBHOOK_EVENTS))
         if not events or set(events) - set(WEBHOOK_EVENTS):
             reader.problem(f"{where}.events", f"expected some of {', '.join(WEBHOOK_EVENTS)}")
@@ -315,7 +348,7 @@ def _users(reader: Reader, data: Any, teams: Mapping[str, Team], models: set[str
     hashes: dict[str, str] = {}
     for name, ud in reader.table(data, "users", None).items():
         where = f"users.{name}"
-        ud = reader.table(ud, where, set(_LIMITS) | {"team", "key_sha256"})
+        ud = reader.table(ud, where, set(_LIMITS) | {"team", "key_sha256", "role", "email"})
         team = reader.get(ud, "team", where, "str", required=True)
         if team and team not in teams:
             reader.problem(f"{where}.team", f"names a team that [teams] does not define (got {shown(team)})")
@@ -325,8 +358,16 @@ def _users(reader: Reader, data: Any, teams: Mapping[str, Team], models: set[str
         if digest:
             hashes[digest] = name
         limits = _limits(reader, ud, where, models, teams[team].limits.period if team in teams else None)
+        role = reader.get(ud, "role", where, "str", default=MEMBER)
+        if role not in ROLES:
+            reader.problem(f"{where}.role", f"expected one of {', '.join(ROLES)}, got {shown(role)}")
+        email = reader.get(ud, "email", where, "str")
+        if email is not None and not valid_email(email):
+            reader.problem(f"{where}.email", "expected an e-mail address (name@domain, at most 254 characters)")
         if team and digest:
-            users[name] = User(name, team, digest, limits)
+            users[name] = User(name, team, digest, limits, role, email)
+    for name, first in shared_emails(users.values()):  # a console signs a user in by its e-mail
+        reader.problem(f"users.{name}.email", f"the same e-mail (in any case) is already used by users.{first}")
     return users
 
 
@@ -347,6 +388,7 @@ def parse_settings(
     openai = _openai(reader, data.get("openai", {}), models)
     webhooks = _webhooks(reader, data.get("webhooks", []), env, teams)
     archive = _archive(reader, data.get("archive", {}))
+    ledger = _ledger(reader, data.get("ledger", {}))
     if reader.problems:
         raise ConfigError(reader.problems)
     return Settings(
@@ -360,6 +402,7 @@ def parse_settings(
         openai=openai,
         webhooks=webhooks,
         archive=archive,
+        ledger=ledger,
         source=source,
     )
 

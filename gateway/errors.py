@@ -7,10 +7,14 @@ GatewayError
 │   ├── BodyTooLarge          413 body_too_large
 │   └── UnsupportedParameter  400 unsupported_parameter (param): no Seedance equivalent
 ├── PermissionDenied          403 permission_error / model_not_allowed
+│   └── RoleDenied            403 permission_denied: what the caller's role does not allow (SPEC §15)
 ├── NotFound                  404 invalid_request_error / task_not_found (or route_not_found)
 ├── RequestTimeout            408 invalid_request_error / request_timeout (a slow client)
 ├── IdempotencyConflict       409 idempotency_key_reused / idempotency_key_in_progress
 ├── TaskNotUnknown            409 invalid_request_error / task_not_unknown
+├── Conflict                  409 invalid_request_error / conflict: a team, user or key of that name or id exists
+│   ├── TeamNotEmpty          409 team_not_empty: a team with users cannot be deleted
+│   └── ManagedByConfig       409 managed_by_config: the config file declares it; the API cannot change it
 ├── VideoNotReady             409 invalid_request_error / video_not_ready
 ├── VideoExpired              410 invalid_request_error / video_expired
 ├── RangeNotSatisfiable       416 invalid_request_error / range_not_satisfiable
@@ -112,6 +116,12 @@ class PermissionDenied(GatewayError):
     code = "model_not_allowed"
 
 
+class RoleDenied(PermissionDenied):
+    """An admin route asked for what the caller's role does not allow (SPEC §15)."""
+
+    code = "permission_denied"
+
+
 class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
@@ -191,6 +201,26 @@ class TaskNotUnknown(GatewayError):
     status = 409
     type = "invalid_request_error"
     code = "task_not_unknown"
+
+
+class Conflict(GatewayError):
+    """A team, user or key created under a name or id that exists already (SPEC §15)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class TeamNotEmpty(Conflict):
+    """A team deleted while users are still in it."""
+
+    code = "team_not_empty"
+
+
+class ManagedByConfig(Conflict):
+    """A change through the admin API to a team, user or key the config file declares (SPEC §15)."""
+
+    code = "managed_by_config"
 
 
 class VideoNotReady(GatewayError):

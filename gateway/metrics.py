@@ -149,6 +149,12 @@ class Metrics:
         self.webhook_backlog = Gauge(
             prefix + "webhook_backlog", "Webhook events not yet delivered nor given up", ["endpoint"], registry=registry
         )
+        self.budget_alerts = Counter(
+            prefix + "budget_alerts",
+            "Budget thresholds reached, once per threshold per period across replicas (SPEC §15)",
+            ["scope", "threshold"],
+            registry=registry,
+        )
         self._children: dict[tuple[str, str, str, str], tuple[Counter, Histogram, Histogram]] = {}
         self._labelled: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
 

@@ -33,6 +33,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # variable name belongs must not be echoed either.
 _SHOWN_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,11}|[A-Z_][A-Z0-9]*_[A-Z0-9_]{0,50}")
 _WORD = re.compile(r"[a-z][a-z_]{0,19}")
+MAX_USD = 10**9  # a budget above it is no budget anyone means (and 1e300 has no exact micro-dollar count)
 
 
 def is_num(v: Any) -> bool:
@@ -51,8 +52,13 @@ KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "int0": (lambda v: _is_int(v) and v >= 0, "an integer ≥ 0"),
     "num+": (lambda v: is_num(v) and v > 0, "a positive number"),
     "num0": (lambda v: is_num(v) and v >= 0, "a number ≥ 0"),
+    "usd": (lambda v: is_num(v) and 0 <= v <= MAX_USD, "a number of dollars from 0 to 1000000000"),
     "port": (lambda v: _is_int(v) and 0 < v <= 65535, "a port from 1 to 65535"),
     "strlist": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of strings"),
+    "fractions": (  # alert_thresholds: [] sends no alert
+        lambda v: isinstance(v, list) and len(v) <= 10 and all(is_num(x) and 0 < x <= 1 for x in v),
+        "a list of at most 10 fractions of the budget, each > 0 and ≤ 1, such as [0.8, 1.0]",
+    ),
     "sha256": (
         lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
         "64 lowercase hex characters",

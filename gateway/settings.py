@@ -10,6 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 PERIODS = ("day", "week", "month", "total")
+DEFAULT_ALERT_THRESHOLDS = (0.8, 1.0)  # fractions of a budget at which a budget alert is sent (SPEC §15)
 DEFAULT_PRICING = {
     "doubao-seedance-2.0": {"720p": Decimal("0.20"), "480p": Decimal("0.12")},
     "doubao-seedance-2.0-fast": {"720p": Decimal("0.16"), "480p": Decimal("0.10")},
@@ -53,6 +54,7 @@ class Limits:
     requests_per_minute: int | None = None
     max_concurrent_tasks: int | None = None
     models: frozenset[str] | None = None
+    alert_thresholds: tuple[float, ...] = DEFAULT_ALERT_THRESHOLDS  # ascending fractions > 0 (1.0: all of it)
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,10 @@ class Team:
 class User:
     name: str
     team: str
-    key_sha256: str
+    key_sha256: str  # "" for a user made through the admin API: its keys are the store's (SPEC §15)
     limits: Limits
+    role: str = "member"  # or "team_admin": manages its own team's members and keys (SPEC §15)
+    email: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,11 @@ class ServerSettings:
     send_timeout_s: float = 30  # a download whose client reads nothing for this long is ended
     max_downloads_per_team: int = 8  # result-file downloads (/content, remix) at once per team
     max_uploads_in_flight: int = 16  # OpenAI-shape uploads from arrival until TokenHub answers, gateway-wide
+    console: bool = True  # the web console at /console/ (SPEC §16)
+    console_session_hours: float = 12  # a console session ends this long after its sign-in
+    console_trusted_header: str | None = None  # e.g. "X-Forwarded-Email": a single sign-on proxy names the user
+    # The peers whose console_trusted_header (and X-Forwarded-Proto / -For) the console believes.
+    console_trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,15 @@ class StoreSettings:
 class PollerSettings:
     interval_s: float = 15
     expire_after_s: float = 172800
-    concurrency: int = 8
+    concurrency: int = 32  # checks in flight at once: at ~0.1 s a poll over the internet, ~300 a second
+    # The poller's own polls per upstream key and process, on average (bursts of a fifth of a second's worth):
+    # well under TokenHub's per-key rate limit, and 700 tasks in flight on a key checked every 15 s.
+    max_polls_per_second: float = 50
+
+
+@dataclass(frozen=True)
+class LedgerSettings:
+    retention_days: int | None = None  # settled rows older than this are deleted (the per-day figures stay)
 
 
 @dataclass(frozen=True)
@@ -132,7 +149,7 @@ class OpenAISettings:
     )
 
 
-WEBHOOK_EVENTS = ("video.completed", "video.failed")
+WEBHOOK_EVENTS = ("video.completed", "video.failed", "budget.threshold_reached")  # all, when `events` is absent
 
 
 @dataclass(frozen=True)
@@ -171,4 +188,5 @@ class Settings:
     openai: OpenAISettings = field(default_factory=OpenAISettings)
     webhooks: tuple[WebhookEndpoint, ...] = ()
     archive: ArchiveSettings | None = None  # None: no archive
+    ledger: LedgerSettings = field(default_factory=LedgerSettings)
     source: str = ""

@@ -326,6 +326,16 @@ def overview() -> dict:
             stack=True,
             description="TokenHub figures that were not believed at settlement; the estimate was charged.",
         ),
+        timeseries(
+            "Budget alerts by scope and threshold",
+            targets((f"sum by (scope, threshold) (increase({M}budget_alerts_total{RATE}))", "{{scope}} {{threshold}}")),
+            w=24,
+            h=6,
+            stack=True,
+            description="Budget thresholds (alert_thresholds, fractions of a dollar or video-seconds budget) that "
+            "teams and users reached, each once per period across replicas; which ones is in the "
+            "budget.threshold_reached webhook event and log line.",
+        ),
         *deliveries(),
     ]
     return dashboard(

@@ -123,7 +123,7 @@ def test_spec_example_parses_into_settings(spec_config):
     assert settings.store == StoreSettings(
         url=Secret("sqlite:////var/lib/tokenhub-gateway/gateway.db"), synchronous="NORMAL"
     )
-    assert settings.poller == PollerSettings(interval_s=15, expire_after_s=172800, concurrency=8)
+    assert settings.poller == PollerSettings(interval_s=15, expire_after_s=172800, concurrency=32)
     assert settings.pricing == {MODEL: {"720p": 200_000, "480p": 120_000}, FAST: {"720p": 160_000, "480p": 100_000}}
     assert settings.teams == {
         "marketing": Team(
@@ -720,3 +720,55 @@ def test_secret_masked(value, masked):
 def test_secret_equality_and_hash():
     assert Secret("x") == Secret("x") and Secret("x") != Secret("y") and Secret("x") != "x"
     assert len({Secret("x"), Secret("x")}) == 1
+
+
+# --- the poller's polls per second and the ledger's retention ----------------------------------
+
+
+def test_the_poller_polls_50_a_second_per_key_and_the_ledger_keeps_everything_unless_told():
+    settings = parse_settings(minimal(), env={"K": PRIMARY})
+    assert settings.poller.max_polls_per_second == 50
+    assert settings.ledger.retention_days is None
+
+
+def test_poller_rate_and_ledger_retention_reach_their_fields():
+    data = minimal(poller={"max_polls_per_second": 12.5}, ledger={"retention_days": 400})
+    settings = parse_settings(data, env={"K": PRIMARY})
+    assert (settings.poller.max_polls_per_second, settings.ledger.retention_days) == (12.5, 400)
+
+
+@pytest.mark.parametrize(
+    "sections, problem",
+    [
+        ({"poller": {"max_polls_per_second": 0}}, "poller.max_polls_per_second: expected a positive number, got 0"),
+        ({"poller": {"max_polls_per_second": "fast"}}, "poller.max_polls_per_second: expected a positive number"),
+        ({"ledger": {"retention_days": 0}}, "ledger.retention_days: expected a positive integer, got 0"),
+        ({"ledger": {"retention_days": -30}}, "ledger.retention_days: expected a positive integer, got -30"),
+        ({"ledger": {"retention_days": 1.5}}, "ledger.retention_days: expected a positive integer, got 1.5"),
+        ({"ledger": {"retention_days": True}}, "ledger.retention_days: expected a positive integer"),
+        ({"ledger": {"keep_days": 3}}, "ledger.keep_days: unknown setting"),
+        ({"ledger": 365}, "ledger: expected a table"),
+    ],
+    ids=lambda v: "" if isinstance(v, dict) else v.split(":")[0],
+)
+def test_a_bad_rate_or_retention_is_reported_with_its_location(sections, problem):
+    assert any(p.startswith(problem) for p in problems_of(minimal(**sections))), problem
+
+
+def test_a_bad_retention_is_reported_with_every_other_problem():
+    problems = problems_of({**MANY_MISTAKES, "ledger": {"retention_days": "forever"}})
+    assert any(p.startswith("ledger.retention_days: ") for p in problems)
+    assert all(any(p.startswith(where + ": ") for p in problems) for where in LOCATIONS)
+
+
+@pytest.mark.parametrize("retention, said", [(None, "kept for ever"), (90, "deleted after 90 days")])
+def test_check_config_says_how_long_the_ledger_keeps_settled_tasks(tmp_path, monkeypatch, capsys, retention, said):
+    from gateway.cli import parser
+
+    config = tmp_path / "gateway.toml"
+    upstream = '[upstream]\nbase_url = "https://t.example/api/v1"\n[[upstream.keys]]\nname = "k"\nvalue_env = "K"\n'
+    config.write_text(upstream + (f"[ledger]\nretention_days = {retention}\n" if retention else ""))
+    monkeypatch.setenv("K", PRIMARY)
+    args = parser().parse_args(["check-config", "--config", str(config)])
+    assert args.func(args) == 0
+    assert f"ledger.retention_days: settled tasks {said}" in capsys.readouterr().out

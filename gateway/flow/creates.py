@@ -243,8 +243,10 @@ class Tasks:
             err.unknown_outcome = True
         try:
             items = self.settlement.unknown_items(task)
+            now = self.clock()
+            check = self.settlement.budget_check(task, now)
             done = await self.store.mark_unknown(
-                task.rid, self.clock(), (err.status, err.json()) if err is not None else None, items
+                task.rid, now, (err.status, err.json()) if err is not None else None, items, check
             )
         except GatewayError as exc:  # the pending record stays; the poller expires it as unresolved
             self.log.error("task.unknown_unrecorded", rid=task.rid, reason=reason, error_code=exc.code)
@@ -252,6 +254,7 @@ class Tasks:
         self.metrics.child(self.metrics.tasks_unknown, task.team, reason).inc()
         self.log.warning("task.unknown", rid=task.rid, team=task.team, user=task.user, reason=reason)
         self.settlement.settled(done)
+        self.settlement.alerted(check)
         if items:
             self.settlement.on_outbox()
         return err

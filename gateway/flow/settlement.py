@@ -13,12 +13,14 @@ import structlog
 
 from gateway.delivery.archive import archive_item
 from gateway.delivery.webhooks import event_items
-from gateway.errors import NotFound, ValidationError
+from gateway.errors import GatewayError, NotFound, ValidationError
+from gateway.flow.alerts import BudgetAlerts, Members, subject_now, task_subjects
 from gateway.metrics import Metrics
 from gateway.money import micros_to_usd
 from gateway.policy import pricing
 from gateway.settings import Settings
 from gateway.store.base import UNKNOWN, VOIDED, Store, Task
+from gateway.store.budget import BudgetCheck
 from gateway.store.outbox import Item
 
 MAX_OUTPUT_S = 60  # TokenHub's figures outside these bounds are not believed (SPEC §4)
@@ -92,6 +94,8 @@ class Settlement:
         self.log = structlog.get_logger("gateway.tasks")
         self.on_outbox: Callable[[], None] = lambda: None  # told when a settlement left outbox items
         self.archiving = False  # a succeeded task's files are to be copied into the archive
+        self.alerts = BudgetAlerts(metrics)
+        self.members: Members | None = None  # the teams and users in force (the app's directory); else settings
 
     async def settle(
         self, task: Task, status: str, data: dict[str, Any] | None, raw: bytes | None, estimated: bool = False
@@ -107,15 +111,53 @@ class Settlement:
         items = event_items(self.settings.webhooks, task, status, charge.billed_ms, charge.cost_micros, now)
         if self.archiving and status == "succeeded" and (copy := archive_item(task, data or {}, now)):
             items.append(copy)
+        spends = charge.cost_micros > 0 or charge.billed_ms > 0
+        check = (
+            self.alerts.check(task_subjects(self.members or self.settings, task), self.settings.webhooks, now)
+            if spends
+            else None
+        )
         done = await self.store.settle(
-            task.task_id or task.rid, status, charge.billed_ms, charge.cost_micros, charge.estimated, raw, now, items
+            task.task_id or task.rid,
+            status,
+            charge.billed_ms,
+            charge.cost_micros,
+            charge.estimated,
+            raw,
+            now,
+            items,
+            check,
         )
         task.status = status
         if done is not None:
             self.settled(done)
-            if items:
+            if check:
+                self.alerts.emit(check)
+            if items or (check and check.reached):
                 self.on_outbox()
         return done
+
+    async def budget_changed(self, scope: str, name: str) -> None:
+        """A team's or user's limits changed (the admin API, a reload): thresholds now passed are sent. The
+        change stands when the store cannot check now; the subject's next settlement sends them then."""
+        now = self.clock()
+        subject = subject_now(self.members or self.settings, scope, name, now)
+        try:
+            if await self.alerts.after_change(self.store, subject, self.settings.webhooks, now):
+                self.on_outbox()
+        except GatewayError as exc:
+            self.log.warning("budget.check_failed", scope=scope, name=name, error=exc.code)
+
+    def budget_check(self, task: Task, now: float) -> BudgetCheck | None:
+        """What a step that moves the task's spend checks: its user's and team's thresholds (in the periods
+        it was counted in), for the store to mark in that step (an unknown create charged, a resolution)."""
+        return self.alerts.check(task_subjects(self.members or self.settings, task), self.settings.webhooks, now)
+
+    def alerted(self, check: BudgetCheck | None) -> None:
+        """The log line and metric of each threshold a step reached first; the outbox is told of its events."""
+        if check is not None and check.reached:
+            self.alerts.emit(check)
+            self.on_outbox()
 
     def unknown_items(self, task: Task) -> list[Item]:
         """The events of a create whose outcome is unknown: charged at its estimate (SPEC §4)."""
@@ -151,8 +193,12 @@ class Settlement:
     async def _resolve(self, ref: str, status: str, billed_ms: int, cost: int, resolved_by: str) -> Task:
         """Once only (the store refuses a row that is not `unknown`); its resolved figures are counted now,
         as settled() left an unknown create's estimate out of the spend counters."""
-        done = await self.store.resolve_unknown(ref, status, billed_ms, cost, resolved_by, self.clock())
+        now = self.clock()
+        task = await self.store.get_record(ref)
+        check = self.budget_check(task, now) if task is not None else None
+        done = await self.store.resolve_unknown(ref, status, billed_ms, cost, resolved_by, now, check)
         self.spent(done)
+        self.alerted(check)
         self.log.info(
             "task.settled",
             task_id=done.task_id or done.rid,

@@ -5,6 +5,8 @@
     pricing     estimates and actual costs of a video
     validation  Seedance 2.0's limits on a create body
     keyhealth   an upstream key's health: how replies change it, which key to choose
+    directory   the teams, users and gateway keys in force: the config's over the store's roster
+    roles       who may do what on the admin routes: the operator, a team admin, a member
 
 May import: the shared nouns only.
 """

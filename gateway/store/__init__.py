@@ -2,6 +2,9 @@
 
     base     the Store protocol, Task, Admission and the figures' bounds
     outbox   the outbox's items and topics (archive copies, webhook deliveries)
+    roster   teams, users, gateway keys and audit rows as both stores keep them (tenancy.py's records)
+    budget   budget alerts as a settling step checks them: once per threshold per period
+    sessions the console's sign-in sessions
     sqlite/  the embedded store (one process)
     redis/   the shared store (several replicas)
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import threading
 import time
 import uuid
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
 import pytest
 from aiohttp import web
 from openai import OpenAI
 from standardwebhooks.webhooks import Webhook
+from starlette.testclient import TestClient
 
 from gateway.delivery.webhooks import Deliverer, backoff_s, event_items, headers, redacted, sign
 from gateway.metrics import Metrics
@@ -21,6 +24,8 @@ from gateway.settings import Secret, WebhookEndpoint
 from gateway.store.base import Task
 from gateway.store.outbox import Item, webhook_topic
 from gateway.store.sqlite.store import SQLiteStore
+from tests.doubles import USER_KEY, FakeClock, FakeUpstream, make_settings
+from tests.doubles import body as video_body
 from tests.store.helpers import created
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
@@ -334,7 +339,7 @@ def test_the_spec_example_endpoint_parses_with_its_defaults():
     ).webhooks
     assert (plain.teams, plain.events, plain.retry_initial_s, plain.max_in_flight) == (
         None,
-        frozenset({"video.completed", "video.failed"}),
+        frozenset({"video.completed", "video.failed", "budget.threshold_reached"}),  # absent: every event (§15)
         5,
         4,
     )
@@ -360,7 +365,7 @@ def test_the_spec_example_endpoint_parses_with_its_defaults():
             {**ENV, "WS": "whsec_c2hvcnQ="},
             "webhooks[0].secret_env",
         ),
-        ({"name": "x", "url": "https://h/", "secret_env": "WS", "teams": ["nobody"]}, ENV, "webhooks[0].teams"),
+        ({"name": "x", "url": "https://h/", "secret_env": "WS", "teams": ["No Team!"]}, ENV, "webhooks[0].teams"),
         (
             {"name": "x", "url": "https://h/", "secret_env": "WS", "events": ["video.created"]},
             ENV,
@@ -385,3 +390,81 @@ def test_two_endpoints_may_not_share_a_name():
     hook = {"name": "x", "url": "https://h/", "secret_env": "WS"}
     with pytest.raises(ConfigError, match=r"webhooks\[1\].name"):
         parse_settings({**BASE, "webhooks": [hook, hook]}, ENV)
+
+
+def test_an_endpoint_may_name_a_team_the_config_does_not_define():
+    from gateway.config import parse_settings
+
+    hook = {"name": "x", "url": "https://h/", "secret_env": "WS", "teams": ["marketing", "growth"]}
+    [ep] = parse_settings({**BASE, "webhooks": [hook]}, ENV).webhooks  # growth: a team made through the API
+    assert ep.teams == frozenset({"marketing", "growth"})
+
+
+class ThreadedReceiver:
+    """A loopback endpoint in a thread of its own, for an app whose loop runs in the TestClient's thread."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[dict[str, str], bytes]] = []
+        seen = self.seen
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                seen.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def __enter__(self) -> ThreadedReceiver:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_endpoint_naming_a_team_made_through_the_api_gets_its_events(tmp_path):
+    from gateway.app import create_app
+
+    admin = {"Authorization": "Bearer adm-webhook-test-token"}
+    with ThreadedReceiver() as rx:
+        settings = make_settings(
+            f"sqlite:///{tmp_path / 'gateway.db'}",
+            webhooks=[{"name": "growth-hooks", "url": rx.url, "secret_env": "WS", "teams": ["growth"]}],
+            server={"admin_token_env": "ADMIN_TOKEN"},
+            env={"ADMIN_TOKEN": "adm-webhook-test-token", "WS": SECRET},
+        )
+        upstream = FakeUpstream()
+        app = create_app(settings, upstream=upstream, clock=FakeClock(time.time()))
+        with TestClient(app, base_url="http://gw") as client:
+            for path, made in (
+                ("/admin/teams", {"name": "growth"}),
+                ("/admin/users", {"name": "gus", "team": "growth"}),
+            ):
+                assert client.post(path, json=made, headers=admin).status_code == 201
+            key = client.post("/admin/users/gus/keys", json={}, headers=admin).json()["key"]
+            for who in (key, USER_KEY):  # growth's task, then red's: only the first is growth's endpoint's
+                answer = client.post(
+                    "/v1/videos/generations", json=video_body(), headers={"Authorization": f"Bearer {who}"}
+                )
+                assert answer.status_code == 200, answer.text
+                upstream.finish(answer.json()["id"])
+                polled = client.get(
+                    f"/v1/videos/generations/{answer.json()['id']}", headers={"Authorization": f"Bearer {who}"}
+                )
+                assert polled.json()["status"] == "succeeded", polled.text
+            deadline = time.monotonic() + 10
+            while not rx.seen:
+                assert time.monotonic() < deadline, "no delivery in time"
+                time.sleep(0.02)
+            time.sleep(0.2)  # red's event, were it queued for this endpoint, would have gone by now
+    [(headers_seen, payload)] = rx.seen
+    event = Webhook(SECRET).verify(payload, headers_seen)
+    assert (event["type"], event["data"]["team"], event["data"]["user"]) == ("video.completed", "growth", "gus")

@@ -263,7 +263,8 @@ def test_dashboards_against_real_prometheus(make_gateway, sim, tmp_path):
     secret = new_secret()
     receiver = Receiver(secret).__enter__()  # every terminal task is announced to it (webhook panels)
     gw = make_gateway(
-        teams={"red": {"budget_usd": 100}, "blue": {"budget_usd": 1.5}},
+        # blue crosses 0.5 of its budget with bob's $1.00 (the budget-alerts panel needs a series)
+        teams={"red": {"budget_usd": 100}, "blue": {"budget_usd": 1.5, "alert_thresholds": [0.5, 0.8, 1.0]}},
         users={"alice": {"team": "red"}, "bob": {"team": "blue"}},
         keys=[{"name": "key-a"}, {"name": "key-b"}],
         extra={

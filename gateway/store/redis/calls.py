@@ -47,6 +47,11 @@ def store_error(exc: Exception) -> GatewayError:
     return RecordRejected(f"The store refused this record ({reason}).")
 
 
+# Beyond the gated calls' connections: the Pipe's own, and the roster's pub/sub subscription, which holds one
+# for good (without it, a burst of max_connections calls found the pool empty: "Too many connections").
+EXTRA_CONNECTIONS = 2
+
+
 class RedisLink:
     """The redis-py client for a target and, but for a Cluster, the Pipe that carries its scripts."""
 
@@ -81,8 +86,8 @@ class RedisLink:
         if target.mode == STANDALONE:
             extra = {"connection_class": connection_class} if connection_class else {}
             pool = aioredis.ConnectionPool.from_url(
-                target.url, max_connections=max_connections + 1, **common, **extra
-            )  # + the Pipe's
+                target.url, max_connections=max_connections + EXTRA_CONNECTIONS, **common, **extra
+            )
             self.client = aioredis.Redis.from_pool(pool)
         else:
             user, password = target.sentinel_auth
@@ -102,7 +107,7 @@ class RedisLink:
                 username=target.username,
                 password=target.password,
                 ssl=target.ssl,
-                max_connections=max_connections + 1,
+                max_connections=max_connections + EXTRA_CONNECTIONS,
                 **common,
             )
         self.pipe = Pipe(self.client.connection_pool, timeout_s=timeout_s, wait_replica=wait_replica)

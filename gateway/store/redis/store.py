@@ -22,6 +22,9 @@ Keys, under the prefix (default "{thg}:"):
     i:{len(team)}:{team}:{key}     hash  idempotency record, expires after 24 h
     kh                             hash  upstream key name → KeyHealth as JSON
     x:{rid}                        str   an abandoned admission's tombstone (1 h)
+    r:…                                  the ledger's per-day and per-month figures: rollup.py
+    tn:…                                 the roster (teams, users, gateway keys) and the audit log: tenancy.py
+    cs:{id sha256}                 str   a console session, expiring with it: sessions.py
 """
 
 from __future__ import annotations
@@ -39,20 +42,25 @@ from gateway.errors import IdempotencyConflict, StoreUnavailable
 from gateway.policy.keyhealth import KeyHealth
 from gateway.policy.quota import WINDOW_S, Counters, RateState, Rejection, Subject, check, state_of
 from gateway.store.base import IDEM_TTL_S, Admission, IdemRecord, Task, Usage, check_figures, check_status
+from gateway.store.budget import BudgetCheck, script_arg
 from gateway.store.outbox import Item
+from gateway.store.redis.budget import settled_row
 from gateway.store.redis.calls import RedisCalls, RedisLink
 from gateway.store.redis.codec import admitted_fields, decode_task
 from gateway.store.redis.ledger import RedisLedger
 from gateway.store.redis.outbox import RedisOutbox, item_args
 from gateway.store.redis.prelude import PRELUDE
+from gateway.store.redis.rollup import ROLLUP_READS
 from gateway.store.redis.scripts import SCRIPTS
+from gateway.store.redis.sessions import RedisSessions
+from gateway.store.redis.tenancy import TENANCY_READS, TENANCY_SCRIPTS, RedisTenancy
 from gateway.store.redis.url import CLUSTER, parse_url
 
 T = TypeVar("T")
 CLOCK_REFRESH_S = 5.0
 HEALTH_CACHE_S = 0.2  # key health is read with every admission, else at most this often
 RATE_CACHE_S = 1.0  # a rate window seen this recently answers the x-ratelimit headers of a poll
-READS = frozenset({"clock", "get", "get_record", "list"})  # every other script writes
+READS = frozenset({"clock", "get", "get_record", "list"}) | TENANCY_READS | ROLLUP_READS  # every other writes
 _HASH_TAG = re.compile(r"\{[^{}]+\}")
 
 
@@ -70,7 +78,7 @@ def _limits(subject: Subject) -> list[Any]:
     ]
 
 
-class RedisStore(RedisLedger, RedisOutbox):
+class RedisStore(RedisLedger, RedisOutbox, RedisTenancy, RedisSessions):
     """`wait_replica`: acknowledge writes only once a replica has them (WAIT 1); None: as the URL says
     (`?wait_replica=`, else yes for a Sentinel deployment, whose master has replicas to fail over to).
     `connection_class` (a server URL only) lets a test see every round trip."""
@@ -126,14 +134,16 @@ class RedisStore(RedisLedger, RedisOutbox):
         self._calls = RedisCalls(
             self._link,
             self.prefix,
-            {name: PRELUDE + body for name, body in SCRIPTS.items()},
+            {name: PRELUDE + body for name, body in {**SCRIPTS, **TENANCY_SCRIPTS}.items()},
             timeout_s=self._timeout,
             max_connections=self._max_connections,
         )
         await self._calls.load()
         await self._sync_clock()
+        await self.start_backfill()
 
     async def close(self) -> None:
+        await self.stop_backfill()
         if self._link is not None:
             await self._link.aclose()
             self._link = self._r = None
@@ -258,11 +268,16 @@ class RedisStore(RedisLedger, RedisOutbox):
         await self._eval("fail_create", rid, repr(now), *(("1", *reply) if reply is not None else ("", 0, b"")))
 
     async def mark_unknown(
-        self, rid: str, now: float, reply: tuple[int, bytes] | None, items: Sequence[Item] = ()
+        self,
+        rid: str,
+        now: float,
+        reply: tuple[int, bytes] | None,
+        items: Sequence[Item] = (),
+        alerts: BudgetCheck | None = None,
     ) -> Task:
         answer = ("1", *reply) if reply is not None else ("", 0, b"")
-        row = await self._eval("mark_unknown", rid, repr(float(now)), *answer, *item_args(items))
-        return cast(Task, decode_task(row))  # the script answers NOTFOUND rather than nothing
+        row = await self._eval("mark_unknown", rid, repr(float(now)), *answer, script_arg(alerts), *item_args(items))
+        return cast(Task, decode_task(settled_row(row, alerts)))  # the script answers NOTFOUND rather than nothing
 
     # tasks
 
@@ -285,23 +300,24 @@ class RedisStore(RedisLedger, RedisOutbox):
         final_body: bytes | None,
         now: float,
         items: Sequence[Item] = (),
+        alerts: BudgetCheck | None = None,
     ) -> Task | None:
         check_status(status)
         check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
         body = ("1", final_body) if final_body is not None else ("", b"")
-        return decode_task(
-            await self._eval(
-                "settle",
-                task_id,
-                status,
-                billed_ms,
-                cost_micros,
-                int(estimated),
-                repr(float(now)),
-                *body,
-                *item_args(items),
-            )
+        reply = await self._eval(
+            "settle",
+            task_id,
+            status,
+            billed_ms,
+            cost_micros,
+            int(estimated),
+            repr(float(now)),
+            *body,
+            script_arg(alerts),
+            *item_args(items),
         )
+        return decode_task(settled_row(reply, alerts))
 
     async def due_tasks(self, now: float, limit: int, lease_s: float) -> list[Task]:
         """Due and lease end are judged by Redis's clock (`now` is not used), the same for every replica."""

@@ -1,12 +1,12 @@
-"""The embedded store: one SQLite file (WAL), written by one thread with group commit (writer.py).
+"""The embedded store: one SQLite file (WAL), written with group commit: on the event loop's thread for
+synchronous=NORMAL (looped.py), on a writer thread of its own for FULL (writer.py).
 
-Every operation runs on the writer thread inside the current batch's transaction; the batch commits
-before any of its callers is answered, so an acknowledged task survives kill -9.
-Serialising all operations on one thread is also what makes check-and-reserve atomic."""
+Every operation runs inside the current batch's transaction; the batch commits before any of its
+callers is answered, so an acknowledged task survives kill -9 (and power loss with FULL).
+Running all operations one at a time on one thread is also what makes check-and-reserve atomic."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -27,9 +27,12 @@ from gateway.store.base import (
     check_figures,
     check_status,
 )
+from gateway.store.budget import BudgetCheck
 from gateway.store.outbox import Item
 from gateway.store.sqlite.books import Books, Windows
+from gateway.store.sqlite.budget import check_budgets
 from gateway.store.sqlite.ledger import SQLiteLedger
+from gateway.store.sqlite.looped import LoopWriter
 from gateway.store.sqlite.outbox import SQLiteOutbox, add_items
 from gateway.store.sqlite.schema import (
     COLS,
@@ -41,19 +44,23 @@ from gateway.store.sqlite.schema import (
     task_by_rid,
     task_values,
 )
+from gateway.store.sqlite.sessions import SQLiteSessions
+from gateway.store.sqlite.tenancy import SQLiteTenancy
 from gateway.store.sqlite.writer import Writer
 
 T = TypeVar("T")
 
 
-class SQLiteStore(SQLiteLedger, SQLiteOutbox):
+class SQLiteStore(SQLiteLedger, SQLiteOutbox, SQLiteTenancy, SQLiteSessions):
     def __init__(self, path: str, synchronous: str = "NORMAL", clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._clock = clock
         self._books = Books()
         # Rate windows and key health live in this process: SQLite serves one gateway process.
         self._windows = Windows()
-        self._writer = Writer(
+        # NORMAL never fsyncs a commit, so its statements cost the loop less than a thread round trip.
+        writer: type[Writer] | type[LoopWriter] = Writer if synchronous.upper() == "FULL" else LoopWriter
+        self._writer = writer(
             path,
             synchronous,
             on_commit=self._windows.commit,
@@ -73,12 +80,15 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
 
     async def open(self) -> None:
         try:
-            await asyncio.to_thread(self._writer.start)
+            await self._writer.start()
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"Cannot open the SQLite store at {self.path}: {exc}") from None
-        await self._do(migrate)
-        await self._do(self._load_windows)
-        await self._do(self._load_key_slots)
+        await self._writer.prepare(migrate)  # off the event loop: a migration may take long
+        await self._do(self.roster_setup)
+        await self._do(self.sessions_setup)
+        await self._writer.prepare(self._load_windows)
+        await self._writer.prepare(self._load_key_slots)
+        await self._open_ledger()
 
     def _load_windows(self, conn: sqlite3.Connection) -> None:
         """Rebuild the last minute's rate windows from the ledger: a restart must not reopen them."""
@@ -90,7 +100,8 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
         )
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._writer.stop)
+        await self._close_ledger()
+        await self._writer.stop()
 
     async def ping(self) -> None:
         await self._do(lambda conn: conn.execute("INSERT OR REPLACE INTO in_flight VALUES ('_', 'ping', 0)"))
@@ -248,7 +259,12 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
         await self.release_key(rid)
 
     async def mark_unknown(
-        self, rid: str, now: float, reply: tuple[int, bytes] | None, items: Sequence[Item] = ()
+        self,
+        rid: str,
+        now: float,
+        reply: tuple[int, bytes] | None,
+        items: Sequence[Item] = (),
+        alerts: BudgetCheck | None = None,
     ) -> Task:
         def op(conn: sqlite3.Connection) -> tuple[Task, bool]:
             task = task_by_rid(conn, rid)
@@ -267,6 +283,7 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
             if reply is not None:
                 finish_idem(conn, rid, reply)
             add_items(conn, items)
+            check_budgets(conn, self._books, alerts, now)
             task.status = UNKNOWN
             task.billed_ms = task.estimate_ms
             task.cost_micros = task.estimate_micros
@@ -308,6 +325,7 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
         final_body: bytes | None,
         now: float,
         items: Sequence[Item] = (),
+        alerts: BudgetCheck | None = None,
     ) -> Task | None:
         check_status(status)
         check_figures(billed_ms=billed_ms, cost_micros=cost_micros)
@@ -328,6 +346,7 @@ class SQLiteStore(SQLiteLedger, SQLiteOutbox):
                 (status, billed_ms, cost_micros, int(estimated), now, now, final_body, task.rid),
             )
             add_items(conn, items)
+            check_budgets(conn, self._books, alerts, now)
             task.status = status
             task.billed_ms = billed_ms
             task.cost_micros = cost_micros
