@@ -32,6 +32,7 @@ class Checked(NamedTuple):
     # SHA-256 of the canonical body (keys sorted): what an Idempotency-Key is bound to; None when the
     # create came without one, as nothing would read it
     body_hash: str | None
+    prompt: str  # the validated prompt (within §4's limit): what the TokenHub shape keeps with its task
 
 
 def loads_strict(raw: bytes) -> Any:
@@ -41,7 +42,8 @@ def loads_strict(raw: bytes) -> Any:
 
 def check(raw: bytes, pricing: Pricing, hashed: bool = True) -> Checked:
     value, canonical = _parse(raw)
-    return Checked(validate(value, pricing), hashlib.sha256(canonical).hexdigest() if hashed else None)
+    request = validate(value, pricing)  # a dict with a valid prompt from here on
+    return Checked(request, hashlib.sha256(canonical).hexdigest() if hashed else None, value["prompt"])
 
 
 async def parse_and_validate(raw: bytes, pricing: Pricing, large: BodyWorkers, hashed: bool = True) -> Checked:

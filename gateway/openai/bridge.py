@@ -7,6 +7,8 @@ Decisions where SPEC §11 is silent:
   read (written by a newer gateway, or damaged) shows the task as one created in the TokenHub shape.
 - A TokenHub-shape create keeps its `aspect_ratio` in the meta when it names one (TokenHub's answers do
   not say it); without one, a ratio in TokenHub's answer (`ratio`, else `aspect_ratio`) is used, else 16:9.
+  It keeps its `prompt` too (cut at §4's limit, which validation already enforces), for the console's page
+  of the task, shown to the task's own team only; a Video object of such a task does not show it.
 - A stored final body is parsed once (`stored_answer`), not on every listing: the parsed answers are kept in
   one LRU keyed by the task's rid and the body's length and hash (hashing is a small fraction of parsing),
   bounded by their bodies' bytes, shared by every route of the process and never changed by a reader. A Video
@@ -23,6 +25,7 @@ from cachetools import LRUCache
 
 from gateway.openai.translate import VideoFacts
 from gateway.openai.view import TaskFacts, facts_of_seedance
+from gateway.policy.validation import MAX_PROMPT_CHARS
 from gateway.store.base import Task
 
 META_VERSION = 1
@@ -45,9 +48,15 @@ def encode_meta(facts: VideoFacts) -> bytes:
     )
 
 
-def seedance_meta(ratio: str | None) -> bytes | None:
-    """What a TokenHub-shape create keeps for the OpenAI shape: its aspect ratio, when not the default."""
-    return orjson.dumps({"v": META_VERSION, "aspect_ratio": ratio}) if ratio not in (None, "adaptive") else None
+def seedance_meta(ratio: str | None, prompt: str | None = None) -> bytes | None:
+    """What a TokenHub-shape create keeps: its aspect ratio when not the default (for the OpenAI shape), and
+    its prompt (for its team's console); None when there is neither."""
+    doc: dict[str, Any] = {"v": META_VERSION}
+    if ratio not in (None, "adaptive"):
+        doc["aspect_ratio"] = ratio
+    if prompt:
+        doc["prompt"] = prompt[:MAX_PROMPT_CHARS]
+    return orjson.dumps(doc) if len(doc) > 1 else None
 
 
 def decode_meta(meta: bytes | None) -> VideoFacts | None:

@@ -49,10 +49,9 @@ async def create_task(request: Request) -> Response:
     ctx.model = req.model
     ctx.resolution = req.resolution
     ctx.duration_s = req.duration_s
+    meta = seedance_meta(req.aspect_ratio, checked.prompt)  # the prompt: for the team's console page of the task
     return outcome_response(
-        await gateway.tasks.create(
-            user, team, checked.body_hash, raw, req, idem_key, ctx, meta=seedance_meta(req.aspect_ratio)
-        )
+        await gateway.tasks.create(user, team, checked.body_hash, raw, req, idem_key, ctx, meta=meta)
     )
 
 

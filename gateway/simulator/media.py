@@ -1,13 +1,18 @@
 """Result files of the simulated TokenHub: deterministic bytes per task, served like signed object-store URLs.
 
-A video is an MP4 `ftyp` box, then one `mdat` box of filler drawn from the task id; a cover is a small PNG
-whose colour and comment come from the task id. `video_bytes` and `cover_bytes` give the exact bytes, so
-tests can compare. A URL carries `expires` and `sig` (an HMAC of its path and expiry under a secret of this
-simulator); it answers 403 once expired, or once the current TTL has run out since the task finished.
+A video is a real, playable clip (clips/clip.mp4: 1.5 s of 64x64 H.264, made once with ffmpeg, see
+clips/README), then a `free` box of filler drawn from the task id up to the video's size: players skip a
+`free` box, so every video plays in a browser and still has the size and bytes of its own that tests ask for.
+A size too small to hold the clip gets the old shape instead (an `ftyp` box, then one `mdat` box of filler).
+A cover is the clip's first frame as a PNG (clips/cover.png) with a comment naming the task. `video_bytes` and
+`cover_bytes` give the exact bytes, so tests can compare. A URL carries `expires` and `sig` (an HMAC of its
+path and expiry under a secret of this simulator); it answers 403 once expired, or once the current TTL has
+run out since the task finished.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import math
@@ -17,6 +22,7 @@ import struct
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from importlib import resources
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -29,11 +35,21 @@ VARIANTS = {"video": ("mp4", "video/mp4"), "cover": ("png", "image/png")}
 EXTENSIONS = {ext: variant for variant, (ext, _) in VARIANTS.items()}
 CHUNK = 64 * 1024
 FTYP = struct.pack(">I4s4sI", 32, b"ftyp", b"isom", 0x200) + b"isomiso2avc1mp41"
-COVER_SIZE = (32, 18)
+COVER_SIZE = (64, 64)  # clips/cover.png
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
+@functools.cache
+def clip(name: str) -> bytes:
+    """A file of clips/, read once (package data)."""
+    return resources.files("gateway.simulator").joinpath("clips", name).read_bytes()
+
+
 def _video_head(size: int) -> bytes:
+    """The clip and the header of the `free` box that pads it to `size`; below that, an ftyp and an mdat header."""
+    playable = clip("clip.mp4")
+    if size >= len(playable) + 8:
+        return playable + struct.pack(">I4s", size - len(playable), b"free")
     return FTYP + struct.pack(">I4s", size - len(FTYP), b"mdat")
 
 
@@ -66,17 +82,11 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def cover_bytes(task_id: str) -> bytes:
-    """The exact bytes the simulator serves as this task's cover: a PNG of one colour drawn from the id."""
-    width, height = COVER_SIZE
-    rgb = hashlib.sha256(task_id.encode()).digest()[:3]
-    pixels = b"".join(b"\x00" + rgb * width for _ in range(height))
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-        + _png_chunk(b"tEXt", b"Comment\x00" + task_id.encode())
-        + _png_chunk(b"IDAT", zlib.compress(pixels, 9))
-        + _png_chunk(b"IEND", b"")
-    )
+    """The exact bytes the simulator serves as this task's cover: the clip's first frame as a PNG, with a comment
+    naming the task (so that each cover is a file of its own)."""
+    frame = clip("cover.png")
+    header_end = 8 + 12 + struct.unpack(">I", frame[8:12])[0]  # the signature and the IHDR chunk
+    return frame[:header_end] + _png_chunk(b"tEXt", b"Comment\x00" + task_id.encode()) + frame[header_end:]
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:

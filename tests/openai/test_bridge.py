@@ -23,6 +23,7 @@ from gateway.openai.bridge import (
 )
 from gateway.openai.translate import VideoFacts
 from gateway.openai.view import video_object
+from gateway.policy.validation import MAX_PROMPT_CHARS
 from gateway.store.base import Task
 from tests.doubles import USER_KEY, FakeClock, FakeUpstream, make_settings
 
@@ -89,9 +90,31 @@ def test_a_tokenhub_shape_create_keeps_only_a_named_ratio(body, meta):
 
 
 @pytest.mark.parametrize(
+    ("ratio", "meta"),
+    [
+        ("9:16", {"v": 1, "aspect_ratio": "9:16", "prompt": "a fox at dawn"}),
+        ("adaptive", {"v": 1, "prompt": "a fox at dawn"}),
+        (None, {"v": 1, "prompt": "a fox at dawn"}),
+    ],
+)
+def test_a_tokenhub_shape_create_keeps_its_prompt(ratio, meta):
+    kept = seedance_meta(ratio, "a fox at dawn")
+    assert kept is not None and orjson.loads(kept) == meta
+    assert decode_meta(kept) is None  # still read as a TokenHub-shape task
+
+
+def test_a_kept_prompt_is_bounded_by_the_validation_limit():
+    kept = seedance_meta(None, "é" * (MAX_PROMPT_CHARS + 100))
+    assert kept is not None and orjson.loads(kept)["prompt"] == "é" * MAX_PROMPT_CHARS
+
+
+@pytest.mark.parametrize(
     ("meta", "answer", "size"),
     [
         (seedance_meta("9:16"), {"ratio": "1:1"}, "720x1280"),  # what the client asked for wins
+        (seedance_meta("9:16", "a fox"), {"ratio": "1:1"}, "720x1280"),
+        (seedance_meta(None, "a fox"), {"ratio": "1:1"}, "720x720"),  # a kept prompt names no ratio
+        (seedance_meta("adaptive", "a fox"), {}, "1280x720"),
         (None, {"ratio": "1:1"}, "720x720"),
         (None, {"aspect_ratio": "4:3"}, "960x720"),
         (None, {}, "1280x720"),

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from gateway.simulator.app import cover_bytes, video_bytes
-from gateway.simulator.media import CHUNK, DEFAULT_VIDEO_SIZE, parse_range, video_chunks
+from gateway.simulator.media import CHUNK, COVER_SIZE, DEFAULT_VIDEO_SIZE, parse_range, video_chunks
 from tests.doubles import FakeClock
 from tests.simulator.helpers import AUTH, KEY, client, control, create, fault, served, sim
 
@@ -42,14 +42,28 @@ async def fetch(app, url: str, method: str = "GET", **headers: str) -> httpx.Res
 # --- the bytes ---------------------------------------------------------------------------------
 
 
-def test_a_video_is_an_mp4_ftyp_box_then_mdat_filler():
+def _boxes(data: bytes) -> list[tuple[bytes, int]]:
+    """An MP4's top-level boxes, (kind, size), which must tile the file exactly."""
+    boxes, at = [], 0
+    while at < len(data):
+        size, kind = struct.unpack(">I4s", data[at : at + 8])
+        assert size >= 8
+        boxes.append((kind, size))
+        at += size
+    assert at == len(data)
+    return boxes
+
+
+def test_a_video_is_the_playable_clip_then_free_filler_of_its_own():
     video = video_bytes("cgt-one")
     size, kind, brand = struct.unpack(">I4s4s", video[:12])
     assert (size, kind, brand) == (32, b"ftyp", b"isom") and b"mp41" in video[16:32]
-    assert struct.unpack(">I4s", video[32:40]) == (len(video) - 32, b"mdat")
+    kinds = [kind for kind, _ in _boxes(video)]
+    assert kinds[:2] == [b"ftyp", b"moov"] and b"mdat" in kinds and kinds[-1] == b"free"  # moov first: it streams
     assert len(video) == DEFAULT_VIDEO_SIZE == 64 * 1024
     assert video == video_bytes("cgt-one") and video[40:] != video_bytes("cgt-two")[40:]
-    assert len(video_bytes("cgt-one", 1_000)) == 1_000
+    small = video_bytes("cgt-one", 1_000)  # too small for the clip: an ftyp box and mdat filler
+    assert len(small) == 1_000 and [kind for kind, _ in _boxes(small)] == [b"ftyp", b"mdat"]
 
 
 @pytest.mark.parametrize(
@@ -78,7 +92,7 @@ def test_a_cover_is_a_valid_png_of_its_own_per_task():
     chunks = _png_chunks(cover_bytes("cgt-one"))
     assert list(chunks) == [b"IHDR", b"tEXt", b"IDAT", b"IEND"]
     width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert (width, height, depth, colour) == (32, 18, 8, 2)
+    assert (width, height, depth, colour) == (*COVER_SIZE, 8, 2)
     rows = zlib.decompress(chunks[b"IDAT"])
     assert len(rows) == height * (1 + 3 * width) and rows[0] == 0
     assert chunks[b"tEXt"] == b"Comment\x00cgt-one"
