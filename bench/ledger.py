@@ -1,14 +1,16 @@
 """A year of ledger: seed a store with settled tasks, then time its grouped figures and its export.
 
     python bench/ledger.py seed --store URL --tasks N [--days 365] [--teams 50] [--seed 1] [--concurrency 64]
+        [--stepwise]
     python bench/ledger.py measure --store URL [--gateway] [--repeat 7] [--export-rows 1000000]
 
 `seed` writes N settled tasks spread over the last D days through the store's own operations
-(bench/ledger_seed.py says how) and prints one JSON line. `measure` times, through the store opened in
-this process, a calendar month grouped by team and by day, the last 30 days (partial days at both ends)
-by team, and all time by team; with --gateway it starts `python -m gateway.cli serve` on that store and
-times the same figures through GET /admin/usage, then the CSV export of the newest --export-rows rows,
-with the gateway's RSS (/proc/PID/status) before, during (peak) and after. One JSON line.
+(bench/ledger_seed.py says how; on SQLite by its bulk path unless --stepwise) and prints one JSON line.
+`measure` times, through the store opened in this process, a calendar month grouped by team and by day,
+the last 30 days (partial days at both ends) by team, and all time by team; with --gateway it starts
+`python -m gateway.cli serve` on that store and times the same figures through GET /admin/usage, then the
+CSV export of the newest --export-rows rows, with the gateway's RSS (/proc/PID/status) before, during
+(peak) and after. One JSON line.
 
 URL: sqlite:////absolute/path.db, or redis://127.0.0.1:PORT/0 (a redis-server you started).
 """
@@ -235,7 +237,7 @@ async def run_seed(args: argparse.Namespace) -> dict[str, Any]:
     await store.open()
     try:
         plan = Plan(args.tasks, args.days, args.teams, args.users_per_team, args.seed)
-        figures = await seed(store, plan, args.concurrency, progress=10.0)
+        figures = await seed(store, plan, args.concurrency, progress=10.0, bulk=False if args.stepwise else None)
     finally:
         await store.close()
     return {"command": "seed", "store": args.store.split("://")[0], **figures, "days": args.days, "teams": args.teams}
@@ -261,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     seeding.add_argument("--users-per-team", type=int, default=4)
     seeding.add_argument("--seed", type=int, default=1)
     seeding.add_argument("--concurrency", type=int, default=64, help="tasks written at once")
+    seeding.add_argument(
+        "--stepwise", action="store_true", help="every task through admit, record_created and settle, also on SQLite"
+    )
     measuring = commands.add_parser("measure", help="time grouped figures and the CSV export")
     measuring.add_argument("--store", required=True)
     measuring.add_argument("--gateway", action="store_true", help="also through a gateway process's /admin/usage")
