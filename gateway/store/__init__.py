@@ -2,6 +2,7 @@
 
     base     the Store protocol, Task, Admission and the figures' bounds
     outbox   the outbox's items and topics (archive copies, webhook deliveries)
+    days     whole UTC days by number: the bounds the per-day ledger figures are read by
     roster   teams, users, gateway keys and audit rows as both stores keep them (tenancy.py's records)
     budget   budget alerts as a settling step checks them: once per threshold per period
     sessions the console's sign-in sessions

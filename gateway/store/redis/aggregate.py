@@ -24,9 +24,9 @@ import structlog
 
 from gateway.errors import StoreUnavailable
 from gateway.store.base import GROUP_BY, Group, LedgerFilter
+from gateway.store.days import DAY_S, day_at_or_after, day_at_or_before
 
 T = TypeVar("T")
-DAY_S = 86_400
 EDGE_S = 2e-6  # a row's day is its created_at rounded to the microsecond: at most 0.5 µs before its midnight
 KEYS_PER_CALL = 8  # figure hashes summed by one script
 ROWS_PER_CALL = 2_000  # rows looked at by one script
@@ -46,24 +46,6 @@ def day_of(moment: float) -> int:
 
 def day_name(day: int) -> str:
     return (_EPOCH + timedelta(days=day)).isoformat()
-
-
-def _day_at_or_after(moment: float) -> int:
-    day = math.ceil(moment / DAY_S)
-    while day * DAY_S < moment:  # an int against a float: Python compares them exactly
-        day += 1
-    while (day - 1) * DAY_S >= moment:
-        day -= 1
-    return day
-
-
-def _day_at_or_before(moment: float) -> int:
-    day = math.floor(moment / DAY_S)
-    while day * DAY_S > moment:
-        day -= 1
-    while (day + 1) * DAY_S <= moment:
-        day += 1
-    return day
 
 
 def _month_start(day: int) -> int:
@@ -160,9 +142,9 @@ class RedisAggregates:
         first = min(starts, default=0)
         stop = max(ends, default=0)
         if low > -math.inf:
-            first = max(first, _day_at_or_after(low))
+            first = max(first, day_at_or_after(low))
         if high < math.inf:
-            stop = min(stop, _day_at_or_before(high))
+            stop = min(stop, day_at_or_before(high))
         return first, stop
 
     async def _figures(

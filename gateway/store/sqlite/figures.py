@@ -9,12 +9,12 @@ few such rows are taken back out."""
 
 from __future__ import annotations
 
-import math
 import sqlite3
 from dataclasses import dataclass, field, replace
 from datetime import date
 
 from gateway.store.base import GROUP_BY, Group, LedgerFilter
+from gateway.store.days import day_at_or_after, day_at_or_before
 from gateway.store.sqlite.rollup import COUNTED, DAY_S, FAILED, day_of
 
 _EPOCH = date(1970, 1, 1).toordinal()
@@ -64,8 +64,8 @@ def aggregate(conn: sqlite3.Connection, by: str, flt: LedgerFilter) -> list[Grou
 def whole_days(flt: LedgerFilter) -> tuple[int | None, int | None] | None:
     """The days [first, stop) whose every moment is inside [since, until) (None: unbounded), or None.
     They stay between 1970 and 9999 (dates' range): the rows beyond, if any, are read as partial days."""
-    first = None if flt.since is None else _day_at_or_after(_dated(flt.since))
-    stop = None if flt.until is None else _day_at_or_before(_dated(flt.until))
+    first = None if flt.since is None else day_at_or_after(_dated(flt.since))
+    stop = None if flt.until is None else day_at_or_before(_dated(flt.until))
     if first is not None and stop is not None and first >= stop:
         return None
     return first, stop
@@ -169,24 +169,6 @@ def _name(key: int | str, by: str) -> str:
 
 def _dated(moment: float) -> float:
     return min(max(moment, 0.0), _LAST_DAY * DAY_S)
-
-
-def _day_at_or_after(moment: float) -> int:
-    day = math.floor(moment / DAY_S)
-    while day * DAY_S < moment:  # int against float: Python compares them exactly
-        day += 1
-    while (day - 1) * DAY_S >= moment:
-        day -= 1
-    return day
-
-
-def _day_at_or_before(moment: float) -> int:
-    day = math.floor(moment / DAY_S)
-    while day * DAY_S > moment:
-        day -= 1
-    while (day + 1) * DAY_S <= moment:
-        day += 1
-    return day
 
 
 def _month(day: int) -> int:
