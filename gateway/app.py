@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable
 
 import prometheus_client
 import structlog
-from cachetools import LRUCache
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
@@ -25,7 +24,7 @@ from gateway.errors import GatewayError
 from gateway.flow.alerts import budgets_changed
 from gateway.flow.creates import Tasks
 from gateway.flow.poller import Poller
-from gateway.flow.polls import Polls
+from gateway.flow.polls import Polls, task_records
 from gateway.flow.roster import RosterSync
 from gateway.flow.settlement import Settlement
 from gateway.http.asgi import GatewayApp, on_gateway_error, on_http_error
@@ -38,7 +37,7 @@ from gateway.routes.table import route_table
 from gateway.routes.videos_input import Uploads
 from gateway.settings import Settings
 from gateway.store import open_store
-from gateway.store.base import Store, Task
+from gateway.store.base import Store
 from gateway.tenancy import RELOAD
 from gateway.upstream.calls import UpstreamCalls
 from gateway.upstream.client import HttpUpstream, Upstream
@@ -63,7 +62,7 @@ class Gateway:
         self.roster = RosterSync(store, self.directory, self.auth.uses, clock)
         self.pool = KeyPool(settings.upstream, store, metrics, clock)
         calls = UpstreamCalls(upstream, self.pool, metrics)
-        records: LRUCache[str, Task] = LRUCache(maxsize=10_000)
+        records = task_records()
         self.settlement = Settlement(settings, store, metrics, clock)
         self.tasks = Tasks(settings, store, calls, self.pool, self.settlement, metrics, records, clock)
         self.polls = Polls(store, calls, self.pool, self.settlement, records, clock)

@@ -5,6 +5,7 @@ TokenHub's answer is stored and used as it was sent; clients get it scrubbed of 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -23,6 +24,11 @@ from gateway.upstream.client import Reply
 from gateway.upstream.keypool import KeyPool
 
 POLL_COALESCE_S = 1.0
+# What a process keeps of its recent tasks, bounded by bytes (an entry bound would let large answers grow it):
+TASK_RECORDS_BYTES = 8 * 1024 * 1024  # tasks by id (owner, key, status): ~16,000 of a typical create
+TASK_RECORD_BYTES = 512  # a Task's fields and its entry beyond its meta (tracemalloc: ~480 bytes)
+FINAL_ANSWERS_BYTES = 8 * 1024 * 1024  # terminal answers, scrubbed once and served to every later poll
+FINAL_ENTRY_BYTES = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +39,22 @@ class Polled:
 
     outcome: Outcome
     raw: bytes | None
+
+
+def task_records(max_bytes: int = TASK_RECORDS_BYTES) -> LRUCache[str, Task]:
+    """The tasks a process has seen recently, by TokenHub id, shared by creates and polls. They never keep a
+    stored final body (`Polls.owned` drops it): terminal answers have their own cache."""
+    return LRUCache(maxsize=max_bytes, getsizeof=_task_bytes)
+
+
+def _task_bytes(task: Task) -> int:
+    return TASK_RECORD_BYTES + len(task.meta or b"") + len(task.final_body or b"")
+
+
+def _polled_bytes(polled: Polled) -> int:
+    body = polled.outcome.body
+    raw = polled.raw or b""
+    return FINAL_ENTRY_BYTES + len(raw) + (len(body) if body is not raw else 0)
 
 
 class Polls:
@@ -52,7 +74,7 @@ class Polls:
         self.records = records  # owner and key of a task never change
         self.clock = clock
         self.log = structlog.get_logger("gateway.tasks")
-        self._final: LRUCache[str, Polled] = LRUCache(maxsize=20_000)  # scrubbed once, served many times
+        self._final: LRUCache[str, Polled] = LRUCache(maxsize=FINAL_ANSWERS_BYTES, getsizeof=_polled_bytes)
         self._recent: TTLCache[str, Polled] = TTLCache(maxsize=50_000, ttl=POLL_COALESCE_S)
         self._polling: dict[str, asyncio.Future[Polled]] = {}
 
@@ -61,7 +83,7 @@ class Polls:
         if task is None:
             task = await self.store.get_task(task_id)
             if task is not None and task.task_id:
-                self.records[task_id] = task
+                self.records[task_id] = dataclasses.replace(task, final_body=None) if task.final_body else task
         if task is None or task.team != team or task.status == PENDING or task.task_id != task_id:
             raise NotFound(f"No task {task_id!r} for this team.", param="task_id")
         return task
@@ -76,7 +98,7 @@ class Polls:
         task_id = cast(str, task.task_id)  # polled tasks are TokenHub's: owned() and the poller check it
         final = self._final.get(task_id)
         if final is None and task.status in tokenhub.TERMINAL:
-            stored = task if task.settled else await self.store.get_task(task_id)
+            stored = task if task.settled and task.final_body else await self.store.get_task(task_id)
             if stored is not None and stored.settled and stored.final_body is not None:
                 final = self._polled(stored.final_body)
                 self._final[task_id] = final

@@ -11,8 +11,9 @@ Decisions where SPEC §11 is silent:
   of the task, shown to the task's own team only; a Video object of such a task does not show it.
 - A stored final body is parsed once (`stored_answer`), not on every listing: the parsed answers are kept in
   one LRU keyed by the task's rid and the body's length and hash (hashing is a small fraction of parsing),
-  bounded by their bodies' bytes, shared by every route of the process and never changed by a reader. A Video
-  object reads the answer only for what the meta does not say (a failed task's error, a ratio).
+  bounded by what they cost in memory (about three times the body, measured), shared by every route of the
+  process and never changed by a reader. A Video object reads the answer only for what the meta does not say
+  (a failed task's error, a ratio).
 """
 
 from __future__ import annotations
@@ -31,20 +32,29 @@ from gateway.store.base import Task
 META_VERSION = 1
 MAX_ERROR_CHARS = 1_000
 URL_FIELDS = {"video": "video_url", "thumbnail": "cover_image_url"}
-PARSED_ANSWERS_BYTES = 16 * 1024 * 1024  # the stored bodies whose parsed answers are kept, in bytes
-PARSED_ENTRY_BYTES = 512  # what an entry costs beyond its body, so many tiny answers stay bounded too
+PARSED_ANSWERS_BYTES = 8 * 1024 * 1024  # what the parsed answers kept may cost in memory, in bytes
+PARSED_BODY_FACTOR = 3  # a parsed answer's dicts and strings cost about twice its body (tracemalloc), plus the key
+PARSED_ENTRY_BYTES = 512  # what an entry costs beyond that, so many tiny answers stay bounded too
+
+
+def _kept(data: bytes) -> bytes:
+    """orjson's output copied to its exact size: a result kept for long (a meta in the task cache) would
+    otherwise hold the larger buffer orjson wrote it in (about 4 KB of RSS each, measured with orjson 3.13)."""
+    return memoryview(data).tobytes()
 
 
 def encode_meta(facts: VideoFacts) -> bytes:
-    return orjson.dumps(
-        {
-            "v": META_VERSION,
-            "model": facts.model,
-            "seconds": facts.seconds,
-            "size": facts.size,
-            "prompt": facts.prompt,
-            "remixed_from": facts.remixed_from,
-        }
+    return _kept(
+        orjson.dumps(
+            {
+                "v": META_VERSION,
+                "model": facts.model,
+                "seconds": facts.seconds,
+                "size": facts.size,
+                "prompt": facts.prompt,
+                "remixed_from": facts.remixed_from,
+            }
+        )
     )
 
 
@@ -56,7 +66,7 @@ def seedance_meta(ratio: str | None, prompt: str | None = None) -> bytes | None:
         doc["aspect_ratio"] = ratio
     if prompt:
         doc["prompt"] = prompt[:MAX_PROMPT_CHARS]
-    return orjson.dumps(doc) if len(doc) > 1 else None
+    return _kept(orjson.dumps(doc)) if len(doc) > 1 else None
 
 
 def decode_meta(meta: bytes | None) -> VideoFacts | None:
@@ -115,7 +125,7 @@ class ParsedAnswers:
             entry = self._answers.get(key)
         if entry is not None:
             return entry[1]
-        entry = (len(body) + PARSED_ENTRY_BYTES, answer_of(body))
+        entry = (PARSED_BODY_FACTOR * len(body) + PARSED_ENTRY_BYTES, answer_of(body))
         with self._lock:
             self.parsed += 1
             if entry[0] <= self.max_bytes:
