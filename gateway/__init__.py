@@ -15,7 +15,7 @@ The map, from the entry points down. A module may import what is below it, never
     store/                   the store protocol; sqlite/ and redis/ behind it
     policy/                  the rules, pure: auth, quota, pricing, validation, key health
 
-Shared nouns, importable from anywhere and importing no folder: config, readers, errors, context, ids,
-logs, metrics, money, tokenhub (TokenHub's API as data). The one allowed exception: config reads the
-Redis URL grammar from store/redis/url.py.
+Shared nouns, importable from anywhere and importing no folder: config (with config_delivery, its
+[[webhooks]] and [archive] sections), readers, errors, context, ids, logs, metrics, money, tokenhub (TokenHub's
+API as data). The one allowed exception: config reads the Redis URL grammar from store/redis/url.py.
 """

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import re
 import tomllib
@@ -12,16 +10,14 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
 
+from gateway.config_delivery import archive_of, webhooks_of
 from gateway.money import usd_to_micros
 from gateway.readers import Reader, is_num, shown
 from gateway.settings import (
     DEFAULT_MODEL_ALIASES,
     DEFAULT_PRICING,
     PERIODS,
-    WEBHOOK_EVENTS,
-    ArchiveSettings,
     LedgerSettings,
     Limits,
     OpenAISettings,
@@ -34,9 +30,8 @@ from gateway.settings import (
     UpstreamKey,
     UpstreamSettings,
     User,
-    WebhookEndpoint,
 )
-from gateway.tenancy import MEMBER, ROLES, shared_emails, valid_email, valid_name
+from gateway.tenancy import MEMBER, ROLES, shared_emails, valid_email
 
 
 class ConfigError(Exception):
@@ -45,6 +40,9 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+# Seedance costs cents a second; a price above this is a typo, and keeps every figure exact in Redis's
+# Lua numbers (doubles: integers exact below 2**53 micro-dollars).
+MAX_PRICE_USD = 1_000
 _SECTIONS = set("server upstream store poller pricing teams users openai webhooks archive ledger".split())
 # TOML key → kind, for the plain fields of each section; absent or invalid, the dataclass default applies.
 _SERVER = {
@@ -76,8 +74,6 @@ _KEY = {"weight": "int+", "max_concurrent_tasks": "int+"}
 _POLLER = {"interval_s": "num+", "expire_after_s": "num+", "concurrency": "int+", "max_polls_per_second": "num+"}
 _LEDGER = {"retention_days": "int+"}
 _OPENAI = {"poll_after_ms": "int+"}
-_WEBHOOK = {"retry_initial_s": "num+", "max_in_flight": "int+"}
-_ARCHIVE = {"region": "str", "retention_days": "num+", "max_bytes_per_video": "int+"}
 _LIMITS = {
     "budget_usd": "usd",
     "period": "str",
@@ -127,8 +123,10 @@ def _pricing(reader: Reader, data: Any) -> dict[str, dict[str, int]]:
             continue
         row = {}
         for res, price in table.items():
-            if not is_num(price) or price < 0:
-                reader.problem(f'{where}."{res}"', f"expected a price ≥ 0, got {shown(price)}")
+            if not is_num(price) or not 0 <= price <= MAX_PRICE_USD:  # nan and inf too: no exact micro-dollars
+                reader.problem(
+                    f'{where}."{res}"', f"expected dollars per second from 0 to {MAX_PRICE_USD}, got {shown(price)}"
+                )
             else:
                 row[res] = usd_to_micros(price)
         prices[model] = row
@@ -252,89 +250,6 @@ def _openai(reader: Reader, data: Any, models: set[str]) -> OpenAISettings:
     return OpenAISettings(model_aliases=MappingProxyType(aliases), **reader.fields(openai, "openai", _OPENAI))
 
 
-def _webhook_secret(reader: Reader, data: dict[str, Any], where: str, env: Mapping[str, str]) -> Secret | None:
-    """The signing secret, from the variable `secret_env` names: "whsec_" + padded base64 of at least 16 bytes."""
-    value = reader.from_env(env, data, "secret_env", where, required=True)
-    if value is None:
-        if "secret_env" not in data:
-            reader.problem(f"{where}.secret_env", "is required")
-        return None
-    try:
-        key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
-    except (binascii.Error, ValueError):
-        key = b""
-    if not value.startswith("whsec_") or len(key) < 16:
-        reader.problem(
-            f"{where}.secret_env",
-            'the variable must hold "whsec_" + padded base64 of at least 16 random bytes (the value is not shown)',
-        )
-        return None
-    return Secret(value)
-
-
-def _webhook_url(reader: Reader, data: dict[str, Any], where: str) -> Secret | None:
-    url = reader.get(data, "url", where, "str", required=True)
-    if url is None:
-        return None
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        reader.problem(f"{where}.url", "expected an http:// or https:// URL (what is set is not shown)")
-        return None
-    return Secret(url)
-
-
-def _webhooks(
-    reader: Reader, data: Any, env: Mapping[str, str], teams: Mapping[str, Team]
-) -> tuple[WebhookEndpoint, ...]:
-    if not isinstance(data, list):
-        reader.problem("webhooks", "expected [[webhooks]] tables")
-        return ()
-    endpoints: dict[str, WebhookEndpoint] = {}
-    for index, raw in enumerate(data):
-        where = f"webhooks[{index}]"
-        table = reader.table(raw, where, set(_WEBHOOK) | {"name", "url", "secret_env", "teams", "events"})
-        name = reader.get(table, "name", where, "str", required=True)
-        url = _webhook_url(reader, table, where)
-        secret = _webhook_secret(reader, table, where, env)
-        chosen = reader.get(table, "teams", where, "strlist")
-        for team in sorted(t for t in set(chosen or ()) - set(teams) if not valid_name(t)):  # or one made by API
-            reader.problem(f"{where}.teams", f"expected names of teams, [teams]' or the API's (got {shown(team)})")
-        events = reader.get(table, "events", where, "strlist", default=list(WEBHOOK_EVENTS))
-        if not events or set(events) - set(WEBHOOK_EVENTS):
-            reader.problem(f"{where}.events", f"expected some of {', '.join(WEBHOOK_EVENTS)}")
-        if name in endpoints:
-            reader.problem(f"{where}.name", f"another [[webhooks]] is already named {shown(name)}")
-        elif name and url and secret:
-            endpoints[name] = WebhookEndpoint(
-                name,
-                url,
-                secret,
-                None if chosen is None else frozenset(chosen),
-                frozenset(events),
-                **reader.fields(table, where, _WEBHOOK),
-            )
-    return tuple(endpoints.values())
-
-
-def _archive(reader: Reader, data: Any) -> ArchiveSettings | None:
-    archive = reader.table(data, "archive", set(_ARCHIVE) | {"dir", "url", "endpoint_url"})
-    if not archive:
-        return None
-    where = "archive"
-    given = {k: reader.get(archive, k, where, "str") for k in ("dir", "url", "endpoint_url")}
-    if (given["dir"] is None) == (given["url"] is None):
-        reader.problem(where, "set dir (a local directory) or url (s3://bucket/prefix), one of them")
-    if given["dir"] is not None and not Path(given["dir"]).is_absolute():
-        reader.problem(f"{where}.dir", "expected an absolute path")
-    if given["url"] is not None and not (given["url"].startswith("s3://") and urlsplit(given["url"]).netloc):
-        reader.problem(f"{where}.url", "expected s3://bucket or s3://bucket/prefix")
-    if given["endpoint_url"] is not None and not given["endpoint_url"].startswith(("http://", "https://")):
-        reader.problem(f"{where}.endpoint_url", "expected an http:// or https:// URL")
-    return ArchiveSettings(
-        **{k: v for k, v in given.items() if v is not None}, **reader.fields(archive, where, _ARCHIVE)
-    )
-
-
 def _teams(reader: Reader, data: Any, models: set[str]) -> dict[str, Team]:
     teams = {}
     for name, table in reader.table(data, "teams", None).items():
@@ -386,8 +301,8 @@ def parse_settings(
     teams = _teams(reader, data.get("teams", {}), models)
     users = _users(reader, data.get("users", {}), teams, models)
     openai = _openai(reader, data.get("openai", {}), models)
-    webhooks = _webhooks(reader, data.get("webhooks", []), env, teams)
-    archive = _archive(reader, data.get("archive", {}))
+    webhooks = webhooks_of(reader, data.get("webhooks", []), env, teams)
+    archive = archive_of(reader, data.get("archive", {}))
     ledger = _ledger(reader, data.get("ledger", {}))
     if reader.problems:
         raise ConfigError(reader.problems)

@@ -301,6 +301,15 @@ def test_pricing_override_adds_a_model_and_keeps_the_defaults():
     assert settings.pricing[MODEL] == {"720p": 200_000, "480p": 120_000}
 
 
+@pytest.mark.parametrize("price", [1e300, float("inf"), float("nan"), -0.01, 1000.01, True])
+def test_a_price_with_no_exact_micro_dollars_is_a_problem_not_a_crash(price):
+    problems = problems_of(minimal(pricing={MODEL: {"720p": price}}))
+    assert len(problems) == 1 and problems[0].startswith(f'pricing."{MODEL}"."720p": expected dollars per second')
+    assert parse_settings(minimal(pricing={MODEL: {"720p": 1000}}), env={"K": PRIMARY}).pricing[MODEL]["720p"] == (
+        1_000_000_000
+    )
+
+
 # --- every problem, with its location ---------------------------------------------------------
 
 INLINE = "th-inline-SHOULD-NEVER-BE-SHOWN"
