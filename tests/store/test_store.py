@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -763,6 +764,57 @@ async def test_sqlite_schema_migrates_forward(tmp_path):
         assert len(await reopened.ledger(None, None, None, None, None)) == 2
     finally:
         await reopened.close()
+
+
+OLD_TASK_ID_CONSTRAINT = (
+    MIGRATIONS[1]
+    .replace("task_id TEXT,", "task_id TEXT UNIQUE,", 1)
+    .replace("CREATE UNIQUE INDEX tasks_task_id ON tasks (task_id) WHERE task_id IS NOT NULL;", "")
+)
+
+
+@pytest.mark.parametrize("made_before", [False, True])
+async def test_task_ids_stay_unique_in_stores_made_before_and_after_the_partial_index(tmp_path, made_before):
+    """A new store keeps task ids unique through a partial index that pending rows stay out of; a store made
+    before keeps its column's constraint. Both refuse a duplicate id and find a task by its id by index."""
+    path = tmp_path / "gateway.db"
+    if made_before:
+        old = sqlite3.connect(path, isolation_level=None)
+        for version in range(1, SCHEMA_VERSION + 1):
+            for statement in statements(OLD_TASK_ID_CONSTRAINT if version == 1 else MIGRATIONS[version]):
+                old.execute(statement)
+        old.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        old.close()
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        now = await store.now()
+        first = await created(store, now, task_id="cgt-once")
+        pending = await admitted(store, now)
+        await store.acquire_key(pending.rid, "primary", 100)
+        with pytest.raises(DuplicateTaskId):
+            await store.record_created(pending.rid, "cgt-once", "queued", now, (200, b"{}"))
+        assert (await store.get_task("cgt-once")).rid == first.rid
+
+        def index_facts(conn: sqlite3.Connection) -> tuple[list[Any], int | None, str]:
+            names = [
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE tbl_name='tasks' AND type='index'")
+            ]
+            indexed = None
+            if "tasks_task_id" in names:  # the index holds the one row with an id, not the pending one
+                indexed = conn.execute(
+                    "SELECT count(*) FROM tasks INDEXED BY tasks_task_id WHERE task_id > ''"
+                ).fetchone()[0]
+            plan = conn.execute("EXPLAIN QUERY PLAN SELECT rid FROM tasks WHERE task_id=?", ("cgt-once",)).fetchall()
+            return names, indexed, " ".join(str(step[-1]) for step in plan)
+
+        names, indexed, plan = await store._do(index_facts)
+        if made_before:
+            assert "tasks_task_id" not in names and "sqlite_autoindex_tasks_2" in plan
+        else:
+            assert indexed == 1 and "USING INDEX tasks_task_id" in plan
+    finally:
+        await store.close()
 
 
 @pytest.mark.parametrize("made_before", [False, True])
