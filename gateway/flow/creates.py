@@ -31,7 +31,7 @@ from gateway.metrics import Metrics
 from gateway.money import micros_to_usd, seconds_to_ms
 from gateway.policy import pricing
 from gateway.policy.auth import model_allowed
-from gateway.policy.quota import Subject, period_key, subjects_for
+from gateway.policy.quota import RateState, Subject, period_key, subjects_for
 from gateway.policy.validation import VideoRequest
 from gateway.settings import Settings, Team, UpstreamKey, User
 from gateway.store.base import Admission, Store, Task
@@ -300,17 +300,22 @@ class Tasks:
 
     async def rate_headers(self, subjects: tuple[Subject, ...], now: float | None = None) -> dict[str, str]:
         """The tightest requests-per-minute window among the subjects, as OpenAI's rate-limit headers
-        (`now`: the store's time, when the caller already has it)."""
-        limited = [(s, rpm) for s in subjects if (rpm := s.limits.requests_per_minute)]
-        if not limited:
-            return {}
+        (`now`: the store's time, when the caller already has it). Written out as a loop: it runs on
+        every create."""
+        tight: RateState | None = None
         try:
-            if now is None:
-                now = await self.store.now()
-            states = [await self.store.rate_state(s.scope, s.name, rpm, now) for s, rpm in limited]
+            for subject in subjects:
+                rpm = subject.limits.requests_per_minute
+                if rpm:
+                    if now is None:
+                        now = await self.store.now()
+                    state = await self.store.rate_state(subject.scope, subject.name, rpm, now)
+                    if tight is None or (state.remaining, state.limit) < (tight.remaining, tight.limit):
+                        tight = state
         except StoreUnavailable:
             return {}
-        tight = min(states, key=lambda state: (state.remaining, state.limit))
+        if tight is None:
+            return {}
         return {
             "x-ratelimit-limit-requests": str(tight.limit),
             "x-ratelimit-remaining-requests": str(tight.remaining),
