@@ -4,6 +4,7 @@
 - `FakeClock`: a clock a test moves by hand, handed to anything that takes `clock=`.
 - `make_settings`: the frozen settings tree from a small config, as `parse_settings` builds it from TOML.
 - `MODEL`, `FAST`, `PRICING` and `body`: the default models, their prices in micros and a valid create body.
+- `make_task`: a created task of alice of team red (a 5 s 720p create, TokenHub's id `cgt-1`), fields overridable.
 - `upstream_key`, `UPSTREAM_SETTINGS` and `http_date`: upstream keys, the breaker and cooldown settings of a key
   pool (30 s cooldown, 5 failures open the circuit for 30 s) and a Retry-After date, for key-health tests.
 """
@@ -23,6 +24,7 @@ import orjson
 from gateway.config import parse_settings
 from gateway.money import usd_to_micros
 from gateway.settings import DEFAULT_PRICING, Secret, Settings, UpstreamKey, UpstreamSettings
+from gateway.store.base import Task
 from gateway.upstream.client import Reply
 
 MODEL = "doubao-seedance-2.0"
@@ -40,6 +42,27 @@ UPSTREAM_SETTINGS = UpstreamSettings(
     breaker_open_s=30,
     media_allow_networks=(ip_network("127.0.0.0/8"),),  # result files from a simulator on loopback
 )
+
+
+def make_task(**fields: Any) -> Task:
+    """A task row as the store keeps it; every field can be given."""
+    defaults: dict[str, Any] = {
+        "rid": "r1",
+        "team": "red",
+        "user": "alice",
+        "model": MODEL,
+        "resolution": "720p",
+        "duration_s": 5,
+        "input_ms": 0,
+        "input_estimated": False,
+        "estimate_ms": 5000,
+        "estimate_micros": 1_000_000,
+        "team_period": "p",
+        "user_period": "p",
+        "created_at": 0.0,
+        "task_id": "cgt-1",
+    }
+    return Task(**{**defaults, **fields})
 
 
 def body(**fields: Any) -> dict[str, Any]:

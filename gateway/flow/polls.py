@@ -5,9 +5,8 @@ TokenHub's answer is stored and used as it was sent; clients get it scrubbed of 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import orjson
@@ -83,7 +82,7 @@ class Polls:
         if task is None:
             task = await self.store.get_task(task_id)
             if task is not None and task.task_id:
-                self.records[task_id] = dataclasses.replace(task, final_body=None) if task.final_body else task
+                self.records[task_id] = replace(task, final_body=None) if task.final_body else task
         if task is None or task.team != team or task.status == PENDING or task.task_id != task_id:
             raise NotFound(f"No task {task_id!r} for this team.", param="task_id")
         return task

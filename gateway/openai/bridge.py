@@ -34,7 +34,7 @@ MAX_ERROR_CHARS = 1_000
 URL_FIELDS = {"video": "video_url", "thumbnail": "cover_image_url"}
 PARSED_ANSWERS_BYTES = 8 * 1024 * 1024  # what the parsed answers kept may cost in memory, in bytes
 PARSED_BODY_FACTOR = 3  # a parsed answer's dicts and strings cost about twice its body (tracemalloc), plus the key
-PARSED_ENTRY_BYTES = 512  # what an entry costs beyond that, so many tiny answers stay bounded too
+PARSED_ENTRY_BYTES = 1_280  # what an entry costs beyond that (its dicts, key and LRU links; tracemalloc)
 
 
 def _kept(data: bytes) -> bytes:

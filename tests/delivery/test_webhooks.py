@@ -24,7 +24,7 @@ from gateway.settings import Secret, WebhookEndpoint
 from gateway.store.base import Task
 from gateway.store.outbox import Item, webhook_topic
 from gateway.store.sqlite.store import SQLiteStore
-from tests.doubles import USER_KEY, FakeClock, FakeUpstream, make_settings
+from tests.doubles import USER_KEY, FakeClock, FakeUpstream, make_settings, make_task
 from tests.doubles import body as video_body
 from tests.store.helpers import created
 
@@ -32,23 +32,7 @@ SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 
 
 def task(**kw) -> Task:
-    fields = dict(
-        rid="r1",
-        team="red",
-        user="alice",
-        model="doubao-seedance-2.0",
-        resolution="720p",
-        duration_s=5,
-        input_ms=0,
-        input_estimated=False,
-        estimate_ms=5000,
-        estimate_micros=1_000_000,
-        team_period="p",
-        user_period="p",
-        created_at=0.0,
-        task_id="cgt-1",
-    )
-    return Task(**{**fields, **kw})
+    return make_task(**kw)
 
 
 def endpoint(url: str = "https://hooks.example/x", **kw) -> WebhookEndpoint:

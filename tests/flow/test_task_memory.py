@@ -8,33 +8,18 @@ import tracemalloc
 from collections.abc import Callable
 
 import orjson
+import pytest
 
 from gateway.flow import polls
 from gateway.flow.polls import Polled, task_records
 from gateway.openai.bridge import PARSED_BODY_FACTOR, PARSED_ENTRY_BYTES, ParsedAnswers, seedance_meta
 from gateway.store.base import Task
+from tests.doubles import make_task
 from tests.flow.conftest import Running
 
 
 def a_task(rid: str, meta: bytes | None = None, final_body: bytes | None = None) -> Task:
-    return Task(
-        rid=rid,
-        team="red",
-        user="alice",
-        model="doubao-seedance-2.0",
-        resolution="720p",
-        duration_s=5,
-        input_ms=0,
-        input_estimated=False,
-        estimate_ms=5000,
-        estimate_micros=1,
-        team_period="2026-12",
-        user_period="2026-12",
-        created_at=0.0,
-        task_id=rid,
-        meta=meta,
-        final_body=final_body,
-    )
+    return make_task(rid=rid, task_id=rid, meta=meta, final_body=final_body)
 
 
 def test_task_records_are_bounded_by_their_bytes():
@@ -88,6 +73,31 @@ def test_parsed_answers_count_what_a_parsed_answer_costs():
     assert answers.parsed == 50
     assert answers.of(a_task("t49", final_body=body)) is not None and answers.parsed == 50  # kept
     assert answers.of(a_task("t0", final_body=body)) is not None and answers.parsed == 51  # evicted long ago
+
+
+@pytest.mark.parametrize("error_chars", [0, 200, 1000, 5000])
+def test_parsed_answers_hold_no_more_memory_than_their_budget(error_chars: int):
+    """Measured, not counted: what the cache keeps alive stays within its budget, for tiny answers and large."""
+    budget = 256 * 1024
+    answers = ParsedAnswers(max_bytes=budget)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for index in range(2000):
+            body = orjson.dumps(
+                {
+                    "id": f"cgt-{index:08d}",
+                    "status": "failed",
+                    "error": {"message": "x" * error_chars, "code": "e"},
+                    "data": [{"video_url": f"https://cdn.example/v/{index}.mp4?sig=abcdef"}],
+                    "usage": {"video_duration": 5},
+                }
+            )
+            answers.of(a_task(f"t{index}", final_body=body))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert answers.parsed == 2000 and held <= budget
 
 
 def test_a_kept_meta_costs_its_size_not_orjsons_buffer():

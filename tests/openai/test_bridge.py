@@ -25,7 +25,7 @@ from gateway.openai.translate import VideoFacts
 from gateway.openai.view import video_object
 from gateway.policy.validation import MAX_PROMPT_CHARS
 from gateway.store.base import Task
-from tests.doubles import USER_KEY, FakeClock, FakeUpstream, make_settings
+from tests.doubles import FAST, USER_KEY, FakeClock, FakeUpstream, make_settings, make_task
 
 T0 = 1_760_000_000.0
 SUCCEEDED = {
@@ -37,24 +37,8 @@ SUCCEEDED = {
 
 
 def task(**kw) -> Task:
-    fields = {
-        "rid": "r1",
-        "team": "red",
-        "user": "alice",
-        "model": "doubao-seedance-2.0-fast",
-        "resolution": "720p",
-        "duration_s": 5,
-        "input_ms": 0,
-        "input_estimated": False,
-        "estimate_ms": 5000,
-        "estimate_micros": 800_000,
-        "team_period": "2026-11",
-        "user_period": "2026-11",
-        "created_at": T0,
-        "status": "queued",
-        "task_id": "cgt-1",
-    }
-    return Task(**{**fields, **kw})
+    defaults = {"model": FAST, "estimate_micros": 800_000, "team_period": "2026-11", "user_period": "2026-11"}
+    return make_task(**{**defaults, "created_at": T0, "status": "queued", **kw})
 
 
 @pytest.mark.parametrize(
